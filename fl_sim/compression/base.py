@@ -1,0 +1,244 @@
+"""Codec contract: ``encode(x, seed) -> Payload`` and ``decode(payload, seed) -> x_hat``.
+
+A codec turns a flat float vector of length ``dim`` (a model update) into a :class:`Payload`, the
+exact content that would cross the wire, and back. ``Payload.bits`` is an exact integer count of
+every bit sent: values, indices, norms and scales alike. Shared randomness (signs, row subsets,
+hashes, dither) is rebuilt from ``seed`` on both sides and never sent.
+
+Linear codecs (``linear = True``) also implement :meth:`Codec.aggregate`: payloads are summed in the
+compressed domain (sketches, measurements) so a server recovers once from the sum.
+
+No flwr import in this package: Flower glue converts ``Payload.tensors`` to an ArrayRecord.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Sequence
+
+import torch
+
+__all__ = [
+    "Payload",
+    "Codec",
+    "CodecError",
+    "PayloadError",
+    "register_codec",
+    "make_codec",
+    "codec_names",
+    "check_vector",
+    "bits_for_index",
+    "LinearOperator",
+    "DenseOperator",
+]
+
+
+class CodecError(ValueError):
+    """Bad codec construction or input (unknown parameter, wrong dimension, NaN input)."""
+
+
+class PayloadError(ValueError):
+    """A payload that cannot be decoded (wrong codec, shape, dtype, non-finite values)."""
+
+
+@dataclass(frozen=True)
+class Payload:
+    """What crosses the wire for one encoded vector.
+
+    Attributes:
+        codec: registry name of the codec that made it.
+        dim: length of the original vector.
+        tensors: named tensors that are sent (indices, values, quantized levels, measurements).
+        bits: exact number of bits sent, headers (norms, scales, indices) included.
+        meta: small scalars that travel with it (already counted in ``bits`` when they are sent).
+    """
+
+    codec: str
+    dim: int
+    tensors: dict[str, torch.Tensor]
+    bits: int
+    meta: dict[str, float | int | str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.bits, int) or self.bits < 0:
+            raise PayloadError(f"Payload.bits must be a non-negative int, got {self.bits!r}")
+
+
+def check_vector(x: torch.Tensor, dim: int, who: str) -> torch.Tensor:
+    """Validate an input vector and return it as contiguous float32 (float64 kept as float64).
+
+    Raises CodecError naming the problem: not a tensor, wrong shape, integer dtype, NaN/inf.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise CodecError(f"{who}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 1 or x.numel() != dim:
+        raise CodecError(
+            f"{who}: expected a 1-D tensor of length {dim}, got shape {tuple(x.shape)}; "
+            "flatten the update (torch.cat([p.flatten() for p in params])) or build the codec with the right dim"
+        )
+    if not torch.is_floating_point(x):
+        raise CodecError(f"{who}: expected a floating-point tensor, got {x.dtype}")
+    if not torch.isfinite(x).all():
+        raise CodecError(f"{who}: input contains NaN or inf; check the learning rate / loss before compressing")
+    if x.dtype != torch.float64:
+        x = x.to(torch.float32)
+    return x.contiguous()
+
+
+class Codec(ABC):
+    """Base class of every codec. Subclasses set ``name`` and implement encode/decode.
+
+    Construction: ``Codec(dim=d, **params)``; parameters are keyword-only and validated.
+    """
+
+    name: ClassVar[str] = ""
+    linear: ClassVar[bool] = False
+
+    def __init__(self, *, dim: int) -> None:
+        if not isinstance(dim, int) or dim < 1:
+            raise CodecError(f"{self.name}: dim must be a positive int, got {dim!r}")
+        self.dim = dim
+
+    # -- contract -------------------------------------------------------------------------
+    @abstractmethod
+    def encode(self, x: torch.Tensor, *, seed: int) -> Payload:
+        """Compress ``x`` (shape ``(dim,)``) with shared randomness from ``seed``."""
+
+    @abstractmethod
+    def decode(self, payload: Payload, *, seed: int) -> torch.Tensor:
+        """Reconstruct a float32 vector of shape ``(dim,)`` from a payload (same ``seed``)."""
+
+    def aggregate(self, payloads: Sequence[Payload], weights: Sequence[float]) -> Payload:
+        """Weighted sum in the compressed domain (linear codecs only)."""
+        raise CodecError(f"codec {self.name!r} is not linear: decode each payload, then average")
+
+    def nominal_bits(self) -> int:
+        """Bits of one payload as the theory counts them (for ratios and config checks)."""
+        return self.encode(torch.zeros(self.dim), seed=0).bits
+
+    # -- helpers for subclasses -----------------------------------------------------------
+    def check_input(self, x: torch.Tensor) -> torch.Tensor:
+        return check_vector(x, self.dim, f"{self.name}.encode")
+
+    def check_payload(self, payload: Payload, expected: dict[str, tuple[tuple[int, ...], Any]]) -> None:
+        """Validate a received payload: codec name, dim, tensor names, shapes, dtypes, finiteness.
+
+        ``expected`` maps tensor name -> (shape, dtype or None for 'any floating').
+        """
+        if not isinstance(payload, Payload):
+            raise PayloadError(f"{self.name}.decode: expected a Payload, got {type(payload).__name__}")
+        if payload.codec != self.name:
+            raise PayloadError(f"{self.name}.decode: payload was made by codec {payload.codec!r}")
+        if payload.dim != self.dim:
+            raise PayloadError(f"{self.name}.decode: payload dim {payload.dim} != codec dim {self.dim}")
+        missing = set(expected) - set(payload.tensors)
+        if missing:
+            raise PayloadError(f"{self.name}.decode: payload lacks tensors {sorted(missing)}")
+        for key, (shape, dtype) in expected.items():
+            t = payload.tensors[key]
+            if tuple(t.shape) != tuple(shape):
+                raise PayloadError(
+                    f"{self.name}.decode: tensor {key!r} has shape {tuple(t.shape)}, expected {tuple(shape)}"
+                )
+            if dtype is not None and t.dtype != dtype:
+                raise PayloadError(f"{self.name}.decode: tensor {key!r} has dtype {t.dtype}, expected {dtype}")
+            if torch.is_floating_point(t) and not torch.isfinite(t).all():
+                raise PayloadError(f"{self.name}.decode: tensor {key!r} contains NaN or inf")
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
+        return f"{type(self).__name__}({params})"
+
+    def params(self) -> dict[str, Any]:
+        """The constructor parameters (for configs and reprs)."""
+        return {"dim": self.dim}
+
+
+_REGISTRY: dict[str, type[Codec]] = {}
+
+
+def register_codec(cls: type[Codec]) -> type[Codec]:
+    """Class decorator: add a codec to the registry under ``cls.name``."""
+    if not cls.name:
+        raise TypeError(f"{cls.__name__} has no name")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise TypeError(f"codec name {cls.name!r} registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def codec_names() -> list[str]:
+    """Registered codec names, sorted."""
+    _load_builtin_codecs()
+    return sorted(_REGISTRY)
+
+
+def make_codec(name: str, *, dim: int, **params: Any) -> Codec:
+    """Build a codec by registry name: ``make_codec("qcs", dim=d, k=32, levels=2)``.
+
+    Unknown names and unknown parameters raise a one-line CodecError that lists what is allowed.
+    """
+    _load_builtin_codecs()
+    if name not in _REGISTRY:
+        raise CodecError(f"unknown codec {name!r}; choose one of: {', '.join(sorted(_REGISTRY))}")
+    cls = _REGISTRY[name]
+    try:
+        return cls(dim=dim, **params)
+    except TypeError as exc:  # unexpected keyword -> say which ones exist
+        import inspect
+
+        allowed = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "dim")]
+        raise CodecError(f"codec {name!r}: {exc}; allowed parameters: {', '.join(allowed) or 'none'}") from None
+
+
+def _load_builtin_codecs() -> None:
+    # Import for the side effect of registration (kept lazy to avoid import cycles).
+    from . import codecs  # noqa: F401
+
+
+def bits_for_index(n: int) -> int:
+    """Bits to send one index in range(n): ceil(log2 n), at least 1 for n >= 2, 0 for n == 1."""
+    return 0 if n <= 1 else math.ceil(math.log2(n))
+
+
+class LinearOperator(ABC):
+    """A structured matrix A of shape (m, d) with fast forward and adjoint, batched over leading dims.
+
+    ``forward(x)``: (..., d) -> (..., m), computes A x.  ``adjoint(y)``: (..., m) -> (..., d), A^T y.
+    Every operator satisfies <A x, y> = <x, A^T y> (tested).
+    """
+
+    m: int
+    d: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.m, self.d)
+
+    @abstractmethod
+    def forward(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    @abstractmethod
+    def adjoint(self, y: torch.Tensor) -> torch.Tensor: ...
+
+    def dense(self) -> torch.Tensor:
+        """The explicit (m, d) matrix (tests and small sizes only)."""
+        return self.forward(torch.eye(self.d, dtype=torch.float64)).T.contiguous()
+
+
+class DenseOperator(LinearOperator):
+    """A plain matrix as a LinearOperator (reference implementation for tests)."""
+
+    def __init__(self, matrix: torch.Tensor) -> None:
+        if matrix.dim() != 2:
+            raise CodecError(f"DenseOperator: expected a 2-D matrix, got shape {tuple(matrix.shape)}")
+        self.matrix = matrix
+        self.m, self.d = matrix.shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.matrix.dtype) @ self.matrix.T
+
+    def adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        return y.to(self.matrix.dtype) @ self.matrix

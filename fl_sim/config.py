@@ -1,0 +1,385 @@
+"""YAML -> typed, validated run configuration; ``--set a.b=value`` overrides.
+
+Every key is a dataclass field with a default. Unknown keys, wrong types and impossible values raise
+:class:`ConfigError` with one line naming the key, the value and what is allowed; the CLI prints it
+and exits with code 2.
+
+Method-specific keys (``strategy.*`` beyond the common ones, ``codec.*``, ``channel.*``) are
+collected into ``options`` / ``params`` and checked against the keyword arguments of the strategy,
+codec or channel they configure, so a typo is still an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "RunConfig",
+    "DataConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "StrategyConfig",
+    "SimulationConfig",
+    "load_config",
+    "apply_overrides",
+    "config_from_dict",
+    "config_to_dict",
+    "packaged_config",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration problem, explained in one line."""
+
+
+@dataclass
+class DataConfig:
+    """Where the data comes from and how it is split over clients.
+
+    name: ``synthetic`` (FedProx/LEAF Synthetic(alpha, beta)), ``digits`` (scikit-learn's bundled 8x8
+    digits), ``mnist``, ``fashion_mnist``, ``cifar10`` (torchvision on-disk files under ``root``),
+    or ``hf:<dataset>`` (Hugging Face through flwr-datasets; a local path to a parquet/arrow file or a
+    dataset directory also works as ``hf:/path/to/file.parquet``).
+    partition: ``auto`` (natural for synthetic, dirichlet otherwise), ``iid``, ``dirichlet``,
+    ``shards``, ``pathological``, ``natural``, ``size`` (power-law / linear sizes).
+    """
+
+    name: str = "synthetic"
+    root: str = "data"
+    partition: str = "auto"
+    alpha: float = 0.5  # Dirichlet concentration (smaller = more label skew)
+    shards_per_client: int = 2  # shards partitioner: shards (of one class each) per client
+    classes_per_client: int = 2  # pathological partitioner
+    size_distribution: str = "power_law"  # size partitioner: power_law | linear | square_root | exponential
+    min_partition_size: int = 0
+    test_fraction: float = 0.2  # held-out share when the source has no test split
+    # Synthetic(alpha, beta) of Li et al. (FedProx) / LEAF:
+    synthetic_alpha: float = 1.0  # model heterogeneity
+    synthetic_beta: float = 1.0  # feature heterogeneity
+    synthetic_dim: int = 60
+    synthetic_classes: int = 10
+    synthetic_iid: bool = False
+    # Hugging Face columns
+    feature_key: str = "auto"
+    label_key: str = "auto"
+    max_samples: int = 0  # 0 = all; >0 caps the training set (quick experiments)
+
+
+@dataclass
+class ModelConfig:
+    """Model by name: logreg, mlp, lenet5, cifarnet, resnet18."""
+
+    name: str = "mlp"
+    hidden: list[int] = field(default_factory=lambda: [200])
+
+
+@dataclass
+class TrainConfig:
+    """Client-side local training."""
+
+    local_epochs: int = 1
+    local_steps: int = 0  # > 0: this many minibatch steps instead of epochs
+    lr: float = 0.05
+    batch_size: int = 32
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+
+@dataclass
+class StrategyConfig:
+    """Server side. ``name`` picks the strategy; ``options`` are its extra keyword arguments."""
+
+    name: str = "fedavg"
+    server_lr: float = 1.0
+    server_momentum: float = 0.0
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class CodecConfig:
+    """Uplink codec: registry name plus its parameters (``make_codec(name, dim=d, **params)``)."""
+
+    name: str = "identity"
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SimulationConfig:
+    """Flower simulation engine settings (Ray backend)."""
+
+    num_cpus: float = 1.0  # per client (Flower's default of 2 gives one actor on a 2-core machine)
+    num_gpus: float = 0.0
+    ray_address: str = ""  # connect to an existing Ray cluster ("auto" or "ip:port"); "" = start a local one
+    ray_num_cpus: int = 0  # 0 = all cores of this machine
+    log_level: str = "WARNING"
+
+
+@dataclass
+class RunConfig:
+    """A whole run. ``clients_per_round`` is a count (int >= 1) or a fraction in (0, 1)."""
+
+    seed: int = 0
+    rounds: int = 10
+    clients: int = 100
+    clients_per_round: float = 10
+    eval_every: int = 1
+    out: str = "runs"
+    name: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    channel: dict[str, Any] = field(default_factory=dict)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+
+    def sampled_per_round(self) -> int:
+        """Number of clients sampled each round (count, or fraction of ``clients``, at least 1)."""
+        c = self.clients_per_round
+        if c < 1:
+            return max(1, int(round(c * self.clients)))
+        return int(c)
+
+
+# Sections whose unknown keys are collected instead of rejected (validated by their consumer).
+_OPEN_SECTIONS = {"strategy": "options", "codec": "params"}
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if origin is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(get_args(tp)[0])}"
+    if origin is dict:
+        return "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert ``value`` to type ``tp`` (strings from --set are parsed), or raise ConfigError."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is list:
+        (inner,) = get_args(tp)
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip() else []
+            if not isinstance(value, list):
+                value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}={value!r}: expected {_type_name(tp)}")
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}={value!r}: expected a mapping of keys to values")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{key}={value!r}: expected true or false")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r}: expected an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}={value!r}: expected an integer")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r}: expected a number")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}={value!r}: expected a number")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}={value!r}: expected a string")
+    raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover - schema bug
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    section = prefix.rsplit(".", 1)[-1]
+    for k, v in raw.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in fields:
+            if section in _OPEN_SECTIONS and prefix:
+                extra[k] = v
+                continue
+            allowed = ", ".join(sorted(fields))
+            raise ConfigError(f"unknown config key {key!r}; allowed keys here: {allowed}")
+        tp = hints[k]
+        if dataclasses.is_dataclass(tp):
+            kwargs[k] = _build(tp, v, key)
+        else:
+            kwargs[k] = _coerce(v, tp, key)
+    obj = cls(**kwargs)
+    if extra:
+        getattr(obj, _OPEN_SECTIONS[section]).update(extra)
+    return obj
+
+
+def config_from_dict(raw: dict[str, Any]) -> RunConfig:
+    """Build and validate a RunConfig from a plain mapping (a parsed YAML file)."""
+    cfg = _build(RunConfig, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
+    """Plain mapping (for config.yaml in the run directory); options/params flattened back."""
+    d = dataclasses.asdict(cfg)
+    for section, sub in _OPEN_SECTIONS.items():
+        extra = d[section].pop(sub)
+        d[section].update(extra)
+    return d
+
+
+def _parse_scalar(text: str) -> Any:
+    """A --set value: YAML scalar parsing (numbers, booleans, lists like [1,2])."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` strings to a raw mapping (before typing)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key.sub=value, for example --set train.lr=0.1")
+        key, _, text = item.partition("=")
+        parts = [p for p in key.strip().split(".") if p]
+        if not parts:
+            raise ConfigError(f"--set {item!r}: empty key")
+        node = raw
+        for p in parts[:-1]:
+            child = node.get(p)
+            if child is None:
+                child = node[p] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {p!r} is not a section")
+            node = child
+        node[parts[-1]] = _parse_scalar(text)
+    return raw
+
+
+def packaged_config(name: str) -> Path:
+    """Path of a config shipped in the repository's configs/ (``quickstart`` -> configs/quickstart.yaml)."""
+    here = Path(__file__).resolve().parent
+    for base in (here.parent / "configs", here / "configs"):
+        p = base / (name if name.endswith((".yaml", ".yml")) else f"{name}.yaml")
+        if p.is_file():
+            return p
+    raise ConfigError(f"no packaged config named {name!r}; give a path to a YAML file")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML file (default: configs/quickstart.yaml), apply overrides, validate."""
+    if path is None:
+        path = packaged_config("quickstart")
+    p = Path(path)
+    if not p.is_file():
+        p = packaged_config(str(path))
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{p}:{where} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: expected a mapping of config keys at the top level")
+    raw = apply_overrides(raw, overrides or [])
+    return config_from_dict(raw)
+
+
+def _require(cond: bool, key: str, value: Any, allowed: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+
+
+STRATEGY_NAMES = ("fedavg", "fedsgd", "compressed", "qcs", "onebit_cs", "fetchsgd", "fiht_cs", "daqusgd", "rlc")
+MODEL_NAMES = ("logreg", "mlp", "lenet5", "cifarnet", "resnet18")
+PARTITIONS = ("auto", "iid", "dirichlet", "shards", "pathological", "natural", "size")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Impossible values -> ConfigError naming key, value and what is allowed."""
+    _require(cfg.rounds >= 1, "rounds", cfg.rounds, "must be >= 1")
+    _require(cfg.clients >= 1, "clients", cfg.clients, "must be >= 1")
+    c = cfg.clients_per_round
+    _require(c > 0, "clients_per_round", c, "a count >= 1 or a fraction in (0, 1)")
+    _require(
+        c < 1 or (float(c).is_integer() and c <= cfg.clients),
+        "clients_per_round",
+        c,
+        f"a whole count <= clients ({cfg.clients}) or a fraction in (0, 1)",
+    )
+    _require(cfg.eval_every >= 0, "eval_every", cfg.eval_every, "must be >= 0 (0 = only at the end)")
+    d = cfg.data
+    _require(
+        d.name in ("synthetic", "digits", "mnist", "fashion_mnist", "cifar10") or d.name.startswith("hf:"),
+        "data.name",
+        d.name,
+        "synthetic, digits, mnist, fashion_mnist, cifar10 or hf:<dataset>",
+    )
+    _require(d.partition in PARTITIONS, "data.partition", d.partition, ", ".join(PARTITIONS))
+    _require(d.alpha > 0, "data.alpha", d.alpha, "the Dirichlet concentration must be > 0")
+    _require(d.shards_per_client >= 1, "data.shards_per_client", d.shards_per_client, "must be >= 1")
+    _require(d.classes_per_client >= 1, "data.classes_per_client", d.classes_per_client, "must be >= 1")
+    _require(0 < d.test_fraction < 1, "data.test_fraction", d.test_fraction, "must be in (0, 1)")
+    _require(d.synthetic_alpha >= 0, "data.synthetic_alpha", d.synthetic_alpha, "must be >= 0")
+    _require(d.synthetic_beta >= 0, "data.synthetic_beta", d.synthetic_beta, "must be >= 0")
+    _require(d.synthetic_dim >= 1, "data.synthetic_dim", d.synthetic_dim, "must be >= 1")
+    _require(d.synthetic_classes >= 2, "data.synthetic_classes", d.synthetic_classes, "must be >= 2")
+    _require(d.min_partition_size >= 0, "data.min_partition_size", d.min_partition_size, "must be >= 0")
+    _require(d.max_samples >= 0, "data.max_samples", d.max_samples, "must be >= 0 (0 = all)")
+    _require(cfg.model.name in MODEL_NAMES, "model.name", cfg.model.name, ", ".join(MODEL_NAMES))
+    _require(all(h >= 1 for h in cfg.model.hidden), "model.hidden", cfg.model.hidden, "layer widths >= 1")
+    t = cfg.train
+    _require(t.lr > 0, "train.lr", t.lr, "the learning rate must be > 0")
+    _require(t.local_epochs >= 1 or t.local_steps >= 1, "train.local_epochs", t.local_epochs, "must be >= 1")
+    _require(t.local_steps >= 0, "train.local_steps", t.local_steps, "must be >= 0 (0 = use local_epochs)")
+    _require(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1")
+    _require(0 <= t.momentum < 1, "train.momentum", t.momentum, "must be in [0, 1)")
+    _require(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0")
+    s = cfg.strategy
+    _require(s.name in STRATEGY_NAMES, "strategy.name", s.name, ", ".join(STRATEGY_NAMES))
+    _require(s.server_lr > 0, "strategy.server_lr", s.server_lr, "must be > 0")
+    _require(0 <= s.server_momentum < 1, "strategy.server_momentum", s.server_momentum, "must be in [0, 1)")
+    sim = cfg.simulation
+    _require(sim.num_cpus > 0, "simulation.num_cpus", sim.num_cpus, "CPUs per client must be > 0")
+    _require(sim.num_gpus >= 0, "simulation.num_gpus", sim.num_gpus, "must be >= 0")
