@@ -1,0 +1,140 @@
+"""The ``fl-sim`` command line: run | report | sweep | bench.
+
+User errors (bad config, missing data, bad arguments) print one line and exit with code 2, never a
+traceback; ``--debug`` shows the traceback for bug reports.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=False, help="Federated-learning simulation on Flower.")
+console = Console(stderr=True)
+out = Console()
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, KeyError)
+
+
+def _fail(exc: BaseException, debug: bool) -> None:
+    if debug:
+        raise exc
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    console.print(f"[bold red]error:[/] {msg}", highlight=False, markup=True)
+    raise typer.Exit(code=2)
+
+
+@app.command()
+def run(
+    config: Optional[str] = typer.Argument(None, help="YAML config (default: configs/quickstart.yaml)."),
+    set_: List[str] = typer.Option([], "--set", help="Override a key: --set train.lr=0.1 (repeatable)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: runs/<name>-<time>)."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Run one experiment; writes config.yaml, metrics.csv and summary.json to the run directory."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    try:
+        from .config import load_config
+
+        cfg = load_config(config, set_)
+        from .simulation import default_run_dir, run_experiment
+
+        run_dir = out_dir or default_run_dir(cfg)
+        with Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
+        ) as progress:
+            task = progress.add_task(cfg.name or cfg.strategy.name, total=cfg.rounds, status="starting Flower")
+
+            def on_round(rnd: int, row: dict) -> None:
+                acc = row.get("test_accuracy")
+                status = f"acc {acc:.3f}" if isinstance(acc, float) else ""
+                progress.update(task, completed=rnd, status=status)
+
+            summary = run_experiment(cfg, run_dir, on_round)
+    except USER_ERRORS as exc:
+        _fail(exc, debug)
+        return
+    acc = summary.get("final_test_accuracy")
+    out.print(
+        f"final test accuracy {acc:.4f}, uplink {summary['total_uplink_bits']:.3e} bits, "
+        f"{summary['wall_s']:.1f} s -> {summary['run_dir']}"
+        if acc is not None
+        else f"done -> {summary['run_dir']}"
+    )
+
+
+@app.command()
+def report(
+    run_dirs: List[Path] = typer.Argument(..., help="Run directories."),
+    out_dir: Path = typer.Option(Path("report"), "--out", help="Where to write the PNG plots and report.csv."),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="Run name to use as the reference."),
+    debug: bool = typer.Option(False, "--debug"),
+) -> None:
+    """Table of runs and PNG plots (accuracy vs round, vs cumulative uplink bits)."""
+    from .results import report as make_report
+
+    try:
+        rows, plots = make_report(run_dirs, out_dir, baseline=baseline)
+    except USER_ERRORS as exc:
+        _fail(exc, debug)
+        return
+    table = Table(title="fl-sim runs")
+    for col in rows[0]:
+        table.add_column(col)
+    for r in rows:
+        table.add_row(*[_fmt(v) for v in r.values()])
+    out.print(table)
+    for p in plots:
+        out.print(f"wrote {p}")
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
+    if isinstance(v, int) and abs(v) >= 1e5:
+        return f"{v:.3e}"
+    return str(v)
+
+
+bench_app = typer.Typer(help="Benchmarks (figures measured side by side in one run).")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("codecs")
+def bench_codecs(
+    quick: bool = typer.Option(False, "--quick", help="Fewer sizes."),
+    out_path: Path = typer.Option(Path("bench_out/codecs.json"), "--out"),
+) -> None:
+    """Encode/decode times of every codec and their ratio to an FFT of the same length."""
+    try:
+        from benchmarks import bench_codecs as bc
+    except ImportError:
+        _fail(FileNotFoundError("benchmarks/ not found: run fl-sim bench from the repository root"), False)
+        return
+    bc.main(["--out", str(out_path)] + (["--quick"] if quick else []))
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

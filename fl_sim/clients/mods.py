@@ -1,0 +1,95 @@
+"""``compression_mod``: a ClientApp mod that turns a train reply's model into an encoded update.
+
+Works around any ClientApp that returns a model (``ClientApp(mods=[compression_mod])``):
+
+1. pass non-train messages, and train messages whose config names no codec, through untouched;
+2. remember the received global model w, call the wrapped app, read its trained model w';
+3. Δ = w' − w; with client error feedback, z = compensate(Δ, r) (classic EF, Karimireddy et al.
+   2019; weighted EF z = Δ + β r, Abdi thesis eq. 4.14), else z = Δ;
+4. p = codec.encode(z, seed) with the round's shared (or per-client) seed;
+5. with error feedback, r ← update(r, z, decode(p)) kept in ``context.state`` under the client id;
+6. replace the reply's arrays with p's tensors, add the payload record and ``uplink-bits``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, Context, Message, MessageType, MetricRecord
+
+from .. import keys
+from ..compression import error_feedback as ef_lib
+from ..protocol import codec_seed, get_codec, load_params
+from ..records import flatten_arrays, payload_to_records
+
+__all__ = ["compression_mod", "make_error_feedback"]
+
+
+def make_error_feedback(kind: str, beta: float = 1.0):
+    """The client memory piece named in the config: None, classic EF or Abdi's weighted EF."""
+    if kind in ("", "none"):
+        return None
+    if kind == "classic":
+        return ef_lib.ErrorFeedback()
+    if kind == "weighted":
+        return ef_lib.WeightedErrorFeedback(beta=beta)
+    raise ValueError(f"error feedback {kind!r} unknown; use none, classic or weighted")
+
+
+def _residual_key(cid: int) -> str:
+    return f"fl-sim.residual.{cid}"
+
+
+def _load_residual(context: Context, cid: int) -> torch.Tensor | None:
+    rec = context.state.get(_residual_key(cid))
+    if rec is None:
+        return None
+    return torch.from_numpy(rec["r"].numpy().astype(np.float32))
+
+
+def _store_residual(context: Context, cid: int, r: torch.Tensor, dtype: str) -> None:
+    nd = r.detach().cpu().numpy().astype(np.float16 if dtype == "float16" else np.float32)
+    context.state[_residual_key(cid)] = ArrayRecord({"r": Array(nd)})
+
+
+def compression_mod(message: Message, context: Context, call_next) -> Message:
+    """Encode the update of a train reply with the codec named in the message config."""
+    if message.metadata.message_type != MessageType.TRAIN:
+        return call_next(message, context)
+    config = message.content.get(keys.CONFIG)
+    if config is None or keys.CODEC not in config:
+        return call_next(message, context)
+    received = flatten_arrays(message.content[keys.ARRAYS])  # copy: the app may modify its input
+    reply = call_next(message, context)
+    if reply.has_error():
+        return reply
+    local = flatten_arrays(reply.content[keys.ARRAYS])
+    if local.shape != received.shape:
+        raise ValueError(
+            f"compression_mod: the ClientApp returned {local.numel()} parameters but received {received.numel()}"
+        )
+    if keys.CID in config:
+        cid = int(config[keys.CID])
+    else:
+        cid = int(context.node_config.get("partition-id", 0))
+    codec = get_codec(str(config[keys.CODEC]), received.numel(), load_params(str(config.get(keys.CODEC_PARAMS, ""))))
+    seed = codec_seed(int(config[keys.SEED]), str(config.get(keys.SEED_MODE, "shared")), cid)
+    delta = local - received
+    memory = make_error_feedback(str(config.get(keys.EF, "none")), float(config.get(keys.EF_BETA, 1.0)))
+    if memory is None:
+        payload = codec.encode(delta, seed=seed)
+    else:
+        residual = _load_residual(context, cid)
+        z = memory.compensate(delta, residual)
+        payload = codec.encode(z, seed=seed)
+        new_r = memory.update(residual, z, codec.decode(payload, seed=seed))
+        _store_residual(context, cid, new_r, str(config.get(keys.EF_DTYPE, "float32")))
+    arrays, meta = payload_to_records(payload)
+    reply.content[keys.ARRAYS] = arrays
+    reply.content[keys.PAYLOAD_META] = meta
+    metrics = reply.content.get(keys.METRICS) or MetricRecord()
+    metrics[keys.UPLINK_BITS] = int(payload.bits)
+    if keys.M_CID not in metrics:
+        metrics[keys.M_CID] = cid
+    reply.content[keys.METRICS] = metrics
+    return reply

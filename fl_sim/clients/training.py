@@ -1,0 +1,85 @@
+"""Local training and evaluation of a torch model on one client's tensors (no Flower here).
+
+Minibatch SGD (optionally with momentum / weight decay) on cross-entropy, the FedAvg client update
+of McMahan et al. (2017), Algorithm 1 ClientUpdate: E local epochs of B-sized batches, or a fixed
+number of steps. Shuffling comes from a seeded ``torch.Generator`` so a round is reproducible.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["LocalTrainSpec", "train_local", "evaluate_model", "per_sample_loss"]
+
+
+@dataclass(frozen=True)
+class LocalTrainSpec:
+    """Hyperparameters of one client's local update."""
+
+    lr: float
+    batch_size: int
+    local_epochs: int = 1
+    local_steps: int = 0  # > 0 overrides local_epochs
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+
+def _batches(n: int, spec: LocalTrainSpec, generator: torch.Generator):
+    """Yield index tensors: epochs of shuffled batches, or exactly ``local_steps`` batches."""
+    if spec.local_steps > 0:
+        done = 0
+        while done < spec.local_steps:
+            perm = torch.randperm(n, generator=generator)
+            for start in range(0, n, spec.batch_size):
+                yield perm[start : start + spec.batch_size]
+                done += 1
+                if done == spec.local_steps:
+                    return
+    else:
+        for _ in range(spec.local_epochs):
+            perm = torch.randperm(n, generator=generator)
+            for start in range(0, n, spec.batch_size):
+                yield perm[start : start + spec.batch_size]
+
+
+def train_local(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: LocalTrainSpec, generator: torch.Generator
+) -> float:
+    """Train ``model`` in place; returns the mean training loss over the steps taken."""
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+    loss_fn = nn.CrossEntropyLoss()
+    total, steps = 0.0, 0
+    for idx in _batches(len(y), spec, generator):
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x[idx]), y[idx])
+        loss.backward()
+        opt.step()
+        total += float(loss.detach())
+        steps += 1
+    return total / max(steps, 1)
+
+
+@torch.no_grad()
+def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of ``model`` on (x, y)."""
+    model.eval()
+    if len(y) == 0:
+        return float("nan"), float("nan")
+    loss_sum, correct = 0.0, 0
+    for start in range(0, len(y), batch_size):
+        xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+        out = model(xb)
+        loss_sum += float(nn.functional.cross_entropy(out, yb, reduction="sum"))
+        correct += int((out.argmax(dim=1) == yb).sum())
+    return loss_sum / len(y), correct / len(y)
+
+
+@torch.no_grad()
+def per_sample_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of every sample (forward pass only), shape (n,)."""
+    model.eval()
+    return nn.functional.cross_entropy(model(x), y, reduction="none")

@@ -1,0 +1,38 @@
+"""Wire keys shared by strategies (server) and client apps/mods: one naming style, one place.
+
+ConfigRecord keys sent with a train message, and the record names of a reply. A strategy and its
+client piece agree only through these constants.
+"""
+
+# RecordDict entries
+ARRAYS = "arrays"  # the global model (down) / the trained model or the payload (up)
+CONFIG = "config"
+METRICS = "metrics"
+PAYLOAD_META = "fl-sim.payload"  # ConfigRecord describing an encoded payload in ARRAYS
+
+# ConfigRecord keys (server -> client)
+ROUND = "server-round"
+CID = "fl-sim.cid"  # virtual client id (partition) this message is for
+SEED = "fl-sim.seed"  # the round's shared seed (codec randomness is rebuilt from it)
+CODEC = "fl-sim.codec"  # codec registry name; absent = send the model uncompressed
+CODEC_PARAMS = "fl-sim.codec-params"  # JSON of the codec parameters
+SEED_MODE = "fl-sim.seed-mode"  # "shared" (same randomness for all clients) | "per_client"
+EF = "fl-sim.ef"  # client error feedback: "none" | "classic" | "weighted"
+EF_BETA = "fl-sim.ef-beta"
+EF_DTYPE = "fl-sim.ef-dtype"  # "float32" | "float16" residual storage
+LOCAL_EPOCHS = "fl-sim.local-epochs"
+LOCAL_STEPS = "fl-sim.local-steps"
+LR = "fl-sim.lr"
+BATCH_SIZE = "fl-sim.batch-size"
+
+# Payload meta keys (ConfigRecord PAYLOAD_META)
+P_CODEC = "codec"
+P_DIM = "dim"
+P_BITS = "bits"
+P_META = "meta"  # JSON of Payload.meta
+
+# MetricRecord keys (client -> server)
+NUM_EXAMPLES = "num-examples"
+TRAIN_LOSS = "train-loss"
+UPLINK_BITS = "uplink-bits"
+M_CID = "cid"

@@ -1,0 +1,275 @@
+"""Common server machinery of every fl-sim strategy (a Flower Message-API FedAvg subclass).
+
+:class:`UpdateStrategy` does what all compressed-uplink methods share, so each method overrides
+only how replies become an aggregate update (``decode_replies``/``combine``):
+
+1. ``configure_train``: seeded client sampling (never the global RNG), one message per sampled
+   client carrying the global model and a ConfigRecord with the round seed and client id;
+2. ``aggregate_train``: read the replies once, log failed ones, reject malformed ones with a logged
+   error naming the node (never a crash, never a poisoned model), aggregate the rest in client-id
+   order (deterministic float sums), apply the server optimizer, report metrics.
+
+Server optimizer (FedAvg with server learning rate and momentum; Hsu et al. 2019 "FedAvgM"):
+``m ← μ m + Δ̄``, ``w ← w + η_s m``, where Δ̄ = Σ_i (n_i/n) Δ_i is the weighted mean client
+update. η_s = 1, μ = 0 is plain FedAvg (the weighted mean of the client models).
+
+Virtual clients: in fl-sim simulations the strategy samples *client ids* (data partitions) from
+``client_ids`` and routes each to node ``sorted(nodes)[cid % len(nodes)]``; the client reads its id
+from the message. Without ``client_ids`` (a user's deployment), nodes are the clients.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from .. import keys
+from ..protocol import round_seed
+from ..records import array_bits, flatten_arrays, unflatten_into
+from ..rng import numpy_generator
+
+__all__ = ["UpdateStrategy", "ClientReply", "ReplyError"]
+
+log = logging.getLogger("fl_sim")
+
+
+class ReplyError(ValueError):
+    """A reply that cannot be used (malformed payload, wrong shape, non-finite values)."""
+
+
+@dataclass
+class ClientReply:
+    """One usable reply: who sent it, its weight and what it carries (method-specific ``data``)."""
+
+    node_id: int
+    cid: int
+    num_examples: int
+    train_loss: float
+    uplink_bits: int
+    data: Any
+
+
+class UpdateStrategy(FedAvg):
+    """FedAvg whose clients send updates Δ_i = w_i − w; subclasses decide how Δ travels.
+
+    Args (keyword-only, besides FedAvg's own ``**kwargs``):
+        clients_per_round: clients sampled per round (count); None = ``fraction_train`` of nodes.
+        client_ids: virtual client ids to sample from (simulation); None = sample nodes.
+        seed: run seed; sampling and every codec seed derive from (seed, round).
+        server_lr: η_s of the server step. server_momentum: μ of the server step.
+        train_config: extra ConfigRecord entries sent every round (local epochs, lr...).
+    """
+
+    def __init__(
+        self,
+        *,
+        clients_per_round: int | None = None,
+        client_ids: Sequence[int] | None = None,
+        seed: int = 0,
+        server_lr: float = 1.0,
+        server_momentum: float = 0.0,
+        train_config: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("fraction_evaluate", 0.0)  # fl-sim evaluates centrally on the server
+        kwargs.setdefault("min_available_nodes", 1)
+        kwargs.setdefault("min_train_nodes", 1)
+        super().__init__(**kwargs)
+        if clients_per_round is not None and clients_per_round < 1:
+            raise ValueError(f"clients_per_round={clients_per_round} must be >= 1")
+        if server_lr <= 0:
+            raise ValueError(f"server_lr={server_lr} must be > 0")
+        if not 0 <= server_momentum < 1:
+            raise ValueError(f"server_momentum={server_momentum} must be in [0, 1)")
+        self.clients_per_round = clients_per_round
+        self.client_ids = None if client_ids is None else np.asarray(sorted(int(c) for c in client_ids))
+        if self.client_ids is not None and clients_per_round and clients_per_round > len(self.client_ids):
+            raise ValueError(
+                f"clients_per_round={clients_per_round} exceeds the {len(self.client_ids)} clients with data"
+            )
+        self.seed = int(seed)
+        self.server_lr = float(server_lr)
+        self.server_momentum = float(server_momentum)
+        self.train_config = dict(train_config or {})
+        # Server state (set lazily, checkpointable)
+        self.momentum_buffer: torch.Tensor | None = None
+        self._global_arrays: ArrayRecord | None = None
+        self._global_vector: torch.Tensor | None = None
+        self._sent: dict[int, int] = {}  # cid -> node of this round
+        self._round_seed = 0
+        self._downlink_bits_each = 0
+        self._t0 = 0.0
+        self.last_metrics: dict[str, float] = {}
+        self.history: dict[int, dict[str, float]] = {}
+
+    # ------------------------------------------------------------------ hooks for subclasses
+    def round_config(self, server_round: int, config: ConfigRecord) -> None:
+        """Add method-specific keys to the round's ConfigRecord (codec, seeds...)."""
+
+    def decode_reply(self, server_round: int, msg: Message, cid: int) -> tuple[Any, int]:
+        """(method data, uplink bits) of one reply; raise ReplyError when malformed.
+
+        Default: the reply carries a full model; data = Δ_i = w_i − w.
+        """
+        arrays = msg.content.get(keys.ARRAYS)
+        if arrays is None:
+            raise ReplyError("reply has no arrays")
+        try:
+            local = flatten_arrays(arrays)
+        except Exception as exc:  # noqa: BLE001 - any decoding failure is a malformed reply
+            raise ReplyError(f"arrays cannot be read ({exc})") from None
+        if local.shape != self._global_vector.shape:
+            raise ReplyError(f"model has {local.numel()} parameters, expected {self._global_vector.numel()}")
+        if not torch.isfinite(local).all():
+            raise ReplyError("model contains NaN or inf")
+        return local - self._global_vector, array_bits(arrays)
+
+    def combine(self, server_round: int, replies: list[ClientReply], weights: torch.Tensor) -> torch.Tensor:
+        """Aggregate update Δ̄ from the usable replies (weights sum to 1). Default: Σ w_i Δ_i."""
+        stacked = torch.stack([r.data for r in replies])
+        return weights.to(stacked.dtype) @ stacked
+
+    def server_step(self, server_round: int, delta: torch.Tensor) -> torch.Tensor:
+        """New global vector from Δ̄: FedAvgM step m ← μ m + Δ̄, w ← w + η_s m."""
+        if self.server_momentum > 0:
+            if self.momentum_buffer is None:
+                self.momentum_buffer = torch.zeros_like(delta)
+            self.momentum_buffer.mul_(self.server_momentum).add_(delta)
+            delta = self.momentum_buffer
+        return self._global_vector + self.server_lr * delta
+
+    # ------------------------------------------------------------------ sampling
+    def _available_nodes(self, grid: Grid) -> list[int]:
+        wait_for = max(self.min_available_nodes, 1)
+        waited = 0.0
+        while len(nodes := sorted(grid.get_node_ids())) < wait_for:
+            if waited and waited % 10 == 0:
+                log.info("waiting for nodes: %d connected, %d required", len(nodes), wait_for)
+            time.sleep(0.2)
+            waited += 0.2
+        return nodes
+
+    def sample(self, server_round: int, nodes: list[int]) -> list[tuple[int, int]]:
+        """[(cid, node)] for this round, from a generator keyed by (seed, round)."""
+        rng = numpy_generator(self.seed, server_round, "sample-clients")
+        if self.client_ids is None:
+            k = self.clients_per_round or max(int(len(nodes) * self.fraction_train), self.min_train_nodes)
+            k = min(k, len(nodes))
+            chosen = sorted(rng.choice(len(nodes), size=k, replace=False).tolist())
+            return [(i, nodes[i]) for i in chosen]
+        k = self.clients_per_round or max(1, int(round(len(self.client_ids) * self.fraction_train)))
+        cids = np.sort(rng.choice(self.client_ids, size=min(k, len(self.client_ids)), replace=False))
+        return [(int(c), nodes[int(c) % len(nodes)]) for c in cids]
+
+    # ------------------------------------------------------------------ Flower API
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._t0 = time.perf_counter()
+        self._global_arrays = arrays
+        self._global_vector = flatten_arrays(arrays)
+        self._round_seed = round_seed(self.seed, server_round)
+        self._downlink_bits_each = array_bits(arrays)
+        config[keys.ROUND] = server_round
+        config[keys.SEED] = self._round_seed
+        for k, v in self.train_config.items():
+            config[k] = v
+        self.round_config(server_round, config)
+        nodes = self._available_nodes(grid)
+        picked = self.sample(server_round, nodes)
+        self._sent = {cid: node for cid, node in picked}
+        messages = []
+        for cid, node in picked:
+            cfg = ConfigRecord(dict(config))
+            if self.client_ids is not None:
+                cfg[keys.CID] = cid
+            record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: cfg})
+            messages.append(Message(content=record, message_type=MessageType.TRAIN, dst_node_id=node))
+        return messages
+
+    def _reply_cid(self, msg: Message, metrics: MetricRecord | None) -> int:
+        if metrics is not None and keys.M_CID in metrics:
+            return int(metrics[keys.M_CID])
+        src = msg.metadata.src_node_id
+        for cid, node in self._sent.items():
+            if node == src:
+                return cid
+        return -1
+
+    def collect(self, server_round: int, replies: Iterable[Message]) -> tuple[list[ClientReply], int]:
+        """Usable replies sorted by client id, and the number of failed/rejected ones."""
+        usable: list[ClientReply] = []
+        failed = 0
+        for msg in list(replies):
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                failed += 1
+                log.warning("round %d: node %d replied with an error: %s", server_round, node, msg.error.reason)
+                continue
+            metrics = msg.content.get(keys.METRICS)
+            cid = self._reply_cid(msg, metrics)
+            try:
+                if metrics is None or keys.NUM_EXAMPLES not in metrics:
+                    raise ReplyError(f"reply lacks the metric {keys.NUM_EXAMPLES!r}")
+                n = int(metrics[keys.NUM_EXAMPLES])
+                if n < 0:
+                    raise ReplyError(f"negative {keys.NUM_EXAMPLES} ({n})")
+                data, bits = self.decode_reply(server_round, msg, cid)
+            except (ReplyError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+                failed += 1
+                log.error("round %d: rejected reply from node %d (client %d): %s", server_round, node, cid, exc)
+                continue
+            loss = float(metrics.get(keys.TRAIN_LOSS, float("nan")))
+            usable.append(ClientReply(node, cid, n, loss, int(bits), data))
+        usable.sort(key=lambda r: r.cid)
+        return usable, failed
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        if self._global_vector is None:
+            raise RuntimeError("aggregate_train called before configure_train: no global model for this round")
+        usable, failed = self.collect(server_round, replies)
+        metrics: dict[str, float] = {
+            "clients_ok": len(usable),
+            "clients_failed": failed,
+            "uplink_bits": sum(r.uplink_bits for r in usable),
+            "downlink_bits": self._downlink_bits_each * len(self._sent),
+        }
+        if not usable:
+            log.warning("round %d: no usable replies; the global model is unchanged", server_round)
+            self._finish(server_round, metrics)
+            return None, MetricRecord(metrics)
+        n = torch.tensor([float(r.num_examples) for r in usable], dtype=torch.float64)
+        weights = n / n.sum() if n.sum() > 0 else torch.full_like(n, 1.0 / len(n))
+        delta = self.combine(server_round, usable, weights)
+        if not torch.isfinite(delta).all():
+            log.error("round %d: the aggregate update is not finite; the global model is unchanged", server_round)
+            self._finish(server_round, metrics)
+            return None, MetricRecord(metrics)
+        new_vector = self.server_step(server_round, delta.to(torch.float32))
+        losses = np.array([r.train_loss for r in usable])
+        metrics["train_loss"] = float(np.average(losses, weights=weights.numpy())) if np.isfinite(losses).all() else float("nan")
+        dense_bits = 32 * self._global_vector.numel() * len(usable)
+        metrics["compression_ratio"] = dense_bits / metrics["uplink_bits"] if metrics["uplink_bits"] else float("nan")
+        metrics.update(self.extra_metrics(server_round, usable, delta))
+        self._finish(server_round, metrics)
+        return unflatten_into(self._global_arrays, new_vector), MetricRecord(metrics)
+
+    def extra_metrics(self, server_round: int, usable: list[ClientReply], delta: torch.Tensor) -> dict[str, float]:
+        """Method-specific per-round metrics (recovery error...)."""
+        return {}
+
+    def _finish(self, server_round: int, metrics: dict[str, float]) -> None:
+        metrics["server_s"] = time.perf_counter() - self._t0
+        self.last_metrics = dict(metrics)
+        self.history[server_round] = dict(metrics)
