@@ -1,0 +1,139 @@
+"""UpdateStrategy / FedAvg baselines driven through the in-memory grid with a toy ClientApp.
+
+The toy client returns w + (cid + 1) * 1 with n_cid = cid + 1 examples, so every aggregate is known
+in closed form.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fl_sim import keys
+from fl_sim.records import flatten_arrays
+from fl_sim.strategies import FedAvgBaseline, FedSGD
+from fl_sim.testing import InMemoryGrid
+
+D = 7
+
+
+def toy_app(mods=None):
+    app = ClientApp(mods=mods or [])
+
+    @app.train()
+    def _train(msg: Message, ctx):
+        cid = int(msg.content[keys.CONFIG][keys.CID])
+        arrays = msg.content[keys.ARRAYS]
+        out = ArrayRecord({k: Array(a.numpy() + (cid + 1.0)) for k, a in arrays.items()})
+        metrics = MetricRecord({keys.NUM_EXAMPLES: cid + 1, keys.TRAIN_LOSS: 1.0 / (cid + 1), keys.M_CID: cid})
+        return Message(RecordDict({keys.ARRAYS: out, keys.METRICS: metrics}), reply_to=msg)
+
+    return app
+
+
+def initial():
+    return ArrayRecord({"w": Array(np.zeros((3,), np.float32)), "b": Array(np.zeros((4,), np.float32))})
+
+
+def one_round(strategy, grid, rnd=1):
+    msgs = list(strategy.configure_train(rnd, initial(), ConfigRecord(), grid))
+    replies = grid.send_and_receive(msgs)
+    return msgs, strategy.aggregate_train(rnd, replies)
+
+
+def test_fedavg_weighted_mean_and_bits():
+    grid = InMemoryGrid(toy_app(), 10)
+    s = FedAvgBaseline(clients_per_round=4, client_ids=range(10), seed=3)
+    msgs, (arrays, metrics) = one_round(s, grid)
+    cids = sorted(int(m.content[keys.CONFIG][keys.CID]) for m in msgs)
+    n = np.array(cids) + 1.0
+    expected = float((n * n).sum() / n.sum())  # update of client c is (c+1), weight (c+1)
+    got = flatten_arrays(arrays)
+    assert torch.allclose(got, torch.full((D,), expected), atol=1e-6)
+    assert metrics["uplink_bits"] == 4 * 32 * D
+    assert metrics["downlink_bits"] == 4 * 32 * D
+    assert metrics["clients_ok"] == 4 and metrics["clients_failed"] == 0
+    assert metrics["compression_ratio"] == pytest.approx(1.0)
+
+
+def test_sampling_is_seeded_and_routes_to_nodes():
+    grid = InMemoryGrid(toy_app(), 10)
+    a = [int(m.content[keys.CONFIG][keys.CID]) for m in FedAvgBaseline(clients_per_round=5, client_ids=range(10), seed=1).configure_train(1, initial(), ConfigRecord(), grid)]
+    b = [int(m.content[keys.CONFIG][keys.CID]) for m in FedAvgBaseline(clients_per_round=5, client_ids=range(10), seed=1).configure_train(1, initial(), ConfigRecord(), grid)]
+    c = [int(m.content[keys.CONFIG][keys.CID]) for m in FedAvgBaseline(clients_per_round=5, client_ids=range(10), seed=2).configure_train(1, initial(), ConfigRecord(), grid)]
+    assert a == b and a != c and len(set(a)) == 5
+
+
+def test_failed_and_missing_replies_are_skipped():
+    grid = InMemoryGrid(toy_app(), 6)
+    s = FedAvgBaseline(clients_per_round=6, client_ids=range(6), seed=0)
+    grid.fail_nodes = {grid.node_ids[0]}
+    grid.drop_nodes = {grid.node_ids[5]}
+    _, (arrays, metrics) = one_round(s, grid)
+    n = np.array([2.0, 3.0, 4.0, 5.0])  # clients 1..4 remain
+    expected = float((n * n).sum() / n.sum())
+    assert torch.allclose(flatten_arrays(arrays), torch.full((D,), expected), atol=1e-6)
+    assert metrics["clients_ok"] == 4 and metrics["clients_failed"] == 1
+
+
+@pytest.mark.parametrize("tamper", ["nan", "shape", "no-examples"])
+def test_malformed_reply_rejected_not_poisoning(tamper, caplog):
+    grid = InMemoryGrid(toy_app(), 4)
+
+    def bad(reply):
+        if int(reply.content[keys.METRICS][keys.M_CID]) != 2:
+            return reply
+        if tamper == "nan":
+            reply.content[keys.ARRAYS] = ArrayRecord({"w": Array(np.full(3, np.nan, np.float32)), "b": Array(np.zeros(4, np.float32))})
+        elif tamper == "shape":
+            reply.content[keys.ARRAYS] = ArrayRecord({"w": Array(np.zeros(5, np.float32))})
+        else:
+            reply.content[keys.METRICS] = MetricRecord({keys.M_CID: 2})
+        return reply
+
+    grid.tamper = bad
+    s = FedAvgBaseline(clients_per_round=4, client_ids=range(4), seed=0)
+    with caplog.at_level("ERROR", logger="fl_sim"):
+        _, (arrays, metrics) = one_round(s, grid)
+    got = flatten_arrays(arrays)
+    assert torch.isfinite(got).all()
+    n = np.array([1.0, 2.0, 4.0])
+    assert torch.allclose(got, torch.full((D,), float((n * n).sum() / n.sum())), atol=1e-6)
+    assert metrics["clients_failed"] == 1
+    assert any("client 2" in r.getMessage() and "rejected" in r.getMessage() for r in caplog.records)
+
+
+def test_no_usable_replies_keeps_model():
+    grid = InMemoryGrid(toy_app(), 3)
+    grid.drop_nodes = set(grid.node_ids)
+    s = FedAvgBaseline(clients_per_round=3, client_ids=range(3))
+    _, (arrays, metrics) = one_round(s, grid)
+    assert arrays is None and metrics["clients_ok"] == 0
+
+
+def test_fedsgd_server_lr_and_momentum():
+    grid = InMemoryGrid(toy_app(), 3)
+    s = FedSGD(clients_per_round=3, client_ids=range(3), server_lr=0.5, server_momentum=0.9)
+    n = np.array([1.0, 2.0, 3.0])
+    mean_update = float((n * n).sum() / n.sum())
+    _, (a1, _) = one_round(s, grid, 1)
+    assert torch.allclose(flatten_arrays(a1), torch.full((D,), 0.5 * mean_update), atol=1e-6)
+    # second round from the same starting point: m = 0.9 * mean + mean
+    _, (a2, _) = one_round(s, grid, 2)
+    assert torch.allclose(flatten_arrays(a2), torch.full((D,), 0.5 * 1.9 * mean_update), atol=1e-5)
+
+
+def test_strategy_argument_errors():
+    with pytest.raises(ValueError, match="server_lr"):
+        FedSGD(server_lr=0)
+    with pytest.raises(ValueError, match="exceeds"):
+        FedAvgBaseline(clients_per_round=5, client_ids=range(3))
+
+
+def test_evaluate_messages_untouched_by_strategy_defaults():
+    s = FedAvgBaseline(clients_per_round=2, client_ids=range(2))
+    assert s.fraction_evaluate == 0.0
+    assert math.isclose(s.server_lr, 1.0)
