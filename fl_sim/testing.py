@@ -91,3 +91,25 @@ class InMemoryGrid(Grid):
                 reply = self.tamper(reply)
             replies.append(reply)
         return replies
+
+
+def run_in_memory(cfg, run_dir=None, *, num_nodes: int | None = None):
+    """Run a RunConfig through the real strategy and ClientApp on an InMemoryGrid (no Ray).
+
+    Returns (summary or None, recorder rows, strategy). Same code path as ``fl-sim run`` except the
+    transport: messages are function calls in this process.
+    """
+    from .build import build_experiment, build_strategy
+    from .clients.app import make_client_app
+    from .config import config_to_dict
+    from .results import RunRecorder
+    from .simulation import server_loop
+
+    exp = build_experiment(cfg)
+    strategy = build_strategy(exp)
+    grid = InMemoryGrid(make_client_app(cfg), num_nodes or cfg.clients)
+    recorder = RunRecorder(run_dir, config_to_dict(cfg)) if run_dir is not None else None
+    rows: list[dict] = []
+    server_loop(grid, exp, strategy, recorder, lambda rnd, row: rows.append(dict(row)))
+    summary = recorder.finish({"strategy": cfg.strategy.name}) if recorder is not None else None
+    return summary, rows, strategy

@@ -1,0 +1,159 @@
+"""DaQuSGD: nodes send quantized data samples whose loss exceeds a threshold (Hanna et al.).
+
+Source: shared/papers/004_8a6bcfc5f528e1f3.txt Algorithm 1, §V (sample selection, Theorem 3) and
+§VI (experiments); NOTES.md §5. The client half is fl_sim.clients.daqusgd.
+
+Round t (the learning agent is the server):
+
+1. send W and the threshold ℓ_th to the sampled nodes;
+2. each node sends the DataQ-quantized samples Z_Q with ℓ(W, Z) > ℓ_th, and their labels;
+3. the server computes ĝ = mean over received samples of ∇ℓ(W, Z_Q) (eq. 2 with g_{Z_Q}),
+   and steps with SGD + momentum: m ← μ m + ĝ, W ← W − η m (the paper's optimizer: SGD,
+   momentum 0.9);
+4. threshold rule (§VI): at the start of each epoch, ℓ_th = factor × (average loss of the samples
+   sent during the previous epoch), factor = 0.2; the first epoch sends everything (ℓ_th = 0).
+   An epoch is ``epoch_rounds`` rounds (default: one expected pass over the clients).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from flwr.app import ConfigRecord, Message
+from torch import nn
+
+from .. import keys
+from ..clients.daqusgd import BITS_PER_FEATURE, LOSS_SUM, METHOD, SENT, THRESHOLD, dequantize_selection
+from .base import ClientReply, ReplyError, UpdateStrategy
+
+__all__ = ["DaQuSGD"]
+
+
+class DaQuSGD(UpdateStrategy):
+    """Hanna et al.'s DaQuSGD with loss-threshold sample selection.
+
+    Args:
+        model: a torch module with the global model's architecture (the server computes gradients).
+        lr: η of the server's SGD step. momentum: μ.
+        bits_per_feature: DataQ bits per feature (paper: 3).
+        threshold_factor: ℓ_th = factor × previous epoch's mean sent loss (paper: 0.2).
+        epoch_rounds: rounds per epoch (None: clients / clients_per_round).
+        batch_size: samples a node considers per round.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        lr: float = 0.05,
+        momentum: float = 0.9,
+        bits_per_feature: int = 3,
+        threshold_factor: float = 0.2,
+        epoch_rounds: int | None = None,
+        batch_size: int = 32,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if lr <= 0 or not 0 <= momentum < 1:
+            raise ValueError(f"lr={lr}, momentum={momentum}: need lr > 0 and momentum in [0, 1)")
+        if bits_per_feature < 1 or bits_per_feature > 15:
+            raise ValueError(f"bits_per_feature={bits_per_feature}: use 1..15")
+        if threshold_factor < 0:
+            raise ValueError(f"threshold_factor={threshold_factor} must be >= 0")
+        self.model = model
+        self.lr, self.mu = float(lr), float(momentum)
+        self.bits = int(bits_per_feature)
+        self.factor = float(threshold_factor)
+        self.batch_size = int(batch_size)
+        if epoch_rounds is None:
+            n = len(self.client_ids) if self.client_ids is not None else 1
+            epoch_rounds = max(1, math.ceil(n / max(1, self.clients_per_round or 1)))
+        self.epoch_rounds = int(epoch_rounds)
+        self.threshold = 0.0
+        self._epoch_loss_sum = 0.0
+        self._epoch_sent = 0
+        self.grad_momentum: torch.Tensor | None = None
+        self._last: dict[str, float] = {}
+
+    @classmethod
+    def from_experiment(cls, exp) -> dict[str, Any]:
+        return {"model": exp.model, "batch_size": exp.cfg.train.batch_size, "lr": exp.cfg.train.lr}
+
+    def round_config(self, server_round: int, config: ConfigRecord) -> None:
+        if server_round > 1 and (server_round - 1) % self.epoch_rounds == 0:
+            if self._epoch_sent:
+                self.threshold = self.factor * self._epoch_loss_sum / self._epoch_sent
+            self._epoch_loss_sum, self._epoch_sent = 0.0, 0
+        config[METHOD] = "daqusgd"
+        config[THRESHOLD] = float(self.threshold)
+        config[BITS_PER_FEATURE] = self.bits
+        config[keys.BATCH_SIZE] = self.batch_size
+
+    def decode_reply(self, server_round: int, msg: Message, cid: int) -> tuple[Any, int]:
+        arrays, metrics = msg.content.get(keys.ARRAYS), msg.content[keys.METRICS]
+        try:
+            levels = torch.from_numpy(arrays["levels"].numpy().astype("int64"))
+            labels = torch.from_numpy(arrays["labels"].numpy().astype("int64"))
+            scale = float(arrays["scale"].numpy()[0])
+        except (KeyError, TypeError, IndexError, AttributeError) as exc:
+            raise ReplyError(f"DaQuSGD reply lacks levels/labels/scale ({exc})") from None
+        if levels.shape[0] != labels.shape[0]:
+            raise ReplyError(f"{levels.shape[0]} feature rows but {labels.shape[0]} labels")
+        if not math.isfinite(scale) or scale < 0:
+            raise ReplyError(f"invalid scale {scale}")
+        if labels.numel() and (labels.min() < 0):
+            raise ReplyError("negative label")
+        if levels.numel() and int(levels.abs().max()) > (1 << self.bits):
+            raise ReplyError("quantization level out of range")
+        self._epoch_loss_sum += float(metrics.get(LOSS_SUM, 0.0))
+        self._epoch_sent += int(metrics.get(SENT, labels.numel()))
+        x = dequantize_selection(levels, scale, self.bits) if labels.numel() else None
+        return (x, labels), int(metrics.get(keys.UPLINK_BITS, 0))
+
+    def combine(self, server_round: int, replies: list[ClientReply], weights: torch.Tensor) -> torch.Tensor:
+        got = [r.data for r in replies if r.data[0] is not None]
+        self._last = {"received_samples": 0, "threshold": self.threshold}
+        if not got:
+            return torch.zeros_like(self._global_vector)
+        x = torch.cat([g[0] for g in got])
+        y = torch.cat([g[1] for g in got])
+        self._load(self._global_vector)
+        self.model.train()
+        self.model.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(self.model(x), y)
+        loss.backward()
+        g = self._flat_grad()
+        if self.grad_momentum is None:
+            self.grad_momentum = torch.zeros_like(g)
+        self.grad_momentum.mul_(self.mu).add_(g)
+        self._last.update(received_samples=int(len(y)), server_batch_loss=float(loss))
+        return -self.lr * self.grad_momentum
+
+    def _flat_grad(self) -> torch.Tensor:
+        """Gradient laid out like the flat vector (every float state entry; buffers get zeros)."""
+        named = dict(self.model.named_parameters())
+        parts = []
+        for name, t in self.model.state_dict().items():
+            if not torch.is_floating_point(t):
+                continue
+            p = named.get(name)
+            parts.append(p.grad.reshape(-1) if p is not None and p.grad is not None else torch.zeros(t.numel()))
+        return torch.cat(parts)
+
+    def _load(self, vector: torch.Tensor) -> None:
+        offset = 0
+        state = self.model.state_dict()
+        with torch.no_grad():
+            for name, t in state.items():
+                if torch.is_floating_point(t):
+                    t.copy_(vector[offset : offset + t.numel()].reshape(t.shape))
+                    offset += t.numel()
+
+    def server_step(self, server_round: int, delta: torch.Tensor) -> torch.Tensor:
+        return self._global_vector + delta
+
+    def extra_metrics(self, server_round, usable, delta) -> dict[str, float]:
+        return dict(self._last)
+

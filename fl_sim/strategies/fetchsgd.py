@@ -1,0 +1,100 @@
+"""FetchSGD: Count Sketch uplink with momentum and error accumulated in sketch space at the server.
+
+Rothchild et al., "FetchSGD: Communication-Efficient Federated Learning with Sketching", ICML 2020,
+Algorithm 1 (not among shared/papers; summarised in shared/papers/README.md). Its reference code is
+CommEfficient with the csvec sketch.
+
+One sketch S(·) (r rows × c columns, hashes from the run seed, the same for all clients and rounds,
+so sketches of different rounds can be added). Round t:
+
+1. client i sends S(Δ_i) (``count_sketch`` codec; Δ_i = local − global);
+2. server: S^t = Σ_i (n_i/n) S(Δ_i)                           (linearity)
+3. momentum:  S_u ← ρ S_u + S^t
+4. error:     S_e ← S_e + η_s S_u
+5. Δ = Top-k(U(S_e)): unsketch the k heavy coordinates of S_e (median estimates)
+6. S_u and S_e are zeroed at the buckets of nz(Δ) ("S_u(nz Δ) = 0, S_e(nz Δ) = 0")
+7. w ← w + Δ.
+
+ρ = 0 gives "Count Sketch + error feedback", the baseline of Tang et al. (FetchSGD without momentum).
+The server knows ‖S_e‖ before and after extraction; it reports their ratio as the recovery metric.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from flwr.app import ConfigRecord
+
+from .. import keys
+from ..compression.sketch import CountSketch
+from ..rng import derive_seed
+from .base import ClientReply
+from .compressed import CompressedFedAvg
+
+__all__ = ["FetchSGD"]
+
+
+class FetchSGD(CompressedFedAvg):
+    """FetchSGD (Rothchild et al. 2020, Alg. 1).
+
+    Args:
+        rows, cols: sketch size r × c (uplink 32·r·c bits per client).
+        k: coordinates unsketched and applied per round.
+        momentum: ρ (0 = Count Sketch + error feedback).
+        **kwargs: UpdateStrategy arguments; server_lr is η_s.
+    """
+
+    def __init__(self, *, rows: int = 5, cols: int = 1000, k: int = 500, momentum: float = 0.9, **kwargs: Any) -> None:
+        kwargs.pop("codec", None)
+        kwargs.pop("codec_params", None)
+        kwargs.setdefault("error_feedback", "none")
+        super().__init__(codec="count_sketch", codec_params={"rows": rows, "cols": cols, "k": k}, **kwargs)
+        if rows < 1 or cols < 1 or k < 1:
+            raise ValueError(f"rows={rows}, cols={cols}, k={k}: all must be >= 1")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"momentum={momentum}: ρ must be in [0, 1)")
+        self.rows, self.cols, self.k, self.rho = int(rows), int(cols), int(k), float(momentum)
+        self.sketch_seed = derive_seed(self.seed, "fetchsgd-hashes")
+        self.s_u: torch.Tensor | None = None
+        self.s_e: torch.Tensor | None = None
+        self._cs: CountSketch | None = None
+        self._last: dict[str, float] = {}
+
+    def round_config(self, server_round: int, config: ConfigRecord) -> None:
+        self._round_seed = self.sketch_seed
+        super().round_config(server_round, config)
+        config[keys.SEED] = self.sketch_seed
+        config[keys.SEED_MODE] = "shared"
+
+    def sketcher(self, d: int) -> CountSketch:
+        if self._cs is None or self._cs.d != d:
+            self._cs = CountSketch(d, self.rows, self.cols, seed=self.sketch_seed)
+        return self._cs
+
+    def combine(self, server_round: int, replies: list[ClientReply], weights: torch.Tensor) -> torch.Tensor:
+        d = self._global_vector.numel()
+        cs = self.sketcher(d)
+        codec = self.codec_for(d)
+        s_t = codec.aggregate([r.data for r in replies], weights.tolist()).tensors["table"].to(torch.float32)
+        if self.s_u is None:
+            self.s_u = torch.zeros_like(s_t)
+            self.s_e = torch.zeros_like(s_t)
+        self.s_u.mul_(self.rho).add_(s_t)  # step 3
+        self.s_e.add_(self.server_lr * self.s_u)  # step 4
+        before = float(self.s_e.norm())
+        delta, idx = cs.unsketch_topk(self.s_e, min(self.k, d))  # step 5
+        cs.zero_coordinates(self.s_u, idx)  # step 6
+        cs.zero_coordinates(self.s_e, idx)
+        self._last = {
+            "sketch_error_norm": float(self.s_e.norm()),
+            "extracted_share": 1.0 - float(self.s_e.norm()) / before if before > 0 else 0.0,
+            "update_nnz": int((delta != 0).sum()),
+        }
+        return delta.to(torch.float32)
+
+    def server_step(self, server_round: int, delta: torch.Tensor) -> torch.Tensor:
+        return self._global_vector + delta  # η_s and ρ are applied in sketch space
+
+    def extra_metrics(self, server_round, usable, delta) -> dict[str, float]:
+        return dict(self._last)
