@@ -110,6 +110,27 @@ def _fmt(v) -> str:
     return str(v)
 
 
+@app.command()
+def sweep(
+    config: Optional[str] = typer.Argument(None, help="YAML config the grid modifies."),
+    grid: List[str] = typer.Option([], "--grid", help="key.sub=v1,v2,... (repeatable; the cartesian product runs)."),
+    repeats: int = typer.Option(1, "--repeats", help="Seeds per point (seed, seed+1, ...)."),
+    set_: List[str] = typer.Option([], "--set", help="Fixed overrides for every point."),
+    out_dir: Path = typer.Option(Path("runs/sweep"), "--out", help="Sweep directory (resumable)."),
+    debug: bool = typer.Option(False, "--debug"),
+) -> None:
+    """Run a grid of configs (resuming finished points); writes sweep.csv and PNG plots."""
+    from .sweep import run_sweep
+
+    try:
+        rows = run_sweep(config, grid, out_dir, repeats=repeats, overrides=set_,
+                         on_point=lambda name, what: console.print(f"[bold]{name}[/] {what}"))
+    except USER_ERRORS as exc:
+        _fail(exc, debug)
+        return
+    out.print(f"{len(rows)} runs -> {out_dir / 'sweep.csv'}")
+
+
 bench_app = typer.Typer(help="Benchmarks (figures measured side by side in one run).")
 app.add_typer(bench_app, name="bench")
 

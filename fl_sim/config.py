@@ -113,8 +113,14 @@ class CodecConfig:
 
 @dataclass
 class SimulationConfig:
-    """Flower simulation engine settings (Ray backend)."""
+    """Flower simulation engine settings.
 
+    backend: "ray" (Flower's simulation engine, Ray actors; the default) or "inline" (the same
+    strategy and ClientApp code with messages delivered by function calls in this process: no
+    engine start-up, sequential clients; for quick sweeps, debugging and tests).
+    """
+
+    backend: str = "ray"
     num_cpus: float = 1.0  # per client (Flower's default of 2 gives one actor on a 2-core machine)
     num_gpus: float = 0.0
     ray_address: str = ""  # connect to an existing Ray cluster ("auto" or "ip:port"); "" = start a local one
@@ -381,5 +387,6 @@ def validate(cfg: RunConfig) -> None:
     _require(s.server_lr > 0, "strategy.server_lr", s.server_lr, "must be > 0")
     _require(0 <= s.server_momentum < 1, "strategy.server_momentum", s.server_momentum, "must be in [0, 1)")
     sim = cfg.simulation
+    _require(sim.backend in ("ray", "inline"), "simulation.backend", sim.backend, "ray or inline")
     _require(sim.num_cpus > 0, "simulation.num_cpus", sim.num_cpus, "CPUs per client must be > 0")
     _require(sim.num_gpus >= 0, "simulation.num_gpus", sim.num_gpus, "must be >= 0")

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from .build import Experiment, build_experiment, build_strategy
@@ -104,17 +104,21 @@ def run_experiment(cfg: RunConfig, run_dir: Path | None = None, progress: Progre
     recorder = RunRecorder(run_dir, config_to_dict(cfg))
     errors: list[BaseException] = []
 
-    server_app = ServerApp()
-
-    @server_app.main()
-    def _main(grid: Grid, context: Context) -> None:
+    def serve(grid: Grid) -> None:
         try:
             server_loop(grid, exp, strategy, recorder, progress)
         except BaseException as exc:  # re-raised in the caller's thread below
             errors.append(exc)
 
     _quiet_flower(cfg.simulation.log_level)
-    run_flower_simulation(server_app, make_client_app(cfg), cfg, num_supernodes=cfg.clients)
+    if cfg.simulation.backend == "inline":
+        from .testing import InMemoryGrid
+
+        serve(InMemoryGrid(make_client_app(cfg), cfg.clients))
+    else:
+        server_app = ServerApp()
+        server_app.main()(lambda grid, context: serve(grid))
+        run_flower_simulation(server_app, make_client_app(cfg), cfg, num_supernodes=cfg.clients)
     if errors:
         raise errors[0]
     if len(recorder.rows) < cfg.rounds + 1:
