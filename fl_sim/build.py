@@ -76,6 +76,19 @@ def build_strategy(exp: Experiment, **extra: Any):
             f"codec.name={cfg.codec.name!r} is only used by strategy 'compressed'; strategy "
             f"{cfg.strategy.name!r} sets its own compression through strategy options"
         )
+    if cfg.channel and cfg.strategy.name != "rlc":
+        # A digital baseline over the same channel: bits -> channel uses at capacity (Abdi Ch. 5).
+        link = {k: cfg.channel[k] for k in ("snr_db", "bandwidth_hz", "compute_s") if k in cfg.channel}
+        rest = {k: v for k, v in cfg.channel.items() if k not in link}
+        from .channels import MACChannel
+
+        try:
+            MACChannel.from_config(rest)  # same keys as the analog channel: a typo is an error
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if "snr_db" not in link:
+            raise ConfigError("channel.snr_db is required to count a digital strategy's channel uses")
+        kwargs["digital_link"] = link
     if hasattr(cls, "from_experiment"):
         kwargs.update(cls.from_experiment(exp))
     kwargs.update(extra)

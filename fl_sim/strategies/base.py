@@ -58,6 +58,18 @@ class ClientReply:
     data: Any
 
 
+def _check_link(link: dict[str, float] | None) -> dict[str, float] | None:
+    if link is None:
+        return None
+    allowed = {"snr_db", "bandwidth_hz", "compute_s"}
+    unknown = set(link) - allowed
+    if unknown or "snr_db" not in link:
+        raise ValueError(f"digital_link needs snr_db and may have bandwidth_hz, compute_s; got {sorted(link)}")
+    if link.get("bandwidth_hz", 1.0) <= 0 or link.get("compute_s", 0.0) < 0:
+        raise ValueError(f"digital_link {link}: bandwidth_hz must be > 0 and compute_s >= 0")
+    return {k: float(v) for k, v in link.items()}
+
+
 class UpdateStrategy(FedAvg):
     """FedAvg whose clients send updates Δ_i = w_i − w; subclasses decide how Δ travels.
 
@@ -67,6 +79,9 @@ class UpdateStrategy(FedAvg):
         seed: run seed; sampling and every codec seed derive from (seed, round).
         server_lr: η_s of the server step. server_momentum: μ of the server step.
         train_config: extra ConfigRecord entries sent every round (local epochs, lr...).
+        digital_link: {"snr_db", "bandwidth_hz", "compute_s"}: count the channel uses of sending
+            every client's bits one node after another at capacity C = 0.5 log2(1 + SNR) (Abdi
+            Ch. 5, digital baseline) and the resulting latency; None = no channel accounting.
     """
 
     def __init__(
@@ -78,6 +93,7 @@ class UpdateStrategy(FedAvg):
         server_lr: float = 1.0,
         server_momentum: float = 0.0,
         train_config: dict[str, Any] | None = None,
+        digital_link: dict[str, float] | None = None,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("fraction_evaluate", 0.0)  # fl-sim evaluates centrally on the server
@@ -100,6 +116,7 @@ class UpdateStrategy(FedAvg):
         self.server_lr = float(server_lr)
         self.server_momentum = float(server_momentum)
         self.train_config = dict(train_config or {})
+        self.digital_link = _check_link(digital_link)
         # Server state (set lazily, checkpointable)
         self.momentum_buffer: torch.Tensor | None = None
         self._global_arrays: ArrayRecord | None = None
@@ -245,6 +262,13 @@ class UpdateStrategy(FedAvg):
             "uplink_bits": sum(r.uplink_bits for r in usable),
             "downlink_bits": self._downlink_bits_each * len(self._sent),
         }
+        if self.digital_link is not None:
+            from ..channels import digital_channel_uses, latency_s
+
+            link = self.digital_link
+            uses = digital_channel_uses([r.uplink_bits for r in usable], link["snr_db"])
+            metrics["channel_uses"] = uses
+            metrics["latency_s"] = latency_s(uses, link.get("bandwidth_hz", 1e6), link.get("compute_s", 0.0))
         if not usable:
             log.warning("round %d: no usable replies; the global model is unchanged", server_round)
             self._finish(server_round, metrics)

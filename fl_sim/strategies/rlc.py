@@ -83,7 +83,9 @@ class RLCOverTheAir(CompressedFedAvg):
 
     @classmethod
     def from_experiment(cls, exp) -> dict[str, Any]:
-        return {"channel": dict(exp.cfg.channel)}
+        channel = dict(exp.cfg.channel)
+        out: dict[str, Any] = {k: channel.pop(k) for k in ("bandwidth_hz", "compute_s") if k in channel}
+        return {"channel": channel, **out}
 
     def round_config(self, server_round: int, config: ConfigRecord) -> None:
         d = self._global_vector.numel()
