@@ -293,6 +293,18 @@ def test_over_the_air_degenerate_and_bad_inputs():
         per_node.over_the_air(torch.ones(2, 4), torch.ones(2), round=0, node_ids=[0, 5])
 
 
+@pytest.mark.parametrize("scale", [1e-20, 1e20])
+def test_over_the_air_is_scale_equivariant_at_tiny_and_huge_magnitudes(scale):
+    # c ∝ 1/‖v‖ (power control fills the same budget), so the noise in y/c scales with the input too
+    ch = MACChannel(snr_db=10.0, participation=0.7)
+    v = torch.randn(4, 32, generator=torch_generator(3, "v"))
+    y1, m1 = ch.over_the_air(v, torch.full((4,), 0.25), round=2)
+    ys, ms = ch.over_the_air(v * scale, torch.full((4,), 0.25), round=2)
+    assert bool(torch.isfinite(ys).all())
+    torch.testing.assert_close(ys / scale, y1, rtol=1e-4, atol=1e-6)
+    assert ms["c"] * scale == pytest.approx(m1["c"], rel=1e-6) and torch.equal(ms["m_i"], m1["m_i"])
+
+
 def test_downlink_noise_variance_and_noiseless_copies():
     x = torch.randn(50_000, generator=torch_generator(2, "x"), dtype=torch.float64)
     assert torch.equal(MACChannel().downlink(x, [1, 2], round=0), torch.stack([x, x]))

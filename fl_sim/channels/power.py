@@ -150,7 +150,7 @@ def _search_c(c_node: torch.Tensor, a: torch.Tensor, noise_var: float, grid: int
         raise ChannelError("a transmitting node has no usable subchannel (every |h| is 0)")
     c_lo = max(float(r[:, -1].min()), c_hi * _GRID_FLOOR)
     cand = torch.exp(torch.linspace(math.log(c_lo), math.log(c_hi), grid, dtype=torch.float64))
-    cand[-1] = c_hi
+    cand[0], cand[-1] = c_lo, c_hi  # exact ends: exp(log(c)) may round past a breakpoint
     counts = torch.searchsorted(-r.contiguous(), (-cand).expand(r.shape[0], grid).contiguous(), right=True)
     counts = counts.clamp(min=1, max=m)  # (n_active, grid); >= 1 since R_i(1) >= c_hi
     c_eff = c_node.gather(1, counts - 1).min(dim=0).values  # (grid,) the largest c for these m_i
