@@ -1,13 +1,16 @@
 """Abdi's RLC over the MAC checked against the thesis' Lemmas (shared/papers/002_…, Ch. 5; NOTES.md §3.2).
 
-Encoder A = H R / sqrt(m) (eq. 5.3): H = m rows of the d x d Sylvester Hadamard matrix (H Hᵀ = d I),
-R = diag(r), r Rademacher, one r per trial (the thesis' expectation is over A; with H fixed the
-expectations over r alone already give the exact formulas: A Aᵀ = (d/m) I and E_r[Aᵀ D A] = (tr D/m) I
-for any diagonal D). Decoder ĝ = (1/c) Aᵀ Re(y) (eq. 5.4 / Lemma 14); the in-phase decoder keeps
-σ_R² = σ²/2 of CN(0, σ²) noise (fl_sim.channels.mac), so the noise term of (5.5) is d σ²/2 here.
+Encoder A = H R / sqrt(m) (eq. 5.3). Lemma 13 uses fl_sim.compression.projections.PartialHadamard, one
+seed per trial. The other Monte-Carlo tests use a batched dense copy (_RandomA): H = the first m rows
+of the d x d Sylvester Hadamard matrix (H Hᵀ = d I), R = diag(r), one Rademacher r per trial. The
+thesis' expectation is over A; with H fixed the expectation over r alone already gives the exact
+formulas, because A Aᵀ = (d/m) I and E_r[Aᵀ D A] = (tr D/m) I for any diagonal D.
+Decoder ĝ = (1/c) Aᵀ Re(y) (eq. 5.4 / Lemma 14); the in-phase decoder keeps σ_R² = σ²/2 of CN(0, σ²)
+noise (fl_sim.channels.mac), so the noise term of (5.5) is d σ²/2 here.
 
-Every trial is independent (its own r and its own noise row), so Monte-Carlo means are compared
-with the formulas by a z-test: |mean − formula| <= 5 · sample std / sqrt(T) (5 standard errors).
+Every trial is independent (its own A and its own noise row), so Monte-Carlo means are compared
+with the formulas by a z-test: |mean − formula| <= 5 · sample std / sqrt(T) (5 standard errors; for
+vectors, per coordinate: with d = 256 coordinates the chance of a false alarm is ~256 · 6e-7).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from fl_sim.channels import (
     form_signals,
     power_control,
 )
+from fl_sim.compression.projections import PartialHadamard
 from fl_sim.rng import torch_generator
 
 D, M = 256, 64
@@ -65,19 +69,19 @@ def _assert_z(samples: torch.Tensor, expected: torch.Tensor | float, what: str) 
     assert z < 5, f"{what}: mean {mean} vs {expected}, z = {z:.2f}"
 
 
-def test_lemma13_mse_and_unbiasedness():
-    # Prepare: 4 nodes, no fading, everyone transmits, c = 1: x_i = α_i A g_i (eq. 5.2)
-    trials = 2000
+def test_lemma13_mse_and_unbiasedness_with_partial_hadamard():
+    # Prepare: 4 nodes, no fading, everyone transmits, c = 1: x_i = α_i A g_i (eq. 5.2), one A per seed
+    trials = 1000
     g_i = _gradients(4, seed=0)
     alpha = data_weights([1, 2, 3, 4])
     g = alpha @ g_i
     ch = MACChannel(snr_db=16.0, power=1.0, fading="none")
     sigma2 = ch.noise_var  # per complex dimension
-    a = _RandomA(trials, seed=1)
+    ops = [PartialHadamard(D, M, seed=t) for t in range(trials)]  # A = H R / sqrt(m), eq. (5.3)
     # Execute
-    x = alpha[None, :, None] * a.encode(g_i)  # (T, K, m)
+    x = alpha[None, :, None] * torch.stack([op.forward(g_i) for op in ops])  # (T, K, m)
     y = ch.transmit(x, torch.ones(4, M, dtype=torch.complex128), round=0)  # (T, m)
-    g_hat = a.decode(y.real)
+    g_hat = torch.stack([op.adjoint(y_t) for op, y_t in zip(ops, y.real)])  # ĝ = Aᵀ Re(y), eq. (5.4)
     err = ((g_hat - g) ** 2).sum(1)
     # Assert: (5.5) with σ² -> σ_R² = σ²/2; unbiased per coordinate
     lemma13 = (D / M - 1) * g.pow(2).sum() + D * REAL_NOISE_FRACTION * sigma2
@@ -86,6 +90,17 @@ def test_lemma13_mse_and_unbiasedness():
     # the test has the power to tell the constant: d σ² (full complex variance) is rejected
     se = err.std() / math.sqrt(trials)
     assert abs(err.mean() - (lemma13 + D * sigma2 / 2)) > 5 * se
+
+
+def test_batched_dense_encoder_matches_partial_hadamard_algebra():
+    # _RandomA (used below for speed) has the algebra the exact formulas rest on, like PartialHadamard:
+    # A Aᵀ = (d/m) I (H Hᵀ = d I) and diag(AᵀA) = 1 for every A (so E_r[Aᵀ D A] = (tr D/m) I).
+    eye = torch.eye(D, dtype=torch.float64)
+    dense = _RandomA(3, seed=7).encode(eye).transpose(1, 2)  # (3, m, d): A_t
+    ph = PartialHadamard(D, M, seed=0).forward(eye).T.to(torch.float64)
+    for mat in (*dense, ph):
+        assert (mat @ mat.T - D / M * torch.eye(M, dtype=torch.float64)).abs().max() < 1e-9
+        assert ((mat * mat).sum(0) - 1).abs().max() < 1e-9
 
 
 def test_lemma14_power_control_unbiased_bounded_and_within_budget():

@@ -91,7 +91,10 @@ def power_control(
         raise ChannelError(f"h_est must be a complex tensor of shape (n, m), got {h_est.dtype} {tuple(h_est.shape)}")
     n, m = h_est.shape
     a = torch.as_tensor(amplitude, dtype=torch.float64).reshape(-1)
-    p = torch.as_tensor(budget, dtype=torch.float64).reshape(-1).expand(n)
+    p = torch.as_tensor(budget, dtype=torch.float64).reshape(-1)
+    if p.numel() not in (1, n):
+        raise ChannelError(f"budget must be one value or {n} values (one per node), got {p.numel()}")
+    p = p.expand(n)
     if a.numel() != n or not bool(torch.isfinite(a).all() & (a >= 0).all()):
         raise ChannelError(f"amplitude must hold {n} finite values >= 0 (α_i b_i/π_i ‖g_i‖)")
     if not bool(torch.isfinite(p).all() & (p > 0).all()):
