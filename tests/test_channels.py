@@ -117,7 +117,8 @@ def test_complex_noise_variance_is_per_complex_dimension():
     assert abs((w.real * w.imag).mean().item()) < 5 * (var / 2) / math.sqrt(n)  # independent parts
     r = real_awgn((n,), noise_var=var, generator=torch_generator(1, "t"), dtype=torch.float64)
     assert abs((r**2).mean().item() - var) < 5 * var * math.sqrt(2 / n)
-    assert torch.equal(complex_awgn((3,), noise_var=0.0, generator=torch_generator(0)), torch.zeros(3, dtype=torch.complex64))
+    silent = complex_awgn((3,), noise_var=0.0, generator=torch_generator(0))
+    assert torch.equal(silent, torch.zeros(3, dtype=torch.complex64))
 
 
 def test_snr_helpers():
@@ -170,7 +171,8 @@ def test_participation_frequency_scale_and_weights():
     assert bool(((freq - pi).abs() < 5 * se).all())
     alone = torch.stack([draw_participation(0.5, seed=1, round=r, nodes=[5]) for r in range(50)])
     assert torch.equal(alone[:, 0], b[:50, 1])  # node 5's coin does not depend on the others
-    torch.testing.assert_close(participation_scale(torch.tensor([1, 0, 1]), pi), torch.tensor([5.0, 0.0, 1 / 0.9], dtype=torch.float64))
+    expected_scale = torch.tensor([5.0, 0.0, 1 / 0.9], dtype=torch.float64)
+    torch.testing.assert_close(participation_scale(torch.tensor([1, 0, 1]), pi), expected_scale)
     torch.testing.assert_close(data_weights([10, 30, 60]), torch.tensor([0.1, 0.3, 0.6], dtype=torch.float64))
     with pytest.raises(ChannelError, match=r"\(0, 1\]"):
         draw_participation(torch.tensor([0.0, 1.0]), seed=0, round=0, nodes=2)

@@ -193,7 +193,9 @@ class MACChannel:
             y, complex (complex128 if either input is double precision, else complex64), shape (..., m).
         """
         if signals.dim() < 2 or signals.shape[-2:] != h.shape:
-            raise ChannelError(f"signals must have shape (..., K, m) = (..., {tuple(h.shape)}), got {tuple(signals.shape)}")
+            raise ChannelError(
+                f"signals must have shape (..., K, m) = (..., {tuple(h.shape)}), got {tuple(signals.shape)}"
+            )
         if not _finite(signals) or not _finite(h):
             raise ChannelError("signals and h must be finite (no NaN or inf)")
         double = signals.dtype in (torch.float64, torch.complex128) or h.dtype == torch.complex128
@@ -239,7 +241,10 @@ class MACChannel:
         if len(ids) != k_nodes:
             raise ChannelError(f"node_ids has {len(ids)} entries for {k_nodes} codewords")
         alpha = _check_nonneg(weights, k_nodes, "weights (α_i)")
-        g_norm = v.to(torch.float64).norm(dim=1) if norms is None else _check_nonneg(norms, k_nodes, "norms (‖g_i‖)")
+        if norms is None:
+            g_norm = v.to(torch.float64).norm(dim=1)
+        else:
+            g_norm = _check_nonneg(norms, k_nodes, "norms (‖g_i‖)")
         # 1-2. channel draw, CSI, participation
         h = self.draw(ids, m, round=round)
         h_est = self.estimate(h, ids, round=round)
@@ -292,7 +297,8 @@ class MACChannel:
         out = x.unsqueeze(0).expand(len(ids), *x.shape).clone()
         if self.downlink_snr_db is None:
             return out
-        var = float((x.to(torch.float64) ** 2).mean()) / snr_db_to_linear(float(self.downlink_snr_db)) if x.numel() else 0.0
+        power = float((x.to(torch.float64) ** 2).mean()) if x.numel() else 0.0
+        var = power / snr_db_to_linear(float(self.downlink_snr_db))
         for j, i in enumerate(ids):
             gen = torch_generator(self.seed, "downlink-noise", round, i)
             out[j] += real_awgn(tuple(x.shape), noise_var=var, generator=gen, dtype=x.dtype)
@@ -306,7 +312,8 @@ def _finite(t: torch.Tensor) -> bool:
 
 def _check_codewords(codewords: torch.Tensor) -> torch.Tensor:
     if not isinstance(codewords, torch.Tensor) or codewords.dim() != 2:
-        raise ChannelError(f"codewords must be a (K, m) tensor of A g_i, got {getattr(codewords, 'shape', type(codewords))}")
+        shape = getattr(codewords, "shape", type(codewords))
+        raise ChannelError(f"codewords must be a (K, m) tensor of A g_i, got {shape}")
     if not torch.is_floating_point(codewords):
         raise ChannelError(f"codewords must be real floating point (A g_i), got {codewords.dtype}")
     if codewords.shape[1] < 1:
