@@ -12,6 +12,9 @@ unnormalized: ``fwht(fwht(x)) = n x``).
 
 from __future__ import annotations
 
+import threading
+
+import numpy as np
 import torch
 
 from .base import CodecError
@@ -56,12 +59,192 @@ def _fwht_torch(x: torch.Tensor) -> torch.Tensor:
     return y.reshape(*lead, n)
 
 
+# --------------------------------------------------------------------------------------------------------------
+# numba kernel.  Why this design (measured on the 2-core AMD EPYC dev box, float32, best of 5, same process):
+#   * naive torch butterfly (one pass per stage, 20 passes over memory at n = 2^20): 12 ms vs torch.fft.rfft 9.6 ms.
+#   * numba indexes a[j + h] with wraparound checks and cannot prove that a[j] and a[j + h] do not alias, so a
+#     plain index loop stays scalar (0.25-0.6 ns per element and stage).  Writing each butterfly leg as a slice
+#     view (a0 = b[g:g+h], a1 = b[g+h:g+2h]) and looping over the view lets LLVM vectorize with one runtime
+#     overlap check: 0.04-0.08 ns per element and stage for h >= 64 (AVX2).
+#   * radix-8 passes (three stages per pass) cut the passes over memory by 3.
+#   * cache blocking: phase 1 does the low log2(L) stages inside blocks of L = 128 KiB (fits the 512 KiB L2);
+#     phase 2 does the remaining log2(n/L) stages on column panels of the (n/L, L) view, copied into a
+#     256 KiB scratch buffer (rows of w contiguous values), so every element crosses main memory twice in all.
+#   Result: n = 2^20: 1.1-2.3 ms (rfft 8-11 ms), n = 2^23: 26-40 ms (rfft 120-160 ms): ratio 0.1-0.35.
+#   The h = 1 and h = 8 radix-8 passes stay the slowest (short inner loops); a constant-geometry variant
+#   vectorizes better but needs a bit rotation that costs as much as it saves.
+# Small dense Hadamard blocks as matmuls were rejected: 2*64 flops per element per 6 stages vs 6 adds.
+# --------------------------------------------------------------------------------------------------------------
+try:  # pragma: no cover - exercised implicitly; the torch path is tested separately
+    import numba
+    from numba import njit, prange
+
+    _HAVE_NUMBA = True
+except ImportError:  # pragma: no cover
+    _HAVE_NUMBA = False
+
+_BLOCK_BYTES = 1 << 17  # phase-1 block (L2-resident)
+_PANEL_BYTES = 1 << 18  # phase-2 scratch panel
+_PARALLEL_MIN = 1 << 15  # below this many elements the serial kernel is faster than waking threads
+_LOCK = threading.Lock()
+
+if _HAVE_NUMBA:
+
+    @njit(cache=True, fastmath=True)
+    def _radix8_h1(b):  # pragma: no cover - compiled
+        """Stages h = 1, 2, 4 on consecutive groups of 8 (scalar; the views trick needs h >= 8)."""
+        for g in range(0, b.size, 8):
+            x0 = b[g]; x1 = b[g + 1]; x2 = b[g + 2]; x3 = b[g + 3]  # noqa: E702
+            x4 = b[g + 4]; x5 = b[g + 5]; x6 = b[g + 6]; x7 = b[g + 7]  # noqa: E702
+            y0 = x0 + x1; y1 = x0 - x1; y2 = x2 + x3; y3 = x2 - x3  # noqa: E702
+            y4 = x4 + x5; y5 = x4 - x5; y6 = x6 + x7; y7 = x6 - x7  # noqa: E702
+            z0 = y0 + y2; z1 = y1 + y3; z2 = y0 - y2; z3 = y1 - y3  # noqa: E702
+            z4 = y4 + y6; z5 = y5 + y7; z6 = y4 - y6; z7 = y5 - y7  # noqa: E702
+            b[g] = z0 + z4; b[g + 1] = z1 + z5; b[g + 2] = z2 + z6; b[g + 3] = z3 + z7  # noqa: E702
+            b[g + 4] = z0 - z4; b[g + 5] = z1 - z5; b[g + 6] = z2 - z6; b[g + 7] = z3 - z7  # noqa: E702
+
+    @njit(cache=True, fastmath=True)
+    def _radix8(b, h):  # pragma: no cover - compiled
+        """Stages h, 2h, 4h on every group of 8h consecutive values of b (b.size a multiple of 8h)."""
+        for g in range(0, b.size, 8 * h):
+            a0 = b[g:g + h]; a1 = b[g + h:g + 2 * h]; a2 = b[g + 2 * h:g + 3 * h]  # noqa: E702
+            a3 = b[g + 3 * h:g + 4 * h]; a4 = b[g + 4 * h:g + 5 * h]; a5 = b[g + 5 * h:g + 6 * h]  # noqa: E702
+            a6 = b[g + 6 * h:g + 7 * h]; a7 = b[g + 7 * h:g + 8 * h]  # noqa: E702
+            for j in range(h):
+                x0 = a0[j]; x1 = a1[j]; x2 = a2[j]; x3 = a3[j]  # noqa: E702
+                x4 = a4[j]; x5 = a5[j]; x6 = a6[j]; x7 = a7[j]  # noqa: E702
+                y0 = x0 + x1; y1 = x0 - x1; y2 = x2 + x3; y3 = x2 - x3  # noqa: E702
+                y4 = x4 + x5; y5 = x4 - x5; y6 = x6 + x7; y7 = x6 - x7  # noqa: E702
+                z0 = y0 + y2; z1 = y1 + y3; z2 = y0 - y2; z3 = y1 - y3  # noqa: E702
+                z4 = y4 + y6; z5 = y5 + y7; z6 = y4 - y6; z7 = y5 - y7  # noqa: E702
+                a0[j] = z0 + z4; a1[j] = z1 + z5; a2[j] = z2 + z6; a3[j] = z3 + z7  # noqa: E702
+                a4[j] = z0 - z4; a5[j] = z1 - z5; a6[j] = z2 - z6; a7[j] = z3 - z7  # noqa: E702
+
+    @njit(cache=True, fastmath=True)
+    def _radix4(b, h):  # pragma: no cover - compiled
+        """Stages h, 2h on every group of 4h consecutive values of b."""
+        for g in range(0, b.size, 4 * h):
+            a0 = b[g:g + h]; a1 = b[g + h:g + 2 * h]; a2 = b[g + 2 * h:g + 3 * h]  # noqa: E702
+            a3 = b[g + 3 * h:g + 4 * h]
+            for j in range(h):
+                x0 = a0[j]; x1 = a1[j]; x2 = a2[j]; x3 = a3[j]  # noqa: E702
+                y0 = x0 + x1; y1 = x0 - x1; y2 = x2 + x3; y3 = x2 - x3  # noqa: E702
+                a0[j] = y0 + y2; a1[j] = y1 + y3; a2[j] = y0 - y2; a3[j] = y1 - y3  # noqa: E702
+
+    @njit(cache=True, fastmath=True)
+    def _radix2(b, h):  # pragma: no cover - compiled
+        """Stage h on every group of 2h consecutive values of b."""
+        for g in range(0, b.size, 2 * h):
+            a0 = b[g:g + h]; a1 = b[g + h:g + 2 * h]  # noqa: E702
+            for j in range(h):
+                x0 = a0[j]; x1 = a1[j]  # noqa: E702
+                a0[j] = x0 + x1; a1[j] = x0 - x1  # noqa: E702
+
+    @njit(cache=True, fastmath=True)
+    def _stages(b, h):  # pragma: no cover - compiled
+        """All stages h, 2h, ..., b.size/2 on b in place: radix-8 passes, then one radix-4 or radix-2 pass."""
+        n = b.size
+        while h < n:
+            r = n // h
+            if r >= 8:
+                if h == 1:
+                    _radix8_h1(b)
+                else:
+                    _radix8(b, h)
+                h *= 8
+            elif r == 4:
+                _radix4(b, h)
+                h *= 4
+            else:
+                _radix2(b, h)
+                h *= 2
+
+    @njit(cache=True, fastmath=True)
+    def _block_item(src, dst, t, nb, L, same):  # pragma: no cover - compiled
+        """Phase 1, work item t: copy block (row t // nb, block t % nb) to dst and do its low log2(L) stages."""
+        r = t // nb
+        s = (t % nb) * L
+        b = dst[r, s:s + L]
+        if not same:
+            b[:] = src[r, s:s + L]
+        _stages(b, 1)
+
+    @njit(cache=True, fastmath=True)
+    def _panel_item(dst, t, npan, M, L, w):  # pragma: no cover - compiled
+        """Phase 2, work item t: column panel [c0, c0 + w) of the (M, L) view of one row -> scratch (M, w),
+        stages w, 2w, ..., (M/2)w of the flat scratch (= the length-M transform of each column), copy back."""
+        r = t // npan
+        c0 = (t % npan) * w
+        buf = np.empty(M * w, dst.dtype)
+        for i in range(M):
+            buf[i * w:(i + 1) * w] = dst[r, i * L + c0:i * L + c0 + w]
+        _stages(buf, w)
+        for i in range(M):
+            dst[r, i * L + c0:i * L + c0 + w] = buf[i * w:(i + 1) * w]
+
+    @njit(cache=True, fastmath=True)
+    def _fwht_serial(src, dst, L, P):  # pragma: no cover - compiled
+        R, n = dst.shape
+        nb = n // L
+        same = src.ctypes.data == dst.ctypes.data
+        for t in range(R * nb):
+            _block_item(src, dst, t, nb, L, same)
+        M = nb
+        if M > 1:
+            w = min(L, max(8, P // M))
+            for t in range(R * (L // w)):
+                _panel_item(dst, t, L // w, M, L, w)
+
+    @njit(cache=True, fastmath=True, parallel=True)
+    def _fwht_parallel(src, dst, L, P):  # pragma: no cover - compiled
+        R, n = dst.shape
+        nb = n // L
+        same = src.ctypes.data == dst.ctypes.data
+        for t in prange(R * nb):
+            _block_item(src, dst, t, nb, L, same)
+        M = nb
+        if M > 1:
+            w = min(L, max(8, P // M))
+            for t in prange(R * (L // w)):
+                _panel_item(dst, t, L // w, M, L, w)
+
+
+def _fwht_numba(src: torch.Tensor, dst: torch.Tensor) -> None:
+    """dst = H src along the last dim (src, dst contiguous CPU float32/float64 of the same shape; may be the same)."""
+    n = src.shape[-1]
+    a = src.detach().reshape(-1, n).numpy()
+    b = dst.detach().reshape(-1, n).numpy()
+    item = b.itemsize
+    L = min(n, _BLOCK_BYTES // item)
+    P = _PANEL_BYTES // item
+    threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+    if threads <= 1 or b.size < _PARALLEL_MIN:
+        _fwht_serial(a, b, L, P)
+        return
+    with _LOCK:  # one parallel launch at a time (set_num_threads is per calling thread)
+        numba.set_num_threads(threads)
+        _fwht_parallel(a, b, L, P)
+
+
+def _use_numba(x: torch.Tensor) -> bool:
+    return (
+        _HAVE_NUMBA
+        and x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.float64)
+        and not (x.requires_grad and torch.is_grad_enabled())
+    )
+
+
 def fwht(x: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
     """Unnormalized fast Walsh-Hadamard transform along the last dimension: ``y = H_n x``.
 
-    H_n is the n x n Sylvester Hadamard matrix (H_1 = [1], H_2n = [[H_n, H_n], [H_n, -H_n]]), n a power of 2.
-    Batched over leading dimensions. float32 and float64 are computed in their own precision; float16 /
-    bfloat16 are computed in float32 and returned as float32.
+    H_n is the n x n Sylvester Hadamard matrix (H_1 = [1], H_2n = [[H_n, H_n], [H_n, -H_n]]), n a power of 2,
+    so ``fwht(x) == scipy.linalg.hadamard(n) @ x`` and ``fwht(fwht(x)) == n * x``. Batched over leading
+    dimensions. float32 and float64 are computed in their own precision; float16 / bfloat16 are computed in
+    float32 and returned as float32.
+
+    CPU tensors use a cache-blocked numba kernel (threads: ``torch.get_num_threads()``); tensors that need
+    autograd, tensors on other devices, or a missing numba use a plain torch butterfly.
 
     Args:
         x: tensor of shape (..., n), n a power of 2.
@@ -71,12 +254,23 @@ def fwht(x: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
     if inplace and x.dtype not in (torch.float32, torch.float64):
         raise CodecError(f"fwht: inplace=True needs a float32/float64 tensor, got {x.dtype}; use inplace=False")
     src = x if x.dtype in (torch.float32, torch.float64) else x.to(torch.float32)
-    y = _fwht_torch(src)
-    if inplace:
-        with torch.no_grad():
-            x.copy_(y)
+    if not _use_numba(src):
+        y = _fwht_torch(src)
+        if inplace:
+            with torch.no_grad():
+                x.copy_(y)
+            return x
+        return y
+    if inplace and x.is_contiguous():
+        _fwht_numba(x, x)
         return x
-    return y
+    src = src.contiguous()
+    out = torch.empty_like(src, memory_format=torch.contiguous_format)
+    _fwht_numba(src, out)
+    if inplace:
+        x.copy_(out)
+        return x
+    return out
 
 
 def _scipy_threads() -> int:
