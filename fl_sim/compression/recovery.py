@@ -179,7 +179,9 @@ def fiht(
     6. r = r(g).
     7. support-restricted step: alpha = ||P_Omega r||^2 / ||Phi P_Omega r||^2,  g = g + alpha P_Omega r.
 
-    Every ratio is guarded (0 when its denominator is 0), so y = 0 returns 0. Phi w and Phi g are
+    Every ratio is guarded (0 when its denominator is 0), so y = 0 returns 0; y is divided by
+    max_i |y_i| first (FIHT is scale-equivariant) so tiny or huge inputs neither underflow nor
+    overflow. Phi w and Phi g are
     carried along by linearity, so an iteration costs 3 forward and 2 adjoint transforms. Deviation
     from the reference code: the residual test is relative (tol * ||y||), not absolute 1e-4, so the
     result does not depend on the scale of y.
@@ -201,10 +203,14 @@ def fiht(
         raise CodecError(f"{who}: max_iter must be an int >= 0, got {max_iter!r}")
     if window < 2:
         raise CodecError(f"{who}: window must be >= 2, got {window!r}")
-    y_norm = float(torch.linalg.vector_norm(y))
-    if y_norm == 0.0:
+    # FIHT is scale-equivariant: run it on y / max|y_i| so that squares of tiny or huge measurements
+    # neither underflow nor overflow, and scale the result back.
+    y_scale = float(y.abs().max())
+    if y_scale == 0.0:
         zero = torch.zeros(op.d, dtype=y.dtype)
         return (zero, {"iterations": 0, "residual": 0.0}) if return_info else zero
+    y = y / y_scale
+    y_norm = float(torch.linalg.vector_norm(y))
     A = fast_operator(op, y.dtype)
 
     def fwd(x: torch.Tensor) -> torch.Tensor:
@@ -256,6 +262,7 @@ def fiht(
         alpha = _ratio(torch.dot(p, p), torch.dot(phi_p, phi_p))
         g = g + alpha * p
         phi_g = phi_g + alpha * phi_p
+    g = g * y_scale
     if return_info:
         residual = float(torch.linalg.vector_norm(y - phi_g)) / y_norm
         return g, {"iterations": it + 1 if max_iter else 0, "residual": residual}
@@ -312,8 +319,11 @@ def biht(
     who = "biht"
     y = torch.sign(_check_measurements(y_sign, op, who))
     K = _check_sparsity(K, op.d, who)
+    t_scale = 1.0
     if threshold is not None:
         t = _check_measurements(threshold, op, who + " (threshold)").to(y.dtype)
+        t_scale = float(t.abs().max()) or 1.0
+        t = t / t_scale  # sign(Phi x + t) = sign(Phi x/c + t/c): solve at unit scale, rescale at the end
     else:
         t = torch.zeros_like(y)
     if not torch.any(y != 0):
@@ -349,7 +359,7 @@ def biht(
         x = x_new
         if done:
             break
-    return x
+    return x * t_scale if threshold is not None else x
 
 
 # ------------------------------------------------------------------------------------------------
@@ -405,17 +415,19 @@ def l1_recovery_lp(
             raise CodecError(f"{who}: eps must be finite and >= 0, got {eps!r}")
     if not bool((y != 0).any()):
         return torch.zeros(d, dtype=out_dtype)
+    # scale y (and eps) by max|y_i| so HiGHS's absolute tolerances (1e-7) act relative to the data
+    y_scale = float(y.detach().abs().max())
     a = A_dense.detach().to(torch.float64).numpy()
-    yn = y.detach().to(torch.float64).numpy()
+    yn = y.detach().to(torch.float64).numpy() / y_scale
     a2 = np.hstack([a, -a])  # A (u - v)
     c = np.ones(2 * d)
     if eps is None:
         res = linprog(c, A_eq=a2, b_eq=yn, bounds=(0, None), method="highs")
     else:
-        en = e.numpy()
+        en = e.numpy() / y_scale
         res = linprog(c, A_ub=np.vstack([a2, -a2]), b_ub=np.concatenate([yn + en, en - yn]), bounds=(0, None),
                       method="highs")
     if res.status != 0 or res.x is None:
         raise CodecError(f"{who}: linprog did not solve the LP ({res.message}); check that y = A x is feasible")
-    x = res.x[:d] - res.x[d:]
+    x = (res.x[:d] - res.x[d:]) * y_scale
     return torch.from_numpy(x).to(out_dtype)
