@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import math
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -72,14 +73,16 @@ def _fwht_torch(x: torch.Tensor) -> torch.Tensor:
 #   * cache blocking: phase 1 does the low log2(L) stages inside blocks of L = 128 KiB (fits the 512 KiB L2);
 #     phase 2 does the remaining log2(n/L) stages on column panels of the (n/L, L) view, copied into a
 #     256 KiB scratch buffer (rows of w contiguous values), so every element crosses main memory twice in all.
-#   Result: n = 2^20: 1.1-2.3 ms (rfft 8-11 ms), n = 2^23: 26-40 ms (rfft 120-160 ms): ratio 0.1-0.35.
+#   * threads: both phases split their independent items over torch.get_num_threads() Python threads (the
+#     kernels are nogil).  numba's parallel=True (prange) was as fast but doubled the cold JIT time (37 s vs
+#     17 s, paid once per checkout: cache=True) and brings OpenMP fork-safety issues.
+#   Result (2 threads; rfft also uses 2): n = 2^20: 2.3 ms vs rfft 8.8 ms (0.26); n = 2^23: 27 ms vs 124 ms (0.22).
 #   The h = 1 and h = 8 radix-8 passes stay the slowest (short inner loops); a constant-geometry variant
 #   vectorizes better but needs a bit rotation that costs as much as it saves.
 # Small dense Hadamard blocks as matmuls were rejected: 2*64 flops per element per 6 stages vs 6 adds.
 # --------------------------------------------------------------------------------------------------------------
 try:  # pragma: no cover - exercised implicitly; the torch path is tested separately
-    import numba
-    from numba import njit, prange
+    from numba import njit
 
     _HAVE_NUMBA = True
 except ImportError:  # pragma: no cover
@@ -87,8 +90,7 @@ except ImportError:  # pragma: no cover
 
 _BLOCK_BYTES = 1 << 17  # phase-1 block (L2-resident)
 _PANEL_BYTES = 1 << 18  # phase-2 scratch panel
-_PARALLEL_MIN = 1 << 15  # below this many elements the serial kernel is faster than waking threads
-_LOCK = threading.Lock()
+_PARALLEL_MIN = 1 << 18  # below this many elements one thread is as fast as two (measured at 2^16, 2^18)
 
 if _HAVE_NUMBA:
 
@@ -161,71 +163,85 @@ if _HAVE_NUMBA:
                 _radix2(b, h)
                 h *= 2
 
-    @njit(cache=True, fastmath=True)
-    def _block_item(src, dst, t, nb, L, same):  # pragma: no cover - compiled
-        """Phase 1, work item t: copy block (row t // nb, block t % nb) to dst and do its low log2(L) stages."""
-        r = t // nb
-        s = (t % nb) * L
-        b = dst[r, s:s + L]
-        if not same:
-            b[:] = src[r, s:s + L]
-        _stages(b, 1)
+    @njit(cache=True, fastmath=True, nogil=True)
+    def _blocks(src, dst, L, t0, t1):  # pragma: no cover - compiled
+        """Phase 1, work items t0..t1-1 (item t = row t // nb, block t % nb): copy the block from src to dst
+        (skipped when they share memory) and do its low log2(L) stages in cache."""
+        nb = dst.shape[1] // L
+        same = src.ctypes.data == dst.ctypes.data
+        for t in range(t0, t1):
+            r = t // nb
+            s = (t % nb) * L
+            b = dst[r, s:s + L]
+            if not same:
+                b[:] = src[r, s:s + L]
+            _stages(b, 1)
 
-    @njit(cache=True, fastmath=True)
-    def _panel_item(dst, t, npan, M, L, w):  # pragma: no cover - compiled
-        """Phase 2, work item t: column panel [c0, c0 + w) of the (M, L) view of one row -> scratch (M, w),
-        stages w, 2w, ..., (M/2)w of the flat scratch (= the length-M transform of each column), copy back."""
-        r = t // npan
-        c0 = (t % npan) * w
+    @njit(cache=True, fastmath=True, nogil=True)
+    def _panels(dst, L, w, t0, t1):  # pragma: no cover - compiled
+        """Phase 2, work items t0..t1-1: column panel [c0, c0 + w) of the (M, L) view of one row is copied to a
+        scratch (M, w) buffer, whose flat stages w, 2w, ..., (M/2)w are the length-M transform of each column
+        (the high log2(M) stages), then copied back."""
+        M = dst.shape[1] // L
+        npan = L // w
         buf = np.empty(M * w, dst.dtype)
-        for i in range(M):
-            buf[i * w:(i + 1) * w] = dst[r, i * L + c0:i * L + c0 + w]
-        _stages(buf, w)
-        for i in range(M):
-            dst[r, i * L + c0:i * L + c0 + w] = buf[i * w:(i + 1) * w]
+        for t in range(t0, t1):
+            r = t // npan
+            c0 = (t % npan) * w
+            for i in range(M):
+                buf[i * w:(i + 1) * w] = dst[r, i * L + c0:i * L + c0 + w]
+            _stages(buf, w)
+            for i in range(M):
+                dst[r, i * L + c0:i * L + c0 + w] = buf[i * w:(i + 1) * w]
 
-    @njit(cache=True, fastmath=True)
-    def _fwht_serial(src, dst, L, P):  # pragma: no cover - compiled
-        R, n = dst.shape
-        nb = n // L
-        same = src.ctypes.data == dst.ctypes.data
-        for t in range(R * nb):
-            _block_item(src, dst, t, nb, L, same)
-        M = nb
-        if M > 1:
-            w = min(L, max(8, P // M))
-            for t in range(R * (L // w)):
-                _panel_item(dst, t, L // w, M, L, w)
 
-    @njit(cache=True, fastmath=True, parallel=True)
-    def _fwht_parallel(src, dst, L, P):  # pragma: no cover - compiled
-        R, n = dst.shape
-        nb = n // L
-        same = src.ctypes.data == dst.ctypes.data
-        for t in prange(R * nb):
-            _block_item(src, dst, t, nb, L, same)
-        M = nb
-        if M > 1:
-            w = min(L, max(8, P // M))
-            for t in prange(R * (L // w)):
-                _panel_item(dst, t, L // w, M, L, w)
+def _split(count: int, parts: int) -> list[tuple[int, int]]:
+    """[t0, t1) ranges cutting range(count) into at most ``parts`` near-equal pieces."""
+    parts = max(1, min(parts, count))
+    edges = [count * i // parts for i in range(parts + 1)]
+    return [(edges[i], edges[i + 1]) for i in range(parts)]
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_SIZE = 0
+_POOL_LOCK = threading.Lock()
+_POOL
+
+def _run_parallel(fn, args: tuple, count: int, threads: int) -> None:
+    """Run fn(*args, t0, t1) over a split of range(count) on a small thread pool (the kernels release the GIL)."""
+    global _POOL, _POOL_SIZE
+    if threads <= 1 or count <= 1:
+        fn(*args, 0, count)
+        return
+    with _POOL_LOCK:
+        if _POOL is None or _POOL_SIZE < threads:
+            _POOL = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fl_sim_fwht")
+            _POOL_SIZE = threads
+        pool = _POOL
+    ranges = _split(count, threads)
+    futures = [pool.submit(fn, *args, t0, t1) for t0, t1 in ranges[1:]]
+    fn(*args, *ranges[0])  # the calling thread takes the first share
+    for f in futures:
+        f.result()
 
 
 def _fwht_numba(src: torch.Tensor, dst: torch.Tensor) -> None:
-    """dst = H src along the last dim (src, dst contiguous CPU float32/float64 of the same shape; may be the same)."""
+    """dst = H src along the last dim (src, dst contiguous CPU float32/float64 of the same shape; may be the same).
+
+    Phase 1 (blocks) and phase 2 (column panels) each split their independent work items over
+    ``torch.get_num_threads()`` threads; inputs below 2^15 elements run on the calling thread only.
+    """
     n = src.shape[-1]
     a = src.detach().reshape(-1, n).numpy()
     b = dst.detach().reshape(-1, n).numpy()
-    item = b.itemsize
-    L = min(n, _BLOCK_BYTES // item)
-    P = _PANEL_BYTES // item
-    threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
-    if threads <= 1 or b.size < _PARALLEL_MIN:
-        _fwht_serial(a, b, L, P)
-        return
-    with _LOCK:  # one parallel launch at a time (set_num_threads is per calling thread)
-        numba.set_num_threads(threads)
-        _fwht_parallel(a, b, L, P)
+    rows = b.shape[0]
+    L = min(n, _BLOCK_BYTES // b.itemsize)
+    M = n // L
+    threads = torch.get_num_threads() if b.size >= _PARALLEL_MIN else 1
+    _run_parallel(_blocks, (a, b, L), rows * M, threads)
+    if M > 1:
+        w = min(L, max(8, (_PANEL_BYTES // b.itemsize) // M))
+        _run_parallel(_panels, (b, L, w), rows * (L // w), threads)
 
 
 def _use_numba(x: torch.Tensor) -> bool:
