@@ -1,0 +1,289 @@
+"""Codecs ``qcs`` (quantized compressive sampling) and ``rlc`` (random linear coding) of the Abdi thesis.
+
+Source: shared/papers/002_5a8bb245d2c84ca1.txt, Ch. 4 (QCS: eqs. 4.1-4.12, Algorithm 2, Theorem 7,
+Lemma 8) and Ch. 5 (RLC: eqs. 5.3-5.4, Lemma 13); papers/NOTES.md §3.1, §3.2, §3.3 (errata).
+
+Both use the partial Hadamard operator of :mod:`fl_sim.compression.projections` (eq. 4.1 / 5.3),
+rebuilt from the seed on both sides (signs R, row subset, dither u are never sent).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Sequence
+
+import torch
+
+from ...rng import torch_generator
+from ..base import Codec, CodecError, Payload, PayloadError, register_codec
+from ..projections import PartialHadamard
+from ..quantizers import (
+    FLOAT_BITS,
+    check_levels,
+    dithered_bits,
+    dithered_quantize,
+    level_dtype,
+    to_wire_float,
+    uniform_dither,
+    unit_max,
+)
+from ..transforms import next_pow2
+
+__all__ = ["QCSCodec", "RLCCodec", "qcs_gamma"]
+
+_CACHE_SIZE = 4
+_THESIS_BLOCK = 256  # NOTES §6: "best (k,Q) for gain ~ 32, partition n = 256": k = 110, Q = 2 (gamma = 2.017)
+
+
+def _check_seed(seed: object, who: str) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise CodecError(f"{who}: seed must be an int (fl_sim.rng.derive_seed gives one), got {seed!r}")
+    return seed
+
+
+def qcs_gamma(n: int, k: int, levels: float) -> float:
+    """Theorem 7 eq. (4.10): gamma = n/k - 1 + (n / (4 Q^2)) ln(k)/(k - 1) for k >= 2; n - 1 for k = 1.
+
+    n: block length, k: rows kept per block, Q = ``levels`` (Q = 1/2 for the 1-bit variant, NOTES §3.3).
+    Unbiased QCS has E||g - g_hat||^2 <= gamma ||g||^2. For k = 1 the thesis sends |v| and its sign
+    exactly (proof of Thm 7, "v_hat = v and e_d = 0"), so only the projection error n - 1 remains.
+    """
+    if k == 1:
+        return float(n - 1)
+    return n / k - 1.0 + (n / (4.0 * levels**2)) * math.log(k) / (k - 1)
+
+
+class _SeededOperatorCache:
+    """A small LRU of operators keyed by seed (building one costs O(d); encode and decode share it)."""
+
+    def __init__(self, build) -> None:
+        self._build = build
+        self._items: OrderedDict[int, object] = OrderedDict()
+
+    def get(self, seed: int):
+        if seed in self._items:
+            self._items.move_to_end(seed)
+            return self._items[seed]
+        item = self._build(seed)
+        self._items[seed] = item
+        if len(self._items) > _CACHE_SIZE:
+            self._items.popitem(last=False)
+        return item
+
+
+def _apply_scaled(op_fn, x: torch.Tensor, who: str, what: str) -> torch.Tensor:
+    """op_fn(x) for a linear op_fn, computed on x / ||x||_inf and scaled back in float64.
+
+    Keeps the Hadamard sums in range for huge inputs and away from subnormals for tiny ones; the
+    result is float32 (a value beyond float32 range raises CodecError).
+    """
+    t, s = unit_max(x)
+    y = op_fn(t).to(torch.float64) * s
+    return to_wire_float(y, who, what)
+
+
+@register_codec
+class QCSCodec(Codec):
+    """Quantized compressive sampling, blockwise (Abdi Ch. 4, Algorithm 2).
+
+    The vector g (length d) is zero-padded and cut into B = ceil(d/n) blocks g_b of length n. Per block:
+
+        v_b = T_b g_b,  T_b = (1/sqrt(k)) S_b H_n R_b                       (eqs. 4.1-4.2)
+        rho_b = ||v_b||_inf / Q,  q_b = round(v_b / rho_b + u_b)  in {-Q..Q}  (eq. 4.4)
+        v_hat_b = rho_b (q_b - u_b)                                          (eq. 4.6)
+        g_hat_b = alpha T_b^T v_hat_b                                        (eq. 4.8)
+
+    * H_n: n x n Sylvester Hadamard (+-1); R_b: diag of i.i.d. Rademacher signs; S_b: k random rows;
+    * u_b ~ U(-1/2, 1/2)^k: subtractive dither, shared through the seed;
+    * Q = ``levels``; Q = 0.5 selects the 1-bit variant (eq. 4.5): rho_b = 2 ||v_b||_inf,
+      q_b = sign(v_b/rho_b + u_b) in {-1, +1}, and the unbiased v_hat_b = rho_b (q_b/2 - u_b)
+      (ERRATUM, NOTES §3.3: the printed rho (q - u) is biased by a factor 2);
+    * k = 1: v_b is a scalar; its magnitude (the scale) and sign are sent, v_hat_b = v_b exactly
+      (proof of Theorem 7), so no dither is subtracted;
+    * alpha = 1 ("unbiased", eq. 4.9: E[g_hat] = g, E||g - g_hat||^2 <= gamma ||g||^2, Theorem 7) or
+      alpha = 1/(gamma + 1) ("mmse", eq. 4.12: E||g - g_hat||^2 <= gamma/(gamma+1) ||g||^2, Lemma 8),
+      gamma of eq. (4.10) (:func:`qcs_gamma`; for the zero-padded last block the bound still holds).
+
+    Wire: per block one float32 scale ||v_b||_inf (rho_b = scale/Q is recomputed; same 32 bits as
+    sending rho_b) and k fixed-length level indices of ceil(log2(2Q+1)) bits (1 bit when Q = 1/2):
+    bits = B*32 + B*k*ceil(log2(2Q+1)). The thesis counts k log2(2Q+1) and neglects the scale
+    (eq. 4.11); :attr:`compression_gain` reports the thesis's figure, ``Payload.bits`` the exact one.
+
+    Args:
+        dim: d. block: n, a power of 2 (default min(next_pow2(d), 256)). k: rows per block, 1 <= k <= n
+        (default round(110 n / 256), the gain-32 optimum of NOTES §6 at n = 256). levels: Q (default 2).
+        alpha: "unbiased" or "mmse".
+    """
+
+    name = "qcs"
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        block: int | None = None,
+        k: int | None = None,
+        levels: float = 2,
+        alpha: str = "unbiased",
+    ) -> None:
+        super().__init__(dim=dim)
+        if block is None:
+            block = min(next_pow2(dim), _THESIS_BLOCK)
+        if isinstance(block, bool) or not isinstance(block, int) or block < 1 or block & (block - 1):
+            raise CodecError(f"qcs: block must be a power of 2 (e.g. 256), got {block!r}")
+        if k is None:
+            k = max(1, round(110 * block / _THESIS_BLOCK))
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= block:
+            raise CodecError(f"qcs: k must be an int in 1..block={block}, got {k!r}; use a larger block or fewer rows")
+        if alpha not in ("unbiased", "mmse"):
+            raise CodecError(f"qcs: alpha must be 'unbiased' (eq. 4.9) or 'mmse' (eq. 4.12), got {alpha!r}")
+        self.block, self.k, self.alpha = block, k, alpha
+        self.levels = check_levels(levels, "qcs")
+        self.blocks = -(-dim // block)
+        self._ops = _SeededOperatorCache(lambda s: PartialHadamard(self.dim, self.k, seed=s, block=self.block))
+        self._q_dtype = level_dtype(1 if self.levels == 0.5 else int(self.levels))
+
+    # -- theory -----------------------------------------------------------------------------------
+    @property
+    def gamma(self) -> float:
+        """Theorem 7 eq. (4.10) for this (n, k, Q)."""
+        return qcs_gamma(self.block, self.k, self.levels)
+
+    @property
+    def alpha_value(self) -> float:
+        """alpha of eq. (4.9) (= 1) or eq. (4.12) (= 1/(gamma + 1))."""
+        return 1.0 if self.alpha == "unbiased" else 1.0 / (self.gamma + 1.0)
+
+    @property
+    def mse_bound(self) -> float:
+        """Bound on E||g - g_hat||^2 / ||g||^2: gamma (Theorem 7) or gamma/(gamma+1) (Lemma 8)."""
+        return self.gamma if self.alpha == "unbiased" else self.gamma / (self.gamma + 1.0)
+
+    @property
+    def compression_gain(self) -> float:
+        """Eq. (4.11): 32 n / (k log2(2Q + 1)) (scale overhead neglected, as in the thesis)."""
+        return FLOAT_BITS * self.block / (self.k * math.log2(2 * self.levels + 1))
+
+    def params(self) -> dict:
+        return {"dim": self.dim, "block": self.block, "k": self.k, "levels": self.levels, "alpha": self.alpha}
+
+    # -- shared randomness ----------------------------------------------------------------------
+    def _dither(self, seed: int) -> torch.Tensor:
+        return uniform_dither((self.blocks, self.k), generator=torch_generator(seed, "qcs", "dither"))
+
+    # -- contract ---------------------------------------------------------------------------------
+    def encode(self, x: torch.Tensor, *, seed: int) -> Payload:
+        x = self.check_input(x)
+        seed = _check_seed(seed, "qcs.encode")
+        op = self._ops.get(seed)
+        # 1. v = T x blockwise, computed on x/||x||_inf (scale-free) ...
+        t, s = unit_max(x)
+        v = op.forward(t).view(self.blocks, self.k)
+        # 2. ... dithered quantization per block, q and ||v_b||_inf
+        q, vmax = dithered_quantize(v, self.levels, self._dither(seed))
+        # 3. the true ||v_b||_inf = ||x||_inf * ||v'_b||_inf (one float32 per block)
+        scale = to_wire_float(vmax * s, "qcs.encode", "the block scale ||v_b||_inf")
+        bits = dithered_bits(self.blocks, self.k, self.levels)
+        return Payload(self.name, self.dim, {"q": q, "scale": scale}, bits, {"levels": self.levels})
+
+    def decode(self, payload: Payload, *, seed: int) -> torch.Tensor:
+        self.check_payload(
+            payload, {"q": ((self.blocks, self.k), self._q_dtype), "scale": ((self.blocks,), torch.float32)}
+        )
+        seed = _check_seed(seed, "qcs.decode")
+        q, scale = payload.tensors["q"], payload.tensors["scale"]
+        if bool((scale < 0).any()):
+            raise PayloadError("qcs.decode: tensor 'scale' has negative entries (it is ||v_b||_inf)")
+        if self.levels == 0.5:
+            if not bool(((q == 1) | (q == -1)).all()):
+                raise PayloadError("qcs.decode: 1-bit levels must be -1 or +1")
+        elif int(q.abs().max()) > int(self.levels):
+            raise PayloadError(f"qcs.decode: levels outside {{-{int(self.levels)}..{int(self.levels)}}}")
+        # 4. the code q - u (q/2 - u for 1 bit; no dither when k = 1), per block relative to the largest scale
+        code = q.to(torch.float32) * (0.5 if self.levels == 0.5 else 1.0)
+        if self.k > 1:
+            code = code - self._dither(seed)
+        s_max = float(scale.max())
+        if s_max == 0.0:
+            return torch.zeros(self.dim, dtype=torch.float32)
+        y = code * (scale.to(torch.float64) / s_max).to(torch.float32).unsqueeze(-1)
+        # 5. g_hat = alpha T^T v_hat, with v_hat_b = (scale_b / Q) code_b
+        g = self._ops.get(seed).adjoint(y.reshape(-1)).to(torch.float64) * (s_max * self.alpha_value / self.levels)
+        return to_wire_float(g, "qcs.decode", "the decoded vector")
+
+
+@register_codec
+class RLCCodec(Codec):
+    """Random linear coding for over-the-air aggregation, projection part (Abdi Ch. 5).
+
+        y = A g,  A = (1/sqrt(m)) S H_n R                                    (eq. 5.3)
+        g_hat = A^T y                                                        (eq. 5.4)
+
+    * H_n: Sylvester Hadamard of size n = next_pow2(max(d, m)) (g zero-padded to n); R = diag of
+      Rademacher signs; S: m random rows. A is common to all clients of a round (same seed).
+    * Linear: the server sums the clients' y (weights alpha_i = n_i/n) and decodes once.
+    * Lemma 13 (noise-free): E[g_hat] = g and E||g - g_hat||^2 = (n/m - 1) ||g||^2 over the random A
+      (:attr:`mse_factor`; n = d when d is a power of 2, as in the thesis's (d/m - 1)).
+
+    ``bits`` = 32 m for the digital view (m float32 values); over the air the payload is m channel
+    uses (real symbols), counted by fl_sim.channels, whatever the number of clients.
+
+    Args: dim: d. m: channel symbols (measurements), 1 <= m.
+    """
+
+    name = "rlc"
+    linear = True
+
+    def __init__(self, *, dim: int, m: int | None = None) -> None:
+        super().__init__(dim=dim)
+        if m is None:
+            m = max(1, dim // 20)  # the thesis's compression gain d/m = 20 (Fig. 5.3)
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+            raise CodecError(f"rlc: m must be a positive int (channel symbols per round), got {m!r}")
+        self.m = m
+        self.n = next_pow2(max(dim, m))
+        self._ops = _SeededOperatorCache(lambda s: PartialHadamard(self.dim, self.m, seed=s))
+
+    @property
+    def mse_factor(self) -> float:
+        """Lemma 13: E||g - A^T A g||^2 / ||g||^2 = n/m - 1."""
+        return self.n / self.m - 1.0
+
+    @property
+    def channel_uses(self) -> int:
+        return self.m
+
+    def params(self) -> dict:
+        return {"dim": self.dim, "m": self.m}
+
+    def operator(self, seed: int) -> PartialHadamard:
+        """The round's A (cached per seed)."""
+        return self._ops.get(_check_seed(seed, "rlc.operator"))
+
+    def encode(self, x: torch.Tensor, *, seed: int) -> Payload:
+        x = self.check_input(x)
+        y = _apply_scaled(self.operator(seed).forward, x, "rlc.encode", "A x")
+        return Payload(self.name, self.dim, {"y": y}, FLOAT_BITS * self.m, {"channel_uses": self.m})
+
+    def _check(self, payload: Payload) -> None:
+        self.check_payload(payload, {"y": ((self.m,), torch.float32)})
+
+    def aggregate(self, payloads: Sequence[Payload], weights: Sequence[float]) -> Payload:
+        """y = sum_i w_i y_i (float64 accumulation); a fresh payload (the inputs are not modified)."""
+        payloads = list(payloads)
+        weights = [float(w) for w in weights]
+        if not payloads or len(payloads) != len(weights):
+            raise CodecError(f"rlc.aggregate: need one weight per payload, got {len(payloads)} payloads, {len(weights)} weights")
+        if not all(math.isfinite(w) for w in weights):
+            raise CodecError("rlc.aggregate: weights must be finite")
+        for p in payloads:
+            self._check(p)
+        w = torch.tensor(weights, dtype=torch.float64)
+        ys = torch.stack([p.tensors["y"].to(torch.float64) for p in payloads])
+        y = to_wire_float(w @ ys, "rlc.aggregate", "the summed measurements")
+        return Payload(self.name, self.dim, {"y": y}, FLOAT_BITS * self.m, {"channel_uses": self.m, "aggregated": len(payloads)})
+
+    def decode(self, payload: Payload, *, seed: int) -> torch.Tensor:
+        self._check(payload)
+        return _apply_scaled(self.operator(seed).adjoint, payload.tensors["y"], "rlc.decode", "A^T y")
