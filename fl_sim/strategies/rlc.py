@@ -1,54 +1,101 @@
 """RLCOverTheAir: random linear coding with analog over-the-air aggregation (Abdi, Ch. 5).
 
-Source: shared/papers/002_5a8bb245d2c84ca1.txt Chapter 5 (eqs. 5.1-5.11, Lemmas 12-14); NOTES.md §3.2.
+Source: shared/papers/002_5a8bb245d2c84ca1.txt Chapter 5 (eqs. 5.1-5.11, Lemmas 12-14, Remark 6);
+NOTES.md §3.2.
 
-Every participating client encodes its weighted update with the common A = H R / sqrt(m)
-(eq. 5.3; A drawn from the round seed, changed every ``refresh`` rounds) and transmits
+Every sampled client encodes its update Δ_i with the common A = H R / sqrt(m) (eq. 5.3; A drawn
+from a seed of the round block, changed every ``refresh`` rounds) and transmits
 
     x_i = c α_i (b_i/π_i) (m/m_i) (q_i ⊙ (A Δ_i))                                   (eq. 5.10)
 
 over the multiple-access channel y = Σ_i h_i ⊙ x_i + η (eq. 5.1): channel inversion q_i on the
-subchannels node i selected (eq. 5.6), global power scale c (eq. 5.7-5.8), Bernoulli participation
-b_i ~ Bernoulli(π_i). The server sees only y and decodes Δ̂ = Aᵀ y / c (eq. 5.4, Lemma 14).
+subchannels node i selected (eq. 5.6), global power scale c (eqs. 5.7-5.8), Bernoulli participation
+b_i ~ Bernoulli(π_i) drawn by the channel, α_i = n_i/n over the sampled clients. The server sees only
+y and decodes Δ̂ = Aᵀ Re(y) / c (eq. 5.4, Lemma 14).
 
-Simulation note: the clients return their codewords A Δ_i (the ``rlc`` codec payload); the strategy
-itself plays the channel (fl_sim.channels.MACChannel) and decodes from the superposition only. The
-per-client codewords are used by nothing but the channel simulation, and, for diagnostics only, the
-channel-induced MSE of Δ̂ against Aᵀ A Σ α_i Δ_i, the decode over a perfect channel (the server never
-sees Δ_i itself, so the (d/m − 1)‖g‖² part of Lemma 13 is not measurable here; the unit tests of
-fl_sim.channels check it).
+Simulation split: the clients return their codewords v_i = A Δ_i (the ``rlc`` codec payload, made by
+``compression_mod``); the strategy plays the channel (fl_sim.channels.MACChannel: fading, CSI, power
+control, participation, noise) and decodes from the noisy superposition only. The codewords are used
+by nothing but the channel simulation and, for diagnostics only, the channel-induced error
+‖Δ̂ − Aᵀ Σ_i α_i v_i‖², i.e. against Aᵀ A Σ α_i Δ_i, the decode of a perfect MAC with every sampled
+node transmitting (the server never holds Δ_i, so Lemma 13's projection part (d/m − 1)‖g‖² is not
+measured here; fl_sim.channels' tests check it).
 
-Channel uses: m per round, whatever the number of nodes. Latency per round = client compute time
-+ m / bandwidth (symbols per second).
+Power control needs each node's ‖Δ_i‖ (a_i of eq. 5.8); a real node knows it. By default the
+simulation uses ‖A Δ_i‖ (E‖AΔ‖² = ‖Δ‖²). With ``diagnostics=True`` the round config asks clients to
+report the scalar ‖Δ_i‖ as the metric ``update-norm`` (the one scalar a node reports for c); when
+every reply carries it, power control uses the true norms, so S_i and c do not depend on A.
+
+Downlink (eq. 5.1 text, ŷ_i = y + η'_i): with ``downlink_snr_db`` in the channel, the broadcast of
+round t−1's aggregate reaches each node with its own noise, so client i starts round t from
+w_t + η_s Aᵀ η'_i instead of w_t (nodes are assumed to hold w_{t−1} exactly; the accumulation of
+downlink noise over many rounds is not modelled). Its clients then send Δ_i relative to that copy.
+
+Remark 6 (``variant="remark6"``, eq. 5.11): x_i = s_i (q_i ⊙ (A z_i)) with a local constant s_i and
+memory e_i = z_i − (1/c) Aᵀ x_i. Node i picks s_i = ρ_i · c α_i (b_i/π_i)(m/m_i) with
+ρ_i = min(1, sqrt(P_i)/‖x_i^unbiased‖): it sends the unbiased amount when its budget allows and
+otherwise scales down so that its *realized* power is exactly P_i (the unbiased rule meets P_i only
+in expectation over A). The memory is split in two parts that add up to e_i:
+  * compression part z_i − Aᵀ A z_i: the client's weighted error feedback (Abdi eq. 4.14, the "local
+    weighted error feedback" of [53] that Remark 6 cites) in ``compression_mod``, β = m/d by default
+    (Remark 3's β* = 1/(γ+1) with γ = d/m − 1). Classic EF (β = 1) is not used: Aᵀ A expands by d/m
+    on average, so r ← z − Aᵀ A z grows without bound for d/m > 2;
+  * channel part (1 − ρ_i)(m/m_i) Aᵀ (D_i v'_i) (D_i = selected subchannels, v'_i the node's codeword
+    incl. its earlier channel memory): what clipping withheld. A node computes it from its own signal;
+    the simulation holds it at the server (it is the only place where ρ_i is known), keyed by client
+    id, and adds A e_i to that node's next codeword (linear, so identical to the node encoding
+    z_i + e_i). Only clipped nodes hold one.
+``c_gain`` multiplies the c of the unbiased power control (default 1: clipping only where the
+realized power would exceed P_i; > 1 trades clipping for less noise).
+
+Channel uses: m per round, whatever the number of nodes. Latency per round = compute_s + m /
+bandwidth_hz (symbols per second).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, Iterable
 
 import torch
-from flwr.app import ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
 
 from .. import keys
-from ..channels import MACChannel
+from ..channels import REAL_NOISE_FRACTION, MACChannel, draw_participation, form_signals, power_control
+from ..compression import Payload
+from ..records import unflatten_into
 from ..rng import derive_seed
-from .base import ClientReply
+from .base import ClientReply, ReplyError
 from .compressed import CompressedFedAvg
 
-__all__ = ["RLCOverTheAir"]
+__all__ = ["RLCOverTheAir", "REPORT_NORM", "M_UPDATE_NORM", "VARIANTS"]
+
+VARIANTS = ("unbiased", "remark6")
+REPORT_NORM = "fl-sim.report-norm"  # ConfigRecord: ask clients for ‖Δ_i‖ (diagnostics)
+M_UPDATE_NORM = "update-norm"  # MetricRecord: the client's ‖Δ_i‖ (or ‖z_i‖ with error feedback)
 
 
 class RLCOverTheAir(CompressedFedAvg):
-    """Abdi's RLC over-the-air FL.
+    """Abdi's RLC over-the-air FL (eq. 5.10 transmitter, Lemma 14 decoder Δ̂ = Aᵀ Re(y)/c).
+
+    Symbols: d model size, m = round(d / gain) channel uses per round, A = H R / sqrt(m) (m x d),
+    α_i = n_i / n over the sampled clients, b_i ~ Bernoulli(π_i), h_i fading, ĥ_i its estimate,
+    q_i = 1/ĥ_i on the m_i selected subchannels, c the global power scale, P_i = m p_i the budget.
 
     Args:
         gain: compression gain d/m (used when ``m`` is None); the thesis uses 2, 5, 20, 100.
-        m: channel symbols per round.
+        m: channel symbols per round (overrides ``gain``).
         refresh: rounds between changes of A (Lemma 12 text: A must change every few iterations).
-        channel: MACChannel configuration mapping (snr_db, fading, participation, ...).
+        channel: MACChannel configuration mapping (snr_db, fading, participation, power, ...).
         bandwidth_hz: symbol rate that turns channel uses into seconds.
         compute_s: per-round local compute time added to the latency.
-        error_feedback: "none", or "classic" for the Remark 6 variant with client-side memory.
+        variant: "unbiased" (eq. 5.10) or "remark6" (eq. 5.11, local scaling + error feedback).
+        c_gain: remark6 only: c = c_gain x the unbiased power-control c (>= 1).
+        diagnostics: ask clients for ‖Δ_i‖ (metric ``update-norm``) and use it for power control.
+        error_feedback: client memory ("none", "classic", "weighted"); None = "none" for "unbiased",
+            "weighted" for "remark6".
+        ef_beta: weighted-EF factor; None = m/d (Remark 3's β*).
         **kwargs: UpdateStrategy arguments.
     """
 
@@ -61,24 +108,46 @@ class RLCOverTheAir(CompressedFedAvg):
         channel: dict[str, Any] | None = None,
         bandwidth_hz: float = 1e6,
         compute_s: float = 0.0,
-        error_feedback: str = "none",
+        variant: str = "unbiased",
+        c_gain: float = 1.0,
+        diagnostics: bool = False,
+        error_feedback: str | None = None,
+        ef_beta: float | None = None,
         **kwargs: Any,
     ) -> None:
         kwargs.pop("codec", None)
         kwargs.pop("codec_params", None)
-        super().__init__(codec="rlc", codec_params={}, error_feedback=error_feedback, **kwargs)
-        if gain < 1 and m is None:
-            raise ValueError(f"gain={gain}: the compression gain d/m must be >= 1")
-        if refresh < 1:
-            raise ValueError(f"refresh={refresh} must be >= 1")
-        if bandwidth_hz <= 0 or compute_s < 0:
+        if variant not in VARIANTS:
+            raise ValueError(f"variant={variant!r}: use one of {', '.join(VARIANTS)}")
+        if error_feedback is None:
+            error_feedback = "weighted" if variant == "remark6" else "none"
+        super().__init__(codec="rlc", codec_params={}, error_feedback=error_feedback,
+                         ef_beta=1.0 if ef_beta is None else ef_beta, seed_mode="shared", **kwargs)
+        if m is None and not (isinstance(gain, (int, float)) and math.isfinite(gain) and gain >= 1):
+            raise ValueError(f"gain={gain}: the compression gain d/m must be a finite number >= 1")
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
+            raise ValueError(f"m={m!r}: the channel uses per round must be an int >= 1")
+        if isinstance(refresh, bool) or not isinstance(refresh, int) or refresh < 1:
+            raise ValueError(f"refresh={refresh!r} must be an int >= 1 (rounds between changes of A)")
+        if not (bandwidth_hz > 0 and math.isfinite(bandwidth_hz)) or not (compute_s >= 0 and math.isfinite(compute_s)):
             raise ValueError(f"bandwidth_hz={bandwidth_hz} must be > 0 and compute_s={compute_s} >= 0")
+        if not (math.isfinite(c_gain) and c_gain >= 1):
+            raise ValueError(f"c_gain={c_gain}: must be a finite number >= 1")
+        if c_gain != 1 and variant != "remark6":
+            raise ValueError("c_gain only applies to variant 'remark6' (the unbiased scheme must meet every budget)")
         self.gain = float(gain)
         self.m = m
-        self.refresh = int(refresh)
+        self.refresh = refresh
         self.channel = MACChannel.from_config(dict(channel or {}), seed=self.seed)
         self.bandwidth_hz = float(bandwidth_hz)
         self.compute_s = float(compute_s)
+        self.variant = variant
+        self.c_gain = float(c_gain)
+        self.diagnostics = bool(diagnostics)
+        self._auto_beta = ef_beta is None
+        self._memory: dict[int, torch.Tensor] = {}  # remark6 channel memory e_i (clipped nodes only)
+        self._broadcast: tuple[int, torch.Tensor, int] | None = None  # (A seed, Re(y)/c, round) of the last round
+        self._downlink_mse = float("nan")
         self._last: dict[str, float] = {}
 
     @classmethod
@@ -87,35 +156,178 @@ class RLCOverTheAir(CompressedFedAvg):
         out: dict[str, Any] = {k: channel.pop(k) for k in ("bandwidth_hz", "compute_s") if k in channel}
         return {"channel": channel, **out}
 
+    # ------------------------------------------------------------------ round set-up
+    def symbols(self, d: int) -> int:
+        """m for a model of d parameters: ``m``, or round(d / gain) (at least 1)."""
+        return self.m or max(1, int(round(d / self.gain)))
+
+    def matrix_seed(self, server_round: int) -> int:
+        """Seed of A in this round: one per block of ``refresh`` rounds."""
+        return derive_seed(self.seed, "rlc-A", (server_round - 1) // self.refresh)
+
     def round_config(self, server_round: int, config: ConfigRecord) -> None:
         d = self._global_vector.numel()
-        m = self.m or max(1, int(round(d / self.gain)))
+        m = self.symbols(d)
         self.codec_params = {"m": int(m)}
-        self._round_seed = derive_seed(self.seed, "rlc-A", (server_round - 1) // self.refresh)
+        if self._auto_beta:
+            self.ef_beta = min(1.0, m / d)
+        self._round_seed = self.matrix_seed(server_round)
         super().round_config(server_round, config)
         config[keys.SEED] = self._round_seed
         config[keys.SEED_MODE] = "shared"
+        if self.diagnostics:
+            config[REPORT_NORM] = True
 
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self._downlink_mse = float("nan")
+        if self._broadcast is None or self.channel.downlink_snr_db is None or not messages:
+            return messages
+        # Each node decodes its own noisy copy of the last broadcast: w + η_s Aᵀ η'_i (module docstring).
+        a_seed, y_prev, round_prev = self._broadcast
+        cids = list(self._sent)  # same order as the messages
+        noisy = self.channel.downlink(y_prev, cids, round=round_prev)
+        codec = self.codec_for(self._global_vector.numel())
+        perturb = self.server_lr * codec.operator(a_seed).adjoint(noisy - y_prev).to(torch.float32)  # (K, d)
+        self._downlink_mse = float((perturb.to(torch.float64) ** 2).sum(dim=1).mean())
+        for msg, p in zip(messages, perturb):
+            msg.content[self.arrayrecord_key] = unflatten_into(arrays, self._global_vector + p)
+        return messages
+
+    # ------------------------------------------------------------------ replies
+    def decode_reply(self, server_round: int, msg: Message, cid: int) -> tuple[Any, int]:
+        payload, bits = super().decode_reply(server_round, msg, cid)
+        norm = None
+        metrics = msg.content.get(keys.METRICS)
+        if self.diagnostics and metrics is not None and M_UPDATE_NORM in metrics:
+            norm = float(metrics[M_UPDATE_NORM])
+            if not (math.isfinite(norm) and norm >= 0):
+                raise ReplyError(f"metric {M_UPDATE_NORM!r} = {norm} is not a finite norm >= 0")
+        return (payload, norm), bits
+
+    def _codeword_name(self) -> str:
+        (name,) = self._reference.tensors  # the rlc payload carries one tensor: A x
+        return name
+
+    def _adjoint(self, codec, y: torch.Tensor, seed: int) -> torch.Tensor:
+        """Aᵀ y through the codec's decoder (a payload holding y)."""
+        ref = self._reference
+        name = self._codeword_name()
+        p = Payload(codec=ref.codec, dim=ref.dim, tensors={name: y.to(ref.tensors[name].dtype)}, bits=ref.bits,
+                    meta=dict(ref.meta))
+        return codec.decode(p, seed=seed).to(torch.float32)
+
+    # ------------------------------------------------------------------ aggregation
     def combine(self, server_round: int, replies: list[ClientReply], weights: torch.Tensor) -> torch.Tensor:
         codec = self.codec_for(self._global_vector.numel())
-        codewords = torch.stack([r.data.tensors["y"].to(torch.float32) for r in replies])  # (K, m): A Δ_i
+        name = self._codeword_name()
+        codewords = torch.stack([r.data[0].tensors[name].to(torch.float32) for r in replies])  # (K, m): A Δ_i
         cids = [r.cid for r in replies]
-        y_over_c, chan = self.channel.over_the_air(codewords, weights.to(torch.float32), round=server_round, node_ids=cids)
-        summed = codec.aggregate([replies[0].data], [1.0])
-        summed.tensors["y"] = y_over_c.to(summed.tensors["y"].dtype)
-        delta = codec.decode(summed, seed=self._round_seed).to(torch.float32)  # Δ̂ = Aᵀ y / c
-        # Diagnostics only: the channel-free decode Aᵀ A Σ α_i Δ_i (what Δ̂ would be over a perfect MAC);
-        target = codec.decode(codec.aggregate([r.data for r in replies], weights.tolist()), seed=self._round_seed)
-        mse = float(((delta - target) ** 2).sum())
-        m = codewords.shape[1]
+        norms = [r.data[1] for r in replies]
+        true_norms = self.diagnostics and all(n is not None for n in norms)
+        alpha = weights.to(torch.float64)
+        if self.variant == "remark6":
+            y_dec, chan = self._remark6_round(server_round, codec, codewords, alpha, cids)
+        else:
+            y_dec, chan = self.channel.over_the_air(
+                codewords, alpha, round=server_round, node_ids=cids,
+                norms=torch.tensor(norms, dtype=torch.float64) if true_norms else None,
+            )
+        delta = self._adjoint(codec, y_dec, self._round_seed)  # Δ̂ = Aᵀ Re(y) / c
+        self._broadcast = (self._round_seed, y_dec.to(torch.float32), server_round) if chan["c"] > 0 else None
+        # Diagnostics only (simulation): the error the MAC adds, against a perfect MAC's Aᵀ Σ α_i v_i.
+        ideal = alpha.to(torch.float32) @ codewords
+        target = self._adjoint(codec, ideal, self._round_seed)
+        mse = float(((delta - target).to(torch.float64) ** 2).sum())
+        d, m = self._global_vector.numel(), codewords.shape[1]
+        transmitting = chan["b"].to(torch.bool)
+        ratio = (chan["power"] / chan["budget"])[transmitting]
         self._last = {
-            "channel_uses": m,
+            "channel_uses": float(m),
             "latency_s": self.compute_s + m / self.bandwidth_hz,
+            "rlc_m": float(m),
+            "rlc_gain": d / m,
+            "rlc_c": float(chan["c"]),
+            "rlc_transmitting": float(chan["transmitting"]),
+            "rlc_mean_m_i": float(chan["mean_m_i"]),
+            "rlc_power_ratio_max": float(ratio.max()) if ratio.numel() else 0.0,
+            "rlc_power_ratio_mean": float(ratio.mean()) if ratio.numel() else 0.0,
+            "rlc_expected_power_ratio_max": float(chan["expected_power_ratio_max"]),
+            "rlc_noise_var": float(chan["noise_var"]),
+            "rlc_noise_mse_expected": d * float(chan["decoded_noise_var"]),
             "rlc_channel_mse": mse,
-            "rlc_channel_rel_mse": mse / max(float((target**2).sum()), 1e-30),
-            **{f"chan_{k}": float(v) for k, v in chan.items() if isinstance(v, (int, float))},
+            "rlc_channel_rel_mse": mse / max(float((target.to(torch.float64) ** 2).sum()), 1e-30),
+            "rlc_true_norms": float(true_norms),
+            "rlc_downlink_mse": self._downlink_mse,
         }
+        if "snr_db" in chan:
+            self._last["snr_db"] = float(chan["snr_db"])
+        if self.variant == "remark6":
+            self._last["rlc_clipped"] = float(chan["clipped"])
+            self._last["rlc_memory_nodes"] = float(len(self._memory))
         return delta
+
+    def _remark6_round(
+        self, server_round: int, codec, codewords: torch.Tensor, alpha: torch.Tensor, cids: list[int]
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Eq. 5.11 with local scaling s_i and the channel part of the memory (module docstring)."""
+        ch = self.channel
+        k_nodes, m = codewords.shape
+        h = ch.draw(cids, m, round=server_round)
+        h_est = ch.estimate(h, cids, round=server_round)
+        pi = ch.probabilities(cids)
+        b = draw_participation(pi, seed=ch.seed, round=server_round, nodes=cids).to(torch.float64)
+        coef = alpha * b / pi
+        # v'_i = α_i (b_i/π_i) A z_i + b_i A e_i: the node's fresh contribution plus its channel memory.
+        op = codec.operator(self._round_seed)
+        held = [j for j, cid in enumerate(cids) if b[j] > 0 and cid in self._memory]
+        mem = torch.zeros(k_nodes, m, dtype=torch.float64)
+        if held:
+            mem[held] = op.forward(torch.stack([self._memory[cids[j]] for j in held])).to(torch.float64)
+        w = coef[:, None] * codewords.to(torch.float64) + mem
+        budget = ch.budgets(cids, m)
+        sigma_r2 = REAL_NOISE_FRACTION * ch.noise_var
+        plan = power_control(h_est, w.norm(dim=1), budget, noise_var=sigma_r2, policy=ch.power_policy)
+        c = plan.c * self.c_gain
+        plan = plan._replace(c=c)
+        x = form_signals(w, b, plan)  # c (m/m_i) q_i ⊙ v'_i
+        power = (x.abs() ** 2).sum(dim=1)
+        rho = torch.where(power > budget, torch.sqrt(budget / power.clamp(min=1e-300)), torch.ones_like(power))
+        x = x * rho[:, None].to(x.dtype)
+        if c > 0:
+            y_dec = (ch.transmit(x, h, round=server_round).real / c).to(torch.float32)
+        else:
+            y_dec = torch.zeros(m, dtype=torch.float32)
+        # Channel memory: what clipping withheld, (1 − ρ_i)(m/m_i) Aᵀ(D_i v'_i); idle nodes keep theirs.
+        clip = (b > 0) & (rho < 1) & (plan.m_i > 0)
+        scale = (1 - rho) * m / plan.m_i.clamp(min=1).to(torch.float64)
+        lost = torch.where(plan.mask, w, 0.0) * scale[:, None]
+        kept = op.adjoint(lost[clip]).to(torch.float32) if bool(clip.any()) else None
+        for j, cid in enumerate(cids):
+            if b[j] > 0:
+                self._memory.pop(cid, None)
+        for row, j in enumerate(torch.nonzero(clip).flatten().tolist()):
+            self._memory[cids[j]] = kept[row].clone()
+        clipped = int(clip.sum())
+        power = (x.abs() ** 2).sum(dim=1)
+        sending = plan.m_i > 0
+        chan = {
+            "b": b,
+            "c": float(c),
+            "transmitting": float(b.sum()),
+            "mean_m_i": float(plan.m_i[sending].double().mean()) if bool(sending.any()) else 0.0,
+            "power": power,
+            "budget": budget,
+            "expected_power_ratio_max": float((plan.expected_power * self.c_gain**2 / budget).max()),
+            "noise_var": ch.noise_var,
+            "decoded_noise_var": sigma_r2 / c**2 if c > 0 else 0.0,
+            "clipped": clipped,
+        }
+        if ch.snr_db is not None:
+            chan["snr_db"] = float(ch.snr_db)
+        return y_dec, chan
 
     def extra_metrics(self, server_round, usable, delta) -> dict[str, float]:
         return dict(self._last)
