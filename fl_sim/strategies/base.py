@@ -96,10 +96,15 @@ class UpdateStrategy(FedAvg):
         digital_link: dict[str, float] | None = None,
         **kwargs: Any,
     ) -> None:
-        kwargs.setdefault("fraction_evaluate", 0.0)  # fl-sim evaluates centrally on the server
+        # fl-sim evaluates centrally on the server: no federated evaluation unless asked for.
+        # (Set after FedAvg's constructor, which would log a warning for 0.0.)
+        fraction_evaluate = kwargs.pop("fraction_evaluate", 0.0)
         kwargs.setdefault("min_available_nodes", 1)
         kwargs.setdefault("min_train_nodes", 1)
         super().__init__(**kwargs)
+        self.fraction_evaluate = float(fraction_evaluate)
+        if self.fraction_evaluate == 0.0:
+            self.min_evaluate_nodes = 0
         if clients_per_round is not None and clients_per_round < 1:
             raise ValueError(f"clients_per_round={clients_per_round} must be >= 1")
         if server_lr <= 0:

@@ -58,7 +58,6 @@ class FetchSGD(CompressedFedAvg):
         self.sketch_seed = derive_seed(self.seed, "fetchsgd-hashes")
         self.s_u: torch.Tensor | None = None
         self.s_e: torch.Tensor | None = None
-        self._cs: CountSketch | None = None
         self._last: dict[str, float] = {}
 
     def round_config(self, server_round: int, config: ConfigRecord) -> None:
@@ -67,15 +66,10 @@ class FetchSGD(CompressedFedAvg):
         config[keys.SEED] = self.sketch_seed
         config[keys.SEED_MODE] = "shared"
 
-    def sketcher(self, d: int) -> CountSketch:
-        if self._cs is None or self._cs.d != d:
-            self._cs = CountSketch(d, self.rows, self.cols, seed=self.sketch_seed)
-        return self._cs
-
     def combine(self, server_round: int, replies: list[ClientReply], weights: torch.Tensor) -> torch.Tensor:
         d = self._global_vector.numel()
-        cs = self.sketcher(d)
         codec = self.codec_for(d)
+        cs: CountSketch = codec.sketcher(self.sketch_seed)  # the clients' hashes, built once
         s_t = codec.aggregate([r.data for r in replies], weights.tolist()).tensors["table"].to(torch.float32)
         if self.s_u is None:
             self.s_u = torch.zeros_like(s_t)
