@@ -37,8 +37,8 @@ memory e_i = z_i − (1/c) Aᵀ x_i. Node i picks s_i = ρ_i · c α_i (b_i/π_i
 otherwise scales down so that its *realized* power is exactly P_i (the unbiased rule meets P_i only
 in expectation over A). The memory is split in two parts that add up to e_i:
   * compression part z_i − Aᵀ A z_i: the client's weighted error feedback (Abdi eq. 4.14, the "local
-    weighted error feedback" of [53] that Remark 6 cites) in ``compression_mod``, β = m/d by default
-    (Remark 3's β* = 1/(γ+1) with γ = d/m − 1). Classic EF (β = 1) is not used: Aᵀ A expands by d/m
+    weighted error feedback" of [53] that Remark 6 cites) in ``compression_mod``, β = m/n by default
+    (Remark 3's β* = 1/(γ+1) with γ = n/m − 1, n = d padded to a power of 2). Classic EF (β = 1) is not used: Aᵀ A expands by d/m
     on average, so r ← z − Aᵀ A z grows without bound for d/m > 2;
   * channel part (1 − ρ_i)(m/m_i) Aᵀ (D_i v'_i) (D_i = selected subchannels, v'_i the node's codeword
     incl. its earlier channel memory): what clipping withheld. A node computes it from its own signal;
@@ -64,6 +64,8 @@ from flwr.serverapp import Grid
 from .. import keys
 from ..channels import REAL_NOISE_FRACTION, MACChannel, draw_participation, form_signals, power_control
 from ..compression import Payload
+from ..compression.error_feedback import optimal_beta
+from ..protocol import get_codec
 from ..records import unflatten_into
 from ..rng import derive_seed
 from .base import ClientReply, ReplyError
@@ -95,7 +97,7 @@ class RLCOverTheAir(CompressedFedAvg):
         diagnostics: ask clients for ‖Δ_i‖ (metric ``update-norm``) and use it for power control.
         error_feedback: client memory ("none", "classic", "weighted"); None = "none" for "unbiased",
             "weighted" for "remark6".
-        ef_beta: weighted-EF factor; None = m/d (Remark 3's β*).
+        ef_beta: weighted-EF factor; None = m/n (Remark 3's β*, n = d padded to a power of 2).
         **kwargs: UpdateStrategy arguments.
     """
 
@@ -169,8 +171,8 @@ class RLCOverTheAir(CompressedFedAvg):
         d = self._global_vector.numel()
         m = self.symbols(d)
         self.codec_params = {"m": int(m)}
-        if self._auto_beta:
-            self.ef_beta = min(1.0, m / d)
+        if self._auto_beta:  # Remark 3's β* = 1/(γ+1), γ = n/m − 1 the projection's MSE factor (Lemma 13)
+            self.ef_beta = optimal_beta(get_codec("rlc", d, {"m": int(m)}).mse_factor)
         self._round_seed = self.matrix_seed(server_round)
         super().round_config(server_round, config)
         config[keys.SEED] = self._round_seed
