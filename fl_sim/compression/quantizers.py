@@ -133,11 +133,12 @@ def dithered_dequantize(q: torch.Tensor, s: torch.Tensor, levels: float, u: torc
     """v_hat = rho (q - u) (eq. 4.6) for Q >= 1, v_hat = rho (q/2 - u) for Q = 1/2 (erratum, NOTES §3.3).
 
     rho = s / Q. Error v_hat - v ~ U(-rho/2, rho/2), independent of v (eq. 4.7, Thm 18): variance rho^2/12.
-    Returns float32 (..., k).
+    Returns float32 (..., k), computed in float64 (a value beyond float32 range becomes inf, never NaN;
+    codecs reject it with :func:`to_wire_float`).
     """
     code = q.to(torch.float32) * (0.5 if levels == 0.5 else 1.0) - u
-    rho = (s / levels).to(torch.float32).unsqueeze(-1)
-    return code * rho
+    rho = (s / levels).unsqueeze(-1)  # float64: rho = 2 ||v||_inf may exceed float32 even if v does not
+    return (code.to(torch.float64) * rho).to(torch.float32)
 
 
 def dithered_bits(blocks: int, k: int, levels: float) -> int:
