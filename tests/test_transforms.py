@@ -159,9 +159,10 @@ def test_fwht_rejects_bad_inputs() -> None:
 # ---------------------------------------------------------------- dct / idct
 @pytest.mark.parametrize(
     "d",
-    # small lengths, power of 2, odd, and lengths with a prime factor > 101 that take the Bluestein path
-    # (4106 = 2 * 2053 even, 4099 prime odd).
-    [1, 2, 3, 7, 64, 1000, 4106, 4099],
+    # small lengths, power of 2, odd, and lengths >= 4096 with a prime factor > 101 that take the Makhoul +
+    # prime-splitting path: 4106 = 2 * 2053 (even), 4099 (prime, odd), 22042 = 2 * 103 * 107 (two splits),
+    # 11021 = 103 * 107 (odd, two splits).
+    [1, 2, 3, 7, 64, 1000, 4106, 4099, 22042, 11021],
 )
 def test_dct_matches_scipy_ortho_and_inverts(d: int) -> None:
     x = _randn(3, d)
@@ -177,7 +178,7 @@ def test_dct_matches_scipy_ortho_and_inverts(d: int) -> None:
 
 
 def test_dct_at_tang_dimension_matches_scipy() -> None:
-    # d = 668,426 = 2 * 11 * 23 * 1321 (Tang et al.'s ResNet): the Bluestein path, checked once against scipy.
+    # d = 668,426 = 2 * 11 * 23 * 1321 (Tang et al.'s ResNet): the prime-splitting path, checked once against scipy.
     d = 668426
     x = _randn(d, dtype=torch.float32)
     y = dct(x)

@@ -292,15 +292,17 @@ def fwht(x: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# DCT.  scipy.fft (pocketfft) is fast when d has only small prime factors, but it has no Rader/Bluestein for a
-# large prime factor inside a DCT: d = 668,426 = 2 * 11 * 23 * 1321 (Tang et al.'s ResNet) took 106-110 ms vs
-# 5.8-6.9 ms at next_fast_len(d) = 675,000 (19x).  For such d the DCT is computed here by Makhoul's reordering
-# (one length-d real DFT), the real DFT by one complex DFT of length d/2 (even/odd packing), and that DFT by
-# Bluestein's chirp-z convolution with FFTs of the fast length M >= d - 1 (the chirp's FFT is cached per d).
-# Measured: 25-40 ms at d = 668,426 (4-6x the fast length; see benchmarks/bench_transforms.py).
+# DCT.  scipy.fft (pocketfft) is fast when d has only small prime factors, but a large prime factor inside a
+# composite length runs as a generic O(p) radix pass: d = 668,426 = 2 * 11 * 23 * 1321 (Tang et al.'s ResNet)
+# took 106-110 ms vs 5.8-6.9 ms at next_fast_len(d) = 675,000 (19x); torch.fft.rfft(d) is as slow (~100 ms).
+# A lone prime length is fast (253 batched FFTs of length 1321: 4.4 ms; pocketfft/MKL use Bluestein/Rader).
+# So for such d: Makhoul's reordering (DCT = one length-d real DFT + twiddle), the real DFT by one complex DFT
+# of length d/2 (even/odd packing), and that DFT by one Cooley-Tukey step splitting off the large prime.
+# Tried first: a full Bluestein chirp-z DFT (2 complex FFTs of 670,824 points): 22-26 ms (4-5x).
+# Measured (1 thread): dct 23 ms vs 6.8 ms at 675,000 (3.4x), idct 17 ms vs 11.5 ms (1.5x); 2 threads 2.5x, 1.3x.
 # --------------------------------------------------------------------------------------------------------------
-_BLUESTEIN_MIN_PRIME = 101  # use Bluestein when d has a prime factor above this ...
-_BLUESTEIN_MIN_LEN = 4096  # ... and d is at least this long (below, the direct O(d p) transform is cheap)
+_SPLIT_MIN_PRIME = 101  # split off prime factors above this ...
+_SPLIT_MIN_LEN = 4096  # ... when d is at least this long (below, the direct O(d p) transform is cheap)
 
 
 def _largest_prime_factor(n: int) -> int:
@@ -316,22 +318,6 @@ def _scipy_threads() -> int:
     return max(1, torch.get_num_threads())
 
 
-@functools.lru_cache(maxsize=8)
-def _bluestein_plan(length: int, cdtype: torch.dtype) -> tuple[int, torch.Tensor, torch.Tensor]:
-    """(M, chirp c_n = exp(-i pi n^2 / L) for n < L, FFT_M of the conjugate chirp kernel b, divided by M)."""
-    import scipy.fft
-
-    M = scipy.fft.next_fast_len(2 * length - 1)
-    n = torch.arange(length, dtype=torch.int64)
-    phase = (n * n) % (2 * length)  # exact: n^2 mod 2L keeps the angle small
-    chirp = torch.polar(torch.ones(length, dtype=torch.float64), -math.pi * phase.to(torch.float64) / length)
-    b = torch.zeros(M, dtype=torch.complex128)
-    b[:length] = chirp.conj()
-    b[M - length + 1 :] = chirp[1:].conj().flip(0)
-    # ifft(a * fb) = fft(conj(a * fb)).conj() / M: fold the 1/M into fb, use the unnormalized backward FFT.
-    return M, chirp.to(cdtype), (torch.fft.fft(b) / M).to(cdtype)
-
-
 @functools.lru_cache(maxsize=16)
 def _twiddle(count: int, denom: int, sign: float, cdtype: torch.dtype) -> torch.Tensor:
     """exp(sign * i pi k / denom) for k < count (computed in float64, cached)."""
@@ -339,21 +325,36 @@ def _twiddle(count: int, denom: int, sign: float, cdtype: torch.dtype) -> torch.
     return torch.polar(torch.ones(count, dtype=torch.float64), sign * math.pi * k / denom).to(cdtype)
 
 
-def _dft_bluestein(z: torch.Tensor) -> torch.Tensor:
-    """DFT along the last dim, X_k = sum_n z_n exp(-2 pi i k n / L), for any L: X = c * (b conv (c * z))."""
-    length = z.shape[-1]
-    M, chirp, fb = _bluestein_plan(length, z.dtype)
-    a = z.new_zeros(*z.shape[:-1], M)
-    torch.mul(z, chirp, out=a[..., :length])
-    a = torch.fft.fft(a)
-    a.mul_(fb)
-    a = torch.fft.ifft(a, norm="forward")  # unnormalized inverse; 1/M is folded into fb
-    return a[..., :length].mul_(chirp)
+@functools.lru_cache(maxsize=8)
+def _split_twiddle(n1: int, n2: int, cdtype: torch.dtype) -> torch.Tensor:
+    """(n2, n1) table W_L^(j2 k1) = exp(-2 pi i j2 k1 / L), L = n1 n2 (exponent reduced mod L in int64)."""
+    L = n1 * n2
+    e = (torch.arange(n2, dtype=torch.int64)[:, None] * torch.arange(n1, dtype=torch.int64)[None, :]) % L
+    return torch.polar(torch.ones(n2, n1, dtype=torch.float64), -2.0 * math.pi * e.to(torch.float64) / L).to(cdtype)
 
 
-def _idft_bluestein(z: torch.Tensor) -> torch.Tensor:
+def _dft(z: torch.Tensor) -> torch.Tensor:
+    """Complex DFT along the last dim, X_k = sum_j z_j exp(-2 pi i j k / L).
+
+    One Cooley-Tukey step splits off the largest prime factor p of L (L = p * L2, j = L2 j1 + j2,
+    k = k1 + p k2): L2 batched length-p FFTs (a lone prime length is fast: pocketfft/MKL use Bluestein or Rader
+    for it), twiddles W_L^(j2 k1), then p length-L2 DFTs (recursively). Lengths whose prime factors are all
+    <= 101 go straight to torch.fft.fft.
+    """
+    L = z.shape[-1]
+    p = _largest_prime_factor(L)
+    if p == L or p <= _SPLIT_MIN_PRIME:
+        return torch.fft.fft(z)
+    lead, n2 = z.shape[:-1], L // p
+    a = torch.fft.fft(z.reshape(*lead, p, n2).transpose(-1, -2), dim=-1)  # (..., j2, k1)
+    a = a * _split_twiddle(p, n2, z.dtype)
+    b = _dft(a.transpose(-1, -2).contiguous())  # (..., k1, k2)
+    return b.transpose(-1, -2).reshape(*lead, L)  # flat index k2 * p + k1
+
+
+def _idft(z: torch.Tensor) -> torch.Tensor:
     """Inverse DFT along the last dim: conj(DFT(conj(Z))) / L."""
-    return _dft_bluestein(z.conj()).conj() / z.shape[-1]
+    return _dft(z.conj()).conj() / z.shape[-1]
 
 
 def _real_dft_full(v: torch.Tensor) -> torch.Tensor:
@@ -361,9 +362,9 @@ def _real_dft_full(v: torch.Tensor) -> torch.Tensor:
     N = v.shape[-1]
     cdtype = torch.complex128 if v.dtype == torch.float64 else torch.complex64
     if N % 2:
-        return _dft_bluestein(v.to(cdtype))
+        return _dft(v.to(cdtype))
     h = N // 2
-    Z = _dft_bluestein(torch.view_as_complex(v.reshape(*v.shape[:-1], h, 2).contiguous()))
+    Z = _dft(torch.view_as_complex(v.reshape(*v.shape[:-1], h, 2).contiguous()))
     Zc = torch.roll(Z.flip(-1), 1, dims=-1).conj()  # conj(Z[(h - k) mod h])
     E = (Z + Zc) * 0.5  # DFT of the even samples
     O = (Z - Zc) * _twiddle(h, h, -1.0, cdtype) * (-0.5j)  # W^k * DFT of the odd samples, W = exp(-2 pi i / N)
@@ -374,15 +375,15 @@ def _real_idft_full(V: torch.Tensor, real_dtype: torch.dtype) -> torch.Tensor:
     """Real (..., N) signal from its N (Hermitian) DFT coefficients; even N through one inverse DFT of N/2."""
     N = V.shape[-1]
     if N % 2:
-        return _idft_bluestein(V).real.to(real_dtype)
+        return _idft(V).real.to(real_dtype)
     h = N // 2
     E = V[..., :h] + V[..., h:]
     O = (V[..., :h] - V[..., h:]) * _twiddle(h, h, 1.0, V.dtype)  # divide by W^k
-    z = _idft_bluestein((E + 1j * O) * 0.5)
+    z = _idft((E + 1j * O) * 0.5)
     return torch.view_as_real(z).reshape(*V.shape[:-1], N).to(real_dtype)
 
 
-def _dct_bluestein(x: torch.Tensor) -> torch.Tensor:
+def _dct_split(x: torch.Tensor) -> torch.Tensor:
     """Orthonormal DCT-II by Makhoul: v = (x_0, x_2, ..., x_3, x_1), y_k = 2 Re(exp(-i pi k / 2N) V_k)."""
     N = x.shape[-1]
     v = torch.cat((x[..., 0::2], x[..., 1::2].flip(-1)), dim=-1)
@@ -392,8 +393,8 @@ def _dct_bluestein(x: torch.Tensor) -> torch.Tensor:
     return y.to(x.dtype)
 
 
-def _idct_bluestein(X: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`_dct_bluestein`: V_k = exp(i pi k / 2N) (y_k - i y_{N-k}) / 2, v = IDFT(V), unshuffle."""
+def _idct_split(X: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`_dct_split`: V_k = exp(i pi k / 2N) (y_k - i y_{N-k}) / 2, v = IDFT(V), unshuffle."""
     N = X.shape[-1]
     cdtype = torch.complex128 if X.dtype == torch.float64 else torch.complex64
     y = X * math.sqrt(N / 2.0)  # = (unnormalized y) / 2
@@ -408,8 +409,8 @@ def _idct_bluestein(X: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _use_bluestein(n: int) -> bool:
-    return n >= _BLUESTEIN_MIN_LEN and _largest_prime_factor(n) > _BLUESTEIN_MIN_PRIME
+def _use_split(n: int) -> bool:
+    return n >= _SPLIT_MIN_LEN and _largest_prime_factor(n) > _SPLIT_MIN_PRIME
 
 
 def _dct_common(x: torch.Tensor, inverse: bool) -> torch.Tensor:
@@ -422,8 +423,8 @@ def _dct_common(x: torch.Tensor, inverse: bool) -> torch.Tensor:
         raise CodecError(f"{who}: last dimension is empty")
     dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
     xc = x.detach().to("cpu", dtype)
-    if _use_bluestein(x.shape[-1]):
-        out = _idct_bluestein(xc) if inverse else _dct_bluestein(xc)
+    if _use_split(x.shape[-1]):
+        out = _idct_split(xc) if inverse else _dct_split(xc)
         return out.to(x.device)
     fn = scipy.fft.idct if inverse else scipy.fft.dct
     out = fn(xc.numpy(), type=2, norm="ortho", axis=-1, workers=_scipy_threads())
@@ -435,7 +436,7 @@ def dct(x: torch.Tensor) -> torch.Tensor:
 
     C[k, j] = s_k cos(pi (2j + 1) k / (2d)), s_0 = sqrt(1/d), s_k = sqrt(2/d) for k >= 1 (= scipy.fft.dct(x,
     norm="ortho")). Lengths with only small prime factors go to scipy.fft; lengths with a prime factor > 101
-    (d = 668,426 = 2 * 11 * 23 * 1321) go through Bluestein (see above). float16 is computed and returned as
+    (d = 668,426 = 2 * 11 * 23 * 1321) go through Makhoul + a prime-splitting DFT (see above). float16 is computed and returned as
     float32. Not differentiable (detached); tensors on other devices go through the CPU.
     """
     return _dct_common(x, inverse=False)
