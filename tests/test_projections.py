@@ -269,3 +269,21 @@ def test_blockwise_at_tang_dimension_is_fast_and_consistent() -> None:
 def test_constructor_errors(factory, match: str) -> None:
     with pytest.raises(CodecError, match=match):
         factory()
+
+
+@pytest.mark.parametrize(("blocks", "n", "k"), [(1, 64, 8), (1, 64, 40), (3, 32, 5)])
+def test_row_subsets_are_uniform(blocks: int, n: int, k: int) -> None:
+    # Each index is in a uniform k-subset with probability k/n. Over N seeds its count is Binomial(N, k/n):
+    # sd = sqrt(N (k/n)(1 - k/n)); all counts within 5 sd (false-alarm probability < 1e-4 over <= 96 counts).
+    # (1, 64, 8) takes the oversampling path, the others the topk path.
+    from fl_sim.compression.projections import _row_subsets
+
+    N = 2000
+    counts = torch.zeros(blocks, n)
+    for s in range(N):
+        rows = _row_subsets(blocks, n, k, torch_generator(3000 + s, "subset"))
+        assert rows.shape == (blocks, k) and (rows.diff(dim=1) > 0).all()
+        counts.scatter_add_(1, rows, torch.ones(blocks, k))
+    p = k / n
+    sd = math.sqrt(N * p * (1 - p))
+    assert (counts - N * p).abs().max().item() <= 5 * sd

@@ -46,11 +46,21 @@ def _rademacher(count: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def _row_subsets(blocks: int, n: int, k: int, gen: torch.Generator) -> torch.Tensor:
-    """(blocks, k) int64: per block, k distinct indices of range(n) drawn uniformly without replacement, sorted."""
-    if blocks == 1:
-        rows = torch.randperm(n, generator=gen)[:k].unsqueeze(0)
+    """(blocks, k) int64: per block, k distinct indices of range(n), a uniform random k-subset, sorted.
+
+    One block with k <= n/4: draw ~1.5k i.i.d. uniform indices, keep the distinct ones (by symmetry a uniform
+    random subset given its size), top up if short, then keep a uniform k of them: O(k log k) instead of a
+    randperm of n (2 ms vs 28-44 ms at n = 2^20, k = n/32). Otherwise the k largest of i.i.d. uniform keys
+    per block (topk: 11 ms vs argsort 21 ms for 2612 blocks of 256).
+    """
+    if blocks == 1 and 4 * k <= n:
+        draws = k + k // 2 + 16
+        pool = torch.randint(0, n, (draws,), generator=gen).unique()
+        while pool.numel() < k:
+            pool = torch.cat((pool, torch.randint(0, n, (draws,), generator=gen))).unique()
+        rows = pool[torch.randperm(pool.numel(), generator=gen)[:k]].unsqueeze(0)
     else:
-        rows = torch.rand(blocks, n, generator=gen).argsort(dim=1)[:, :k]
+        rows = torch.rand(blocks, n, generator=gen).topk(k, dim=1, sorted=False).indices
     return rows.sort(dim=1).values
 
 
