@@ -28,6 +28,7 @@ __all__ = [
     "dequantize_batch",
     "batch_bits",
     "per_feature_levels",
+    "norm_tolerance",
 ]
 
 _EXACT_COMB_LIMIT = 4096  # exact big-integer binomials when the smaller argument is at most this
@@ -57,6 +58,15 @@ def _check_data(z: object, who: str) -> torch.Tensor:
     return z if z.dtype == torch.float64 else z.to(torch.float32)
 
 
+def norm_tolerance(m: int) -> float:
+    """Relative slack allowed on ||Z||_2 <= B (float32 rounding of normalised data).
+
+    With ||Z||_2 <= B (1 + tol), sum_j a_j^2 <= (m-1)^2 (1 + tol)^2 < (m-1)^2 + 1, so the integer sum
+    still obeys ||a||_1 + ||b||_1 <= (m-1)^2: tol = min(1e-6, 1/(4 (m-1)^2)) keeps Theorem 1 (i) exact.
+    """
+    return min(1e-6, 0.25 / (m - 1) ** 2)
+
+
 def _split_floor(z: torch.Tensor, steps: int, bound: float) -> tuple[torch.Tensor, torch.Tensor]:
     """a = floor(steps Z+/B), b = floor(steps Z-/B) as int64 (Alg. 2 with steps = m - 1)."""
     t = z.to(torch.float64) * (steps / bound)
@@ -77,7 +87,7 @@ def dataq_quantize(z: torch.Tensor, m: int, bound: float) -> tuple[torch.Tensor,
     z = _check_data(z, "dataq_quantize")
     m, bound = _check_m(m, "dataq_quantize"), _check_bound(bound, "dataq_quantize")
     norms = torch.linalg.vector_norm(z.to(torch.float64), dim=-1)
-    if norms.numel() and float(norms.max()) > bound * (1 + 1e-9):
+    if norms.numel() and float(norms.max()) > bound * (1 + norm_tolerance(m)):
         raise CodecError(
             f"dataq_quantize: a sample has ||Z||_2 = {float(norms.max()):.6g} > B = {bound:.6g}; "
             "raise B or normalise the samples (Remark 1)"

@@ -14,7 +14,7 @@ import math
 import torch
 
 from ..base import Codec, CodecError, Payload, PayloadError, register_codec
-from ..dataq import _split_floor, dataq_bits
+from ..dataq import _split_floor, dataq_bits, norm_tolerance
 from ..quantizers import FLOAT_BITS, bits_for_index, level_dtype, to_wire_float
 
 __all__ = ["DataQCodec"]
@@ -100,7 +100,7 @@ class DataQCodec(Codec):
                 if self.mode == "exact"
                 else z.abs().amax(dim=1).to(torch.float64)
             )
-            if float(size.max()) > self.bound * (1 + 1e-9):
+            if float(size.max()) > self.bound * (1 + (norm_tolerance(self.levels) if self.mode == "exact" else 0.0)):
                 what = "||Z_i||_2" if self.mode == "exact" else "|Z_ij|"
                 raise CodecError(
                     f"dataq.encode: {what} = {float(size.max()):.6g} exceeds bound B = {self.bound:.6g}; "
