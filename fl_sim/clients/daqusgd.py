@@ -24,7 +24,7 @@ import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 
 from .. import keys
-from ..compression.dataq import dequantize_batch, quantize_batch
+from ..compression.dataq import batch_bits, dequantize_batch, quantize_batch
 from ..rng import torch_generator
 from .training import per_sample_loss
 
@@ -71,8 +71,8 @@ def select_and_quantize(
     levels, scale = quantize_batch(xs.reshape(len(ys), -1), bits_per_feature)
     label_bits = math.ceil(math.log2(num_classes)) if num_classes > 1 else 0
     n_sent = int(keep.sum())
-    per_feature = _bits_per_level(bits_per_feature)
-    bits = (32 + n_sent * (xs[0].numel() * per_feature + label_bits)) if n_sent else 0
+    features = int(x[0].numel()) if n else 0
+    bits = batch_bits(n_sent, features, bits_per_feature) + n_sent * label_bits
     return DaQuSelection(
         levels=levels.reshape(xs.shape),
         scale=float(scale),
@@ -81,10 +81,6 @@ def select_and_quantize(
         candidates=len(idx),
         bits=int(bits),
     )
-
-
-def _bits_per_level(bits_per_feature: int) -> int:
-    return int(bits_per_feature)
 
 
 def dequantize_selection(levels: torch.Tensor, scale: float, bits_per_feature: int) -> torch.Tensor:

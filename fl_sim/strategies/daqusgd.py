@@ -53,13 +53,14 @@ class DaQuSGD(UpdateStrategy):
         threshold_factor: float = 0.2,
         epoch_rounds: int | None = None,
         batch_size: int = 32,
+        num_classes: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         if lr <= 0 or not 0 <= momentum < 1:
             raise ValueError(f"lr={lr}, momentum={momentum}: need lr > 0 and momentum in [0, 1)")
-        if bits_per_feature < 1 or bits_per_feature > 15:
-            raise ValueError(f"bits_per_feature={bits_per_feature}: use 1..15")
+        if not 2 <= bits_per_feature <= 15:
+            raise ValueError(f"bits_per_feature={bits_per_feature}: use 2..15 (levels travel as int16)")
         if threshold_factor < 0:
             raise ValueError(f"threshold_factor={threshold_factor} must be >= 0")
         self.model = model
@@ -67,6 +68,7 @@ class DaQuSGD(UpdateStrategy):
         self.bits = int(bits_per_feature)
         self.factor = float(threshold_factor)
         self.batch_size = int(batch_size)
+        self.num_classes = num_classes
         if epoch_rounds is None:
             n = len(self.client_ids) if self.client_ids is not None else 1
             epoch_rounds = max(1, math.ceil(n / max(1, self.clients_per_round or 1)))
@@ -79,7 +81,8 @@ class DaQuSGD(UpdateStrategy):
 
     @classmethod
     def from_experiment(cls, exp) -> dict[str, Any]:
-        return {"model": exp.model, "batch_size": exp.cfg.train.batch_size, "lr": exp.cfg.train.lr}
+        return {"model": exp.model, "batch_size": exp.cfg.train.batch_size, "lr": exp.cfg.train.lr,
+                "num_classes": exp.data.num_classes}
 
     def round_config(self, server_round: int, config: ConfigRecord) -> None:
         if server_round > 1 and (server_round - 1) % self.epoch_rounds == 0:
@@ -103,10 +106,8 @@ class DaQuSGD(UpdateStrategy):
             raise ReplyError(f"{levels.shape[0]} feature rows but {labels.shape[0]} labels")
         if not math.isfinite(scale) or scale < 0:
             raise ReplyError(f"invalid scale {scale}")
-        if labels.numel() and (labels.min() < 0):
-            raise ReplyError("negative label")
-        if levels.numel() and int(levels.abs().max()) > (1 << self.bits):
-            raise ReplyError("quantization level out of range")
+        if labels.numel() and (labels.min() < 0 or (self.num_classes and labels.max() >= self.num_classes)):
+            raise ReplyError(f"labels outside 0..{(self.num_classes or 0) - 1}")
         self._epoch_loss_sum += float(metrics.get(LOSS_SUM, 0.0))
         self._epoch_sent += int(metrics.get(SENT, labels.numel()))
         x = dequantize_selection(levels, scale, self.bits) if labels.numel() else None
