@@ -1,7 +1,8 @@
 """Benchmark of fl_sim.compression.transforms and .projections (best of several runs, one process).
 
-* fwht vs torch.fft.rfft of the same (power-of-2) length n, d = 2^16 .. 2^23 and d = 668,426 (padded to 2^20);
-  the requirement is ratio = t_fwht / t_rfft <= 0.5 at n = 2^20 and 2^23.
+* fwht vs torch.fft.rfft of the same (power-of-2) length n, d = 2^16 .. 2^23 and d = 668,426 (padded to 2^20),
+  with torch.get_num_threads() threads and (full run) with one thread each; the requirement is
+  ratio = t_fwht / t_rfft <= 0.5 at n = 2^20 and 2^23.
 * orthonormal DCT at d = 668,426 (Tang et al.'s ResNet, prime factor 1321) vs at scipy.fft.next_fast_len(d);
   the requirement is ratio < 10.
 * forward + adjoint of PartialHadamard (one block, and Abdi's blockwise partitions) and SubsampledOrthogonal
@@ -45,7 +46,16 @@ def _randn(n: int) -> torch.Tensor:
     return torch.randn(n, generator=torch_generator(0, "bench_transforms", n))
 
 
-def _fwht_rows(sizes: list[int], repeats: int) -> list[dict]:
+def _one_thread(fn: Callable[[], float]) -> float:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(before)
+
+
+def _fwht_rows(sizes: list[int], repeats: int, single_thread_too: bool) -> list[dict]:
     rows = []
     for d in sizes:
         n = next_pow2(d)
@@ -61,6 +71,10 @@ def _fwht_rows(sizes: list[int], repeats: int) -> list[dict]:
             "ref_time_ms": 1e3 * t_rfft,
             "ratio": t_fwht / t_rfft,
         }
+        if single_thread_too:  # both sides on one thread: immune to another process taking the second core
+            t1_fwht = _one_thread(lambda: best_of(lambda: fwht(x), repeats))
+            t1_rfft = _one_thread(lambda: best_of(lambda: torch.fft.rfft(x), repeats))
+            row.update(time_1t_ms=1e3 * t1_fwht, ref_time_1t_ms=1e3 * t1_rfft, ratio_1t=t1_fwht / t1_rfft)
         if d != n:  # also the FFT at the unpadded length (slow for d with a large prime factor)
             xd = x[:d].clone()
             row["rfft_at_d_ms"] = 1e3 * best_of(lambda: torch.fft.rfft(xd), repeats)
@@ -114,7 +128,7 @@ def run(quick: bool = False) -> list[dict]:
     """All measurements as dicts (times in milliseconds, best of several runs); ``quick`` = fewer sizes/runs."""
     repeats = 3 if quick else 7
     sizes = [2**16, 2**20, TANG_D] if quick else [2**e for e in range(16, 24)] + [TANG_D]
-    rows = _fwht_rows(sizes, repeats) + _dct_rows(repeats) + _operator_rows(repeats)
+    rows = _fwht_rows(sizes, repeats, not quick) + _dct_rows(repeats) + _operator_rows(repeats)
     threads = torch.get_num_threads()
     for r in rows:
         r["threads"] = threads
@@ -131,6 +145,8 @@ def format_table(rows: list[dict]) -> str:
             continue
         what = f"n={r['n']}" if "n" in r else ""
         extra = r["ref"]
+        if "ratio_1t" in r:
+            extra += f"; 1 thread: {r['time_1t_ms']:.2f} vs {r['ref_time_1t_ms']:.2f} ms = {r['ratio_1t']:.3f}"
         if "rfft_at_d_ms" in r:
             extra += f"; rfft(d) {r['rfft_at_d_ms']:.2f} ms"
         if "scipy_direct_at_d_ms" in r:

@@ -13,6 +13,7 @@ unnormalized: ``fwht(fwht(x)) = n x``).
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -205,22 +206,35 @@ def _split(count: int, parts: int) -> list[tuple[int, int]]:
 _POOL: ThreadPoolExecutor | None = None
 _POOL_SIZE = 0
 _POOL_LOCK = threading.Lock()
-_POOL
+_CHUNKS_PER_THREAD = 4  # dynamic load balance: a thread slowed by another process just takes fewer chunks
+
 
 def _run_parallel(fn, args: tuple, count: int, threads: int) -> None:
-    """Run fn(*args, t0, t1) over a split of range(count) on a small thread pool (the kernels release the GIL)."""
+    """Run fn(*args, t0, t1) over chunks of range(count) on ``threads`` threads (the calling thread included).
+
+    Chunks are handed out from a shared counter, so on a loaded machine the work follows the free cores.
+    The numba kernels release the GIL.
+    """
     global _POOL, _POOL_SIZE
     if threads <= 1 or count <= 1:
         fn(*args, 0, count)
         return
     with _POOL_LOCK:
-        if _POOL is None or _POOL_SIZE < threads:
-            _POOL = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fl_sim_fwht")
-            _POOL_SIZE = threads
+        if _POOL is None or _POOL_SIZE < threads - 1:
+            _POOL = ThreadPoolExecutor(max_workers=threads - 1, thread_name_prefix="fl_sim_fwht")
+            _POOL_SIZE = threads - 1
         pool = _POOL
-    ranges = _split(count, threads)
-    futures = [pool.submit(fn, *args, t0, t1) for t0, t1 in ranges[1:]]
-    fn(*args, *ranges[0])  # the calling thread takes the first share
+    chunks = _split(count, threads * _CHUNKS_PER_THREAD)
+    counter = itertools.count()  # next() on a count is atomic under the GIL
+
+    def worker() -> None:
+        for i in iter(counter.__next__, None):
+            if i >= len(chunks):
+                return
+            fn(*args, *chunks[i])
+
+    futures = [pool.submit(worker) for _ in range(threads - 1)]
+    worker()
     for f in futures:
         f.result()
 
@@ -229,7 +243,7 @@ def _fwht_numba(src: torch.Tensor, dst: torch.Tensor) -> None:
     """dst = H src along the last dim (src, dst contiguous CPU float32/float64 of the same shape; may be the same).
 
     Phase 1 (blocks) and phase 2 (column panels) each split their independent work items over
-    ``torch.get_num_threads()`` threads; inputs below 2^15 elements run on the calling thread only.
+    ``torch.get_num_threads()`` threads; inputs below 2^18 elements run on the calling thread only.
     """
     n = src.shape[-1]
     a = src.detach().reshape(-1, n).numpy()
