@@ -119,14 +119,16 @@ def dithered_quantize(v: torch.Tensor, levels: float, u: torch.Tensor) -> tuple[
     A zero row gives s = 0 and decodes to zeros. The clamp to {-Q..Q} only acts on the measure-zero
     event v/rho + u = -(Q + 1/2) (round-half-to-even).
     """
-    t, s = unit_max(v)  # t = v / ||v||_inf in [-1, 1]
-    t = t.to(torch.float32)
-    if levels == 0.5:
-        q = torch.where(0.5 * t + u > 0, 1, -1).to(torch.int8)
-    else:
+    s = v.abs().amax(dim=-1)  # ||v||_inf, an element of v (exact in v's dtype)
+    safe = torch.where(s > 0, s, torch.ones_like(s))
+    if levels == 0.5:  # v/rho = v / (2 ||v||_inf)
+        r = (v / safe.unsqueeze(-1)).to(torch.float32).mul_(0.5).add_(u)
+        q = torch.where(r > 0, 1, -1).to(torch.int8)
+    else:  # v/rho = Q v / ||v||_inf, in [-Q, Q]; |v| <= ||v||_inf keeps it finite for any magnitude
         qi = int(levels)
-        q = torch.round(t * qi + u).clamp_(-qi, qi).to(level_dtype(qi))
-    return q, s
+        r = (v / safe.unsqueeze(-1)).to(torch.float32).mul_(qi).add_(u)
+        q = r.round_().clamp_(-qi, qi).to(level_dtype(qi))
+    return q, s.to(torch.float64)
 
 
 def dithered_dequantize(q: torch.Tensor, s: torch.Tensor, levels: float, u: torch.Tensor) -> torch.Tensor:
