@@ -10,7 +10,8 @@ Papers (shared/papers, see papers/NOTES.md for the equations and errata):
 
 Every operator is rebuilt from ``seed`` in O(d) memory (index and sign tensors, never a dense matrix, except
 :class:`GaussianOperator`), and its forward / adjoint are batched over leading dims: (C, d) -> (C, m) encodes
-the C clients of a round in one call.
+the C clients of a round in one call. Inputs are float32 (float64 kept, float16 promoted); NaN/inf are not
+scanned for here (codecs validate with ``check_vector`` before projecting; the operators sit in recovery loops).
 """
 
 from __future__ import annotations
@@ -101,7 +102,8 @@ class PartialHadamard(_ProjectionBase):
       rows 0..k-1 (``rows="first"``);
     * n = ``block``, or next_pow2(max(d, k)) with one block when ``block=None``; B = ceil(d / n).
 
-    Output y = (y_1, ..., y_B), m = B*k. Lemma 6 (4.3): T_b T_b^T = (n/k) I_k and E[T^T T] = I_d.
+    Output y = (y_1, ..., y_B), m = B*k. Lemma 6 (4.3): T_b T_b^T = (n/k) I_k (exact when d is a multiple of n;
+    a block cut by the zero padding keeps only its first columns) and E[T^T T] = I_d.
     All blocks are transformed in one batched fwht call. Randomness: signs and rows from ``seed``.
 
     Attributes:

@@ -7,7 +7,8 @@ Papers (shared/papers, see papers/NOTES.md):
     :func:`dct` / :func:`idct` are that DCT and its inverse (= transpose).
 
 ``fwht(x)`` equals ``scipy.linalg.hadamard(n) @ x`` along the last dimension (natural / Sylvester order,
-unnormalized: ``fwht(fwht(x)) = n x``).
+unnormalized: ``fwht(fwht(x)) = n x``). Zero in, zero out; NaN/inf are not scanned for here (an extra pass over
+memory): codecs validate their input with ``check_vector`` first.
 """
 
 from __future__ import annotations
