@@ -58,10 +58,12 @@ def norm_mod(msg: Message, context, call_next) -> Message:
     return reply
 
 
-def setup(k: int = 4, *, channel: dict, report_norm: bool = False, seed: int = 0, **kw):
+def setup(k: int = 4, *, channel: dict, report_norm: bool = False, seed: int = 0, sizes: bool = False, **kw):
+    """Strategy, grid, Δ, α. ``sizes``: the strategy knows every n_i (as from an experiment), so idle
+    nodes (b_i = 0) are not asked to train."""
     deltas, counts = updates(k, seed=seed)
     strategy = RLCOverTheAir(channel=channel, client_ids=list(range(k)), clients_per_round=k, seed=seed,
-                             diagnostics=report_norm, **kw)
+                             diagnostics=report_norm, client_sizes=counts.tolist() if sizes else None, **kw)
     grid = InMemoryGrid(client_app(deltas, counts, [norm_mod] if report_norm else []), k)
     alpha = counts.double() / counts.sum()
     return strategy, grid, deltas, alpha
@@ -110,7 +112,7 @@ def test_decode_unbiased_and_mse_matches_lemma(channel):
     True norms are reported (norm_mod), so c and S_i do not depend on A and the decode is exactly
     unbiased (Lemma 14)."""
     trials, m = 100, 32
-    s, grid, deltas, alpha = setup(3, channel=channel, report_norm=True, m=m)
+    s, grid, deltas, alpha = setup(3, channel=channel, report_norm=True, m=m, sizes=True)
     g = (alpha[:, None] * deltas.double()).sum(0)
     est, mse, noise = [], [], []
     for rnd in range(1, trials + 1):
@@ -173,14 +175,32 @@ def test_channel_uses_and_latency_metrics():
 
 
 @pytest.mark.parametrize("variant", ["unbiased", "remark6"])
-def test_round_without_transmitters_leaves_model_unchanged(variant):
+@pytest.mark.parametrize("sizes", [False, True])
+def test_round_without_transmitters_leaves_model_unchanged(variant, sizes):
     s, grid, _, _ = setup(channel={"snr_db": 10.0, "fading": "rayleigh", "participation": 1e-9}, gain=4,
-                          variant=variant)
+                          variant=variant, sizes=sizes)
     w = torch.linspace(-1, 1, D)
-    g_hat, metrics, _ = one_round(s, grid, 1, w)
+    g_hat, metrics, messages = one_round(s, grid, 1, w)
+    assert len(messages) == (0 if sizes else 4)  # with known sizes idle nodes are not asked
     assert torch.equal(g_hat, torch.zeros(D))
     assert metrics["rlc_transmitting"] == 0 and metrics["rlc_c"] == 0.0
-    assert all(math.isfinite(v) for k, v in metrics.items() if k != "rlc_downlink_mse" and k != "train_loss")
+    assert metrics["channel_uses"] == D // 4  # the round's m symbols elapse anyway
+    assert all(math.isfinite(v) for k, v in metrics.items() if k not in ("rlc_downlink_mse", "train_loss"))
+
+
+@pytest.mark.parametrize("variant", ["unbiased", "remark6"])
+def test_skipping_idle_nodes_gives_the_same_decode(variant):
+    """b_i drawn before the round (only transmitters train) = b_i drawn by the channel afterwards;
+    α_i = n_i / Σ_sampled n_j either way. (Remark 6 only in round 1: later, a node asked while idle
+    has advanced its error-feedback memory for a payload the channel dropped, which skipping avoids.)"""
+    channel = {"snr_db": 10.0, "fading": "rayleigh", "participation": 0.5}
+    ask_all, grid_a, _, _ = setup(6, channel=channel, gain=4, sizes=True, skip_idle=False, variant=variant)
+    skip, grid_b, _, _ = setup(6, channel=channel, gain=4, sizes=True, variant=variant)
+    for rnd in (1, 2, 3) if variant == "unbiased" else (1,):
+        g_a, m_a, sent_a = one_round(ask_all, grid_a, rnd)
+        g_b, m_b, sent_b = one_round(skip, grid_b, rnd)
+        assert len(sent_a) == 6 and len(sent_b) == m_b["rlc_transmitting"] == m_a["rlc_transmitting"]
+        torch.testing.assert_close(g_b, g_a, rtol=1e-5, atol=1e-7)
 
 
 def test_malformed_payload_and_bad_norm_rejected(caplog):

@@ -55,10 +55,10 @@ bandwidth_hz (symbols per second).
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
 from .. import keys
@@ -95,6 +95,11 @@ class RLCOverTheAir(CompressedFedAvg):
         variant: "unbiased" (eq. 5.10) or "remark6" (eq. 5.11, local scaling + error feedback).
         c_gain: remark6 only: c = c_gain x the unbiased power-control c (>= 1).
         diagnostics: ask clients for ‖Δ_i‖ (metric ``update-norm``) and use it for power control.
+        client_sizes: n_i of every client id (list indexed by id; set from the experiment): the static
+            weights α_i = n_i / Σ_sampled n_j, known to all nodes as in the thesis's F = Σ α_i f_i.
+        skip_idle: with ``client_sizes``, draw b_i before the round and train only the nodes that
+            will transmit (b_i is the node's own coin, drawn before it computes; the channel redraws
+            the same b_i from the same keys). Without sizes every sampled node is asked.
         error_feedback: client memory ("none", "classic", "weighted"); None = "none" for "unbiased",
             "weighted" for "remark6".
         ef_beta: weighted-EF factor; None = m/n (Remark 3's β*, n = d padded to a power of 2).
@@ -113,6 +118,8 @@ class RLCOverTheAir(CompressedFedAvg):
         variant: str = "unbiased",
         c_gain: float = 1.0,
         diagnostics: bool = False,
+        client_sizes: Sequence[int] | None = None,
+        skip_idle: bool = True,
         error_feedback: str | None = None,
         ef_beta: float | None = None,
         **kwargs: Any,
@@ -146,6 +153,11 @@ class RLCOverTheAir(CompressedFedAvg):
         self.variant = variant
         self.c_gain = float(c_gain)
         self.diagnostics = bool(diagnostics)
+        self.client_sizes = None if client_sizes is None else [int(n) for n in client_sizes]
+        if self.client_sizes is not None and any(n < 0 for n in self.client_sizes):
+            raise ValueError("client_sizes must be counts >= 0 (one per client id)")
+        self.skip_idle = bool(skip_idle)
+        self._sampled_n = 0  # Σ n_j over the clients sampled this round (idle ones included)
         self._auto_beta = ef_beta is None
         self._memory: dict[int, torch.Tensor] = {}  # remark6 channel memory e_i (clipped nodes only)
         self._broadcast: tuple[int, torch.Tensor, int] | None = None  # (A seed, Re(y)/c, round) of the last round
@@ -156,7 +168,7 @@ class RLCOverTheAir(CompressedFedAvg):
     def from_experiment(cls, exp) -> dict[str, Any]:
         channel = dict(exp.cfg.channel)
         out: dict[str, Any] = {k: channel.pop(k) for k in ("bandwidth_hz", "compute_s") if k in channel}
-        return {"channel": channel, **out}
+        return {"channel": channel, "client_sizes": exp.data.client_sizes.tolist(), **out}
 
     # ------------------------------------------------------------------ round set-up
     def symbols(self, d: int) -> int:
@@ -185,6 +197,14 @@ class RLCOverTheAir(CompressedFedAvg):
     ) -> Iterable[Message]:
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self._downlink_mse = float("nan")
+        sampled = list(self._sent)  # client ids, same order as the messages
+        if self.client_sizes is not None:
+            self._sampled_n = sum(self.client_sizes[c] for c in sampled)
+            if self.skip_idle and messages:
+                b = draw_participation(self.channel.probabilities(sampled), seed=self.channel.seed,
+                                       round=server_round, nodes=sampled)
+                messages = [msg for msg, on in zip(messages, b.tolist()) if on]
+                self._sent = {c: n for (c, n), on in zip(self._sent.items(), b.tolist()) if on}
         if self._broadcast is None or self.channel.downlink_snr_db is None or not messages:
             return messages
         # Each node decodes its own noisy copy of the last broadcast: w + η_s Aᵀ η'_i (module docstring).
@@ -222,6 +242,22 @@ class RLCOverTheAir(CompressedFedAvg):
         return codec.decode(p, seed=seed).to(torch.float32)
 
     # ------------------------------------------------------------------ aggregation
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        self._last = {}
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if not self._last:  # nobody transmitted (idle nodes skipped, or every reply rejected)
+            d = self._global_vector.numel()
+            m = self.symbols(d)
+            self._broadcast = None
+            extra = {"channel_uses": float(m), "latency_s": self.compute_s + m / self.bandwidth_hz, "rlc_m": float(m),
+                     "rlc_gain": d / m, "rlc_c": 0.0, "rlc_transmitting": 0.0, "rlc_downlink_mse": self._downlink_mse}
+            if self.channel.snr_db is not None:
+                extra["snr_db"] = float(self.channel.snr_db)
+            metrics = MetricRecord({**dict(metrics), **extra})
+            self.last_metrics.update(extra)
+            self.history[server_round].update(extra)
+        return arrays, metrics
+
     def combine(self, server_round: int, replies: list[ClientReply], weights: torch.Tensor) -> torch.Tensor:
         codec = self.codec_for(self._global_vector.numel())
         name = self._codeword_name()
@@ -229,7 +265,10 @@ class RLCOverTheAir(CompressedFedAvg):
         cids = [r.cid for r in replies]
         norms = [r.data[1] for r in replies]
         true_norms = self.diagnostics and all(n is not None for n in norms)
-        alpha = weights.to(torch.float64)
+        if self.client_sizes is not None and self._sampled_n > 0:  # α_i = n_i / Σ_sampled n_j
+            alpha = torch.tensor([self.client_sizes[c] for c in cids], dtype=torch.float64) / self._sampled_n
+        else:
+            alpha = weights.to(torch.float64)
         if self.variant == "remark6":
             y_dec, chan = self._remark6_round(server_round, codec, codewords, alpha, cids)
         else:
