@@ -12,6 +12,7 @@ global model on the held-out test set every ``eval_every`` rounds.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -70,6 +71,8 @@ def run_flower_simulation(server_app: ServerApp, client_app, cfg: RunConfig, num
     """The one call into Flower's (deprecated) simulation entry point."""
     from flwr.simulation import run_simulation
 
+    # Ray's accelerator-env warning for num_gpus=0 is noise on CPU machines.
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     init_args: dict[str, Any] = {"log_to_driver": False, "logging_level": "ERROR"}
     if cfg.simulation.ray_address:
         init_args["address"] = cfg.simulation.ray_address
@@ -88,10 +91,20 @@ def run_flower_simulation(server_app: ServerApp, client_app, cfg: RunConfig, num
     )
 
 
+class _DropDeprecation(logging.Filter):
+    """run_simulation's deprecation notice: fl-sim knows, and keeps the call in one place."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "DEPRECATED FEATURE" not in record.getMessage() and "deprecated feature" not in record.getMessage()
+
+
 def _quiet_flower(level: str) -> None:
     lvl = getattr(logging, level.upper(), logging.WARNING)
     for name in ("flwr", "ray"):
-        logging.getLogger(name).setLevel(lvl)
+        logger = logging.getLogger(name)
+        logger.setLevel(lvl)
+        if not any(isinstance(f, _DropDeprecation) for f in logger.filters):
+            logger.addFilter(_DropDeprecation())
 
 
 def run_experiment(cfg: RunConfig, run_dir: Path | None = None, progress: ProgressFn | None = None) -> dict[str, Any]:
