@@ -310,11 +310,13 @@ def fwht(x: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
 # DCT.  scipy.fft (pocketfft) is fast when d has only small prime factors, but a large prime factor inside a
 # composite length runs as a generic O(p) radix pass: d = 668,426 = 2 * 11 * 23 * 1321 (Tang et al.'s ResNet)
 # took 106-110 ms vs 5.8-6.9 ms at next_fast_len(d) = 675,000 (19x); torch.fft.rfft(d) is as slow (~100 ms).
-# A lone prime length is fast (253 batched FFTs of length 1321: 4.4 ms; pocketfft/MKL use Bluestein/Rader).
+# A lone prime length is fast (253 batched FFTs of length 1321: 3.5-7 ms; pocketfft uses Bluestein for it).
 # So for such d: Makhoul's reordering (DCT = one length-d real DFT + twiddle), the real DFT by one complex DFT
 # of length d/2 (even/odd packing), and that DFT by one Cooley-Tukey step splitting off the large prime.
 # Tried first: a full Bluestein chirp-z DFT (2 complex FFTs of 670,824 points): 22-26 ms (4-5x).
-# Measured (1 thread): dct 23 ms vs 6.8 ms at 675,000 (3.4x), idct 17 ms vs 11.5 ms (1.5x); 2 threads 2.5x, 1.3x.
+# The glue is numpy (single-threaded elementwise ops): the same code in torch ran each of its ~20 elementwise
+# ops through a 2-thread OpenMP region and, on a machine loaded by other processes, took 15x instead of 3x.
+# Measured (1 thread, loaded machine): dct 26 ms vs 7.4 ms at 675,000 (3.5x), idct 28 ms vs 13 ms (2.1x).
 # --------------------------------------------------------------------------------------------------------------
 _SPLIT_MIN_PRIME = 101  # split off prime factors above this ...
 _SPLIT_MIN_LEN = 4096  # ... when d is at least this long (below, the direct O(d p) transform is cheap)
@@ -333,94 +335,109 @@ def _scipy_threads() -> int:
     return max(1, torch.get_num_threads())
 
 
+def _cdtype(real: np.dtype) -> type:
+    return np.complex128 if real == np.float64 else np.complex64
+
+
 @functools.lru_cache(maxsize=16)
-def _twiddle(count: int, denom: int, sign: float, cdtype: torch.dtype) -> torch.Tensor:
-    """exp(sign * i pi k / denom) for k < count (computed in float64, cached)."""
-    k = torch.arange(count, dtype=torch.float64)
-    return torch.polar(torch.ones(count, dtype=torch.float64), sign * math.pi * k / denom).to(cdtype)
+def _twiddle(count: int, denom: int, sign: float, cdtype: type) -> np.ndarray:
+    """exp(sign * i pi k / denom) for k < count (computed in float64, cached, read-only)."""
+    out = np.exp((sign * math.pi / denom) * 1j * np.arange(count, dtype=np.float64)).astype(cdtype)
+    out.flags.writeable = False
+    return out
 
 
 @functools.lru_cache(maxsize=8)
-def _split_twiddle(n1: int, n2: int, cdtype: torch.dtype) -> torch.Tensor:
+def _split_twiddle(n1: int, n2: int, cdtype: type) -> np.ndarray:
     """(n2, n1) table W_L^(j2 k1) = exp(-2 pi i j2 k1 / L), L = n1 n2 (exponent reduced mod L in int64)."""
     L = n1 * n2
-    e = (torch.arange(n2, dtype=torch.int64)[:, None] * torch.arange(n1, dtype=torch.int64)[None, :]) % L
-    return torch.polar(torch.ones(n2, n1, dtype=torch.float64), -2.0 * math.pi * e.to(torch.float64) / L).to(cdtype)
+    e = (np.arange(n2, dtype=np.int64)[:, None] * np.arange(n1, dtype=np.int64)[None, :]) % L
+    out = np.exp((-2j * math.pi / L) * e.astype(np.float64)).astype(cdtype)
+    out.flags.writeable = False
+    return out
 
 
-def _dft(z: torch.Tensor) -> torch.Tensor:
-    """Complex DFT along the last dim, X_k = sum_j z_j exp(-2 pi i j k / L).
+def _dft(z: np.ndarray) -> np.ndarray:
+    """Complex DFT along the last axis, X_k = sum_j z_j exp(-2 pi i j k / L).
 
     One Cooley-Tukey step splits off the largest prime factor p of L (L = p * L2, j = L2 j1 + j2,
-    k = k1 + p k2): L2 batched length-p FFTs (a lone prime length is fast: pocketfft/MKL use Bluestein or Rader
-    for it), twiddles W_L^(j2 k1), then p length-L2 DFTs (recursively). Lengths whose prime factors are all
-    <= 101 go straight to torch.fft.fft.
+    k = k1 + p k2): L2 batched length-p FFTs (a lone prime length is fast: pocketfft uses Bluestein for it),
+    twiddles W_L^(j2 k1), then p length-L2 DFTs (recursively). Lengths whose prime factors are all <= 101 go
+    straight to scipy.fft.fft.
     """
+    import scipy.fft
+
     L = z.shape[-1]
     p = _largest_prime_factor(L)
     if p == L or p <= _SPLIT_MIN_PRIME:
-        return torch.fft.fft(z)
+        return scipy.fft.fft(z, axis=-1, workers=_scipy_threads())
     lead, n2 = z.shape[:-1], L // p
-    a = torch.fft.fft(z.reshape(*lead, p, n2).transpose(-1, -2), dim=-1)  # (..., j2, k1)
-    a = a * _split_twiddle(p, n2, z.dtype)
-    b = _dft(a.transpose(-1, -2).contiguous())  # (..., k1, k2)
-    return b.transpose(-1, -2).reshape(*lead, L)  # flat index k2 * p + k1
+    a = scipy.fft.fft(z.reshape(*lead, p, n2).swapaxes(-1, -2), axis=-1, workers=_scipy_threads())  # (j2, k1)
+    a *= _split_twiddle(p, n2, z.dtype.type)
+    b = _dft(np.ascontiguousarray(a.swapaxes(-1, -2)))  # (..., k1, k2)
+    return b.swapaxes(-1, -2).reshape(*lead, L)  # flat index k2 * p + k1
 
 
-def _idft(z: torch.Tensor) -> torch.Tensor:
-    """Inverse DFT along the last dim: conj(DFT(conj(Z))) / L."""
-    return _dft(z.conj()).conj() / z.shape[-1]
+def _idft(z: np.ndarray) -> np.ndarray:
+    """Inverse DFT along the last axis: conj(DFT(conj(Z))) / L."""
+    out = _dft(z.conj()).conj()
+    out /= z.shape[-1]
+    return out
 
 
-def _real_dft_full(v: torch.Tensor) -> torch.Tensor:
-    """All N DFT coefficients of a real (..., N) tensor; even N through one complex DFT of length N/2."""
+def _real_dft_full(v: np.ndarray) -> np.ndarray:
+    """All N DFT coefficients of a real (..., N) array; even N through one complex DFT of length N/2."""
     N = v.shape[-1]
-    cdtype = torch.complex128 if v.dtype == torch.float64 else torch.complex64
+    cdtype = _cdtype(v.dtype)
     if N % 2:
-        return _dft(v.to(cdtype))
+        return _dft(v.astype(cdtype))
     h = N // 2
-    Z = _dft(torch.view_as_complex(v.reshape(*v.shape[:-1], h, 2).contiguous()))
-    Zc = torch.roll(Z.flip(-1), 1, dims=-1).conj()  # conj(Z[(h - k) mod h])
+    Z = _dft(np.ascontiguousarray(v).view(cdtype))  # z_j = v_2j + i v_(2j+1)
+    Zc = np.roll(Z[..., ::-1], 1, axis=-1).conj()  # conj(Z[(h - k) mod h])
     E = (Z + Zc) * 0.5  # DFT of the even samples
-    O = (Z - Zc) * _twiddle(h, h, -1.0, cdtype) * (-0.5j)  # W^k * DFT of the odd samples, W = exp(-2 pi i / N)
-    return torch.cat((E + O, E - O), dim=-1)
+    O = (Z - Zc) * _twiddle(h, h, -1.0, cdtype)  # W^k * DFT of the odd samples, W = exp(-2 pi i / N)
+    O *= -0.5j
+    return np.concatenate((E + O, E - O), axis=-1)
 
 
-def _real_idft_full(V: torch.Tensor, real_dtype: torch.dtype) -> torch.Tensor:
+def _real_idft_full(V: np.ndarray, real_dtype: np.dtype) -> np.ndarray:
     """Real (..., N) signal from its N (Hermitian) DFT coefficients; even N through one inverse DFT of N/2."""
     N = V.shape[-1]
     if N % 2:
-        return _idft(V).real.to(real_dtype)
+        return _idft(V).real.astype(real_dtype)
     h = N // 2
     E = V[..., :h] + V[..., h:]
-    O = (V[..., :h] - V[..., h:]) * _twiddle(h, h, 1.0, V.dtype)  # divide by W^k
-    z = _idft((E + 1j * O) * 0.5)
-    return torch.view_as_real(z).reshape(*V.shape[:-1], N).to(real_dtype)
+    O = (V[..., :h] - V[..., h:]) * _twiddle(h, h, 1.0, V.dtype.type)  # divide by W^k
+    E += 1j * O
+    E *= 0.5
+    return np.ascontiguousarray(_idft(E)).view(real_dtype)  # (re, im) pairs = (v_2j, v_(2j+1))
 
 
-def _dct_split(x: torch.Tensor) -> torch.Tensor:
+def _dct_split(x: np.ndarray) -> np.ndarray:
     """Orthonormal DCT-II by Makhoul: v = (x_0, x_2, ..., x_3, x_1), y_k = 2 Re(exp(-i pi k / 2N) V_k)."""
     N = x.shape[-1]
-    v = torch.cat((x[..., 0::2], x[..., 1::2].flip(-1)), dim=-1)
+    v = np.concatenate((x[..., 0::2], x[..., 1::2][..., ::-1]), axis=-1)
     V = _real_dft_full(v)
-    y = (V * _twiddle(N, 2 * N, -1.0, V.dtype)).real * math.sqrt(2.0 / N)
+    V *= _twiddle(N, 2 * N, -1.0, V.dtype.type)
+    y = V.real * math.sqrt(2.0 / N)
     y[..., 0] *= math.sqrt(0.5)
-    return y.to(x.dtype)
+    return y.astype(x.dtype, copy=False)
 
 
-def _idct_split(X: torch.Tensor) -> torch.Tensor:
+def _idct_split(X: np.ndarray) -> np.ndarray:
     """Inverse of :func:`_dct_split`: V_k = exp(i pi k / 2N) (y_k - i y_{N-k}) / 2, v = IDFT(V), unshuffle."""
     N = X.shape[-1]
-    cdtype = torch.complex128 if X.dtype == torch.float64 else torch.complex64
+    cdtype = _cdtype(X.dtype)
     y = X * math.sqrt(N / 2.0)  # = (unnormalized y) / 2
     y[..., 0] *= math.sqrt(2.0)
-    y_rev = torch.cat((torch.zeros_like(y[..., :1]), y[..., 1:].flip(-1)), dim=-1)  # y_{N-k}, y_N = 0
-    V = torch.complex(y, -y_rev).to(cdtype) * _twiddle(N, 2 * N, 1.0, cdtype)
+    V = y.astype(cdtype)
+    V.imag[..., 1:] = -y[..., :0:-1]  # -y_{N-k}, y_N = 0
+    V *= _twiddle(N, 2 * N, 1.0, cdtype)
     v = _real_idft_full(V, X.dtype)
     half = (N + 1) // 2
-    x = torch.empty_like(v)
+    x = np.empty_like(v)
     x[..., 0::2] = v[..., :half]
-    x[..., 1::2] = v[..., half:].flip(-1)
+    x[..., 1::2] = v[..., half:][..., ::-1]
     return x
 
 
@@ -437,12 +454,12 @@ def _dct_common(x: torch.Tensor, inverse: bool) -> torch.Tensor:
     if x.shape[-1] < 1:
         raise CodecError(f"{who}: last dimension is empty")
     dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-    xc = x.detach().to("cpu", dtype)
+    xc = x.detach().to("cpu", dtype).numpy()
     if _use_split(x.shape[-1]):
         out = _idct_split(xc) if inverse else _dct_split(xc)
-        return out.to(x.device)
+        return torch.from_numpy(out).to(x.device)
     fn = scipy.fft.idct if inverse else scipy.fft.dct
-    out = fn(xc.numpy(), type=2, norm="ortho", axis=-1, workers=_scipy_threads())
+    out = fn(xc, type=2, norm="ortho", axis=-1, workers=_scipy_threads())
     return torch.from_numpy(out).to(x.device)
 
 
