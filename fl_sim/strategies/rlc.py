@@ -250,7 +250,8 @@ class RLCOverTheAir(CompressedFedAvg):
             m = self.symbols(d)
             self._broadcast = None
             extra = {"channel_uses": float(m), "latency_s": self.compute_s + m / self.bandwidth_hz, "rlc_m": float(m),
-                     "rlc_gain": d / m, "rlc_c": 0.0, "rlc_transmitting": 0.0, "rlc_downlink_mse": self._downlink_mse}
+                     "rlc_gain": d / m, "rlc_c": 0.0, "rlc_transmitting": 0.0, "rlc_noise_mse_expected": 0.0,
+                     "rlc_downlink_mse": self._downlink_mse}
             if self.channel.snr_db is not None:
                 extra["snr_db"] = float(self.channel.snr_db)
             metrics = MetricRecord({**dict(metrics), **extra})
