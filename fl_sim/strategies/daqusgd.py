@@ -129,7 +129,7 @@ class DaQuSGD(UpdateStrategy):
         if self.grad_momentum is None:
             self.grad_momentum = torch.zeros_like(g)
         self.grad_momentum.mul_(self.mu).add_(g)
-        self._last.update(received_samples=int(len(y)), server_batch_loss=float(loss))
+        self._last.update(received_samples=int(len(y)), server_batch_loss=float(loss.detach()))
         return -self.lr * self.grad_momentum
 
     def _flat_grad(self) -> torch.Tensor:
