@@ -208,3 +208,14 @@ def test_dct_zero_float16_and_errors() -> None:
         dct(torch.ones(4, dtype=torch.int32))
     with pytest.raises(CodecError, match="empty"):
         idct(torch.zeros(3, 0))
+
+
+def test_fwht_without_numba_uses_torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    import fl_sim.compression.transforms as transforms
+
+    x = _randn(3, 256)
+    expected = fwht(x)
+    monkeypatch.setattr(transforms, "_HAVE_NUMBA", False)
+    y = x.clone()
+    assert transforms.fwht(y, inplace=True) is y
+    torch.testing.assert_close(y, expected, rtol=0, atol=1e-10)
