@@ -38,7 +38,7 @@ def test_in_memory_run_is_deterministic_and_counts_bits(tmp_path):
     for r in rows1[1:]:
         assert r["uplink_bits"] == 4 * 32 * d
         assert r["downlink_bits"] == 4 * 32 * d
-    assert (tmp_path / "a" / "metrics.csv").read_text().count("\n") == 4  # header + rounds 0..3
+    assert (tmp_path / "a" / "metrics.csv").read_text().count("\n") == 5  # header + rounds 0..3
     assert s1["total_uplink_bits"] == 3 * 4 * 32 * d
 
 
