@@ -17,9 +17,10 @@ Simulation split: the clients return their codewords v_i = A Δ_i (the ``rlc`` c
 ``compression_mod``); the strategy plays the channel (fl_sim.channels.MACChannel: fading, CSI, power
 control, participation, noise) and decodes from the noisy superposition only. The codewords are used
 by nothing but the channel simulation and, for diagnostics only, the channel-induced error
-‖Δ̂ − Aᵀ Σ_i α_i v_i‖², i.e. against Aᵀ A Σ α_i Δ_i, the decode of a perfect MAC with every sampled
-node transmitting (the server never holds Δ_i, so Lemma 13's projection part (d/m − 1)‖g‖² is not
-measured here; fl_sim.channels' tests check it).
+‖Δ̂ − Aᵀ Σ_i α_i (b_i/π_i) v_i‖², i.e. against Aᵀ A Σ α_i (b_i/π_i) Δ_i, the decode of a perfect MAC
+with the same transmitting nodes: fading, CSI error, subchannel selection, noise (and Remark 6
+clipping). Not in it: the projection part (d/m − 1)‖g‖² of Lemma 13 (the server never holds Δ_i)
+and the participation part (known in closed form, NOTES §3.2); fl_sim.channels' tests check both.
 
 Power control needs each node's ‖Δ_i‖ (a_i of eq. 5.8); a real node knows it. By default the
 simulation uses ‖A Δ_i‖ (E‖AΔ‖² = ‖Δ‖²). With ``diagnostics=True`` the round config asks clients to
@@ -279,10 +280,12 @@ class RLCOverTheAir(CompressedFedAvg):
             )
         delta = self._adjoint(codec, y_dec, self._round_seed)  # Δ̂ = Aᵀ Re(y) / c
         self._broadcast = (self._round_seed, y_dec.to(torch.float32), server_round) if chan["c"] > 0 else None
-        # Diagnostics only (simulation): the error the MAC adds, against a perfect MAC's Aᵀ Σ α_i v_i.
-        ideal = alpha.to(torch.float32) @ codewords
-        target = self._adjoint(codec, ideal, self._round_seed)
+        # Diagnostics only (simulation): the error the MAC adds (fading, CSI, subchannel selection,
+        # noise, clipping), against a perfect MAC's decode of the same transmitters Aᵀ Σ α_i (b_i/π_i) v_i.
+        coef = alpha * chan["b"].to(torch.float64) / self.channel.probabilities(cids)
+        target = self._adjoint(codec, (coef @ codewords.to(torch.float64)).to(torch.float32), self._round_seed)
         mse = float(((delta - target).to(torch.float64) ** 2).sum())
+        target2 = max(float((target.to(torch.float64) ** 2).sum()), 1e-30)
         d, m = self._global_vector.numel(), codewords.shape[1]
         transmitting = chan["b"].to(torch.bool)
         ratio = (chan["power"] / chan["budget"])[transmitting]
@@ -299,8 +302,9 @@ class RLCOverTheAir(CompressedFedAvg):
             "rlc_expected_power_ratio_max": float(chan["expected_power_ratio_max"]),
             "rlc_noise_var": float(chan["noise_var"]),
             "rlc_noise_mse_expected": d * float(chan["decoded_noise_var"]),
+            "rlc_noise_rel_mse_expected": d * float(chan["decoded_noise_var"]) / target2,
             "rlc_channel_mse": mse,
-            "rlc_channel_rel_mse": mse / max(float((target.to(torch.float64) ** 2).sum()), 1e-30),
+            "rlc_channel_rel_mse": mse / target2,
             "rlc_true_norms": float(true_norms),
             "rlc_downlink_mse": self._downlink_mse,
         }
