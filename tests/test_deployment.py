@@ -95,7 +95,7 @@ def test_superlink_two_supernodes_fihtcs(tmp_path):
         assert len(runs) == 1, output[-2000:]
         lines = (runs[0] / "metrics.csv").read_text().strip().splitlines()
         header = lines[0].split(",")
-        assert len(lines) == 3  # rounds 0, 1, 2
+        assert len(lines) == 4  # header + rounds 0, 1, 2
         row = dict(zip(header, lines[2].split(",")))
         assert float(row["uplink_bits"]) > 0 and float(row["compression_ratio"]) > 3.5
     finally:
