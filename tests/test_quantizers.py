@@ -149,3 +149,17 @@ def test_topk_exact_and_randk_seeded():
     c = randk_indices(100, 10, generator=torch_generator(8, "r"))
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert a.unique().numel() == 10 and torch.equal(a, a.sort().values) and 0 <= a.min() and a.max() < 100
+
+
+def test_randk_subsets_are_uniform():
+    # sparse path (4k <= d): every index included with probability k/d; per index the frequency over
+    # T draws has SE sqrt(p (1 - p) / T) = 0.006 for p = 1/8, T = 3000; 5 SE = 0.03
+    d, k, trials = 40, 5, 3000
+    g = torch_generator(9, "uniform")
+    counts = torch.zeros(d)
+    for _ in range(trials):
+        idx = randk_indices(d, k, generator=g)
+        assert idx.unique().numel() == k
+        counts[idx] += 1
+    p = k / d
+    assert (counts / trials - p).abs().max() < 5 * math.sqrt(p * (1 - p) / trials)

@@ -236,8 +236,18 @@ def topk_sparsify(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def randk_indices(d: int, k: int, *, generator: torch.Generator) -> torch.Tensor:
-    """k distinct indices of range(d), uniform without replacement, sorted (shared randomness, never sent)."""
-    return torch.randperm(d, generator=generator)[:k].sort().values
+    """k distinct indices of range(d), a uniform k-subset, sorted (shared randomness, never sent).
+
+    For k <= d/4: draw k + k/8 + 32 indices with replacement, keep the distinct ones, pick k of those at
+    random (redraw in the rare case of fewer than k): O(k log k) instead of a permutation of all d. The
+    law of the result is invariant under relabelling range(d), hence uniform over k-subsets.
+    """
+    if 4 * k > d:
+        return torch.randperm(d, generator=generator)[:k].sort().values
+    while True:
+        draw = torch.randint(0, d, (k + k // 8 + 32,), generator=generator).unique()
+        if draw.numel() >= k:
+            return draw[torch.randperm(draw.numel(), generator=generator)[:k]].sort().values
 
 
 def scatter_dense(idx: torch.Tensor, values: torch.Tensor, d: int) -> torch.Tensor:
