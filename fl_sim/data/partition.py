@@ -41,12 +41,13 @@ def _quiet_tqdm():
 
 
 def _power_law_sizes(n: int, total: int, seed: int) -> list[int]:
-    """Sizes ~ lognormal(0, 1.5) (heavy-tailed, power-law-like), scaled to sum to ``total``."""
+    """Sizes 1 + ~lognormal(0, 1.5) (heavy-tailed, power-law-like), summing to ``total`` (>= n)."""
     rng = np.random.default_rng(seed)
     raw = rng.lognormal(0.0, 1.5, n)
-    sizes = np.floor(raw / raw.sum() * total).astype(np.int64)
+    spare = total - n  # every client gets one sample, the rest follows the heavy tail
+    sizes = 1 + np.floor(raw / raw.sum() * spare).astype(np.int64)
     sizes[np.argsort(-raw)[: total - sizes.sum()]] += 1  # hand out the remainder to the largest
-    return sizes.tolist()
+    return [int(s) for s in sizes]
 
 
 def partition_indices(src: Source, cfg: DataConfig, num_clients: int, seed: int) -> list[np.ndarray]:
