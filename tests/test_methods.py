@@ -148,3 +148,17 @@ def test_malformed_payload_rejected(caplog):
     assert rows[1]["clients_failed"] == 1 and rows[1]["clients_ok"] == K - 1
     assert all(torch.isfinite(torch.tensor(r["test_accuracy"])) for r in rows)
     assert any(str(victims[0]) in rec.getMessage() for rec in caplog.records)
+
+
+def test_daqusgd_client_sends_nothing_above_an_impossible_threshold():
+    from fl_sim.clients.daqusgd import select_and_quantize
+    from fl_sim.models import build_model
+
+    model = build_model("mlp", (6,), 3, hidden=[4])
+    x, y = torch.randn(20, 6), torch.randint(0, 3, (20,))
+    sel = select_and_quantize(model, x, y, threshold=1e9, bits_per_feature=3, num_classes=3, batch_size=8,
+                              generator=torch.Generator().manual_seed(0))
+    assert sel.bits == 0 and sel.labels.numel() == 0 and sel.levels.shape == (0, 6)
+    sel = select_and_quantize(model, x, y, threshold=-1.0, bits_per_feature=3, num_classes=3, batch_size=8,
+                              generator=torch.Generator().manual_seed(0))
+    assert sel.bits == 32 + 8 * (6 * 3 + 2)

@@ -68,10 +68,10 @@ def select_and_quantize(
     losses = per_sample_loss(model, xb, yb)
     keep = losses > threshold
     xs, ys = xb[keep], yb[keep]
-    levels, scale = quantize_batch(xs.reshape(len(ys), -1), bits_per_feature)
-    label_bits = math.ceil(math.log2(num_classes)) if num_classes > 1 else 0
     n_sent = int(keep.sum())
-    features = int(x[0].numel()) if n else 0
+    features = int(math.prod(x.shape[1:]))
+    levels, scale = quantize_batch(xs.reshape(n_sent, features), bits_per_feature)
+    label_bits = math.ceil(math.log2(num_classes)) if num_classes > 1 else 0
     bits = batch_bits(n_sent, features, bits_per_feature) + n_sent * label_bits
     return DaQuSelection(
         levels=levels.reshape(xs.shape),
