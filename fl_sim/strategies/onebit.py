@@ -33,8 +33,11 @@ class OneBitCS(CompressedFedAvg):
         compression: d/M when ``measurements`` is None.
         phi: "per_worker" or "common".
         recovery: "none" (Φᵀ v̂, unbiased), "biht" or "lp" (ℓ1 with ‖y − Φx‖∞ ≤ ε, small blocks).
+        block: partition size n of the measurement operator (a power of 2; None = one block), with one
+            scale ϱ per block.
+        sparsity: K of BIHT recovery.
         error_feedback: "none" or "classic".
-        **kwargs: UpdateStrategy arguments; extra codec parameters go in ``codec_params``.
+        **kwargs: UpdateStrategy arguments.
     """
 
     def __init__(
@@ -44,14 +47,20 @@ class OneBitCS(CompressedFedAvg):
         compression: float = 4.0,
         phi: str = "per_worker",
         recovery: str = "none",
+        block: int | None = None,
+        sparsity: int | None = None,
         error_feedback: str = "classic",
-        codec_params: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         kwargs.pop("codec", None)
+        kwargs.pop("codec_params", None)
         if phi not in ("per_worker", "common"):
             raise ValueError(f"phi={phi!r}: use 'per_worker' or 'common'")
-        params = {"phi": phi, "recovery": recovery, **(codec_params or {})}
+        params: dict[str, Any] = {"phi": phi, "recovery": recovery}
+        if block is not None:
+            params["block"] = block
+        if sparsity is not None:
+            params["sparsity"] = sparsity
         super().__init__(
             codec="onebit_cs",
             codec_params=params,
