@@ -39,8 +39,8 @@ otherwise scales down so that its *realized* power is exactly P_i (the unbiased 
 in expectation over A). The memory is split in two parts that add up to e_i:
   * compression part z_i − Aᵀ A z_i: the client's weighted error feedback (Abdi eq. 4.14, the "local
     weighted error feedback" of [53] that Remark 6 cites) in ``compression_mod``, β = m/n by default
-    (Remark 3's β* = 1/(γ+1) with γ = n/m − 1, n = d padded to a power of 2). Classic EF (β = 1) is not used: Aᵀ A expands by d/m
-    on average, so r ← z − Aᵀ A z grows without bound for d/m > 2;
+    (Remark 3's β* = 1/(γ+1) with γ = n/m − 1, n = d padded to a power of 2). Classic EF (β = 1) is
+    not used: Aᵀ A expands by n/m on average, so r ← z − Aᵀ A z grows without bound for n/m > 2;
   * channel part (1 − ρ_i)(m/m_i) Aᵀ (D_i v'_i) (D_i = selected subchannels, v'_i the node's codeword
     incl. its earlier channel memory): what clipping withheld. A node computes it from its own signal;
     the simulation holds it at the server (it is the only place where ρ_i is known), keyed by client
@@ -125,8 +125,8 @@ class RLCOverTheAir(CompressedFedAvg):
         ef_beta: float | None = None,
         **kwargs: Any,
     ) -> None:
-        kwargs.pop("codec", None)
-        kwargs.pop("codec_params", None)
+        for fixed in ("codec", "codec_params", "seed_mode"):  # RLC needs the rlc codec with one common A
+            kwargs.pop(fixed, None)
         if variant not in VARIANTS:
             raise ValueError(f"variant={variant!r}: use one of {', '.join(VARIANTS)}")
         if error_feedback is None:
