@@ -149,6 +149,34 @@ def bench_codecs(
     bc.main(["--out", str(out_path)] + (["--quick"] if quick else []))
 
 
+@app.command()
+def reproduce(
+    name: Optional[str] = typer.Argument(None, help="Experiment in configs/papers/ (see --list) or a YAML path."),
+    full: bool = typer.Option(False, "--full", help="The full version (real data, more rounds) instead of the reduced one."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Output directory (default: runs/reproduce/NAME[-full])."),
+    list_: bool = typer.Option(False, "--list", help="List the experiments and exit."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Reproduce a paper experiment: CSV + PNG per part and summary.json (docs/reproductions.md)."""
+    from .reproduce import list_experiments, reproduce as run_reproduction
+
+    if list_ or name is None:
+        table = Table(title="fl-sim reproduce NAME [--full]")
+        for col in ("name", "kind", "title"):
+            table.add_column(col)
+        for row in list_experiments():
+            table.add_row(*row)
+        out.print(table)
+        return
+    try:
+        summary = run_reproduction(name, full=full, out=out_dir, progress=lambda msg: console.print(msg))
+    except USER_ERRORS as exc:
+        _fail(exc, debug)
+        return
+    where = out_dir or Path("runs") / "reproduce" / (summary["experiment"] + ("-full" if full else ""))
+    out.print(f"{summary['experiment']} ({summary['version']}) done in {summary['wall_s']:.1f} s -> {where}")
+
+
 def main() -> None:
     try:
         app()
