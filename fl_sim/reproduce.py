@@ -269,6 +269,23 @@ def _qcs_wire_bits(n: int, k: int, levels: float) -> int:
     return FLOAT_BITS + k * level_bits(levels)
 
 
+def _qcs_table(n: int, levels, wire: bool):
+    """(gain, gamma, k, Q) arrays over k = 2..n and Q in ``levels``: gamma of (4.10), gain (4.11) or exact."""
+    import numpy as np
+
+    from .compression.quantizers import level_bits
+
+    k = np.arange(2, n + 1, dtype=np.float64)
+    gains, gammas, ks, qs = [], [], [], []
+    for Q in levels:
+        bits = FLOAT_BITS + k * level_bits(Q) if wire else k * math.log2(2 * Q + 1)
+        gains.append(FLOAT_BITS * n / bits)
+        gammas.append(n / k - 1 + (n / (4.0 * Q * Q)) * np.log(k) / (k - 1))  # (4.10), k >= 2
+        ks.append(k)
+        qs.append(np.full_like(k, Q))
+    return tuple(np.concatenate(a) for a in (gains, gammas, ks, qs))
+
+
 def best_qcs_parameters(n: int, gain: float, *, levels=None, wire: bool = False) -> dict[str, float]:
     """argmin over (k, Q) of gamma (4.10) subject to gain >= ``gain`` (NOTES §6's table).
 
@@ -276,37 +293,31 @@ def best_qcs_parameters(n: int, gain: float, *, levels=None, wire: bool = False)
     (fixed-length indices and the 32-bit scale). Q ranges over ``levels`` (default: 1..64, as NOTES;
     add 0.5 for the 1-bit variant), k over 2..n.
     """
-    from .compression.codecs.qcs import qcs_gamma
+    import numpy as np
 
-    best: dict[str, float] | None = None
-    for Q in levels or range(1, 65):
-        for k in range(2, n + 1):
-            g = FLOAT_BITS * n / (_qcs_wire_bits(n, k, Q) if wire else k * math.log2(2 * Q + 1))
-            if g < gain:
-                break  # gain falls with k
-            gam = qcs_gamma(n, k, Q)
-            if best is None or gam < best["gamma"]:
-                best = {"k": k, "levels": Q, "gamma": gam, "gain": g}
-    if best is None:
+    g, gam, k, q = _qcs_table(n, list(levels or range(1, 65)), wire)
+    ok = g >= gain
+    if not ok.any():
         raise ValueError(f"no (k, Q) reaches gain {gain} at n={n}")
-    return best
+    i = int(np.argmin(np.where(ok, gam, np.inf)))
+    Q = float(q[i])
+    return {"k": int(k[i]), "levels": int(Q) if Q.is_integer() else Q, "gamma": float(gam[i]), "gain": float(g[i])}
 
 
 def qcs_theory_front(n: int, levels, *, wire: bool = True) -> list[tuple[float, float]]:
-    """Lower envelope of gamma (4.10) over (k, Q) against gain: [(gain, min gamma at gain >= it)], gain descending."""
-    from .compression.codecs.qcs import qcs_gamma
+    """Lower envelope of gamma (4.10) over (k, Q) against gain: [(gain, min gamma at gain >= it)], gain
+    strictly descending, gamma strictly descending."""
+    import numpy as np
 
-    pts = []
-    for Q in levels:
-        for k in range(2, n + 1):
-            g = FLOAT_BITS * n / (_qcs_wire_bits(n, k, Q) if wire else k * math.log2(2 * Q + 1))
-            pts.append((g, qcs_gamma(n, k, Q)))
-    pts.sort(key=lambda t: -t[0])
-    front, best = [], math.inf
-    for g, gam in pts:
-        if gam < best:
-            best = gam
-            front.append((g, gam))
+    g, gam, _, _ = _qcs_table(n, list(levels), wire)
+    order = np.lexsort((gam, -g))  # gain descending, then gamma ascending
+    front: list[tuple[float, float]] = []
+    for i in order:
+        if not front or gam[i] < front[-1][1]:
+            if front and g[i] == front[-1][0]:
+                front[-1] = (float(g[i]), float(gam[i]))
+            else:
+                front.append((float(g[i]), float(gam[i])))
     return front
 
 
@@ -597,9 +608,13 @@ def run_qcs_codec(spec: dict[str, Any], s: dict[str, Any], out: Path, *, progres
         res.update(_weighted_ef(s, seed, float(e.mean()), out, progress))
     finally:
         torch.set_num_threads(threads)
-    res["thesis_gain_optimum"] = {str(g): best_qcs_parameters(n, g) for g in (32, 100)}
-    res["wire_gain_optimum"] = {str(g): best_qcs_parameters(n, g, levels=[0.5, *range(1, 65)], wire=True)
-                                for g in (32, 100)}
+    for key, kw in (("thesis_gain_optimum", {}), ("wire_gain_optimum", {"levels": [0.5, *range(1, 65)], "wire": True})):
+        res[key] = {}
+        for g in (32, 100):
+            try:
+                res[key][str(g)] = best_qcs_parameters(n, g, **kw)
+            except ValueError:
+                res[key][str(g)] = None  # gain out of reach at this block length
     res["notes_points"] = _notes_points(res["theorem7"], n, qcs_gamma)
     res["files"] = sorted(p.name for p in out.iterdir() if p.suffix in (".csv", ".png"))
     return res
