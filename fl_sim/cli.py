@@ -67,6 +67,8 @@ def run(
         _fail(exc, debug)
         return
     acc = summary.get("final_test_accuracy")
+    out.print(f"model {cfg.model.name}: {summary.get('parameters', 0):,} parameters; "
+              f"{summary.get('clients_with_data', cfg.clients)} of {cfg.clients} clients have data")
     out.print(
         f"final test accuracy {acc:.4f}, uplink {summary['total_uplink_bits']:.3e} bits, "
         f"{summary['wall_s']:.1f} s -> {summary['run_dir']}"
