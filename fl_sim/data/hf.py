@@ -83,6 +83,16 @@ def _column_array(ds, col: str) -> np.ndarray:
     return out
 
 
+def _channels_last(shape: tuple[int, ...]) -> bool:
+    """(a, b, c) is (H, W, C) when only c looks like a channel count (1, 3, 4), or when both a and c do
+    and a == b (square images: (4, 4, 3) is a 4x4 RGB image, (3, 4, 4) a 3-channel 4x4 one)."""
+    a, b, c = shape
+    chan = (1, 3, 4)
+    if (c in chan) != (a in chan):
+        return c in chan
+    return c in chan and a == b
+
+
 def _features(raw: np.ndarray) -> np.ndarray:
     """float32 (n, C, H, W) for images, (n, F) for vectors; integer pixels in [0, 255] -> [0, 1]."""
     x = raw.astype(np.float32)
@@ -90,7 +100,7 @@ def _features(raw: np.ndarray) -> np.ndarray:
         x /= 255.0
     if x.ndim == 3:  # (n, H, W) grayscale
         x = x[:, None]
-    elif x.ndim == 4 and x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):  # (n, H, W, C)
+    elif x.ndim == 4 and _channels_last(x.shape[1:]):  # (n, H, W, C) -> (n, C, H, W)
         x = np.ascontiguousarray(np.transpose(x, (0, 3, 1, 2)))
     if not np.isfinite(x).all():
         raise DataError("the feature column holds NaN or infinite values; clean the data set first")
