@@ -170,7 +170,9 @@ def _with_flwr(kind: str, cfg: DataConfig, labels: np.ndarray, num_clients: int,
     part = _flwr_partitioner(kind, cfg, num_clients, n, pseed)
     try:
         with _quiet():
-            part.dataset = datasets.Dataset.from_dict({"idx": rows, "label": labels[rows]})
+            # Arrow format: the partitioners' np.array(dataset["label"]) then converts one Arrow
+            # column (0.2 ms for 200,000 rows) instead of iterating a datasets Column row by row (6.7 s).
+            part.dataset = datasets.Dataset.from_dict({"idx": rows, "label": labels[rows]}).with_format("arrow")
             part.load_partition(0)  # triggers the whole assignment
     except ValueError as exc:
         first = (str(exc).splitlines() or [""])[0]
