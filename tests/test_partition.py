@@ -70,6 +70,8 @@ def test_natural_equals_natural_id_partitioner():
     for c in range(9):
         assert np.array_equal(parts[c], np.asarray(ref.load_partition(c)["idx"]))
     assert len(P.natural_partition(np.array([0, 0, 2]), 4)[1]) == 0  # a natural client without rows is empty
+    with pytest.raises(DataError, match="span 0..4 but there are 4 clients"):
+        P.natural_partition(np.array([0, 4]), 4)
 
 
 # --------------------------------------------------------------------------- coverage, seeds

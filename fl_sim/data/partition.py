@@ -65,6 +65,8 @@ def natural_partition(ids: np.ndarray, num_clients: int) -> list[np.ndarray]:
     machine, against 0.2 s for this stable argsort (tests check the two agree).
     """
     ids = np.asarray(ids, dtype=np.int64)
+    if len(ids) and (ids.min() < 0 or ids.max() >= num_clients):
+        raise DataError(f"natural client ids span {ids.min()}..{ids.max()} but there are {num_clients} clients")
     order = np.argsort(ids, kind="stable")
     counts = np.bincount(ids, minlength=num_clients)[:num_clients]
     return np.split(order, np.cumsum(counts)[:-1])
