@@ -5,7 +5,14 @@ built from the source, the partitioner splits it, and its whole assignment (the 
 ``_partition_id_to_indices``, rows of the partitioner's dataset) is read once and mapped back through
 that dataset's ``idx`` column. No per-client Dataset is ever built: ``load_partition`` for 10,000
 clients costs about 7.5 s (FLOWER_NOTES), reading the assignment once costs nothing. The ``idx``
-column is read after partitioning because ShardPartitioner sorts its dataset by label first.
+column is read after partitioning because ShardPartitioner sorts its dataset by label first. The
+dataset is handed over in Arrow format, which makes the partitioners' ``np.array(dataset["label"])``
+a column conversion instead of a row-by-row iteration (6.7 s per 200,000 rows with datasets 4).
+
+Measured on the shared 2-core machine: Dirichlet α = 0.01 over 10,000 clients of 50,000 samples
+0.3-0.7 s (α = 0.001 and 1e-5 too: the installed NumPy 2.4 draws small-α Dirichlet without NaN; the
+coverage check at the end of partition_indices guards against an older one that would not); over
+200,000 samples: Dirichlet 0.4 s, shards 2.2 s, pathological 0.9 s, size 0.2 s.
 
 ``data.partition``:
     iid           IidPartitioner semantics: a seeded permutation cut into ``np.array_split`` runs,

@@ -16,7 +16,8 @@ the code, so Synthetic(0.5, 0.5) is the published data set (the two readings agr
 v_k = 0, so every client draws from the same distribution (sizes still vary).
 
 Test data: ``test_fraction`` of each client's n_k samples (rounded, at least 1, at most n_k − 1) are
-drawn from that client's distribution into the common test set, as FedProx holds out 20% per device.
+drawn from that client's distribution into the common test set (FedProx splits every device's data
+into local train and test parts).
 
 Reproducibility: clients come in blocks of ``BLOCK`` with their own generators
 (seed, "synthetic", purpose, block); a block always draws parameters for all its ``BLOCK`` clients,
