@@ -24,6 +24,7 @@ LOCAL_EPOCHS = "fl-sim.local-epochs"
 LOCAL_STEPS = "fl-sim.local-steps"
 LR = "fl-sim.lr"
 BATCH_SIZE = "fl-sim.batch-size"
+REPORT_NORM = "fl-sim.report-norm"  # ask the client to report ‖z‖ of what it encoded (RLC power control)
 
 # Payload meta keys (ConfigRecord PAYLOAD_META)
 P_CODEC = "codec"
@@ -36,3 +37,4 @@ NUM_EXAMPLES = "num-examples"
 TRAIN_LOSS = "train-loss"
 UPLINK_BITS = "uplink-bits"
 M_CID = "cid"
+UPDATE_NORM = "update-norm"  # ‖z‖ of the encoded update (answer to REPORT_NORM)

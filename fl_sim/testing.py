@@ -86,7 +86,11 @@ class InMemoryGrid(Grid):
             if node in self.fail_nodes:
                 replies.append(Message(Error(code=0, reason="simulated client failure"), reply_to=msg))
                 continue
-            reply = self.client_app(msg, self.contexts[node])
+            try:
+                reply = self.client_app(msg, self.contexts[node])
+            except Exception as exc:  # noqa: BLE001 - as Flower's engine: a client crash is an error reply
+                replies.append(Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg))
+                continue
             if self.tamper is not None:
                 reply = self.tamper(reply)
             replies.append(reply)

@@ -77,7 +77,8 @@ def compression_mod(message: Message, context: Context, call_next) -> Message:
     delta = local - received
     memory = make_error_feedback(str(config.get(keys.EF, "none")), float(config.get(keys.EF_BETA, 1.0)))
     if memory is None:
-        payload = codec.encode(delta, seed=seed)
+        z = delta
+        payload = codec.encode(z, seed=seed)
     else:
         residual = _load_residual(context, cid)
         z = memory.compensate(delta, residual)
@@ -89,6 +90,8 @@ def compression_mod(message: Message, context: Context, call_next) -> Message:
     reply.content[keys.PAYLOAD_META] = meta
     metrics = reply.content.get(keys.METRICS) or MetricRecord()
     metrics[keys.UPLINK_BITS] = int(payload.bits)
+    if config.get(keys.REPORT_NORM):
+        metrics[keys.UPDATE_NORM] = float(z.norm())
     if keys.M_CID not in metrics:
         metrics[keys.M_CID] = cid
     reply.content[keys.METRICS] = metrics

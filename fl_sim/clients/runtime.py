@@ -62,12 +62,19 @@ class ClientRuntime:
         )
 
 
+_BY_ID: dict[int, tuple[RunConfig, "ClientRuntime"]] = {}  # id(cfg) -> (cfg kept alive, runtime)
+
+
 def runtime_for(cfg: RunConfig) -> ClientRuntime:
     """The cached runtime of this process for ``cfg`` (one per distinct config)."""
+    hit = _BY_ID.get(id(cfg))
+    if hit is not None and hit[0] is cfg:  # fast path: the same config object (no YAML dump per message)
+        return hit[1]
     key = yaml.safe_dump(config_to_dict(cfg), sort_keys=True)
     with _LOCK:
         rt = _CACHE.get(key)
         if rt is None:
             torch.set_num_threads(1)  # one client per core: intra-op threads only contend
             rt = _CACHE[key] = ClientRuntime(cfg)
+        _BY_ID[id(cfg)] = (cfg, rt)
         return rt

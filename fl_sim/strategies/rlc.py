@@ -75,8 +75,8 @@ from .compressed import CompressedFedAvg
 __all__ = ["RLCOverTheAir", "REPORT_NORM", "M_UPDATE_NORM", "VARIANTS"]
 
 VARIANTS = ("unbiased", "remark6")
-REPORT_NORM = "fl-sim.report-norm"  # ConfigRecord: ask clients for ‖Δ_i‖ (diagnostics)
-M_UPDATE_NORM = "update-norm"  # MetricRecord: the client's ‖Δ_i‖ (or ‖z_i‖ with error feedback)
+REPORT_NORM = keys.REPORT_NORM  # ConfigRecord: ask clients for ‖Δ_i‖ (diagnostics)
+M_UPDATE_NORM = keys.UPDATE_NORM  # MetricRecord: the client's ‖Δ_i‖ (or ‖z_i‖ with error feedback)
 
 
 class RLCOverTheAir(CompressedFedAvg):
