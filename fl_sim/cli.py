@@ -151,6 +151,61 @@ def bench_codecs(
     bc.main(["--out", str(out_path)] + (["--quick"] if quick else []))
 
 
+def _bench_module(name: str):
+    """benchmarks.<name>, importable from the repository root only (benchmarks/ is not installed)."""
+    import importlib
+
+    if str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        return importlib.import_module(f"benchmarks.{name}")
+    except ImportError:
+        _fail(FileNotFoundError("benchmarks/ not found: run fl-sim bench from the repository root"), False)
+
+
+@bench_app.command("round")
+def bench_round(
+    workloads: str = typer.Option("quickstart,lenet", "--workloads", help="quickstart and/or lenet."),
+    per_round: str = typer.Option("10,100", "--per-round", help="Clients per round, comma-separated."),
+    modes: str = typer.Option("plain,inline,ray", "--modes", help="plain (PyTorch loop), inline, ray."),
+    rounds: int = typer.Option(0, "--rounds", help="Rounds per run (0: 6 quickstart, 4 lenet)."),
+    repeats: int = typer.Option(2, "--repeats", help="Side-by-side repeats (modes alternate who goes first)."),
+    num_cpus: str = typer.Option("1", "--num-cpus", help="simulation.num_cpus values for ray, e.g. 0.5,1,2."),
+    profile: bool = typer.Option(False, "--profile", help="Also where a round's time goes."),
+    what_if: bool = typer.Option(False, "--what-if", help="Also inline runs with the proposed fixes patched in."),
+    quick: bool = typer.Option(False, "--quick", help="quickstart only, one repeat."),
+    out_path: Path = typer.Option(Path("bench_out/round.json"), "--out"),
+) -> None:
+    """R rounds of FedAvg through fl-sim (ray, inline) against the same computation as a plain PyTorch loop."""
+    argv = ["--workloads", workloads, "--per-round", per_round, "--modes", modes, "--rounds", str(rounds),
+            "--repeats", str(repeats), "--num-cpus", num_cpus, "--out", str(out_path)]
+    argv += ["--profile"] * profile + ["--what-if"] * what_if + ["--quick"] * quick
+    _bench_module("bench_round").main(argv)
+
+
+@bench_app.command("scale")
+def bench_scale(
+    clients: str = typer.Option("100,1000,10000,100000", "--clients", help="Population sizes, comma-separated."),
+    nodes: str = typer.Option("clients", "--nodes", help="SuperNodes: clients (as fl-sim run) or per_round."),
+    backend: str = typer.Option("ray", "--backend", help="ray or inline."),
+    rounds: int = typer.Option(4, "--rounds"),
+    config: Optional[str] = typer.Option(None, "--config", help="Measure this config instead (e.g. configs/scale_10k.yaml)."),
+    set_: List[str] = typer.Option([], "--set", help="Override for --config (repeatable)."),
+    fabricate: Optional[str] = typer.Option(None, "--fabricate", help="cifar10 | mnist: fake data of the real size for --config."),
+    timeout: float = typer.Option(300.0, "--timeout", help="Seconds per measurement."),
+    out_path: Path = typer.Option(Path("bench_out/scale.json"), "--out"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write the per-round time/memory curves PNG here."),
+) -> None:
+    """Per-round time and peak memory (whole process tree) from 100 to 100,000 clients, or of one config."""
+    argv = ["--clients", clients, "--nodes", nodes, "--backend", backend, "--rounds", str(rounds),
+            "--timeout", str(timeout), "--out", str(out_path)]
+    if config:
+        argv += ["--config", config] + [x for s in set_ for x in ("--set", s)]
+        argv += ["--fabricate", fabricate] if fabricate else []
+    argv += ["--plot", str(plot)] if plot else []
+    _bench_module("bench_scale").main(argv)
+
+
 @app.command()
 def reproduce(
     name: Optional[str] = typer.Argument(None, help="Experiment in configs/papers/ (see --list) or a YAML path."),
