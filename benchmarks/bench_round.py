@@ -293,7 +293,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         elif mode == "ray-instrumented":
             from benchmarks.bench_scale import instrumented_run
 
-            out = instrumented_run(cfg, mem=mem)
+            out = instrumented_run(cfg, mem=mem, ray_init=spec.get("ray_init"))
         else:
             raise SystemExit(f"unknown mode {mode!r}")
     out["memory_peak"] = mem.summary()
@@ -310,12 +310,14 @@ def _label(res: dict[str, Any]) -> str:
         m += f"@{s.get('num_cpus', 1.0):g}cpu"
     if s.get("what_if"):
         m += "+fix"
+    if s.get("ray_init"):
+        m += "+" + ",".join(f"{k}={v}" for k, v in s["ray_init"].items())
     return m
 
 
 def run(workloads: list[str], per_round: list[int], modes: list[str], *, rounds: int = 0, repeats: int = 2,
         num_cpus: list[float] | None = None, profile: bool = False, timeout: float = 400.0,
-        what_if: bool = False, log=print) -> dict[str, Any]:
+        what_if: bool = False, tune: bool = False, log=print) -> dict[str, Any]:
     """All measurements; returns {"machine", "runs": [...], "profile": [...]}."""
     num_cpus = num_cpus or [1.0]
     if "lenet" in workloads:
@@ -350,6 +352,17 @@ def run(workloads: list[str], per_round: list[int], modes: list[str], *, rounds:
                 res = run_point_cmd("benchmarks.bench_round", spec, timeout)
                 prof.append(res)
                 log(_profile_lines(res))
+    if tune:  # what Flower exposes: CPUs per actor, i.e. actors on 2 cores (Flower 1.41 already starts Ray
+        # without the dashboard: RayBackend.init_ray does init_args.setdefault("include_dashboard", False))
+        k = max(per_round)
+        for w in workloads:
+            r = rounds or DEFAULT_ROUNDS[w]
+            for c, init in ((0.5, None), (1.0, None), (2.0, None)):
+                spec = {"workload": w, "per_round": k, "rounds": r, "mode": "ray-instrumented", "num_cpus": c,
+                        "ray_init": init}
+                res = run_point_cmd("benchmarks.bench_round", spec, timeout)
+                prof.append(res)
+                log(_profile_lines(res))
     return {"machine": machine(), "runs": runs, "profile": prof, "summary": summarize(runs)}
 
 
@@ -377,12 +390,15 @@ def _profile_lines(res: dict[str, Any]) -> str:
     rr = res["rounds"][1:] or res["rounds"]
     mean = lambda key: statistics.fmean(r[key] for r in rr)  # noqa: E731
     k = rr[0]["replies"]
-    return (f"profile {s['workload']} k={s['per_round']} ray: {mean('round_s'):.3f} s/round "
+    pk = res["memory_peak"]
+    return (f"profile {s['workload']} k={s['per_round']} {_label(res)}: {mean('round_s'):.3f} s/round "
             f"({mean('tree_cpu_s'):.3f} CPU s of the process tree), messages out {mean('send_receive_s'):.3f} s, "
             f"ClientApp {mean('app_mean_ms'):.1f} ms/client ({1e3 * mean('app_cpu_sum_s') / k:.1f} ms CPU) on "
             f"{rr[0]['actors']} actors; CPU outside the ClientApps "
             f"{1e3 * (mean('tree_cpu_s') - mean('app_cpu_sum_s')) / k:.1f} ms/client (server, Flower, Ray); "
-            f"wall transport estimate {mean('transport_ms_per_client'):.1f} ms/client")
+            f"wall transport estimate {mean('transport_ms_per_client'):.1f} ms/client; start: "
+            f"{res['start_to_first_round_s']:.1f} s + round 1 {res['first_round_s']:.1f} s; "
+            f"peak RSS {pk['peak_rss_gib']:.2f} PSS {pk['peak_pss_gib']:.2f} GiB")
 
 
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -435,6 +451,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--profile", action="store_true", help="also the time breakdown (inline timers, Ray transport)")
     p.add_argument("--what-if", action="store_true",
                    help="also inline runs with the proposed fixes monkeypatched in (see apply_proposed_fixes)")
+    p.add_argument("--tune", action="store_true",
+                   help="also Ray with num_cpus 0.5/1/2 per actor (instrumented runs)")
     p.add_argument("--quick", action="store_true", help="quickstart only, 1 repeat")
     p.add_argument("--timeout", type=float, default=400.0, help="seconds per measurement")
     p.add_argument("--out", type=Path, default=Path("bench_out/round.json"))
@@ -449,7 +467,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data = run(workloads, [int(k) for k in a.per_round.split(",") if k], [m for m in a.modes.split(",") if m],
                rounds=a.rounds, repeats=1 if a.quick else a.repeats,
                num_cpus=[float(c) for c in a.num_cpus.split(",") if c], profile=a.profile, timeout=a.timeout,
-               what_if=a.what_if, log=lambda s: print(s, flush=True))
+               what_if=a.what_if, tune=a.tune, log=lambda s: print(s, flush=True))
     print()
     print_summary(data["summary"])
     a.out.parent.mkdir(parents=True, exist_ok=True)

@@ -113,64 +113,101 @@ def tree_memory(root: int | None = None, with_pss: bool = True) -> tuple[int, in
 
 
 class TreeMemory:
-    """Sample the process tree's memory every ``interval`` seconds in a daemon thread."""
+    """Sample the memory of a process tree in a daemon thread (Linux /proc).
 
-    def __init__(self, interval: float = 0.2, *, with_pss: bool = True, root: int | None = None) -> None:
-        if interval <= 0:
-            raise ValueError(f"interval={interval} must be > 0 seconds")
+    Two sums over the tree (``root``, default this process, and all its descendants: Ray's raylet,
+    GCS, dashboard and worker processes are children or grandchildren of the driver), in bytes:
+
+    * RSS: resident set of every process, added up. Pages shared between processes (the torch and
+      Ray libraries every worker maps, Ray's shared-memory object store) count once per process,
+      so this over-counts: the conservative figure.
+    * PSS: proportional set size (/proc/<pid>/smaps_rollup): a page shared by n processes counts 1/n
+      in each, so the sum is the tree's real share of physical memory.
+
+    RSS (/proc/<pid>/statm, cheap) is sampled every ``interval`` seconds; the process list is
+    refreshed and PSS (the kernel walks every page table for it: ~10 ms per GB) read every
+    ``pss_interval`` seconds and at every ``mark(label)``, which also records the CPU seconds (user +
+    system) the tree's live processes have used: a measure of work that a loaded machine inflates
+    less than wall time. ``sampler_cpu_s``: the sampler thread's own CPU time.
+    """
+
+    def __init__(self, interval: float = 0.2, *, pss_interval: float = 5.0, root: int | None = None) -> None:
+        if interval <= 0 or pss_interval <= 0:
+            raise ValueError(f"interval={interval}, pss_interval={pss_interval}: both must be > 0 seconds")
         self.interval = float(interval)
-        self.with_pss = with_pss
+        self.pss_interval = float(pss_interval)
         self.root = os.getpid() if root is None else root
         self.peak_rss = 0
         self.peak_pss = 0
         self.peak_procs = 0
         self.peak_top: list[tuple[str, int]] = []
-        self.cpu_s = 0.0  # CPU seconds (user + system) used by the tree's live processes at the last sample
-        self.series: list[tuple[float, int, int]] = []  # (seconds since start, rss, pss)
+        self.cpu_s = 0.0
+        self.sampler_cpu_s = 0.0
+        self.series: list[tuple[float, int, int]] = []  # (seconds since start, rss, last pss)
         self.marks: dict[str, dict[str, float]] = {}
+        self._pids: list[int] = [self.root]
+        self._pss = 0
+        self._last_full = -1e9
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="tree-memory", daemon=True)
         self._t0 = time.perf_counter()
         self._lock = threading.Lock()
 
-    def sample(self) -> tuple[int, int]:
-        rss, pss, per, cpu = tree_memory(self.root, self.with_pss)
-        self.cpu_s = cpu
+    def _full(self) -> None:
+        """Refresh the process list, PSS and CPU seconds."""
+        rss, pss, per, cpu = tree_memory(self.root, True)
         with self._lock:
-            self.series.append((time.perf_counter() - self._t0, rss, pss))
+            self._pids = [p for p, _ in per]
+            self._pss, self.cpu_s = pss, cpu
+            self.peak_pss = max(self.peak_pss, pss)
+            self._last_full = time.perf_counter()
+        self._record(rss, per)
+
+    def _record(self, rss: int, per: list[tuple[int, int]]) -> None:
+        with self._lock:
+            self.series.append((time.perf_counter() - self._t0, rss, self._pss))
             if rss > self.peak_rss:
                 self.peak_rss = rss
                 self.peak_procs = len(per)
-                top = sorted(per, key=lambda p: -p[1])[:6]
-                self.peak_top = [(_name(pid), r) for pid, r in top]
-            self.peak_pss = max(self.peak_pss, pss)
-        return rss, pss
+                self.peak_top = [(_name(pid), r) for pid, r in sorted(per, key=lambda p: -p[1])[:6]]
+
+    def sample(self) -> tuple[int, int]:
+        """One sample: RSS of the known processes; the full refresh when it is due. Returns (rss, pss)."""
+        if time.perf_counter() - self._last_full >= self.pss_interval:
+            self._full()
+        else:
+            per = [(pid, _rss_pss(pid, False)[0]) for pid in self._pids]
+            self._record(sum(r for _, r in per), per)
+        return self.series[-1][1], self.series[-1][2]
 
     def mark(self, label: str) -> dict[str, float]:
-        """Record the current tree memory (and the peak so far) under ``label``; returns it."""
-        rss, pss = self.sample()
+        """Record the tree's memory now (full refresh), the peaks so far and the CPU seconds under ``label``."""
+        self._full()
+        rss, pss = self.series[-1][1], self.series[-1][2]
         rec = {"t_s": time.perf_counter() - self._t0, "rss": rss, "pss": pss, "peak_rss": self.peak_rss,
                "peak_pss": self.peak_pss, "cpu_s": self.cpu_s}
         self.marks[label] = rec
         return rec
 
     def _loop(self) -> None:
+        c0 = time.thread_time()
         while not self._stop.wait(self.interval):
             try:
                 self.sample()
             except Exception:  # noqa: BLE001 - a vanished process mid-read must not kill the sampler
                 pass
+            self.sampler_cpu_s = time.thread_time() - c0
 
     def __enter__(self) -> "TreeMemory":
         self._t0 = time.perf_counter()
-        self.sample()
+        self._full()
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self.sample()
+        self._full()
 
     def summary(self) -> dict:
         gib = 1024**3
@@ -180,6 +217,7 @@ class TreeMemory:
             "processes_at_peak": self.peak_procs,
             "top_at_peak": [(n, round(r / 1024**2)) for n, r in self.peak_top],
             "samples": len(self.series),
+            "sampler_cpu_s": self.sampler_cpu_s,
         }
 
 
@@ -190,6 +228,7 @@ def _timing_mod_factory():
     Made in a factory so that cloudpickle ships it by value to the Ray actors (no import needed there).
     """
     import os as _os
+    import sys as _sys
     import time as _time
 
     def bench_timing_mod(message, context, call_next):
@@ -201,6 +240,8 @@ def _timing_mod_factory():
                 metrics["bench.app-s"] = _time.perf_counter() - t0
                 metrics["bench.app-cpu-s"] = _time.process_time() - c0
                 metrics["bench.pid"] = _os.getpid()
+                rt = _sys.modules.get("fl_sim.clients.runtime")  # size of the process's runtime caches
+                metrics["bench.rt-cache"] = len(getattr(rt, "_BY_ID", ())) + len(getattr(rt, "_CACHE", ()))
         return reply
 
     return bench_timing_mod
@@ -221,7 +262,7 @@ class TimedGrid:
         t0 = time.perf_counter()
         replies = list(self._grid.send_and_receive(msgs, timeout=timeout))
         t1 = time.perf_counter()
-        app, app_cpu, pids = [], [], set()
+        app, app_cpu, pids, caches = [], [], set(), []
         for m in replies:
             if m.has_error():
                 continue
@@ -230,18 +271,35 @@ class TimedGrid:
                 app.append(float(metrics["bench.app-s"]))
                 app_cpu.append(float(metrics["bench.app-cpu-s"]))
                 pids.add(int(metrics["bench.pid"]))
+                caches.append(int(metrics.get("bench.rt-cache", -1)))
         if msgs:
             self.calls.append({"t0": t0, "t1": t1, "messages": len(msgs), "replies": len(replies),
-                               "app_s": app, "app_cpu_s": app_cpu, "pids": sorted(pids)})
+                               "app_s": app, "app_cpu_s": app_cpu, "pids": sorted(pids),
+                               "runtime_cache_max": max(caches, default=-1)})
         return replies
 
 
-def instrumented_run(cfg, *, nodes: int | None = None, mem: TreeMemory | None = None) -> dict[str, Any]:
+def _run_simulation_with(server_app, client_app, cfg, num_supernodes: int, ray_init: dict[str, Any]) -> None:
+    """fl_sim.simulation.run_flower_simulation with extra ``ray.init`` arguments (tuning what Flower exposes)."""
+    from flwr.simulation import run_simulation
+
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    init_args: dict[str, Any] = {"log_to_driver": False, "logging_level": "ERROR", **ray_init}
+    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_supernodes,
+                   backend_config={"client_resources": {"num_cpus": cfg.simulation.num_cpus,
+                                                        "num_gpus": cfg.simulation.num_gpus},
+                                   "init_args": init_args},
+                   verbose_logging=False)
+
+
+def instrumented_run(cfg, *, nodes: int | None = None, mem: TreeMemory | None = None,
+                     ray_init: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run ``cfg`` as ``fl-sim run`` does (same builders, server loop and Flower call), timing each part.
 
     ``nodes``: number of Flower SuperNodes (default ``cfg.clients``, as ``fl-sim run``). The ClientApp
-    is ``make_client_app(cfg)`` with one extra outer mod that reports its own time. Returns times
-    (seconds), per-round rows and memory marks (bytes) when ``mem`` is given.
+    is ``make_client_app(cfg)`` with one extra outer mod that reports its own time. ``ray_init``: extra
+    ``ray.init`` arguments (e.g. ``{"include_dashboard": False}``). Returns times (seconds), per-round
+    rows and memory marks (bytes) when ``mem`` is given.
     """
     from flwr.serverapp import ServerApp
 
@@ -286,7 +344,10 @@ def instrumented_run(cfg, *, nodes: int | None = None, mem: TreeMemory | None = 
     else:
         server_app = ServerApp()
         server_app.main()(lambda grid, context: serve(grid))
-        run_flower_simulation(server_app, app, cfg, num_supernodes=n_nodes)
+        if ray_init:
+            _run_simulation_with(server_app, app, cfg, n_nodes, ray_init)
+        else:
+            run_flower_simulation(server_app, app, cfg, num_supernodes=n_nodes)
     t_end = time.perf_counter()
     if errors:
         raise errors[0]
@@ -309,6 +370,7 @@ def instrumented_run(cfg, *, nodes: int | None = None, mem: TreeMemory | None = 
             "app_mean_ms": 1e3 * app_sum / max(1, len(c["app_s"])),
             "app_cpu_sum_s": float(sum(c["app_cpu_s"])),
             "tree_cpu_s": cpu,  # CPU seconds of the whole process tree in this round
+            "runtime_cache_max": c["runtime_cache_max"],  # entries in a client process's runtime cache
             "actors": len(c["pids"]),
             "replies": c["replies"],
             # time the round's messages were out, times the workers, minus the ClientApps' own time:
@@ -390,11 +452,12 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     cfg = _load_spec_config(spec)
     nodes = cfg.sampled_per_round() if spec.get("nodes") == "per_round" else cfg.clients
     with TreeMemory(0.2) as mem:
-        out = instrumented_run(cfg, nodes=nodes, mem=mem)
+        out = instrumented_run(cfg, nodes=nodes, mem=mem, ray_init=spec.get("ray_init"))
     out["memory_peak"] = mem.summary()
     out["memory_series"] = [(round(t, 2), r, p) for t, r, p in mem.series[:: max(1, len(mem.series) // 400)]]
     out["spec"] = spec
     out["loadavg"] = os.getloadavg()
+    out["env"] = {k: os.environ[k] for k in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OMP_WAIT_POLICY") if k in os.environ}
     return out
 
 
@@ -481,6 +544,8 @@ def _merge(out_path: Path, results: list[dict[str, Any]]) -> dict[str, Any]:
                else f"curve-{s.get('backend')}-nodes={s.get('nodes')}-{s.get('clients')}")
         if s.get("set"):
             key += " " + " ".join(x for x in s["set"] if not x.startswith("data.root="))
+        if res.get("env"):
+            key += " " + " ".join(f"{k}={v}" for k, v in sorted(res["env"].items()))
         data[key] = res
     data["_machine"] = machine()
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -524,7 +589,7 @@ def plot(data: dict[str, Any], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     runs = [v for k, v in data.items() if k.startswith("curve-") and "rounds" in v]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), dpi=80)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.6), dpi=80)
     styles = {"clients": "-", "per_round": "--"}
     colors = {100: "tab:blue", 1_000: "tab:orange", 10_000: "tab:green", 100_000: "tab:red"}
     for res in sorted(runs, key=lambda r: (r["spec"].get("nodes", ""), r["clients"])):
@@ -541,17 +606,20 @@ def plot(data: dict[str, Any], path: Path) -> Path:
         axes[1].plot([m[0] for m in mrounds], [m[1] / 1024**3 for m in mrounds], ls, marker="o", ms=3, color=c,
                      label=label)
         ser = res.get("memory_series") or []
-        axes[2].plot([p[0] for p in ser], [p[2] / 1024**3 for p in ser], ls, color=c, lw=1, label=label)
-    axes[0].set(title="time per round", xlabel="round", ylabel="seconds")
+        axes[2].plot([p[0] for p in ser], [p[1] / 1024**3 for p in ser], ls, color=c, lw=1, label=label)
+    axes[0].set(title="time per round (round 1: start-up)", xlabel="round", ylabel="seconds")
     axes[1].set(title="process-tree PSS at the end of each round", xlabel="round", ylabel="GiB")
-    axes[2].set(title="process-tree PSS over the whole run", xlabel="seconds since start", ylabel="GiB")
+    axes[2].set(title="process-tree RSS over the run (0.2 s samples)", xlabel="seconds since start", ylabel="GiB")
     for ax in axes:
         ax.grid(alpha=0.3)
+    for ax in axes[:2]:
+        ax.xaxis.get_major_locator().set_params(integer=True)
     axes[0].set_yscale("log")
-    axes[2].legend(fontsize=7, loc="upper left")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=7, frameon=False)
     fig.suptitle("fl-sim FIHT-CS (stateless), LeNet-5, 100 clients/round: solid = 1 SuperNode per client "
                  "(fl-sim run), dashed = 100 SuperNodes, dotted = inline", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
     plt.close(fig)

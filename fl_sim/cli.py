@@ -173,13 +173,14 @@ def bench_round(
     num_cpus: str = typer.Option("1", "--num-cpus", help="simulation.num_cpus values for ray, e.g. 0.5,1,2."),
     profile: bool = typer.Option(False, "--profile", help="Also where a round's time goes."),
     what_if: bool = typer.Option(False, "--what-if", help="Also inline runs with the proposed fixes patched in."),
+    tune: bool = typer.Option(False, "--tune", help="Also Ray with 0.5/1/2 CPUs per actor."),
     quick: bool = typer.Option(False, "--quick", help="quickstart only, one repeat."),
     out_path: Path = typer.Option(Path("bench_out/round.json"), "--out"),
 ) -> None:
     """R rounds of FedAvg through fl-sim (ray, inline) against the same computation as a plain PyTorch loop."""
     argv = ["--workloads", workloads, "--per-round", per_round, "--modes", modes, "--rounds", str(rounds),
             "--repeats", str(repeats), "--num-cpus", num_cpus, "--out", str(out_path)]
-    argv += ["--profile"] * profile + ["--what-if"] * what_if + ["--quick"] * quick
+    argv += ["--profile"] * profile + ["--what-if"] * what_if + ["--tune"] * tune + ["--quick"] * quick
     _bench_module("bench_round").main(argv)
 
 
