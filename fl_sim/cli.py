@@ -34,18 +34,30 @@ def run(
     config: Optional[str] = typer.Argument(None, help="YAML config (default: configs/quickstart.yaml)."),
     set_: List[str] = typer.Option([], "--set", help="Override a key: --set train.lr=0.1 (repeatable)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: runs/<name>-<time>)."),
+    resume: Optional[Path] = typer.Option(
+        None, "--resume", help="Continue the interrupted run in DIR from its last checkpoint (DIR/config.yaml)."
+    ),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
-    """Run one experiment; writes config.yaml, metrics.csv and summary.json to the run directory."""
+    """Run one experiment; writes config.yaml, metrics.csv and summary.json to the run directory.
+
+    With ``--resume DIR``: the config is DIR/config.yaml (a CONFIG or ``--set`` may only change how
+    the run executes, e.g. simulation.backend); it restarts after the newest checkpoint in DIR.
+    """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     try:
         from .config import load_config
 
-        cfg = load_config(config, set_)
+        if resume is not None:
+            if not (resume / "config.yaml").is_file():
+                raise FileNotFoundError(f"--resume {resume}: no config.yaml there (is it an fl-sim run directory?)")
+            if out_dir is not None and out_dir.resolve() != resume.resolve():
+                raise ValueError(f"--out {out_dir} and --resume {resume}: a resumed run stays in its directory")
+        cfg = load_config(config if config is not None or resume is None else resume / "config.yaml", set_)
         from .simulation import default_run_dir, run_experiment
 
-        run_dir = out_dir or default_run_dir(cfg)
+        run_dir = resume or out_dir or default_run_dir(cfg)
         with Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -62,7 +74,7 @@ def run(
                 status = f"acc {acc:.3f}" if isinstance(acc, float) else ""
                 progress.update(task, completed=rnd, status=status)
 
-            summary = run_experiment(cfg, run_dir, on_round)
+            summary = run_experiment(cfg, run_dir, on_round, resume=resume is not None)
     except USER_ERRORS as exc:
         _fail(exc, debug)
         return

@@ -126,6 +126,10 @@ class SimulationConfig:
     ray_address: str = ""  # connect to an existing Ray cluster ("auto" or "ip:port"); "" = start a local one
     ray_num_cpus: int = 0  # 0 = all cores of this machine
     log_level: str = "WARNING"
+    # Client error-feedback residuals (fl_sim.clients.residuals): "auto" = "disk" (RUN_DIR/state/residuals,
+    # checkpointable, bounded memory) unless ray_address points at a cluster, then "context".
+    residual_store: str = "auto"
+    residual_budget_mb: float = 0.0  # disk store: MB of rows each process may cache in memory (0 = none)
 
 
 @dataclass
@@ -137,6 +141,7 @@ class RunConfig:
     clients: int = 100
     clients_per_round: float = 10
     eval_every: int = 1
+    checkpoint_every: int = 10  # rounds between checkpoints for `fl-sim run --resume` (0 = none)
     out: str = "runs"
     name: str = ""
     data: DataConfig = field(default_factory=DataConfig)
@@ -339,6 +344,7 @@ def _require(cond: bool, key: str, value: Any, allowed: str) -> None:
 
 STRATEGY_NAMES = ("fedavg", "fedsgd", "compressed", "qcs", "onebit_cs", "fetchsgd", "fiht_cs", "daqusgd", "rlc")
 MODEL_NAMES = ("logreg", "mlp", "lenet5", "cifarnet", "resnet18")
+RESIDUAL_STORES = ("auto", "context", "disk")
 PARTITIONS = ("auto", "iid", "dirichlet", "shards", "pathological", "natural", "size")
 
 
@@ -390,3 +396,8 @@ def validate(cfg: RunConfig) -> None:
     _require(sim.backend in ("ray", "inline"), "simulation.backend", sim.backend, "ray or inline")
     _require(sim.num_cpus > 0, "simulation.num_cpus", sim.num_cpus, "CPUs per client must be > 0")
     _require(sim.num_gpus >= 0, "simulation.num_gpus", sim.num_gpus, "must be >= 0")
+    _require(sim.residual_store in RESIDUAL_STORES, "simulation.residual_store", sim.residual_store,
+             ", ".join(RESIDUAL_STORES))
+    _require(sim.residual_budget_mb >= 0, "simulation.residual_budget_mb", sim.residual_budget_mb,
+             "must be >= 0 (0 = no in-memory tier)")
+    _require(cfg.checkpoint_every >= 0, "checkpoint_every", cfg.checkpoint_every, "must be >= 0 (0 = no checkpoints)")

@@ -7,20 +7,21 @@ Works around any ClientApp that returns a model (``ClientApp(mods=[compression_m
 3. Δ = w' − w; with client error feedback, z = compensate(Δ, r) (classic EF, Karimireddy et al.
    2019; weighted EF z = Δ + β r, Abdi thesis eq. 4.14), else z = Δ;
 4. p = codec.encode(z, seed) with the round's shared (or per-client) seed;
-5. with error feedback, r ← update(r, z, decode(p)) kept in ``context.state`` under the client id;
+5. with error feedback, r ← update(r, z, decode(p)) kept under the client id in the residual store
+   the config names (fl_sim.clients.residuals: the node's ``context.state`` by default, or the
+   run's disk store);
 6. replace the reply's arrays with p's tensors, add the payload record and ``uplink-bits``.
 """
 
 from __future__ import annotations
 
-import numpy as np
-import torch
-from flwr.app import Array, ArrayRecord, Context, Message, MessageType, MetricRecord
+from flwr.app import Context, Message, MessageType, MetricRecord
 
 from .. import keys
 from ..compression import error_feedback as ef_lib
 from ..protocol import codec_seed, get_codec, load_params
 from ..records import flatten_arrays, payload_to_records
+from .residuals import store_for
 
 __all__ = ["compression_mod", "make_error_feedback"]
 
@@ -34,22 +35,6 @@ def make_error_feedback(kind: str, beta: float = 1.0):
     if kind == "weighted":
         return ef_lib.WeightedErrorFeedback(beta=beta)
     raise ValueError(f"error feedback {kind!r} unknown; use none, classic or weighted")
-
-
-def _residual_key(cid: int) -> str:
-    return f"fl-sim.residual.{cid}"
-
-
-def _load_residual(context: Context, cid: int) -> torch.Tensor | None:
-    rec = context.state.get(_residual_key(cid))
-    if rec is None:
-        return None
-    return torch.from_numpy(rec["r"].numpy().astype(np.float32))
-
-
-def _store_residual(context: Context, cid: int, r: torch.Tensor, dtype: str) -> None:
-    nd = r.detach().cpu().numpy().astype(np.float16 if dtype == "float16" else np.float32)
-    context.state[_residual_key(cid)] = ArrayRecord({"r": Array(nd)})
 
 
 def compression_mod(message: Message, context: Context, call_next) -> Message:
@@ -80,11 +65,11 @@ def compression_mod(message: Message, context: Context, call_next) -> Message:
         z = delta
         payload = codec.encode(z, seed=seed)
     else:
-        residual = _load_residual(context, cid)
+        store = store_for(config, context)
+        residual = store.load(cid)
         z = memory.compensate(delta, residual)
         payload = codec.encode(z, seed=seed)
-        new_r = memory.update(residual, z, codec.decode(payload, seed=seed))
-        _store_residual(context, cid, new_r, str(config.get(keys.EF_DTYPE, "float32")))
+        store.save(cid, memory.update(residual, z, codec.decode(payload, seed=seed)))
     arrays, meta = payload_to_records(payload)
     reply.content[keys.ARRAYS] = arrays
     reply.content[keys.PAYLOAD_META] = meta

@@ -20,8 +20,11 @@ from the message. Without ``client_ids`` (a user's deployment), nodes are the cl
 
 from __future__ import annotations
 
+import copy
+import io
 import logging
 import time
+from logging import INFO
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +33,9 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Result
+from flwr.serverapp.strategy.strategy_utils import log_strategy_start_info
+from flwr.supercore import log as flwr_log
 
 from .. import keys
 from ..protocol import round_seed
@@ -73,6 +78,9 @@ def _check_link(link: dict[str, float] | None) -> dict[str, float] | None:
 class UpdateStrategy(FedAvg):
     """FedAvg whose clients send updates Δ_i = w_i − w; subclasses decide how Δ travels.
 
+    ``STATE_ATTRS``: attributes that carry server state from one round to the next (checkpointed by
+    :meth:`state_dict`); a subclass with more state extends the tuple.
+
     Args (keyword-only, besides FedAvg's own ``**kwargs``):
         clients_per_round: clients sampled per round (count); None = ``fraction_train`` of nodes.
         client_ids: virtual client ids to sample from (simulation); None = sample nodes.
@@ -83,6 +91,8 @@ class UpdateStrategy(FedAvg):
             every client's bits one node after another at capacity C = 0.5 log2(1 + SNR) (Abdi
             Ch. 5, digital baseline) and the resulting latency; None = no channel accounting.
     """
+
+    STATE_ATTRS: tuple[str, ...] = ("momentum_buffer", "history")
 
     def __init__(
         self,
@@ -132,6 +142,85 @@ class UpdateStrategy(FedAvg):
         self._t0 = 0.0
         self.last_metrics: dict[str, float] = {}
         self.history: dict[int, dict[str, float]] = {}
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """A copy of the server state a checkpoint needs (tensors, numbers, dicts/tuples of them)."""
+        return {name: copy.deepcopy(getattr(self, name)) for name in self.STATE_ATTRS}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output (a copy; the argument is not kept)."""
+        missing = sorted(set(self.STATE_ATTRS) - set(state))
+        unknown = sorted(set(state) - set(self.STATE_ATTRS))
+        if missing or unknown:
+            raise ValueError(
+                f"{type(self).__name__} state: missing {missing or 'nothing'}, unknown {unknown or 'nothing'}; "
+                "was the checkpoint written by another strategy?"
+            )
+        for name in self.STATE_ATTRS:
+            setattr(self, name, copy.deepcopy(state[name]))
+
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn=None,
+        start_round: int = 1,
+    ) -> Result:
+        """Flower's ``Strategy.start`` (flwr 1.41, same steps and logs) from round ``start_round``.
+
+        ``start_round=1`` is Flower's loop unchanged. ``start_round=N+1`` resumes after a checkpoint of
+        round N: ``initial_arrays`` is that round's global model, the strategy's state has been
+        loaded, and the round-0 evaluation is skipped (its row is in the checkpoint).
+        """
+        if not 1 <= start_round <= num_rounds + 1:
+            raise ValueError(f"start_round={start_round} must be in 1..{num_rounds + 1}")
+        flwr_log(INFO, "Starting %s strategy (rounds %d..%d):", type(self).__name__, start_round, num_rounds)
+        log_strategy_start_info(num_rounds, initial_arrays, train_config, evaluate_config)
+        self.summary()
+        train_config = ConfigRecord() if train_config is None else train_config
+        evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
+        result = Result()
+        t_start = time.time()
+        if evaluate_fn and start_round == 1:
+            res = evaluate_fn(0, initial_arrays)
+            if res is not None:
+                result.evaluate_metrics_serverapp[0] = res
+        arrays = initial_arrays
+        if start_round > 1:
+            result.arrays = arrays
+        for current_round in range(start_round, num_rounds + 1):
+            flwr_log(INFO, "")
+            flwr_log(INFO, "[ROUND %s/%s]", current_round, num_rounds)
+            train_replies = grid.send_and_receive(
+                messages=self.configure_train(current_round, arrays, train_config, grid), timeout=timeout
+            )
+            agg_arrays, agg_train_metrics = self.aggregate_train(current_round, train_replies)
+            if agg_arrays is not None:
+                result.arrays = agg_arrays
+                arrays = agg_arrays
+            if agg_train_metrics is not None:
+                flwr_log(INFO, "\t└──> Aggregated MetricRecord: %s", agg_train_metrics)
+                result.train_metrics_clientapp[current_round] = agg_train_metrics
+            evaluate_replies = grid.send_and_receive(
+                messages=self.configure_evaluate(current_round, arrays, evaluate_config, grid), timeout=timeout
+            )
+            agg_evaluate_metrics = self.aggregate_evaluate(current_round, evaluate_replies)
+            if agg_evaluate_metrics is not None:
+                result.evaluate_metrics_clientapp[current_round] = agg_evaluate_metrics
+            if evaluate_fn:
+                res = evaluate_fn(current_round, arrays)
+                if res is not None:
+                    result.evaluate_metrics_serverapp[current_round] = res
+        flwr_log(INFO, "Strategy execution finished in %.2fs", time.time() - t_start)
+        flwr_log(INFO, "Final results:")
+        for line in io.StringIO(str(result)):
+            flwr_log(INFO, "\t%s", line.strip("\n"))
+        return result
 
     # ------------------------------------------------------------------ hooks for subclasses
     def round_config(self, server_round: int, config: ConfigRecord) -> None:

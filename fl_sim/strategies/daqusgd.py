@@ -43,6 +43,9 @@ class DaQuSGD(UpdateStrategy):
         batch_size: samples a node considers per round.
     """
 
+    # threshold rule (running epoch sums) and the server's SGD momentum
+    STATE_ATTRS = UpdateStrategy.STATE_ATTRS + ("threshold", "_epoch_loss_sum", "_epoch_sent", "grad_momentum")
+
     def __init__(
         self,
         *,

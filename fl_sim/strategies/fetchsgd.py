@@ -45,6 +45,8 @@ class FetchSGD(CompressedFedAvg):
         **kwargs: UpdateStrategy arguments; server_lr is η_s.
     """
 
+    STATE_ATTRS = CompressedFedAvg.STATE_ATTRS + ("s_u", "s_e")  # momentum and error sketches
+
     def __init__(self, *, rows: int = 5, cols: int = 1000, k: int = 500, momentum: float = 0.9, **kwargs: Any) -> None:
         kwargs.pop("codec", None)
         kwargs.pop("codec_params", None)

@@ -48,6 +48,8 @@ class FIHTCS(CompressedFedAvg):
         **kwargs: UpdateStrategy arguments (server_lr is η_s).
     """
 
+    STATE_ATTRS = CompressedFedAvg.STATE_ATTRS + ("residual",)  # server error r = Φe
+
     def __init__(
         self,
         *,

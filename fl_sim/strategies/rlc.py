@@ -107,6 +107,9 @@ class RLCOverTheAir(CompressedFedAvg):
         **kwargs: UpdateStrategy arguments.
     """
 
+    # remark6 channel memory e_i (by client id) and the last broadcast (downlink noise of the next round)
+    STATE_ATTRS = CompressedFedAvg.STATE_ATTRS + ("_memory", "_broadcast")
+
     def __init__(
         self,
         *,

@@ -1,0 +1,196 @@
+"""Checkpoints of a run, for ``fl-sim run --resume DIR``.
+
+Every ``checkpoint_every`` rounds the server writes RUN_DIR/checkpoint/round-NNNNNN.pt holding all
+that round N+1 needs and that cannot be rebuilt from the config:
+
+* the global model after round N (every array of the ArrayRecord, dtypes kept);
+* the strategy's server state (``UpdateStrategy.state_dict``: FedAvgM momentum, FetchSGD momentum
+  and error sketches, FIHTCS error Φe, DaQuSGD threshold sums and momentum, RLC channel memory and
+  last broadcast);
+* the metric rows of rounds 0..N (metrics.csv is rebuilt from them, dropping rows of rounds after N
+  that a killed run may have written);
+* the config, to refuse a resume under another one;
+* with client error feedback, a snapshot of the disk residual store (residuals-NNNNNN.ids.npy, .rows).
+
+RNG positions: every random draw is keyed by (seed, round, purpose, id) (fl_sim.rng): client
+sampling, codec seeds, local-training shuffles, channel draws; models have no dropout and nothing
+reads torch's or NumPy's global generators, so the round number is the whole RNG state.
+
+Atomicity: each file is written under a temporary name, fsynced and renamed into place, the
+residual snapshot before the .pt that names it; older checkpoints are deleted only after the new .pt
+is in place. A run killed at any instant leaves the previous complete checkpoint (or the new one).
+Files are loaded with ``torch.load(weights_only=True)``: tensors, numbers, strings, lists and dicts.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord
+
+__all__ = ["Checkpoint", "save_checkpoint", "latest_checkpoint", "config_differences", "ENGINE_KEYS", "CKPT_DIR"]
+
+CKPT_DIR = "checkpoint"
+FORMAT = 1
+_NAME = re.compile(r"^round-(\d{6})\.pt$")
+
+# Keys that choose how a run executes, not what it computes: a run may resume under other values.
+ENGINE_KEYS = frozenset(
+    {"out", "simulation.backend", "simulation.num_cpus", "simulation.num_gpus", "simulation.ray_address",
+     "simulation.ray_num_cpus", "simulation.log_level", "simulation.residual_budget_mb"}
+)
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: resume at round ``round + 1``."""
+
+    round: int
+    arrays: ArrayRecord
+    strategy: dict[str, Any]
+    strategy_class: str
+    rows: list[dict[str, Any]]
+    config: dict[str, Any]
+    residuals: tuple[Path, Path] | None  # (ids .npy, rows) of the residual store snapshot
+    path: Path
+
+
+def _plain(v: Any) -> Any:
+    """Metric values as Python numbers (a row may hold NumPy scalars)."""
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, torch.Tensor) and v.numel() == 1:
+        return v.item()
+    return v
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _tmp(d: Path, name: str) -> Path:
+    fd, path = tempfile.mkstemp(dir=d, prefix=f".{name}.", suffix=".tmp")
+    os.close(fd)
+    return Path(path)
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    server_round: int,
+    arrays: ArrayRecord,
+    strategy,
+    rows: list[dict[str, Any]],
+    config: dict[str, Any],
+    store=None,
+) -> Path:
+    """Write the checkpoint of round ``server_round`` atomically; returns its path."""
+    d = Path(run_dir) / CKPT_DIR
+    d.mkdir(parents=True, exist_ok=True)
+    stem = f"round-{server_round:06d}"
+    residuals = None
+    temps: list[Path] = []
+    try:
+        if store is not None:
+            ids_tmp, rows_tmp = _tmp(d, "ids"), _tmp(d, "rows")
+            temps += [ids_tmp, rows_tmp]
+            store.snapshot(ids_tmp, rows_tmp)
+            residuals = {"ids": f"residuals-{server_round:06d}.ids.npy", "rows": f"residuals-{server_round:06d}.rows"}
+            os.replace(ids_tmp, d / residuals["ids"])
+            os.replace(rows_tmp, d / residuals["rows"])
+        state = {
+            "format": FORMAT,
+            "round": int(server_round),
+            "arrays": [(name, torch.from_numpy(np.array(a.numpy(), copy=True))) for name, a in arrays.items()],
+            "strategy": strategy.state_dict(),
+            "strategy_class": type(strategy).__name__,
+            "rows": [{k: _plain(v) for k, v in row.items()} for row in rows],
+            "config": config,
+            "residuals": residuals,
+        }
+        pt_tmp = _tmp(d, stem)
+        temps.append(pt_tmp)
+        with open(pt_tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(pt_tmp, d / f"{stem}.pt")
+        _fsync_dir(d)
+    except BaseException:
+        for t in temps:
+            if t.exists():
+                t.unlink()
+        raise
+    keep = {f"{stem}.pt"} | (set(residuals.values()) if residuals else set())
+    for p in d.iterdir():  # older checkpoints and their snapshots
+        if p.name not in keep and not p.name.startswith("."):
+            p.unlink()
+    return d / f"{stem}.pt"
+
+
+def latest_checkpoint(run_dir: str | Path) -> Checkpoint | None:
+    """The newest complete checkpoint of a run directory, or None."""
+    d = Path(run_dir) / CKPT_DIR
+    if not d.is_dir():
+        return None
+    found = sorted((int(m.group(1)), p) for p in d.iterdir() if (m := _NAME.match(p.name)))
+    if not found:
+        return None
+    _, path = found[-1]
+    state = torch.load(path, weights_only=True)
+    if state.get("format") != FORMAT:
+        raise ValueError(f"{path}: checkpoint format {state.get('format')!r}, this fl-sim reads {FORMAT}")
+    res = state["residuals"]
+    residuals = None
+    if res is not None:
+        residuals = (d / res["ids"], d / res["rows"])
+        for p in residuals:
+            if not p.is_file():
+                raise FileNotFoundError(f"{path} names the residual snapshot {p.name}, which is missing")
+    arrays = ArrayRecord({name: Array(t.numpy()) for name, t in state["arrays"]})
+    return Checkpoint(
+        round=int(state["round"]), arrays=arrays, strategy=state["strategy"], strategy_class=state["strategy_class"],
+        rows=list(state["rows"]), config=state["config"], residuals=residuals, path=path,
+    )
+
+
+def remove_checkpoints(run_dir: str | Path) -> None:
+    """Delete a run's checkpoints (a finished run needs none)."""
+    shutil.rmtree(Path(run_dir) / CKPT_DIR, ignore_errors=True)
+
+
+def _flatten(d: dict[str, Any]) -> dict[str, Any]:
+    """Sections one level deep (``simulation.backend``); the channel mapping stays one value."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "channel":
+            out.update({f"{k}.{sub}": x for sub, x in v.items()})
+        else:
+            out[k] = v
+    return out
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``key: saved -> current`` for every key that changes what a run computes (ENGINE_KEYS aside)."""
+    a, b = _flatten(saved), _flatten(current)
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        if key in ENGINE_KEYS:
+            continue
+        if a.get(key, "<absent>") != b.get(key, "<absent>"):
+            diffs.append(f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}")
+    return diffs
