@@ -11,10 +11,15 @@ d in 2^16 .. 2^23 (quick: 2^16, 2^20) and d = 668,426 (Tang et al.'s ResNet):
 * bits, bits/coordinate and relative error ||x - x_hat|| / ||x||.
 
 A codec whose encode + decode at one size exceeds the time budget is skipped at larger sizes.
-The sibling benchmarks ``bench_transforms.run`` and ``bench_recovery.run`` are included when present.
+The sibling benchmarks ``bench_transforms.run`` and ``bench_recovery.run`` are included when present,
+and the issue-4 targets are summarised from their rows (:func:`target_rows`): fwht <= 0.5x rfft at
+2^20 and 2^23; FIHT at d = 668,426, d/Q = 10 < 0.3 s with rel. error <= 0.12; count sketch r = 5,
+c = 500,000, d = 6,570,000: sketch < 0.25 s, top-k unsketch < 0.6 s.
 
-Usage: ``python -m benchmarks.bench_codecs [--quick] [--out bench_out/codecs.json] [--no-others]``.
-Library: ``run(quick=False) -> dict``.
+Usage: ``python -m benchmarks.bench_codecs [--quick] [--targets] [--out bench_out/codecs.json] [--no-others]``;
+``--targets`` measures only what the targets need (fwht vs rfft at 2^20 and 2^23, count sketch, FIHT),
+full size, in one process (a few minutes instead of the whole codec grid).
+Library: ``run(quick=False) -> dict``, ``run_targets() -> dict``.
 """
 
 from __future__ import annotations
@@ -152,6 +157,54 @@ def run(quick: bool = False, *, include_others: bool = True) -> dict[str, Any]:
     return result
 
 
+def run_targets() -> dict[str, Any]:
+    """Only the measurements behind the issue-4 targets, full size, one process."""
+    bt, br = _sibling("bench_transforms"), _sibling("bench_recovery")
+    load = os.getloadavg()
+    transforms = bt._fwht_rows([2**20, 2**23], 7, True) if bt is not None else {"absent": "bench_transforms"}
+    recovery = br.run(quick=False) if br is not None else {"absent": "bench_recovery"}
+    return {"quick": False, "targets_only": True, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "load_before": load, "load_after": os.getloadavg(), "transforms": transforms, "recovery": recovery}
+
+
+def target_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue-4 targets as rows {target, measured, goal, reference, met} from run() / run_targets() output."""
+    rows: list[dict[str, Any]] = []
+    tr = data.get("transforms") if isinstance(data.get("transforms"), list) else []
+    for r in tr:
+        if r.get("bench") == "fwht_vs_rfft" and r.get("n") in (2**20, 2**23) and r.get("d") == r.get("n"):
+            extra = f", 1 thread {r['ratio_1t']:.2f}x" if "ratio_1t" in r else ""
+            rows.append({"target": f"fwht vs torch.fft.rfft, n = 2^{r['n'].bit_length() - 1}",
+                         "measured": f"{r['time_ms']:.2f} ms vs {r['ref_time_ms']:.2f} ms = {r['ratio']:.2f}x{extra}",
+                         "goal": "<= 0.5x", "reference": "", "met": r["ratio"] <= 0.5})
+    rec = data.get("recovery") if isinstance(data.get("recovery"), list) else []
+    for r in rec:
+        name = r.get("name", "")
+        if name.startswith("fiht") and r.get("d") == TANG_D:
+            headline = name.endswith("d/Q=10") and not name.startswith("fiht_reference")
+            rows.append({"target": f"{name} (K = {r['K']}, {r['iterations']} it.)",
+                         "measured": f"{r['time_s']:.3f} s, err {r['rel_error']:.4f}, load {r.get('load_1min')}",
+                         "goal": "< 0.3 s, err <= 0.12" if headline else "",
+                         "reference": "FIHT.py 0.54 s, 0.118" if headline else "",
+                         "met": (r["time_s"] < 0.3 and r["rel_error"] <= 0.12) if headline else None})
+        elif name in ("count_sketch.sketch", "count_sketch.unsketch_topk") and "target_s" in r:
+            rows.append({"target": f"{name} (d = {r['d']}, r = 5, c = 500k)",
+                         "measured": f"{r['time_s']:.3f} s, load {r.get('load_1min')}",
+                         "goal": f"< {r['target_s']} s", "reference": f"csvec {r['csvec_ref_s']} s",
+                         "met": r["meets_target"]})
+    return rows
+
+
+def print_targets(rows: list[dict[str, Any]]) -> None:
+    cols = ["target", "measured", "goal", "reference", "met"]
+    cells = [[str(r[c]) if r[c] is not None else "" for c in cols] for r in rows]
+    widths = [max(len(c), *(len(line[i]) for line in cells)) if cells else len(c) for i, c in enumerate(cols)]
+    print("issue-4 targets")
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    for line in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(line, widths)))
+
+
 def write_json(data: dict, out: Path) -> None:
     """Atomic write: a temporary file in the same folder, then os.replace."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -192,9 +245,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="d = 2^16, 2^20, 668426 and fewer repeats")
     parser.add_argument("--out", type=Path, default=Path("bench_out/codecs.json"))
     parser.add_argument("--no-others", action="store_true", help="skip bench_transforms / bench_recovery")
+    parser.add_argument("--targets", action="store_true",
+                        help="only the issue-4 targets (fwht vs rfft, count sketch, FIHT), full size")
     args = parser.parse_args(argv)
-    data = run(quick=args.quick, include_others=not args.no_others)
-    print_table(data["codecs"], f"codecs (torch {data['torch']}, {data['torch_threads']} threads; times in ms)")
+    if args.targets:
+        data = run_targets()
+    else:
+        data = run(quick=args.quick, include_others=not args.no_others)
+        print_table(data["codecs"], f"codecs (torch {data['torch']}, {data['torch_threads']} threads; times in ms)")
+    if isinstance(data.get("recovery"), list):
+        _sibling("bench_recovery")._print_table(data["recovery"])
+    data["targets"] = target_rows(data)
+    print_targets(data["targets"])
     write_json(data, args.out)
     print(f"wrote {args.out}")
     return 0
