@@ -226,8 +226,10 @@ def fiht(
     min_decrease=None`` restores it): H_K(Phi^T y) at K = 30,000 from Q = 66,842 DCT measurements
     (d = 668,426, Tang's sizes) keeps mostly aliasing noise (Phi^T y = x + noise of norm ~sqrt(d/Q - 1) ||x||),
     and the plain iteration then needs 25 iterations to reach a relative error of 0.10 on a power-law vector
-    x_i ~ +-i^-1.2. Starting from k_0 = Q/40, where recovery is easy, and doubling up to K picks the large
-    entries first: 0.03 after 6 iterations (bench_recovery.py). For compressible (not exactly sparse)
+    x_i ~ +-i^-1.2 (best K-term error 0.0005). Starting from k_0 = Q/128, where recovery is easy, and doubling
+    up to K picks the large entries first: 0.003 after 9 iterations, and better than the reference for every
+    exponent 0.8-1.2 and d/Q in 2-10 measured (benchmarks/bench_recovery.py, docs/performance.md; a faster
+    growth, e.g. from Q/32, is markedly worse). For compressible (not exactly sparse)
     vectors the residual keeps falling by a few per cent per iteration long after the error has levelled
     off, so the reference's 1 % std/mean rule rarely fires; rule 8 stops there, and on exactly sparse vectors
     once the float32 residual floor is reached.
@@ -247,7 +249,7 @@ def fiht(
         min_decrease: rule 8 (None: off).
         start: first sparsity level as a fraction of m (None: K from the start, the classic FIHT).
         return_info: also return {"iterations", "residual" (||y - Phi g|| / ||y||), "stop" (which rule:
-            "tol", "stall", "min_decrease", "max_iter"), "sparsity" (the final level)}.
+            "tol", "stall", "min_decrease", "max_iter", or "zero" for y = 0), "sparsity" (the final level)}.
 
     Returns:
         g (d,) with at most K nonzeros (and the info dict if asked).
