@@ -38,7 +38,10 @@ def _rel(a, b):
 
 # ------------------------------------------------------------------------------------------------ fast DCT
 @pytest.mark.parametrize("transform", ["dct", "wht"])
-@pytest.mark.parametrize("d,q,signs", [(2, 1, False), (11, 5, True), (1000, 100, False), (1001, 999, True)])
+# (7926, 800): even d = 2*3*1321, the row-pruned Makhoul path through the prime-splitting DFT; odd d: dct/idct
+@pytest.mark.parametrize(
+    "d,q,signs", [(2, 1, False), (4, 4, False), (11, 5, True), (1000, 100, False), (1001, 999, True), (7926, 800, True)]
+)
 def test_fast_operator_is_the_same_matrix(d, q, signs, transform):
     op = SubsampledOrthogonal(d, q, seed=3, transform=transform, signs=signs)
     fast = fast_operator(op, torch.float64)

@@ -24,102 +24,12 @@ import torch
 
 from ..rng import torch_generator
 from .base import CodecError, LinearOperator
+from .recovery_ops import array_calls, fast_operator
 from .sketch import topk_abs
 
 __all__ = ["fiht", "biht", "l1_recovery_lp", "fast_operator", "sparsity_schedule", "LP_MAX_ENTRIES"]
 
 LP_MAX_ENTRIES = 4_000_000  # d*m above which the dense LP is refused (memory and HiGHS time)
-
-
-# ------------------------------------------------------------------------------------------------
-# Faster evaluations of Tang's subsampled DCT / WHT (same matrix, leaner arithmetic)
-# ------------------------------------------------------------------------------------------------
-class _FastSubsampled(LinearOperator):
-    """The operator of a :class:`~fl_sim.compression.projections.SubsampledOrthogonal` (same rows, signs and
-    scale), Phi = sqrt(n/Q) S B D, evaluated in NumPy around the library transforms:
-
-    * DCT: :func:`~fl_sim.compression.transforms.dct` / ``idct`` (Makhoul + prime-splitting DFT in NumPy/scipy:
-      5.7 ms at d = 668,426 = 2*11*23*1321, where ``torch.fft.rfft`` of that length alone takes 14-20 ms because of
-      the prime factor 1321);
-    * WHT: the numba :func:`~fl_sim.compression.transforms.fwht` in place on a zero-padded length-n buffer.
-
-    Why not the torch operator: its gather/scatter and scaling run as torch ops whose OpenMP regions stall on a
-    loaded 2-core machine (7-16 ms per forward at d = 668,426 against 6 ms here); NumPy element-wise work is
-    single-threaded and predictable. ``forward_np`` / ``adjoint_np`` are the array-level calls FIHT uses.
-    """
-
-    def __init__(self, op: LinearOperator, dtype: torch.dtype) -> None:
-        self.base, self.m, self.d, self.n = op, op.m, op.d, op.n
-        self.transform = op.transform
-        self.np_dtype = np.float64 if dtype == torch.float64 else np.float32
-        self.rows = op.rows.to(torch.int64).numpy()
-        self.scale = math.sqrt(op.n / op.q) * (1.0 if op.transform == "dct" else 1.0 / math.sqrt(op.n))
-        self.signs = op.signs.numpy().astype(self.np_dtype) if op.use_signs else None
-
-    def _np(self, t: torch.Tensor):
-        return t.detach().to("cpu", torch.float64 if self.np_dtype == np.float64 else torch.float32).numpy()
-
-    def forward_np(self, x):
-        """(..., d) array -> (..., Q): sqrt(n/Q) [B (D x)]_rows."""
-        from .transforms import dct, fwht
-
-        if self.signs is not None:
-            x = x * self.signs
-        if self.transform == "dct":
-            z = dct(torch.from_numpy(np.ascontiguousarray(x))).numpy()
-        else:
-            z = np.zeros((*x.shape[:-1], self.n), dtype=x.dtype)
-            z[..., : self.d] = x
-            fwht(torch.from_numpy(z), inplace=True)
-        out = z[..., self.rows]
-        out *= self.scale
-        return out
-
-    def adjoint_np(self, y):
-        """(..., Q) array -> (..., d): sqrt(n/Q) D B^T S^T y."""
-        from .transforms import fwht, idct
-
-        z = np.zeros((*y.shape[:-1], self.n), dtype=y.dtype)
-        z[..., self.rows] = y * self.scale
-        if self.transform == "dct":
-            x = idct(torch.from_numpy(z)).numpy()
-        else:
-            fwht(torch.from_numpy(z), inplace=True)
-            x = np.ascontiguousarray(z[..., : self.d])
-        return x * self.signs if self.signs is not None else x
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.forward_np(self._np(x)))
-
-    def adjoint(self, y: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.adjoint_np(self._np(y)))
-
-
-def fast_operator(op: LinearOperator, dtype: torch.dtype = torch.float32) -> LinearOperator:
-    """``op`` itself, or an equivalent faster evaluation of it where one exists (subsampled DCT / WHT).
-
-    The returned operator is the same matrix (tested against ``op``); only the arithmetic differs.
-    """
-    from .projections import SubsampledOrthogonal
-
-    if isinstance(op, SubsampledOrthogonal) and op.d >= 2:
-        return _FastSubsampled(op, dtype)
-    return op
-
-
-def _array_calls(A: LinearOperator, np_dtype):
-    """(forward, adjoint) on NumPy arrays of ``np_dtype`` for any LinearOperator (zero-copy for CPU tensors)."""
-    if isinstance(A, _FastSubsampled):
-        return A.forward_np, A.adjoint_np
-    tdtype = torch.float64 if np.dtype(np_dtype) == np.float64 else torch.float32
-
-    def fwd(v):
-        return A.forward(torch.from_numpy(v)).detach().to("cpu", tdtype).numpy()
-
-    def adj(r):
-        return A.adjoint(torch.from_numpy(r)).detach().to("cpu", tdtype).numpy()
-
-    return fwd, adj
 
 
 # ------------------------------------------------------------------------------------------------
@@ -276,7 +186,7 @@ def fiht(
     yv = (y_t / y_scale).numpy()
     dt = yv.dtype.type
     y_norm = float(np.linalg.norm(yv))
-    fwd, adj = _array_calls(fast_operator(op, out_dtype), yv.dtype)
+    fwd, adj = array_calls(fast_operator(op, out_dtype), yv.dtype)
 
     def sq(v) -> float:
         return float(np.dot(v, v))
