@@ -241,7 +241,7 @@ def _timing_mod_factory():
                 metrics["bench.app-cpu-s"] = _time.process_time() - c0
                 metrics["bench.pid"] = _os.getpid()
                 rt = _sys.modules.get("fl_sim.clients.runtime")  # size of the process's runtime caches
-                metrics["bench.rt-cache"] = len(getattr(rt, "_BY_ID", ())) + len(getattr(rt, "_CACHE", ()))
+                metrics["bench.rt-cache"] = sum(len(getattr(rt, n, ())) for n in ("_BY_ID", "_RECENT", "_CACHE"))
         return reply
 
     return bench_timing_mod

@@ -131,3 +131,36 @@ def test_a_hundred_thousand_clients_cost_their_index_lists_only(tmp_path):
     x, y = fd.client_data(99_999)
     assert torch.equal(x, fd.source.x[torch.from_numpy(fd.parts[99_999])])
     assert x.shape == (1, 1, 8, 8) and y.shape == (1,)
+
+
+def test_memory_flat_benchmark_records_every_round(tmp_path, monkeypatch):
+    """bench_memory_flat's measurement: one row per round 0..R with the tree's memory, peaks non-decreasing."""
+    from benchmarks.bench_memory_flat import measure, report
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    res = measure("inline", rounds=4, clients=20, per_round=4, sets=[])
+    rows = res["rows"]
+    assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]
+    assert all(r["rss"] > 100 * MIB and 0 < r["pss"] <= r["rss"] for r in rows)  # torch alone is > 100 MiB
+    assert all(a["peak_rss"] <= b["peak_rss"] for a, b in zip(rows, rows[1:]))
+    assert all(r["peak_rss"] >= r["rss"] for r in rows)
+    lines = report(res)
+    assert "round    4" in lines[-1] and "inline" in lines[0]
+
+
+def test_client_runtime_lookup_keeps_nothing_per_message():
+    """Ray ships a new copy of the config with every message: the same runtime, and no entry per copy."""
+    import pickle
+
+    from fl_sim.clients import runtime as crt
+
+    cfg = config_from_dict({"seed": 5, "clients": 8, "clients_per_round": 2, "data": {"name": "synthetic", "partition": "natural"},
+                            "model": {"name": "mlp", "hidden": [8]}})
+    rt = crt.runtime_for(cfg)
+    assert crt.runtime_for(cfg) is rt
+    for _ in range(50):
+        assert crt.runtime_for(pickle.loads(pickle.dumps(cfg))) is rt
+    assert len(crt._RECENT) <= crt._RECENT_MAX
+    other = config_from_dict({"seed": 6, "clients": 8, "clients_per_round": 2, "data": {"name": "synthetic", "partition": "natural"},
+                              "model": {"name": "mlp", "hidden": [8]}})
+    assert crt.runtime_for(other) is not rt and crt.runtime_for(pickle.loads(pickle.dumps(cfg))) is rt

@@ -62,19 +62,31 @@ class ClientRuntime:
         )
 
 
-_BY_ID: dict[int, tuple[RunConfig, "ClientRuntime"]] = {}  # id(cfg) -> (cfg kept alive, runtime)
+_RECENT: list[tuple[RunConfig, "ClientRuntime"]] = []  # the last configs looked up, newest first (bounded)
+_RECENT_MAX = 8
 
 
 def runtime_for(cfg: RunConfig) -> ClientRuntime:
-    """The cached runtime of this process for ``cfg`` (one per distinct config)."""
-    hit = _BY_ID.get(id(cfg))
-    if hit is not None and hit[0] is cfg:  # fast path: the same config object (no YAML dump per message)
-        return hit[1]
-    key = yaml.safe_dump(config_to_dict(cfg), sort_keys=True)
+    """The cached runtime of this process for ``cfg`` (one per distinct config).
+
+    Fast paths, no YAML dump: the same config object (inline backend), or one equal to a recently
+    seen config (dataclass ``==``, ~30 us: Ray ships the ClientApp, so every message brings a new
+    copy of the config). The recent list is bounded, so a long run keeps no per-message entry (an
+    id-keyed dict grew by one 2.7 KB RunConfig per message under Ray).
+    """
+    for c, rt in _RECENT:
+        if c is cfg:
+            return rt
     with _LOCK:
+        for i, (c, rt) in enumerate(_RECENT):
+            if c == cfg:
+                _RECENT[i] = (cfg, rt)  # the newest copy: the next message of this object hits by identity
+                return rt
+        key = yaml.safe_dump(config_to_dict(cfg), sort_keys=True)
         rt = _CACHE.get(key)
         if rt is None:
             torch.set_num_threads(1)  # one client per core: intra-op threads only contend
             rt = _CACHE[key] = ClientRuntime(cfg)
-        _BY_ID[id(cfg)] = (cfg, rt)
+        _RECENT.insert(0, (cfg, rt))
+        del _RECENT[_RECENT_MAX:]
         return rt
