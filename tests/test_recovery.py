@@ -53,6 +53,19 @@ def test_fast_operator_is_the_same_matrix(d, q, signs, transform):
     torch.testing.assert_close(fast.adjoint(y), op.adjoint(y), rtol=1e-12, atol=1e-12)
     other = PartialHadamard(d, 1, seed=0)
     assert fast_operator(other) is other
+    assert fast_operator(op, torch.float64) is fast  # cached per (op, dtype)
+
+
+def test_fast_operator_cache_releases_the_operator():
+    import gc
+    import weakref
+
+    op = SubsampledOrthogonal(1000, 100, seed=1)
+    ref = weakref.ref(op)
+    fast_operator(op)
+    del op
+    gc.collect()
+    assert ref() is None  # the cache holds op weakly and the fast operator keeps no reference to it
 
 
 # ------------------------------------------------------------------------------------------------ FIHT
