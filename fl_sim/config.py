@@ -126,8 +126,9 @@ class SimulationConfig:
     ray_address: str = ""  # connect to an existing Ray cluster ("auto" or "ip:port"); "" = start a local one
     ray_num_cpus: int = 0  # 0 = all cores of this machine
     log_level: str = "WARNING"
-    # Client error-feedback residuals (fl_sim.clients.residuals): "auto" = "disk" (RUN_DIR/state/residuals,
-    # checkpointable, bounded memory) unless ray_address points at a cluster, then "context".
+    # Client error-feedback residuals (fl_sim.clients.residuals): "auto" = "disk" in `fl-sim run`
+    # (RUN_DIR/state/residuals: checkpointable, bounded memory; on a multi-machine Ray cluster RUN_DIR must
+    # be on a shared filesystem), node contexts in a Flower deployment; "context" = node contexts always.
     residual_store: str = "auto"
     residual_budget_mb: float = 0.0  # disk store: MB of rows each process may cache in memory (0 = none)
 

@@ -176,3 +176,16 @@ def test_start_round_bounds():
     strategy = UpdateStrategy()
     with pytest.raises(ValueError, match="start_round"):
         strategy.start(grid=None, initial_arrays=None, num_rounds=3, start_round=5)
+
+
+@pytest.mark.e2e
+def test_inline_run_resumed_on_ray(tmp_path):
+    """The resumed part on Flower's Ray engine: start_round through the ServerApp, residual rows restored
+    by the driver and read by Ray workers (an in-memory tier on). About 15 s, most of it Ray's start."""
+    cfg = config("topk_ef")
+    run_experiment(cfg, tmp_path / "full")
+    with pytest.raises(Stop):
+        run_experiment(cfg, tmp_path / "cut", stop_after(5))
+    ray_cfg = config("topk_ef", ["simulation.backend=ray", "simulation.residual_budget_mb=1"])
+    run_experiment(ray_cfg, tmp_path / "cut", resume=True)  # engine keys may differ from the checkpoint's
+    assert metrics(tmp_path / "cut") == metrics(tmp_path / "full")
