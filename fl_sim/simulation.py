@@ -174,6 +174,8 @@ def run_experiment(
     run_dir = Path(run_dir) if run_dir else default_run_dir(cfg)
     config = config_to_dict(cfg)
     ckpt = _checkpoint_to_resume(run_dir, config, cfg) if resume else None
+    if not resume:
+        remove_checkpoints(run_dir)  # a fresh run in a used directory: never resume the old run's state
     exp = build_experiment(cfg)
     strategy = build_strategy(exp, min_available_nodes=cfg.clients)
     recorder = RunRecorder(run_dir, config)
