@@ -156,7 +156,9 @@ class DiskResidualStore:
         self.reads = 0
 
     @classmethod
-    def create(cls, directory: str | Path, dim: int, dtype: str = "float32", budget_bytes: int = 0) -> "DiskResidualStore":
+    def create(
+        cls, directory: str | Path, dim: int, dtype: str = "float32", budget_bytes: int = 0
+    ) -> "DiskResidualStore":
         """An empty store for d = ``dim`` (any residuals already in ``directory`` are dropped)."""
         if dtype not in DTYPES:
             raise ValueError(f"residual dtype {dtype!r}: use float32 or float16")
@@ -193,7 +195,9 @@ class DiskResidualStore:
     def _read_row(self, cid: int) -> np.ndarray:
         raw = _pread_exact(self._rows, self.row_bytes, cid * self.row_bytes)
         if len(raw) != self.row_bytes:
-            raise RuntimeError(f"{self.directory / self.ROWS}: row {cid} is truncated ({len(raw)} of {self.row_bytes} bytes)")
+            raise RuntimeError(
+                f"{self.directory / self.ROWS}: row {cid} is truncated ({len(raw)} of {self.row_bytes} bytes)"
+            )
         return np.frombuffer(raw, self.np_dtype)
 
     def _remember(self, cid: int, token: int, row: np.ndarray) -> None:
