@@ -15,6 +15,7 @@ from flwr.clientapp import ClientApp
 from fl_sim import keys
 from fl_sim.records import flatten_arrays
 from fl_sim.strategies import FedAvgBaseline, FedSGD
+from fl_sim.strategies.base import update_sparsity
 from fl_sim.testing import InMemoryGrid
 
 D = 7
@@ -57,6 +58,7 @@ def test_fedavg_weighted_mean_and_bits():
     assert metrics["downlink_bits"] == 4 * 32 * D
     assert metrics["clients_ok"] == 4 and metrics["clients_failed"] == 0
     assert metrics["compression_ratio"] == pytest.approx(1.0)
+    assert metrics["update_sparsity"] == pytest.approx(1.0)  # a constant update: all magnitudes equal
 
 
 def test_sampling_is_seeded_and_routes_to_nodes():
@@ -137,3 +139,19 @@ def test_evaluate_messages_untouched_by_strategy_defaults():
     s = FedAvgBaseline(clients_per_round=2, client_ids=range(2))
     assert s.fraction_evaluate == 0.0
     assert math.isclose(s.server_lr, 1.0)
+
+
+def test_update_sparsity_of_k_sparse_equal_magnitude_is_k_over_d():
+    # sp(g) = ||g||_1^2 / (d ||g||_2^2): K entries of magnitude a give (K a)^2 / (d K a^2) = K/d exactly.
+    d, k = 1000, 37
+    g = torch.zeros(d)
+    idx = torch.randperm(d, generator=torch.Generator().manual_seed(0))[:k]
+    g[idx] = 2.5 * torch.where(torch.arange(k) % 2 == 0, 1.0, -1.0)  # signs do not matter
+    assert update_sparsity(g) == pytest.approx(k / d, rel=1e-12)
+    assert update_sparsity(torch.ones(d)) == pytest.approx(1.0)
+    one = torch.zeros(d)
+    one[5] = -3.0
+    assert update_sparsity(one) == pytest.approx(1.0 / d)
+    assert math.isnan(update_sparsity(torch.zeros(d)))
+    # unequal magnitudes fall strictly between 1/d and 1
+    assert 1.0 / d < update_sparsity(torch.arange(1.0, d + 1)) < 1.0

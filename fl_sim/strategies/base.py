@@ -42,9 +42,20 @@ from ..protocol import round_seed
 from ..records import array_bits, flatten_arrays, unflatten_into
 from ..rng import numpy_generator
 
-__all__ = ["UpdateStrategy", "ClientReply", "ReplyError"]
+__all__ = ["UpdateStrategy", "ClientReply", "ReplyError", "update_sparsity"]
 
 log = logging.getLogger("fl_sim")
+
+
+def update_sparsity(g: torch.Tensor) -> float:
+    """Tang et al.'s sparsity measure sp(g) = ||g||_1^2 / (d ||g||_2^2), in [1/d, 1] (NOTES §4).
+
+    1 for a vector of equal magnitudes, K/d for K nonzeros of equal magnitude, 1/d for one nonzero;
+    nan for g = 0. Computed in float64 over the aggregated update the server applies (one pass).
+    """
+    g64 = g.detach().reshape(-1).to(torch.float64)
+    l2 = float(g64.square().sum())
+    return float(g64.abs().sum()) ** 2 / (g64.numel() * l2) if l2 > 0 else float("nan")
 
 
 class ReplyError(ValueError):
@@ -379,6 +390,7 @@ class UpdateStrategy(FedAvg):
         metrics["train_loss"] = float(np.average(losses, weights=weights.numpy())) if np.isfinite(losses).all() else float("nan")
         dense_bits = 32 * self._global_vector.numel() * len(usable)
         metrics["compression_ratio"] = dense_bits / metrics["uplink_bits"] if metrics["uplink_bits"] else float("nan")
+        metrics["update_sparsity"] = update_sparsity(delta)
         metrics.update(self.extra_metrics(server_round, usable, delta))
         self._finish(server_round, metrics)
         return unflatten_into(self._global_arrays, new_vector), MetricRecord(metrics)
