@@ -20,7 +20,10 @@ Kinds:
       Lemma 9's eta (4.15)/(4.16) and the same recursion evaluated with the measured gamma.
 * ``runs`` -- a list of fl-sim configs (``simulation.backend=inline`` unless overridden), resumable,
   then :func:`fl_sim.results.report` (accuracy vs round / vs uplink bits, report.csv) and a Pareto
-  figure: final accuracy against total uplink bits (log scale), one point per method.
+  figure: final accuracy against total uplink bits (log scale), one point per method. Optional
+  settings: ``cumulative: [channel_uses]`` (more running-sum x axes and totals in report.csv, see
+  ``report``) and ``metric_plots: [{column, runs, reference, reference_label, logy}]`` (a per-round
+  metric against the round, e.g. Tang's ``update_sparsity`` with the K/d line).
 
 All randomness comes from :mod:`fl_sim.rng` generators seeded by (seed, purpose, ids).
 """
@@ -55,6 +58,7 @@ __all__ = [
     "run_qcs_codec",
     "run_runs",
     "plot_pareto",
+    "plot_metric_vs_round",
 ]
 
 ProgressFn = Callable[[str], None]
@@ -689,9 +693,64 @@ def run_runs(
         if not done:
             runner(cfg, run_dir)
         run_dirs.append(run_dir)
-    table, plots = report(run_dirs, out, baseline=s.get("baseline"))
+    table, plots = report(run_dirs, out, baseline=s.get("baseline"), cumulative=s.get("cumulative", []))
     plots.append(plot_pareto(table, out / "pareto.png", title=spec.get("title", "")))
-    return {"runs": table, "plots": [p.name for p in plots]}
+    result: dict[str, Any] = {"runs": table}
+    for mp in s.get("metric_plots", []):
+        by_name = dict(zip([n for n, _ in plan], run_dirs))
+        wanted = mp.get("runs") or [n for n, _ in plan]
+        missing = [n for n in wanted if n not in by_name]
+        if missing:
+            raise ValueError(f"{spec['_path']}: metric_plots names runs {missing} that are not in 'runs'")
+        col = str(mp["column"])
+        path, stats = plot_metric_vs_round(
+            [by_name[n] for n in wanted], col, out / f"{col}_vs_round.png",
+            reference=mp.get("reference"), reference_label=str(mp.get("reference_label", "reference")),
+            logy=bool(mp.get("logy", False)),
+        )
+        plots.append(path)
+        result[col] = stats
+    result["plots"] = [p.name for p in plots]
+    return result
+
+
+def plot_metric_vs_round(
+    run_dirs: list[Path], column: str, path: Path, *, reference: float | None = None,
+    reference_label: str = "reference", logy: bool = False,
+) -> tuple[Path, dict[str, dict[str, float]]]:
+    """A per-round metric (e.g. ``update_sparsity``) against the round for some runs, with an optional
+    horizontal reference line (e.g. Tang's K/d); returns the PNG and per run {first, median, last,
+    min, max} of the metric (rounds where it is finite)."""
+    import numpy as np
+
+    from .results import load_run
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    stats: dict[str, dict[str, float]] = {}
+    for d in run_dirs:
+        summary, rows = load_run(d)
+        pts = [(r["round"], r[column]) for r in rows if column in r and math.isfinite(r[column])]
+        if not pts:
+            raise ValueError(f"{d}: no finite '{column}' in metrics.csv (was the run made before that metric existed?)")
+        xs, ys = zip(*pts)
+        name = str(summary.get("name", Path(d).name))
+        ax.plot(xs, ys, marker=".", ms=3, label=name)
+        v = np.asarray(ys)
+        stats[name] = {"first": float(v[0]), "median": float(np.median(v)), "last": float(v[-1]),
+                       "min": float(v.min()), "max": float(v.max())}
+    if reference is not None:
+        ax.axhline(float(reference), color="k", ls="--", lw=0.9, label=f"{reference_label} = {float(reference):.4g}")
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel("round")
+    ax.set_ylabel(column)
+    ax.grid(alpha=0.3, which="both", lw=0.4)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    return path, stats
 
 
 def plot_pareto(table: list[dict[str, Any]], path: Path, *, title: str = "") -> Path:

@@ -14,7 +14,7 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import yaml
 
@@ -130,12 +130,38 @@ def bits_to_reach(rows: list[dict[str, float]], target_accuracy: float) -> float
     return None
 
 
-def report(run_dirs: Iterable[str | Path], out_dir: str | Path, *, baseline: str | None = None) -> tuple[list[dict[str, Any]], list[Path]]:
+def _finite(v: Any) -> float:
+    return float(v) if v is not None and math.isfinite(v) else 0.0
+
+
+def _sum_to_reach(rows: list[dict[str, float]], target_accuracy: float, col: str) -> float | None:
+    """Sum of ``col`` over rounds up to the first evaluated round with accuracy >= target (None if never)."""
+    total = 0.0
+    for r in rows:
+        total += _finite(r.get(col))
+        acc = r.get("test_accuracy")
+        if acc is not None and math.isfinite(acc) and acc >= target_accuracy:
+            return total
+    return None
+
+
+def report(
+    run_dirs: Iterable[str | Path],
+    out_dir: str | Path,
+    *,
+    baseline: str | None = None,
+    cumulative: Sequence[str] = (),
+) -> tuple[list[dict[str, Any]], list[Path]]:
     """Table rows and PNG plots for several runs.
 
     The table gives final accuracy, total uplink bits, and the uplink bits needed to reach 90% of the
     baseline's final accuracy (baseline = the run named ``baseline``, else one whose strategy is
     fedavg, else the first), and that figure's ratio to the baseline's own.
+
+    ``cumulative``: more per-round metric columns (e.g. ``channel_uses``) to sum over rounds: each adds
+    ``total_COL`` and ``COL_to_target`` (the sum up to the first round at the 90% target) to the table and
+    a plot ``accuracy_vs_COL.png`` (accuracy against the running sum, log x); a run without the
+    column gets blanks and no curve.
     """
     import matplotlib
 
@@ -172,18 +198,25 @@ def report(run_dirs: Iterable[str | Path], out_dir: str | Path, *, baseline: str
                 "savings_vs_base": (base_bits / reach) if (reach and base_bits) else None,
             }
         )
+        for col in cumulative:
+            has = any(col in r and math.isfinite(r[col]) for r in rows)
+            table[-1][f"total_{col}"] = sum(_finite(r.get(col)) for r in rows) if has else None
+            table[-1][f"{col}_to_target"] = _sum_to_reach(rows, target, col) if has else None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plots = []
-    for xkey, fname, xlabel, logx in (
+    axes = [
         ("round", "accuracy_vs_round.png", "round", False),
-        ("cum_uplink_bits", "accuracy_vs_uplink_bits.png", "cumulative uplink bits", True),
-    ):
+        ("uplink_bits", "accuracy_vs_uplink_bits.png", "cumulative uplink bits", True),
+    ] + [(col, f"accuracy_vs_{col}.png", f"cumulative {col.replace('_', ' ')}", True) for col in cumulative]
+    for xkey, fname, xlabel, logx in axes:
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         for d, summary, rows in runs:
+            if xkey != "round" and not any(xkey in r for r in rows):
+                continue
             xs, ys, cum = [], [], 0.0
             for r in rows:
-                cum += r.get("uplink_bits") or 0.0
+                cum += _finite(r.get(xkey)) if xkey != "round" else 0.0
                 acc = r.get("test_accuracy")
                 if acc is None or not math.isfinite(acc):
                     continue
@@ -200,7 +233,7 @@ def report(run_dirs: Iterable[str | Path], out_dir: str | Path, *, baseline: str
         fig.tight_layout()
         path = out / fname
         tmp = out / f".{fname}.tmp.png"
-        fig.savefig(tmp, dpi=120)
+        fig.savefig(tmp, dpi=100)
         os.replace(tmp, path)
         plt.close(fig)
         plots.append(path)

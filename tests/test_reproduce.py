@@ -157,3 +157,37 @@ def test_cli_list_and_unknown_name(tmp_path):
     assert res.exit_code == 0 and "qcs_mse" in res.output
     res = runner.invoke(app, ["reproduce", "no_such_experiment", "--out", str(tmp_path)])
     assert res.exit_code == 2 and "Traceback" not in res.output and "no experiment" in res.output
+
+
+def test_runs_kind_cumulative_channel_uses_and_sparsity_plot(tmp_path):
+    # A FedAvg run with a digital channel section counts sum_i ceil(bits_i / C) channel uses per round;
+    # 'cumulative' sums them into report.csv and a plot; 'metric_plots' draws update_sparsity vs round.
+    from fl_sim.channels.accounting import digital_channel_uses
+    from fl_sim.results import load_run
+
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(TINY_RUN))
+    spec = {
+        "name": "tiny_channel", "kind": "runs",
+        "runs": [{"config": str(tmp_path / "base.yaml"), "name": "fedavg"},
+                 {"config": str(tmp_path / "base.yaml"), "name": "digital", "set": ["channel.snr_db=18"]}],
+        "reduced": {"baseline": "fedavg", "cumulative": ["channel_uses"],
+                    "metric_plots": [{"column": "update_sparsity", "runs": ["fedavg"], "reference": 0.05,
+                                      "reference_label": "K/d"}]},
+    }
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    s = reproduce(tmp_path / "spec.yaml", out=tmp_path / "out")
+    out = tmp_path / "out"
+    for f in ("accuracy_vs_channel_uses.png", "update_sparsity_vs_round.png"):
+        assert (out / f).is_file(), f
+    by = {r["run"]: r for r in s["runs"]}
+    assert by["fedavg"]["total_channel_uses"] is None  # no channel section: no channel uses
+    _, rows = load_run(out / "runs" / "digital")
+    d_bits = rows[1]["uplink_bits"] / TINY_RUN["clients_per_round"]  # every client sends 32 d bits
+    per_round = digital_channel_uses([int(d_bits)] * TINY_RUN["clients_per_round"], 18.0)
+    assert by["digital"]["total_channel_uses"] == per_round * TINY_RUN["rounds"]
+    sp = s["update_sparsity"]["fedavg"]
+    assert 0 < sp["min"] <= sp["max"] <= 1  # sp(g) lies in [1/d, 1]
+    spec["reduced"]["metric_plots"][0]["runs"] = ["nope"]
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(ValueError, match="nope"):
+        reproduce(tmp_path / "bad.yaml", out=tmp_path / "out")
