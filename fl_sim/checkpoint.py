@@ -142,6 +142,25 @@ def save_checkpoint(
     return d / f"{stem}.pt"
 
 
+def save_model(run_dir: str | Path, arrays: ArrayRecord) -> Path:
+    """Write the final global model to RUN_DIR/model.pt atomically: ``{name: tensor}`` in the order of
+    the model's ``state_dict``, so ``model.load_state_dict(torch.load(path))`` restores it."""
+    d = Path(run_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    state = {name: torch.from_numpy(np.array(a.numpy(), copy=True)) for name, a in arrays.items()}
+    tmp = _tmp(d, "model.pt")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, d / "model.pt")
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return d / "model.pt"
+
+
 def latest_checkpoint(run_dir: str | Path) -> Checkpoint | None:
     """The newest complete checkpoint of a run directory, or None."""
     d = Path(run_dir) / CKPT_DIR

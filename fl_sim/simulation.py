@@ -29,7 +29,7 @@ from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from .build import Experiment, build_experiment, build_strategy
-from .checkpoint import config_differences, latest_checkpoint, remove_checkpoints, save_checkpoint
+from .checkpoint import config_differences, latest_checkpoint, remove_checkpoints, save_checkpoint, save_model
 from .config import ConfigError, RunConfig, config_to_dict
 from .results import RunRecorder
 
@@ -202,10 +202,11 @@ def run_experiment(
 
     on_round = checkpoint if cfg.checkpoint_every else None
     errors: list[BaseException] = []
+    results: list[Any] = []
 
     def serve(grid: Grid) -> None:
         try:
-            server_loop(grid, exp, strategy, recorder, progress, on_round=on_round, **start)
+            results.append(server_loop(grid, exp, strategy, recorder, progress, on_round=on_round, **start))
         except BaseException as exc:  # re-raised in the caller's thread below
             errors.append(exc)
 
@@ -231,6 +232,8 @@ def run_experiment(
             store.directory.parent.rmdir()  # RUN_DIR/state, if nothing else is in it
         except OSError:
             pass
+    if results and results[0] is not None and len(results[0].arrays):
+        save_model(run_dir, results[0].arrays)  # the final global model: RUN_DIR/model.pt
     remove_checkpoints(run_dir)
     return recorder.finish(
         {

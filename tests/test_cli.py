@@ -43,6 +43,17 @@ def test_run_report_inline(tmp_path):
     assert res.exit_code == 0, res.output
     summary = json.loads((tmp_path / "topk" / "summary.json").read_text())
     assert summary["rounds"] == 2 and summary["final_test_accuracy"] is not None
+    # model.pt is the final global model: loaded into the config's model it gives the final test accuracy
+    import torch
+    from flwr.app import ArrayRecord
+
+    from fl_sim.build import build_experiment
+    from fl_sim.config import load_config
+
+    exp = build_experiment(load_config(tmp_path / "topk" / "config.yaml"))
+    state = torch.load(tmp_path / "topk" / "model.pt")
+    _, acc = exp.evaluate(ArrayRecord(state))
+    assert acc == summary["final_test_accuracy"]
     res = runner.invoke(app, ["report", str(tmp_path / "fedavg"), str(tmp_path / "topk"), "--out", str(tmp_path / "rep")])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "rep" / "accuracy_vs_round.png").stat().st_size > 1000
