@@ -96,7 +96,7 @@ def test_one_bit_variant_unbiased_and_printed_formula_biased_by_two():
     p = codec.encode(g.reshape(-1), seed=9)
     rho = p.tensors["scale"].double() / 0.5
     v_printed = (p.tensors["q"].double() - codec._dither(9).double()) * rho.unsqueeze(1)
-    g_printed = codec._ops.get(9).adjoint(v_printed.reshape(-1)).view(b, n)
+    g_printed = codec._ops(9).adjoint(v_printed.reshape(-1)).view(b, n)
     slope = float((g_printed.mean(0) * g[0]).sum() / (g[0] ** 2).sum())
     assert slope == pytest.approx(2.0, abs=0.1)  # E[g_hat] = 2 g as printed; MC slope SE ~ 0.02
 

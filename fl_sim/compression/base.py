@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 
 __all__ = [
+    "SeedCache",
     "Payload",
     "Codec",
     "CodecError",
@@ -33,6 +35,31 @@ __all__ = [
     "LinearOperator",
     "DenseOperator",
 ]
+
+
+class SeedCache:
+    """A small LRU of objects built from a seed: sensing operators, Hadamard signs and rows, sketch hashes.
+
+    Building one costs O(d) or more, and a round reuses one shared seed for every client's encode and
+    the server's decode: with this cache the work is done once per round and process, not once per client.
+    ``size``: how many seeds are kept (a round needs one; a few more cover overlapping rounds).
+    """
+
+    def __init__(self, build: Callable[[int], Any], size: int = 4) -> None:
+        if size < 1:
+            raise ValueError(f"SeedCache size={size}: must be >= 1")
+        self.build, self.size = build, int(size)
+        self.items: OrderedDict[int, Any] = OrderedDict()
+
+    def __call__(self, seed: int) -> Any:
+        if seed in self.items:
+            self.items.move_to_end(seed)
+            return self.items[seed]
+        value = self.build(seed)
+        self.items[seed] = value
+        while len(self.items) > self.size:
+            self.items.popitem(last=False)
+        return value
 
 
 class CodecError(ValueError):

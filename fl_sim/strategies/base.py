@@ -390,7 +390,8 @@ class UpdateStrategy(FedAvg):
         metrics["train_loss"] = float(np.average(losses, weights=weights.numpy())) if np.isfinite(losses).all() else float("nan")
         dense_bits = 32 * self._global_vector.numel() * len(usable)
         metrics["compression_ratio"] = dense_bits / metrics["uplink_bits"] if metrics["uplink_bits"] else float("nan")
-        metrics["update_sparsity"] = update_sparsity(delta)
+        if bool(delta.any()):  # sp(0) is undefined: a round that applied nothing has no sparsity to report
+            metrics["update_sparsity"] = update_sparsity(delta)
         metrics.update(self.extra_metrics(server_round, usable, delta))
         self._finish(server_round, metrics)
         return unflatten_into(self._global_arrays, new_vector), MetricRecord(metrics)

@@ -10,13 +10,12 @@ rebuilt from the seed on both sides (signs R, row subset, dither u are never sen
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from typing import Sequence
 
 import torch
 
 from ...rng import torch_generator
-from ..base import Codec, CodecError, Payload, PayloadError, register_codec
+from ..base import Codec, CodecError, Payload, PayloadError, SeedCache, register_codec
 from ..projections import PartialHadamard
 from ..quantizers import (
     FLOAT_BITS,
@@ -31,7 +30,6 @@ from ..transforms import next_pow2
 
 __all__ = ["QCSCodec", "RLCCodec", "qcs_gamma"]
 
-_CACHE_SIZE = 4
 _THESIS_BLOCK = 256  # NOTES §6: "best (k,Q) for gain ~ 32, partition n = 256": k = 110, Q = 2 (gamma = 2.017)
 
 
@@ -51,24 +49,6 @@ def qcs_gamma(n: int, k: int, levels: float) -> float:
     if k == 1:
         return float(n - 1)
     return n / k - 1.0 + (n / (4.0 * levels**2)) * math.log(k) / (k - 1)
-
-
-class _SeededOperatorCache:
-    """A small LRU of operators keyed by seed (building one costs O(d); encode and decode share it)."""
-
-    def __init__(self, build) -> None:
-        self._build = build
-        self._items: OrderedDict[int, object] = OrderedDict()
-
-    def get(self, seed: int):
-        if seed in self._items:
-            self._items.move_to_end(seed)
-            return self._items[seed]
-        item = self._build(seed)
-        self._items[seed] = item
-        if len(self._items) > _CACHE_SIZE:
-            self._items.popitem(last=False)
-        return item
 
 
 def _unit_if_needed(x: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -152,7 +132,7 @@ class QCSCodec(Codec):
         self.block, self.k, self.alpha = block, k, alpha
         self.levels = check_levels(levels, "qcs")
         self.blocks = -(-dim // block)
-        self._ops = _SeededOperatorCache(lambda s: PartialHadamard(self.dim, self.k, seed=s, block=self.block))
+        self._ops = SeedCache(lambda s: PartialHadamard(self.dim, self.k, seed=s, block=self.block))
         self._q_dtype = level_dtype(1 if self.levels == 0.5 else int(self.levels))
 
     # -- theory -----------------------------------------------------------------------------------
@@ -187,7 +167,7 @@ class QCSCodec(Codec):
     def encode(self, x: torch.Tensor, *, seed: int) -> Payload:
         x = self.check_input(x)
         seed = _check_seed(seed, "qcs.encode")
-        op = self._ops.get(seed)
+        op = self._ops(seed)
         # 1. v = T x blockwise, computed on x/||x||_inf (scale-free) ...
         t, s = _unit_if_needed(x)
         v = op.forward(t).view(self.blocks, self.k)
@@ -220,7 +200,7 @@ class QCSCodec(Codec):
             return torch.zeros(self.dim, dtype=torch.float32)
         y = code * (scale.to(torch.float64) / s_max).to(torch.float32).unsqueeze(-1)
         # 5. g_hat = alpha T^T v_hat, with v_hat_b = (scale_b / Q) code_b
-        g = self._ops.get(seed).adjoint(y.reshape(-1)).to(torch.float64) * (s_max * self.alpha_value / self.levels)
+        g = self._ops(seed).adjoint(y.reshape(-1)).to(torch.float64) * (s_max * self.alpha_value / self.levels)
         return to_wire_float(g, "qcs.decode", "the decoded vector")
 
 
@@ -254,7 +234,7 @@ class RLCCodec(Codec):
             raise CodecError(f"rlc: m must be a positive int (channel symbols per round), got {m!r}")
         self.m = m
         self.n = next_pow2(max(dim, m))
-        self._ops = _SeededOperatorCache(lambda s: PartialHadamard(self.dim, self.m, seed=s))
+        self._ops = SeedCache(lambda s: PartialHadamard(self.dim, self.m, seed=s))
 
     @property
     def mse_factor(self) -> float:
@@ -270,7 +250,7 @@ class RLCCodec(Codec):
 
     def operator(self, seed: int) -> PartialHadamard:
         """The round's A (cached per seed)."""
-        return self._ops.get(_check_seed(seed, "rlc.operator"))
+        return self._ops(_check_seed(seed, "rlc.operator"))
 
     def encode(self, x: torch.Tensor, *, seed: int) -> Payload:
         x = self.check_input(x)

@@ -10,13 +10,12 @@
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 
 from ...rng import derive_seed, torch_generator
-from ..base import Codec, CodecError, LinearOperator, Payload, PayloadError, register_codec
+from ..base import Codec, CodecError, LinearOperator, Payload, PayloadError, SeedCache, register_codec
 from ..projections import PartialHadamard, SubsampledOrthogonal
 from ..recovery import LP_MAX_ENTRIES, biht, fast_operator, fiht, l1_recovery_lp
 
@@ -44,23 +43,6 @@ def _check_weights(who: str, payloads: list[Payload], weights: Sequence[float]) 
     if not all(math.isfinite(v) for v in w):
         raise CodecError(f"{who}.aggregate: weights must be finite, got {w}")
     return torch.tensor(w, dtype=torch.float32)
-
-
-class _OperatorCache:
-    """A tiny per-seed cache (building an operator costs O(d); a round reuses one seed many times)."""
-
-    def __init__(self, build: Callable[[int], Any], size: int = 4) -> None:
-        self.build, self.size, self.items = build, size, OrderedDict()
-
-    def __call__(self, seed: int) -> Any:
-        if seed in self.items:
-            self.items.move_to_end(seed)
-            return self.items[seed]
-        value = self.build(seed)
-        self.items[seed] = value
-        while len(self.items) > self.size:
-            self.items.popitem(last=False)
-        return value
 
 
 # ------------------------------------------------------------------------------------------------
@@ -114,7 +96,7 @@ class CSFIHTCodec(Codec):
         if not (isinstance(tol, (int, float)) and tol >= 0):
             raise CodecError(f"{self.name}: tol must be a number >= 0, got {tol!r}")
         self.tol = float(tol)
-        self._ops = _OperatorCache(self._build)
+        self._ops = SeedCache(self._build)
 
     def params(self) -> dict[str, Any]:
         return {"dim": self.dim, "measurements": self.measurements, "sparsity": self.sparsity,
@@ -246,7 +228,7 @@ class OneBitCSCodec(Codec):
         self.sparsity = _pos_int("sparsity", sparsity, self.name, allow_none=True) or max(1, self.m // 4)
         self.biht_iter = _pos_int("biht_iter", biht_iter, self.name)
         self.linear = phi == "common"  # instance attribute: shadows the class default False
-        self._ops = _OperatorCache(self._build, size=8)
+        self._ops = SeedCache(self._build, size=8)
 
     def params(self) -> dict[str, Any]:
         return {"dim": self.dim, "measurements": self.measurements, "phi": self.phi, "recovery": self.recovery,

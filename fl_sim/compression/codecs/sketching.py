@@ -7,12 +7,11 @@ estimated magnitude (median over rows).
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Any, Sequence
 
 import torch
 
-from ..base import Codec, CodecError, Payload, register_codec
+from ..base import Codec, CodecError, Payload, SeedCache, register_codec
 from ..sketch import CountSketch
 
 __all__ = ["CountSketchCodec"]
@@ -49,7 +48,7 @@ class CountSketchCodec(Codec):
         self.rows = _pos_int("rows", rows, self.name)
         self.cols = _pos_int("cols", cols, self.name)
         self.k = _pos_int("k", k, self.name)
-        self._sketches: OrderedDict[int, CountSketch] = OrderedDict()
+        self._sketches = SeedCache(lambda s: CountSketch(self.dim, self.rows, self.cols, seed=s), size=2)
 
     def params(self) -> dict[str, Any]:
         return {"dim": self.dim, "rows": self.rows, "cols": self.cols, "k": self.k}
@@ -61,13 +60,7 @@ class CountSketchCodec(Codec):
         """The CountSketch of this seed (cached: building hashes costs O(r d))."""
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise CodecError(f"{self.name}: seed must be an int, got {seed!r}")
-        cs = self._sketches.get(seed)
-        if cs is None:
-            cs = CountSketch(self.dim, self.rows, self.cols, seed=seed)
-            self._sketches[seed] = cs
-            while len(self._sketches) > 2:
-                self._sketches.popitem(last=False)
-        return cs
+        return self._sketches(seed)
 
     def _payload(self, table: torch.Tensor, meta: dict | None = None) -> Payload:
         return Payload(codec=self.name, dim=self.dim, tensors={"table": table}, bits=self.nominal_bits(),
