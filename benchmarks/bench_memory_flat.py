@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -56,8 +57,11 @@ def measure(backend: str, rounds: int, clients: int, per_round: int, sets: list[
             rows.append({"round": rnd, "t_s": time.perf_counter() - t0, "rss": m["rss"], "pss": m["pss"],
                          "peak_rss": m["peak_rss"], "peak_pss": m["peak_pss"], "cpu_s": m["cpu_s"]})
 
-        with tempfile.TemporaryDirectory(prefix="bench-memflat-") as run_dir:
-            summary = run_experiment(cfg, Path(run_dir) / "run", progress=progress)
+        run_dir = Path(tempfile.mkdtemp(prefix="bench-memflat-"))
+        try:
+            summary = run_experiment(cfg, run_dir / "run", progress=progress)
+        finally:
+            shutil.rmtree(run_dir, ignore_errors=True)
     return {"backend": backend, "rounds": rounds, "clients": clients, "per_round": per_round, "set": sets,
             "rows": rows, "memory_peak": mem.summary(), "final_test_accuracy": summary.get("final_test_accuracy"),
             "total_s": time.perf_counter() - t0, "loadavg": os.getloadavg()}

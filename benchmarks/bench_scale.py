@@ -52,12 +52,12 @@ def _proc_table() -> dict[int, tuple[int, float]]:
         if not entry.name.isdigit():
             continue
         try:
-            stat = Path(entry.path, "stat").read_text()
-        except OSError:
+            stat = Path(entry.path, "stat").read_bytes().decode(errors="replace")
+            # "pid (comm) state ppid ... utime stime ...": comm may contain spaces and parentheses
+            rest = stat[stat.rfind(")") + 2 :].split()
+            out[int(entry.name)] = (int(rest[1]), (int(rest[11]) + int(rest[12])) / _TICK)
+        except (OSError, ValueError, IndexError):  # the process ended mid-read
             continue
-        # "pid (comm) state ppid ... utime stime ...": comm may contain spaces and parentheses
-        rest = stat[stat.rfind(")") + 2 :].split()
-        out[int(entry.name)] = (int(rest[1]), (int(rest[11]) + int(rest[12])) / _TICK)
     return out
 
 
