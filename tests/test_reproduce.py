@@ -27,13 +27,31 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_every_paper_config_loads_and_full_merges_over_reduced():
     names = {n for n, _, _ in list_experiments()}
-    assert {"qcs_mse", "qcs_accuracy", "pareto", "onebit_cs", "tang_fiht", "fetchsgd", "daqusgd"} <= names
+    assert {"qcs_mse", "qcs_accuracy", "pareto", "onebit_cs", "tang_fiht", "tang_fiht_noniid", "fetchsgd", "daqusgd",
+            "rlc"} <= names
     spec = load_spec("qcs_mse")
     red, full = merged_settings(spec, False), merged_settings(spec, True)
     assert red["blocks"] < full["blocks"] and full["block"] == red["block"] == 256  # untouched keys kept
     spec = load_spec("qcs_accuracy")
     red, full = merged_settings(spec, False)["set"], merged_settings(spec, True)["set"]
     assert full[: len(red)] == red and "rounds=2000" in full[len(red):]  # 'set' lists append: full wins
+
+
+def test_every_runs_experiment_config_validates_reduced_and_full():
+    # Every run of every 'runs' experiment must be a valid fl-sim config with its overrides (a typo in a
+    # paper YAML would otherwise surface only minutes into a reproduction).
+    from fl_sim.config import load_config
+    from fl_sim.reproduce import _resolve_config
+
+    for name, kind, _ in list_experiments():
+        if kind != "runs":
+            continue
+        spec = load_spec(name)
+        for full in (False, True):
+            sets = merged_settings(spec, full).get("set", [])
+            for e in spec["runs"]:
+                e = {"config": e} if isinstance(e, str) else e
+                load_config(_resolve_config(e["config"], Path(spec["_path"])), [*sets, *e.get("set", [])])
 
 
 def test_unknown_experiment_and_bad_kind_are_one_line_errors(tmp_path):
