@@ -152,15 +152,12 @@ app.add_typer(bench_app, name="bench")
 @bench_app.command("codecs")
 def bench_codecs(
     quick: bool = typer.Option(False, "--quick", help="Fewer sizes."),
+    targets: bool = typer.Option(False, "--targets", help="Only the speed targets (fwht, count sketch, FIHT), ~30 s."),
     out_path: Path = typer.Option(Path("bench_out/codecs.json"), "--out"),
 ) -> None:
     """Encode/decode times of every codec and their ratio to an FFT of the same length."""
-    try:
-        from benchmarks import bench_codecs as bc
-    except ImportError:
-        _fail(FileNotFoundError("benchmarks/ not found: run fl-sim bench from the repository root"), False)
-        return
-    bc.main(["--out", str(out_path)] + (["--quick"] if quick else []))
+    argv = ["--out", str(out_path)] + ["--quick"] * quick + ["--targets"] * targets
+    _bench_module("bench_codecs").main(argv)
 
 
 def _bench_module(name: str):
