@@ -45,7 +45,8 @@ _NAME = re.compile(r"^round-(\d{6})\.pt$")
 # Keys that choose how a run executes, not what it computes: a run may resume under other values.
 ENGINE_KEYS = frozenset(
     {"out", "simulation.backend", "simulation.num_cpus", "simulation.num_gpus", "simulation.ray_address",
-     "simulation.ray_num_cpus", "simulation.log_level", "simulation.residual_budget_mb"}
+     "simulation.ray_num_cpus", "simulation.log_level", "simulation.residual_budget_mb",
+     "simulation.supernodes"}
 )
 
 

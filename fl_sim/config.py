@@ -131,6 +131,12 @@ class SimulationConfig:
     # be on a shared filesystem), node contexts in a Flower deployment; "context" = node contexts always.
     residual_store: str = "auto"
     residual_budget_mb: float = 0.0  # disk store: MB of rows each process may cache in memory (0 = none)
+    # Flower SuperNodes the clients are routed onto (client cid -> node cid % n; every client's data,
+    # randomness and residual follow its cid, so the numbers do not depend on n). Flower's simulation
+    # engine polls every node each round (~0.3 ms each here), so one node per client costs ~30 s a round
+    # at 100,000 clients. 0 = auto: one node per client up to AUTO_SUPERNODES clients, else
+    # max(AUTO_SUPERNODES, clients per round); always one per client with residual_store=context.
+    supernodes: int = 0
 
 
 @dataclass
@@ -152,6 +158,15 @@ class RunConfig:
     codec: CodecConfig = field(default_factory=CodecConfig)
     channel: dict[str, Any] = field(default_factory=dict)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
+
+    def num_supernodes(self) -> int:
+        """SuperNodes the run starts (``simulation.supernodes``, or its automatic value)."""
+        n = self.simulation.supernodes
+        if n:
+            return int(n)
+        if self.simulation.residual_store == "context" or self.clients <= AUTO_SUPERNODES:
+            return self.clients
+        return max(AUTO_SUPERNODES, self.sampled_per_round())
 
     def sampled_per_round(self) -> int:
         """Number of clients sampled each round (count, or fraction of ``clients``, at least 1)."""
@@ -346,6 +361,7 @@ def _require(cond: bool, key: str, value: Any, allowed: str) -> None:
 STRATEGY_NAMES = ("fedavg", "fedsgd", "compressed", "qcs", "onebit_cs", "fetchsgd", "fiht_cs", "daqusgd", "rlc")
 MODEL_NAMES = ("logreg", "mlp", "lenet5", "cifarnet", "resnet18")
 RESIDUAL_STORES = ("auto", "context", "disk")
+AUTO_SUPERNODES = 1_000  # simulation.supernodes=0: one SuperNode per client up to this many clients
 PARTITIONS = ("auto", "iid", "dirichlet", "shards", "pathological", "natural", "size")
 
 
@@ -401,4 +417,9 @@ def validate(cfg: RunConfig) -> None:
              ", ".join(RESIDUAL_STORES))
     _require(sim.residual_budget_mb >= 0, "simulation.residual_budget_mb", sim.residual_budget_mb,
              "must be >= 0 (0 = no in-memory tier)")
+    _require(0 <= sim.supernodes <= cfg.clients, "simulation.supernodes", sim.supernodes,
+             f"must be in [0, clients={cfg.clients}] (0 = automatic)")
+    _require(sim.residual_store != "context" or sim.supernodes in (0, cfg.clients), "simulation.supernodes",
+             sim.supernodes, "must equal clients with residual_store=context (two clients on one node would "
+             "race on its context)")
     _require(cfg.checkpoint_every >= 0, "checkpoint_every", cfg.checkpoint_every, "must be >= 0 (0 = no checkpoints)")

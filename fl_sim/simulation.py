@@ -177,7 +177,8 @@ def run_experiment(
     if not resume:
         remove_checkpoints(run_dir)  # a fresh run in a used directory: never resume the old run's state
     exp = build_experiment(cfg)
-    strategy = build_strategy(exp, min_available_nodes=cfg.clients)
+    nodes = cfg.num_supernodes()
+    strategy = build_strategy(exp, min_available_nodes=nodes)
     recorder = RunRecorder(run_dir, config)
     store = residual_store(cfg, exp, strategy, run_dir)
     start: dict[str, Any] = {}
@@ -214,11 +215,11 @@ def run_experiment(
     if cfg.simulation.backend == "inline":
         from .testing import InMemoryGrid
 
-        serve(InMemoryGrid(make_client_app(cfg), cfg.clients))
+        serve(InMemoryGrid(make_client_app(cfg), nodes))
     else:
         server_app = ServerApp()
         server_app.main()(lambda grid, context: serve(grid))
-        run_flower_simulation(server_app, make_client_app(cfg), cfg, num_supernodes=cfg.clients)
+        run_flower_simulation(server_app, make_client_app(cfg), cfg, num_supernodes=nodes)
     if errors:
         raise errors[0]
     if len(recorder.rows) < cfg.rounds + 1:

@@ -64,3 +64,45 @@ def test_ray_simulation_two_rounds(tmp_path):
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["final_test_accuracy"] == pytest.approx(
         rows[-1]["test_accuracy"], abs=1e-9
     )
+
+
+@pytest.mark.parametrize("config", ["configs/topk_ef.yaml", "configs/fiht_cs.yaml"])
+def test_routing_clients_onto_fewer_supernodes_changes_no_number(tmp_path, config):
+    """simulation.supernodes only chooses how many Flower nodes carry the clients (cid -> node cid % n):
+    data, randomness and the disk residual store all follow the client id, so the metrics are the same."""
+    from fl_sim.config import load_config
+    from fl_sim.simulation import run_experiment
+
+    sets = ["rounds=3", "clients=12", "clients_per_round=5", "model.hidden=[8]", "eval_every=1",
+            "simulation.backend=inline"]
+    rows = {}
+    for n in (12, 3):
+        summary = run_experiment(load_config(config, sets + [f"simulation.supernodes={n}"]), tmp_path / str(n))
+        assert summary["rounds"] == 3
+        rows[n] = [{k: v for k, v in r.items() if k not in ("wall_s", "server_s")}
+                   for r in _csv_rows(tmp_path / str(n) / "metrics.csv")]
+    assert rows[3] == rows[12]
+
+
+def _csv_rows(path):
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_automatic_supernodes_and_their_errors():
+    from fl_sim.config import AUTO_SUPERNODES, ConfigError, load_config
+
+    def n(*sets):
+        return load_config("configs/quickstart.yaml", list(sets)).num_supernodes()
+
+    assert n("clients=200") == 200  # small populations: one node per client
+    assert n("clients=100000", "clients_per_round=100") == AUTO_SUPERNODES
+    assert n("clients=100000", "clients_per_round=5000") == 5000  # never fewer nodes than clients per round
+    assert n("clients=100000", "simulation.residual_store=context") == 100000
+    assert n("clients=100000", "simulation.supernodes=64") == 64
+    with pytest.raises(ConfigError, match="simulation.supernodes"):
+        n("clients=10", "simulation.supernodes=11")
+    with pytest.raises(ConfigError, match="race"):
+        n("clients=10", "simulation.supernodes=5", "simulation.residual_store=context")
