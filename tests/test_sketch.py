@@ -167,3 +167,15 @@ def test_clear_errors():
         cs.zero_coordinates(torch.zeros(2, 5), torch.tensor([10]))
     with pytest.raises(CodecError, match="float32"):
         cs.zero_coordinates(torch.zeros(2, 5, dtype=torch.float64), torch.tensor([1]))
+
+
+def test_sketch_kernels_use_numba_workqueue_threads_not_a_second_openmp():
+    """Numba's OpenMP layer left spinning threads that slowed torch training 3-11x in the same process
+    (FetchSGD clients); fl_sim.compression.sketch selects the workqueue layer (see its comment)."""
+    import numba
+    import torch
+
+    from fl_sim.compression.sketch import CountSketch
+
+    CountSketch(1000, 3, 50, seed=0).sketch(torch.randn(1000))  # launches a parallel kernel
+    assert numba.threading_layer() == "workqueue"
