@@ -760,9 +760,13 @@ def plot_pareto(table: list[dict[str, Any]], path: Path, *, title: str = "") -> 
     pts = [(float(r["uplink_bits"]), float(r["final_acc"]), str(r["run"])) for r in table
            if r.get("final_acc") is not None and (r.get("uplink_bits") or 0) > 0]
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    placed: list[tuple[float, float]] = []
     for x, y, lab in pts:
         ax.plot(x, y, "o", ms=5)
-        ax.annotate(lab, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        # runs that land on (almost) the same point get their labels stacked, not printed over each other
+        near = sum(abs(math.log10(x) - u) < 0.05 and abs(y - v) < 0.01 for u, v in placed)
+        placed.append((math.log10(x), y))
+        ax.annotate(lab, (x, y), fontsize=7, xytext=(3, 3 - 9 * near), textcoords="offset points")
     front, best = [], -math.inf
     for x, y, _ in sorted(pts, key=lambda p: (p[0], -p[1])):
         if y > best:
