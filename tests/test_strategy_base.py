@@ -155,3 +155,24 @@ def test_update_sparsity_of_k_sparse_equal_magnitude_is_k_over_d():
     assert math.isnan(update_sparsity(torch.zeros(d)))
     # unequal magnitudes fall strictly between 1/d and 1
     assert 1.0 / d < update_sparsity(torch.arange(1.0, d + 1)) < 1.0
+
+
+def test_warns_once_when_context_residuals_share_a_node(caplog):
+    """Client EF with residuals in node contexts and fewer nodes than clients: a round that puts two
+    clients on one node is warned about (Flower's engine may process them at once and keep one context)."""
+    import logging
+
+    from fl_sim.config import load_config
+    from fl_sim.testing import run_in_memory
+
+    sets = ["rounds=3", "clients=12", "clients_per_round=6", "model.hidden=[8]", "eval_every=0",
+            "simulation.backend=inline"]
+    with caplog.at_level(logging.WARNING, logger="fl_sim"):
+        run_in_memory(load_config("configs/topk_ef.yaml", sets), num_nodes=3)
+    warned = [r for r in caplog.records if "node contexts" in r.getMessage()]
+    assert len(warned) == 1
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fl_sim"):
+        run_in_memory(load_config("configs/topk_ef.yaml", sets), num_nodes=12)  # one node per client
+        run_in_memory(load_config("configs/qsgd.yaml", sets), num_nodes=3)  # no client residuals
+    assert not [r for r in caplog.records if "node contexts" in r.getMessage()]

@@ -308,6 +308,7 @@ class UpdateStrategy(FedAvg):
         self.round_config(server_round, config)
         nodes = self._available_nodes(grid)
         picked = self.sample(server_round, nodes)
+        self._warn_if_contexts_are_shared(server_round, picked, config)
         self._sent = {cid: node for cid, node in picked}
         messages = []
         for cid, node in picked:
@@ -317,6 +318,27 @@ class UpdateStrategy(FedAvg):
             record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: cfg})
             messages.append(Message(content=record, message_type=MessageType.TRAIN, dst_node_id=node))
         return messages
+
+    def _warn_if_contexts_are_shared(self, server_round: int, picked: list[tuple[int, int]], config) -> None:
+        """Warn once when client residuals live in node contexts and a round puts two clients on one node.
+
+        Flower's simulation engine may run both messages of a node at the same time and keeps only one of
+        the returned contexts, so a residual update can be lost (``fl-sim run`` keeps residuals in its disk
+        store and is not affected; a deployment with a SuperNode per client never shares a node).
+        """
+        if getattr(self, "_warned_shared_contexts", False) or str(config.get(keys.EF, "none")) == "none":
+            return
+        if str(config.get(keys.EF_STORE, "context")) != "context":
+            return
+        nodes = [node for _, node in picked]
+        if len(set(nodes)) < len(nodes):
+            self._warned_shared_contexts = True
+            log.warning(
+                "round %d sends %d clients to %d nodes while client error-feedback residuals live in node "
+                "contexts: a node running two clients at once can lose one's residual update; start at least as "
+                "many SuperNodes as clients (num-supernodes), or run with fl-sim run (disk residual store)",
+                server_round, len(nodes), len(set(nodes)),
+            )
 
     def _reply_cid(self, msg: Message, metrics: MetricRecord | None) -> int:
         if metrics is not None and keys.M_CID in metrics:
