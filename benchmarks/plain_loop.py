@@ -35,16 +35,11 @@ from torch import nn
 
 from fl_sim.config import RunConfig
 from fl_sim.data import load_federated
+from fl_sim.data.files import write_idx
 from fl_sim.models import build_model
 from fl_sim.rng import numpy_generator, torch_generator
 
 __all__ = ["fabricate_mnist", "fabricate_cifar10", "plain_fedavg"]
-
-
-def _write_idx(path: Path, array: np.ndarray) -> None:
-    """An idx file (big-endian dims, uint8 data) as in LeCun's MNIST distribution."""
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in array.shape)
-    path.write_bytes(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
 
 
 def fabricate_mnist(root: str | Path, n_train: int, n_test: int = 1000, *, size: int = 28, seed: int = 0) -> Path:
@@ -67,8 +62,8 @@ def fabricate_mnist(root: str | Path, n_train: int, n_test: int = 1000, *, size:
             sl = slice(start, start + 50_000)
             noise = rng.integers(0, 96, size=(len(labels[sl]), size, size), dtype=np.int16)
             images[sl] = np.clip(templates[labels[sl]] + noise, 0, 255).astype(np.uint8)
-        _write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
-        _write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
     for old in raw.glob(".fabricated-*"):
         old.unlink()
     stamp.touch()

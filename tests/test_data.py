@@ -1,7 +1,6 @@
 """Sources on fabricated files (torchvision layouts, local Hugging Face data), missing-file messages,
 the Synthetic(α, β) generator against its formulas, and the FederatedData API."""
 
-import gzip
 import pickle
 
 import numpy as np
@@ -10,31 +9,22 @@ import torch
 from scipy.stats import norm
 
 from fl_sim.config import DataConfig
+from fl_sim.data.files import write_idx
 from fl_sim.data import DataError, FederatedData, load_federated
 from fl_sim.data.synthetic import SIZE_CAP, client_sizes, generate_synthetic
 
 
 # --------------------------------------------------------------------------- torchvision files
-def _write_idx(path, array, gz=False):
-    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in array.shape)
-    data = header + array.astype(np.uint8).tobytes()
-    if gz:
-        with gzip.open(str(path) + ".gz", "wb") as f:
-            f.write(data)
-    else:
-        path.write_bytes(data)
-
-
 def _fake_mnist(root, folder, gz=False, n=60):
     raw = root / folder / "raw"
     raw.mkdir(parents=True)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (n, 28, 28))
     labels = rng.integers(0, 10, n)
-    _write_idx(raw / "train-images-idx3-ubyte", images, gz)
-    _write_idx(raw / "train-labels-idx1-ubyte", labels, gz)
-    _write_idx(raw / "t10k-images-idx3-ubyte", images[:20], gz)
-    _write_idx(raw / "t10k-labels-idx1-ubyte", labels[:20], gz)
+    write_idx(raw / "train-images-idx3-ubyte", images, gz=gz)
+    write_idx(raw / "train-labels-idx1-ubyte", labels, gz=gz)
+    write_idx(raw / "t10k-images-idx3-ubyte", images[:20], gz=gz)
+    write_idx(raw / "t10k-labels-idx1-ubyte", labels[:20], gz=gz)
     return images, labels
 
 

@@ -1,6 +1,5 @@
 """Data sources on fabricated files, partitioners, reproducibility, label skew, clear errors."""
 
-import gzip
 import pickle
 import time
 
@@ -9,29 +8,20 @@ import pytest
 import torch
 
 from fl_sim.config import DataConfig
+from fl_sim.data.files import write_idx
 from fl_sim.data import DataError, load_federated
 from fl_sim.data.partition import partition_indices
 from fl_sim.data.sources import Source
-
-
-def _write_idx(path, array, gz=False):
-    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in array.shape)
-    data = header + array.astype(np.uint8).tobytes()
-    if gz:
-        with gzip.open(str(path) + ".gz", "wb") as f:
-            f.write(data)
-    else:
-        path.write_bytes(data)
 
 
 def _fake_mnist(root, folder="MNIST", n=60, gz=False):
     raw = root / folder / "raw"
     raw.mkdir(parents=True)
     rng = np.random.default_rng(0)
-    _write_idx(raw / "train-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)), gz)
-    _write_idx(raw / "train-labels-idx1-ubyte", np.arange(n) % 10, gz)
-    _write_idx(raw / "t10k-images-idx3-ubyte", rng.integers(0, 256, (20, 28, 28)), gz)
-    _write_idx(raw / "t10k-labels-idx1-ubyte", np.arange(20) % 10, gz)
+    write_idx(raw / "train-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)), gz=gz)
+    write_idx(raw / "train-labels-idx1-ubyte", np.arange(n) % 10, gz=gz)
+    write_idx(raw / "t10k-images-idx3-ubyte", rng.integers(0, 256, (20, 28, 28)), gz=gz)
+    write_idx(raw / "t10k-labels-idx1-ubyte", np.arange(20) % 10, gz=gz)
 
 
 @pytest.mark.parametrize("name, folder, gz", [("mnist", "MNIST", False), ("fashion_mnist", "FashionMNIST", True)])

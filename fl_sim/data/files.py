@@ -23,7 +23,7 @@ import torch
 
 from .errors import DataError
 
-__all__ = ["load_mnist_like", "load_cifar10", "read_idx", "MNIST_STATS", "CIFAR_MEAN", "CIFAR_STD"]
+__all__ = ["load_mnist_like", "load_cifar10", "read_idx", "write_idx", "MNIST_STATS", "CIFAR_MEAN", "CIFAR_STD"]
 
 # dataset name -> (torchvision folder, (mean, std))
 MNIST_STATS = {"mnist": ("MNIST", (0.1307, 0.3081)), "fashion_mnist": ("FashionMNIST", (0.2860, 0.3530))}
@@ -49,6 +49,22 @@ def read_idx(path: Path) -> np.ndarray:
     if len(raw) - start != int(np.prod(shape)):
         raise DataError(f"{path} is truncated or corrupt: header says {shape}, found {len(raw) - start} data bytes")
     return np.frombuffer(raw, dtype=np.uint8, offset=start).reshape(shape)
+
+
+def write_idx(path: Path, array: np.ndarray, *, gz: bool = False) -> Path:
+    """Write ``array`` as an idx-ubyte file (the inverse of :func:`read_idx`; ``gz``: gzipped, ".gz" appended).
+
+    For fabricated MNIST-format datasets (benchmarks, tests); values are cast to uint8."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in array.shape)
+    data = header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+    path = Path(path)
+    if gz:
+        path = path.with_name(path.name + ".gz")
+        with gzip.open(path, "wb") as f:
+            f.write(data)
+    else:
+        path.write_bytes(data)
+    return path
 
 
 def _find(raw_dir: Path, stem: str) -> Path | None:
