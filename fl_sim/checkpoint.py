@@ -90,6 +90,28 @@ def _tmp(d: Path, name: str) -> Path:
     return Path(path)
 
 
+def _tensors(arrays: ArrayRecord) -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs of an ArrayRecord, in its order, as tensors that own their memory."""
+    return [(name, torch.from_numpy(np.array(a.numpy(), copy=True))) for name, a in arrays.items()]
+
+
+def _torch_save_atomic(obj: Any, path: Path) -> Path:
+    """torch.save ``obj`` to ``path`` atomically: a temporary file in the same directory, flushed and
+    fsynced, then renamed over ``path`` (and the directory fsynced); the temporary is removed on failure."""
+    tmp = _tmp(path.parent, path.stem)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
 def save_checkpoint(
     run_dir: str | Path,
     server_round: int,
@@ -116,21 +138,14 @@ def save_checkpoint(
         state = {
             "format": FORMAT,
             "round": int(server_round),
-            "arrays": [(name, torch.from_numpy(np.array(a.numpy(), copy=True))) for name, a in arrays.items()],
+            "arrays": _tensors(arrays),
             "strategy": strategy.state_dict(),
             "strategy_class": type(strategy).__name__,
             "rows": [{k: _plain(v) for k, v in row.items()} for row in rows],
             "config": config,
             "residuals": residuals,
         }
-        pt_tmp = _tmp(d, stem)
-        temps.append(pt_tmp)
-        with open(pt_tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(pt_tmp, d / f"{stem}.pt")
-        _fsync_dir(d)
+        _torch_save_atomic(state, d / f"{stem}.pt")
     except BaseException:
         for t in temps:
             if t.exists():
@@ -148,18 +163,7 @@ def save_model(run_dir: str | Path, arrays: ArrayRecord) -> Path:
     the model's ``state_dict``, so ``model.load_state_dict(torch.load(path))`` restores it."""
     d = Path(run_dir)
     d.mkdir(parents=True, exist_ok=True)
-    state = {name: torch.from_numpy(np.array(a.numpy(), copy=True)) for name, a in arrays.items()}
-    tmp = _tmp(d, "model.pt")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, d / "model.pt")
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return d / "model.pt"
+    return _torch_save_atomic(dict(_tensors(arrays)), d / "model.pt")
 
 
 def latest_checkpoint(run_dir: str | Path) -> Checkpoint | None:
