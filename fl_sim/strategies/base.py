@@ -307,7 +307,6 @@ class UpdateStrategy(FedAvg):
         self.round_config(server_round, config)
         nodes = self._available_nodes(grid)
         picked = self.sample(server_round, nodes)
-        self._note_node_held_state(server_round, picked, config)
         self._sent = {cid: node for cid, node in picked}
         messages = []
         for cid, node in picked:
@@ -318,20 +317,10 @@ class UpdateStrategy(FedAvg):
             messages.append(Message(content=record, message_type=MessageType.TRAIN, dst_node_id=node))
         return messages
 
-    def _note_node_held_state(self, server_round: int, picked: list[tuple[int, int]], config) -> None:
-        """Remember whether this round's clients keep state in their node's context (client error
-        feedback with ``keys.EF_STORE`` = context) while two of them share a node: see :meth:`send_train`."""
-        held = str(config.get(keys.EF, "none")) != "none" and str(config.get(keys.EF_STORE, "context")) == "context"
-        nodes = [node for _, node in picked]
-        self._serialize_shared_nodes = held and len(set(nodes)) < len(nodes)
-        if self._serialize_shared_nodes and not getattr(self, "_told_waves", False):
-            self._told_waves = True
-            log.info("round %d: %d clients on %d nodes keep residuals in node contexts; a node's clients are sent "
-                     "in successive waves (one message per node at a time)", server_round, len(nodes), len(set(nodes)))
-
     def send_train(self, grid: Grid, messages: Iterable[Message], timeout: float) -> list[Message]:
         """``grid.send_and_receive`` of the round's train messages, one message per node at a time when
-        clients that keep state in node contexts share a node.
+        two of them go to one node and the clients keep residuals in node contexts (client error feedback
+        with ``keys.EF_STORE`` = context, as read from the messages' config).
 
         Flower's simulation engine runs two messages of one node concurrently and keeps only one of the
         contexts they return, so a residual update would be lost (measured: top-k + EF, 12 clients on 3
@@ -339,13 +328,21 @@ class UpdateStrategy(FedAvg):
         every node in wave k) keep the replies, hence the aggregate, those of one node per client.
         """
         messages = list(messages)
-        if not getattr(self, "_serialize_shared_nodes", False):
+        nodes = [m.metadata.dst_node_id for m in messages]
+        config = messages[0].content.get(self.configrecord_key) if messages else None
+        held = config is not None and str(config.get(keys.EF, "none")) != "none" and \
+            str(config.get(keys.EF_STORE, "context")) == "context"
+        if not held or len(set(nodes)) == len(nodes):
             return list(grid.send_and_receive(messages=messages, timeout=timeout))
+        if not getattr(self, "_told_waves", False):
+            self._told_waves = True
+            log.info("%d clients on %d nodes keep residuals in node contexts; a node's clients are sent in "
+                     "successive waves (one message per node at a time)", len(nodes), len(set(nodes)))
         waves: list[list[Message]] = []
         seen: dict[int, int] = {}
-        for msg in messages:
-            k = seen.get(msg.metadata.dst_node_id, 0)
-            seen[msg.metadata.dst_node_id] = k + 1
+        for msg, node in zip(messages, nodes):
+            k = seen.get(node, 0)
+            seen[node] = k + 1
             if k == len(waves):
                 waves.append([])
             waves[k].append(msg)
