@@ -45,7 +45,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from benchmarks.bench_scale import TreeMemory, bench_root, machine, run_point_cmd
+from benchmarks.bench_scale import TreeMemory, add_worker_options, bench_root, machine, run_point_cmd, serve_worker
 
 __all__ = ["workload_config", "measure", "run", "main"]
 
@@ -457,12 +457,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--quick", action="store_true", help="quickstart only, 1 repeat")
     p.add_argument("--timeout", type=float, default=400.0, help="seconds per measurement")
     p.add_argument("--out", type=Path, default=Path("bench_out/round.json"))
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    add_worker_options(p)
     a = p.parse_args(argv)
-    if a.worker:
-        res = measure(json.loads(a.worker))
-        Path(a.result).write_text(json.dumps(res, default=float))
+    if (res := serve_worker(a, measure)) is not None:
         return res
     workloads = ["quickstart"] if a.quick else [w for w in a.workloads.split(",") if w]
     data = run(workloads, [int(k) for k in a.per_round.split(",") if k], [m for m in a.modes.split(",") if m],

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TreeMemory", "tree_pids", "tree_memory", "instrumented_run", "scale_config", "run_point", "run_point_cmd", "main"]
+__all__ = ["TreeMemory", "tree_pids", "tree_memory", "instrumented_run", "scale_config", "run_point", "run_point_cmd", "add_worker_options", "serve_worker", "main"]
 
 # ============================================================================ process-tree memory
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -466,6 +466,22 @@ def run_point(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
     return run_point_cmd("benchmarks.bench_scale", spec, timeout)
 
 
+def add_worker_options(parser: argparse.ArgumentParser) -> None:
+    """The hidden ``--worker SPEC --result PATH`` options by which :func:`run_point_cmd` calls a module."""
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
+
+
+def serve_worker(args: argparse.Namespace, measure_fn) -> dict[str, Any] | None:
+    """The child side of :func:`run_point_cmd`: with ``--worker``, run ``measure_fn(spec)`` and write its
+    result JSON to ``--result``; returns the result, or None when this is not a worker call."""
+    if not args.worker:
+        return None
+    res = measure_fn(json.loads(args.worker))
+    Path(args.result).write_text(json.dumps(res, default=float))
+    return res
+
+
 def run_point_cmd(module: str, spec: dict[str, Any], timeout: float) -> dict[str, Any]:
     """``python -m <module> --worker <spec>`` in a child process (own process tree, own memory peak).
 
@@ -659,13 +675,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out", type=Path, default=Path("bench_out/scale.json"))
     p.add_argument("--plot", type=Path, default=None, help="write the curves PNG here (e.g. docs/scale.png)")
     p.add_argument("--plot-only", action="store_true")
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    add_worker_options(p)
     a = p.parse_args(argv)
 
-    if a.worker:
-        res = _worker(json.loads(a.worker))
-        Path(a.result).write_text(json.dumps(res, default=float))
+    if (res := serve_worker(a, _worker)) is not None:
         return res
     if a.plot_only:
         data = json.loads(a.out.read_text())
