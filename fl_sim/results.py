@@ -119,19 +119,13 @@ def load_run(run_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, float]
     return summary, rows
 
 
-def bits_to_reach(rows: list[dict[str, float]], target_accuracy: float) -> float | None:
-    """Cumulative uplink bits at the first evaluated round with accuracy >= target (None if never)."""
-    total = 0.0
-    for r in rows:
-        total += r.get("uplink_bits") or 0.0
-        acc = r.get("test_accuracy")
-        if acc is not None and math.isfinite(acc) and acc >= target_accuracy:
-            return total
-    return None
-
-
 def _finite(v: Any) -> float:
     return float(v) if v is not None and math.isfinite(v) else 0.0
+
+
+def bits_to_reach(rows: list[dict[str, float]], target_accuracy: float) -> float | None:
+    """Cumulative uplink bits at the first evaluated round with accuracy >= target (None if never)."""
+    return _sum_to_reach(rows, target_accuracy, "uplink_bits")
 
 
 def _sum_to_reach(rows: list[dict[str, float]], target_accuracy: float, col: str) -> float | None:
