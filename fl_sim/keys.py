@@ -13,10 +13,10 @@ PAYLOAD_META = "fl-sim.payload"  # ConfigRecord describing an encoded payload in
 # ConfigRecord keys (server -> client)
 ROUND = "server-round"
 CID = "fl-sim.cid"  # virtual client id (partition) this message is for
-SEED = "fl-sim.seed"  # the round's shared seed (codec randomness is rebuilt from it)
+SEED = "fl-sim.seed"  # the round's common seed (codec randomness is rebuilt from it and the client id)
 CODEC = "fl-sim.codec"  # codec registry name; absent = send the model uncompressed
 CODEC_PARAMS = "fl-sim.codec-params"  # JSON of the codec parameters
-SEED_MODE = "fl-sim.seed-mode"  # "shared" (same randomness for all clients) | "per_client"
+SEED_MODE = "fl-sim.seed-mode"  # "per_client" (own randomness per client id) | "shared" (old: same for all); protocol.py
 EF = "fl-sim.ef"  # client error feedback: "none" | "classic" | "weighted"
 EF_BETA = "fl-sim.ef-beta"
 EF_DTYPE = "fl-sim.ef-dtype"  # "float32" | "float16" residual storage

@@ -10,12 +10,21 @@ seed, dequantizes v̂ = ϱ(q − u) (eq. 4.6) and reconstructs ĝ = α Tᵀ v̂ 
 
 Client memory is Abdi's weighted error feedback (eq. 4.14): z = Δ + β r, r ← (1 − β) r + (z − ẑ),
 with β defaulting to Remark 3's optimum: β* = 1/(γ+1) for unbiased QCS (eq. 4.17), β* = 1 for MMSE
-QCS (eq. 4.18). Randomness (R, row subsets, dither) changes every round (shared seed per round).
+QCS (eq. 4.18). Randomness (R, row subsets, dither) changes every round and is each
+client's own (independent across clients, ``seed_mode="per_client"``, fl_sim.protocol);
+``seed_mode="shared"`` gives all clients of a round the same R, S and u (fl-sim before issue 12:
+their errors are then correlated and averaging does not shrink them).
+
+Blocks follow the model's tensors (``granularity="tensor"``, Abdi's per-layer partitions): the strategy
+passes the tensor lengths of the global model as the codec's ``segments`` every round.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord
 
 from .compressed import CompressedFedAvg
 
@@ -30,6 +39,8 @@ class QCS(CompressedFedAvg):
         k: rows of the Hadamard transform kept per block.
         levels: Q, the range of quantization levels.
         alpha: "unbiased" or "mmse".
+        granularity: "tensor" (blocks never straddle two tensors; default, Abdi's per-layer partitions)
+            or "vector" (blocks of the flattened update).
         error_feedback: "weighted" (default), "classic" or "none".
         beta: forgetting factor of weighted EF; None = Remark 3's β*.
         **kwargs: UpdateStrategy arguments.
@@ -42,20 +53,32 @@ class QCS(CompressedFedAvg):
         k: int = 64,
         levels: float = 2,
         alpha: str = "unbiased",
+        granularity: str = "tensor",
         error_feedback: str = "weighted",
         beta: float | None = None,
         **kwargs: Any,
     ) -> None:
         kwargs.pop("codec", None)
         kwargs.pop("codec_params", None)
-        params = {"block": block, "k": k, "levels": levels, "alpha": alpha}
+        params = {"block": block, "k": k, "levels": levels, "alpha": alpha, "granularity": granularity}
         from ..compression import make_codec
 
         probe = make_codec("qcs", dim=block, **params)  # validates the parameters early, gives γ
+        self.granularity = granularity
         self.gamma = float(probe.gamma)
         if beta is None:
             beta = 1.0 if alpha == "mmse" else 1.0 / (self.gamma + 1.0)
         super().__init__(codec="qcs", codec_params=params, error_feedback=error_feedback, ef_beta=beta, **kwargs)
 
+    def round_config(self, server_round: int, config: ConfigRecord) -> None:
+        if self.granularity == "tensor":
+            self.codec_params["segments"] = tensor_lengths(self._global_arrays)
+        super().round_config(server_round, config)
+
     def extra_metrics(self, server_round, usable, delta) -> dict[str, float]:
         return {"qcs_gamma": self.gamma, "ef_beta": self.ef_beta}
+
+
+def tensor_lengths(arrays: ArrayRecord) -> list[int]:
+    """Sizes of the record's floating-point arrays in flatten order (fl_sim.records.flatten_arrays)."""
+    return [int(a.numpy().size) for a in arrays.values() if np.issubdtype(a.numpy().dtype, np.floating)]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ...rng import torch_generator
-from ..base import Codec, CodecError, Payload, PayloadError, register_codec
+from ..base import Codec, CodecError, Payload, PayloadError, check_seed, register_codec
 from ..quantizers import (
     FLOAT_BITS,
     level_dtype,
@@ -41,11 +41,6 @@ __all__ = ["IdentityCodec", "FP16Codec", "TopKCodec", "RandKCodec", "QSGDCodec",
 
 _F16_MAX = float(torch.finfo(torch.float16).max)
 
-
-def _check_seed(seed: object, who: str) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise CodecError(f"{who}: seed must be an int (fl_sim.rng.derive_seed gives one), got {seed!r}")
-    return seed
 
 
 def _check_count(value: object, name: str, who: str, upper: int, hint: str) -> int:
@@ -158,12 +153,12 @@ class RandKCodec(_SparseCodec):
 
     def encode(self, x: torch.Tensor, *, seed: int) -> Payload:
         x = self.check_input(x)
-        vals = to_wire_float(x[self._indices(_check_seed(seed, "randk.encode"))], "randk.encode", "a value")
+        vals = to_wire_float(x[self._indices(check_seed(seed, "randk.encode"))], "randk.encode", "a value")
         return Payload(self.name, self.dim, {"values": vals}, randk_bits(self.k))
 
     def decode(self, payload: Payload, *, seed: int) -> torch.Tensor:
         self.check_payload(payload, {"values": ((self.k,), torch.float32)})
-        out = scatter_dense(self._indices(_check_seed(seed, "randk.decode")), payload.tensors["values"], self.dim)
+        out = scatter_dense(self._indices(check_seed(seed, "randk.decode")), payload.tensors["values"], self.dim)
         if not self.unbiased:
             return out
         return to_wire_float(out.to(torch.float64) * (self.dim / self.k), "randk.decode", "(d/k) x_i")
@@ -193,7 +188,7 @@ class QSGDCodec(Codec):
 
     def encode(self, x: torch.Tensor, *, seed: int) -> Payload:
         x = self.check_input(x)
-        norm, q = qsgd_quantize(x, self.levels, generator=torch_generator(_check_seed(seed, "qsgd.encode"), "qsgd"))
+        norm, q = qsgd_quantize(x, self.levels, generator=torch_generator(check_seed(seed, "qsgd.encode"), "qsgd"))
         norm = to_wire_float(_scalar(norm), "qsgd.encode", "||x||_2")
         return Payload(self.name, self.dim, {"norm": norm, "q": q}, qsgd_bits(self.dim, self.levels))
 
@@ -239,7 +234,7 @@ class TernGradCodec(Codec):
 
     def encode(self, x: torch.Tensor, *, seed: int) -> Payload:
         x = self.check_input(x)
-        s, q = terngrad_quantize(x, generator=torch_generator(_check_seed(seed, "terngrad.encode"), "terngrad"))
+        s, q = terngrad_quantize(x, generator=torch_generator(check_seed(seed, "terngrad.encode"), "terngrad"))
         s = to_wire_float(_scalar(s), "terngrad.encode", "||x||_inf")
         return Payload(self.name, self.dim, {"scale": s, "q": q}, terngrad_bits(self.dim))
 
