@@ -390,10 +390,14 @@ class OneBitCSCodec(Codec):
             # the average of 1-bit measurements is multi-level, no longer a sign vector;
             # recover K-sparse from these real-valued measurements with FIHT instead
             return fiht(v_hat, op, self.sparsity, max_iter=self.biht_iter).to(torch.float32)
-        # q = sign(Phi x + rho u) per block: BIHT with the known dither recovers direction and norm
+        # q = sign(Phi_b x_b / rho_b + u_b): BIHT with the known dither u on the block-scaled operator
+        # D Phi, D = diag(1/rho_b) (0 on a zero-scale block, whose q = sign(u) holds for any x), recovers
+        # direction and norm; every block's measurements then count alike whatever its scale
         q = payload.tensors["q"].to(torch.float32) * 2.0 - 1.0
-        threshold = self._per_entry(payload.tensors["rho"]) * self.dither(seed, client_seed)
-        return biht(q, op, self.sparsity, max_iter=self.biht_iter, threshold=threshold).to(torch.float32)
+        rho = payload.tensors["rho"]
+        inv = self._per_entry(torch.where(rho > 0, 1.0 / rho.clamp(min=torch.finfo(torch.float32).tiny), 0.0))
+        return biht(q, _RowScaled(op, inv), self.sparsity, max_iter=self.biht_iter,
+                    threshold=self.dither(seed, client_seed)).to(torch.float32)
 
     def _recover_lp(self, op: PartialHadamard, v_hat: torch.Tensor, half_width: torch.Tensor) -> torch.Tensor:
         """Eq. (6) per block b: min ||x_b||_1 s.t. |v_hat_b - T_b x_b|_i <= half_width_b (exact box)."""
@@ -413,3 +417,18 @@ class OneBitCSCodec(Codec):
             a_b = h[op.rows[b]][:, :cols] * signs[lo : lo + cols] / math.sqrt(self.k)
             out[lo : lo + cols] = l1_recovery_lp(v[b], a_b, width)
         return out[: self.dim].to(torch.float32)
+
+
+class _RowScaled(LinearOperator):
+    """D A for a diagonal D (``scale``, (m,)): the measurements of A, each row scaled."""
+
+    def __init__(self, op: LinearOperator, scale: torch.Tensor) -> None:
+        self.op, self.scale = op, scale
+        self.m, self.d = op.m, op.d
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.op.forward(x)
+        return y * self.scale.to(y.dtype)
+
+    def adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        return self.op.adjoint(y * self.scale.to(y.dtype))
