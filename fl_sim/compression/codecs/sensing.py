@@ -390,14 +390,18 @@ class OneBitCSCodec(Codec):
             # the average of 1-bit measurements is multi-level, no longer a sign vector;
             # recover K-sparse from these real-valued measurements with FIHT instead
             return fiht(v_hat, op, self.sparsity, max_iter=self.biht_iter).to(torch.float32)
-        # q = sign(Phi_b x_b / rho_b + u_b): BIHT with the known dither u on the block-scaled operator
-        # D Phi, D = diag(1/rho_b) (0 on a zero-scale block, whose q = sign(u) holds for any x), recovers
-        # direction and norm; every block's measurements then count alike whatever its scale
+        # q = sign(Phi_b x_b / rho_b + u_b) = sign(D Phi z + u) with z = x / max_b rho_b and
+        # D = diag(max rho / rho_b): BIHT with the known dither u on the block-scaled operator D Phi
+        # recovers direction and norm of z at unit scale; every block's measurements count alike whatever
+        # its scale. A block with rho_b = 0 (or below 1e-20 max rho) gets D = 0: its q = sign(u) holds for
+        # any x and carries nothing.
         q = payload.tensors["q"].to(torch.float32) * 2.0 - 1.0
-        rho = payload.tensors["rho"]
-        inv = self._per_entry(torch.where(rho > 0, 1.0 / rho.clamp(min=torch.finfo(torch.float32).tiny), 0.0))
-        return biht(q, _RowScaled(op, inv), self.sparsity, max_iter=self.biht_iter,
-                    threshold=self.dither(seed, client_seed)).to(torch.float32)
+        rho = payload.tensors["rho"].to(torch.float64)
+        top = float(rho.max())
+        ratio = torch.where(rho > 1e-20 * top, top / rho.clamp(min=1e-300), 0.0).to(torch.float32)
+        z = biht(q, _RowScaled(op, self._per_entry(ratio)), self.sparsity, max_iter=self.biht_iter,
+                 threshold=self.dither(seed, client_seed))
+        return (z.to(torch.float64) * top).to(torch.float32)
 
     def _recover_lp(self, op: PartialHadamard, v_hat: torch.Tensor, half_width: torch.Tensor) -> torch.Tensor:
         """Eq. (6) per block b: min ||x_b||_1 s.t. |v_hat_b - T_b x_b|_i <= half_width_b (exact box)."""
