@@ -230,14 +230,17 @@ def qsgd_variance_bound(d: int, levels: int) -> float:
 def sigma_clip(x: torch.Tensor, c: float, seg: Segments | None = None) -> torch.Tensor:
     """TernGrad's gradient clipping (Wen et al. 2017, Section 3.3): x_i clipped to [-c sigma, c sigma],
     sigma the standard deviation of the elements of each segment (population std about the mean, as the
-    authors' ``clip_gradients_by_stddev`` and GRACE). Computed in float64 from a unit-max copy."""
+    authors' ``clip_gradients_by_stddev`` and GRACE). Computed in float64 from a unit-max copy.
+    Departure: a segment with sigma = 0 (constant, or one element) is not clipped; the paper's rule would
+    clip it to 0 (the authors' code sends tensors below ``size_to_binarize`` unquantized instead)."""
     sg = _seg(x, seg)
     t, m = segment_unit_max(x, sg)
     t = t.to(torch.float64)
     n = sg.lengths.to(torch.float64)
     mean = sg.sum(t) / n
     sigma = (sg.sum((t - sg.expand(mean)) ** 2) / n).sqrt() * m  # back to x's scale
-    bound = sg.expand(c * sigma)
+    # sigma = 0 (a constant or one-element tensor): the clip would zero the whole tensor; leave it as is
+    bound = sg.expand(torch.where(sigma > 0, c * sigma, torch.full_like(sigma, math.inf)))
     return torch.minimum(torch.maximum(x.to(torch.float64), -bound), bound).to(x.dtype)
 
 

@@ -24,7 +24,7 @@ from flwr.app import ConfigRecord, Message
 from .. import keys
 from ..compression import Codec, Payload, PayloadError
 from ..protocol import codec_seed, dump_params, get_codec
-from ..records import payload_from_records
+from ..records import float_sizes, payload_from_records
 from .base import ClientReply, ReplyError, UpdateStrategy
 
 __all__ = ["CompressedFedAvg"]
@@ -74,17 +74,37 @@ class CompressedFedAvg(UpdateStrategy):
         self.seed_mode = seed_mode
         self.aggregate_compressed = aggregate_compressed
         self._reference: Payload | None = None
+        self._params_with_segments: tuple[tuple[int, str], dict[str, Any]] | None = None
 
     # ---------------------------------------------------------------- codec on the server side
+    def codec_params_for(self, dim: int) -> dict[str, Any]:
+        """The codec parameters of this run: ``codec_params`` plus ``segments`` (the global model's
+        floating-point tensor sizes in flatten order) when the codec takes them and none were given.
+
+        Clients build their codec from these same parameters (CODEC_PARAMS in the round's config), so
+        per-tensor scales agree on both sides. The model's shapes are fixed for a run: computed once per
+        (dim, codec_params) (a subclass may change codec_params between rounds).
+        """
+        if "segments" in self.codec_params or self._global_arrays is None:
+            return self.codec_params
+        key = (dim, dump_params(self.codec_params))
+        if self._params_with_segments is None or self._params_with_segments[0] != key:
+            params = dict(self.codec_params)
+            sizes = float_sizes(self._global_arrays)
+            if sum(sizes) == dim and "segments" in get_codec(self.codec_name, dim, params).params():
+                params["segments"] = sizes
+            self._params_with_segments = (key, params)
+        return self._params_with_segments[1]
+
     def codec_for(self, dim: int) -> Codec:
-        return get_codec(self.codec_name, dim, self.codec_params)
+        return get_codec(self.codec_name, dim, self.codec_params_for(dim))
 
     def client_seed(self, cid: int) -> int:
         return codec_seed(self._round_seed, self.seed_mode, cid)
 
     def round_config(self, server_round: int, config: ConfigRecord) -> None:
         config[keys.CODEC] = self.codec_name
-        config[keys.CODEC_PARAMS] = dump_params(self.codec_params)
+        config[keys.CODEC_PARAMS] = dump_params(self.codec_params_for(self._global_vector.numel()))
         config[keys.SEED_MODE] = self.seed_mode
         config[keys.EF] = self.error_feedback
         config[keys.EF_BETA] = self.ef_beta
