@@ -321,13 +321,19 @@ def split_k(k: int, lengths: torch.Tensor) -> torch.Tensor:
 def topk_segments(x: torch.Tensor, ks: torch.Tensor, seg: Segments) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k_t of each segment of a 1-D x: (global indices sorted ascending, values).
 
-    Two stable sorts (by |x| descending, then by segment) put each segment's coordinates in descending
-    magnitude; the rank inside the segment picks the first k_t. O(d log d), no loop over tensors.
+    One sort puts each segment's coordinates in descending magnitude: for float32 x the int64 key
+    segment << 32 | (2^31 - 1 - bits(|x_i|)) (the bit pattern of a non-negative float32 is monotonic in
+    its value); float64 x takes two stable sorts (by |x| descending, then by segment). The rank inside
+    the segment picks the first k_t. O(d log d), no loop over tensors.
     """
     if seg.count == 1:
         return topk_sparsify(x, int(ks[0]))
-    order = torch.sort(x.abs(), descending=True, stable=True).indices
-    order = order[torch.sort(seg.ids[order], stable=True).indices]
+    if x.dtype == torch.float32:
+        key = (seg.ids << 32) | ((2**31 - 1) - x.abs().view(torch.int32).to(torch.int64))
+        order = torch.sort(key, stable=True).indices
+    else:
+        order = torch.sort(x.abs(), descending=True, stable=True).indices
+        order = order[torch.sort(seg.ids[order], stable=True).indices]
     owner = seg.ids[order]
     rank = torch.arange(x.numel()) - seg.starts[owner]
     idx = order[rank < ks[owner]].sort().values
