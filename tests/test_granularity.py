@@ -226,6 +226,8 @@ def test_check_values_rejects_impossible_values(name):
             codec.check_values(bad)
         with pytest.raises(PayloadError):
             codec.decode(bad, seed=1)
+    with pytest.raises(PayloadError, match="claims"):  # bits other than its own coding's count
+        codec.check_values(dataclasses.replace(p, bits=p.bits - 1))
     if name == "topk":  # per-tensor k_t: 5 indices all in the first tensor
         tk = make_codec("topk", dim=d, k=5, segments=[150, 50], granularity="tensor")
         p = tk.encode(layered()[:d].contiguous(), seed=1)

@@ -75,6 +75,12 @@ def _check_scales(t: torch.Tensor, who: str, what: str) -> None:
         raise PayloadError(f"{who}: {what} must be finite and >= 0")
 
 
+def _check_bits(payload: Payload, expected: int, who: str) -> None:
+    """The payload's ``bits`` must be the exact count of its own coding (a client cannot misreport it)."""
+    if payload.bits != expected:
+        raise PayloadError(f"{who}: payload claims {payload.bits} bits, its coding takes {expected}")
+
+
 class _Granular(Codec):
     """``granularity`` / ``segments`` parameters and the Segments they give (one scale per segment)."""
 
@@ -104,6 +110,7 @@ class IdentityCodec(Codec):
     def check_values(self, payload: Payload) -> None:
         if not bool(torch.isfinite(payload.tensors["x"]).all()):
             raise PayloadError(f"{self.name}.decode: values must be finite")
+        _check_bits(payload, FLOAT_BITS * self.dim, "identity.decode")
 
     def decode(self, payload: Payload, *, seed: int) -> torch.Tensor:
         self.check_payload(payload, {"x": ((self.dim,), torch.float32)})
@@ -131,6 +138,7 @@ class FP16Codec(Codec):
     def check_values(self, payload: Payload) -> None:
         if not bool(torch.isfinite(payload.tensors["x"]).all()):
             raise PayloadError(f"{self.name}.decode: values must be finite")
+        _check_bits(payload, 16 * self.dim, "fp16.decode")
 
     def decode(self, payload: Payload, *, seed: int) -> torch.Tensor:
         self.check_payload(payload, {"x": ((self.dim,), torch.float16)})
@@ -184,11 +192,12 @@ class TopKCodec(_Granular):
         x = self.check_input(x)
         idx, vals = topk_segments(x, self.ks, self.seg)
         vals = to_wire_float(vals, "topk.encode", "a value")
+        return Payload(self.name, self.dim, {"indices": idx, "values": vals}, self._bits(idx))
+
+    def _bits(self, idx: torch.Tensor) -> int:
         if self.index_coding == "fixed":
-            bits = topk_bits(self.dim, self.k)
-        else:
-            bits = FLOAT_BITS * self.k + gap_stream_bits(idx)
-        return Payload(self.name, self.dim, {"indices": idx, "values": vals}, bits)
+            return topk_bits(self.dim, self.k)
+        return FLOAT_BITS * self.k + gap_stream_bits(idx)
 
     def check_values(self, payload: Payload) -> None:
         idx = payload.tensors["indices"]
@@ -200,6 +209,7 @@ class TopKCodec(_Granular):
             raise PayloadError("topk.decode: indices per tensor differ from the k_t split")
         if not bool(torch.isfinite(payload.tensors["values"]).all()):
             raise PayloadError("topk.decode: values must be finite")
+        _check_bits(payload, self._bits(idx), "topk.decode")
 
     def decode(self, payload: Payload, *, seed: int) -> torch.Tensor:
         self.check_payload(payload, {"indices": ((self.k,), torch.int64), "values": ((self.k,), torch.float32)})
@@ -238,6 +248,7 @@ class RandKCodec(Codec):
     def check_values(self, payload: Payload) -> None:
         if not bool(torch.isfinite(payload.tensors["values"]).all()):
             raise PayloadError("randk.decode: values must be finite")
+        _check_bits(payload, randk_bits(self.k), "randk.decode")
 
     def decode(self, payload: Payload, *, seed: int) -> torch.Tensor:
         self.check_payload(payload, {"values": ((self.k,), torch.float32)})
@@ -306,11 +317,12 @@ class QSGDCodec(_Granular):
         gen = torch_generator(_check_seed(seed, "qsgd.encode"), "qsgd")
         norm, q = qsgd_quantize(x, self.levels, generator=gen, seg=self.seg)
         norm = to_wire_float(norm, "qsgd.encode", "||x||_2")
+        return Payload(self.name, self.dim, {"norm": norm, "q": q}, self._bits(q))
+
+    def _bits(self, q: torch.Tensor) -> int:
         if self.coding == "elias":
-            bits = qsgd_stream_bits(q, self.seg.count)
-        else:
-            bits = qsgd_bits(self.dim, self.levels, self.seg.count)
-        return Payload(self.name, self.dim, {"norm": norm, "q": q}, bits)
+            return qsgd_stream_bits(q, self.seg.count)
+        return qsgd_bits(self.dim, self.levels, self.seg.count)
 
     def check_values(self, payload: Payload) -> None:
         norm, q = payload.tensors["norm"], payload.tensors["q"]
@@ -318,6 +330,7 @@ class QSGDCodec(_Granular):
         if int(q.abs().max()) > self.levels:
             raise PayloadError(f"qsgd.decode: levels outside {{-{self.levels}..{self.levels}}}")
         self._zero_scale_levels(norm, q, "norm")
+        _check_bits(payload, self._bits(q), "qsgd.decode")
 
     def decode(self, payload: Payload, *, seed: int) -> torch.Tensor:
         self.check_payload(
@@ -355,6 +368,7 @@ class SignCodec(_Granular):
         _check_scales(payload.tensors["scale"], "sign.decode", "scales")
         if not bool((payload.tensors["signs"].abs() == 1).all()):
             raise PayloadError("sign.decode: signs must be -1 or +1")
+        _check_bits(payload, sign_bits(self.dim, self.seg.count), "sign.decode")
 
     def decode(self, payload: Payload, *, seed: int) -> torch.Tensor:
         self.check_payload(payload, {"scale": ((self.seg.count,), torch.float32), "signs": ((self.dim,), torch.int8)})
@@ -414,6 +428,7 @@ class TernGradCodec(_Granular):
         if int(q.abs().max()) > 1:
             raise PayloadError("terngrad.decode: levels must be in {-1, 0, 1}")
         self._zero_scale_levels(s, q, "scale")
+        _check_bits(payload, terngrad_bits(self.dim, self.seg.count), "terngrad.decode")
 
     def decode(self, payload: Payload, *, seed: int) -> torch.Tensor:
         self.check_payload(payload, {"scale": ((self.seg.count,), torch.float32), "q": ((self.dim,), torch.int8)})
