@@ -219,7 +219,10 @@ def test_randk_unbiased_over_seeds_and_biased_variant_keeps_values():
 def test_qsgd_and_terngrad_codecs_unbiased_over_seeds():
     d, trials = 16, 1000
     x = _x(d, seed=10)
-    for name, params in (("qsgd", {"levels": 2}), ("terngrad", {})):
+    # TernGrad is unbiased for its clipped input: clipping off here; per-tensor scales (segments) as well
+    for name, params in (("qsgd", {"levels": 2}), ("terngrad", {"clip_sigma": None}),
+                         ("qsgd", {"levels": 2, "segments": [10, 6]}),
+                         ("terngrad", {"clip_sigma": None, "segments": [10, 6]})):
         c = make_codec(name, dim=d, **params)
         ys = torch.stack([c.decode(c.encode(x, seed=s), seed=s) for s in range(trials)])
         # per coordinate SE from the sample std of the trials; 5 SE (+ float32 slack)
