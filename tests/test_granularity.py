@@ -203,9 +203,9 @@ def _set(i, v):
 BAD = {
     "topk": [("indices", _set(0, -1)), ("indices", _set(-1, 10_000)),
              ("indices", lambda t: t.__setitem__(1, t[0])), ("indices", lambda t: t.copy_(t.flip(0)))],
-    "qsgd": [("norm", _set(0, -1.0)), ("q", _set(0, 5)), ("norm", lambda t: t.zero_())],
-    "sign": [("scale", _set(0, -1.0)), ("signs", _set(3, 0))],
-    "terngrad": [("scale", _set(0, -0.5)), ("q", _set(0, 2)), ("scale", lambda t: t.zero_())],
+    "qsgd": [("norm", _set(0, -1.0)), ("q", _set(0, 5)), ("q", _set(0, -128)), ("norm", lambda t: t.zero_())],
+    "sign": [("scale", _set(0, -1.0)), ("signs", _set(3, 0)), ("signs", _set(3, -128))],
+    "terngrad": [("scale", _set(0, -0.5)), ("q", _set(0, 2)), ("q", _set(0, -128)), ("scale", lambda t: t.zero_())],
     "identity": [("x", _set(0, math.inf))],
     "randk": [("values", _set(0, math.nan))],
 }

@@ -2,7 +2,10 @@
 
 Round (see fl_sim.clients.mods for the client half):
 
-1. configure_train names the codec and its parameters and the round seed in the ConfigRecord;
+1. configure_train names the codec and its parameters and the round seed in the ConfigRecord; a codec
+   that takes ``segments`` (per-tensor scales: qsgd, terngrad, sign, topk) gets the global model's
+   floating-point tensor sizes there (:meth:`CompressedFedAvg.codec_params_for`), so the clients,
+   which build their codec from these parameters, and the server quantize over the same tensors;
 2. each client sends p_i = encode(Δ_i + EF residual) with its seed (shared or per-client);
 3. the server validates every payload against the codec's own structure (tensor names, shapes,
    dtypes, finiteness), then either decodes each and averages (Δ̄ = Σ_i (n_i/n) decode(p_i)), or,

@@ -327,7 +327,7 @@ class QSGDCodec(_Granular):
     def check_values(self, payload: Payload) -> None:
         norm, q = payload.tensors["norm"], payload.tensors["q"]
         _check_scales(norm, "qsgd.decode", "norms")
-        if int(q.abs().max()) > self.levels:
+        if int(q.to(torch.int64).abs().max()) > self.levels:
             raise PayloadError(f"qsgd.decode: levels outside {{-{self.levels}..{self.levels}}}")
         self._zero_scale_levels(norm, q, "norm")
         _check_bits(payload, self._bits(q), "qsgd.decode")
@@ -425,7 +425,7 @@ class TernGradCodec(_Granular):
     def check_values(self, payload: Payload) -> None:
         s, q = payload.tensors["scale"], payload.tensors["q"]
         _check_scales(s, "terngrad.decode", "scales")
-        if int(q.abs().max()) > 1:
+        if int(q.to(torch.int64).abs().max()) > 1:
             raise PayloadError("terngrad.decode: levels must be in {-1, 0, 1}")
         self._zero_scale_levels(s, q, "scale")
         _check_bits(payload, terngrad_bits(self.dim, self.seg.count), "terngrad.decode")
