@@ -22,7 +22,7 @@ from flwr.clientapp import ClientApp
 
 from fl_sim import keys
 from fl_sim.clients.mods import compression_mod
-from fl_sim.compression import Codec, PayloadError, make_codec
+from fl_sim.compression import Codec, Payload, PayloadError, make_codec
 from fl_sim.compression.base import CodecError
 from fl_sim.compression.quantizers import qsgd_quantize, sigma_clip, split_k, terngrad_quantize
 from fl_sim.compression.segments import Segments
@@ -236,8 +236,17 @@ def test_check_values_rejects_impossible_values(name):
 
 
 def test_codec_base_check_values_is_a_no_op():
-    assert Codec.check_values.__doc__ == (
-        "Raise PayloadError for values a well-formed payload cannot hold; no-op by default")
+    class Plain(Codec):  # a codec that does not override check_values
+        name = "plain-test"
+
+        def encode(self, x, *, seed):
+            return Payload(self.name, self.dim, {"x": x}, 32 * self.dim)
+
+        def decode(self, payload, *, seed):
+            return payload.tensors["x"]
+
+    c = Plain(dim=3)
+    assert c.check_values(c.encode(torch.full((3,), math.nan), seed=0)) is None
 
 
 # ------------------------------------------------------------------------------ server fills in the segments
