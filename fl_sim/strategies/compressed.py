@@ -2,7 +2,10 @@
 
 Round (see fl_sim.clients.mods for the client half):
 
-1. configure_train names the codec and its parameters and the round seed in the ConfigRecord;
+1. configure_train names the codec and its parameters and the round seed in the ConfigRecord; a codec
+   that takes ``segments`` (per-tensor scales: qsgd, terngrad, sign, topk, qcs) gets the global model's
+   floating-point tensor sizes there (:meth:`CompressedFedAvg.codec_params_for`), so the clients,
+   which build their codec from these parameters, and the server quantize over the same tensors;
 2. each client sends p_i = encode(Δ_i + EF residual) with its seeds (protocol.codec_seeds): the
    codec's common randomness from the round seed, its own randomness from (round seed, client id),
    independent across clients (``seed_mode="per_client"``, the default; "shared" is the old rule);
@@ -27,7 +30,7 @@ from flwr.app import ConfigRecord, Message
 from .. import keys
 from ..compression import Codec, Payload, PayloadError, Seeds
 from ..protocol import DEFAULT_SEED_MODE, check_seed_mode, codec_seeds, dump_params, get_codec
-from ..records import payload_from_records
+from ..records import float_sizes, payload_from_records
 from .base import ClientReply, ReplyError, UpdateStrategy
 
 __all__ = ["CompressedFedAvg"]
@@ -80,10 +83,30 @@ class CompressedFedAvg(UpdateStrategy):
         self.seed_mode = seed_mode
         self.aggregate_compressed = aggregate_compressed
         self._reference: Payload | None = None
+        self._params_with_segments: tuple[tuple[int, str], dict[str, Any]] | None = None
 
     # ---------------------------------------------------------------- codec on the server side
+    def codec_params_for(self, dim: int) -> dict[str, Any]:
+        """The codec parameters of this run: ``codec_params`` plus ``segments`` (the global model's
+        floating-point tensor sizes in flatten order) when the codec takes them and none were given.
+
+        Clients build their codec from these same parameters (CODEC_PARAMS in the round's config), so
+        per-tensor scales agree on both sides. The model's shapes are fixed for a run: computed once per
+        (dim, codec_params) (a subclass may change codec_params between rounds).
+        """
+        if "segments" in self.codec_params or self._global_arrays is None:
+            return self.codec_params
+        key = (dim, dump_params(self.codec_params))
+        if self._params_with_segments is None or self._params_with_segments[0] != key:
+            params = dict(self.codec_params)
+            sizes = float_sizes(self._global_arrays)
+            if sum(sizes) == dim and "segments" in get_codec(self.codec_name, dim, params).params():
+                params["segments"] = sizes
+            self._params_with_segments = (key, params)
+        return self._params_with_segments[1]
+
     def codec_for(self, dim: int) -> Codec:
-        return get_codec(self.codec_name, dim, self.codec_params)
+        return get_codec(self.codec_name, dim, self.codec_params_for(dim))
 
     def client_seeds(self, cid: int) -> Seeds:
         """The seeds client ``cid`` encoded with this round (the same rule as compression_mod)."""
@@ -91,7 +114,7 @@ class CompressedFedAvg(UpdateStrategy):
 
     def round_config(self, server_round: int, config: ConfigRecord) -> None:
         config[keys.CODEC] = self.codec_name
-        config[keys.CODEC_PARAMS] = dump_params(self.codec_params)
+        config[keys.CODEC_PARAMS] = dump_params(self.codec_params_for(self._global_vector.numel()))
         config[keys.SEED_MODE] = self.seed_mode
         config[keys.EF] = self.error_feedback
         config[keys.EF_BETA] = self.ef_beta

@@ -23,9 +23,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord
-
 from .compressed import CompressedFedAvg
 
 __all__ = ["QCS"]
@@ -70,15 +67,6 @@ class QCS(CompressedFedAvg):
             beta = 1.0 if alpha == "mmse" else 1.0 / (self.gamma + 1.0)
         super().__init__(codec="qcs", codec_params=params, error_feedback=error_feedback, ef_beta=beta, **kwargs)
 
-    def round_config(self, server_round: int, config: ConfigRecord) -> None:
-        if self.granularity == "tensor":
-            self.codec_params["segments"] = tensor_lengths(self._global_arrays)
-        super().round_config(server_round, config)
-
     def extra_metrics(self, server_round, usable, delta) -> dict[str, float]:
         return {"qcs_gamma": self.gamma, "ef_beta": self.ef_beta}
 
-
-def tensor_lengths(arrays: ArrayRecord) -> list[int]:
-    """Sizes of the record's floating-point arrays in flatten order (fl_sim.records.flatten_arrays)."""
-    return [int(a.numpy().size) for a in arrays.values() if np.issubdtype(a.numpy().dtype, np.floating)]
