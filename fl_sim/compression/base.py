@@ -141,6 +141,9 @@ class Codec(ABC):
         """Weighted sum in the compressed domain (linear codecs only)."""
         raise CodecError(f"codec {self.name!r} is not linear: decode each payload, then average")
 
+    def check_values(self, payload: Payload) -> None:
+        "Raise PayloadError for values a well-formed payload cannot hold; no-op by default."
+
     def nominal_bits(self) -> int:
         """Bits of one payload as the theory counts them (for ratios and config checks)."""
         return self.encode(torch.zeros(self.dim), seed=0).bits
