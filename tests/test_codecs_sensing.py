@@ -270,3 +270,17 @@ def test_onebit_rejects_non_bit_payload():
         codec.decode(Payload(p.codec, D, {**p.tensors, "q": q}, p.bits), seed=0)
     with pytest.raises(PayloadError, match="rho"):
         codec.decode(Payload(p.codec, D, {**p.tensors, "rho": torch.tensor([-1.0])}, p.bits), seed=0)
+
+
+@pytest.mark.parametrize("name,params,key", [("count_sketch", dict(rows=3, cols=20, k=5), "table"),
+                                             ("cs_fiht", dict(measurements=50, sparsity=5), "y")])
+def test_linear_codecs_check_values(name, params, key):
+    from fl_sim.compression import Payload, PayloadError
+
+    codec = make_codec(name, dim=D, **params)
+    good = codec.encode(torch.randn(D), seed=1)
+    codec.check_values(good)
+    t = good.tensors[key]
+    for bad in (t.clone().fill_(float("inf")), t.reshape(-1)[:-1].clone(), t.double()):
+        with pytest.raises(PayloadError):
+            codec.check_values(Payload(good.codec, good.dim, {key: bad}, good.bits))

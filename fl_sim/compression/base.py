@@ -208,7 +208,7 @@ class Codec(ABC):
         raise CodecError(f"codec {self.name!r} is not linear: decode each payload, then average")
 
     def check_values(self, payload: Payload) -> None:
-        """Raise PayloadError for values a well-formed payload cannot hold; no-op by default"""
+        "Raise PayloadError for values a well-formed payload cannot hold; no-op by default."
 
     def nominal_bits(self) -> int:
         """Bits of one payload as the theory counts them (for ratios and config checks)."""
