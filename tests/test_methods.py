@@ -78,7 +78,7 @@ def test_qcs_bits(granularity):
     d = d_of(s)
     if granularity == "tensor":  # each tensor padded to whole blocks of 64 on its own (issue 12)
         lengths = [p.numel() for p in torch.nn.Linear(60, 32).parameters()] + [32 * 10, 10]
-        assert s.codec_params["segments"] == lengths and sum(lengths) == d
+        assert s.codec_params_for(d)["segments"] == lengths and sum(lengths) == d
         blocks = sum(math.ceil(n / 64) for n in lengths)
         assert blocks > math.ceil(d / 64)
     else:
