@@ -67,6 +67,12 @@ def build_strategy(exp: Experiment, **extra: Any):
         seed=cfg.seed,
         server_lr=cfg.strategy.server_lr,
         server_momentum=cfg.strategy.server_momentum,
+        # fl-sim's runs evaluate centrally on the server (evaluate_fn) and may run on one node: these
+        # differ from Flower's FedAvg defaults (fraction_evaluate 1.0, min nodes 2), so they are explicit.
+        fraction_evaluate=0.0,
+        min_train_nodes=1,
+        min_evaluate_nodes=0,
+        min_available_nodes=1,
     )
     if cfg.strategy.name in _CODEC_STRATEGIES:
         kwargs["codec"] = cfg.codec.name
@@ -108,16 +114,20 @@ def build_strategy(exp: Experiment, **extra: Any):
 
 
 def _accepted_kwargs(cls: type) -> set[str]:
-    """Keyword arguments a strategy accepts through its class hierarchy (user-settable ones)."""
+    """Keyword arguments a strategy accepts through its class hierarchy and the FedAvg it builds
+    (user-settable ones)."""
+    from flwr.serverapp.strategy import FedAvg
+
     names: set[str] = set()
-    for klass in cls.__mro__:
+    for klass in (*cls.__mro__, FedAvg):
         init = klass.__dict__.get("__init__")
         if init is None:
             continue
         for p in inspect.signature(init).parameters.values():
             if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name != "self":
                 names.add(p.name)
-    return names - {"client_ids", "seed", "clients_per_round", "server_lr", "server_momentum", "codec", "codec_params"}
+    return names - {"inner", "client_ids", "seed", "clients_per_round", "server_lr", "server_momentum", "codec",
+                    "codec_params", "train_metrics_aggr_fn", "evaluate_metrics_aggr_fn"}
 
 
 def describe_model(exp: Experiment) -> str:

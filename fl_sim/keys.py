@@ -29,12 +29,18 @@ LOCAL_STEPS = "fl-sim.local-steps"
 LR = "fl-sim.lr"
 BATCH_SIZE = "fl-sim.batch-size"
 REPORT_NORM = "fl-sim.report-norm"  # ask the client to report ‖z‖ of what it encoded (RLC power control)
+ARRAYRECORD_KEY = "fl-sim.arrayrecord-key"  # the strategy's arrayrecord_key: which ArrayRecord holds the model
+METHOD = "fl-sim.method"  # a method whose client side is not "train and send Δ" (e.g. "daqusgd")
+DAQUSGD_THRESHOLD = "fl-sim.daqusgd-threshold"  # ℓ_th of DaQuSGD's sample selection
+DAQUSGD_BITS = "fl-sim.daqusgd-bits"  # DataQ bits per feature
+DAQUSGD_GRADCORRQ = "fl-sim.daqusgd-gradcorrq"
 
 # Payload meta keys (ConfigRecord PAYLOAD_META)
 P_CODEC = "codec"
 P_DIM = "dim"
 P_BITS = "bits"
 P_META = "meta"  # JSON of Payload.meta
+P_CID = "cid"  # the client id the payload was encoded for (its per-client seed)
 
 # MetricRecord keys (client -> server)
 NUM_EXAMPLES = "num-examples"
@@ -42,3 +48,5 @@ TRAIN_LOSS = "train-loss"
 UPLINK_BITS = "uplink-bits"
 M_CID = "cid"
 UPDATE_NORM = "update-norm"  # ‖z‖ of the encoded update (answer to REPORT_NORM)
+DAQUSGD_LOSS_SUM = "sent-loss-sum"  # DaQuSGD: Σ ℓ(W, Z) over the samples a node sent
+DAQUSGD_SENT = "sent-samples"  # DaQuSGD: samples a node sent

@@ -143,7 +143,7 @@ def test_store_errors(tmp_path):
 
 def _rows(run_dir):
     with open(run_dir / "metrics.csv", newline="") as f:
-        return [{k: v for k, v in r.items() if k not in ("wall_s", "server_s")} for r in csv.DictReader(f)]
+        return [{k: v for k, v in r.items() if k not in ("wall_s", "round_s")} for r in csv.DictReader(f)]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])

@@ -30,12 +30,13 @@ from .training import per_sample_loss
 
 __all__ = ["DaQuSelection", "select_and_quantize", "daqusgd_reply", "THRESHOLD", "BITS_PER_FEATURE", "GRADCORRQ"]
 
-THRESHOLD = "fl-sim.daqusgd-threshold"
-BITS_PER_FEATURE = "fl-sim.daqusgd-bits"
-METHOD = "fl-sim.method"
-GRADCORRQ = "fl-sim.daqusgd-gradcorrq"
-LOSS_SUM = "sent-loss-sum"
-SENT = "sent-samples"
+# Wire keys live in fl_sim.keys (the server side reads the same constants); these names are aliases.
+THRESHOLD = keys.DAQUSGD_THRESHOLD
+BITS_PER_FEATURE = keys.DAQUSGD_BITS
+METHOD = keys.METHOD
+GRADCORRQ = keys.DAQUSGD_GRADCORRQ
+LOSS_SUM = keys.DAQUSGD_LOSS_SUM
+SENT = keys.DAQUSGD_SENT
 
 
 @dataclass

@@ -174,6 +174,28 @@ class Codec(ABC):
             if torch.is_floating_point(t) and not torch.isfinite(t).all():
                 raise PayloadError(f"{self.name}.decode: tensor {key!r} contains NaN or inf")
 
+    def payload_spec(self) -> dict[str, tuple[tuple[int, ...], Any]]:
+        """What one payload of this codec holds: tensor name -> (shape, dtype).
+
+        A codec may declare it; the default reads it once from an encoding of the zero vector (cached
+        on the codec, which the server keeps per round: no encoding per round or per reply).
+        """
+        spec = self.__dict__.get("_payload_spec")
+        if spec is None:
+            ref = self.encode(torch.zeros(self.dim), seed=0)
+            spec = {k: (tuple(t.shape), t.dtype) for k, t in ref.tensors.items()}
+            self.__dict__["_payload_spec"] = spec
+        return spec
+
+    def validate_payload(self, payload: Payload) -> None:
+        """A received payload against :meth:`payload_spec`: codec, dim, exactly those tensors, shapes,
+        dtypes, finite floats (PayloadError otherwise)."""
+        spec = self.payload_spec()
+        self.check_payload(payload, spec)
+        extra = set(payload.tensors) - set(spec)
+        if extra:
+            raise PayloadError(f"{self.name}: payload has unexpected tensors {sorted(extra)}")
+
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
         return f"{type(self).__name__}({params})"

@@ -1,13 +1,14 @@
-"""CompressedFedAvg: FedAvg whose clients send an encoded update Δ_i (any registered codec).
+"""CompressedFedAvg: clients send an encoded update Δ_i (any registered codec) around any strategy.
 
 Round (see fl_sim.clients.mods for the client half):
 
 1. configure_train names the codec and its parameters and the round seed in the ConfigRecord;
 2. each client sends p_i = encode(Δ_i + EF residual) with its seed (shared or per-client);
-3. the server validates every payload against the codec's own structure (tensor names, shapes,
-   dtypes, finiteness), then either decodes each and averages (Δ̄ = Σ_i (n_i/n) decode(p_i)), or,
-   for a linear codec (count_sketch, cs_fiht, rlc), sums in the compressed domain and decodes once;
-4. the server optimizer applies Δ̄ (η_s, μ of :class:`UpdateStrategy`).
+3. the server validates every payload against the codec's payload spec (tensor names, shapes,
+   dtypes, finiteness), then either decodes each (the inner strategy gets w + decode(p_i)), or, for a
+   linear codec (count_sketch, cs_fiht, rlc), sums in the compressed domain and decodes once
+   (Δ̄ = decode(Σ_i (n_i/n) p_i); the inner gets w + Δ̄ from every client);
+4. the inner strategy aggregates (FedAvg: the weighted mean; FedAdam: its server optimizer).
 
 Baselines top-k + EF, QSGD, scaled sign and TernGrad are this strategy with the codec named in the
 config. Client error feedback ("classic", Karimireddy et al. 2019; "weighted", Abdi eq. 4.14) is
@@ -20,33 +21,37 @@ from typing import Any
 
 import torch
 from flwr.app import ConfigRecord, Message
+from flwr.serverapp.strategy import Strategy
 
 from .. import keys
-from ..compression import Codec, Payload, PayloadError
+from ..compression import Codec, Payload
 from ..protocol import codec_seed, dump_params, get_codec
 from ..records import payload_from_records
 from .base import ClientReply, ReplyError, UpdateStrategy
 
-__all__ = ["CompressedFedAvg"]
+__all__ = ["CompressedFedAvg", "EF_KINDS", "SEED_MODES"]
 
 EF_KINDS = ("none", "classic", "weighted")
+SEED_MODES = ("shared", "per_client")
 
 
 class CompressedFedAvg(UpdateStrategy):
-    """FedAvg over compressed updates.
+    """Compressed uplink around ``inner`` (a FedAvg with ``**kwargs`` when None).
 
     Args:
+        inner: the strategy that aggregates the decoded models (FedAvg, FedAdam, FedProx...).
         codec: registry name (``fl_sim.compression.codec_names()``).
         codec_params: the codec's parameters (``make_codec(codec, dim=d, **codec_params)``).
         error_feedback: client memory: "none", "classic" (z = Δ + r, r ← z − ẑ) or "weighted"
             (Abdi eq. 4.14, forgetting factor ``ef_beta``).
         seed_mode: "shared" (one randomness per round for all clients) or "per_client".
         aggregate_compressed: sum linear codecs' payloads before one decode (default True).
-        **kwargs: UpdateStrategy / FedAvg arguments.
+        **kwargs: UpdateStrategy arguments (and FedAvg's, without an inner strategy).
     """
 
     def __init__(
         self,
+        inner: Strategy | None = None,
         *,
         codec: str = "identity",
         codec_params: dict[str, Any] | None = None,
@@ -57,10 +62,10 @@ class CompressedFedAvg(UpdateStrategy):
         aggregate_compressed: bool = True,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
+        super().__init__(inner, **kwargs)
         if error_feedback not in EF_KINDS:
             raise ValueError(f"error_feedback={error_feedback!r}: use one of {', '.join(EF_KINDS)}")
-        if seed_mode not in ("shared", "per_client"):
+        if seed_mode not in SEED_MODES:
             raise ValueError(f"seed_mode={seed_mode!r}: use 'shared' or 'per_client'")
         if not 0 < ef_beta <= 1:
             raise ValueError(f"ef_beta={ef_beta}: the forgetting factor must be in (0, 1]")
@@ -73,58 +78,54 @@ class CompressedFedAvg(UpdateStrategy):
         self.ef_dtype = ef_dtype
         self.seed_mode = seed_mode
         self.aggregate_compressed = aggregate_compressed
-        self._reference: Payload | None = None
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "codec": self.codec_name, "codec_params": self.codec_params,
+                "error_feedback": self.error_feedback, "seed_mode": self.seed_mode}
 
     # ---------------------------------------------------------------- codec on the server side
+    def codec_params_for(self, dim: int) -> dict[str, Any]:
+        """The codec's parameters for a model of ``dim`` parameters (methods sized by d override this)."""
+        return self.codec_params
+
     def codec_for(self, dim: int) -> Codec:
-        return get_codec(self.codec_name, dim, self.codec_params)
+        return get_codec(self.codec_name, dim, self.codec_params_for(dim))
+
+    @property
+    def codec(self) -> Codec:
+        """This round's codec (the global model's dimension)."""
+        return self.codec_for(self.global_vector.numel())
 
     def client_seed(self, cid: int) -> int:
-        return codec_seed(self._round_seed, self.seed_mode, cid)
+        return codec_seed(self.round_seed, self.seed_mode, cid)
 
     def round_config(self, server_round: int, config: ConfigRecord) -> None:
+        params = self.codec_params_for(self.global_vector.numel())
         config[keys.CODEC] = self.codec_name
-        config[keys.CODEC_PARAMS] = dump_params(self.codec_params)
+        config[keys.CODEC_PARAMS] = dump_params(params)
+        config[keys.SEED] = self.round_seed
         config[keys.SEED_MODE] = self.seed_mode
         config[keys.EF] = self.error_feedback
         config[keys.EF_BETA] = self.ef_beta
         config[keys.EF_DTYPE] = self.ef_dtype
-        codec = self.codec_for(self._global_vector.numel())
-        self._reference = codec.encode(torch.zeros(codec.dim), seed=self._round_seed)
-
-    def check_payload(self, payload: Payload) -> None:
-        """Structural check against a payload this codec itself made (same names/shapes/dtypes)."""
-        ref = self._reference
-        if payload.codec != ref.codec:
-            raise PayloadError(f"payload made by codec {payload.codec!r}, expected {ref.codec!r}")
-        if payload.dim != ref.dim:
-            raise PayloadError(f"payload dim {payload.dim}, expected {ref.dim}")
-        if set(payload.tensors) != set(ref.tensors):
-            raise PayloadError(f"payload tensors {sorted(payload.tensors)}, expected {sorted(ref.tensors)}")
-        for name, t in payload.tensors.items():
-            r = ref.tensors[name]
-            if tuple(t.shape) != tuple(r.shape) or t.dtype != r.dtype:
-                raise PayloadError(
-                    f"tensor {name!r} is {tuple(t.shape)} {t.dtype}, expected {tuple(r.shape)} {r.dtype}"
-                )
-            if torch.is_floating_point(t) and not torch.isfinite(t).all():
-                raise PayloadError(f"tensor {name!r} contains NaN or inf")
 
     def decode_reply(self, server_round: int, msg: Message, cid: int) -> tuple[Any, int]:
-        meta = msg.content.get(keys.PAYLOAD_META)
-        arrays = msg.content.get(keys.ARRAYS)
-        if meta is None or arrays is None:
+        meta = msg.content.config_records.get(keys.PAYLOAD_META)
+        if meta is None:
             raise ReplyError("reply carries no encoded payload (is compression_mod installed on the ClientApp?)")
-        payload = payload_from_records(arrays, meta)
-        self.check_payload(payload)
+        payload = payload_from_records(self.reply_arrays(msg), meta)
+        self.codec.validate_payload(payload)
         return payload, payload.bits
 
     def combine(self, server_round: int, replies: list[ClientReply], weights: torch.Tensor) -> torch.Tensor:
-        codec = self.codec_for(self._global_vector.numel())
+        codec = self.codec
         if codec.linear and self.aggregate_compressed and self.seed_mode == "shared":
             summed = codec.aggregate([r.data for r in replies], weights.tolist())
-            return codec.decode(summed, seed=self._round_seed).to(torch.float32)
-        decoded = []
-        for r in replies:
-            decoded.append(codec.decode(r.data, seed=self.client_seed(r.cid)).to(torch.float32))
-        return weights.to(torch.float32) @ torch.stack(decoded)
+            return codec.decode(summed, seed=self.round_seed).to(torch.float32)
+        return torch.stack([codec.decode(r.data, seed=self.client_seed(r.cid)).to(torch.float32) for r in replies])
+
+    @staticmethod
+    def payload_tensor(payload: Payload) -> torch.Tensor:
+        """The single tensor of a one-tensor payload (rlc's codeword, cs_fiht's measurements)."""
+        (t,) = payload.tensors.values()
+        return t

@@ -22,10 +22,11 @@ from typing import Any
 
 import torch
 from flwr.app import ConfigRecord, Message
+from flwr.serverapp.strategy import Strategy
 from torch import nn
 
 from .. import keys
-from ..clients.daqusgd import BITS_PER_FEATURE, LOSS_SUM, METHOD, SENT, THRESHOLD, dequantize_selection
+from ..compression.dataq import dequantize_batch
 from .base import ClientReply, ReplyError, UpdateStrategy
 
 __all__ = ["DaQuSGD"]
@@ -48,6 +49,7 @@ class DaQuSGD(UpdateStrategy):
 
     def __init__(
         self,
+        inner: Strategy | None = None,
         *,
         model: nn.Module,
         lr: float = 0.05,
@@ -59,7 +61,7 @@ class DaQuSGD(UpdateStrategy):
         num_classes: int | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
+        super().__init__(inner, **kwargs)
         if lr <= 0 or not 0 <= momentum < 1:
             raise ValueError(f"lr={lr}, momentum={momentum}: need lr > 0 and momentum in [0, 1)")
         if not 2 <= bits_per_feature <= 15:
@@ -92,13 +94,13 @@ class DaQuSGD(UpdateStrategy):
             if self._epoch_sent:
                 self.threshold = self.factor * self._epoch_loss_sum / self._epoch_sent
             self._epoch_loss_sum, self._epoch_sent = 0.0, 0
-        config[METHOD] = "daqusgd"
-        config[THRESHOLD] = float(self.threshold)
-        config[BITS_PER_FEATURE] = self.bits
+        config[keys.METHOD] = "daqusgd"
+        config[keys.DAQUSGD_THRESHOLD] = float(self.threshold)
+        config[keys.DAQUSGD_BITS] = self.bits
         config[keys.BATCH_SIZE] = self.batch_size
 
     def decode_reply(self, server_round: int, msg: Message, cid: int) -> tuple[Any, int]:
-        arrays, metrics = msg.content.get(keys.ARRAYS), msg.content[keys.METRICS]
+        arrays, (_, metrics) = self.reply_arrays(msg), self.reply_metrics(msg)
         try:
             levels = torch.from_numpy(arrays["levels"].numpy().astype("int64"))
             labels = torch.from_numpy(arrays["labels"].numpy().astype("int64"))
@@ -111,19 +113,22 @@ class DaQuSGD(UpdateStrategy):
             raise ReplyError(f"invalid scale {scale}")
         if labels.numel() and (labels.min() < 0 or (self.num_classes and labels.max() >= self.num_classes)):
             raise ReplyError(f"labels outside 0..{(self.num_classes or 0) - 1}")
-        self._epoch_loss_sum += float(metrics.get(LOSS_SUM, 0.0))
-        self._epoch_sent += int(metrics.get(SENT, labels.numel()))
-        x = dequantize_selection(levels, scale, self.bits) if labels.numel() else None
+        self._epoch_loss_sum += float(metrics.get(keys.DAQUSGD_LOSS_SUM, 0.0))
+        self._epoch_sent += int(metrics.get(keys.DAQUSGD_SENT, labels.numel()))
+        x = None
+        if labels.numel():  # features back from the DataQ levels and the batch scale (Alg. 2)
+            flat = dequantize_batch(levels.reshape(levels.shape[0], -1), scale, self.bits)
+            x = flat.reshape(levels.shape).to(torch.float32)
         return (x, labels), int(metrics.get(keys.UPLINK_BITS, 0))
 
     def combine(self, server_round: int, replies: list[ClientReply], weights: torch.Tensor) -> torch.Tensor:
         got = [r.data for r in replies if r.data[0] is not None]
         self._last = {"received_samples": 0, "threshold": self.threshold}
         if not got:
-            return torch.zeros_like(self._global_vector)
+            return torch.zeros_like(self.global_vector)
         x = torch.cat([g[0] for g in got])
         y = torch.cat([g[1] for g in got])
-        self._load(self._global_vector)
+        self._load(self.global_vector)
         self.model.train()
         self.model.zero_grad(set_to_none=True)
         loss = nn.functional.cross_entropy(self.model(x), y)
@@ -155,8 +160,8 @@ class DaQuSGD(UpdateStrategy):
                     t.copy_(vector[offset : offset + t.numel()].reshape(t.shape))
                     offset += t.numel()
 
-    def server_step(self, server_round: int, delta: torch.Tensor) -> torch.Tensor:
-        return self._global_vector + delta
+    def server_update(self, server_round: int, delta: torch.Tensor) -> torch.Tensor:
+        return delta  # the server's own SGD step (η, μ) is in combine
 
     def extra_metrics(self, server_round, usable, delta) -> dict[str, float]:
         return dict(self._last)

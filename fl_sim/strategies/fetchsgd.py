@@ -13,7 +13,7 @@ so sketches of different rounds can be added). Round t:
 4. error:     S_e ← S_e + η_s S_u
 5. Δ = Top-k(U(S_e)): unsketch the k heavy coordinates of S_e (median estimates)
 6. S_u and S_e are zeroed at the buckets of nz(Δ) ("S_u(nz Δ) = 0, S_e(nz Δ) = 0")
-7. w ← w + Δ.
+7. the inner strategy gets w + Δ from every client (FedAvg: w ← w + Δ; FedAdam: its step on Δ).
 
 ρ = 0 gives "Count Sketch + error feedback", the baseline of Tang et al. (FetchSGD without momentum).
 The server knows ‖S_e‖ before and after extraction; it reports their ratio as the recovery metric.
@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from flwr.app import ConfigRecord
+from flwr.serverapp.strategy import Strategy
 
 from .. import keys
 from ..compression.sketch import CountSketch
@@ -47,11 +48,12 @@ class FetchSGD(CompressedFedAvg):
 
     STATE_ATTRS = CompressedFedAvg.STATE_ATTRS + ("s_u", "s_e")  # momentum and error sketches
 
-    def __init__(self, *, rows: int = 5, cols: int = 1000, k: int = 500, momentum: float = 0.9, **kwargs: Any) -> None:
+    def __init__(self, inner: Strategy | None = None, *, rows: int = 5, cols: int = 1000, k: int = 500,
+                 momentum: float = 0.9, **kwargs: Any) -> None:
         kwargs.pop("codec", None)
         kwargs.pop("codec_params", None)
         kwargs.setdefault("error_feedback", "none")
-        super().__init__(codec="count_sketch", codec_params={"rows": rows, "cols": cols, "k": k}, **kwargs)
+        super().__init__(inner, codec="count_sketch", codec_params={"rows": rows, "cols": cols, "k": k}, **kwargs)
         if rows < 1 or cols < 1 or k < 1:
             raise ValueError(f"rows={rows}, cols={cols}, k={k}: all must be >= 1")
         if not 0 <= momentum < 1:
@@ -62,15 +64,16 @@ class FetchSGD(CompressedFedAvg):
         self.s_e: torch.Tensor | None = None
         self._last: dict[str, float] = {}
 
+    def round_seed_for(self, server_round: int) -> int:
+        return self.sketch_seed  # one sketch (hashes) for every round
+
     def round_config(self, server_round: int, config: ConfigRecord) -> None:
-        self._round_seed = self.sketch_seed
         super().round_config(server_round, config)
-        config[keys.SEED] = self.sketch_seed
         config[keys.SEED_MODE] = "shared"
 
     def combine(self, server_round: int, replies: list[ClientReply], weights: torch.Tensor) -> torch.Tensor:
-        d = self._global_vector.numel()
-        codec = self.codec_for(d)
+        d = self.global_vector.numel()
+        codec = self.codec
         cs: CountSketch = codec.sketcher(self.sketch_seed)  # the clients' hashes, built once
         s_t = codec.aggregate([r.data for r in replies], weights.tolist()).tensors["table"].to(torch.float32)
         if self.s_u is None:
@@ -89,8 +92,8 @@ class FetchSGD(CompressedFedAvg):
         }
         return delta.to(torch.float32)
 
-    def server_step(self, server_round: int, delta: torch.Tensor) -> torch.Tensor:
-        return self._global_vector + delta  # η_s and ρ are applied in sketch space
+    def server_update(self, server_round: int, delta: torch.Tensor) -> torch.Tensor:
+        return delta  # η_s and ρ are applied in sketch space
 
     def extra_metrics(self, server_round, usable, delta) -> dict[str, float]:
         return dict(self._last)

@@ -1,4 +1,4 @@
-"""OneBitCS: 1-bit quantized compressive sampling (Mitra & Khisti 2020).
+"""OneBitCS: 1-bit quantized compressive sampling (Mitra & Khisti 2020), around any strategy.
 
 Source: shared/papers/000_2a9201d51a7b29c4.txt eqs. (9)-(10) and the "same Φ" note; NOTES.md §1,
 with the 1-bit dithered quantizer of Abdi (eq. 4.5) and its erratum (unbiased v̂ = ϱ(q/2 − u)).
@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from flwr.serverapp.strategy import Strategy
 
 from .base import ClientReply
 from .compressed import CompressedFedAvg
@@ -42,6 +43,7 @@ class OneBitCS(CompressedFedAvg):
 
     def __init__(
         self,
+        inner: Strategy | None = None,
         *,
         measurements: int | None = None,
         compression: float = 4.0,
@@ -62,6 +64,7 @@ class OneBitCS(CompressedFedAvg):
         if sparsity is not None:
             params["sparsity"] = sparsity
         super().__init__(
+            inner,
             codec="onebit_cs",
             codec_params=params,
             error_feedback=error_feedback,
@@ -72,15 +75,13 @@ class OneBitCS(CompressedFedAvg):
         self.compression = float(compression)
         self.phi = phi
 
-    def round_config(self, server_round, config) -> None:
-        d = self._global_vector.numel()
-        m = self.measurements or max(1, int(round(d / self.compression)))
-        self.codec_params["measurements"] = int(m)
-        super().round_config(server_round, config)
+    def codec_params_for(self, dim: int) -> dict[str, Any]:
+        m = self.measurements or max(1, int(round(dim / self.compression)))
+        return {**self.codec_params, "measurements": int(m)}
 
     def combine(self, server_round: int, replies: list[ClientReply], weights: torch.Tensor) -> torch.Tensor:
-        codec = self.codec_for(self._global_vector.numel())
+        codec = self.codec
         if self.phi == "common":
             summed = codec.aggregate([r.data for r in replies], weights.tolist())
-            return codec.decode(summed, seed=self._round_seed).to(torch.float32)
+            return codec.decode(summed, seed=self.round_seed).to(torch.float32)
         return super().combine(server_round, replies, weights)
