@@ -33,11 +33,15 @@ from .checkpoint import config_differences, latest_checkpoint, remove_checkpoint
 from .config import ConfigError, RunConfig, config_to_dict
 from .results import RunRecorder
 
-__all__ = ["run_experiment", "server_loop", "run_flower_simulation", "default_run_dir"]
+__all__ = ["run_experiment", "server_loop", "run_flower_simulation", "default_run_dir", "NothingAggregated"]
 
 log = logging.getLogger("fl_sim")
 
 ProgressFn = Callable[[int, dict[str, Any]], None]
+
+
+class NothingAggregated(RuntimeError):
+    """The run finished but no round aggregated an update (every reply failed or was rejected)."""
 
 
 def default_run_dir(cfg: RunConfig) -> Path:
@@ -249,6 +253,12 @@ def run_experiment(
             store.directory.parent.rmdir()  # RUN_DIR/state, if nothing else is in it
         except OSError:
             pass
+    if getattr(strategy, "rounds_aggregated", 1) == 0:
+        recorder.finish({"strategy": cfg.strategy.name, "run_dir": str(run_dir), "failed": "nothing aggregated"})
+        raise NothingAggregated(
+            f"no round aggregated an update in {cfg.rounds} rounds (every reply failed or was rejected; see the "
+            f"errors logged above); metrics in {run_dir}, no model saved"
+        )
     if results and results[0] is not None and len(results[0].arrays):
         save_model(run_dir, results[0].arrays)  # the final global model: RUN_DIR/model.pt
     remove_checkpoints(run_dir)
