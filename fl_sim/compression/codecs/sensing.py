@@ -133,6 +133,10 @@ class CSFIHTCodec(Codec):
     def _payload(self, y: torch.Tensor, meta: dict | None = None) -> Payload:
         return Payload(codec=self.name, dim=self.dim, tensors={"y": y}, bits=self.nominal_bits(), meta=meta or {})
 
+    def payload_spec(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """What one payload holds (tensor name -> (shape, dtype)); the server validates replies against it."""
+        return {"y": ((self.measurements,), torch.float32)}
+
     def encode(self, x: torch.Tensor, *, seed: int) -> Payload:
         return self._payload(self.measure(self.check_input(x), seed=seed))
 
@@ -141,12 +145,12 @@ class CSFIHTCodec(Codec):
         payloads = list(payloads)
         w = _check_weights(self.name, payloads, weights)
         for p in payloads:
-            self.check_payload(p, {"y": ((self.measurements,), torch.float32)})
+            self.check_payload(p, self.payload_spec())
         y = torch.tensordot(w, torch.stack([p.tensors["y"] for p in payloads]), dims=1)
         return self._payload(y, {"aggregated": len(payloads)})
 
     def decode(self, payload: Payload, *, seed: int) -> torch.Tensor:
-        self.check_payload(payload, {"y": ((self.measurements,), torch.float32)})
+        self.check_payload(payload, self.payload_spec())
         return self.recover(payload.tensors["y"], seed=seed)
 
 
@@ -252,6 +256,10 @@ class OneBitCSCodec(Codec):
         return torch.rand(self.m, generator=gen, dtype=torch.float32) - 0.5
 
     # -- codec --------------------------------------------------------------------------------------
+    def payload_spec(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """What one payload holds (tensor name -> (shape, dtype)); the server validates replies against it."""
+        return {"q": ((self.m,), torch.uint8), "rho": ((1,), torch.float32)}
+
     def encode(self, x: torch.Tensor, *, seed: int) -> Payload:
         x = self.check_input(x).to(torch.float32)
         v = self.operator(seed).forward(x)
@@ -262,7 +270,7 @@ class OneBitCSCodec(Codec):
                        bits=self.nominal_bits())
 
     def _check_raw(self, payload: Payload) -> None:
-        self.check_payload(payload, {"q": ((self.m,), torch.uint8), "rho": ((1,), torch.float32)})
+        self.check_payload(payload, self.payload_spec())
         if bool((payload.tensors["q"] > 1).any()):
             raise PayloadError(f"{self.name}.decode: tensor 'q' must hold bits (0 or 1)")
         if float(payload.tensors["rho"][0]) < 0:

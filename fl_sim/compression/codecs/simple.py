@@ -65,12 +65,16 @@ class IdentityCodec(Codec):
 
     name = "identity"
 
+    def payload_spec(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """What one payload holds (tensor name -> (shape, dtype)); the server validates replies against it."""
+        return {"x": ((self.dim,), torch.float32)}
+
     def encode(self, x: torch.Tensor, *, seed: int) -> Payload:
         x = to_wire_float(self.check_input(x), "identity.encode", "a value")
         return Payload(self.name, self.dim, {"x": x.clone()}, FLOAT_BITS * self.dim)
 
     def decode(self, payload: Payload, *, seed: int) -> torch.Tensor:
-        self.check_payload(payload, {"x": ((self.dim,), torch.float32)})
+        self.check_payload(payload, self.payload_spec())
         return payload.tensors["x"].clone()
 
 
@@ -84,6 +88,10 @@ class FP16Codec(Codec):
 
     name = "fp16"
 
+    def payload_spec(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """What one payload holds (tensor name -> (shape, dtype)); the server validates replies against it."""
+        return {"x": ((self.dim,), torch.float16)}
+
     def encode(self, x: torch.Tensor, *, seed: int) -> Payload:
         x = self.check_input(x)
         peak = float(x.abs().max())
@@ -92,7 +100,7 @@ class FP16Codec(Codec):
         return Payload(self.name, self.dim, {"x": x.to(torch.float16)}, 16 * self.dim)
 
     def decode(self, payload: Payload, *, seed: int) -> torch.Tensor:
-        self.check_payload(payload, {"x": ((self.dim,), torch.float16)})
+        self.check_payload(payload, self.payload_spec())
         return payload.tensors["x"].to(torch.float32)
 
 
@@ -118,6 +126,10 @@ class TopKCodec(_SparseCodec):
 
     name = "topk"
 
+    def payload_spec(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """What one payload holds (tensor name -> (shape, dtype)); the server validates replies against it."""
+        return {"indices": ((self.k,), torch.int64), "values": ((self.k,), torch.float32)}
+
     def encode(self, x: torch.Tensor, *, seed: int) -> Payload:
         x = self.check_input(x)
         idx, vals = topk_sparsify(x, self.k)
@@ -125,7 +137,7 @@ class TopKCodec(_SparseCodec):
         return Payload(self.name, self.dim, {"indices": idx, "values": vals}, topk_bits(self.dim, self.k))
 
     def decode(self, payload: Payload, *, seed: int) -> torch.Tensor:
-        self.check_payload(payload, {"indices": ((self.k,), torch.int64), "values": ((self.k,), torch.float32)})
+        self.check_payload(payload, self.payload_spec())
         idx = payload.tensors["indices"]
         if int(idx.min()) < 0 or int(idx.max()) >= self.dim:
             raise PayloadError(f"topk.decode: indices outside 0..{self.dim - 1}")
@@ -156,13 +168,17 @@ class RandKCodec(_SparseCodec):
     def _indices(self, seed: int) -> torch.Tensor:
         return randk_indices(self.dim, self.k, generator=torch_generator(seed, "randk", "indices"))
 
+    def payload_spec(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """What one payload holds (tensor name -> (shape, dtype)); the server validates replies against it."""
+        return {"values": ((self.k,), torch.float32)}
+
     def encode(self, x: torch.Tensor, *, seed: int) -> Payload:
         x = self.check_input(x)
         vals = to_wire_float(x[self._indices(_check_seed(seed, "randk.encode"))], "randk.encode", "a value")
         return Payload(self.name, self.dim, {"values": vals}, randk_bits(self.k))
 
     def decode(self, payload: Payload, *, seed: int) -> torch.Tensor:
-        self.check_payload(payload, {"values": ((self.k,), torch.float32)})
+        self.check_payload(payload, self.payload_spec())
         out = scatter_dense(self._indices(_check_seed(seed, "randk.decode")), payload.tensors["values"], self.dim)
         if not self.unbiased:
             return out
@@ -191,6 +207,10 @@ class QSGDCodec(Codec):
     def variance_bound(self) -> float:
         return qsgd_variance_bound(self.dim, self.levels)
 
+    def payload_spec(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """What one payload holds (tensor name -> (shape, dtype)); the server validates replies against it."""
+        return {"norm": ((1,), torch.float32), "q": ((self.dim,), level_dtype(self.levels))}
+
     def encode(self, x: torch.Tensor, *, seed: int) -> Payload:
         x = self.check_input(x)
         norm, q = qsgd_quantize(x, self.levels, generator=torch_generator(_check_seed(seed, "qsgd.encode"), "qsgd"))
@@ -198,7 +218,7 @@ class QSGDCodec(Codec):
         return Payload(self.name, self.dim, {"norm": norm, "q": q}, qsgd_bits(self.dim, self.levels))
 
     def decode(self, payload: Payload, *, seed: int) -> torch.Tensor:
-        self.check_payload(payload, {"norm": ((1,), torch.float32), "q": ((self.dim,), level_dtype(self.levels))})
+        self.check_payload(payload, self.payload_spec())
         norm, q = payload.tensors["norm"], payload.tensors["q"]
         if float(norm[0]) < 0 or int(q.abs().max()) > self.levels:
             raise PayloadError(f"qsgd.decode: negative norm or levels outside {{-{self.levels}..{self.levels}}}")
@@ -214,6 +234,10 @@ class SignCodec(Codec):
 
     name = "sign"
 
+    def payload_spec(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """What one payload holds (tensor name -> (shape, dtype)); the server validates replies against it."""
+        return {"scale": ((1,), torch.float32), "signs": ((self.dim,), torch.int8)}
+
     def encode(self, x: torch.Tensor, *, seed: int) -> Payload:
         x = self.check_input(x)
         scale, signs = scaled_sign(x)
@@ -221,7 +245,7 @@ class SignCodec(Codec):
         return Payload(self.name, self.dim, {"scale": scale, "signs": signs}, sign_bits(self.dim))
 
     def decode(self, payload: Payload, *, seed: int) -> torch.Tensor:
-        self.check_payload(payload, {"scale": ((1,), torch.float32), "signs": ((self.dim,), torch.int8)})
+        self.check_payload(payload, self.payload_spec())
         scale, signs = payload.tensors["scale"], payload.tensors["signs"]
         if float(scale[0]) < 0 or not bool((signs.abs() == 1).all()):
             raise PayloadError("sign.decode: scale must be >= 0 and signs +-1")
@@ -237,6 +261,10 @@ class TernGradCodec(Codec):
 
     name = "terngrad"
 
+    def payload_spec(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """What one payload holds (tensor name -> (shape, dtype)); the server validates replies against it."""
+        return {"scale": ((1,), torch.float32), "q": ((self.dim,), torch.int8)}
+
     def encode(self, x: torch.Tensor, *, seed: int) -> Payload:
         x = self.check_input(x)
         s, q = terngrad_quantize(x, generator=torch_generator(_check_seed(seed, "terngrad.encode"), "terngrad"))
@@ -244,7 +272,7 @@ class TernGradCodec(Codec):
         return Payload(self.name, self.dim, {"scale": s, "q": q}, terngrad_bits(self.dim))
 
     def decode(self, payload: Payload, *, seed: int) -> torch.Tensor:
-        self.check_payload(payload, {"scale": ((1,), torch.float32), "q": ((self.dim,), torch.int8)})
+        self.check_payload(payload, self.payload_spec())
         s, q = payload.tensors["scale"], payload.tensors["q"]
         if float(s[0]) < 0 or int(q.abs().max()) > 1:
             raise PayloadError("terngrad.decode: scale must be >= 0 and levels in {-1, 0, 1}")

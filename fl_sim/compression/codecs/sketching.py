@@ -66,6 +66,10 @@ class CountSketchCodec(Codec):
         return Payload(codec=self.name, dim=self.dim, tensors={"table": table}, bits=self.nominal_bits(),
                        meta=meta or {})
 
+    def payload_spec(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """What one payload holds (tensor name -> (shape, dtype)); the server validates replies against it."""
+        return {"table": ((self.rows, self.cols), torch.float32)}
+
     def encode(self, x: torch.Tensor, *, seed: int) -> Payload:
         x = self.check_input(x)
         return self._payload(self.sketcher(seed).sketch(x))
@@ -77,12 +81,12 @@ class CountSketchCodec(Codec):
         if not payloads or len(payloads) != len(w):
             raise CodecError(f"{self.name}.aggregate: need one weight per payload, got {len(payloads)} and {len(w)}")
         for p in payloads:
-            self.check_payload(p, {"table": ((self.rows, self.cols), torch.float32)})
+            self.check_payload(p, self.payload_spec())
         tables = torch.stack([p.tensors["table"] for p in payloads])
         weights_t = torch.tensor(w, dtype=torch.float32)
         return self._payload(torch.tensordot(weights_t, tables, dims=1), {"aggregated": len(payloads)})
 
     def decode(self, payload: Payload, *, seed: int) -> torch.Tensor:
-        self.check_payload(payload, {"table": ((self.rows, self.cols), torch.float32)})
+        self.check_payload(payload, self.payload_spec())
         values, _ = self.sketcher(seed).unsketch_topk(payload.tensors["table"], min(self.k, self.dim))
         return values
