@@ -31,6 +31,7 @@ __all__ = [
     "make_codec",
     "codec_names",
     "check_vector",
+    "check_seed",
     "bits_for_index",
     "LinearOperator",
     "DenseOperator",
@@ -91,6 +92,13 @@ class Payload:
     def __post_init__(self) -> None:
         if not isinstance(self.bits, int) or self.bits < 0:
             raise PayloadError(f"Payload.bits must be a non-negative int, got {self.bits!r}")
+
+
+def check_seed(seed: object, who: str) -> int:
+    """A seed of shared randomness: a plain int (not a bool); CodecError naming ``who`` otherwise."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise CodecError(f"{who}: seed must be an int (derive one with fl_sim.rng.derive_seed), got {seed!r}")
+    return seed
 
 
 def check_vector(x: torch.Tensor, dim: int, who: str) -> torch.Tensor:

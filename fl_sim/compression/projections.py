@@ -22,6 +22,7 @@ import torch
 
 from ..rng import torch_generator
 from .base import CodecError, LinearOperator
+from .base import check_seed as _check_seed  # one seed check for every codec
 from .transforms import dct, fwht, idct, next_pow2
 
 __all__ = ["PartialHadamard", "BlockwiseOperator", "SubsampledOrthogonal", "GaussianOperator"]
@@ -35,10 +36,6 @@ def _check_pos_int(name: str, value: object, who: str) -> int:
     return value
 
 
-def _check_seed(seed: object, who: str) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise CodecError(f"{who}: seed must be an int (derive one with fl_sim.rng.derive_seed), got {seed!r}")
-    return seed
 
 
 def _rademacher(count: int, gen: torch.Generator) -> torch.Tensor:

@@ -16,6 +16,7 @@ import torch
 
 from ...rng import torch_generator
 from ..base import Codec, CodecError, Payload, PayloadError, SeedCache, register_codec
+from ..base import check_seed as _check_seed  # one seed check for every codec
 from ..projections import PartialHadamard
 from ..quantizers import (
     FLOAT_BITS,
@@ -33,10 +34,6 @@ __all__ = ["QCSCodec", "RLCCodec", "qcs_gamma"]
 _THESIS_BLOCK = 256  # NOTES §6: "best (k,Q) for gain ~ 32, partition n = 256": k = 110, Q = 2 (gamma = 2.017)
 
 
-def _check_seed(seed: object, who: str) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise CodecError(f"{who}: seed must be an int (fl_sim.rng.derive_seed gives one), got {seed!r}")
-    return seed
 
 
 def qcs_gamma(n: int, k: int, levels: float) -> float:

@@ -16,6 +16,7 @@ import torch
 
 from ...rng import derive_seed, torch_generator
 from ..base import Codec, CodecError, LinearOperator, Payload, PayloadError, SeedCache, register_codec
+from ..base import check_seed as _check_seed  # one seed check for every codec
 from ..projections import PartialHadamard, SubsampledOrthogonal
 from ..recovery import LP_MAX_ENTRIES, biht, fast_operator, fiht, l1_recovery_lp
 
@@ -30,10 +31,6 @@ def _pos_int(name: str, value: Any, who: str, *, allow_none: bool = False) -> in
     return value
 
 
-def _check_seed(seed: Any, who: str) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise CodecError(f"{who}: seed must be an int, got {seed!r}")
-    return seed
 
 
 def _check_weights(who: str, payloads: list[Payload], weights: Sequence[float]) -> torch.Tensor:

@@ -16,6 +16,7 @@ import torch
 
 from ...rng import torch_generator
 from ..base import Codec, CodecError, Payload, PayloadError, register_codec
+from ..base import check_seed as _check_seed  # one seed check for every codec
 from ..quantizers import (
     FLOAT_BITS,
     level_dtype,
@@ -42,10 +43,6 @@ __all__ = ["IdentityCodec", "FP16Codec", "TopKCodec", "RandKCodec", "QSGDCodec",
 _F16_MAX = float(torch.finfo(torch.float16).max)
 
 
-def _check_seed(seed: object, who: str) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise CodecError(f"{who}: seed must be an int (fl_sim.rng.derive_seed gives one), got {seed!r}")
-    return seed
 
 
 def _check_count(value: object, name: str, who: str, upper: int, hint: str) -> int:
