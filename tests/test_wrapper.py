@@ -319,3 +319,14 @@ def test_layering_check_sees_relative_imports(tmp_path):
     p.write_text("from ..clients.daqusgd import METHOD\nfrom . import keys\n")
     mods = _imports(p, "fl_sim.strategies")
     assert "fl_sim.clients.daqusgd" in mods and "fl_sim.strategies" in mods
+
+
+def test_sizes_from_ratios_follow_the_model_dimension():
+    """README's constructors are sized by d: FetchSGD(compression=, k_ratio=), FIHTCS(compression=),
+    OneBitCS(compression=), RLC(gain=) give the same ratios for two model sizes without hand-rescaling."""
+    for d in (1_000, 8_000):
+        fetch = FetchSGD(rows=5, compression=10, k_ratio=0.02)
+        assert fetch.codec_params_for(d) == {"rows": 5, "cols": d // 50, "k": d // 50}
+        assert FIHTCS(compression=10, sparsity_ratio=0.01).codec_params_for(d)["measurements"] == d // 10
+        assert OneBitCS(compression=4).codec_params_for(d)["measurements"] == d // 4
+        assert RLCOverTheAir(gain=20).codec_params_for(d) == {"m": d // 20}

@@ -40,8 +40,12 @@ class FetchSGD(CompressedFedAvg):
     """FetchSGD (Rothchild et al. 2020, Alg. 1).
 
     Args:
+        inner: the aggregating strategy (None: FedAvg with ``**kwargs``); it gets w + Δ.
         rows, cols: sketch size r × c (uplink 32·r·c bits per client).
         k: coordinates unsketched and applied per round.
+        compression: sized by the model instead: cols = round(d / (compression · rows)), so the uplink
+            is d / compression floats (overrides ``cols``).
+        k_ratio: k = round(k_ratio · d) (overrides ``k``).
         momentum: ρ (0 = Count Sketch + error feedback).
         **kwargs: UpdateStrategy arguments; server_lr is η_s.
     """
@@ -49,7 +53,8 @@ class FetchSGD(CompressedFedAvg):
     STATE_ATTRS = CompressedFedAvg.STATE_ATTRS + ("s_u", "s_e")  # momentum and error sketches
 
     def __init__(self, inner: Strategy | None = None, *, rows: int = 5, cols: int = 1000, k: int = 500,
-                 momentum: float = 0.9, **kwargs: Any) -> None:
+                 compression: float | None = None, k_ratio: float | None = None, momentum: float = 0.9,
+                 **kwargs: Any) -> None:
         kwargs.pop("codec", None)
         kwargs.pop("codec_params", None)
         kwargs.setdefault("error_feedback", "none")
@@ -58,7 +63,12 @@ class FetchSGD(CompressedFedAvg):
             raise ValueError(f"rows={rows}, cols={cols}, k={k}: all must be >= 1")
         if not 0 <= momentum < 1:
             raise ValueError(f"momentum={momentum}: ρ must be in [0, 1)")
+        if compression is not None and not compression > 0:
+            raise ValueError(f"compression={compression}: d / (rows · cols) must be > 0")
+        if k_ratio is not None and not 0 < k_ratio <= 1:
+            raise ValueError(f"k_ratio={k_ratio}: k/d must be in (0, 1]")
         self.rows, self.cols, self.k, self.rho = int(rows), int(cols), int(k), float(momentum)
+        self.compression, self.k_ratio = compression, k_ratio
         self.sketch_seed = derive_seed(self.seed, "fetchsgd-hashes")
         self.s_u: torch.Tensor | None = None
         self.s_e: torch.Tensor | None = None
@@ -66,6 +76,11 @@ class FetchSGD(CompressedFedAvg):
 
     def round_seed_for(self, server_round: int) -> int:
         return self.sketch_seed  # one sketch (hashes) for every round
+
+    def codec_params_for(self, dim: int) -> dict[str, Any]:
+        cols = self.cols if self.compression is None else max(1, round(dim / (self.compression * self.rows)))
+        k = self.k if self.k_ratio is None else max(1, round(self.k_ratio * dim))
+        return {"rows": self.rows, "cols": int(cols), "k": int(k)}
 
     def round_config(self, server_round: int, config: ConfigRecord) -> None:
         super().round_config(server_round, config)
@@ -82,7 +97,7 @@ class FetchSGD(CompressedFedAvg):
         self.s_u.mul_(self.rho).add_(s_t)  # step 3
         self.s_e.add_(self.server_lr * self.s_u)  # step 4
         before = float(self.s_e.norm())
-        delta, idx = cs.unsketch_topk(self.s_e, min(self.k, d))  # step 5
+        delta, idx = cs.unsketch_topk(self.s_e, min(codec.k, d))  # step 5
         cs.zero_coordinates(self.s_u, idx)  # step 6
         cs.zero_coordinates(self.s_e, idx)
         self._last = {
