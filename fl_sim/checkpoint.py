@@ -39,7 +39,7 @@ from flwr.app import Array, ArrayRecord
 __all__ = ["Checkpoint", "save_checkpoint", "latest_checkpoint", "config_differences", "ENGINE_KEYS", "CKPT_DIR"]
 
 CKPT_DIR = "checkpoint"
-FORMAT = 1
+FORMAT = 2  # 2: strategy state holds the inner strategy's (FedOpt moments, FedAvgM momentum)
 _NAME = re.compile(r"^round-(\d{6})\.pt$")
 
 # Keys that choose how a run executes, not what it computes: a run may resume under other values.

@@ -330,3 +330,21 @@ def test_sizes_from_ratios_follow_the_model_dimension():
         assert FIHTCS(compression=10, sparsity_ratio=0.01).codec_params_for(d)["measurements"] == d // 10
         assert OneBitCS(compression=4).codec_params_for(d)["measurements"] == d // 4
         assert RLCOverTheAir(gain=20).codec_params_for(d) == {"m": d // 20}
+
+
+def test_checkpoint_state_holds_the_inner_strategys_moments(tmp_path):
+    """Resume must continue FedAdam where it stopped: state_dict carries the inner's m_t, v_t (as tensors,
+    loadable with torch.load(weights_only=True)) and load_state_dict puts them back."""
+    inner = FedAdam(eta=0.01, min_available_nodes=4)
+    strategy = QCS(inner, k=64)
+    run_user_app(strategy, rounds=1)
+    path = tmp_path / "state.pt"
+    torch.save(strategy.state_dict(), path)
+    state = torch.load(path, weights_only=True)
+    fresh = QCS(FedAdam(eta=0.01), k=64)
+    fresh.load_state_dict(state)
+    for name in ("m_t", "v_t"):
+        saved, restored = getattr(inner, name), getattr(fresh.inner, name)
+        assert saved.keys() == restored.keys()
+        assert all(np.array_equal(saved[k], restored[k]) for k in saved)
+    assert fresh.rounds_aggregated == 1
