@@ -68,7 +68,7 @@ def user_client_app(mods=(compression_mod,)) -> ClientApp:
             loss = torch.nn.functional.cross_entropy(model(x[i:i + 16]), y[i:i + 16])
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
         metrics = MetricRecord({"train_loss": float(np.mean(losses)), "my_metric": 7.0, "num-examples": len(y)})
         return Message(RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics}), reply_to=msg)
 

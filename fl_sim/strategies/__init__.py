@@ -31,8 +31,8 @@ STRATEGIES: dict[str, str] = {
     "rlc": ".rlc:RLCOverTheAir",
 }
 
-_PUBLIC = {"QCS": "qcs", "OneBitCS": "onebit_cs", "FetchSGD": "fetchsgd", "FIHTCS": "fiht_cs",
-           "DaQuSGD": "daqusgd", "RLCOverTheAir": "rlc"}
+# class name -> config name, for `from fl_sim.strategies import QCS` (derived: one line per method above)
+_PUBLIC = {target.partition(":")[2]: name for name, target in STRATEGIES.items()}
 
 
 def strategy_class(name: str) -> type:
