@@ -348,3 +348,19 @@ def test_checkpoint_state_holds_the_inner_strategys_moments(tmp_path):
         assert saved.keys() == restored.keys()
         assert all(np.array_equal(saved[k], restored[k]) for k in saved)
     assert fresh.rounds_aggregated == 1
+
+
+@pytest.mark.parametrize("inner_name", ["FedAvgM", "FedYogi", "FedAdagrad", "FedProx", "FedMedian", "FedTrimmedAvg"])
+def test_any_flower_strategy_can_be_the_inner_one(inner_name):
+    """Issue 14 item 5: before, methods inherited from FedAvg and could not be combined with any other
+    strategy. Each of Flower's Message-API strategies aggregates top-k + EF updates here (per-client
+    models w + Δ_i, so robust aggregators like FedMedian see every client)."""
+    import flwr.serverapp.strategy as flower
+
+    inner = getattr(flower, inner_name)(min_available_nodes=4)
+    strategy = CompressedFedAvg(inner, codec="topk", codec_params={"k": 100}, error_feedback="classic")
+    result = run_user_app(strategy, rounds=2)
+    assert strategy.rounds_aggregated == 2
+    assert math.isfinite(result.train_metrics_clientapp[2]["train_loss"])
+    model = flatten(result.arrays)
+    assert torch.isfinite(model).all() and not torch.equal(model, flatten(ArrayRecord(user_model().state_dict())))

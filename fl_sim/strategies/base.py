@@ -350,7 +350,8 @@ class UpdateStrategy(Strategy):
         if self.client_ids is not None:
             template = inner_msgs[0].content
             picked = [(cid, node, template) for cid, node in self.sample(rnd, self._available_nodes(grid))]
-            log.debug("round %d: %d virtual clients on %d nodes", rnd, len(picked), len(set(n for _, n, _ in picked)))
+            flwr_log(INFO, "configure_train (fl-sim): %d virtual clients on %d nodes", len(picked),
+                     len({n for _, n, _ in picked}))
         else:
             nodes = sorted(grid.get_node_ids())
             picked = [(nodes.index(m.metadata.dst_node_id) if m.metadata.dst_node_id in nodes else i,
