@@ -121,7 +121,7 @@ def test_flower_app_with_its_own_fedadam_keeps_its_metrics_and_logs(name, caplog
     exist), and Flower's own per-round lines (global evaluation, federated evaluation) are logged."""
     inner = FedAdam(eta=0.01, min_available_nodes=4)
     strategy = METHODS[name](inner)
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="flwr"):  # an earlier run may have quieted flwr (_quiet_flower)
         result = run_user_app(strategy)
     for rnd in (1, 2):
         train = result.train_metrics_clientapp[rnd]
@@ -151,11 +151,11 @@ def test_identity_codec_equals_fedavg_round_for_round(caplog):
     evaluations and Flower log lines in every round. Models agree to float32 rounding: the wrapper hands
     FedAvg w + Δ_i, which differs from w_i by at most an ulp of |w_i| (about 1e-7 relative)."""
     rounds = 3
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="flwr"):  # an earlier run may have quieted flwr (_quiet_flower)
         plain = run_user_app(FedAvg(), rounds=rounds)
     plain_lines = flower_lines(caplog)
     caplog.clear()
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="flwr"):  # an earlier run may have quieted flwr (_quiet_flower)
         wrapped = run_user_app(CompressedFedAvg(FedAvg(), codec="identity"), rounds=rounds)
     wrapped_lines = flower_lines(caplog)
     assert torch.allclose(flatten(plain.arrays), flatten(wrapped.arrays), rtol=1e-5, atol=1e-6)
