@@ -17,7 +17,8 @@ rounds, so its logs, evaluation and options stay Flower's. One round (:class:`Up
    (per client, or summed in the compressed domain and decoded once) and keeps the method's server
    state (error feedback, sketches, channel);
 3. the inner strategy gets replies it aggregates as usual: ordinary model arrays ``w + Δ_i`` (or
-   ``w + Δ̄`` for an aggregate-domain method, or when fl-sim's own server step is on) under its
+   ``w + Δ̄`` for an aggregate-domain method, when fl-sim's own server step is on, or when the inner
+   is a plain FedAvg, whose weighted mean of the ``w + Δ_i`` is ``w + Δ̄``) under its
    ``arrayrecord_key``, with the client's *original* MetricRecord plus the server-counted
    ``uplink-bits``. FedAdam's optimizer, FedProx, ``weighted_by_key``, ``train_metrics_aggr_fn``
    and evaluation are the inner's, unchanged.
@@ -503,7 +504,9 @@ class UpdateStrategy(Strategy):
             return None, self._finish(rnd, metrics, None)
         delta = delta.to(torch.float32)
         step = self.server_update(rnd, delta)
-        if update.dim() == 2 and step is delta:  # no server step: each client's model goes to the inner
+        if update.dim() == 2 and step is delta and type(self.inner) is not FedAvg:
+            # no server step: each client's model goes to the inner (FedMedian, Krum... see every client).
+            # A plain FedAvg's weighted mean of the w + Δ_i is w + Δ̄: it gets that one model instead of K copies.
             models = [unflatten_into(self._global_arrays, self._global_vector + u.to(torch.float32)) for u in update]
         else:
             one = unflatten_into(self._global_arrays, self._global_vector + step)
