@@ -67,11 +67,9 @@ def build_strategy(exp: Experiment, **extra: Any):
         seed=cfg.seed,
         server_lr=cfg.strategy.server_lr,
         server_momentum=cfg.strategy.server_momentum,
-        # fl-sim's runs evaluate centrally on the server (evaluate_fn) and may run on one node: these
-        # differ from Flower's FedAvg defaults (fraction_evaluate 1.0, min nodes 2), so they are explicit.
-        fraction_evaluate=0.0,
+        # fl-sim's runs may run on one node: differs from Flower's FedAvg defaults (min nodes 2), so explicit.
+        # (fraction_evaluate: below.)
         min_train_nodes=1,
-        min_evaluate_nodes=0,
         min_available_nodes=1,
     )
     if cfg.strategy.name in _CODEC_STRATEGIES:
@@ -108,9 +106,15 @@ def build_strategy(exp: Experiment, **extra: Any):
             )
     kwargs.update(options)
     try:
-        return cls(**kwargs)
+        strategy = cls(**kwargs)
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"strategy {cfg.strategy.name!r}: {exc}") from None
+    if "fraction_evaluate" not in options:
+        # fl-sim's runs evaluate centrally on the server (evaluate_fn), not on the clients: Flower's FedAvg
+        # default is 1.0. Set after construction, as FedAvg's constructor warns about 0.0 on every run.
+        strategy.inner.fraction_evaluate = 0.0
+        strategy.inner.min_evaluate_nodes = 0
+    return strategy
 
 
 def _accepted_kwargs(cls: type) -> set[str]:
