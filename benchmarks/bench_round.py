@@ -144,7 +144,7 @@ def _measure_fl_sim(cfg, mem: TreeMemory) -> dict[str, Any]:
     out["total_s"] = t_end - t_call
     out["final_test_loss"] = rows[-1]["test_loss"]
     out["final_test_accuracy"] = rows[-1]["test_accuracy"]
-    out["server_s"] = [r.get("server_s") for r in rows[1:]]
+    out["round_s"] = [r.get("round_s") for r in rows[1:]]
     return out
 
 

@@ -376,7 +376,7 @@ def instrumented_run(cfg, *, nodes: int | None = None, mem: TreeMemory | None = 
             # time the round's messages were out, times the workers, minus the ClientApps' own time:
             # what Flower's transport (Ray scheduling, serialization, polling, queues) cost per client
             "transport_ms_per_client": max(0.0, 1e3 * (sr * actors - app_sum) / max(1, c["replies"])),
-            "server_s": float(rows[r].get("server_s", float("nan"))),
+            "round_s": float(rows[r].get("round_s", float("nan"))),
             "memory": memory.get(r, {}),
         })
     steady = [p["round_s"] for p in per_round[1:]] or [per_round[0]["round_s"]]

@@ -67,6 +67,10 @@ def build_strategy(exp: Experiment, **extra: Any):
         seed=cfg.seed,
         server_lr=cfg.strategy.server_lr,
         server_momentum=cfg.strategy.server_momentum,
+        # fl-sim's runs may run on one node: differs from Flower's FedAvg defaults (min nodes 2), so explicit.
+        # (fraction_evaluate: below.)
+        min_train_nodes=1,
+        min_available_nodes=1,
     )
     if cfg.strategy.name in _CODEC_STRATEGIES:
         kwargs["codec"] = cfg.codec.name
@@ -102,22 +106,32 @@ def build_strategy(exp: Experiment, **extra: Any):
             )
     kwargs.update(options)
     try:
-        return cls(**kwargs)
+        strategy = cls(**kwargs)
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"strategy {cfg.strategy.name!r}: {exc}") from None
+    if "fraction_evaluate" not in options:
+        # fl-sim's runs evaluate centrally on the server (evaluate_fn), not on the clients: Flower's FedAvg
+        # default is 1.0. Set after construction, as FedAvg's constructor warns about 0.0 on every run.
+        strategy.inner.fraction_evaluate = 0.0
+        strategy.inner.min_evaluate_nodes = 0
+    return strategy
 
 
 def _accepted_kwargs(cls: type) -> set[str]:
-    """Keyword arguments a strategy accepts through its class hierarchy (user-settable ones)."""
+    """Keyword arguments a strategy accepts through its class hierarchy and the FedAvg it builds
+    (user-settable ones)."""
+    from flwr.serverapp.strategy import FedAvg
+
     names: set[str] = set()
-    for klass in cls.__mro__:
+    for klass in (*cls.__mro__, FedAvg):
         init = klass.__dict__.get("__init__")
         if init is None:
             continue
         for p in inspect.signature(init).parameters.values():
             if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name != "self":
                 names.add(p.name)
-    return names - {"client_ids", "seed", "clients_per_round", "server_lr", "server_momentum", "codec", "codec_params"}
+    return names - {"inner", "client_ids", "seed", "clients_per_round", "server_lr", "server_momentum", "codec",
+                    "codec_params", "train_metrics_aggr_fn", "evaluate_metrics_aggr_fn"}
 
 
 def describe_model(exp: Experiment) -> str:

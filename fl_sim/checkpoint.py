@@ -4,7 +4,8 @@ Every ``checkpoint_every`` rounds the server writes RUN_DIR/checkpoint/round-NNN
 that round N+1 needs and that cannot be rebuilt from the config:
 
 * the global model after round N (every array of the ArrayRecord, dtypes kept);
-* the strategy's server state (``UpdateStrategy.state_dict``: FedAvgM momentum, FetchSGD momentum
+* the strategy's server state (``UpdateStrategy.state_dict``: the inner strategy's FedOpt moments or FedAvgM
+  momentum, fl-sim's FedAvgM momentum, FetchSGD momentum
   and error sketches, FIHTCS error Φe, DaQuSGD threshold sums and momentum, RLC channel memory and
   last broadcast);
 * the metric rows of rounds 0..N (metrics.csv is rebuilt from them, dropping rows of rounds after N
@@ -39,7 +40,7 @@ from flwr.app import Array, ArrayRecord
 __all__ = ["Checkpoint", "save_checkpoint", "latest_checkpoint", "config_differences", "ENGINE_KEYS", "CKPT_DIR"]
 
 CKPT_DIR = "checkpoint"
-FORMAT = 1
+FORMAT = 2  # 2: strategy state holds the inner strategy's (FedOpt moments, FedAvgM momentum)
 _NAME = re.compile(r"^round-(\d{6})\.pt$")
 
 # Keys that choose how a run executes, not what it computes: a run may resume under other values.

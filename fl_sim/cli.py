@@ -21,12 +21,12 @@ out = Console()
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, KeyError)
 
 
-def _fail(exc: BaseException, debug: bool) -> None:
+def _fail(exc: BaseException, debug: bool, code: int = 2) -> None:
     if debug:
         raise exc
     msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     console.print(f"[bold red]error:[/] {msg}", highlight=False, markup=True)
-    raise typer.Exit(code=2)
+    raise typer.Exit(code=code)
 
 
 @app.command()
@@ -45,6 +45,8 @@ def run(
     the run executes, e.g. simulation.backend); it restarts after the newest checkpoint in DIR.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .simulation import NothingAggregated
 
     try:
         from .config import load_config
@@ -75,6 +77,9 @@ def run(
                 progress.update(task, completed=rnd, status=status)
 
             summary = run_experiment(cfg, run_dir, on_round, resume=resume is not None)
+    except NothingAggregated as exc:  # the run finished but no round changed the model: exit 1, not 0
+        _fail(exc, debug, code=1)
+        return
     except USER_ERRORS as exc:
         _fail(exc, debug)
         return

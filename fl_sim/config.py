@@ -358,15 +358,26 @@ def _require(cond: bool, key: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
 
 
-STRATEGY_NAMES = ("fedavg", "fedsgd", "compressed", "qcs", "onebit_cs", "fetchsgd", "fiht_cs", "daqusgd", "rlc")
-MODEL_NAMES = ("logreg", "mlp", "lenet5", "cifarnet", "resnet18")
 RESIDUAL_STORES = ("auto", "context", "disk")
 AUTO_SUPERNODES = 1_000  # simulation.supernodes=0: one SuperNode per client up to this many clients
-PARTITIONS = ("auto", "iid", "dirichlet", "shards", "pathological", "natural", "size")
+
+
+def _registries() -> dict[str, tuple[str, ...]]:
+    """The names each registry knows (one source of truth; imported here, not copied, and lazily:
+    the data, model and strategy modules import this one)."""
+    from .compression import codec_names
+    from .data.partition import PARTITIONS
+    from .data.sources import SOURCES
+    from .models import MODEL_NAMES
+    from .strategies import STRATEGIES
+
+    return {"strategy": tuple(STRATEGIES), "model": tuple(MODEL_NAMES), "data": tuple(SOURCES),
+            "partition": ("auto", *PARTITIONS), "codec": tuple(codec_names())}
 
 
 def validate(cfg: RunConfig) -> None:
     """Impossible values -> ConfigError naming key, value and what is allowed."""
+    names = _registries()
     _require(cfg.rounds >= 1, "rounds", cfg.rounds, "must be >= 1")
     _require(cfg.clients >= 1, "clients", cfg.clients, "must be >= 1")
     c = cfg.clients_per_round
@@ -379,13 +390,9 @@ def validate(cfg: RunConfig) -> None:
     )
     _require(cfg.eval_every >= 0, "eval_every", cfg.eval_every, "must be >= 0 (0 = only at the end)")
     d = cfg.data
-    _require(
-        d.name in ("synthetic", "digits", "mnist", "fashion_mnist", "cifar10") or d.name.startswith("hf:"),
-        "data.name",
-        d.name,
-        "synthetic, digits, mnist, fashion_mnist, cifar10 or hf:<dataset>",
-    )
-    _require(d.partition in PARTITIONS, "data.partition", d.partition, ", ".join(PARTITIONS))
+    _require(d.name in names["data"] or d.name.startswith("hf:"), "data.name", d.name,
+             f"{', '.join(names['data'])} or hf:<dataset>")
+    _require(d.partition in names["partition"], "data.partition", d.partition, ", ".join(names["partition"]))
     _require(d.alpha > 0, "data.alpha", d.alpha, "the Dirichlet concentration must be > 0")
     _require(d.shards_per_client >= 1, "data.shards_per_client", d.shards_per_client, "must be >= 1")
     _require(d.classes_per_client >= 1, "data.classes_per_client", d.classes_per_client, "must be >= 1")
@@ -396,7 +403,7 @@ def validate(cfg: RunConfig) -> None:
     _require(d.synthetic_classes >= 2, "data.synthetic_classes", d.synthetic_classes, "must be >= 2")
     _require(d.min_partition_size >= 0, "data.min_partition_size", d.min_partition_size, "must be >= 0")
     _require(d.max_samples >= 0, "data.max_samples", d.max_samples, "must be >= 0 (0 = all)")
-    _require(cfg.model.name in MODEL_NAMES, "model.name", cfg.model.name, ", ".join(MODEL_NAMES))
+    _require(cfg.model.name in names["model"], "model.name", cfg.model.name, ", ".join(names["model"]))
     _require(all(h >= 1 for h in cfg.model.hidden), "model.hidden", cfg.model.hidden, "layer widths >= 1")
     t = cfg.train
     _require(t.lr > 0, "train.lr", t.lr, "the learning rate must be > 0")
@@ -406,7 +413,8 @@ def validate(cfg: RunConfig) -> None:
     _require(0 <= t.momentum < 1, "train.momentum", t.momentum, "must be in [0, 1)")
     _require(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0")
     s = cfg.strategy
-    _require(s.name in STRATEGY_NAMES, "strategy.name", s.name, ", ".join(STRATEGY_NAMES))
+    _require(s.name in names["strategy"], "strategy.name", s.name, ", ".join(names["strategy"]))
+    _require(cfg.codec.name in names["codec"], "codec.name", cfg.codec.name, ", ".join(names["codec"]))
     _require(s.server_lr > 0, "strategy.server_lr", s.server_lr, "must be > 0")
     _require(0 <= s.server_momentum < 1, "strategy.server_momentum", s.server_momentum, "must be in [0, 1)")
     sim = cfg.simulation

@@ -29,6 +29,7 @@ LOCAL_STEPS = "fl-sim.local-steps"
 LR = "fl-sim.lr"
 BATCH_SIZE = "fl-sim.batch-size"
 REPORT_NORM = "fl-sim.report-norm"  # ask the client to report ‖z‖ of what it encoded (RLC power control)
+ARRAYRECORD_KEY = "fl-sim.arrayrecord-key"  # the strategy's arrayrecord_key: which ArrayRecord holds the model
 
 # DaQuSGD (server -> client; fl_sim.strategies.daqusgd and fl_sim.clients.daqusgd)
 METHOD = "fl-sim.method"  # "daqusgd": the client runs DaQuSGD's selection instead of local training
@@ -44,6 +45,7 @@ P_CODEC = "codec"
 P_DIM = "dim"
 P_BITS = "bits"
 P_META = "meta"  # JSON of Payload.meta
+P_CID = "cid"  # the client id the payload was encoded for (its per-client seed)
 
 # MetricRecord keys (client -> server)
 NUM_EXAMPLES = "num-examples"

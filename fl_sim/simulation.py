@@ -33,11 +33,15 @@ from .checkpoint import config_differences, latest_checkpoint, remove_checkpoint
 from .config import ConfigError, RunConfig, config_to_dict
 from .results import RunRecorder
 
-__all__ = ["run_experiment", "server_loop", "run_flower_simulation", "default_run_dir"]
+__all__ = ["run_experiment", "server_loop", "run_flower_simulation", "default_run_dir", "NothingAggregated"]
 
 log = logging.getLogger("fl_sim")
 
 ProgressFn = Callable[[int, dict[str, Any]], None]
+
+
+class NothingAggregated(RuntimeError):
+    """The run finished but no round aggregated an update (every reply failed or was rejected)."""
 
 
 def default_run_dir(cfg: RunConfig) -> Path:
@@ -58,20 +62,36 @@ def server_loop(
     wall_offset: float = 0.0,
     on_round: Callable[[int, ArrayRecord], None] | None = None,
 ):
-    """Run ``strategy.start`` for cfg.rounds rounds, recording a row per round. Returns Flower's Result.
+    """Run Flower's own ``strategy.start`` for cfg.rounds rounds, recording a row per round. Returns
+    Flower's Result.
 
-    ``start_round``/``initial_arrays``/``wall_offset``: resume after a checkpoint (rows of the earlier
-    rounds are already in ``recorder``). ``on_round(round, arrays)`` runs after each round's row is
-    recorded (checkpoints).
+    The grid is wrapped in :class:`~fl_sim.strategies.WaveGrid` (clients that share a node and keep
+    residuals in its context are sent in waves). ``start_round``/``initial_arrays``/``wall_offset``:
+    resume after a checkpoint of round ``start_round - 1`` (rows of the earlier rounds are already in
+    ``recorder``): the strategy's ``round_offset`` becomes ``start_round - 1`` and Flower's ``start``
+    runs the remaining rounds (its log counts them from 1). ``on_round(round, arrays)`` runs after
+    each round's row is recorded (checkpoints).
     """
+    from .strategies import WaveGrid
+
     cfg = exp.cfg
     t0 = time.perf_counter() - wall_offset
+    offset = start_round - 1
+    if not 0 <= offset <= cfg.rounds:
+        raise ValueError(f"start_round={start_round} must be in 1..{cfg.rounds + 1}")
+    if offset and not hasattr(strategy, "round_offset"):
+        raise ValueError(f"{type(strategy).__name__} has no round_offset: only fl-sim methods can resume")
+    if hasattr(strategy, "round_offset"):
+        strategy.round_offset = offset
 
-    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+    def evaluate_fn(flower_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        server_round = flower_round + offset
+        if flower_round == 0 and offset:  # resumed: round `offset`'s row is in the checkpoint
+            return None
         due = server_round == 0 or server_round == cfg.rounds or (cfg.eval_every and server_round % cfg.eval_every == 0)
         row: dict[str, Any] = {"round": server_round}
         if server_round > 0:
-            row.update(strategy.last_metrics)
+            row.update(getattr(strategy, "last_metrics", {}))
         else:
             row.update(uplink_bits=0, downlink_bits=0)
         out = None
@@ -88,9 +108,9 @@ def server_loop(
             progress(server_round, row)
         return out
 
-    resume = {"start_round": start_round} if start_round != 1 else {}  # plain Flower strategies: round 1
     arrays = exp.initial_arrays if initial_arrays is None else initial_arrays
-    return strategy.start(grid=grid, initial_arrays=arrays, num_rounds=cfg.rounds, evaluate_fn=evaluate_fn, **resume)
+    return strategy.start(grid=WaveGrid(grid), initial_arrays=arrays, num_rounds=cfg.rounds - offset,
+                          evaluate_fn=evaluate_fn)
 
 
 def run_flower_simulation(server_app: ServerApp, client_app, cfg: RunConfig, num_supernodes: int) -> None:
@@ -233,6 +253,12 @@ def run_experiment(
             store.directory.parent.rmdir()  # RUN_DIR/state, if nothing else is in it
         except OSError:
             pass
+    if getattr(strategy, "rounds_aggregated", 1) == 0:
+        recorder.finish({"strategy": cfg.strategy.name, "run_dir": str(run_dir), "failed": "nothing aggregated"})
+        raise NothingAggregated(
+            f"no round aggregated an update in {cfg.rounds} rounds (every reply failed or was rejected; see the "
+            f"errors logged above); metrics in {run_dir}, no model saved"
+        )
     if results and results[0] is not None and len(results[0].arrays):
         save_model(run_dir, results[0].arrays)  # the final global model: RUN_DIR/model.pt
     remove_checkpoints(run_dir)

@@ -78,3 +78,16 @@ def test_console_script_exits_2_without_traceback():
     p = subprocess.run([str(exe), "run", "--set", "clients_per_round=1000"], capture_output=True, text=True)
     assert p.returncode == 2
     assert "Traceback" not in p.stderr and "clients_per_round" in p.stderr
+
+
+def test_run_that_never_aggregates_exits_1(tmp_path, monkeypatch):
+    """Issue 14 item 6: with the ClientApp's compression_mod gone, every reply of a compressed method is
+    rejected; the run used to exit 0 (and save the initial model). Now: one error line, exit code 1,
+    no model.pt."""
+    import fl_sim.clients.app as client_app
+
+    monkeypatch.setattr(client_app, "compression_mod", lambda msg, ctx, call_next: call_next(msg, ctx))
+    res = runner.invoke(app, ["run", "configs/topk_ef.yaml", *SMALL, "--out", str(tmp_path / "r")])
+    assert res.exit_code == 1, res.output
+    assert "Traceback" not in res.output and "no round aggregated" in res.output
+    assert not (tmp_path / "r" / "model.pt").exists()

@@ -229,3 +229,31 @@ def test_qsgd_and_terngrad_codecs_unbiased_over_seeds():
         se = ys.std(0) / math.sqrt(trials)
         assert ((ys.mean(0) - x).abs() <= 5 * se + 1e-5).all(), name
     assert make_codec("qsgd", dim=d, levels=2).variance_bound == min(d / 4, math.sqrt(d) / 2)
+
+
+@pytest.mark.parametrize("name", ["identity", "fp16", "topk", "randk", "qsgd", "sign", "terngrad", "qcs", "rlc",
+                                  "cs_fiht", "onebit_cs", "count_sketch"])
+def test_declared_payload_spec_matches_what_encode_sends(name):
+    """Each codec declares its payload (issue 14: the server validates replies against the declaration
+    instead of encoding a zero vector every round): names, shapes and dtypes equal a real payload's, for
+    two seeds, and validate_payload accepts it and rejects a tensor of the wrong shape or an extra one."""
+    from fl_sim.compression import PayloadError, make_codec
+
+    params = {"topk": {"k": 30}, "randk": {"k": 30}, "cs_fiht": {"measurements": 100, "sparsity": 10},
+              "onebit_cs": {"measurements": 100}, "count_sketch": {"rows": 3, "cols": 50, "k": 10}}.get(name, {})
+    codec = make_codec(name, dim=300, **params)
+    from fl_sim.compression import Codec
+
+    assert type(codec).payload_spec is not Codec.payload_spec  # declared by the codec, not read off an encoding
+    x = torch.randn(300, generator=torch.Generator().manual_seed(1))
+    for seed in (3, 4):
+        p = codec.encode(x, seed=seed)
+        assert {k: (tuple(t.shape), t.dtype) for k, t in p.tensors.items()} == codec.payload_spec()
+        codec.validate_payload(p)
+    name0 = next(iter(p.tensors))
+    bad = dict(p.tensors)
+    bad[name0] = bad[name0].reshape(-1)[:-1]
+    with pytest.raises(PayloadError):
+        codec.validate_payload(type(p)(p.codec, p.dim, bad, p.bits, p.meta))
+    with pytest.raises(PayloadError, match="unexpected"):
+        codec.validate_payload(type(p)(p.codec, p.dim, {**p.tensors, "extra": torch.zeros(1)}, p.bits, p.meta))

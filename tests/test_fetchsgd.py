@@ -43,7 +43,7 @@ def _rounds(cfg, n):
         payloads = [payload_from_records(r.content[keys.ARRAYS], r.content[keys.PAYLOAD_META]) for r in replies]
         n_ex = torch.tensor([float(r.content[keys.METRICS][keys.NUM_EXAMPLES]) for r in replies], dtype=torch.float64)
         new, metrics = strategy.aggregate_train(rnd, replies)
-        out.append({"payloads": payloads, "weights": n_ex / n_ex.sum(), "before": before, "metrics": metrics,
+        out.append({"payloads": payloads, "weights": n_ex / n_ex.sum(), "before": before, "metrics": dict(strategy.last_metrics),
                     "update": flatten_arrays(new) - flatten_arrays(arrays)})
         arrays = new
     return strategy, out

@@ -143,7 +143,7 @@ def test_store_errors(tmp_path):
 
 def _rows(run_dir):
     with open(run_dir / "metrics.csv", newline="") as f:
-        return [{k: v for k, v in r.items() if k not in ("wall_s", "server_s")} for r in csv.DictReader(f)]
+        return [{k: v for k, v in r.items() if k not in ("wall_s", "round_s")} for r in csv.DictReader(f)]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
@@ -174,7 +174,7 @@ def test_disk_store_keeps_residuals_out_of_the_contexts(tmp_path):
     store = residual_store(cfg, exp, strategy, tmp_path)
     grid = InMemoryGrid(make_client_app(cfg), cfg.clients)
     sampled: set[int] = set()
-    server_loop(grid, exp, strategy, None, lambda rnd, row: sampled.update(strategy._sent) if rnd else None)
+    server_loop(grid, exp, strategy, None, lambda rnd, row: sampled.update(strategy.sent) if rnd else None)
     assert set(store.present().tolist()) == sampled and len(sampled) >= 5
     assert all(len(ctx.state) == 0 for ctx in grid.contexts.values())
     assert all(float(store.load(c).abs().sum()) > 0 for c in sampled)  # top-k left something behind

@@ -79,7 +79,7 @@ def test_routing_clients_onto_fewer_supernodes_changes_no_number(tmp_path, confi
     for n in (12, 3):
         summary = run_experiment(load_config(config, sets + [f"simulation.supernodes={n}"]), tmp_path / str(n))
         assert summary["rounds"] == 3
-        rows[n] = [{k: v for k, v in r.items() if k not in ("wall_s", "server_s")}
+        rows[n] = [{k: v for k, v in r.items() if k not in ("wall_s", "round_s")}
                    for r in _csv_rows(tmp_path / str(n) / "metrics.csv")]
     assert rows[3] == rows[12]
 

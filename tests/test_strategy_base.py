@@ -15,7 +15,7 @@ from flwr.clientapp import ClientApp
 from fl_sim import keys
 from fl_sim.records import flatten_arrays
 from fl_sim.strategies import FedAvgBaseline, FedSGD
-from fl_sim.strategies.base import update_sparsity
+from fl_sim.strategies.base import SERVER_PREFIX, update_sparsity
 from fl_sim.testing import InMemoryGrid
 
 D = 7
@@ -39,10 +39,16 @@ def initial():
     return ArrayRecord({"w": Array(np.zeros((3,), np.float32)), "b": Array(np.zeros((4,), np.float32))})
 
 
+def server_part(metrics):
+    """The server-side figures of a returned MetricRecord (named ``server.<name>``), unprefixed."""
+    return {k[len(SERVER_PREFIX):]: v for k, v in metrics.items() if k.startswith(SERVER_PREFIX)}
+
+
 def one_round(strategy, grid, rnd=1):
     msgs = list(strategy.configure_train(rnd, initial(), ConfigRecord(), grid))
     replies = grid.send_and_receive(msgs)
-    return msgs, strategy.aggregate_train(rnd, replies)
+    arrays, metrics = strategy.aggregate_train(rnd, replies)
+    return msgs, (arrays, server_part(metrics))
 
 
 def test_fedavg_weighted_mean_and_bits():
@@ -135,9 +141,17 @@ def test_strategy_argument_errors():
         FedAvgBaseline(clients_per_round=5, client_ids=range(3))
 
 
-def test_evaluate_messages_untouched_by_strategy_defaults():
+def test_defaults_are_flowers_fedavg_defaults():
+    """Issue 14 item 3: "instead of FedAvg(...)" must not change the run. The old wrapper defaulted to
+    fraction_evaluate 0.0 and min nodes 1; the inner FedAvg now has Flower's own defaults."""
+    from flwr.serverapp.strategy import FedAvg
+
     s = FedAvgBaseline(clients_per_round=2, client_ids=range(2))
-    assert s.fraction_evaluate == 0.0
+    ref = FedAvg()
+    for name in ("fraction_train", "fraction_evaluate", "min_train_nodes", "min_evaluate_nodes",
+                 "min_available_nodes", "weighted_by_key", "arrayrecord_key", "configrecord_key"):
+        assert getattr(s.inner, name) == getattr(ref, name), name
+    assert s.inner.fraction_evaluate == 1.0 and s.inner.min_available_nodes == 2
     assert math.isclose(s.server_lr, 1.0)
 
 
@@ -179,7 +193,7 @@ def test_clients_sharing_a_node_with_context_residuals_are_sent_in_waves():
         exp = build_experiment(cfg)
         rows: list[dict] = []
         server_loop(RecordingGrid(make_client_app(cfg), nodes), exp, build_strategy(exp, min_available_nodes=nodes),
-                    None, lambda r, row: rows.append({k: v for k, v in row.items() if k not in ("wall_s", "server_s")}))
+                    None, lambda r, row: rows.append({k: v for k, v in row.items() if k not in ("wall_s", "round_s")}))
         return rows
 
     calls: list[list[int]] = []

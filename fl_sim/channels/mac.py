@@ -204,6 +204,32 @@ class MACChannel:
         gen = torch_generator(self.seed, "uplink-noise", round)
         return y + complex_awgn(tuple(y.shape), noise_var=self.noise_var, generator=gen, dtype=cdtype)
 
+    def round_draws(
+        self, ids: Sequence[int], m: int, *, round: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Steps 1-2 of a round: (h, ĥ, π, b) for nodes ``ids`` on m subchannels (fading, CSI estimate,
+        participation probabilities, Bernoulli draws b_i ~ Bernoulli(π_i)), all keyed by ``round``."""
+        h = self.draw(ids, m, round=round)
+        h_est = self.estimate(h, ids, round=round)
+        pi = self.probabilities(ids)
+        b = draw_participation(pi, seed=self.seed, round=round, nodes=ids)
+        return h, h_est, pi, b
+
+    def plan_power(self, h_est: torch.Tensor, a: torch.Tensor, budget: torch.Tensor):
+        """Step 4: power control (eqs. 5.6-5.8) for signal norms ``a`` (α_i (b_i/π_i) ‖g_i‖), under
+        this channel's policy and the in-phase noise variance σ²/2."""
+        return power_control(h_est, a, budget, noise_var=REAL_NOISE_FRACTION * self.noise_var,
+                             policy=self.power_policy)
+
+    def receive(self, x: torch.Tensor, h: torch.Tensor, c: float, *, round: int,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Steps 6-7: y = Σ h_i ⊙ x_i + η (eq. 5.1) and the in-phase decode Re(y)/c, shape (m,); zeros
+        when c = 0 (nothing was sent: the server knows and skips decoding)."""
+        if c > 0:
+            y = self.transmit(x, h, round=round)
+            return (y.real.to(torch.float64) / c).to(dtype)
+        return torch.zeros(h.shape[-1], dtype=dtype)
+
     def over_the_air(
         self,
         codewords: torch.Tensor,
@@ -246,24 +272,16 @@ class MACChannel:
         else:
             g_norm = _check_nonneg(norms, k_nodes, "norms (‖g_i‖)")
         # 1-2. channel draw, CSI, participation
-        h = self.draw(ids, m, round=round)
-        h_est = self.estimate(h, ids, round=round)
-        pi = self.probabilities(ids)
-        b = draw_participation(pi, seed=self.seed, round=round, nodes=ids)
+        h, h_est, pi, b = self.round_draws(ids, m, round=round)
         coef = alpha * b.to(torch.float64) / pi  # α_i b_i / π_i
         # 3-4. power control on the transmitting nodes
         budget = self.budgets(ids, m)
-        sigma_r2 = REAL_NOISE_FRACTION * self.noise_var
-        plan = power_control(h_est, coef * g_norm, budget, noise_var=sigma_r2, policy=self.power_policy)
+        plan = self.plan_power(h_est, coef * g_norm, budget)
         # 5-7. signals, superposition, in-phase decode
         x = form_signals(v, coef, plan)
         sending = plan.m_i > 0
         out_dtype = torch.float64 if v.dtype == torch.float64 else torch.float32
-        if plan.c > 0:
-            y = self.transmit(x, h, round=round)
-            y_dec = (y.real.to(torch.float64) / plan.c).to(out_dtype)
-        else:  # nothing was sent (every node idle or with a zero update): the server knows, skips decoding
-            y_dec = torch.zeros(m, dtype=out_dtype)
+        y_dec = self.receive(x, h, plan.c, round=round, dtype=out_dtype)
         power = (x.abs().to(torch.float64) ** 2).sum(dim=1)
         metrics: dict[str, Any] = {
             "transmitting": float(b.sum()),
@@ -271,7 +289,7 @@ class MACChannel:
             "mean_m_i": float(plan.m_i[sending].to(torch.float64).mean()) if bool(sending.any()) else 0.0,
             "channel_uses": float(m),
             "noise_var": self.noise_var,
-            "decoded_noise_var": sigma_r2 / plan.c**2 if plan.c > 0 else 0.0,
+            "decoded_noise_var": REAL_NOISE_FRACTION * self.noise_var / plan.c**2 if plan.c > 0 else 0.0,
             "power_ratio_max": float((power / budget).max()) if k_nodes else 0.0,
             "expected_power_ratio_max": float((plan.expected_power / budget).max()) if k_nodes else 0.0,
             "b": b,

@@ -11,7 +11,9 @@ Works around any ClientApp that returns a model (``ClientApp(mods=[compression_m
 5. with error feedback, r ← update(r, z, decode(p)) kept under the client id in the residual store
    the config names (fl_sim.clients.residuals: the node's ``context.state`` by default, or the
    run's disk store);
-6. replace the reply's arrays with p's tensors, add the payload record and ``uplink-bits``.
+6. replace the reply's arrays (the ArrayRecord named by the strategy's arrayrecord_key, or the only
+   one) with p's tensors, add the payload record (with the client id) and ``uplink-bits`` beside the
+   app's own metrics, which are otherwise untouched.
 """
 
 from __future__ import annotations
@@ -38,18 +40,38 @@ def make_error_feedback(kind: str, beta: float = 1.0):
     raise ValueError(f"error feedback {kind!r} unknown; use none, classic or weighted")
 
 
+def _find_config(message: Message):
+    """The ConfigRecord that names a codec (the strategy's configrecord_key may be any name)."""
+    config = message.content.config_records.get(keys.CONFIG)
+    if config is not None and keys.CODEC in config:
+        return config
+    return next((c for c in message.content.config_records.values() if keys.CODEC in c), None)
+
+
+def _arrays_key(content, wanted: str) -> str:
+    """The ArrayRecord holding the model: ``wanted`` (the strategy's arrayrecord_key), else the only one."""
+    if wanted in content.array_records:
+        return wanted
+    names = list(content.array_records)
+    if len(names) != 1:
+        raise ValueError(f"compression_mod: expected the model under {wanted!r} or one ArrayRecord, found {names}")
+    return names[0]
+
+
 def compression_mod(message: Message, context: Context, call_next) -> Message:
     """Encode the update of a train reply with the codec named in the message config."""
     if message.metadata.message_type != MessageType.TRAIN:
         return call_next(message, context)
-    config = message.content.get(keys.CONFIG)
-    if config is None or keys.CODEC not in config:
+    config = _find_config(message)
+    if config is None:
         return call_next(message, context)
-    received = flatten_arrays(message.content[keys.ARRAYS])  # copy: the app may modify its input
+    wanted = str(config.get(keys.ARRAYRECORD_KEY, keys.ARRAYS))
+    received = flatten_arrays(message.content[_arrays_key(message.content, wanted)])  # a copy: the app may modify it
     reply = call_next(message, context)
     if reply.has_error():
         return reply
-    local = flatten_arrays(reply.content[keys.ARRAYS])
+    out_key = _arrays_key(reply.content, wanted)
+    local = flatten_arrays(reply.content[out_key])
     if local.shape != received.shape:
         raise ValueError(
             f"compression_mod: the ClientApp returned {local.numel()} parameters but received {received.numel()}"
@@ -72,13 +94,16 @@ def compression_mod(message: Message, context: Context, call_next) -> Message:
         payload = codec.encode_seeded(z, seeds)
         store.save(cid, memory.update(residual, z, codec.decode_seeded(payload, seeds)))
     arrays, meta = payload_to_records(payload)
-    reply.content[keys.ARRAYS] = arrays
+    meta[keys.P_CID] = cid
+    del reply.content[out_key]
+    reply.content[out_key] = arrays
     reply.content[keys.PAYLOAD_META] = meta
-    metrics = reply.content.get(keys.METRICS) or MetricRecord()
+    # The app's own metrics stay as they are; fl-sim adds its per-client figures beside them.
+    names = list(reply.content.metric_records)
+    mkey = keys.METRICS if keys.METRICS in names or not names else names[0]
+    metrics = reply.content.metric_records.get(mkey) or MetricRecord()
     metrics[keys.UPLINK_BITS] = int(payload.bits)
     if config.get(keys.REPORT_NORM):
         metrics[keys.UPDATE_NORM] = float(z.norm())
-    if keys.M_CID not in metrics:
-        metrics[keys.M_CID] = cid
-    reply.content[keys.METRICS] = metrics
+    reply.content[mkey] = metrics
     return reply

@@ -61,6 +61,7 @@ __all__ = [
     "make_codec",
     "codec_names",
     "check_vector",
+    "check_seed",
     "bits_for_index",
     "LinearOperator",
     "DenseOperator",
@@ -155,6 +156,13 @@ class Payload:
     def __post_init__(self) -> None:
         if not isinstance(self.bits, int) or self.bits < 0:
             raise PayloadError(f"Payload.bits must be a non-negative int, got {self.bits!r}")
+
+
+def check_seed(seed: object, who: str) -> int:
+    """A seed of shared randomness: a plain int (not a bool); CodecError naming ``who`` otherwise."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise CodecError(f"{who}: seed must be an int (derive one with fl_sim.rng.derive_seed), got {seed!r}")
+    return seed
 
 
 def check_vector(x: torch.Tensor, dim: int, who: str) -> torch.Tensor:
@@ -287,6 +295,28 @@ class Codec(ABC):
                 raise PayloadError(f"{self.name}.decode: tensor {key!r} has dtype {t.dtype}, expected {dtype}")
             if torch.is_floating_point(t) and not torch.isfinite(t).all():
                 raise PayloadError(f"{self.name}.decode: tensor {key!r} contains NaN or inf")
+
+    def payload_spec(self) -> dict[str, tuple[tuple[int, ...], Any]]:
+        """What one payload of this codec holds: tensor name -> (shape, dtype).
+
+        A codec may declare it; the default reads it once from an encoding of the zero vector (cached
+        on the codec, which the server keeps per round: no encoding per round or per reply).
+        """
+        spec = self.__dict__.get("_payload_spec")
+        if spec is None:
+            ref = self.encode(torch.zeros(self.dim), seed=0)
+            spec = {k: (tuple(t.shape), t.dtype) for k, t in ref.tensors.items()}
+            self.__dict__["_payload_spec"] = spec
+        return spec
+
+    def validate_payload(self, payload: Payload) -> None:
+        """A received payload against :meth:`payload_spec`: codec, dim, exactly those tensors, shapes,
+        dtypes, finite floats (PayloadError otherwise)."""
+        spec = self.payload_spec()
+        self.check_payload(payload, spec)
+        extra = set(payload.tensors) - set(spec)
+        if extra:
+            raise PayloadError(f"{self.name}: payload has unexpected tensors {sorted(extra)}")
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self.params().items())

@@ -1,4 +1,5 @@
-"""Flower Message-API strategies (subclasses of ``flwr.serverapp.strategy.Strategy`` via FedAvg).
+"""Flower Message-API strategies: each method wraps an inner ``flwr.serverapp.strategy.Strategy``
+(FedAvg when none is given), ``QCS(FedAdam(...), k=128, levels=4)``.
 
 ``build_strategy(cfg, ...)`` maps ``strategy.name`` of a run config onto a class through the
 registry ``STRATEGIES``; ``strategy.options`` become keyword arguments, so a typo is an error.
@@ -12,8 +13,10 @@ from typing import Any
 from .base import ClientReply, ReplyError, UpdateStrategy
 from .compressed import CompressedFedAvg
 from .fedavg import FedAvgBaseline, FedSGD
+from .waves import WaveGrid
 
-__all__ = ["UpdateStrategy", "ClientReply", "ReplyError", "CompressedFedAvg", "FedAvgBaseline", "FedSGD", "STRATEGIES"]
+__all__ = ["UpdateStrategy", "ClientReply", "ReplyError", "CompressedFedAvg", "FedAvgBaseline", "FedSGD", "STRATEGIES",
+           "WaveGrid", "QCS", "OneBitCS", "FetchSGD", "FIHTCS", "DaQuSGD", "RLCOverTheAir", "strategy_class"]
 
 # config name -> "module:Class" (imported lazily so one method's module never breaks another)
 STRATEGIES: dict[str, str] = {
@@ -28,8 +31,8 @@ STRATEGIES: dict[str, str] = {
     "rlc": ".rlc:RLCOverTheAir",
 }
 
-_PUBLIC = {"QCS": "qcs", "OneBitCS": "onebit_cs", "FetchSGD": "fetchsgd", "FIHTCS": "fiht_cs",
-           "DaQuSGD": "daqusgd", "RLCOverTheAir": "rlc"}
+# class name -> config name, for `from fl_sim.strategies import QCS` (derived: one line per method above)
+_PUBLIC = {target.partition(":")[2]: name for name, target in STRATEGIES.items()}
 
 
 def strategy_class(name: str) -> type:

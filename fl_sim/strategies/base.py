@@ -1,40 +1,58 @@
-"""Common server machinery of every fl-sim strategy (a Flower Message-API FedAvg subclass).
+"""Common server machinery of every fl-sim method: a Flower ``Strategy`` wrapper around an inner strategy.
 
-:class:`UpdateStrategy` does what all compressed-uplink methods share, so each method overrides
-only how replies become an aggregate update (``decode_replies``/``combine``):
+A method wraps any Message-API strategy the way Flower's ``DifferentialPrivacy*FixedClipping`` wrap
+theirs (flwr/serverapp/strategy/dp_fixed_clipping.py, paired with a client mod through shared
+constants): ``QCS(FedAdam(...), k=..., levels=...)``; with no inner strategy a ``FedAvg`` is built from
+the FedAvg keyword arguments (Flower's own defaults). Flower's unmodified ``Strategy.start`` runs the
+rounds, so its logs, evaluation and options stay Flower's. One round (:class:`UpdateStrategy`):
 
-1. ``configure_train``: seeded client sampling (never the global RNG), one message per sampled
-   client carrying the global model and a ConfigRecord with the round seed and client id;
-2. ``aggregate_train``: read the replies once, log failed ones, reject malformed ones with a logged
-   error naming the node (never a crash, never a poisoned model), aggregate the rest in client-id
-   order (deterministic float sums), apply the server optimizer, report metrics.
+1. ``configure_train``: the inner strategy's messages (FedProx's proximal-mu, the inner's config and
+   sampling), each given its own ConfigRecord with the method's entries (``round_config``: codec,
+   seeds...). fl-sim simulations sample *virtual client ids* from ``client_ids`` with a generator keyed
+   by (seed, round) and route each to node ``sorted(nodes)[cid % len(nodes)]``, reusing the inner's
+   message content; without ``client_ids`` (a user's deployment) the inner's nodes are the clients.
+2. ``aggregate_train``: every reply is read on its own by :meth:`UpdateStrategy.read_reply` (the
+   per-reply validation seam: one reply -> a validated :class:`ClientReply` or :class:`ReplyError`;
+   a bad reply is logged, counted and left out, never aborting the round); ``combine`` decodes them
+   (per client, or summed in the compressed domain and decoded once) and keeps the method's server
+   state (error feedback, sketches, channel);
+3. the inner strategy gets replies it aggregates as usual: ordinary model arrays ``w + Δ_i`` (or
+   ``w + Δ̄`` for an aggregate-domain method, when fl-sim's own server step is on, or when the inner
+   is a plain FedAvg, whose weighted mean of the ``w + Δ_i`` is ``w + Δ̄``) under its
+   ``arrayrecord_key``, with the client's *original* MetricRecord plus the server-counted
+   ``uplink-bits``. FedAdam's optimizer, FedProx, ``weighted_by_key``, ``train_metrics_aggr_fn``
+   and evaluation are the inner's, unchanged.
 
-Server optimizer (FedAvg with server learning rate and momentum; Hsu et al. 2019 "FedAvgM"):
-``m ← μ m + Δ̄``, ``w ← w + η_s m``, where Δ̄ = Σ_i (n_i/n) Δ_i is the weighted mean client
-update. η_s = 1, μ = 0 is plain FedAvg (the weighted mean of the client models).
+Returned MetricRecord: the inner's aggregate of the client metrics (names untouched) and fl-sim's
+server-side figures under ``server.`` (``server.uplink_bits``, ``server.clients_ok``,
+``server.round_s`` the round's wall time...). ``last_metrics`` / ``history`` hold the server figures
+unprefixed (fl-sim's metrics.csv row) plus ``train_loss`` read from the client aggregate.
 
-Virtual clients: in fl-sim simulations the strategy samples *client ids* (data partitions) from
-``client_ids`` and routes each to node ``sorted(nodes)[cid % len(nodes)]``; the client reads its id
-from the message. Without ``client_ids`` (a user's deployment), nodes are the clients.
+fl-sim's server step (``server_lr`` η_s, ``server_momentum`` μ; Hsu et al. 2019 "FedAvgM"), applied
+to Δ̄ *before* the inner strategy: ``m ← μ m + Δ̄``, ``Δ' = η_s m``; the inner then sees ``w + Δ'``.
+η_s = 1, μ = 0 (the default) leaves the updates to the inner (use FedAvgM / FedAdam for a server
+optimizer in your own app).
+
+Resume: ``round_offset`` N makes Flower's round r the method's round N + r (seeds, sampling, channel
+draws); a resumed simulation runs Flower's ``start`` for the remaining rounds.
 """
 
 from __future__ import annotations
 
 import copy
-import io
 import logging
+import math
 import time
-from logging import INFO
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from logging import INFO
 from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, Result
-from flwr.serverapp.strategy.strategy_utils import log_strategy_start_info
+from flwr.serverapp.strategy import FedAvg, Strategy
 from flwr.supercore import log as flwr_log
 
 from .. import keys
@@ -42,9 +60,14 @@ from ..protocol import round_seed
 from ..records import array_bits, flatten_arrays, unflatten_into
 from ..rng import numpy_generator
 
-__all__ = ["UpdateStrategy", "ClientReply", "ReplyError", "update_sparsity"]
+__all__ = ["UpdateStrategy", "ClientReply", "ReplyError", "update_sparsity", "SERVER_PREFIX"]
 
 log = logging.getLogger("fl_sim")
+
+SERVER_PREFIX = "server."  # server-side figures in the MetricRecord returned to Flower
+
+# Server state of Flower's own strategies that a checkpoint must keep (FedOpt family, FedAvgM).
+_INNER_STATE = ("m_t", "v_t", "momentum_vector")
 
 
 def update_sparsity(g: torch.Tensor) -> float:
@@ -64,14 +87,16 @@ class ReplyError(ValueError):
 
 @dataclass
 class ClientReply:
-    """One usable reply: who sent it, its weight and what it carries (method-specific ``data``)."""
+    """One usable reply: who sent it, its weight, what it carries (method-specific ``data``), and the
+    client's own MetricRecord (passed to the inner strategy untouched)."""
 
     node_id: int
     cid: int
-    num_examples: int
-    train_loss: float
+    num_examples: float  # the inner's weighted_by_key value (FedAvg: "num-examples")
     uplink_bits: int
     data: Any
+    metrics: MetricRecord = field(default_factory=MetricRecord)
+    message: Message | None = None
 
 
 def _check_link(link: dict[str, float] | None) -> dict[str, float] | None:
@@ -86,27 +111,46 @@ def _check_link(link: dict[str, float] | None) -> dict[str, float] | None:
     return {k: float(v) for k, v in link.items()}
 
 
-class UpdateStrategy(FedAvg):
-    """FedAvg whose clients send updates Δ_i = w_i − w; subclasses decide how Δ travels.
+def _state_to_tensors(value: Any) -> Any:
+    """A Flower strategy's NumPy state (dict of ndarrays) as tensors (checkpoints load weights_only)."""
+    if isinstance(value, dict):
+        return {k: torch.from_numpy(np.array(v, copy=True)) for k, v in value.items()}
+    return copy.deepcopy(value)
+
+
+def _state_from_tensors(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: v.numpy().copy() if isinstance(v, torch.Tensor) else v for k, v in value.items()}
+    return copy.deepcopy(value)
+
+
+class UpdateStrategy(Strategy):
+    """A method wrapping ``inner``: clients send updates Δ_i = w_i − w; subclasses decide how Δ travels.
 
     ``STATE_ATTRS``: attributes that carry server state from one round to the next (checkpointed by
-    :meth:`state_dict`); a subclass with more state extends the tuple.
+    :meth:`state_dict`, with the inner strategy's FedOpt moments / FedAvgM momentum); a subclass with
+    more state extends the tuple.
 
-    Args (keyword-only, besides FedAvg's own ``**kwargs``):
-        clients_per_round: clients sampled per round (count); None = ``fraction_train`` of nodes.
-        client_ids: virtual client ids to sample from (simulation); None = sample nodes.
+    Args:
+        inner: the strategy that aggregates (FedAvg, FedAdam, FedProx, a user's own...); None = a
+            ``FedAvg(**fedavg_kwargs)`` (Flower's defaults).
+        clients_per_round: virtual clients sampled per round (with ``client_ids``); None =
+            ``fraction_train`` of them.
+        client_ids: virtual client ids to sample from (simulation); None = the inner's nodes.
         seed: run seed; sampling and every codec seed derive from (seed, round).
-        server_lr: η_s of the server step. server_momentum: μ of the server step.
+        server_lr, server_momentum: fl-sim's FedAvgM step on Δ̄ before the inner (module docstring).
         train_config: extra ConfigRecord entries sent every round (local epochs, lr...).
         digital_link: {"snr_db", "bandwidth_hz", "compute_s"}: count the channel uses of sending
             every client's bits one node after another at capacity C = 0.5 log2(1 + SNR) (Abdi
             Ch. 5, digital baseline) and the resulting latency; None = no channel accounting.
+        **fedavg_kwargs: FedAvg's arguments, only when ``inner`` is None.
     """
 
-    STATE_ATTRS: tuple[str, ...] = ("momentum_buffer", "history")
+    STATE_ATTRS: tuple[str, ...] = ("momentum_buffer", "history", "rounds_aggregated")
 
     def __init__(
         self,
+        inner: Strategy | None = None,
         *,
         clients_per_round: int | None = None,
         client_ids: Sequence[int] | None = None,
@@ -115,17 +159,19 @@ class UpdateStrategy(FedAvg):
         server_momentum: float = 0.0,
         train_config: dict[str, Any] | None = None,
         digital_link: dict[str, float] | None = None,
-        **kwargs: Any,
+        **fedavg_kwargs: Any,
     ) -> None:
-        # fl-sim evaluates centrally on the server: no federated evaluation unless asked for.
-        # (Set after FedAvg's constructor, which would log a warning for 0.0.)
-        fraction_evaluate = kwargs.pop("fraction_evaluate", 0.0)
-        kwargs.setdefault("min_available_nodes", 1)
-        kwargs.setdefault("min_train_nodes", 1)
-        super().__init__(**kwargs)
-        self.fraction_evaluate = float(fraction_evaluate)
-        if self.fraction_evaluate == 0.0:
-            self.min_evaluate_nodes = 0
+        super().__init__()
+        if inner is None:
+            inner = FedAvg(**fedavg_kwargs)
+        elif fedavg_kwargs:
+            raise TypeError(
+                f"{', '.join(sorted(fedavg_kwargs))}: FedAvg options apply only without an inner strategy; "
+                f"set them on the {type(inner).__name__} you pass"
+            )
+        if not isinstance(inner, Strategy):
+            raise TypeError(f"inner={inner!r} is not a flwr.serverapp.strategy.Strategy")
+        self.inner = inner
         if clients_per_round is not None and clients_per_round < 1:
             raise ValueError(f"clients_per_round={clients_per_round} must be >= 1")
         if server_lr <= 0:
@@ -143,26 +189,44 @@ class UpdateStrategy(FedAvg):
         self.server_momentum = float(server_momentum)
         self.train_config = dict(train_config or {})
         self.digital_link = _check_link(digital_link)
+        self.round_offset = 0  # resume hook: Flower's round r is the method's round round_offset + r
         # Server state (set lazily, checkpointable)
         self.momentum_buffer: torch.Tensor | None = None
+        self.rounds_aggregated = 0
         self._global_arrays: ArrayRecord | None = None
         self._global_vector: torch.Tensor | None = None
-        self._sent: dict[int, int] = {}  # cid -> node of this round
+        self.sent: dict[int, int] = {}  # cid -> node of this round's train messages (configure_train)
         self._round_seed = 0
         self._downlink_bits_each = 0
         self._t0 = 0.0
         self.last_metrics: dict[str, float] = {}
         self.history: dict[int, dict[str, float]] = {}
 
+    # ------------------------------------------------------------------ the inner strategy's keys
+    @property
+    def arrayrecord_key(self) -> str:
+        return getattr(self.inner, "arrayrecord_key", keys.ARRAYS)
+
+    @property
+    def configrecord_key(self) -> str:
+        return getattr(self.inner, "configrecord_key", keys.CONFIG)
+
+    @property
+    def weighted_by_key(self) -> str:
+        return getattr(self.inner, "weighted_by_key", keys.NUM_EXAMPLES)
+
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         """A copy of the server state a checkpoint needs (tensors, numbers, dicts/tuples of them)."""
-        return {name: copy.deepcopy(getattr(self, name)) for name in self.STATE_ATTRS}
+        state = {name: copy.deepcopy(getattr(self, name)) for name in self.STATE_ATTRS}
+        state["inner"] = {a: _state_to_tensors(getattr(self.inner, a)) for a in _INNER_STATE if hasattr(self.inner, a)}
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output (a copy; the argument is not kept)."""
-        missing = sorted(set(self.STATE_ATTRS) - set(state))
-        unknown = sorted(set(state) - set(self.STATE_ATTRS))
+        expected = set(self.STATE_ATTRS) | {"inner"}
+        missing = sorted(expected - set(state))
+        unknown = sorted(set(state) - expected)
         if missing or unknown:
             raise ValueError(
                 f"{type(self).__name__} state: missing {missing or 'nothing'}, unknown {unknown or 'nothing'}; "
@@ -170,80 +234,35 @@ class UpdateStrategy(FedAvg):
             )
         for name in self.STATE_ATTRS:
             setattr(self, name, copy.deepcopy(state[name]))
-
-    def start(
-        self,
-        grid: Grid,
-        initial_arrays: ArrayRecord,
-        num_rounds: int = 3,
-        timeout: float = 3600,
-        train_config: ConfigRecord | None = None,
-        evaluate_config: ConfigRecord | None = None,
-        evaluate_fn=None,
-        start_round: int = 1,
-    ) -> Result:
-        """Flower's ``Strategy.start`` (flwr 1.41, same steps and logs) from round ``start_round``.
-
-        ``start_round=1`` is Flower's loop unchanged. ``start_round=N+1`` resumes after a checkpoint of
-        round N: ``initial_arrays`` is that round's global model, the strategy's state has been
-        loaded, and the round-0 evaluation is skipped (its row is in the checkpoint).
-        """
-        if not 1 <= start_round <= num_rounds + 1:
-            raise ValueError(f"start_round={start_round} must be in 1..{num_rounds + 1}")
-        flwr_log(INFO, "Starting %s strategy (rounds %d..%d):", type(self).__name__, start_round, num_rounds)
-        log_strategy_start_info(num_rounds, initial_arrays, train_config, evaluate_config)
-        self.summary()
-        train_config = ConfigRecord() if train_config is None else train_config
-        evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
-        result = Result()
-        t_start = time.time()
-        if evaluate_fn and start_round == 1:
-            res = evaluate_fn(0, initial_arrays)
-            if res is not None:
-                result.evaluate_metrics_serverapp[0] = res
-        arrays = initial_arrays
-        if start_round > 1:
-            result.arrays = arrays
-        for current_round in range(start_round, num_rounds + 1):
-            flwr_log(INFO, "")
-            flwr_log(INFO, "[ROUND %s/%s]", current_round, num_rounds)
-            train_replies = self.send_train(grid, self.configure_train(current_round, arrays, train_config, grid),
-                                            timeout)
-            agg_arrays, agg_train_metrics = self.aggregate_train(current_round, train_replies)
-            if agg_arrays is not None:
-                result.arrays = agg_arrays
-                arrays = agg_arrays
-            if agg_train_metrics is not None:
-                flwr_log(INFO, "\t└──> Aggregated MetricRecord: %s", agg_train_metrics)
-                result.train_metrics_clientapp[current_round] = agg_train_metrics
-            evaluate_replies = grid.send_and_receive(
-                messages=self.configure_evaluate(current_round, arrays, evaluate_config, grid), timeout=timeout
-            )
-            agg_evaluate_metrics = self.aggregate_evaluate(current_round, evaluate_replies)
-            if agg_evaluate_metrics is not None:
-                result.evaluate_metrics_clientapp[current_round] = agg_evaluate_metrics
-            if evaluate_fn:
-                res = evaluate_fn(current_round, arrays)
-                if res is not None:
-                    result.evaluate_metrics_serverapp[current_round] = res
-        flwr_log(INFO, "Strategy execution finished in %.2fs", time.time() - t_start)
-        flwr_log(INFO, "Final results:")
-        for line in io.StringIO(str(result)):
-            flwr_log(INFO, "\t%s", line.strip("\n"))
-        return result
+        for name, value in state["inner"].items():
+            setattr(self.inner, name, _state_from_tensors(value))
 
     # ------------------------------------------------------------------ hooks for subclasses
     def round_config(self, server_round: int, config: ConfigRecord) -> None:
         """Add method-specific keys to the round's ConfigRecord (codec, seeds...)."""
+
+    def round_seed_for(self, server_round: int) -> int:
+        """The seed of a round's shared randomness, derived from (seed, round); a method with a fixed
+        operator (one sketch, one Φ) or one changed every few rounds (RLC's A) returns its own."""
+        return round_seed(self.seed, server_round)
+
+    @property
+    def round_seed(self) -> int:
+        return self._round_seed
+
+    @property
+    def global_vector(self) -> torch.Tensor:
+        """The round's global model as one flat float32 vector (set by configure_train)."""
+        if self._global_vector is None:
+            raise RuntimeError(f"{type(self).__name__}: no global model yet; configure_train runs first")
+        return self._global_vector
 
     def decode_reply(self, server_round: int, msg: Message, cid: int) -> tuple[Any, int]:
         """(method data, uplink bits) of one reply; raise ReplyError when malformed.
 
         Default: the reply carries a full model; data = Δ_i = w_i − w.
         """
-        arrays = msg.content.get(keys.ARRAYS)
-        if arrays is None:
-            raise ReplyError("reply has no arrays")
+        arrays = self.reply_arrays(msg)
         try:
             local = flatten_arrays(arrays)
         except Exception as exc:  # noqa: BLE001 - any decoding failure is a malformed reply
@@ -255,22 +274,38 @@ class UpdateStrategy(FedAvg):
         return local - self._global_vector, array_bits(arrays)
 
     def combine(self, server_round: int, replies: list[ClientReply], weights: torch.Tensor) -> torch.Tensor:
-        """Aggregate update Δ̄ from the usable replies (weights sum to 1). Default: Σ w_i Δ_i."""
-        stacked = torch.stack([r.data for r in replies])
-        return weights.to(stacked.dtype) @ stacked
+        """The decoded updates: (K, d) one Δ_i per reply, or (d,) an aggregate Δ̄ (compressed-domain
+        methods, server-state methods). Default: the stacked Δ_i."""
+        return torch.stack([r.data for r in replies])
 
-    def server_step(self, server_round: int, delta: torch.Tensor) -> torch.Tensor:
-        """New global vector from Δ̄: FedAvgM step m ← μ m + Δ̄, w ← w + η_s m."""
+    def server_update(self, server_round: int, delta: torch.Tensor) -> torch.Tensor:
+        """The update Δ' handed to the inner from Δ̄: FedAvgM m ← μ m + Δ̄, Δ' = η_s m.
+
+        Returns ``delta`` itself when η_s = 1 and μ = 0 (per-client models go to the inner then).
+        """
         if self.server_momentum > 0:
             if self.momentum_buffer is None:
                 self.momentum_buffer = torch.zeros_like(delta)
             self.momentum_buffer.mul_(self.server_momentum).add_(delta)
             delta = self.momentum_buffer
-        return self._global_vector + self.server_lr * delta
+            return self.server_lr * delta
+        return delta if self.server_lr == 1.0 else self.server_lr * delta
+
+    def extra_metrics(self, server_round: int, usable: list[ClientReply], delta: torch.Tensor) -> dict[str, float]:
+        """Method-specific per-round server metrics (recovery error...)."""
+        return {}
+
+    def empty_round_metrics(self, server_round: int) -> dict[str, float]:
+        """Method-specific server metrics of a round with no usable reply."""
+        return {}
+
+    def settings(self) -> dict[str, Any]:
+        """The method's options, logged by :meth:`summary`."""
+        return {"seed": self.seed, "clients_per_round": self.clients_per_round}
 
     # ------------------------------------------------------------------ sampling
     def _available_nodes(self, grid: Grid) -> list[int]:
-        wait_for = max(self.min_available_nodes, 1)
+        wait_for = max(int(getattr(self.inner, "min_available_nodes", 1)), 1)
         waited = 0.0
         while len(nodes := sorted(grid.get_node_ids())) < wait_for:
             if waited and waited % 10 == 0:
@@ -280,125 +315,168 @@ class UpdateStrategy(FedAvg):
         return nodes
 
     def sample(self, server_round: int, nodes: list[int]) -> list[tuple[int, int]]:
-        """[(cid, node)] for this round, from a generator keyed by (seed, round)."""
-        rng = numpy_generator(self.seed, server_round, "sample-clients")
+        """[(cid, node)] of this round's virtual clients, from a generator keyed by (seed, round)."""
         if self.client_ids is None:
-            k = self.clients_per_round or max(int(len(nodes) * self.fraction_train), self.min_train_nodes)
-            k = min(k, len(nodes))
-            chosen = sorted(rng.choice(len(nodes), size=k, replace=False).tolist())
-            return [(i, nodes[i]) for i in chosen]
-        k = self.clients_per_round or max(1, int(round(len(self.client_ids) * self.fraction_train)))
+            raise RuntimeError("sample() draws virtual clients; this strategy has no client_ids")
+        rng = numpy_generator(self.seed, server_round, "sample-clients")
+        fraction = float(getattr(self.inner, "fraction_train", 1.0))
+        k = self.clients_per_round or max(1, int(round(len(self.client_ids) * fraction)))
         cids = np.sort(rng.choice(self.client_ids, size=min(k, len(self.client_ids)), replace=False))
         return [(int(c), nodes[int(c) % len(nodes)]) for c in cids]
 
     # ------------------------------------------------------------------ Flower API
+    def summary(self) -> None:
+        flwr_log(INFO, "\t├──> %s (fl-sim) around %s:", type(self).__name__, type(self.inner).__name__)
+        for name, value in self.settings().items():
+            flwr_log(INFO, "\t│\t├── %s: %s", name, value)
+        self.inner.summary()
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        rnd = server_round + self.round_offset
         self._t0 = time.perf_counter()
         self._global_arrays = arrays
         self._global_vector = flatten_arrays(arrays)
-        self._round_seed = round_seed(self.seed, server_round)
+        self._round_seed = int(self.round_seed_for(rnd))
         self._downlink_bits_each = array_bits(arrays)
-        config[keys.ROUND] = server_round
-        config[keys.SEED] = self._round_seed
+        inner_msgs = list(self.inner.configure_train(rnd, arrays, config, grid))
+        self.sent = {}
+        if not inner_msgs:
+            return []
+        method = ConfigRecord({keys.ROUND: rnd, keys.SEED: self._round_seed})
         for k, v in self.train_config.items():
-            config[k] = v
-        self.round_config(server_round, config)
-        nodes = self._available_nodes(grid)
-        picked = self.sample(server_round, nodes)
-        self._sent = {cid: node for cid, node in picked}
+            method[k] = v
+        self.round_config(rnd, method)
+        if self.client_ids is not None:
+            template = inner_msgs[0].content
+            picked = [(cid, node, template) for cid, node in self.sample(rnd, self._available_nodes(grid))]
+            flwr_log(INFO, "configure_train (fl-sim): %d virtual clients on %d nodes", len(picked),
+                     len({n for _, n, _ in picked}))
+        else:
+            nodes = sorted(grid.get_node_ids())
+            picked = [(nodes.index(m.metadata.dst_node_id) if m.metadata.dst_node_id in nodes else i,
+                       m.metadata.dst_node_id, m.content) for i, m in enumerate(inner_msgs)]
+        ckey = self.configrecord_key
         messages = []
-        for cid, node in picked:
-            cfg = ConfigRecord(dict(config))
+        for cid, node, content in picked:
+            record = RecordDict(dict(content.items()))
+            cfg = ConfigRecord(dict(content[ckey])) if ckey in content else ConfigRecord()
+            cfg.update(method)
+            cfg[keys.ARRAYRECORD_KEY] = self.arrayrecord_key
             if self.client_ids is not None:
                 cfg[keys.CID] = cid
-            record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: cfg})
+            record[ckey] = cfg
             messages.append(Message(content=record, message_type=MessageType.TRAIN, dst_node_id=node))
+            self.sent[cid] = node
+        return self.finish_messages(rnd, arrays, messages)
+
+    def finish_messages(self, server_round: int, arrays: ArrayRecord, messages: list[Message]) -> list[Message]:
+        """Last look at a round's train messages, in the order of ``sent`` (a method may drop some,
+        keeping ``sent`` in step, or give a message its own content). Default: unchanged."""
         return messages
 
-    def send_train(self, grid: Grid, messages: Iterable[Message], timeout: float) -> list[Message]:
-        """``grid.send_and_receive`` of the round's train messages, one message per node at a time when
-        two of them go to one node and the clients keep residuals in node contexts (client error feedback
-        with ``keys.EF_STORE`` = context, as read from the messages' config).
+    def reply_arrays(self, msg: Message) -> ArrayRecord:
+        """The ArrayRecord of a reply: under ``arrayrecord_key``, else its only one."""
+        content = msg.content
+        if self.arrayrecord_key in content.array_records:
+            return content.array_records[self.arrayrecord_key]
+        records = list(content.array_records.values())
+        if len(records) != 1:
+            raise ReplyError(f"reply has {len(records)} ArrayRecords and none named {self.arrayrecord_key!r}")
+        return records[0]
 
-        Flower's simulation engine runs two messages of one node concurrently and keeps only one of the
-        contexts they return, so a residual update would be lost (measured: top-k + EF, 12 clients on 3
-        Ray nodes, drifted from the one-node-per-client run from round 2). Waves (the k-th message of
-        every node in wave k) keep the replies, hence the aggregate, those of one node per client.
-        """
-        messages = list(messages)
-        nodes = [m.metadata.dst_node_id for m in messages]
-        config = messages[0].content.get(self.configrecord_key) if messages else None
-        held = config is not None and str(config.get(keys.EF, "none")) != "none" and \
-            str(config.get(keys.EF_STORE, "context")) == "context"
-        if not held or len(set(nodes)) == len(nodes):
-            return list(grid.send_and_receive(messages=messages, timeout=timeout))
-        if not getattr(self, "_told_waves", False):
-            self._told_waves = True
-            log.info("%d clients on %d nodes keep residuals in node contexts; a node's clients are sent in "
-                     "successive waves (one message per node at a time)", len(nodes), len(set(nodes)))
-        waves: list[list[Message]] = []
-        seen: dict[int, int] = {}
-        for msg, node in zip(messages, nodes):
-            k = seen.get(node, 0)
-            seen[node] = k + 1
-            if k == len(waves):
-                waves.append([])
-            waves[k].append(msg)
-        replies: list[Message] = []
-        for wave in waves:
-            replies.extend(grid.send_and_receive(messages=wave, timeout=timeout))
-        return replies
+    @staticmethod
+    def reply_metrics(msg: Message) -> tuple[str, MetricRecord]:
+        """(name, record) of a reply's MetricRecord: ``metrics``, else its only one."""
+        records = msg.content.metric_records
+        if keys.METRICS in records:
+            return keys.METRICS, records[keys.METRICS]
+        if len(records) != 1:
+            raise ReplyError(f"reply has {len(records)} MetricRecords and none named {keys.METRICS!r}")
+        name, record = next(iter(records.items()))
+        return name, record
 
     def _reply_cid(self, msg: Message, metrics: MetricRecord | None) -> int:
+        meta = msg.content.config_records.get(keys.PAYLOAD_META)
+        if meta is not None and keys.P_CID in meta:
+            return int(meta[keys.P_CID])
         if metrics is not None and keys.M_CID in metrics:
             return int(metrics[keys.M_CID])
         src = msg.metadata.src_node_id
-        for cid, node in self._sent.items():
+        for cid, node in self.sent.items():
             if node == src:
                 return cid
         return -1
 
-    def collect(self, server_round: int, replies: Iterable[Message]) -> tuple[list[ClientReply], int]:
-        """Usable replies sorted by client id, and the number of failed/rejected ones."""
+    def read_reply(self, server_round: int, msg: Message) -> ClientReply:
+        """One reply -> a validated :class:`ClientReply`, or :class:`ReplyError` (the per-reply seam:
+        value checks and guards hook in here)."""
+        try:
+            name, metrics = self.reply_metrics(msg)
+        except ReplyError:
+            metrics = None
+        cid = self._reply_cid(msg, metrics)
+        try:
+            if metrics is None:
+                raise ReplyError("reply has no MetricRecord")
+            key = self.weighted_by_key
+            if key not in metrics:
+                raise ReplyError(f"reply lacks the metric {key!r} (the inner strategy's weighted_by_key)")
+            weight = metrics[key]
+            if isinstance(weight, (list, bool)) or not math.isfinite(float(weight)) or float(weight) < 0:
+                raise ReplyError(f"{key}={weight!r} is not a finite weight >= 0")
+            data, bits = self.decode_reply(server_round, msg, cid)
+        except ReplyError as exc:
+            raise ReplyError(f"client {cid}: {exc}") from None
+        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+            raise ReplyError(f"client {cid}: {type(exc).__name__}: {exc}") from None
+        return ClientReply(msg.metadata.src_node_id, cid, float(weight), int(bits), data, metrics, msg)
+
+    def collect(self, server_round: int, replies: Iterable[Message]) -> tuple[list[ClientReply], list[Message], int]:
+        """(usable replies sorted by client id, error replies, number rejected)."""
         usable: list[ClientReply] = []
-        failed = 0
+        errors: list[Message] = []
+        rejected = 0
         for msg in list(replies):
             node = msg.metadata.src_node_id
             if msg.has_error():
-                failed += 1
+                errors.append(msg)
                 log.warning("round %d: node %d replied with an error: %s", server_round, node, msg.error.reason)
                 continue
-            metrics = msg.content.get(keys.METRICS)
-            cid = self._reply_cid(msg, metrics)
             try:
-                if metrics is None or keys.NUM_EXAMPLES not in metrics:
-                    raise ReplyError(f"reply lacks the metric {keys.NUM_EXAMPLES!r}")
-                n = int(metrics[keys.NUM_EXAMPLES])
-                if n < 0:
-                    raise ReplyError(f"negative {keys.NUM_EXAMPLES} ({n})")
-                data, bits = self.decode_reply(server_round, msg, cid)
-            except (ReplyError, ValueError, KeyError, TypeError, RuntimeError) as exc:
-                failed += 1
-                log.error("round %d: rejected reply from node %d (client %d): %s", server_round, node, cid, exc)
-                continue
-            loss = float(metrics.get(keys.TRAIN_LOSS, float("nan")))
-            usable.append(ClientReply(node, cid, n, loss, int(bits), data))
+                usable.append(self.read_reply(server_round, msg))
+            except ReplyError as exc:
+                rejected += 1
+                log.error("round %d: rejected reply from node %d (%s)", server_round, node, exc)
         usable.sort(key=lambda r: r.cid)
-        return usable, failed
+        return usable, errors, rejected
+
+    def inner_reply(self, reply: ClientReply, model: ArrayRecord) -> Message:
+        """The reply the inner strategy aggregates: ``model`` under its arrayrecord_key and the client's
+        own MetricRecord plus the server-counted ``uplink-bits``. A shallow copy of the client's message
+        (same metadata): the caller's reply keeps what the client sent."""
+        msg = copy.copy(reply.message)
+        name, _ = self.reply_metrics(msg)
+        metrics = MetricRecord(dict(reply.metrics))
+        metrics[keys.UPLINK_BITS] = int(reply.uplink_bits)
+        msg.content = RecordDict({self.arrayrecord_key: model, name: metrics})
+        return msg
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        rnd = server_round + self.round_offset
         if self._global_vector is None:
             raise RuntimeError("aggregate_train called before configure_train: no global model for this round")
-        usable, failed = self.collect(server_round, replies)
+        replies = list(replies)
+        usable, errors, rejected = self.collect(rnd, replies)
         metrics: dict[str, float] = {
             "clients_ok": len(usable),
-            "clients_failed": failed,
+            "clients_failed": len(errors) + rejected,
+            "clients_rejected": rejected,
             "uplink_bits": sum(r.uplink_bits for r in usable),
-            "downlink_bits": self._downlink_bits_each * len(self._sent),
+            "downlink_bits": self._downlink_bits_each * len(self.sent),
         }
         if self.digital_link is not None:
             from ..channels import digital_channel_uses, latency_s
@@ -408,32 +486,66 @@ class UpdateStrategy(FedAvg):
             metrics["channel_uses"] = uses
             metrics["latency_s"] = latency_s(uses, link.get("bandwidth_hz", 1e6), link.get("compute_s", 0.0))
         if not usable:
-            log.warning("round %d: no usable replies; the global model is unchanged", server_round)
-            self._finish(server_round, metrics)
-            return None, MetricRecord(metrics)
-        n = torch.tensor([float(r.num_examples) for r in usable], dtype=torch.float64)
-        weights = n / n.sum() if n.sum() > 0 else torch.full_like(n, 1.0 / len(n))
-        delta = self.combine(server_round, usable, weights)
+            if replies:
+                log.error(
+                    "round %d: none of the %d replies could be used (%d errors, %d rejected); the global model is "
+                    "unchanged. Likely cause: the ClientApp lacks fl-sim's compression_mod "
+                    "(ClientApp(mods=[compression_mod])) or does not report %r", rnd, len(replies), len(errors),
+                    rejected, self.weighted_by_key)
+            elif self.sent:
+                log.error("round %d: no replies (no client answered); the global model is unchanged", rnd)
+            metrics.update(self.empty_round_metrics(rnd))
+            return None, self._finish(rnd, metrics, None)
+        w = torch.tensor([r.num_examples for r in usable], dtype=torch.float64)
+        weights = w / w.sum() if w.sum() > 0 else torch.full_like(w, 1.0 / len(w))
+        update = self.combine(rnd, usable, weights)
+        delta = weights.to(update.dtype) @ update if update.dim() == 2 else update
         if not torch.isfinite(delta).all():
-            log.error("round %d: the aggregate update is not finite; the global model is unchanged", server_round)
-            self._finish(server_round, metrics)
-            return None, MetricRecord(metrics)
-        new_vector = self.server_step(server_round, delta.to(torch.float32))
-        losses = np.array([r.train_loss for r in usable])
-        metrics["train_loss"] = float(np.average(losses, weights=weights.numpy())) if np.isfinite(losses).all() else float("nan")
+            log.error("round %d: the aggregate update is not finite; the global model is unchanged", rnd)
+            return None, self._finish(rnd, metrics, None)
+        delta = delta.to(torch.float32)
+        step = self.server_update(rnd, delta)
+        if update.dim() == 2 and step is delta and type(self.inner) is not FedAvg:
+            # no server step: each client's model goes to the inner (FedMedian, Krum... see every client).
+            # A plain FedAvg's weighted mean of the w + Δ_i is w + Δ̄: it gets that one model instead of K copies.
+            models = [unflatten_into(self._global_arrays, self._global_vector + u.to(torch.float32)) for u in update]
+        else:
+            one = unflatten_into(self._global_arrays, self._global_vector + step)
+            models = [one] * len(usable)
+        if float(w.sum()) <= 0:  # nothing to weigh (e.g. DaQuSGD nodes that sent no sample): apply Δ' directly
+            new_arrays, client_metrics = models[0], None
+            log.warning("round %d: the replies' %r sum to 0; the inner strategy is skipped", rnd, self.weighted_by_key)
+        else:
+            inner_replies = [self.inner_reply(r, m) for r, m in zip(usable, models)] + errors
+            new_arrays, client_metrics = self.inner.aggregate_train(rnd, inner_replies)
         dense_bits = 32 * self._global_vector.numel() * len(usable)
         metrics["compression_ratio"] = dense_bits / metrics["uplink_bits"] if metrics["uplink_bits"] else float("nan")
         if bool(delta.any()):  # sp(0) is undefined: a round that applied nothing has no sparsity to report
             metrics["update_sparsity"] = update_sparsity(delta)
-        metrics.update(self.extra_metrics(server_round, usable, delta))
-        self._finish(server_round, metrics)
-        return unflatten_into(self._global_arrays, new_vector), MetricRecord(metrics)
+        metrics.update(self.extra_metrics(rnd, usable, delta))
+        if new_arrays is not None:
+            self.rounds_aggregated += 1
+        return new_arrays, self._finish(rnd, metrics, client_metrics)
 
-    def extra_metrics(self, server_round: int, usable: list[ClientReply], delta: torch.Tensor) -> dict[str, float]:
-        """Method-specific per-round metrics (recovery error...)."""
-        return {}
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round + self.round_offset, arrays, config, grid)
 
-    def _finish(self, server_round: int, metrics: dict[str, float]) -> None:
-        metrics["server_s"] = time.perf_counter() - self._t0
-        self.last_metrics = dict(metrics)
-        self.history[server_round] = dict(metrics)
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self.inner.aggregate_evaluate(server_round + self.round_offset, replies)
+
+    def _finish(self, server_round: int, metrics: dict[str, float], client: MetricRecord | None) -> MetricRecord:
+        """Record the round (``last_metrics``/``history``) and build the MetricRecord returned to Flower."""
+        metrics["round_s"] = time.perf_counter() - self._t0
+        row = dict(metrics)
+        loss = None
+        if client is not None:
+            loss = next((client[k] for k in ("train_loss", keys.TRAIN_LOSS, "loss") if k in client), None)
+        row["train_loss"] = float(loss) if isinstance(loss, (int, float)) else float("nan")
+        self.last_metrics = row
+        self.history[server_round] = dict(row)
+        out = MetricRecord(dict(client) if client is not None else {})
+        for k, v in metrics.items():
+            out[SERVER_PREFIX + k] = int(v) if isinstance(v, (int, np.integer)) and not isinstance(v, bool) else float(v)
+        return out

@@ -1,4 +1,4 @@
-"""CompressedFedAvg: FedAvg whose clients send an encoded update Δ_i (any registered codec).
+"""CompressedFedAvg: clients send an encoded update Δ_i (any registered codec) around any strategy.
 
 Round (see fl_sim.clients.mods for the client half):
 
@@ -9,11 +9,12 @@ Round (see fl_sim.clients.mods for the client half):
 2. each client sends p_i = encode(Δ_i + EF residual) with its seeds (protocol.codec_seeds): the
    codec's common randomness from the round seed, its own randomness from (round seed, client id),
    independent across clients (``seed_mode="per_client"``, the default; "shared" is the old rule);
-3. the server validates every payload against the codec's own structure (tensor names, shapes,
-   dtypes, finiteness), then either decodes each and averages (Δ̄ = Σ_i (n_i/n) decode(p_i)), or,
-   for a linear codec (count_sketch, cs_fiht, rlc, onebit_cs with a common Φ), sums in the compressed
-   domain (a codec with per-client dither removes each client's dither there) and decodes once;
-4. the server optimizer applies Δ̄ (η_s, μ of :class:`UpdateStrategy`).
+3. the server validates every payload against the codec's payload spec (tensor names, shapes,
+   dtypes, finiteness), then either decodes each (the inner strategy gets w + decode(p_i)), or, for a
+   linear codec (count_sketch, cs_fiht, rlc, onebit_cs with a common Φ), sums in the compressed domain
+   (a codec with per-client dither removes each client's dither there) and decodes once
+   (Δ̄ = decode(Σ_i (n_i/n) p_i); the inner gets w + Δ̄ from every client);
+4. the inner strategy aggregates (FedAvg: the weighted mean; FedAdam: its server optimizer).
 
 Baselines top-k + EF, QSGD, scaled sign and TernGrad are this strategy with the codec named in the
 config. Client error feedback ("classic", Karimireddy et al. 2019; "weighted", Abdi eq. 4.14) is
@@ -26,22 +27,24 @@ from typing import Any
 
 import torch
 from flwr.app import ConfigRecord, Message
+from flwr.serverapp.strategy import Strategy
 
 from .. import keys
-from ..compression import Codec, Payload, PayloadError, Seeds
+from ..compression import Codec, Payload, Seeds
 from ..protocol import DEFAULT_SEED_MODE, check_seed_mode, codec_seeds, dump_params, get_codec
 from ..records import float_sizes, payload_from_records
 from .base import ClientReply, ReplyError, UpdateStrategy
 
-__all__ = ["CompressedFedAvg"]
+__all__ = ["CompressedFedAvg", "EF_KINDS"]
 
 EF_KINDS = ("none", "classic", "weighted")
 
 
 class CompressedFedAvg(UpdateStrategy):
-    """FedAvg over compressed updates.
+    """Compressed uplink around ``inner`` (a FedAvg with ``**kwargs`` when None).
 
     Args:
+        inner: the strategy that aggregates the decoded models (FedAvg, FedAdam, FedProx...).
         codec: registry name (``fl_sim.compression.codec_names()``).
         codec_params: the codec's parameters (``make_codec(codec, dim=d, **codec_params)``).
         error_feedback: client memory: "none", "classic" (z = Δ + r, r ← z − ẑ) or "weighted"
@@ -52,11 +55,12 @@ class CompressedFedAvg(UpdateStrategy):
             domain (sensing matrix, hashes) is common. "shared": every client of a round uses the same
             randomness (fl-sim before issue 12; correlated errors that averaging does not shrink).
         aggregate_compressed: sum linear codecs' payloads before one decode (default True).
-        **kwargs: UpdateStrategy / FedAvg arguments.
+        **kwargs: UpdateStrategy arguments (and FedAvg's, without an inner strategy).
     """
 
     def __init__(
         self,
+        inner: Strategy | None = None,
         *,
         codec: str = "identity",
         codec_params: dict[str, Any] | None = None,
@@ -67,7 +71,7 @@ class CompressedFedAvg(UpdateStrategy):
         aggregate_compressed: bool = True,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
+        super().__init__(inner, **kwargs)
         if error_feedback not in EF_KINDS:
             raise ValueError(f"error_feedback={error_feedback!r}: use one of {', '.join(EF_KINDS)}")
         check_seed_mode(seed_mode)
@@ -82,8 +86,11 @@ class CompressedFedAvg(UpdateStrategy):
         self.ef_dtype = ef_dtype
         self.seed_mode = seed_mode
         self.aggregate_compressed = aggregate_compressed
-        self._reference: Payload | None = None
         self._params_with_segments: tuple[tuple[int, str], dict[str, Any]] | None = None
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "codec": self.codec_name, "codec_params": self.codec_params,
+                "error_feedback": self.error_feedback, "seed_mode": self.seed_mode}
 
     # ---------------------------------------------------------------- codec on the server side
     def codec_params_for(self, dim: int) -> dict[str, Any]:
@@ -92,7 +99,8 @@ class CompressedFedAvg(UpdateStrategy):
 
         Clients build their codec from these same parameters (CODEC_PARAMS in the round's config), so
         per-tensor scales agree on both sides. The model's shapes are fixed for a run: computed once per
-        (dim, codec_params) (a subclass may change codec_params between rounds).
+        (dim, codec_params) (a subclass may change codec_params between rounds; methods sized by d
+        override this and call it).
         """
         if "segments" in self.codec_params or self._global_arrays is None:
             return self.codec_params
@@ -108,54 +116,44 @@ class CompressedFedAvg(UpdateStrategy):
     def codec_for(self, dim: int) -> Codec:
         return get_codec(self.codec_name, dim, self.codec_params_for(dim))
 
+    @property
+    def codec(self) -> Codec:
+        """This round's codec (the global model's dimension)."""
+        return self.codec_for(self.global_vector.numel())
+
     def client_seeds(self, cid: int) -> Seeds:
         """The seeds client ``cid`` encoded with this round (the same rule as compression_mod)."""
-        return codec_seeds(self._round_seed, self.seed_mode, cid)
+        return codec_seeds(self.round_seed, self.seed_mode, cid)
 
     def round_config(self, server_round: int, config: ConfigRecord) -> None:
+        params = self.codec_params_for(self.global_vector.numel())
         config[keys.CODEC] = self.codec_name
-        config[keys.CODEC_PARAMS] = dump_params(self.codec_params_for(self._global_vector.numel()))
+        config[keys.CODEC_PARAMS] = dump_params(params)
+        config[keys.SEED] = self.round_seed
         config[keys.SEED_MODE] = self.seed_mode
         config[keys.EF] = self.error_feedback
         config[keys.EF_BETA] = self.ef_beta
         config[keys.EF_DTYPE] = self.ef_dtype
-        codec = self.codec_for(self._global_vector.numel())
-        self._reference = codec.encode_seeded(torch.zeros(codec.dim), Seeds(self._round_seed))
-
-    def check_payload(self, payload: Payload) -> None:
-        """Structural check against a payload this codec itself made (same names/shapes/dtypes)."""
-        ref = self._reference
-        if payload.codec != ref.codec:
-            raise PayloadError(f"payload made by codec {payload.codec!r}, expected {ref.codec!r}")
-        if payload.dim != ref.dim:
-            raise PayloadError(f"payload dim {payload.dim}, expected {ref.dim}")
-        if set(payload.tensors) != set(ref.tensors):
-            raise PayloadError(f"payload tensors {sorted(payload.tensors)}, expected {sorted(ref.tensors)}")
-        for name, t in payload.tensors.items():
-            r = ref.tensors[name]
-            if tuple(t.shape) != tuple(r.shape) or t.dtype != r.dtype:
-                raise PayloadError(
-                    f"tensor {name!r} is {tuple(t.shape)} {t.dtype}, expected {tuple(r.shape)} {r.dtype}"
-                )
-            if torch.is_floating_point(t) and not torch.isfinite(t).all():
-                raise PayloadError(f"tensor {name!r} contains NaN or inf")
 
     def decode_reply(self, server_round: int, msg: Message, cid: int) -> tuple[Any, int]:
-        meta = msg.content.get(keys.PAYLOAD_META)
-        arrays = msg.content.get(keys.ARRAYS)
-        if meta is None or arrays is None:
+        meta = msg.content.config_records.get(keys.PAYLOAD_META)
+        if meta is None:
             raise ReplyError("reply carries no encoded payload (is compression_mod installed on the ClientApp?)")
-        payload = payload_from_records(arrays, meta)
-        self.check_payload(payload)
+        payload = payload_from_records(self.reply_arrays(msg), meta)
+        self.codec.validate_payload(payload)
         return payload, payload.bits
 
     def combine(self, server_round: int, replies: list[ClientReply], weights: torch.Tensor) -> torch.Tensor:
-        codec = self.codec_for(self._global_vector.numel())
+        codec = self.codec
         if codec.linear and self.aggregate_compressed:  # common operator in both seed modes
             seeds = [self.client_seeds(r.cid) for r in replies]
             summed = codec.aggregate_seeded([r.data for r in replies], weights.tolist(), seeds)
-            return codec.decode_seeded(summed, Seeds(self._round_seed)).to(torch.float32)
-        decoded = []
-        for r in replies:
-            decoded.append(codec.decode_seeded(r.data, self.client_seeds(r.cid)).to(torch.float32))
-        return weights.to(torch.float32) @ torch.stack(decoded)
+            return codec.decode_seeded(summed, Seeds(self.round_seed)).to(torch.float32)
+        return torch.stack([codec.decode_seeded(r.data, self.client_seeds(r.cid)).to(torch.float32)
+                            for r in replies])
+
+    @staticmethod
+    def payload_tensor(payload: Payload) -> torch.Tensor:
+        """The single tensor of a one-tensor payload (rlc's codeword, cs_fiht's measurements)."""
+        (t,) = payload.tensors.values()
+        return t

@@ -41,6 +41,7 @@ from typing import Any, Iterable
 import torch
 from flwr.app import ConfigRecord, Message
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
 from torch import nn
 
 from .. import keys
@@ -82,6 +83,7 @@ class DaQuSGD(UpdateStrategy):
 
     def __init__(
         self,
+        inner: Strategy | None = None,
         *,
         model: nn.Module,
         lr: float = 0.05,
@@ -99,7 +101,7 @@ class DaQuSGD(UpdateStrategy):
         num_classes: int | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
+        super().__init__(inner, **kwargs)
         if lr <= 0 or not 0 <= momentum < 1:
             raise ValueError(f"lr={lr}, momentum={momentum}: need lr > 0 and momentum in [0, 1)")
         if not 2 <= bits_per_feature <= 15:
@@ -176,9 +178,7 @@ class DaQuSGD(UpdateStrategy):
             raise ReplyError(f"DaQuSGD reply lacks {', '.join(names)} ({exc})") from None
 
     def decode_reply(self, server_round: int, msg: Message, cid: int) -> tuple[Any, int]:
-        arrays, metrics = msg.content.get(keys.ARRAYS), msg.content[keys.METRICS]
-        if arrays is None:
-            raise ReplyError("DaQuSGD reply has no arrays")
+        arrays, (_, metrics) = self.reply_arrays(msg), self.reply_metrics(msg)
         if self.quantizer == "per_feature":
             t = self._features(arrays, ("levels", "labels", "scale"))
             levels, scale_t = t["levels"].to(torch.int64), t["scale"].reshape(-1)
@@ -232,11 +232,11 @@ class DaQuSGD(UpdateStrategy):
         considered = sum(r.data["considered"] for r in replies)
         self._last = {"received_samples": 0, "threshold": self.threshold, "considered_samples": considered}
         if not got:
-            return torch.zeros_like(self._global_vector)
+            return torch.zeros_like(self.global_vector)
         x = torch.cat([g["x"] for g in got])
         y = torch.cat([g["y"] for g in got])
         denom = considered if self.loss_average == "considered" else len(y)
-        self._load(self._global_vector)
+        self._load(self.global_vector)
         self.model.train()
         self.model.zero_grad(set_to_none=True)
         loss_sum = nn.functional.cross_entropy(self.model(x), y, reduction="sum")
@@ -294,8 +294,8 @@ class DaQuSGD(UpdateStrategy):
                     t.copy_(vector[offset : offset + t.numel()].reshape(t.shape))
                     offset += t.numel()
 
-    def server_step(self, server_round: int, delta: torch.Tensor) -> torch.Tensor:
-        return self._global_vector + delta
+    def server_update(self, server_round: int, delta: torch.Tensor) -> torch.Tensor:
+        return delta  # the server's own SGD step (η, μ) is in combine
 
     def extra_metrics(self, server_round, usable, delta) -> dict[str, float]:
         return dict(self._last)

@@ -21,7 +21,7 @@ so sketches of different rounds can be added). Round t (``mode="sketch"``, Algor
    S_u is zeroed at the buckets of nz(Δ) either way (momentum factor masking; in the authors' code
    that line, ``Vvelocity[nz[:,0], nz[:,1]].zero_()``, zeroes a copy made by advanced indexing and so
    does nothing);
-7. w ← w + Δ.
+7. the inner strategy gets w + Δ from every client (FedAvg: w ← w + Δ; FedAdam: its step on Δ).
 
 Where the learning rate goes: Algorithm 1 accumulates η_s S_u into S_e (step 4). The authors' code
 accumulates S_u unscaled and multiplies the unsketched update by the learning rate instead
@@ -52,6 +52,7 @@ from typing import Any
 
 import torch
 from flwr.app import ConfigRecord
+from flwr.serverapp.strategy import Strategy
 
 from .. import keys
 from ..compression.sketch import CountSketch, topk_abs
@@ -69,8 +70,12 @@ class FetchSGD(CompressedFedAvg):
     """FetchSGD (Rothchild et al. 2020, Alg. 1) and its true / local top-k ablations.
 
     Args:
+        inner: the aggregating strategy (None: FedAvg with ``**kwargs``); it gets w + Δ.
         rows, cols: sketch size r × c (uplink 32·r·c bits per client); paper shape: 5 rows.
         k: coordinates unsketched and applied per round (well below c in the paper).
+        compression: sized by the model instead: cols = round(d / (compression · rows)), so the uplink
+            is d / compression floats (overrides ``cols``).
+        k_ratio: k = round(k_ratio · d) (overrides ``k``).
         momentum: ρ (0 = Count Sketch + error feedback).
         mode: "sketch" (FetchSGD), "true_topk" or "local_topk" (the paper's ablations; module doc).
         error_removal: "zero" (authors' code, default) or "subtract" (Algorithm 1 as printed).
@@ -79,7 +84,8 @@ class FetchSGD(CompressedFedAvg):
 
     STATE_ATTRS = CompressedFedAvg.STATE_ATTRS + ("s_u", "s_e")  # momentum and error (sketches or dense)
 
-    def __init__(self, *, rows: int = 5, cols: int = 1000, k: int = 100, momentum: float = 0.9,
+    def __init__(self, inner: Strategy | None = None, *, rows: int = 5, cols: int = 1000, k: int = 100,
+                 compression: float | None = None, k_ratio: float | None = None, momentum: float = 0.9,
                  mode: str = "sketch", error_removal: str = "zero", **kwargs: Any) -> None:
         kwargs.pop("codec", None)
         kwargs.pop("codec_params", None)
@@ -94,34 +100,52 @@ class FetchSGD(CompressedFedAvg):
             kwargs.setdefault("error_feedback", "none")  # error accumulation is at the server
             codec, params = ("count_sketch", {"rows": rows, "cols": cols, "k": k}) if mode == "sketch" \
                 else ("identity", {})
-        super().__init__(codec=codec, codec_params=params, **kwargs)
+        super().__init__(inner, codec=codec, codec_params=params, **kwargs)
         if rows < 1 or cols < 1 or k < 1:
             raise ValueError(f"rows={rows}, cols={cols}, k={k}: all must be >= 1")
         if not 0 <= momentum < 1:
             raise ValueError(f"momentum={momentum}: ρ must be in [0, 1)")
+        if compression is not None and not compression > 0:
+            raise ValueError(f"compression={compression}: d / (rows · cols) must be > 0")
+        if k_ratio is not None and not 0 < k_ratio <= 1:
+            raise ValueError(f"k_ratio={k_ratio}: k/d must be in (0, 1]")
         self.rows, self.cols, self.k, self.rho = int(rows), int(cols), int(k), float(momentum)
         self.mode, self.error_removal = mode, error_removal
+        self.compression, self.k_ratio = compression, k_ratio
         self.sketch_seed = derive_seed(self.seed, "fetchsgd-hashes")
         self.s_u: torch.Tensor | None = None
         self.s_e: torch.Tensor | None = None
         self._last: dict[str, float] = {}
 
-    def round_config(self, server_round: int, config: ConfigRecord) -> None:
+    def round_seed_for(self, server_round: int) -> int:
         if self.mode != "sketch":
-            super().round_config(server_round, config)
-            return
-        self._round_seed = self.sketch_seed
+            return super().round_seed_for(server_round)
+        return self.sketch_seed  # one sketch (hashes) for every round
+
+    def k_for(self, dim: int) -> int:
+        """k of this run: ``k``, or round(k_ratio · d)."""
+        return int(self.k if self.k_ratio is None else max(1, round(self.k_ratio * dim)))
+
+    def codec_params_for(self, dim: int) -> dict[str, Any]:
+        if self.mode == "local_topk":
+            return {**super().codec_params_for(dim), "k": self.k_for(dim)}
+        if self.mode == "true_topk":
+            return super().codec_params_for(dim)
+        cols = self.cols if self.compression is None else max(1, round(dim / (self.compression * self.rows)))
+        return {"rows": self.rows, "cols": int(cols), "k": self.k_for(dim)}
+
+    def round_config(self, server_round: int, config: ConfigRecord) -> None:
         super().round_config(server_round, config)
-        config[keys.SEED] = self.sketch_seed
-        config[keys.SEED_MODE] = "shared"
+        if self.mode == "sketch":
+            config[keys.SEED_MODE] = "shared"
 
     def combine(self, server_round: int, replies: list[ClientReply], weights: torch.Tensor) -> torch.Tensor:
         if self.mode == "true_topk":
             return self._combine_true_topk(server_round, replies, weights)
         if self.mode == "local_topk":
             return self._combine_local_topk(server_round, replies, weights)
-        d = self._global_vector.numel()
-        codec = self.codec_for(d)
+        d = self.global_vector.numel()
+        codec = self.codec
         cs: CountSketch = codec.sketcher(self.sketch_seed)  # the clients' hashes, built once
         s_t = codec.aggregate([r.data for r in replies], weights.tolist()).tensors["table"].to(torch.float32)
         if self.s_u is None:
@@ -130,7 +154,7 @@ class FetchSGD(CompressedFedAvg):
         self.s_u.mul_(self.rho).add_(s_t)  # step 3
         self.s_e.add_(self.server_lr * self.s_u)  # step 4: η_s on the momentum sketch (Algorithm 1)
         before = float(self.s_e.norm())
-        delta, idx = cs.unsketch_topk(self.s_e, min(self.k, d))  # step 5
+        delta, idx = cs.unsketch_topk(self.s_e, min(codec.k, d))  # step 5
         cs.zero_coordinates(self.s_u, idx)  # step 6: momentum masking
         if self.error_removal == "subtract":
             self.s_e.sub_(cs.sketch(delta))
@@ -144,13 +168,14 @@ class FetchSGD(CompressedFedAvg):
         return delta.to(torch.float32)
 
     def _combine_true_topk(self, server_round, replies, weights) -> torch.Tensor:
-        g = super().combine(server_round, replies, weights)  # dense average of the uncompressed Δ_i
+        # dense weighted average of the uncompressed Δ_i (the base returns them one per row)
+        g = weights.to(torch.float32) @ super().combine(server_round, replies, weights)
         if self.s_u is None:
             self.s_u, self.s_e = torch.zeros_like(g), torch.zeros_like(g)
         self.s_u.mul_(self.rho).add_(g)
         self.s_e.add_(self.server_lr * self.s_u)
         before = float(self.s_e.norm())
-        idx = topk_abs(self.s_e, min(self.k, g.numel()))
+        idx = topk_abs(self.s_e, min(self.k_for(g.numel()), g.numel()))
         delta = torch.zeros_like(g)
         delta[idx] = self.s_e[idx]
         self.s_e[idx] = 0.0
@@ -161,15 +186,16 @@ class FetchSGD(CompressedFedAvg):
         return delta
 
     def _combine_local_topk(self, server_round, replies, weights) -> torch.Tensor:
-        g = super().combine(server_round, replies, weights)  # average of the clients' (error-fed) top-k
+        # weighted average of the clients' (error-fed) top-k
+        g = weights.to(torch.float32) @ super().combine(server_round, replies, weights)
         if self.s_u is None:
             self.s_u = torch.zeros_like(g)
         self.s_u.mul_(self.rho).add_(g)
         self._last = {"update_nnz": int((self.s_u != 0).sum())}
         return self.server_lr * self.s_u
 
-    def server_step(self, server_round: int, delta: torch.Tensor) -> torch.Tensor:
-        return self._global_vector + delta  # η_s and ρ are applied in combine
+    def server_update(self, server_round: int, delta: torch.Tensor) -> torch.Tensor:
+        return delta  # η_s and ρ are applied in combine (sketch space, or the ablations' dense state)
 
     def extra_metrics(self, server_round, usable, delta) -> dict[str, float]:
         return dict(self._last)

@@ -12,7 +12,7 @@ run seed and used by every client in every round (clients hold no state). Round 
 4. recovery: Δ = FIHT(Φp; Φ, K) with at most K nonzeros (the modified FIHT of
    ``fl_sim.compression.recovery.fiht``: sparsity continuation and a relative-decrease stop, options
    ``start`` / ``min_decrease``; both None give the authors' FIHT.py schedule);
-5. w ← w + Δ and e ← p − Δ.
+5. e ← p − Δ; the inner strategy gets w + Δ from every client (FedAvg: w ← w + Δ).
 
 Because e is only ever used through Φe, the server keeps r = Φe (Q floats) in measurement space,
 exactly as the reference code: r ← Φp − ΦΔ. The server cannot see Δ̄ itself, so the recovery error it
@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from flwr.app import ConfigRecord
+from flwr.serverapp.strategy import Strategy
 
 from .. import keys
 from ..compression import make_codec
@@ -61,6 +62,7 @@ class FIHTCS(CompressedFedAvg):
 
     def __init__(
         self,
+        inner: Strategy | None = None,
         *,
         compression: float = 10.0,
         measurements: int | None = None,
@@ -76,7 +78,7 @@ class FIHTCS(CompressedFedAvg):
         kwargs.pop("codec", None)
         kwargs.pop("codec_params", None)
         kwargs.setdefault("error_feedback", "none")  # error feedback is on the server here
-        super().__init__(codec="cs_fiht", codec_params={}, **kwargs)
+        super().__init__(inner, codec="cs_fiht", codec_params={}, **kwargs)
         if compression <= 1 and measurements is None:
             raise ValueError(f"compression={compression}: d/Q must be > 1")
         if transform not in ("dct", "wht"):
@@ -94,7 +96,7 @@ class FIHTCS(CompressedFedAvg):
         self.phi_seed = derive_seed(self.seed, "fihtcs-phi")  # one Φ for all clients and rounds
         self.residual: torch.Tensor | None = None  # r = Φe, Q floats
 
-    def _params_for(self, d: int) -> dict[str, Any]:
+    def codec_params_for(self, d: int) -> dict[str, Any]:
         q = self.measurements or max(1, int(round(d / self.compression)))
         k = self.sparsity or max(1, int(round(self.sparsity_ratio * d)))
         if q > d:
@@ -102,15 +104,15 @@ class FIHTCS(CompressedFedAvg):
         return {"measurements": int(q), "sparsity": int(min(k, q)), "transform": self.transform,
                 "max_iter": self.max_iter, **self.fiht_options}
 
+    def round_seed_for(self, server_round: int) -> int:
+        return self.phi_seed  # one Φ for all clients and rounds
+
     def round_config(self, server_round: int, config: ConfigRecord) -> None:
-        self.codec_params = self._params_for(self._global_vector.numel())
-        self._round_seed = self.phi_seed
         super().round_config(server_round, config)
-        config[keys.SEED] = self.phi_seed
         config[keys.SEED_MODE] = "shared"
 
     def combine(self, server_round: int, replies: list[ClientReply], weights: torch.Tensor) -> torch.Tensor:
-        codec = self.codec_for(self._global_vector.numel())
+        codec = self.codec
         y_bar = codec.aggregate([r.data for r in replies], weights.tolist()).tensors["y"].to(torch.float32)
         if self.residual is None:
             self.residual = torch.zeros_like(y_bar)
@@ -125,8 +127,8 @@ class FIHTCS(CompressedFedAvg):
         }
         return delta
 
-    def server_step(self, server_round: int, delta: torch.Tensor) -> torch.Tensor:
-        return self._global_vector + delta  # η_s is already inside p
+    def server_update(self, server_round: int, delta: torch.Tensor) -> torch.Tensor:
+        return delta  # η_s is already inside p
 
     def extra_metrics(self, server_round, usable, delta) -> dict[str, float]:
         return dict(self._last)

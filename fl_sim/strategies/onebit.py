@@ -1,4 +1,4 @@
-"""OneBitCS: 1-bit quantized compressive sampling (Mitra & Khisti 2020).
+"""OneBitCS: 1-bit quantized compressive sampling (Mitra & Khisti 2020), around any strategy.
 
 Source: shared/papers/000_2a9201d51a7b29c4.txt eqs. (9)-(10) and the "same Φ" note; NOTES.md §1,
 with the 1-bit dithered quantizer of Abdi (eq. 4.5) and its erratum (unbiased v̂ = ϱ(q/2 − u)),
@@ -25,6 +25,8 @@ for small blocks) and error feedback to carry what the K-sparse recovery drops
 from __future__ import annotations
 
 from typing import Any
+
+from flwr.serverapp.strategy import Strategy
 
 from ..rng import derive_seed
 from .compressed import CompressedFedAvg
@@ -53,6 +55,7 @@ class OneBitCS(CompressedFedAvg):
 
     def __init__(
         self,
+        inner: Strategy | None = None,
         *,
         measurements: int | None = None,
         compression: float = 4.0,
@@ -78,7 +81,7 @@ class OneBitCS(CompressedFedAvg):
             params["sparsity"] = sparsity
         if biht_iter is not None:
             params["biht_iter"] = biht_iter
-        super().__init__(codec="onebit_cs", codec_params=params, error_feedback=error_feedback, **kwargs)
+        super().__init__(inner, codec="onebit_cs", codec_params=params, error_feedback=error_feedback, **kwargs)
         if phi_schedule == "fixed":
             self.codec_params["phi_seed"] = derive_seed(self.seed, "onebit_cs", "phi-a-priori")
         self.measurements = measurements
@@ -86,8 +89,6 @@ class OneBitCS(CompressedFedAvg):
         self.phi = phi
         self.phi_schedule = phi_schedule
 
-    def round_config(self, server_round, config) -> None:
-        d = self._global_vector.numel()
-        m = self.measurements or max(1, int(round(d / self.compression)))
-        self.codec_params["measurements"] = int(m)
-        super().round_config(server_round, config)
+    def codec_params_for(self, dim: int) -> dict[str, Any]:
+        m = self.measurements or max(1, int(round(dim / self.compression)))
+        return {**super().codec_params_for(dim), "measurements": int(m)}

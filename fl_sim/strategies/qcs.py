@@ -23,49 +23,66 @@ from __future__ import annotations
 
 from typing import Any
 
+from flwr.serverapp.strategy import Strategy
+
+from ..compression import make_codec
+from ..compression.error_feedback import optimal_beta
 from .compressed import CompressedFedAvg
 
 __all__ = ["QCS"]
 
 
 class QCS(CompressedFedAvg):
-    """Abdi's QCS strategy.
+    """Abdi's QCS around ``inner``: ``QCS(FedAdam(...), k=128, levels=4)``.
+
+    The codec's parameters default to the ``qcs`` codec's own (one place: fl_sim.compression.codecs.qcs:
+    block = min(256, d padded to a power of 2), k = 110 rows per 256-block, Q = 2; NOTES §6).
 
     Args:
-        block: partition size n (a power of 2).
-        k: rows of the Hadamard transform kept per block.
-        levels: Q, the range of quantization levels.
-        alpha: "unbiased" or "mmse".
-        granularity: "tensor" (blocks never straddle two tensors; default, Abdi's per-layer partitions)
-            or "vector" (blocks of the flattened update).
+        inner: the aggregating strategy (None: FedAvg with ``**kwargs``).
+        block: partition size n (a power of 2); None = the codec's default.
+        k: rows of the Hadamard transform kept per block; None = the codec's default.
+        levels: Q, the range of quantization levels; None = the codec's default.
+        alpha: "unbiased" or "mmse"; None = the codec's default ("unbiased").
+        granularity: "tensor" (blocks never straddle two tensors; Abdi's per-layer partitions) or
+            "vector" (blocks of the flattened update); None = the codec's default ("tensor").
         error_feedback: "weighted" (default), "classic" or "none".
-        beta: forgetting factor of weighted EF; None = Remark 3's β*.
+        beta: forgetting factor of weighted EF; None = Remark 3's β* (``optimal_beta``: 1/(γ+1) for
+            unbiased QCS, eq. 4.17; 1 for MMSE, eq. 4.18), γ of Theorem 7 for the codec in use.
         **kwargs: UpdateStrategy arguments.
     """
 
     def __init__(
         self,
+        inner: Strategy | None = None,
         *,
-        block: int = 256,
-        k: int = 64,
-        levels: float = 2,
-        alpha: str = "unbiased",
-        granularity: str = "tensor",
+        block: int | None = None,
+        k: int | None = None,
+        levels: float | None = None,
+        alpha: str | None = None,
+        granularity: str | None = None,
         error_feedback: str = "weighted",
         beta: float | None = None,
         **kwargs: Any,
     ) -> None:
         kwargs.pop("codec", None)
         kwargs.pop("codec_params", None)
-        params = {"block": block, "k": k, "levels": levels, "alpha": alpha, "granularity": granularity}
-        from ..compression import make_codec
+        given = {"block": block, "k": k, "levels": levels, "alpha": alpha, "granularity": granularity}
+        params = {name: v for name, v in given.items() if v is not None}
+        make_codec("qcs", dim=block or 256, **params)  # validates the parameters now, not in round 1
+        self.beta = beta
+        super().__init__(inner, codec="qcs", codec_params=params, error_feedback=error_feedback,
+                         ef_beta=1.0 if beta is None else beta, **kwargs)
 
-        probe = make_codec("qcs", dim=block, **params)  # validates the parameters early, gives γ
-        self.granularity = granularity
-        self.gamma = float(probe.gamma)
-        if beta is None:
-            beta = 1.0 if alpha == "mmse" else 1.0 / (self.gamma + 1.0)
-        super().__init__(codec="qcs", codec_params=params, error_feedback=error_feedback, ef_beta=beta, **kwargs)
+    @property
+    def gamma(self) -> float:
+        """γ of Theorem 7 (eq. 4.10) for this round's codec."""
+        return float(self.codec.gamma)
+
+    def round_config(self, server_round, config) -> None:
+        if self.beta is None:
+            self.ef_beta = optimal_beta(self.gamma, self.codec.alpha)
+        super().round_config(server_round, config)
 
     def extra_metrics(self, server_round, usable, delta) -> dict[str, float]:
         return {"qcs_gamma": self.gamma, "ef_beta": self.ef_beta}

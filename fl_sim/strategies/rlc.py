@@ -56,17 +56,15 @@ bandwidth_hz (symbols per second).
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
-from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
 
 from .. import keys
-from ..channels import REAL_NOISE_FRACTION, MACChannel, draw_participation, form_signals, power_control
-from ..compression import Payload
+from ..channels import REAL_NOISE_FRACTION, MACChannel, draw_participation, form_signals
 from ..compression.error_feedback import optimal_beta
-from ..protocol import get_codec
 from ..records import unflatten_into
 from ..rng import derive_seed
 from .base import ClientReply, ReplyError
@@ -112,6 +110,7 @@ class RLCOverTheAir(CompressedFedAvg):
 
     def __init__(
         self,
+        inner: Strategy | None = None,
         *,
         gain: float = 20.0,
         m: int | None = None,
@@ -134,7 +133,7 @@ class RLCOverTheAir(CompressedFedAvg):
             raise ValueError(f"variant={variant!r}: use one of {', '.join(VARIANTS)}")
         if error_feedback is None:
             error_feedback = "weighted" if variant == "remark6" else "none"
-        super().__init__(codec="rlc", codec_params={}, error_feedback=error_feedback,
+        super().__init__(inner, codec="rlc", codec_params={}, error_feedback=error_feedback,
                          ef_beta=1.0 if ef_beta is None else ef_beta, **kwargs)
         if m is None and not (isinstance(gain, (int, float)) and math.isfinite(gain) and gain >= 1):
             raise ValueError(f"gain={gain}: the compression gain d/m must be a finite number >= 1")
@@ -183,89 +182,72 @@ class RLCOverTheAir(CompressedFedAvg):
         """Seed of A in this round: one per block of ``refresh`` rounds."""
         return derive_seed(self.seed, "rlc-A", (server_round - 1) // self.refresh)
 
+    def codec_params_for(self, dim: int) -> dict[str, Any]:
+        return {"m": int(self.symbols(dim))}
+
+    def round_seed_for(self, server_round: int) -> int:
+        return self.matrix_seed(server_round)
+
     def round_config(self, server_round: int, config: ConfigRecord) -> None:
-        d = self._global_vector.numel()
-        m = self.symbols(d)
-        self.codec_params = {"m": int(m)}
         if self._auto_beta:  # Remark 3's β* = 1/(γ+1), γ = n/m − 1 the projection's MSE factor (Lemma 13)
-            self.ef_beta = optimal_beta(get_codec("rlc", d, {"m": int(m)}).mse_factor)
-        self._round_seed = self.matrix_seed(server_round)
+            self.ef_beta = optimal_beta(self.codec.mse_factor)
         super().round_config(server_round, config)
-        config[keys.SEED] = self._round_seed
         if self.diagnostics:
             config[REPORT_NORM] = True
 
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        messages = list(super().configure_train(server_round, arrays, config, grid))
+    def finish_messages(self, server_round: int, arrays: ArrayRecord, messages: list[Message]) -> list[Message]:
+        """Only the nodes that will transmit are asked (``skip_idle``); downlink noise per node."""
         self._downlink_mse = float("nan")
-        sampled = list(self._sent)  # client ids, same order as the messages
+        sampled = list(self.sent)  # client ids, same order as the messages
         if self.client_sizes is not None:
             self._sampled_n = sum(self.client_sizes[c] for c in sampled)
             if self.skip_idle and messages:
                 b = draw_participation(self.channel.probabilities(sampled), seed=self.channel.seed,
                                        round=server_round, nodes=sampled)
                 messages = [msg for msg, on in zip(messages, b.tolist()) if on]
-                self._sent = {c: n for (c, n), on in zip(self._sent.items(), b.tolist()) if on}
+                self.sent = {c: n for (c, n), on in zip(self.sent.items(), b.tolist()) if on}
         if self._broadcast is None or self.channel.downlink_snr_db is None or not messages:
             return messages
         # Each node decodes its own noisy copy of the last broadcast: w + η_s Aᵀ η'_i (module docstring).
         a_seed, y_prev, round_prev = self._broadcast
-        cids = list(self._sent)  # same order as the messages
+        cids = list(self.sent)  # same order as the messages
         noisy = self.channel.downlink(y_prev, cids, round=round_prev)
-        codec = self.codec_for(self._global_vector.numel())
-        perturb = self.server_lr * codec.operator(a_seed).adjoint(noisy - y_prev).to(torch.float32)  # (K, d)
+        perturb = self.server_lr * self.codec.operator(a_seed).adjoint(noisy - y_prev).to(torch.float32)  # (K, d)
         self._downlink_mse = float((perturb.to(torch.float64) ** 2).sum(dim=1).mean())
         for msg, p in zip(messages, perturb):
-            msg.content[self.arrayrecord_key] = unflatten_into(arrays, self._global_vector + p)
+            msg.content[self.arrayrecord_key] = unflatten_into(arrays, self.global_vector + p)
         return messages
 
     # ------------------------------------------------------------------ replies
     def decode_reply(self, server_round: int, msg: Message, cid: int) -> tuple[Any, int]:
         payload, bits = super().decode_reply(server_round, msg, cid)
         norm = None
-        metrics = msg.content.get(keys.METRICS)
-        if self.diagnostics and metrics is not None and M_UPDATE_NORM in metrics:
+        _, metrics = self.reply_metrics(msg)
+        if self.diagnostics and M_UPDATE_NORM in metrics:
             norm = float(metrics[M_UPDATE_NORM])
             if not (math.isfinite(norm) and norm >= 0):
                 raise ReplyError(f"metric {M_UPDATE_NORM!r} = {norm} is not a finite norm >= 0")
         return (payload, norm), bits
 
-    def _codeword_name(self) -> str:
-        (name,) = self._reference.tensors  # the rlc payload carries one tensor: A x
-        return name
-
-    def _adjoint(self, codec, y: torch.Tensor, seed: int) -> torch.Tensor:
-        """Aᵀ y through the codec's decoder (a payload holding y)."""
-        ref = self._reference
-        name = self._codeword_name()
-        p = Payload(codec=ref.codec, dim=ref.dim, tensors={name: y.to(ref.tensors[name].dtype)}, bits=ref.bits,
-                    meta=dict(ref.meta))
-        return codec.decode(p, seed=seed).to(torch.float32)
+    def _adjoint(self, y: torch.Tensor, seed: int) -> torch.Tensor:
+        """Aᵀ y (the rlc codec's decoder, eq. 5.4) for the operator of ``seed``."""
+        return self.codec.operator(seed).adjoint(y).to(torch.float32)
 
     # ------------------------------------------------------------------ aggregation
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        self._last = {}
-        arrays, metrics = super().aggregate_train(server_round, replies)
-        if not self._last:  # nobody transmitted (idle nodes skipped, or every reply rejected)
-            d = self._global_vector.numel()
-            m = self.symbols(d)
-            self._broadcast = None
-            extra = {"channel_uses": float(m), "latency_s": self.compute_s + m / self.bandwidth_hz, "rlc_m": float(m),
-                     "rlc_gain": d / m, "rlc_c": 0.0, "rlc_transmitting": 0.0, "rlc_noise_mse_expected": 0.0,
-                     "rlc_downlink_mse": self._downlink_mse}
-            if self.channel.snr_db is not None:
-                extra["snr_db"] = float(self.channel.snr_db)
-            metrics = MetricRecord({**dict(metrics), **extra})
-            self.last_metrics.update(extra)
-            self.history[server_round].update(extra)
-        return arrays, metrics
+    def empty_round_metrics(self, server_round: int) -> dict[str, float]:
+        """Nobody transmitted (idle nodes skipped, or every reply rejected): m channel uses all the same."""
+        d = self.global_vector.numel()
+        m = self.symbols(d)
+        self._broadcast = None
+        extra = {"channel_uses": float(m), "latency_s": self.compute_s + m / self.bandwidth_hz, "rlc_m": float(m),
+                 "rlc_gain": d / m, "rlc_c": 0.0, "rlc_transmitting": 0.0, "rlc_noise_mse_expected": 0.0,
+                 "rlc_downlink_mse": self._downlink_mse}
+        if self.channel.snr_db is not None:
+            extra["snr_db"] = float(self.channel.snr_db)
+        return extra
 
     def combine(self, server_round: int, replies: list[ClientReply], weights: torch.Tensor) -> torch.Tensor:
-        codec = self.codec_for(self._global_vector.numel())
-        name = self._codeword_name()
-        codewords = torch.stack([r.data[0].tensors[name].to(torch.float32) for r in replies])  # (K, m): A Δ_i
+        codewords = torch.stack([self.payload_tensor(r.data[0]).to(torch.float32) for r in replies])  # (K, m): A Δ_i
         cids = [r.cid for r in replies]
         norms = [r.data[1] for r in replies]
         true_norms = self.diagnostics and all(n is not None for n in norms)
@@ -274,21 +256,21 @@ class RLCOverTheAir(CompressedFedAvg):
         else:
             alpha = weights.to(torch.float64)
         if self.variant == "remark6":
-            y_dec, chan = self._remark6_round(server_round, codec, codewords, alpha, cids)
+            y_dec, chan = self._remark6_round(server_round, codewords, alpha, cids)
         else:
             y_dec, chan = self.channel.over_the_air(
                 codewords, alpha, round=server_round, node_ids=cids,
                 norms=torch.tensor(norms, dtype=torch.float64) if true_norms else None,
             )
-        delta = self._adjoint(codec, y_dec, self._round_seed)  # Δ̂ = Aᵀ Re(y) / c
-        self._broadcast = (self._round_seed, y_dec.to(torch.float32), server_round) if chan["c"] > 0 else None
+        delta = self._adjoint(y_dec, self.round_seed)  # Δ̂ = Aᵀ Re(y) / c
+        self._broadcast = (self.round_seed, y_dec.to(torch.float32), server_round) if chan["c"] > 0 else None
         # Diagnostics only (simulation): the error the MAC adds (fading, CSI, subchannel selection,
         # noise, clipping), against a perfect MAC's decode of the same transmitters Aᵀ Σ α_i (b_i/π_i) v_i.
         coef = alpha * chan["b"].to(torch.float64) / self.channel.probabilities(cids)
-        target = self._adjoint(codec, (coef @ codewords.to(torch.float64)).to(torch.float32), self._round_seed)
+        target = self._adjoint((coef @ codewords.to(torch.float64)).to(torch.float32), self.round_seed)
         mse = float(((delta - target).to(torch.float64) ** 2).sum())
         target2 = max(float((target.to(torch.float64) ** 2).sum()), 1e-30)
-        d, m = self._global_vector.numel(), codewords.shape[1]
+        d, m = self.global_vector.numel(), codewords.shape[1]
         transmitting = chan["b"].to(torch.bool)
         ratio = (chan["power"] / chan["budget"])[transmitting]
         self._last = {
@@ -318,18 +300,17 @@ class RLCOverTheAir(CompressedFedAvg):
         return delta
 
     def _remark6_round(
-        self, server_round: int, codec, codewords: torch.Tensor, alpha: torch.Tensor, cids: list[int]
+        self, server_round: int, codewords: torch.Tensor, alpha: torch.Tensor, cids: list[int]
     ) -> tuple[torch.Tensor, dict[str, Any]]:
-        """Eq. 5.11 with local scaling s_i and the channel part of the memory (module docstring)."""
+        """Eq. 5.11 with local scaling s_i and the channel part of the memory (module docstring), on the
+        channel's own steps (draws, power plan, reception) with the clipping of Remark 6 in between."""
         ch = self.channel
         k_nodes, m = codewords.shape
-        h = ch.draw(cids, m, round=server_round)
-        h_est = ch.estimate(h, cids, round=server_round)
-        pi = ch.probabilities(cids)
-        b = draw_participation(pi, seed=ch.seed, round=server_round, nodes=cids).to(torch.float64)
+        h, h_est, pi, b = ch.round_draws(cids, m, round=server_round)
+        b = b.to(torch.float64)
         coef = alpha * b / pi
         # v'_i = α_i (b_i/π_i) A z_i + b_i A e_i: the node's fresh contribution plus its channel memory.
-        op = codec.operator(self._round_seed)
+        op = self.codec.operator(self.round_seed)
         held = [j for j, cid in enumerate(cids) if b[j] > 0 and cid in self._memory]
         mem = torch.zeros(k_nodes, m, dtype=torch.float64)
         if held:
@@ -337,17 +318,14 @@ class RLCOverTheAir(CompressedFedAvg):
         w = coef[:, None] * codewords.to(torch.float64) + mem
         budget = ch.budgets(cids, m)
         sigma_r2 = REAL_NOISE_FRACTION * ch.noise_var
-        plan = power_control(h_est, w.norm(dim=1), budget, noise_var=sigma_r2, policy=ch.power_policy)
+        plan = ch.plan_power(h_est, w.norm(dim=1), budget)
         c = plan.c * self.c_gain
         plan = plan._replace(c=c)
         x = form_signals(w, b, plan)  # c (m/m_i) q_i ⊙ v'_i
         power = (x.abs() ** 2).sum(dim=1)
         rho = torch.where(power > budget, torch.sqrt(budget / power.clamp(min=1e-300)), torch.ones_like(power))
         x = x * rho[:, None].to(x.dtype)
-        if c > 0:
-            y_dec = (ch.transmit(x, h, round=server_round).real / c).to(torch.float32)
-        else:
-            y_dec = torch.zeros(m, dtype=torch.float32)
+        y_dec = ch.receive(x, h, c, round=server_round)
         # Channel memory: what clipping withheld, (1 − ρ_i)(m/m_i) Aᵀ(D_i v'_i); idle nodes keep theirs.
         clip = (b > 0) & (rho < 1) & (plan.m_i > 0)
         scale = (1 - rho) * m / plan.m_i.clamp(min=1).to(torch.float64)

@@ -2,6 +2,7 @@
 
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
 
 from fl_sim.strategies import FIHTCS  # added for fl-sim
 
@@ -13,7 +14,7 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     model = make_model()
-    strategy = FIHTCS(compression=4, fraction_train=1.0)  # was: FedAvg(fraction_train=1.0, fraction_evaluate=0.0)
+    strategy = FIHTCS(FedAvg(fraction_train=1.0, fraction_evaluate=0.0), compression=4)  # was: FedAvg(...)
     x, y = load_partition(0, 1)
 
     def central_eval(server_round: int, arrays: ArrayRecord) -> MetricRecord:

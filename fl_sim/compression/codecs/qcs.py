@@ -220,6 +220,10 @@ class QCSCodec(Codec):
         return uniform_dither((self.blocks, self.k), generator=torch_generator(seed, "qcs", "dither"))
 
     # -- contract ---------------------------------------------------------------------------------
+    def payload_spec(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """What one payload holds (tensor name -> (shape, dtype)); the server validates replies against it."""
+        return {"q": ((self.blocks, self.k), self._q_dtype), "scale": ((self.blocks,), torch.float32)}
+
     def encode(self, x: torch.Tensor, *, seed: int) -> Payload:
         x = self.check_input(x)
         seed = check_seed(seed, "qcs.encode")
@@ -236,7 +240,7 @@ class QCSCodec(Codec):
 
     def decode(self, payload: Payload, *, seed: int) -> torch.Tensor:
         self.check_payload(
-            payload, {"q": ((self.blocks, self.k), self._q_dtype), "scale": ((self.blocks,), torch.float32)}
+            payload, self.payload_spec()
         )
         seed = check_seed(seed, "qcs.decode")
         self.check_values(payload)
@@ -319,13 +323,17 @@ class RLCCodec(Codec):
         """The round's A (cached per seed)."""
         return self._ops(check_seed(seed, "rlc.operator"))
 
+    def payload_spec(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """What one payload holds (tensor name -> (shape, dtype)); the server validates replies against it."""
+        return {"y": ((self.m,), torch.float32)}
+
     def encode(self, x: torch.Tensor, *, seed: int) -> Payload:
         x = self.check_input(x)
         y = _apply_scaled(self.operator(seed).forward, x, "rlc.encode", "A x")
         return Payload(self.name, self.dim, {"y": y}, FLOAT_BITS * self.m, {"channel_uses": self.m})
 
     def _check(self, payload: Payload) -> None:
-        self.check_payload(payload, {"y": ((self.m,), torch.float32)})
+        self.check_payload(payload, self.payload_spec())
 
     def aggregate(self, payloads: Sequence[Payload], weights: Sequence[float]) -> Payload:
         """y = sum_i w_i y_i (float64 accumulation); a fresh payload (the inputs are not modified)."""

@@ -163,6 +163,10 @@ class CSFIHTCodec(Codec):
     def _payload(self, y: torch.Tensor, meta: dict | None = None) -> Payload:
         return Payload(codec=self.name, dim=self.dim, tensors={"y": y}, bits=self.nominal_bits(), meta=meta or {})
 
+    def payload_spec(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """What one payload holds (tensor name -> (shape, dtype)); the server validates replies against it."""
+        return {"y": ((self.measurements,), torch.float32)}
+
     def encode(self, x: torch.Tensor, *, seed: int) -> Payload:
         return self._payload(self.measure(self.check_input(x), seed=seed))
 
@@ -310,6 +314,10 @@ class OneBitCSCodec(Codec):
         return per_block.repeat_interleave(self.k, dim=-1)
 
     # -- codec --------------------------------------------------------------------------------------
+    def payload_spec(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """What one payload holds (tensor name -> (shape, dtype)); the server validates replies against it."""
+        return {"q": ((self.m,), torch.uint8), "rho": ((self.blocks,), torch.float32)}
+
     def encode(self, x: torch.Tensor, *, seed: int, client_seed: int | None = None) -> Payload:
         x = self.check_input(x).to(torch.float32)
         v = self.operator(seed, client_seed).forward(x).view(self.blocks, self.k)
@@ -320,7 +328,7 @@ class OneBitCSCodec(Codec):
                        bits=self.nominal_bits())
 
     def _check_raw(self, payload: Payload) -> None:
-        self.check_payload(payload, {"q": ((self.m,), torch.uint8), "rho": ((self.blocks,), torch.float32)})
+        self.check_payload(payload, self.payload_spec())
         self.check_values(payload)
 
     def _check_aggregated(self, payload: Payload) -> None:

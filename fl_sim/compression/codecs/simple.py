@@ -98,6 +98,10 @@ class IdentityCodec(Codec):
 
     name = "identity"
 
+    def payload_spec(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """What one payload holds (tensor name -> (shape, dtype)); the server validates replies against it."""
+        return {"x": ((self.dim,), torch.float32)}
+
     def encode(self, x: torch.Tensor, *, seed: int) -> Payload:
         x = to_wire_float(self.check_input(x), "identity.encode", "a value")
         return Payload(self.name, self.dim, {"x": x.clone()}, FLOAT_BITS * self.dim)
@@ -108,7 +112,7 @@ class IdentityCodec(Codec):
         _check_bits(payload, FLOAT_BITS * self.dim, "identity.decode")
 
     def decode(self, payload: Payload, *, seed: int) -> torch.Tensor:
-        self.check_payload(payload, {"x": ((self.dim,), torch.float32)})
+        self.check_payload(payload, self.payload_spec())
         self.check_values(payload)
         return payload.tensors["x"].clone()
 
@@ -123,6 +127,10 @@ class FP16Codec(Codec):
 
     name = "fp16"
 
+    def payload_spec(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """What one payload holds (tensor name -> (shape, dtype)); the server validates replies against it."""
+        return {"x": ((self.dim,), torch.float16)}
+
     def encode(self, x: torch.Tensor, *, seed: int) -> Payload:
         x = self.check_input(x)
         peak = float(x.abs().max())
@@ -136,7 +144,7 @@ class FP16Codec(Codec):
         _check_bits(payload, 16 * self.dim, "fp16.decode")
 
     def decode(self, payload: Payload, *, seed: int) -> torch.Tensor:
-        self.check_payload(payload, {"x": ((self.dim,), torch.float16)})
+        self.check_payload(payload, self.payload_spec())
         self.check_values(payload)
         return payload.tensors["x"].to(torch.float32)
 
@@ -183,6 +191,10 @@ class TopKCodec(_Granular):
     def params(self) -> dict:
         return {"dim": self.dim, "k": self.k, **self._granularity_params(), "index_coding": self.index_coding}
 
+    def payload_spec(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """What one payload holds (tensor name -> (shape, dtype)); the server validates replies against it."""
+        return {"indices": ((self.k,), torch.int64), "values": ((self.k,), torch.float32)}
+
     def encode(self, x: torch.Tensor, *, seed: int) -> Payload:
         x = self.check_input(x)
         idx, vals = topk_segments(x, self.ks, self.seg)
@@ -207,7 +219,7 @@ class TopKCodec(_Granular):
         _check_bits(payload, self._bits(idx), "topk.decode")
 
     def decode(self, payload: Payload, *, seed: int) -> torch.Tensor:
-        self.check_payload(payload, {"indices": ((self.k,), torch.int64), "values": ((self.k,), torch.float32)})
+        self.check_payload(payload, self.payload_spec())
         self.check_values(payload)
         return scatter_dense(payload.tensors["indices"], payload.tensors["values"], self.dim)
 
@@ -235,6 +247,10 @@ class RandKCodec(Codec):
     def _indices(self, seed: int) -> torch.Tensor:
         return randk_indices(self.dim, self.k, generator=torch_generator(seed, "randk", "indices"))
 
+    def payload_spec(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """What one payload holds (tensor name -> (shape, dtype)); the server validates replies against it."""
+        return {"values": ((self.k,), torch.float32)}
+
     def encode(self, x: torch.Tensor, *, seed: int) -> Payload:
         x = self.check_input(x)
         vals = to_wire_float(x[self._indices(check_seed(seed, "randk.encode"))], "randk.encode", "a value")
@@ -246,7 +262,7 @@ class RandKCodec(Codec):
         _check_bits(payload, randk_bits(self.k), "randk.decode")
 
     def decode(self, payload: Payload, *, seed: int) -> torch.Tensor:
-        self.check_payload(payload, {"values": ((self.k,), torch.float32)})
+        self.check_payload(payload, self.payload_spec())
         self.check_values(payload)
         out = scatter_dense(self._indices(check_seed(seed, "randk.decode")), payload.tensors["values"], self.dim)
         if not self.unbiased:
@@ -307,6 +323,10 @@ class QSGDCodec(_Granular):
     def variance_bound(self) -> float:
         return qsgd_variance_bound(self.dim, self.levels)
 
+    def payload_spec(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """What one payload holds (tensor name -> (shape, dtype)); the server validates replies against it."""
+        return {"norm": ((self.seg.count,), torch.float32), "q": ((self.dim,), level_dtype(self.levels))}
+
     def encode(self, x: torch.Tensor, *, seed: int) -> Payload:
         x = self.check_input(x)
         gen = torch_generator(check_seed(seed, "qsgd.encode"), "qsgd")
@@ -328,9 +348,7 @@ class QSGDCodec(_Granular):
         _check_bits(payload, self._bits(q), "qsgd.decode")
 
     def decode(self, payload: Payload, *, seed: int) -> torch.Tensor:
-        self.check_payload(
-            payload, {"norm": ((self.seg.count,), torch.float32), "q": ((self.dim,), level_dtype(self.levels))}
-        )
+        self.check_payload(payload, self.payload_spec())
         self.check_values(payload)
         return qsgd_dequantize(payload.tensors["norm"], payload.tensors["q"], self.levels, self.seg)
 
@@ -353,6 +371,10 @@ class SignCodec(_Granular):
     def params(self) -> dict:
         return {"dim": self.dim, **self._granularity_params()}
 
+    def payload_spec(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """What one payload holds (tensor name -> (shape, dtype)); the server validates replies against it."""
+        return {"scale": ((self.seg.count,), torch.float32), "signs": ((self.dim,), torch.int8)}
+
     def encode(self, x: torch.Tensor, *, seed: int) -> Payload:
         x = self.check_input(x)
         scale, signs = scaled_sign(x, self.seg)
@@ -366,7 +388,7 @@ class SignCodec(_Granular):
         _check_bits(payload, sign_bits(self.dim, self.seg.count), "sign.decode")
 
     def decode(self, payload: Payload, *, seed: int) -> torch.Tensor:
-        self.check_payload(payload, {"scale": ((self.seg.count,), torch.float32), "signs": ((self.dim,), torch.int8)})
+        self.check_payload(payload, self.payload_spec())
         self.check_values(payload)
         return scaled_sign_decode(payload.tensors["scale"], payload.tensors["signs"], self.seg)
 
@@ -410,6 +432,10 @@ class TernGradCodec(_Granular):
     def params(self) -> dict:
         return {"dim": self.dim, **self._granularity_params(), "clip_sigma": self.clip_sigma}
 
+    def payload_spec(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """What one payload holds (tensor name -> (shape, dtype)); the server validates replies against it."""
+        return {"scale": ((self.seg.count,), torch.float32), "q": ((self.dim,), torch.int8)}
+
     def encode(self, x: torch.Tensor, *, seed: int) -> Payload:
         x = self.check_input(x)
         gen = torch_generator(check_seed(seed, "terngrad.encode"), "terngrad")
@@ -426,6 +452,6 @@ class TernGradCodec(_Granular):
         _check_bits(payload, terngrad_bits(self.dim, self.seg.count), "terngrad.decode")
 
     def decode(self, payload: Payload, *, seed: int) -> torch.Tensor:
-        self.check_payload(payload, {"scale": ((self.seg.count,), torch.float32), "q": ((self.dim,), torch.int8)})
+        self.check_payload(payload, self.payload_spec())
         self.check_values(payload)
         return terngrad_dequantize(payload.tensors["scale"], payload.tensors["q"], self.seg)

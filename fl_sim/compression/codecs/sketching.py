@@ -66,6 +66,10 @@ class CountSketchCodec(Codec):
         return Payload(codec=self.name, dim=self.dim, tensors={"table": table}, bits=self.nominal_bits(),
                        meta=meta or {})
 
+    def payload_spec(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """What one payload holds (tensor name -> (shape, dtype)); the server validates replies against it."""
+        return {"table": ((self.rows, self.cols), torch.float32)}
+
     def encode(self, x: torch.Tensor, *, seed: int) -> Payload:
         x = self.check_input(x)
         return self._payload(self.sketcher(seed).sketch(x))
