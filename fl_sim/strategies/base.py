@@ -41,6 +41,7 @@ from .. import keys
 from ..protocol import round_seed
 from ..records import array_bits, flatten_arrays, unflatten_into
 from ..rng import numpy_generator
+from . import guards as reply_guards
 
 __all__ = ["UpdateStrategy", "ClientReply", "ReplyError", "update_sparsity"]
 
@@ -101,6 +102,9 @@ class UpdateStrategy(FedAvg):
         digital_link: {"snr_db", "bandwidth_hz", "compute_s"}: count the channel uses of sending
             every client's bits one node after another at capacity C = 0.5 log2(1 + SNR) (Abdi
             Ch. 5, digital baseline) and the resulting latency; None = no channel accounting.
+        guards: server-side bounds on what one reply can do (update norm relative to the round's
+            median, num-examples cap, method scalars); see fl_sim.strategies.guards for the keys
+            and their defaults (on by default).
     """
 
     STATE_ATTRS: tuple[str, ...] = ("momentum_buffer", "history")
@@ -115,6 +119,7 @@ class UpdateStrategy(FedAvg):
         server_momentum: float = 0.0,
         train_config: dict[str, Any] | None = None,
         digital_link: dict[str, float] | None = None,
+        guards: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         # fl-sim evaluates centrally on the server: no federated evaluation unless asked for.
@@ -143,6 +148,9 @@ class UpdateStrategy(FedAvg):
         self.server_momentum = float(server_momentum)
         self.train_config = dict(train_config or {})
         self.digital_link = _check_link(digital_link)
+        self.guards = reply_guards.check_guards(guards)
+        self._declared_bits = reply_guards.DeclaredBits()
+        self._rejected = 0  # replies of this round rejected by a check or a guard
         # Server state (set lazily, checkpointable)
         self.momentum_buffer: torch.Tensor | None = None
         self._global_arrays: ArrayRecord | None = None
@@ -352,41 +360,123 @@ class UpdateStrategy(FedAvg):
         return replies
 
     def _reply_cid(self, msg: Message, metrics: MetricRecord | None) -> int:
-        if metrics is not None and keys.M_CID in metrics:
-            return int(metrics[keys.M_CID])
+        """The client id of a reply: the one it reports, which must be the id sent to its node this round."""
         src = msg.metadata.src_node_id
+        if metrics is not None and keys.M_CID in metrics:
+            cid = int(reply_guards.finite_number(metrics[keys.M_CID], f"metric {keys.M_CID!r}", lo=0, integer=True))
+            if self._sent.get(cid) != src:
+                raise ReplyError(f"client id {cid} was not sent to node {src} this round")
+            return cid
         for cid, node in self._sent.items():
             if node == src:
                 return cid
-        return -1
+        raise ReplyError(f"node {src} was sent no client this round")
 
     def collect(self, server_round: int, replies: Iterable[Message]) -> tuple[list[ClientReply], int]:
-        """Usable replies sorted by client id, and the number of failed/rejected ones."""
+        """Usable replies sorted by client id, and the number of failed/rejected ones.
+
+        Every check that depends on one reply runs here, inside the per-reply ``try``: metrics
+        (client id, num-examples, train-loss), the payload's structure and values (``decode_reply``,
+        which calls the codec's ``check_values``); a reply that fails one is rejected, logged with its
+        node and the reason, and counted. Uplink bits are the server's own count (``decode_reply``);
+        a client's declared ``uplink-bits`` that disagrees is logged once per client, never used.
+        """
         usable: list[ClientReply] = []
         failed = 0
+        self._rejected = 0
+        seen: set[int] = set()
         for msg in list(replies):
             node = msg.metadata.src_node_id
             if msg.has_error():
                 failed += 1
                 log.warning("round %d: node %d replied with an error: %s", server_round, node, msg.error.reason)
                 continue
-            metrics = msg.content.get(keys.METRICS)
-            cid = self._reply_cid(msg, metrics)
+            cid = -1
             try:
+                metrics = msg.content.get(keys.METRICS)
+                cid = self._reply_cid(msg, metrics)
+                if cid in seen:
+                    raise ReplyError(f"a second reply for client {cid}")
                 if metrics is None or keys.NUM_EXAMPLES not in metrics:
                     raise ReplyError(f"reply lacks the metric {keys.NUM_EXAMPLES!r}")
-                n = int(metrics[keys.NUM_EXAMPLES])
-                if n < 0:
-                    raise ReplyError(f"negative {keys.NUM_EXAMPLES} ({n})")
+                n = int(reply_guards.finite_number(metrics[keys.NUM_EXAMPLES], f"metric {keys.NUM_EXAMPLES!r}",
+                                                   lo=0, integer=True))
+                loss = reply_guards.train_loss(metrics.get(keys.TRAIN_LOSS), f"metric {keys.TRAIN_LOSS!r}")
                 data, bits = self.decode_reply(server_round, msg, cid)
-            except (ReplyError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+            except (ReplyError, ValueError, KeyError, TypeError, RuntimeError, OverflowError, IndexError,
+                    MemoryError) as exc:
                 failed += 1
+                self._rejected += 1
                 log.error("round %d: rejected reply from node %d (client %d): %s", server_round, node, cid, exc)
                 continue
-            loss = float(metrics.get(keys.TRAIN_LOSS, float("nan")))
+            seen.add(cid)
+            self._declared_bits.check(cid, node, metrics.get(keys.UPLINK_BITS), int(bits), f"metric {keys.UPLINK_BITS!r}")
             usable.append(ClientReply(node, cid, n, loss, int(bits), data))
         usable.sort(key=lambda r: r.cid)
         return usable, failed
+
+    # ---- reply guards (fl_sim.strategies.guards): hooks, and their use in aggregate_train -------------
+    def reply_norm(self, reply: ClientReply) -> float | None:
+        """Norm of what ``reply`` adds to the aggregate, in the domain ``combine`` sums; None = unguarded."""
+        return reply_guards.tensor_norm([reply.data]) if isinstance(reply.data, torch.Tensor) else None
+
+    def scale_reply(self, reply: ClientReply, factor: float) -> None:
+        """Scale ``reply``'s contribution to the aggregate by ``factor`` (norm clipping)."""
+        reply.data = reply.data * factor
+
+    def reply_scalars(self, reply: ClientReply) -> dict[str, float]:
+        """Method scalars read from the client, bounded relative to the round's median (guards.scalar_bound)."""
+        return {}
+
+    def apply_guards(self, server_round: int, usable: list[ClientReply]) -> tuple[list[ClientReply], dict[str, float]]:
+        """Scalar bound, norm bound, num-examples cap over the round's usable replies (fl_sim.strategies.guards).
+
+        Returns the replies kept (clipped/capped in place) and the counts for the round's metrics.
+        """
+        g = self.guards
+        drop: set[int] = set()
+        scalars = [self.reply_scalars(r) for r in usable]
+        for name in sorted({k for sc in scalars for k in sc}):
+            vals = torch.tensor([sc.get(name, 0.0) for sc in scalars], dtype=torch.float64)
+            for j in torch.nonzero(reply_guards.relative_outliers(vals, g["scalar_bound"])).flatten().tolist():
+                drop.add(j)
+                log.error("round %d: rejected reply from node %d (client %d): %s = %.3g exceeds %g x the round's "
+                          "median", server_round, usable[j].node_id, usable[j].cid, name, float(vals[j]),
+                          g["scalar_bound"])
+        clipped = 0
+        norms = [None if j in drop else self.reply_norm(r) for j, r in enumerate(usable)]
+        guarded = [j for j, v in enumerate(norms) if v is not None]
+        if guarded:
+            nv = torch.tensor([norms[j] for j in guarded], dtype=torch.float64)
+            factors = reply_guards.norm_factors(nv, g["norm_bound"], g["max_norm"])
+            for j, f, v in zip(guarded, factors.tolist(), nv.tolist()):
+                if f >= 1.0:
+                    continue
+                r = usable[j]
+                if g["norm_mode"] == "reject":
+                    drop.add(j)
+                    log.error("round %d: rejected reply from node %d (client %d): update norm %.3g beyond the "
+                              "norm guard's %.3g", server_round, r.node_id, r.cid, v, v * f)
+                else:
+                    self.scale_reply(r, f)
+                    clipped += 1
+                    log.warning("round %d: clipped the update of client %d (node %d) from norm %.3g to %.3g",
+                                server_round, r.cid, r.node_id, v, v * f)
+        self._rejected += len(drop)
+        usable = [r for j, r in enumerate(usable) if j not in drop]
+        capped = 0
+        if usable:
+            n = torch.tensor([float(r.num_examples) for r in usable], dtype=torch.float64)
+            for r, before, after in zip(usable, n.tolist(),
+                                        reply_guards.cap_counts(n, g["weight_cap"], g["max_num_examples"]).tolist()):
+                if after < before:
+                    capped += 1
+                    log.warning("round %d: capped the num-examples of client %d (node %d) from %.3g to %.3g",
+                                server_round, r.cid, r.node_id, before, after)
+                    r.num_examples = after
+        return usable, {"rejected_by_guards": len(drop), "replies_clipped": float(clipped),
+                        "weights_capped": float(capped)}
+    # ---- end of reply guards ---------------------------------------------------------------------------
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -394,9 +484,12 @@ class UpdateStrategy(FedAvg):
         if self._global_vector is None:
             raise RuntimeError("aggregate_train called before configure_train: no global model for this round")
         usable, failed = self.collect(server_round, replies)
+        usable, guard_counts = self.apply_guards(server_round, usable)  # reply guards
         metrics: dict[str, float] = {
             "clients_ok": len(usable),
-            "clients_failed": failed,
+            "clients_failed": failed + guard_counts.pop("rejected_by_guards"),
+            "clients_rejected": self._rejected,
+            **guard_counts,
             "uplink_bits": sum(r.uplink_bits for r in usable),
             "downlink_bits": self._downlink_bits_each * len(self._sent),
         }
@@ -413,7 +506,13 @@ class UpdateStrategy(FedAvg):
             return None, MetricRecord(metrics)
         n = torch.tensor([float(r.num_examples) for r in usable], dtype=torch.float64)
         weights = n / n.sum() if n.sum() > 0 else torch.full_like(n, 1.0 / len(n))
-        delta = self.combine(server_round, usable, weights)
+        try:
+            delta = self.combine(server_round, usable, weights)
+        except ValueError as exc:  # reply guards: a value no per-reply check caught must not end the run
+            log.error("round %d: the replies passed the per-reply checks but could not be aggregated (%s); the "
+                      "global model is unchanged (a codec's check_values misses this case)", server_round, exc)
+            self._finish(server_round, metrics)
+            return None, MetricRecord(metrics)
         if not torch.isfinite(delta).all():
             log.error("round %d: the aggregate update is not finite; the global model is unchanged", server_round)
             self._finish(server_round, metrics)

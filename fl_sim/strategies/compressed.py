@@ -16,6 +16,7 @@ kept by ``compression_mod`` in the client's context.state.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -25,6 +26,7 @@ from .. import keys
 from ..compression import Codec, Payload, PayloadError
 from ..protocol import codec_seed, dump_params, get_codec
 from ..records import payload_from_records
+from . import guards
 from .base import ClientReply, ReplyError, UpdateStrategy
 
 __all__ = ["CompressedFedAvg"]
@@ -117,7 +119,23 @@ class CompressedFedAvg(UpdateStrategy):
             raise ReplyError("reply carries no encoded payload (is compression_mod installed on the ClientApp?)")
         payload = payload_from_records(arrays, meta)
         self.check_payload(payload)
-        return payload, payload.bits
+        codec = self.codec_for(self._global_vector.numel())
+        codec.check_values(payload)  # value checks of this one reply, before any aggregation
+        bits = codec.payload_bits(payload)  # counted by the server, never the client's claim
+        self._declared_bits.check(cid, msg.metadata.src_node_id, payload.bits, bits, "payload bits")
+        return payload, bits
+
+    # reply guards (fl_sim.strategies.guards): decoding is linear in the payload's float tensors
+    # (values, scales, norms, measurements, sketches), so their norm measures the reply and scaling
+    # them scales its decoded contribution.
+    def reply_norm(self, reply: ClientReply) -> float | None:
+        return guards.tensor_norm(_payload(reply.data).tensors.values())
+
+    def scale_reply(self, reply: ClientReply, factor: float) -> None:
+        p = _payload(reply.data)
+        scaled = replace(p, tensors={k: (t.to(torch.float64) * factor).to(t.dtype) if torch.is_floating_point(t)
+                                     else t for k, t in p.tensors.items()})
+        reply.data = scaled if isinstance(reply.data, Payload) else (scaled, *reply.data[1:])
 
     def combine(self, server_round: int, replies: list[ClientReply], weights: torch.Tensor) -> torch.Tensor:
         codec = self.codec_for(self._global_vector.numel())
@@ -128,3 +146,8 @@ class CompressedFedAvg(UpdateStrategy):
         for r in replies:
             decoded.append(codec.decode(r.data, seed=self.client_seed(r.cid)).to(torch.float32))
         return weights.to(torch.float32) @ torch.stack(decoded)
+
+
+def _payload(data: Any) -> Payload:
+    """The payload of a reply's data (a Payload, or a tuple starting with one)."""
+    return data if isinstance(data, Payload) else data[0]

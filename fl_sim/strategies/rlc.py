@@ -233,6 +233,16 @@ class RLCOverTheAir(CompressedFedAvg):
                 raise ReplyError(f"metric {M_UPDATE_NORM!r} = {norm} is not a finite norm >= 0")
         return (payload, norm), bits
 
+    # reply guards (fl_sim.strategies.guards): the reported ‖Δ_i‖ sets the power scale c of every node
+    def reply_scalars(self, reply: ClientReply) -> dict[str, float]:
+        norm = reply.data[1]
+        return {} if norm is None else {f"metric {M_UPDATE_NORM!r}": norm}
+
+    def scale_reply(self, reply: ClientReply, factor: float) -> None:
+        super().scale_reply(reply, factor)
+        payload, norm = reply.data
+        reply.data = (payload, None if norm is None else norm * factor)
+
     def _codeword_name(self) -> str:
         (name,) = self._reference.tensors  # the rlc payload carries one tensor: A x
         return name
