@@ -151,6 +151,7 @@ class UpdateStrategy(FedAvg):
         self.guards = reply_guards.check_guards(guards)
         self._declared_bits = reply_guards.DeclaredBits()
         self._rejected = 0  # replies of this round rejected by a check or a guard
+        self.last_errors: list[tuple[int, str]] = []
         # Server state (set lazily, checkpointable)
         self.momentum_buffer: torch.Tensor | None = None
         self._global_arrays: ArrayRecord | None = None
@@ -384,11 +385,13 @@ class UpdateStrategy(FedAvg):
         usable: list[ClientReply] = []
         failed = 0
         self._rejected = 0
+        self.last_errors: list[tuple[int, str]] = []  # (node, reason) of this round's error replies
         seen: set[int] = set()
         for msg in list(replies):
             node = msg.metadata.src_node_id
             if msg.has_error():
                 failed += 1
+                self.last_errors.append((node, str(msg.error.reason)))
                 log.warning("round %d: node %d replied with an error: %s", server_round, node, msg.error.reason)
                 continue
             cid = -1
