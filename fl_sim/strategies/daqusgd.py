@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ConfigRecord, Message
 from torch import nn
@@ -109,12 +110,15 @@ class DaQuSGD(UpdateStrategy):
         ⌈log2 C⌉ per label, from what arrived (the client's ``uplink-bits`` is only compared).
         """
         arrays, metrics = msg.content.get(keys.ARRAYS), msg.content[keys.METRICS]
+        if arrays is None or set(arrays.keys()) != {"levels", "labels", "scale"}:
+            raise ReplyError(f"DaQuSGD reply must carry exactly levels, labels, scale; got "
+                             f"{sorted(arrays.keys()) if arrays is not None else 'no arrays'}")
         try:
             levels_nd, labels_nd, scale_nd = (read_array(arrays[k], k) for k in ("levels", "labels", "scale"))
         except (KeyError, TypeError, IndexError, AttributeError) as exc:
             raise ReplyError(f"DaQuSGD reply lacks levels/labels/scale ({exc})") from None
         if levels_nd.dtype.kind not in "iu" or labels_nd.dtype.kind not in "iu" or scale_nd.shape != (1,) \
-                or scale_nd.dtype.kind != "f":
+                or scale_nd.dtype != np.float32:
             raise ReplyError(f"levels {levels_nd.dtype}, labels {labels_nd.dtype} must be integers and scale one float "
                              f"(got shape {scale_nd.shape}, {scale_nd.dtype})")
         levels = torch.from_numpy(levels_nd.astype("int64"))
