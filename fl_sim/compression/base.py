@@ -140,18 +140,6 @@ class Codec(ABC):
     def check_values(self, payload):
         "Raise PayloadError for values a well-formed payload cannot hold; no-op by default."
 
-    def payload_bits(self, payload: Payload) -> int:
-        """Bits of a received, structurally checked payload, counted by the receiver from its structure.
-
-        Never ``payload.bits`` (the sender's claim). Default: :meth:`nominal_bits`, exact for every
-        fixed-size codec (each well-formed payload of it has the same tensors and the same coding);
-        a codec whose payload size depends on the data overrides this.
-        """
-        nominal = getattr(self, "_nominal_bits", None)
-        if nominal is None:
-            nominal = self._nominal_bits = int(self.nominal_bits())
-        return nominal
-
     def aggregate(self, payloads: Sequence[Payload], weights: Sequence[float]) -> Payload:
         """Weighted sum in the compressed domain (linear codecs only)."""
         raise CodecError(f"codec {self.name!r} is not linear: decode each payload, then average")

@@ -121,7 +121,10 @@ class CompressedFedAvg(UpdateStrategy):
         self.check_payload(payload)
         codec = self.codec_for(self._global_vector.numel())
         codec.check_values(payload)  # value checks of this one reply, before any aggregation
-        bits = codec.payload_bits(payload)  # counted by the server, never the client's claim
+        # Bits counted by the server, never the client's claim: those of the reference payload the server
+        # encoded itself this round, whose structure (names, shapes, dtypes) every accepted payload has;
+        # every registered codec is fixed-size (a data-dependent one would need its own count here).
+        bits = self._reference.bits
         self._declared_bits.check(cid, msg.metadata.src_node_id, payload.bits, bits, "payload bits")
         return payload, bits
 
