@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -246,18 +247,41 @@ def test_guards_off_restores_plain_fedavg():
     assert metrics["replies_clipped"] == 0 and metrics["weights_capped"] == 0
 
 
-def test_num_examples_is_capped():
-    """n_2 = 1e18 is capped at 10 x the lower median of (1, 2, 4, 5, 1e18) = 40."""
-    def liar(reply):
-        reply.content[keys.METRICS][keys.NUM_EXAMPLES] = 1e18
-        return reply
+def liar(reply):
+    reply.content[keys.METRICS][keys.NUM_EXAMPLES] = 1e18
+    return reply
 
-    s = FedAvgBaseline(clients_per_round=5, client_ids=range(5), seed=0)
+
+def test_num_examples_is_capped_relative_to_the_round():
+    """n_2 = 1e18 is capped at weight_cap x the lower median of (1, 2, 4, 5, 1e18) = 10 x 4."""
+    s = FedAvgBaseline(clients_per_round=5, client_ids=range(5), seed=0, guards={"weight_cap": 10})
     arrays, metrics = toy_round(s, liar)
     n = np.array([1.0, 2.0, 40.0, 4.0, 5.0])
     upd = np.arange(1.0, 6.0)
     assert torch.allclose(flatten_arrays(arrays), torch.full((D,), float((n * upd).sum() / n.sum())), rtol=1e-5)
     assert metrics["weights_capped"] == 1
+
+
+def test_num_examples_is_capped_at_the_known_client_size():
+    """A simulation's server knows n_c (guards.client_sizes): client 2 (true size 3) is weighed 3."""
+    s = FedAvgBaseline(clients_per_round=5, client_ids=range(5), seed=0, guards={"client_sizes": [1, 2, 3, 4, 5]})
+    arrays, metrics = toy_round(s, liar)
+    n = np.arange(1.0, 6.0)
+    assert torch.allclose(flatten_arrays(arrays), torch.full((D,), float((n * n).sum() / n.sum())), rtol=1e-6)
+    assert metrics["weights_capped"] == 1
+
+
+def test_built_strategies_know_the_client_sizes(caplog):
+    cfg = cfg_for({"name": "fedavg"})
+    rows, s, _ = run_tampered(cfg, set_metric(keys.NUM_EXAMPLES, 1e18), caplog)
+    exp = build_experiment(cfg)
+    assert s.guards["client_sizes"].tolist() == exp.data.client_sizes.tolist()
+    assert all(r["weights_capped"] == 1 for r in rows[1:])
+    capped = [r.getMessage() for r in caplog.records if "capped the num-examples" in r.getMessage()]
+    assert len(capped) == 2
+    for m in capped:  # "... client C (node N) from 1e+18 to n_C"
+        cid = int(re.search(r"client (\d+)", m).group(1))
+        assert m.endswith(f"from 1e+18 to {float(exp.data.client_sizes[cid]):.3g}"), m
 
 
 def test_guard_options_validated_and_reach_the_config():
@@ -267,6 +291,8 @@ def test_guard_options_validated_and_reach_the_config():
         FedAvgBaseline(guards={"norm_mode": "drop"})
     with pytest.raises(ValueError, match=">= 1"):
         FedAvgBaseline(guards={"norm_bound": 0.5})
+    with pytest.raises(ValueError, match="client_sizes"):
+        FedAvgBaseline(guards={"client_sizes": [3, -1]})
     cfg = cfg_for({"name": "fedavg", "guards": {"norm_bound": 3.0, "norm_mode": "reject"}})
     s = build_strategy(build_experiment(cfg))
     assert s.guards["norm_bound"] == 3.0 and s.guards["norm_mode"] == "reject"

@@ -470,8 +470,9 @@ class UpdateStrategy(FedAvg):
         capped = 0
         if usable:
             n = torch.tensor([float(r.num_examples) for r in usable], dtype=torch.float64)
-            for r, before, after in zip(usable, n.tolist(),
-                                        reply_guards.cap_counts(n, g["weight_cap"], g["max_num_examples"]).tolist()):
+            known = reply_guards.known_sizes(g["client_sizes"], [r.cid for r in usable])
+            capped_n = reply_guards.cap_counts(n, g["weight_cap"], g["max_num_examples"], known)
+            for r, before, after in zip(usable, n.tolist(), capped_n.tolist()):
                 if after < before:
                     capped += 1
                     log.warning("round %d: capped the num-examples of client %d (node %d) from %.3g to %.3g",
