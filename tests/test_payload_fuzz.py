@@ -11,8 +11,9 @@ lying bit counts...) and runs ``aggregate_train`` of a fresh strategy on them. A
 * the norm guard holds: each reply the round used has its guarded norm within norm_bound x the
   round's median, and for full-model strategies ‖Δ̄‖ <= norm_bound x the largest honest ‖Δ_i‖.
 
-Integers out of the codec's range are refused by each codec's ``check_values`` (fl_sim.compression
-codecs); a codec without one is only asserted not to crash or poison the model.
+Integers out of the codec's range are refused per reply by the decode of each reply (strategies that
+decode every reply) or the codec's ``check_values``; where neither runs (payloads summed in the
+compressed domain by a codec without check_values) the case is only asserted not to crash or poison.
 """
 
 from __future__ import annotations
@@ -156,9 +157,10 @@ def test_fuzzed_replies_never_abort_or_poison(name, edits):
     nodes = [m.metadata.dst_node_id for m in msgs]
     contents = {node: copy.deepcopy(honest[node].content) for node in nodes}
     bad, ranged = set(), set()
-    codec_checks = name == "daqusgd"
-    if hasattr(s, "codec_for"):
-        codec_checks = type(s.codec_for(s._global_vector.numel())).check_values is not Codec.check_values
+    codec_checks = name == "daqusgd"  # integer ranges refused per reply: DaQuSGD's own checks, a decode per
+    if hasattr(s, "codec_for"):          # reply (decodes_each), or the codec's check_values
+        codec_checks = s.decodes_each() or \
+            type(s.codec_for(s._global_vector.numel())).check_values is not Codec.check_values
     for which, pick, (kind, what) in edits:
         content = contents[nodes[which]]
         if kind == "metric":

@@ -16,7 +16,7 @@ kept by ``compression_mod`` in the client's context.state.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -121,20 +121,36 @@ class CompressedFedAvg(UpdateStrategy):
         self.check_payload(payload)
         codec = self.codec_for(self._global_vector.numel())
         codec.check_values(payload)  # value checks of this one reply, before any aggregation
+        data: Any = payload
+        if self.decodes_each():  # decoded here, once: the last per-reply check, and what combine averages
+            vector = codec.decode(payload, seed=self.client_seed(cid)).to(torch.float32)
+            if not torch.isfinite(vector).all():
+                raise ReplyError("the payload decodes to NaN or inf")
+            data = _Decoded(payload, vector)
         # Bits counted by the server, never the client's claim: those of the reference payload the server
         # encoded itself this round, whose structure (names, shapes, dtypes) every accepted payload has;
         # every registered codec is fixed-size (a data-dependent one would need its own count here).
         bits = self._reference.bits
         self._declared_bits.check(cid, msg.metadata.src_node_id, payload.bits, bits, "payload bits")
-        return payload, bits
+        return data, bits
 
-    # reply guards (fl_sim.strategies.guards): decoding is linear in the payload's float tensors
-    # (values, scales, norms, measurements, sketches), so their norm measures the reply and scaling
-    # them scales its decoded contribution.
+    def decodes_each(self) -> bool:
+        """Whether ``combine`` decodes every reply (else it sums the payloads in the compressed domain)."""
+        codec = self.codec_for(self._global_vector.numel())
+        return not (codec.linear and self.aggregate_compressed and self.seed_mode == "shared")
+
+    # reply guards (fl_sim.strategies.guards): ‖Δ̂_i‖ of a decoded reply; for payloads summed in the
+    # compressed domain, decoding is linear in their float tensors (measurements, sketches, scales),
+    # so those tensors' norm measures the reply and scaling them scales its decoded contribution.
     def reply_norm(self, reply: ClientReply) -> float | None:
+        if isinstance(reply.data, _Decoded):
+            return guards.tensor_norm([reply.data.vector])
         return guards.tensor_norm(_payload(reply.data).tensors.values())
 
     def scale_reply(self, reply: ClientReply, factor: float) -> None:
+        if isinstance(reply.data, _Decoded):
+            reply.data = _Decoded(reply.data.payload, reply.data.vector * factor)
+            return
         p = _payload(reply.data)
         scaled = replace(p, tensors={k: (t.to(torch.float64) * factor).to(t.dtype) if torch.is_floating_point(t)
                                      else t for k, t in p.tensors.items()})
@@ -147,10 +163,23 @@ class CompressedFedAvg(UpdateStrategy):
             return codec.decode(summed, seed=self._round_seed).to(torch.float32)
         decoded = []
         for r in replies:
-            decoded.append(codec.decode(r.data, seed=self.client_seed(r.cid)).to(torch.float32))
+            if isinstance(r.data, _Decoded):  # decoded in decode_reply
+                decoded.append(r.data.vector)
+            else:
+                decoded.append(codec.decode(r.data, seed=self.client_seed(r.cid)).to(torch.float32))
         return weights.to(torch.float32) @ torch.stack(decoded)
 
 
+@dataclass(frozen=True)
+class _Decoded:
+    """A reply's payload with its decoded update Δ̂_i (strategies that decode every reply)."""
+
+    payload: Payload
+    vector: torch.Tensor
+
+
 def _payload(data: Any) -> Payload:
-    """The payload of a reply's data (a Payload, or a tuple starting with one)."""
+    """The payload of a reply's data (a Payload, a _Decoded, or a tuple starting with a Payload)."""
+    if isinstance(data, _Decoded):
+        return data.payload
     return data if isinstance(data, Payload) else data[0]

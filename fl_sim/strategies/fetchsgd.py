@@ -68,6 +68,9 @@ class FetchSGD(CompressedFedAvg):
         config[keys.SEED] = self.sketch_seed
         config[keys.SEED_MODE] = "shared"
 
+    def decodes_each(self) -> bool:
+        return False  # combine works on the payloads themselves (compressed domain)
+
     def combine(self, server_round: int, replies: list[ClientReply], weights: torch.Tensor) -> torch.Tensor:
         d = self._global_vector.numel()
         codec = self.codec_for(d)

@@ -95,6 +95,9 @@ class FIHTCS(CompressedFedAvg):
         config[keys.SEED] = self.phi_seed
         config[keys.SEED_MODE] = "shared"
 
+    def decodes_each(self) -> bool:
+        return False  # combine works on the payloads themselves (compressed domain)
+
     def combine(self, server_round: int, replies: list[ClientReply], weights: torch.Tensor) -> torch.Tensor:
         codec = self.codec_for(self._global_vector.numel())
         y_bar = codec.aggregate([r.data for r in replies], weights.tolist()).tensors["y"].to(torch.float32)

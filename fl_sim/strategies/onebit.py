@@ -78,6 +78,9 @@ class OneBitCS(CompressedFedAvg):
         self.codec_params["measurements"] = int(m)
         super().round_config(server_round, config)
 
+    def decodes_each(self) -> bool:
+        return self.phi != "common"  # "common": one recovery from the averaged measurements
+
     def combine(self, server_round: int, replies: list[ClientReply], weights: torch.Tensor) -> torch.Tensor:
         codec = self.codec_for(self._global_vector.numel())
         if self.phi == "common":

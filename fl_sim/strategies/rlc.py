@@ -273,6 +273,9 @@ class RLCOverTheAir(CompressedFedAvg):
             self.history[server_round].update(extra)
         return arrays, metrics
 
+    def decodes_each(self) -> bool:
+        return False  # combine works on the payloads themselves (compressed domain)
+
     def combine(self, server_round: int, replies: list[ClientReply], weights: torch.Tensor) -> torch.Tensor:
         codec = self.codec_for(self._global_vector.numel())
         name = self._codeword_name()
