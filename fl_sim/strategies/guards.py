@@ -18,8 +18,9 @@ Options (``guards`` of every fl-sim strategy; config ``strategy.guards.<key>``):
 
 * ``norm_bound`` (10.0): a reply's update norm may be at most ``norm_bound`` x the round's median
   reply norm; None/0 = off. The norm is taken in the domain the strategy sums (Δ_i for full models;
-  the payload's float tensors for codecs, on which decoding is linear: values, scales, measurements,
-  sketches), so clipping scales the reply's contribution to the aggregate exactly.
+  the decoded Δ̂_i where every reply is decoded; the payload's float tensors where payloads are summed
+  in the compressed domain, on which decoding is linear: measurements, sketches, scales), so clipping
+  scales the reply's contribution to the aggregate exactly.
 * ``norm_mode`` ("clip"): "clip" scales the reply down to the bound (its direction is kept),
   "reject" drops it (counted as rejected).
 * ``max_norm`` (None): an absolute bound on the same norm, applied with the relative one.
