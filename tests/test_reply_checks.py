@@ -221,7 +221,7 @@ def test_extreme_update_is_clipped_to_the_norm_bound(caplog):
 
     Norms (÷√7): 1, 2, 4, 5 and 3e38; lower median 4, so client 2 is clipped to 40 per coordinate and
     Δ̄ = (1·1 + 2·2 + 3·40 + 4·4 + 5·5) / 15 per coordinate."""
-    s = FedAvgBaseline(clients_per_round=5, client_ids=range(5), seed=0)
+    s = FedAvgBaseline(clients_per_round=5, client_ids=range(5), seed=0, guards={"norm_mode": "clip"})
     with caplog.at_level("WARNING", logger="fl_sim"):
         arrays, metrics = toy_round(s, huge_update)
     got = flatten_arrays(arrays)
@@ -230,8 +230,8 @@ def test_extreme_update_is_clipped_to_the_norm_bound(caplog):
     assert any("clipped" in r.getMessage() and "client 2" in r.getMessage() for r in caplog.records)
 
 
-def test_extreme_update_rejected_in_reject_mode():
-    s = FedAvgBaseline(clients_per_round=5, client_ids=range(5), seed=0, guards={"norm_mode": "reject"})
+def test_extreme_update_rejected_by_default():
+    s = FedAvgBaseline(clients_per_round=5, client_ids=range(5), seed=0)
     arrays, metrics = toy_round(s, huge_update)
     n = np.array([1.0, 2.0, 4.0, 5.0])
     assert torch.allclose(flatten_arrays(arrays), torch.full((D,), float((n * n).sum() / n.sum())), rtol=1e-5)
@@ -293,9 +293,9 @@ def test_guard_options_validated_and_reach_the_config():
         FedAvgBaseline(guards={"norm_bound": 0.5})
     with pytest.raises(ValueError, match="client_sizes"):
         FedAvgBaseline(guards={"client_sizes": [3, -1]})
-    cfg = cfg_for({"name": "fedavg", "guards": {"norm_bound": 3.0, "norm_mode": "reject"}})
+    cfg = cfg_for({"name": "fedavg", "guards": {"norm_bound": 3.0, "norm_mode": "clip"}})
     s = build_strategy(build_experiment(cfg))
-    assert s.guards["norm_bound"] == 3.0 and s.guards["norm_mode"] == "reject"
+    assert s.guards["norm_bound"] == 3.0 and s.guards["norm_mode"] == "clip"
 
 
 def test_guard_functions():
@@ -319,16 +319,17 @@ def test_guard_functions():
     assert guards.finite_number(12.0, "x", integer=True) == 12.0
 
 
-def test_onebit_huge_scale_is_clipped(caplog):
+@pytest.mark.parametrize("mode", ["reject", "clip"])
+def test_onebit_huge_scale_is_bounded(mode, caplog):
     """OneBitCS ϱ = 3e38 made every round non-finite; the norm guard bounds it like any payload scale."""
     def huge_rho(reply, rnd):
         arrays = reply.content[keys.ARRAYS]
         arrays["rho"] = Array(np.full(arrays["rho"].numpy().shape, 3e38, np.float32))
         return reply
 
-    cfg = cfg_for({"name": "onebit_cs", "compression": 2, "phi": "common"})
+    cfg = cfg_for({"name": "onebit_cs", "compression": 2, "phi": "common", "guards": {"norm_mode": mode}})
     rows, _, _ = run_tampered(cfg, huge_rho, caplog)
-    assert all(r["replies_clipped"] == 1 for r in rows[1:])
+    assert all(r["replies_clipped" if mode == "clip" else "clients_rejected"] == 1 for r in rows[1:])
     assert all(math.isfinite(r["test_accuracy"]) and r["test_accuracy"] > 0.05 for r in rows)
 
 

@@ -21,8 +21,12 @@ Options (``guards`` of every fl-sim strategy; config ``strategy.guards.<key>``):
   the decoded Δ̂_i where every reply is decoded; the payload's float tensors where payloads are summed
   in the compressed domain, on which decoding is linear: measurements, sketches, scales), so clipping
   scales the reply's contribution to the aggregate exactly.
-* ``norm_mode`` ("clip"): "clip" scales the reply down to the bound (its direction is kept),
-  "reject" drops it (counted as rejected).
+* ``norm_mode`` ("reject"): "reject" drops a reply beyond the bound (counted as rejected), "clip"
+  scales it down to the bound (its direction is kept). Measured on the project's configs (11 methods,
+  30-40 rounds each, honest clients): the largest reply norm of a round was at most 8.0 x its median
+  (95th percentile 1.8-4.8 x), so neither meets honest replies there; against one client sending 3e38
+  per coordinate every round of the quickstart (FedAvg, 20 rounds) "reject" kept accuracy at 0.489
+  (0.525 without the attacker) where "clip" let the clipped updates pull it to 0.163.
 * ``max_norm`` (None): an absolute bound on the same norm, applied with the relative one.
 * ``client_sizes`` (None; set by ``build_strategy`` in fl-sim runs): the true n_i of every client id,
   known to a simulation's server; a reply claiming more examples than its client holds is capped to
@@ -65,7 +69,7 @@ log = logging.getLogger("fl_sim")
 
 DEFAULTS: dict[str, Any] = {
     "norm_bound": 10.0,
-    "norm_mode": "clip",
+    "norm_mode": "reject",
     "max_norm": None,
     "client_sizes": None,
     "weight_cap": 100.0,
