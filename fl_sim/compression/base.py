@@ -137,7 +137,7 @@ class Codec(ABC):
     def decode(self, payload: Payload, *, seed: int) -> torch.Tensor:
         """Reconstruct a float32 vector of shape ``(dim,)`` from a payload (same ``seed``)."""
 
-    def check_values(self, payload):
+    def check_values(self, payload: Payload) -> None:
         "Raise PayloadError for values a well-formed payload cannot hold; no-op by default."
 
     def aggregate(self, payloads: Sequence[Payload], weights: Sequence[float]) -> Payload:
