@@ -140,6 +140,13 @@ class Codec(ABC):
     def check_values(self, payload: Payload) -> None:
         "Raise PayloadError for values a well-formed payload cannot hold; no-op by default."
 
+    def payload_bits(self, payload: Payload) -> int | None:
+        """Bits of a received payload counted by the receiver from its content with this codec's coding
+        (never ``payload.bits``, the sender's claim). None (default): a fixed-size codec, every
+        well-formed payload of which has the bits of the receiver's own reference payload. A codec whose
+        size depends on the data (variable-length codes) overrides this."""
+        return None
+
     def aggregate(self, payloads: Sequence[Payload], weights: Sequence[float]) -> Payload:
         """Weighted sum in the compressed domain (linear codecs only)."""
         raise CodecError(f"codec {self.name!r} is not linear: decode each payload, then average")

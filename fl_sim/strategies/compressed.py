@@ -127,10 +127,11 @@ class CompressedFedAvg(UpdateStrategy):
             if not torch.isfinite(vector).all():
                 raise ReplyError("the payload decodes to NaN or inf")
             data = _Decoded(payload, vector)
-        # Bits counted by the server, never the client's claim: those of the reference payload the server
-        # encoded itself this round, whose structure (names, shapes, dtypes) every accepted payload has;
-        # every registered codec is fixed-size (a data-dependent one would need its own count here).
-        bits = self._reference.bits
+        # Bits counted by the server, never the client's claim: the codec's count of this payload's content
+        # (variable-length codes), else those of the reference payload the server encoded itself this round,
+        # whose structure (names, shapes, dtypes) every accepted payload of a fixed-size codec has.
+        counted = codec.payload_bits(payload)
+        bits = self._reference.bits if counted is None else int(counted)
         self._declared_bits.check(cid, msg.metadata.src_node_id, payload.bits, bits, "payload bits")
         return data, bits
 
