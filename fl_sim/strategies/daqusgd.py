@@ -20,13 +20,16 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ConfigRecord, Message
 from flwr.serverapp.strategy import Strategy
 from torch import nn
 
 from .. import keys
-from ..compression.dataq import dequantize_batch
+from ..compression.dataq import batch_bits, dequantize_batch, per_feature_levels
+from ..records import read_array
+from . import guards
 from .base import ClientReply, ReplyError, UpdateStrategy
 
 __all__ = ["DaQuSGD"]
@@ -59,6 +62,7 @@ class DaQuSGD(UpdateStrategy):
         epoch_rounds: int | None = None,
         batch_size: int = 32,
         num_classes: int | None = None,
+        input_shape: tuple[int, ...] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(inner, **kwargs)
@@ -74,6 +78,7 @@ class DaQuSGD(UpdateStrategy):
         self.factor = float(threshold_factor)
         self.batch_size = int(batch_size)
         self.num_classes = num_classes
+        self.input_shape = None if input_shape is None else tuple(int(v) for v in input_shape)
         if epoch_rounds is None:
             n = len(self.client_ids) if self.client_ids is not None else 1
             epoch_rounds = max(1, math.ceil(n / max(1, self.clients_per_round or 1)))
@@ -87,7 +92,7 @@ class DaQuSGD(UpdateStrategy):
     @classmethod
     def from_experiment(cls, exp) -> dict[str, Any]:
         return {"model": exp.model, "batch_size": exp.cfg.train.batch_size, "lr": exp.cfg.train.lr,
-                "num_classes": exp.data.num_classes}
+                "num_classes": exp.data.num_classes, "input_shape": tuple(exp.data.input_shape)}
 
     def round_config(self, server_round: int, config: ConfigRecord) -> None:
         if server_round > 1 and (server_round - 1) % self.epoch_rounds == 0:
@@ -100,28 +105,67 @@ class DaQuSGD(UpdateStrategy):
         config[keys.BATCH_SIZE] = self.batch_size
 
     def decode_reply(self, server_round: int, msg: Message, cid: int) -> tuple[Any, int]:
+        """(features, labels, sent-loss sum) of one reply, every value checked; bits counted by the server.
+
+        Bits: the DataQ batch (:func:`~fl_sim.compression.dataq.batch_bits`, 32 + N d b) plus
+        ⌈log2 C⌉ per label, from what arrived (the client's ``uplink-bits`` is only compared).
+        """
         arrays, (_, metrics) = self.reply_arrays(msg), self.reply_metrics(msg)
+        if set(arrays.keys()) != {"levels", "labels", "scale"}:
+            raise ReplyError(f"DaQuSGD reply must carry exactly levels, labels, scale; got {sorted(arrays.keys())}")
         try:
-            levels = torch.from_numpy(arrays["levels"].numpy().astype("int64"))
-            labels = torch.from_numpy(arrays["labels"].numpy().astype("int64"))
-            scale = float(arrays["scale"].numpy()[0])
+            levels_nd, labels_nd, scale_nd = (read_array(arrays[k], k) for k in ("levels", "labels", "scale"))
         except (KeyError, TypeError, IndexError, AttributeError) as exc:
             raise ReplyError(f"DaQuSGD reply lacks levels/labels/scale ({exc})") from None
-        if levels.shape[0] != labels.shape[0]:
-            raise ReplyError(f"{levels.shape[0]} feature rows but {labels.shape[0]} labels")
+        if levels_nd.dtype.kind not in "iu" or labels_nd.dtype.kind not in "iu" or scale_nd.shape != (1,) \
+                or scale_nd.dtype != np.float32:
+            raise ReplyError(f"levels {levels_nd.dtype}, labels {labels_nd.dtype} must be integers and scale one float "
+                             f"(got shape {scale_nd.shape}, {scale_nd.dtype})")
+        levels = torch.from_numpy(levels_nd.astype("int64"))
+        labels = torch.from_numpy(labels_nd.astype("int64").reshape(-1))
+        scale = float(scale_nd[0])
+        if levels.dim() < 2 or levels.shape[0] != labels.shape[0]:
+            raise ReplyError(f"levels of shape {tuple(levels.shape)} for {labels.shape[0]} labels")
+        if self.input_shape is not None and tuple(levels.shape[1:]) != self.input_shape:
+            raise ReplyError(f"samples of shape {tuple(levels.shape[1:])}, the model takes {self.input_shape}")
+        top = per_feature_levels(self.bits) - 1
+        if levels.numel() and int(levels.abs().max()) > top:
+            raise ReplyError(f"feature levels outside -{top}..{top} ({self.bits} bits per feature)")
         if not math.isfinite(scale) or scale < 0:
             raise ReplyError(f"invalid scale {scale}")
         if labels.numel() and (labels.min() < 0 or (self.num_classes and labels.max() >= self.num_classes)):
             raise ReplyError(f"labels outside 0..{(self.num_classes or 0) - 1}")
-        self._epoch_loss_sum += float(metrics.get(keys.DAQUSGD_LOSS_SUM, 0.0))
-        self._epoch_sent += int(metrics.get(keys.DAQUSGD_SENT, labels.numel()))
+        loss_sum = guards.finite_number(metrics.get(keys.DAQUSGD_LOSS_SUM, 0.0), f"metric {keys.DAQUSGD_LOSS_SUM!r}",
+                                        lo=0.0)
+        n = int(labels.numel())
+        self._declared_bits.check(cid, msg.metadata.src_node_id, metrics.get(keys.DAQUSGD_SENT), n,
+                                  f"metric {keys.DAQUSGD_SENT!r} (samples)")
         x = None
-        if labels.numel():  # features back from the DataQ levels and the batch scale (Alg. 2)
+        if n:  # features back from the DataQ levels and the batch scale (Alg. 2)
             flat = dequantize_batch(levels.reshape(levels.shape[0], -1), scale, self.bits)
             x = flat.reshape(levels.shape).to(torch.float32)
-        return (x, labels), int(metrics.get(keys.UPLINK_BITS, 0))
+        label_bits = math.ceil(math.log2(self.num_classes)) if self.num_classes and self.num_classes > 1 else 0
+        bits = batch_bits(n, int(math.prod(levels.shape[1:])), self.bits) + n * label_bits
+        return (x, labels, loss_sum), bits
+
+    # reply guards (fl_sim.strategies.guards): the samples' scale bounds the features (clipping scales
+    # them), and the mean sent loss feeds the next epoch's threshold.
+    def reply_norm(self, reply: ClientReply) -> float | None:
+        x = reply.data[0]
+        return None if x is None else float(x.detach().abs().max()) if x.numel() else None
+
+    def scale_reply(self, reply: ClientReply, factor: float) -> None:
+        x, labels, loss_sum = reply.data
+        reply.data = (x * factor, labels, loss_sum)
+
+    def reply_scalars(self, reply: ClientReply) -> dict[str, float]:
+        n = reply.data[1].numel()
+        return {f"mean sent loss ({keys.DAQUSGD_LOSS_SUM!r} / samples)": reply.data[2] / n} if n else {}
 
     def combine(self, server_round: int, replies: list[ClientReply], weights: torch.Tensor) -> torch.Tensor:
+        for r in replies:  # the threshold rule reads only replies that passed every check and guard
+            self._epoch_loss_sum += r.data[2]
+            self._epoch_sent += int(r.data[1].numel())
         got = [r.data for r in replies if r.data[0] is not None]
         self._last = {"received_samples": 0, "threshold": self.threshold}
         if not got:

@@ -86,6 +86,9 @@ class FetchSGD(CompressedFedAvg):
         super().round_config(server_round, config)
         config[keys.SEED_MODE] = "shared"
 
+    def decodes_each(self) -> bool:
+        return False  # combine works on the payloads themselves (compressed domain)
+
     def combine(self, server_round: int, replies: list[ClientReply], weights: torch.Tensor) -> torch.Tensor:
         d = self.global_vector.numel()
         codec = self.codec

@@ -79,6 +79,9 @@ class OneBitCS(CompressedFedAvg):
         m = self.measurements or max(1, int(round(dim / self.compression)))
         return {**self.codec_params, "measurements": int(m)}
 
+    def decodes_each(self) -> bool:
+        return self.phi != "common"  # "common": one recovery from the averaged measurements
+
     def combine(self, server_round: int, replies: list[ClientReply], weights: torch.Tensor) -> torch.Tensor:
         codec = self.codec
         if self.phi == "common":

@@ -51,6 +51,12 @@ def _check_count(value: object, name: str, who: str, upper: int, hint: str) -> i
     return value
 
 
+def _check_finite(payload: Payload, who: str) -> None:
+    for key, t in payload.tensors.items():
+        if torch.is_floating_point(t) and not torch.isfinite(t).all():
+            raise PayloadError(f"{who}: tensor {key!r} contains NaN or inf")
+
+
 def _scalar(t: torch.Tensor) -> torch.Tensor:
     """A (1,) float32 wire scalar from a 0-d float64 tensor."""
     return t.reshape(1)
@@ -73,6 +79,10 @@ class IdentityCodec(Codec):
     def decode(self, payload: Payload, *, seed: int) -> torch.Tensor:
         self.check_payload(payload, self.payload_spec())
         return payload.tensors["x"].clone()
+
+    def check_values(self, payload: Payload) -> None:
+        """Every finite float32 vector is a valid payload: only NaN/inf are refused."""
+        _check_finite(payload, "identity")
 
 
 @register_codec
@@ -99,6 +109,10 @@ class FP16Codec(Codec):
     def decode(self, payload: Payload, *, seed: int) -> torch.Tensor:
         self.check_payload(payload, self.payload_spec())
         return payload.tensors["x"].to(torch.float32)
+
+    def check_values(self, payload: Payload) -> None:
+        """Every finite float16 vector is a valid payload (|x_i| <= 65504 by construction): NaN/inf are refused."""
+        _check_finite(payload, "fp16")
 
 
 class _SparseCodec(Codec):
