@@ -27,6 +27,7 @@ from fl_sim.config import config_from_dict
 from fl_sim.records import flatten_arrays, read_array
 from fl_sim.simulation import server_loop
 from fl_sim.strategies import FedAvgBaseline, guards
+from fl_sim.strategies.base import SERVER_PREFIX
 from fl_sim.testing import InMemoryGrid
 
 K = 4
@@ -145,6 +146,7 @@ def test_duplicate_client_id_rejected(caplog):
     replies.append(replies[0])
     with caplog.at_level("ERROR", logger="fl_sim"):
         _, metrics = s.aggregate_train(1, replies)
+        metrics = server_part(metrics)
     assert metrics["clients_ok"] == K and metrics["clients_rejected"] == 1
     assert any("second reply" in r.getMessage() for r in caplog.records)
 
@@ -199,6 +201,11 @@ def initial():
     return ArrayRecord({"w": Array(np.zeros((3,), np.float32)), "b": Array(np.zeros((4,), np.float32))})
 
 
+def server_part(metrics):
+    """fl-sim's server figures of a returned MetricRecord (issue 14's wrapper names them ``server.<name>``)."""
+    return {k[len(SERVER_PREFIX):]: v for k, v in metrics.items() if k.startswith(SERVER_PREFIX)}
+
+
 def toy_round(strategy, tamper):
     grid = InMemoryGrid(toy_app(), 5)
 
@@ -207,7 +214,8 @@ def toy_round(strategy, tamper):
 
     grid.tamper = bad
     msgs = list(strategy.configure_train(1, initial(), ConfigRecord(), grid))
-    return strategy.aggregate_train(1, grid.send_and_receive(msgs))
+    arrays, metrics = strategy.aggregate_train(1, grid.send_and_receive(msgs))
+    return arrays, server_part(metrics)
 
 
 def huge_update(reply):
@@ -382,4 +390,5 @@ def test_variable_length_codec_bits_come_from_its_own_count(monkeypatch, caplog)
     replies = list(grid.send_and_receive(msgs))
     expected = sum(1000 + int(r.content[keys.ARRAYS]["indices"].numpy()[0]) for r in replies)
     _, metrics = s.aggregate_train(1, replies)
+    metrics = server_part(metrics)
     assert metrics["uplink_bits"] == expected
