@@ -205,13 +205,15 @@ class Codec(ABC):
             self.__dict__["_payload_spec"] = spec
         return spec
 
-    def reference_bits(self) -> int:
+    def reference_bits(self, seed: int = 0) -> int:
         """Bits of this codec's own reference payload (an encoding of the zero vector, cached like
         :meth:`payload_spec`): what the receiver counts for a well-formed payload of a fixed-size codec
-        when :meth:`payload_bits` is None (never the sender's ``payload.bits``)."""
+        when :meth:`payload_bits` is None (never the sender's ``payload.bits``). ``seed``: one the
+        receiver decodes with anyway (its shared operator is then built once, not once more for seed 0);
+        a fixed-size codec's count does not depend on it."""
         bits = self.__dict__.get("_reference_bits")
         if bits is None:
-            bits = int(self.encode(torch.zeros(self.dim), seed=0).bits)
+            bits = int(self.encode(torch.zeros(self.dim), seed=seed).bits)
             self.__dict__["_reference_bits"] = bits
         return bits
 

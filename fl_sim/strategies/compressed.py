@@ -129,7 +129,7 @@ class CompressedFedAvg(UpdateStrategy):
         # (variable-length codes), else those of the codec's own reference payload, whose structure
         # (names, shapes, dtypes: payload_spec) every accepted payload of a fixed-size codec has.
         counted = codec.payload_bits(payload)
-        bits = codec.reference_bits() if counted is None else int(counted)
+        bits = codec.reference_bits(self.client_seed(cid)) if counted is None else int(counted)
         self._declared_bits.check(cid, msg.metadata.src_node_id, payload.bits, bits, "payload bits")
         return data, bits
 
