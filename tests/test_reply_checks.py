@@ -279,6 +279,22 @@ def test_num_examples_is_capped_at_the_known_client_size():
     assert metrics["weights_capped"] == 1
 
 
+
+@pytest.mark.parametrize("guard", [{"client_sizes": [1, 2, 3, 4, 5]}, {"weight_cap": 10}])
+def test_capped_weight_reaches_an_inner_that_weighs_by_the_metric(guard):
+    """Under the wrapper an inner other than plain FedAvg gets one model per client and weighs them by the
+    MetricRecord's num-examples (FedProx with mu = 0 is FedAvg's weighted mean): the cap must be written
+    there too, or client 2's 1e18 makes it the whole aggregate (w = 3 per coordinate)."""
+    from flwr.serverapp.strategy import FedProx
+
+    s = FedAvgBaseline(FedProx(proximal_mu=0.0, min_available_nodes=1), clients_per_round=5, client_ids=range(5),
+                       seed=0, guards=guard)
+    arrays, metrics = toy_round(s, liar)
+    n = np.array([1.0, 2.0, 3.0 if "client_sizes" in guard else 40.0, 4.0, 5.0])
+    upd = np.arange(1.0, 6.0)
+    assert torch.allclose(flatten_arrays(arrays), torch.full((D,), float((n * upd).sum() / n.sum())), rtol=1e-5)
+    assert metrics["weights_capped"] == 1
+
 def test_built_strategies_know_the_client_sizes(caplog):
     cfg = cfg_for({"name": "fedavg"})
     rows, s, _ = run_tampered(cfg, set_metric(keys.NUM_EXAMPLES, 1e18), caplog)
