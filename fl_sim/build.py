@@ -105,6 +105,8 @@ def build_strategy(exp: Experiment, **extra: Any):
                 f"allowed: {', '.join(sorted(allowed)) or 'none'}"
             )
     kwargs.update(options)
+    # reply guards: a simulation's server knows each client's partition size (a larger num-examples is a lie)
+    kwargs["guards"] = {"client_sizes": exp.data.client_sizes.tolist(), **dict(kwargs.get("guards") or {})}
     try:
         strategy = cls(**kwargs)
     except (ValueError, TypeError) as exc:

@@ -46,7 +46,7 @@ def run(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .simulation import NothingAggregated
+    from .simulation import RunFailed
 
     try:
         from .config import load_config
@@ -77,7 +77,7 @@ def run(
                 progress.update(task, completed=rnd, status=status)
 
             summary = run_experiment(cfg, run_dir, on_round, resume=resume is not None)
-    except NothingAggregated as exc:  # the run finished but no round changed the model: exit 1, not 0
+    except RunFailed as exc:  # a dead Ray worker, or no round changed the model (NothingAggregated): exit 1, not 0
         _fail(exc, debug, code=1)
         return
     except USER_ERRORS as exc:

@@ -4,20 +4,29 @@
   model's ArrayRecord, in record order (integer buffers such as BatchNorm's ``num_batches_tracked``
   are not part of Δ and keep the server's value);
 * :class:`~fl_sim.compression.Payload` <-> (ArrayRecord, ConfigRecord) for the wire.
+
+Arrays that come from clients are read with :func:`read_array`, which checks the npy header's declared
+size against the bytes that actually arrived before NumPy allocates anything: ``Array.numpy()`` would
+allocate whatever the header declares (a header saying 2^40 values asks for terabytes) before noticing
+the data is short.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import math
 
 import numpy as np
 import torch
+from numpy.lib import format as npy_format
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from . import keys
 from .compression import Payload, PayloadError
 
 __all__ = [
+    "read_array",
     "flatten_arrays",
     "float_sizes",
     "unflatten_into",
@@ -28,9 +37,40 @@ __all__ = [
 ]
 
 
+_HEADER_READERS = {(1, 0): npy_format.read_array_header_1_0, (2, 0): npy_format.read_array_header_2_0}
+
+
+def read_array(arr: Array, name: str = "array") -> np.ndarray:
+    """``arr.numpy()`` for an array a client sent, refusing (PayloadError) what cannot be a plain array.
+
+    Checked before anything is allocated: the serialization type, the npy magic and header, a plain
+    (non-object) dtype, and that the header's shape x itemsize equals the data bytes present.
+    """
+    if getattr(arr, "stype", None) != "numpy.ndarray":
+        raise PayloadError(f"array {name!r} has serialization type {getattr(arr, 'stype', None)!r}, not numpy.ndarray")
+    data = arr.data
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise PayloadError(f"array {name!r} carries no bytes")
+    f = io.BytesIO(data)
+    try:
+        version = npy_format.read_magic(f)
+        shape, fortran, dtype = _HEADER_READERS[version](f)
+    except (KeyError, ValueError, TypeError, EOFError, SyntaxError) as exc:
+        raise PayloadError(f"array {name!r} is not a valid npy array ({exc})") from None
+    if dtype.hasobject or dtype.itemsize == 0:
+        raise PayloadError(f"array {name!r} has dtype {dtype}, not a plain numeric dtype")
+    declared = math.prod(int(s) for s in shape) * dtype.itemsize
+    present = len(data) - f.tell()
+    if declared != present:
+        raise PayloadError(
+            f"array {name!r} declares shape {tuple(shape)} {dtype} ({declared} bytes) but carries {present} bytes"
+        )
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
 def _float_items(arrays: ArrayRecord):
     for name, arr in arrays.items():
-        nd = arr.numpy()
+        nd = read_array(arr, name)
         if np.issubdtype(nd.dtype, np.floating):
             yield name, nd
 
@@ -68,7 +108,11 @@ def unflatten_into(template: ArrayRecord, vector: torch.Tensor) -> ArrayRecord:
 
 def array_bits(arrays: ArrayRecord) -> int:
     """Bits of an uncompressed record as sent: numel x dtype width, summed (float32 -> 32 per value)."""
-    return int(sum(arr.numpy().size * arr.numpy().dtype.itemsize * 8 for arr in arrays.values()))
+    total = 0
+    for name, arr in arrays.items():
+        nd = read_array(arr, name)
+        total += nd.size * nd.dtype.itemsize * 8
+    return int(total)
 
 
 def state_dict_to_arrays(state_dict: dict[str, torch.Tensor]) -> ArrayRecord:
@@ -99,5 +143,5 @@ def payload_from_records(arrays: ArrayRecord, meta: ConfigRecord) -> Payload:
         extra = json.loads(str(meta.get(keys.P_META, "{}")))
     except (KeyError, TypeError, ValueError) as exc:
         raise PayloadError(f"payload meta record is malformed ({exc})") from None
-    tensors = {k: torch.from_numpy(np.array(a.numpy(), copy=True)) for k, a in arrays.items()}
+    tensors = {k: torch.from_numpy(np.array(read_array(a, k), copy=True)) for k, a in arrays.items()}
     return Payload(codec=codec, dim=dim, tensors=tensors, bits=bits, meta=extra)

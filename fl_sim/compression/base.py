@@ -211,6 +211,16 @@ class Codec(ABC):
     def decode(self, payload: Payload, *, seed: int) -> torch.Tensor:
         """Reconstruct a float32 vector of shape ``(dim,)`` from a payload (same ``seed``)."""
 
+    def check_values(self, payload: Payload) -> None:
+        "Raise PayloadError for values a well-formed payload cannot hold; no-op by default."
+
+    def payload_bits(self, payload: Payload) -> int | None:
+        """Bits of a received payload counted by the receiver from its content with this codec's coding
+        (never ``payload.bits``, the sender's claim). None (default): a fixed-size codec, every
+        well-formed payload of which has the bits of the receiver's own reference payload. A codec whose
+        size depends on the data (variable-length codes) overrides this."""
+        return None
+
     def aggregate(self, payloads: Sequence[Payload], weights: Sequence[float]) -> Payload:
         """Weighted sum in the compressed domain (linear codecs only)."""
         raise CodecError(f"codec {self.name!r} is not linear: decode each payload, then average")
@@ -308,6 +318,18 @@ class Codec(ABC):
             spec = {k: (tuple(t.shape), t.dtype) for k, t in ref.tensors.items()}
             self.__dict__["_payload_spec"] = spec
         return spec
+
+    def reference_bits(self, seed: int = 0) -> int:
+        """Bits of this codec's own reference payload (an encoding of the zero vector, cached like
+        :meth:`payload_spec`): what the receiver counts for a well-formed payload of a fixed-size codec
+        when :meth:`payload_bits` is None (never the sender's ``payload.bits``). ``seed``: one the
+        receiver decodes with anyway (its shared operator is then built once, not once more for seed 0);
+        a fixed-size codec's count does not depend on it."""
+        bits = self.__dict__.get("_reference_bits")
+        if bits is None:
+            bits = int(self.encode(torch.zeros(self.dim), seed=seed).bits)
+            self.__dict__["_reference_bits"] = bits
+        return bits
 
     def validate_payload(self, payload: Payload) -> None:
         """A received payload against :meth:`payload_spec`: codec, dim, exactly those tensors, shapes,

@@ -4,8 +4,15 @@ Layouts (what ``torchvision.datasets.X(root, download=False)`` expects):
     <root>/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]
     <root>/FashionMNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]
     <root>/cifar-10-batches-py/{data_batch_1..5,test_batch}   (pickled dicts: data (n, 3072) uint8, labels)
-The files are parsed here (idx with NumPy, CIFAR with pickle) instead of through torchvision, which
-would also insist on its own integrity checks (MD5 sums, batches.meta) and on importing torchvision.
+The files are parsed here (idx with NumPy, CIFAR with a restricted unpickler) instead of through
+torchvision, which would also insist on its own integrity checks (MD5 sums, batches.meta) and on
+importing torchvision.
+
+A pickle can call any importable function while it loads, so a crafted ``data_batch_1`` under
+``data.root`` could run code. CIFAR batches are read by :class:`_CifarUnpickler`, which resolves only
+the globals the real format holds (NumPy's array reconstruction: ``_reconstruct``, ``ndarray``,
+``dtype``, ``scalar``, and ``_frombuffer`` of protocol-5 pickles; and ``_codecs.encode`` to latin-1, which Python 3 uses for bytes in protocol-2
+pickles); dicts, lists, strings, bytes and ints need no global. Anything else is refused with one line.
 
 Normalisation x ← (x/255 − mean)/std with the usual per-dataset statistics of the training sets:
 MNIST 0.1307 / 0.3081, Fashion-MNIST 0.2860 / 0.3530, CIFAR-10 per channel
@@ -99,15 +106,62 @@ def load_mnist_like(name: str, root: str) -> tuple[torch.Tensor, ...]:
     return norm(xtr), torch.from_numpy(ytr.astype(np.int64)), norm(xte), torch.from_numpy(yte.astype(np.int64))
 
 
+def _numpy_global(module: str, name: str):
+    import importlib
+
+    try:
+        mod = importlib.import_module(f"numpy._core.{module}")  # NumPy >= 2
+    except ImportError:  # pragma: no cover - NumPy 1.x
+        mod = importlib.import_module(f"numpy.core.{module}")
+    return getattr(mod, name)
+
+
+def _latin1_encode(obj, encoding="utf-8", errors="strict"):
+    """``_codecs.encode`` as protocol-2 pickles of bytes use it (latin-1 only)."""
+    if encoding not in ("latin1", "latin-1") or not isinstance(obj, str):
+        raise pickle.UnpicklingError(f"_codecs.encode with encoding {encoding!r} is not part of the CIFAR format")
+    return obj.encode("latin1", errors)
+
+
+_CIFAR_GLOBALS = {
+    **{(f"{pkg}.{mod}", name): (lambda m=mod, n=name: _numpy_global(m, n))
+       for pkg in ("numpy.core", "numpy._core")
+       for mod, name in (("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer"))},
+    ("numpy", "ndarray"): lambda: np.ndarray,
+    ("numpy", "dtype"): lambda: np.dtype,
+    ("_codecs", "encode"): lambda: _latin1_encode,
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """An unpickler that admits only what a CIFAR-10 python batch holds (module docstring)."""
+
+    def find_class(self, module: str, name: str):
+        make = _CIFAR_GLOBALS.get((module, name))
+        if make is None:
+            raise pickle.UnpicklingError(f"it references {module}.{name}, which a CIFAR-10 batch never holds")
+        return make()
+
+
+def _load_cifar_pickle(path: Path) -> dict:
+    with open(path, "rb") as f:
+        d = _CifarUnpickler(f, encoding="latin1").load()
+    if not isinstance(d, dict):
+        raise ValueError(f"a {type(d).__name__}, not a dict")
+    return d
+
+
 def _cifar_batches(base: Path, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     xs, ys = [], []
     for n in names:
         try:
-            with open(base / n, "rb") as f:
-                d = pickle.load(f, encoding="latin1")
+            d = _load_cifar_pickle(base / n)
             x = np.asarray(d["data"], np.uint8).reshape(-1, 3, 32, 32)
             y = np.asarray(d["labels"], np.int64)
-        except (OSError, pickle.UnpicklingError, KeyError, ValueError, EOFError) as exc:
+        except pickle.UnpicklingError as exc:
+            raise DataError(f"{base / n} is not a CIFAR-10 python batch and was not loaded: {exc}; "
+                            "re-extract the real file") from None
+        except (OSError, KeyError, ValueError, TypeError, EOFError, AttributeError, IndexError) as exc:
             raise DataError(f"{base / n} is not a CIFAR-10 python batch ({type(exc).__name__}); re-extract it") from None
         if len(x) != len(y):
             raise DataError(f"{base / n}: {len(x)} images but {len(y)} labels")

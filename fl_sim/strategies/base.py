@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -59,6 +58,7 @@ from .. import keys
 from ..protocol import round_seed
 from ..records import array_bits, flatten_arrays, unflatten_into
 from ..rng import numpy_generator
+from . import guards as reply_guards
 
 __all__ = ["UpdateStrategy", "ClientReply", "ReplyError", "update_sparsity", "SERVER_PREFIX"]
 
@@ -143,6 +143,9 @@ class UpdateStrategy(Strategy):
         digital_link: {"snr_db", "bandwidth_hz", "compute_s"}: count the channel uses of sending
             every client's bits one node after another at capacity C = 0.5 log2(1 + SNR) (Abdi
             Ch. 5, digital baseline) and the resulting latency; None = no channel accounting.
+        guards: server-side bounds on what one reply can do (update norm relative to the round's
+            median, num-examples cap, method scalars); see fl_sim.strategies.guards for the keys
+            and their defaults (on by default).
         **fedavg_kwargs: FedAvg's arguments, only when ``inner`` is None.
     """
 
@@ -159,6 +162,7 @@ class UpdateStrategy(Strategy):
         server_momentum: float = 0.0,
         train_config: dict[str, Any] | None = None,
         digital_link: dict[str, float] | None = None,
+        guards: dict[str, Any] | None = None,
         **fedavg_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -190,6 +194,10 @@ class UpdateStrategy(Strategy):
         self.train_config = dict(train_config or {})
         self.digital_link = _check_link(digital_link)
         self.round_offset = 0  # resume hook: Flower's round r is the method's round round_offset + r
+        self.guards = reply_guards.check_guards(guards)
+        self._declared_bits = reply_guards.DeclaredBits()
+        self._rejected = 0  # replies of this round rejected by a check or a guard
+        self.last_errors: list[tuple[int, str]] = []  # (node, reason) of this round's error replies
         # Server state (set lazily, checkpointable)
         self.momentum_buffer: torch.Tensor | None = None
         self.rounds_aggregated = 0
@@ -398,57 +406,96 @@ class UpdateStrategy(Strategy):
         return name, record
 
     def _reply_cid(self, msg: Message, metrics: MetricRecord | None) -> int:
-        meta = msg.content.config_records.get(keys.PAYLOAD_META)
-        if meta is not None and keys.P_CID in meta:
-            return int(meta[keys.P_CID])
-        if metrics is not None and keys.M_CID in metrics:
-            return int(metrics[keys.M_CID])
+        """The client id of a reply: the one it reports (payload meta ``cid``, else metric ``cid``; both
+        must agree), a whole number >= 0 that, in a simulation (``client_ids``), must be the id sent to
+        its node this round. Without ``client_ids`` (a user's deployment) the server sent no id, so the
+        reported one (the node's partition-id) is only checked for form; duplicates are caught in collect."""
         src = msg.metadata.src_node_id
+        meta = msg.content.config_records.get(keys.PAYLOAD_META)
+        reported = []
+        if meta is not None and keys.P_CID in meta:
+            reported.append(reply_guards.finite_number(meta[keys.P_CID], f"payload {keys.P_CID!r}", lo=0, integer=True))
+        if metrics is not None and keys.M_CID in metrics:
+            reported.append(reply_guards.finite_number(metrics[keys.M_CID], f"metric {keys.M_CID!r}", lo=0,
+                                                       integer=True))
+        if reported:
+            ids = [int(c) for c in reported]
+            for cid in ids:
+                if self.client_ids is not None and self.sent.get(cid) != src:
+                    raise ReplyError(f"client id {cid} was not sent to node {src} this round")
+            if len(set(ids)) > 1:
+                raise ReplyError(f"payload and metrics report different client ids {ids}")
+            return ids[0]
         for cid, node in self.sent.items():
             if node == src:
                 return cid
-        return -1
+        raise ReplyError(f"node {src} was sent no client this round")
 
     def read_reply(self, server_round: int, msg: Message) -> ClientReply:
-        """One reply -> a validated :class:`ClientReply`, or :class:`ReplyError` (the per-reply seam:
-        value checks and guards hook in here)."""
+        """One reply -> a validated :class:`ClientReply`, or :class:`ReplyError` (the per-reply seam).
+
+        Every check that depends on one reply runs here: metrics (client id, the weight, train-loss),
+        the payload's structure and values (``decode_reply``, which calls the codec's ``check_values``).
+        Uplink bits are the server's own count (``decode_reply``); a client's declared ``uplink-bits``
+        that disagrees is logged once per client, never used.
+        """
         try:
             name, metrics = self.reply_metrics(msg)
         except ReplyError:
             metrics = None
-        cid = self._reply_cid(msg, metrics)
+        try:
+            cid = self._reply_cid(msg, metrics)
+        except (ReplyError, ValueError, TypeError, OverflowError) as exc:
+            raise ReplyError(str(exc)) from None
         try:
             if metrics is None:
                 raise ReplyError("reply has no MetricRecord")
             key = self.weighted_by_key
             if key not in metrics:
                 raise ReplyError(f"reply lacks the metric {key!r} (the inner strategy's weighted_by_key)")
-            weight = metrics[key]
-            if isinstance(weight, (list, bool)) or not math.isfinite(float(weight)) or float(weight) < 0:
-                raise ReplyError(f"{key}={weight!r} is not a finite weight >= 0")
+            # num-examples is a count; a user's own weighting key may be fractional
+            weight = reply_guards.finite_number(metrics[key], f"metric {key!r}", lo=0,
+                                                integer=(key == keys.NUM_EXAMPLES))
+            reply_guards.train_loss(metrics.get(keys.TRAIN_LOSS), f"metric {keys.TRAIN_LOSS!r}")
             data, bits = self.decode_reply(server_round, msg, cid)
         except ReplyError as exc:
             raise ReplyError(f"client {cid}: {exc}") from None
-        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+        except (ValueError, KeyError, TypeError, RuntimeError, OverflowError, IndexError, MemoryError) as exc:
             raise ReplyError(f"client {cid}: {type(exc).__name__}: {exc}") from None
+        self._declared_bits.check(cid, msg.metadata.src_node_id, metrics.get(keys.UPLINK_BITS), int(bits),
+                                  f"metric {keys.UPLINK_BITS!r}")
         return ClientReply(msg.metadata.src_node_id, cid, float(weight), int(bits), data, metrics, msg)
 
     def collect(self, server_round: int, replies: Iterable[Message]) -> tuple[list[ClientReply], list[Message], int]:
-        """(usable replies sorted by client id, error replies, number rejected)."""
+        """(usable replies sorted by client id, error replies, number rejected).
+
+        A reply that fails a check is rejected, logged with its node and the reason, and counted; so is
+        a second reply for a client id already read this round. Error replies are kept (the inner
+        strategy sees them) and their (node, reason) recorded in ``last_errors``
+        (``simulation.dead_worker_error`` reads it).
+        """
         usable: list[ClientReply] = []
         errors: list[Message] = []
         rejected = 0
+        self.last_errors = []
+        seen: set[int] = set()
         for msg in list(replies):
             node = msg.metadata.src_node_id
             if msg.has_error():
                 errors.append(msg)
+                self.last_errors.append((node, str(msg.error.reason)))
                 log.warning("round %d: node %d replied with an error: %s", server_round, node, msg.error.reason)
                 continue
             try:
-                usable.append(self.read_reply(server_round, msg))
+                reply = self.read_reply(server_round, msg)
+                if reply.cid in seen:
+                    raise ReplyError(f"a second reply for client {reply.cid}")
             except ReplyError as exc:
                 rejected += 1
                 log.error("round %d: rejected reply from node %d (%s)", server_round, node, exc)
+                continue
+            seen.add(reply.cid)
+            usable.append(reply)
         usable.sort(key=lambda r: r.cid)
         return usable, errors, rejected
 
@@ -463,6 +510,73 @@ class UpdateStrategy(Strategy):
         msg.content = RecordDict({self.arrayrecord_key: model, name: metrics})
         return msg
 
+    # ---- reply guards (fl_sim.strategies.guards): hooks, and their use in aggregate_train -------------
+    def reply_norm(self, reply: ClientReply) -> float | None:
+        """Norm of what ``reply`` adds to the aggregate, in the domain ``combine`` sums; None = unguarded."""
+        return reply_guards.tensor_norm([reply.data]) if isinstance(reply.data, torch.Tensor) else None
+
+    def scale_reply(self, reply: ClientReply, factor: float) -> None:
+        """Scale ``reply``'s contribution to the aggregate by ``factor`` (norm clipping)."""
+        reply.data = reply.data * factor
+
+    def reply_scalars(self, reply: ClientReply) -> dict[str, float]:
+        """Method scalars read from the client, bounded relative to the round's median (guards.scalar_bound)."""
+        return {}
+
+    def apply_guards(self, server_round: int, usable: list[ClientReply]) -> tuple[list[ClientReply], dict[str, float]]:
+        """Scalar bound, norm bound, num-examples cap over the round's usable replies (fl_sim.strategies.guards).
+
+        Returns the replies kept (clipped/capped in place) and the counts for the round's metrics.
+        """
+        g = self.guards
+        drop: set[int] = set()
+        scalars = [self.reply_scalars(r) for r in usable]
+        for name in sorted({k for sc in scalars for k in sc}):
+            vals = torch.tensor([sc.get(name, 0.0) for sc in scalars], dtype=torch.float64)
+            for j in torch.nonzero(reply_guards.relative_outliers(vals, g["scalar_bound"])).flatten().tolist():
+                drop.add(j)
+                log.error("round %d: rejected reply from node %d (client %d): %s = %.3g exceeds %g x the round's "
+                          "median", server_round, usable[j].node_id, usable[j].cid, name, float(vals[j]),
+                          g["scalar_bound"])
+        clipped = 0
+        norms = [None if j in drop else self.reply_norm(r) for j, r in enumerate(usable)]
+        guarded = [j for j, v in enumerate(norms) if v is not None]
+        if guarded:
+            nv = torch.tensor([norms[j] for j in guarded], dtype=torch.float64)
+            factors = reply_guards.norm_factors(nv, g["norm_bound"], g["max_norm"])
+            for j, f, v in zip(guarded, factors.tolist(), nv.tolist()):
+                if f >= 1.0:
+                    continue
+                r = usable[j]
+                if g["norm_mode"] == "reject":
+                    drop.add(j)
+                    log.error("round %d: rejected reply from node %d (client %d): update norm %.3g beyond the "
+                              "norm guard's %.3g", server_round, r.node_id, r.cid, v, v * f)
+                else:
+                    self.scale_reply(r, f)
+                    clipped += 1
+                    log.warning("round %d: clipped the update of client %d (node %d) from norm %.3g to %.3g",
+                                server_round, r.cid, r.node_id, v, v * f)
+        self._rejected += len(drop)
+        usable = [r for j, r in enumerate(usable) if j not in drop]
+        capped = 0
+        if usable:
+            n = torch.tensor([float(r.num_examples) for r in usable], dtype=torch.float64)
+            known = reply_guards.known_sizes(g["client_sizes"], [r.cid for r in usable])
+            capped_n = reply_guards.cap_counts(n, g["weight_cap"], g["max_num_examples"], known)
+            for r, before, after in zip(usable, n.tolist(), capped_n.tolist()):
+                if after < before:
+                    capped += 1
+                    log.warning("round %d: capped the num-examples of client %d (node %d) from %.3g to %.3g",
+                                server_round, r.cid, r.node_id, before, after)
+                    r.num_examples = after
+                    # the inner weighs by the client's MetricRecord, not by num_examples: cap it there too
+                    r.metrics = MetricRecord(dict(r.metrics))
+                    r.metrics[self.weighted_by_key] = int(after) if float(after).is_integer() else float(after)
+        return usable, {"rejected_by_guards": len(drop), "replies_clipped": float(clipped),
+                        "weights_capped": float(capped)}
+    # ---- end of reply guards ---------------------------------------------------------------------------
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -471,10 +585,14 @@ class UpdateStrategy(Strategy):
             raise RuntimeError("aggregate_train called before configure_train: no global model for this round")
         replies = list(replies)
         usable, errors, rejected = self.collect(rnd, replies)
+        self._rejected = rejected
+        usable, guard_counts = self.apply_guards(rnd, usable)  # reply guards (adds its drops to _rejected)
+        guard_counts.pop("rejected_by_guards")
         metrics: dict[str, float] = {
             "clients_ok": len(usable),
-            "clients_failed": len(errors) + rejected,
-            "clients_rejected": rejected,
+            "clients_failed": len(errors) + self._rejected,
+            "clients_rejected": self._rejected,
+            **guard_counts,
             "uplink_bits": sum(r.uplink_bits for r in usable),
             "downlink_bits": self._downlink_bits_each * len(self.sent),
         }
@@ -491,14 +609,19 @@ class UpdateStrategy(Strategy):
                     "round %d: none of the %d replies could be used (%d errors, %d rejected); the global model is "
                     "unchanged. Likely cause: the ClientApp lacks fl-sim's compression_mod "
                     "(ClientApp(mods=[compression_mod])) or does not report %r", rnd, len(replies), len(errors),
-                    rejected, self.weighted_by_key)
+                    self._rejected, self.weighted_by_key)
             elif self.sent:
                 log.error("round %d: no replies (no client answered); the global model is unchanged", rnd)
             metrics.update(self.empty_round_metrics(rnd))
             return None, self._finish(rnd, metrics, None)
         w = torch.tensor([r.num_examples for r in usable], dtype=torch.float64)
         weights = w / w.sum() if w.sum() > 0 else torch.full_like(w, 1.0 / len(w))
-        update = self.combine(rnd, usable, weights)
+        try:
+            update = self.combine(rnd, usable, weights)
+        except ValueError as exc:  # reply guards: a value no per-reply check caught must not end the run
+            log.error("round %d: the replies passed the per-reply checks but could not be aggregated (%s); the "
+                      "global model is unchanged (a codec's check_values misses this case)", rnd, exc)
+            return None, self._finish(rnd, metrics, None)
         delta = weights.to(update.dtype) @ update if update.dim() == 2 else update
         if not torch.isfinite(delta).all():
             log.error("round %d: the aggregate update is not finite; the global model is unchanged", rnd)

@@ -23,6 +23,7 @@ kept by ``compression_mod`` in the client's context.state.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -33,6 +34,7 @@ from .. import keys
 from ..compression import Codec, Payload, Seeds
 from ..protocol import DEFAULT_SEED_MODE, check_seed_mode, codec_seeds, dump_params, get_codec
 from ..records import float_sizes, payload_from_records
+from . import guards
 from .base import ClientReply, ReplyError, UpdateStrategy
 
 __all__ = ["CompressedFedAvg", "EF_KINDS"]
@@ -140,20 +142,72 @@ class CompressedFedAvg(UpdateStrategy):
         if meta is None:
             raise ReplyError("reply carries no encoded payload (is compression_mod installed on the ClientApp?)")
         payload = payload_from_records(self.reply_arrays(msg), meta)
-        self.codec.validate_payload(payload)
-        return payload, payload.bits
+        codec = self.codec
+        codec.validate_payload(payload)
+        codec.check_values(payload)  # value checks of this one reply, before any aggregation
+        data: Any = payload
+        if self.decodes_each():  # decoded here, once: the last per-reply check, and what combine averages
+            vector = codec.decode_seeded(payload, self.client_seeds(cid)).to(torch.float32)
+            if not torch.isfinite(vector).all():
+                raise ReplyError("the payload decodes to NaN or inf")
+            data = _Decoded(payload, vector)
+        # Bits counted by the server, never the client's claim: the codec's count of this payload's content
+        # (variable-length codes), else those of the codec's own reference payload, whose structure
+        # (names, shapes, dtypes: payload_spec) every accepted payload of a fixed-size codec has.
+        counted = codec.payload_bits(payload)
+        bits = codec.reference_bits(self.client_seeds(cid).own) if counted is None else int(counted)
+        self._declared_bits.check(cid, msg.metadata.src_node_id, payload.bits, bits, "payload bits")
+        return data, bits
+
+    def decodes_each(self) -> bool:
+        """Whether ``combine`` decodes every reply (else it sums the payloads in the compressed domain)."""
+        codec = self.codec
+        return not (codec.linear and self.aggregate_compressed)
+
+    # reply guards (fl_sim.strategies.guards): ‖Δ̂_i‖ of a decoded reply; for payloads summed in the
+    # compressed domain, decoding is linear in their float tensors (measurements, sketches, scales),
+    # so those tensors' norm measures the reply and scaling them scales its decoded contribution.
+    def reply_norm(self, reply: ClientReply) -> float | None:
+        if isinstance(reply.data, _Decoded):
+            return guards.tensor_norm([reply.data.vector])
+        return guards.tensor_norm(_payload(reply.data).tensors.values())
+
+    def scale_reply(self, reply: ClientReply, factor: float) -> None:
+        if isinstance(reply.data, _Decoded):
+            reply.data = _Decoded(reply.data.payload, reply.data.vector * factor)
+            return
+        p = _payload(reply.data)
+        scaled = replace(p, tensors={k: (t.to(torch.float64) * factor).to(t.dtype) if torch.is_floating_point(t)
+                                     else t for k, t in p.tensors.items()})
+        reply.data = scaled if isinstance(reply.data, Payload) else (scaled, *reply.data[1:])
 
     def combine(self, server_round: int, replies: list[ClientReply], weights: torch.Tensor) -> torch.Tensor:
         codec = self.codec
         if codec.linear and self.aggregate_compressed:  # common operator in both seed modes
             seeds = [self.client_seeds(r.cid) for r in replies]
-            summed = codec.aggregate_seeded([r.data for r in replies], weights.tolist(), seeds)
+            summed = codec.aggregate_seeded([_payload(r.data) for r in replies], weights.tolist(), seeds)
             return codec.decode_seeded(summed, Seeds(self.round_seed)).to(torch.float32)
-        return torch.stack([codec.decode_seeded(r.data, self.client_seeds(r.cid)).to(torch.float32)
+        return torch.stack([r.data.vector if isinstance(r.data, _Decoded)  # decoded in decode_reply
+                            else codec.decode_seeded(r.data, self.client_seeds(r.cid)).to(torch.float32)
                             for r in replies])
 
     @staticmethod
     def payload_tensor(payload: Payload) -> torch.Tensor:
         """The single tensor of a one-tensor payload (rlc's codeword, cs_fiht's measurements)."""
-        (t,) = payload.tensors.values()
+        (t,) = _payload(payload).tensors.values()
         return t
+
+
+@dataclass(frozen=True)
+class _Decoded:
+    """A reply's payload with its decoded update Δ̂_i (strategies that decode every reply)."""
+
+    payload: Payload
+    vector: torch.Tensor
+
+
+def _payload(data: Any) -> Payload:
+    """The payload of a reply's data (a Payload, a _Decoded, or a tuple starting with a Payload)."""
+    if isinstance(data, _Decoded):
+        return data.payload
+    return data if isinstance(data, Payload) else data[0]

@@ -51,7 +51,10 @@ from ..compression.dataq import (
     gradcorrq_values,
     per_feature_levels,
 )
+from ..compression.dataq import batch_bits, dataq_bits
+from ..records import read_array
 from ..rng import torch_generator
+from . import guards
 from .base import ClientReply, ReplyError, UpdateStrategy
 
 __all__ = ["DaQuSGD"]
@@ -99,6 +102,7 @@ class DaQuSGD(UpdateStrategy):
         gradcorrq: bool = False,
         c_z: float = 1.0,
         num_classes: int | None = None,
+        input_shape: tuple[int, ...] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(inner, **kwargs)
@@ -126,6 +130,7 @@ class DaQuSGD(UpdateStrategy):
         self.budget, self.loss_average, self.quantizer = budget, loss_average, quantizer
         self.levels, self.gradcorrq, self.c_z = int(levels), bool(gradcorrq), float(c_z)
         self.num_classes = num_classes
+        self.input_shape = None if input_shape is None else tuple(int(v) for v in input_shape)
         if epoch_rounds is None:
             n = len(self.client_ids) if self.client_ids is not None else 1
             epoch_rounds = max(1, math.ceil(n / max(1, self.clients_per_round or 1)))
@@ -139,7 +144,7 @@ class DaQuSGD(UpdateStrategy):
     @classmethod
     def from_experiment(cls, exp) -> dict[str, Any]:
         return {"model": exp.model, "batch_size": exp.cfg.train.batch_size, "lr": exp.cfg.train.lr,
-                "num_classes": exp.data.num_classes}
+                "num_classes": exp.data.num_classes, "input_shape": tuple(exp.data.input_shape)}
 
     def round_config(self, server_round: int, config: ConfigRecord) -> None:
         if server_round > 1 and (server_round - 1) % self.epoch_rounds == 0:
@@ -173,12 +178,21 @@ class DaQuSGD(UpdateStrategy):
     # ------------------------------------------------------------------ replies
     def _features(self, arrays, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
         try:
-            return {n: torch.from_numpy(arrays[n].numpy().copy()) for n in names}
+            return {n: torch.from_numpy(read_array(arrays[n], n).copy()) for n in names}
         except (KeyError, TypeError, IndexError, AttributeError) as exc:
             raise ReplyError(f"DaQuSGD reply lacks {', '.join(names)} ({exc})") from None
 
     def decode_reply(self, server_round: int, msg: Message, cid: int) -> tuple[Any, int]:
+        """One reply's samples (features, labels, GradCorrQ bits), every value checked; bits counted by the
+        server from what arrived: the DataQ batch (per-feature: 32 + N d b; exact: N (32 + ⌈log2 |S|⌉)),
+        ⌈log2 C⌉ per label and GradCorrQ's bit per sample (the client's ``uplink-bits`` is only compared).
+        """
         arrays, (_, metrics) = self.reply_arrays(msg), self.reply_metrics(msg)
+        base = {"levels", "labels", "scale"} if self.quantizer == "per_feature" else {"a", "b", "norms", "labels"}
+        allowed = base | ({"gc_bits"} if self.gradcorrq else set())
+        if not base <= set(arrays.keys()) <= allowed:
+            raise ReplyError(f"DaQuSGD reply carries {sorted(arrays.keys())}; expected {sorted(base)}"
+                             + (" and gc_bits" if self.gradcorrq else ""))
         if self.quantizer == "per_feature":
             t = self._features(arrays, ("levels", "labels", "scale"))
             levels, scale_t = t["levels"].to(torch.int64), t["scale"].reshape(-1)
@@ -208,6 +222,9 @@ class DaQuSGD(UpdateStrategy):
         labels = t["labels"].to(torch.int64).reshape(-1)
         if labels.numel() != n:
             raise ReplyError(f"{n} feature rows but {labels.numel()} labels")
+        shape = tuple((t["levels"] if self.quantizer == "per_feature" else t["a"]).shape[1:])
+        if self.input_shape is not None and shape != self.input_shape:
+            raise ReplyError(f"samples of shape {shape}, the model takes {self.input_shape}")
         if n and (labels.min() < 0 or (self.num_classes and labels.max() >= self.num_classes)):
             raise ReplyError(f"labels outside 0..{(self.num_classes or 0) - 1}")
         features = int(x[0].numel()) if n else 0
@@ -218,16 +235,43 @@ class DaQuSGD(UpdateStrategy):
                 raise ReplyError("gc_bits must hold one bit (0 or 1) per sent sample")
             bound = self.c_z * sample_scale * math.sqrt(features) / steps  # eq. (8), as the node computed it
             correction = (bits, bound)
-        considered = int(metrics.get(keys.DAQU_CONSIDERED, n))
-        if considered < n:
-            raise ReplyError(f"{n} samples sent but only {considered} considered")
-        self._epoch_loss_sum += float(metrics.get(keys.DAQU_LOSS_SUM, 0.0))
-        self._epoch_sent += int(metrics.get(keys.DAQU_SENT, n))
+        considered = int(guards.finite_number(metrics.get(keys.DAQU_CONSIDERED, n), f"metric {keys.DAQU_CONSIDERED!r}",
+                                              lo=n, integer=True))
+        loss_sum = guards.finite_number(metrics.get(keys.DAQU_LOSS_SUM, 0.0), f"metric {keys.DAQU_LOSS_SUM!r}", lo=0.0)
+        clipped = int(guards.finite_number(metrics.get(keys.DAQU_CLIPPED, 0), f"metric {keys.DAQU_CLIPPED!r}",
+                                           lo=0, hi=n, integer=True))
+        self._declared_bits.check(cid, msg.metadata.src_node_id, metrics.get(keys.DAQU_SENT), n,
+                                  f"metric {keys.DAQU_SENT!r} (samples)")
+        # bits counted by the server from what arrived (the node's uplink-bits is only compared)
+        label_bits = math.ceil(math.log2(self.num_classes)) if self.num_classes and self.num_classes > 1 else 0
+        d = int(math.prod(shape))
+        bits = batch_bits(n, d, self.bits) if self.quantizer == "per_feature" else n * (32 + dataq_bits(d, self.levels))
+        bits += n * label_bits + (n if correction is not None else 0)
         return {"x": x, "y": labels, "cid": cid, "considered": considered, "correction": correction,
-                "clipped": int(metrics.get(keys.DAQU_CLIPPED, 0))}, int(metrics.get(keys.UPLINK_BITS, 0))
+                "clipped": clipped, "loss_sum": loss_sum}, int(bits)
+
+    # reply guards (fl_sim.strategies.guards): the features' magnitude bounds a reply (clipping scales the
+    # features and GradCorrQ's bound with them); the mean sent loss feeds the next epoch's threshold.
+    def reply_norm(self, reply: ClientReply) -> float | None:
+        x = reply.data["x"]
+        return float(x.detach().abs().max()) if x is not None and x.numel() else None
+
+    def scale_reply(self, reply: ClientReply, factor: float) -> None:
+        d = dict(reply.data)
+        d["x"] = d["x"] * factor
+        if d["correction"] is not None:
+            d["correction"] = (d["correction"][0], d["correction"][1] * factor)
+        reply.data = d
+
+    def reply_scalars(self, reply: ClientReply) -> dict[str, float]:
+        n = reply.data["y"].numel()
+        return {f"mean sent loss ({keys.DAQU_LOSS_SUM!r} / samples)": reply.data["loss_sum"] / n} if n else {}
 
     # ------------------------------------------------------------------ server gradient
     def combine(self, server_round: int, replies: list[ClientReply], weights: torch.Tensor) -> torch.Tensor:
+        for r in replies:  # the threshold rule reads only replies that passed every check and guard
+            self._epoch_loss_sum += r.data["loss_sum"]
+            self._epoch_sent += int(r.data["y"].numel())
         got = [r.data for r in replies if r.data["x"] is not None]
         considered = sum(r.data["considered"] for r in replies)
         self._last = {"received_samples": 0, "threshold": self.threshold, "considered_samples": considered}

@@ -139,6 +139,9 @@ class FetchSGD(CompressedFedAvg):
         if self.mode == "sketch":
             config[keys.SEED_MODE] = "shared"
 
+    def decodes_each(self) -> bool:
+        return False  # combine works on the payloads themselves (compressed domain)
+
     def combine(self, server_round: int, replies: list[ClientReply], weights: torch.Tensor) -> torch.Tensor:
         if self.mode == "true_topk":
             return self._combine_true_topk(server_round, replies, weights)

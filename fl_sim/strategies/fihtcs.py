@@ -111,6 +111,9 @@ class FIHTCS(CompressedFedAvg):
         super().round_config(server_round, config)
         config[keys.SEED_MODE] = "shared"
 
+    def decodes_each(self) -> bool:
+        return False  # combine works on the payloads themselves (compressed domain)
+
     def combine(self, server_round: int, replies: list[ClientReply], weights: torch.Tensor) -> torch.Tensor:
         codec = self.codec
         y_bar = codec.aggregate([r.data for r in replies], weights.tolist()).tensors["y"].to(torch.float32)

@@ -229,6 +229,16 @@ class RLCOverTheAir(CompressedFedAvg):
                 raise ReplyError(f"metric {M_UPDATE_NORM!r} = {norm} is not a finite norm >= 0")
         return (payload, norm), bits
 
+    # reply guards (fl_sim.strategies.guards): the reported ‖Δ_i‖ sets the power scale c of every node
+    def reply_scalars(self, reply: ClientReply) -> dict[str, float]:
+        norm = reply.data[1]
+        return {} if norm is None else {f"metric {M_UPDATE_NORM!r}": norm}
+
+    def scale_reply(self, reply: ClientReply, factor: float) -> None:
+        super().scale_reply(reply, factor)
+        payload, norm = reply.data
+        reply.data = (payload, None if norm is None else norm * factor)
+
     def _adjoint(self, y: torch.Tensor, seed: int) -> torch.Tensor:
         """Aᵀ y (the rlc codec's decoder, eq. 5.4) for the operator of ``seed``."""
         return self.codec.operator(seed).adjoint(y).to(torch.float32)
@@ -245,6 +255,9 @@ class RLCOverTheAir(CompressedFedAvg):
         if self.channel.snr_db is not None:
             extra["snr_db"] = float(self.channel.snr_db)
         return extra
+
+    def decodes_each(self) -> bool:
+        return False  # combine works on the payloads themselves (compressed domain)
 
     def combine(self, server_round: int, replies: list[ClientReply], weights: torch.Tensor) -> torch.Tensor:
         codewords = torch.stack([self.payload_tensor(r.data[0]).to(torch.float32) for r in replies])  # (K, m): A Δ_i

@@ -201,6 +201,10 @@ class TopKCodec(_Granular):
         vals = to_wire_float(vals, "topk.encode", "a value")
         return Payload(self.name, self.dim, {"indices": idx, "values": vals}, self._bits(idx))
 
+    def payload_bits(self, payload: Payload) -> int:
+        """Counted from the received indices (Elias-coded gaps vary with them)."""
+        return self._bits(payload.tensors["indices"])
+
     def _bits(self, idx: torch.Tensor) -> int:
         if self.index_coding == "fixed":
             return topk_bits(self.dim, self.k)
@@ -333,6 +337,10 @@ class QSGDCodec(_Granular):
         norm, q = qsgd_quantize(x, self.levels, generator=gen, seg=self.seg)
         norm = to_wire_float(norm, "qsgd.encode", "||x||_2")
         return Payload(self.name, self.dim, {"norm": norm, "q": q}, self._bits(q))
+
+    def payload_bits(self, payload: Payload) -> int:
+        """Counted from the received levels (the Elias stream's length varies with them)."""
+        return self._bits(payload.tensors["q"])
 
     def _bits(self, q: torch.Tensor) -> int:
         if self.coding == "elias":
