@@ -49,7 +49,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 from flwr.supercore import log as flwr_log
@@ -499,6 +499,22 @@ class UpdateStrategy(Strategy):
         usable.sort(key=lambda r: r.cid)
         return usable, errors, rejected
 
+    def _global_dtypes(self, arrays: ArrayRecord | None) -> ArrayRecord | None:
+        """The inner's aggregate with the global model's dtypes: Flower's FedAvg averages an integer
+        buffer (a step counter, BatchNorm's num_batches_tracked) into float64; it stays what it was."""
+        if arrays is None:
+            return None
+        out = {}
+        for name, arr in arrays.items():
+            ref = self._global_arrays.get(name) if self._global_arrays is not None else None
+            nd = arr.numpy()
+            if ref is not None and nd.dtype != ref.numpy().dtype:
+                nd = nd.round().astype(ref.numpy().dtype) if np.issubdtype(ref.numpy().dtype, np.integer) \
+                    else nd.astype(ref.numpy().dtype)
+                arr = Array(nd)
+            out[name] = arr
+        return ArrayRecord(out)
+
     def inner_reply(self, reply: ClientReply, model: ArrayRecord) -> Message:
         """The reply the inner strategy aggregates: ``model`` under its arrayrecord_key and the client's
         own MetricRecord plus the server-counted ``uplink-bits``. A shallow copy of the client's message
@@ -641,6 +657,7 @@ class UpdateStrategy(Strategy):
         else:
             inner_replies = [self.inner_reply(r, m) for r, m in zip(usable, models)] + errors
             new_arrays, client_metrics = self.inner.aggregate_train(rnd, inner_replies)
+            new_arrays = self._global_dtypes(new_arrays)
         dense_bits = 32 * self._global_vector.numel() * len(usable)
         metrics["compression_ratio"] = dense_bits / metrics["uplink_bits"] if metrics["uplink_bits"] else float("nan")
         if bool(delta.any()):  # sp(0) is undefined: a round that applied nothing has no sparsity to report
