@@ -14,18 +14,35 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-app = typer.Typer(add_completion=False, no_args_is_help=False, help="Federated-learning simulation on Flower.")
+# Tracebacks of bugs stay readable: no local variables (a run's locals print as 100,000 lines).
+app = typer.Typer(add_completion=False, no_args_is_help=False, help="Federated-learning simulation on Flower.",
+                  pretty_exceptions_show_locals=False)
 console = Console(stderr=True)
 out = Console()
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, KeyError)
+# OSError covers FileNotFoundError, a --out that is a file, read-only or full disks: one line naming the path.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, KeyError, MemoryError)
+
+
+def error_line(exc: BaseException) -> str:
+    """The one line a user error prints: its message's first line, and for an OSError the path."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = exc.filename if exc.filename is not None else "(path unknown)"
+        more = f" -> {exc.filename2}" if exc.filename2 is not None else ""
+        return f"{where}{more}: {exc.strerror}"
+    text = str(exc).strip()
+    if isinstance(exc, KeyError) and len(exc.args) == 1:
+        text = str(exc.args[0])
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _fail(exc: BaseException, debug: bool) -> None:
     if debug:
         raise exc
-    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    console.print(f"[bold red]error:[/] {msg}", highlight=False, markup=True)
+    from rich.markup import escape
+
+    # soft_wrap: one line even when stderr is not a terminal (rich would wrap it at 80 columns)
+    console.print(f"[bold red]error:[/] {escape(error_line(exc))}", highlight=False, markup=True, soft_wrap=True)
     raise typer.Exit(code=2)
 
 
@@ -36,6 +53,9 @@ def run(
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: runs/<name>-<time>)."),
     resume: Optional[Path] = typer.Option(
         None, "--resume", help="Continue the interrupted run in DIR from its last checkpoint (DIR/config.yaml)."
+    ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace the run already in --out DIR (without it such a DIR is refused)."
     ),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
@@ -54,6 +74,8 @@ def run(
                 raise FileNotFoundError(f"--resume {resume}: no config.yaml there (is it an fl-sim run directory?)")
             if out_dir is not None and out_dir.resolve() != resume.resolve():
                 raise ValueError(f"--out {out_dir} and --resume {resume}: a resumed run stays in its directory")
+            if overwrite:
+                raise ValueError("--overwrite and --resume: a resumed run continues its directory, it replaces nothing")
         cfg = load_config(config if config is not None or resume is None else resume / "config.yaml", set_)
         from .simulation import default_run_dir, run_experiment
 
@@ -74,7 +96,7 @@ def run(
                 status = f"acc {acc:.3f}" if isinstance(acc, float) else ""
                 progress.update(task, completed=rnd, status=status)
 
-            summary = run_experiment(cfg, run_dir, on_round, resume=resume is not None)
+            summary = run_experiment(cfg, run_dir, on_round, resume=resume is not None, overwrite=overwrite)
     except USER_ERRORS as exc:
         _fail(exc, debug)
         return

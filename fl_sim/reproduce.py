@@ -683,7 +683,11 @@ def run_runs(
         sets = ["simulation.backend=inline", *s.get("set", []), *e.get("set", []), f"name={name}"]
         plan.append((name, load_config(cfg_path, sets)))
     if runner is None:
-        from .simulation import run_experiment as runner
+        from functools import partial
+
+        from .simulation import run_experiment
+
+        runner = partial(run_experiment, overwrite=True)  # OUT/runs/NAME is this experiment's own; rerun replaces
     run_dirs = []
     for name, cfg in plan:
         run_dir = out / "runs" / name

@@ -29,9 +29,11 @@ from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from .build import Experiment, build_experiment, build_strategy
-from .checkpoint import config_differences, latest_checkpoint, remove_checkpoints, save_checkpoint, save_model
+from .checkpoint import (config_differences, config_hash, latest_checkpoint, remove_checkpoints, save_checkpoint,
+                         save_model)
 from .config import ConfigError, RunConfig, config_to_dict
 from .results import RunRecorder
+from .rundir import claim
 
 __all__ = ["run_experiment", "server_loop", "run_flower_simulation", "default_run_dir"]
 
@@ -41,9 +43,15 @@ ProgressFn = Callable[[int, dict[str, Any]], None]
 
 
 def default_run_dir(cfg: RunConfig) -> Path:
+    """runs/<name>-s<seed>-<time>, with -2, -3, ... when a run started in the same second has it."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     name = cfg.name or f"{cfg.strategy.name}-{cfg.data.name.replace(':', '_').replace('/', '_')}"
-    return Path(cfg.out) / f"{name}-s{cfg.seed}-{stamp}"
+    base = Path(cfg.out) / f"{name}-s{cfg.seed}-{stamp}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
 
 
 def server_loop(
@@ -160,22 +168,32 @@ def residual_store(cfg: RunConfig, exp: Experiment, strategy, run_dir: Path):
 
 
 def run_experiment(
-    cfg: RunConfig, run_dir: Path | None = None, progress: ProgressFn | None = None, *, resume: bool = False
+    cfg: RunConfig,
+    run_dir: Path | None = None,
+    progress: ProgressFn | None = None,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Run a config end to end in Flower's simulation engine; returns summary.json's content.
 
     ``resume=True``: continue the run in ``run_dir`` from its newest checkpoint (its config must match
-    ``cfg`` up to :data:`fl_sim.checkpoint.ENGINE_KEYS`).
+    ``cfg`` up to :data:`fl_sim.checkpoint.ENGINE_KEYS`). A fresh run refuses a directory that holds
+    another run unless ``overwrite=True``; the directory is locked while the run writes it
+    (:func:`fl_sim.rundir.claim`).
     """
-    from .clients.app import make_client_app
-
     if run_dir is None and resume:
         raise ValueError("resume needs the run directory")
     run_dir = Path(run_dir) if run_dir else default_run_dir(cfg)
+    with claim(run_dir, resume=resume, overwrite=overwrite):
+        return _run_experiment(cfg, run_dir, progress, resume)
+
+
+def _run_experiment(cfg: RunConfig, run_dir: Path, progress: ProgressFn | None, resume: bool) -> dict[str, Any]:
+    from .clients.app import make_client_app
+
     config = config_to_dict(cfg)
     ckpt = _checkpoint_to_resume(run_dir, config, cfg) if resume else None
-    if not resume:
-        remove_checkpoints(run_dir)  # a fresh run in a used directory: never resume the old run's state
     exp = build_experiment(cfg)
     nodes = cfg.num_supernodes()
     strategy = build_strategy(exp, min_available_nodes=nodes)
@@ -226,17 +244,11 @@ def run_experiment(
         raise RuntimeError(
             f"the simulation stopped after {len(recorder.rows) - 1} of {cfg.rounds} rounds; see the log above"
         )
-    if store is not None:  # working state of a finished run: nothing reads it any more
-        store.close()
-        shutil.rmtree(store.directory, ignore_errors=True)
-        try:
-            store.directory.parent.rmdir()  # RUN_DIR/state, if nothing else is in it
-        except OSError:
-            pass
     if results and results[0] is not None and len(results[0].arrays):
         save_model(run_dir, results[0].arrays)  # the final global model: RUN_DIR/model.pt
-    remove_checkpoints(run_dir)
-    return recorder.finish(
+    # summary.json marks the run finished; only then may the state a resume needs go (a kill between
+    # the two leaves a finished run, not one that can be neither resumed nor reported).
+    summary = recorder.finish(
         {
             "strategy": cfg.strategy.name,
             "codec": cfg.codec.name if cfg.strategy.name == "compressed" else cfg.strategy.name,
@@ -245,8 +257,18 @@ def run_experiment(
             "clients_with_data": int(len(exp.data.eligible_clients)),
             "seed": cfg.seed,
             "run_dir": str(run_dir),
+            "config_hash": config_hash(config),
         }
     )
+    if store is not None:  # working state of a finished run: nothing reads it any more
+        store.close()
+        shutil.rmtree(store.directory, ignore_errors=True)
+        try:
+            store.directory.parent.rmdir()  # RUN_DIR/state, if nothing else is in it
+        except OSError:
+            pass
+    remove_checkpoints(run_dir)
+    return summary
 
 
 def _checkpoint_to_resume(run_dir: Path, config: dict[str, Any], cfg: RunConfig):

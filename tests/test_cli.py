@@ -78,3 +78,73 @@ def test_console_script_exits_2_without_traceback():
     p = subprocess.run([str(exe), "run", "--set", "clients_per_round=1000"], capture_output=True, text=True)
     assert p.returncode == 2
     assert "Traceback" not in p.stderr and "clients_per_round" in p.stderr
+
+
+def _one_line_error(res, *words):
+    """Exit 2, no traceback, the error on one line (the last) that names every word."""
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output
+    last = res.output.strip().splitlines()[-1]
+    assert last.startswith("error:"), res.output
+    for w in words:
+        assert w in last, (w, res.output)
+
+
+def test_run_refuses_an_occupied_dir(tmp_path):
+    """Issue 16 item 1: a second `run --out DIR` on a finished run no longer replaces it silently."""
+    d = tmp_path / "r"
+    assert runner.invoke(app, ["run", *SMALL, "--out", str(d)]).exit_code == 0
+    before = (d / "summary.json").read_bytes()
+    res = runner.invoke(app, ["run", *SMALL, "--set", "seed=5", "--out", str(d)])
+    _one_line_error(res, str(d), "--resume", "--overwrite")
+    assert (d / "summary.json").read_bytes() == before and "seed: 0" in (d / "config.yaml").read_text()
+    res = runner.invoke(app, ["run", *SMALL, "--set", "seed=5", "--out", str(d), "--overwrite"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((d / "summary.json").read_text())["seed"] == 5
+
+
+def test_run_refuses_a_locked_dir(tmp_path):
+    """Issue 16 item 1: while one run holds DIR/.lock, another run on DIR fails at once with one line."""
+    import fcntl
+
+    d = tmp_path / "r"
+    d.mkdir()
+    with open(d / ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        res = runner.invoke(app, ["run", *SMALL, "--out", str(d)])
+    _one_line_error(res, "another fl-sim run", str(d))
+    assert not (d / "config.yaml").exists()
+
+
+def test_sweep_reruns_points_whose_config_changed(tmp_path):
+    """Issue 16 item 2: changed fixed settings are not 'done'; unchanged engine settings are."""
+    args = ["sweep", "--grid", "train.lr=0.05", *SMALL, "--out", str(tmp_path / "sw")]
+    assert runner.invoke(app, args).exit_code == 0
+    res = runner.invoke(app, args + ["--set", "rounds=3"])
+    assert res.exit_code == 0, res.output
+    assert "skipped" not in res.output and "config changed" in res.output
+    summary = json.loads((tmp_path / "sw" / "train.lr=0.05" / "seed0" / "summary.json").read_text())
+    assert summary["rounds"] == 3
+    res = runner.invoke(app, args + ["--set", "rounds=3", "--set", "simulation.log_level=ERROR"])
+    assert res.exit_code == 0 and res.output.count("skipped") == 1, res.output
+
+
+def test_sweep_point_names_are_injective(tmp_path):
+    """Issue 16 item 3: hf:/a/b.parquet and hf:/a_b.parquet used to share one directory."""
+    from fl_sim.sweep import _point_name, run_sweep
+
+    seen = []
+
+    def fake_runner(cfg, run_dir, **kw):
+        seen.append(cfg.data.name)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "metrics.csv").write_text("round,test_accuracy\n0,0.5\n")
+        (run_dir / "summary.json").write_text(json.dumps({"final_test_accuracy": 0.5, "config_hash": "x"}))
+
+    rows = run_sweep(None, ["data.name=hf:/a/b.parquet,hf:/a_b.parquet,hf:/a%2Fb.parquet"], tmp_path / "sw",
+                     runner=fake_runner)
+    assert seen == ["hf:/a/b.parquet", "hf:/a_b.parquet", "hf:/a%2Fb.parquet"]
+    assert len({r["run_dir"] for r in rows}) == 3
+    names = [(("k", "a/b"),), (("k", "a_b"),), (("k", "a%2Fb"),), (("k", "x" * 300),), (("k", "x" * 299 + "y"),)]
+    made = [_point_name(p) for p in names]
+    assert len(set(made)) == len(made) and all("/" not in n and len(n) <= 200 for n in made)
