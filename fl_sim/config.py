@@ -12,6 +12,7 @@ codec or channel they configure, so a typo is still an error.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -235,14 +236,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool):
             raise ConfigError(f"{key}={value!r}: expected a number")
+        number = None
         if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}={value!r}: expected a number")
+        if number is None:
+            raise ConfigError(f"{key}={value!r}: expected a number")
+        if not math.isfinite(number):  # inf/nan never train: every float setting is a finite number
+            raise ConfigError(f"{key}={value!r}: must be a finite number")
+        return number
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -334,6 +340,24 @@ def packaged_config(name: str) -> Path:
     raise ConfigError(f"no packaged config named {name!r}; give a path to a YAML file")
 
 
+class _DuplicateKey(ConfigError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                mark = key_node.start_mark
+                raise _DuplicateKey(f"line {mark.line + 1}: key {key!r} appears twice in one section")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML file (default: configs/quickstart.yaml), apply overrides, validate."""
     if path is None:
@@ -342,7 +366,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if not p.is_file():
         p = packaged_config(str(path))
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
+        raw = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+    except _DuplicateKey as exc:
+        raise ConfigError(f"{p}: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {exc.start}); save the config as UTF-8") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -362,6 +390,10 @@ STRATEGY_NAMES = ("fedavg", "fedsgd", "compressed", "qcs", "onebit_cs", "fetchsg
 MODEL_NAMES = ("logreg", "mlp", "lenet5", "cifarnet", "resnet18")
 RESIDUAL_STORES = ("auto", "context", "disk")
 AUTO_SUPERNODES = 1_000  # simulation.supernodes=0: one SuperNode per client up to this many clients
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# Largest step size accepted (train.lr, strategy.server_lr): no model here trains with a step above this;
+# larger values (1e308 was accepted) only overflow the weights to inf/NaN in the first round.
+MAX_LR = 1e3
 PARTITIONS = ("auto", "iid", "dirichlet", "shards", "pathological", "natural", "size")
 
 
@@ -398,21 +430,27 @@ def validate(cfg: RunConfig) -> None:
     _require(d.max_samples >= 0, "data.max_samples", d.max_samples, "must be >= 0 (0 = all)")
     _require(cfg.model.name in MODEL_NAMES, "model.name", cfg.model.name, ", ".join(MODEL_NAMES))
     _require(all(h >= 1 for h in cfg.model.hidden), "model.hidden", cfg.model.hidden, "layer widths >= 1")
+    _require(0 <= cfg.seed < 2**63, "seed", cfg.seed, "must be in [0, 2**63)")
     t = cfg.train
-    _require(t.lr > 0, "train.lr", t.lr, "the learning rate must be > 0")
+    _require(0 < t.lr <= MAX_LR, "train.lr", t.lr, f"the learning rate must be > 0 and <= {MAX_LR:g}")
     _require(t.local_epochs >= 1 or t.local_steps >= 1, "train.local_epochs", t.local_epochs, "must be >= 1")
     _require(t.local_steps >= 0, "train.local_steps", t.local_steps, "must be >= 0 (0 = use local_epochs)")
     _require(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1")
     _require(0 <= t.momentum < 1, "train.momentum", t.momentum, "must be in [0, 1)")
     _require(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0")
+    # SGD with coupled weight decay scales the weights by (1 - lr * weight_decay) each step: beyond 2 the
+    # weights grow without bound whatever the data.
+    _require(t.lr * t.weight_decay < 2, "train.weight_decay", t.weight_decay,
+             f"lr * weight_decay must be < 2 (here lr={t.lr:g}); each step multiplies the weights by 1 - lr*wd")
     s = cfg.strategy
     _require(s.name in STRATEGY_NAMES, "strategy.name", s.name, ", ".join(STRATEGY_NAMES))
-    _require(s.server_lr > 0, "strategy.server_lr", s.server_lr, "must be > 0")
+    _require(0 < s.server_lr <= MAX_LR, "strategy.server_lr", s.server_lr, f"must be > 0 and <= {MAX_LR:g}")
     _require(0 <= s.server_momentum < 1, "strategy.server_momentum", s.server_momentum, "must be in [0, 1)")
     sim = cfg.simulation
     _require(sim.backend in ("ray", "inline"), "simulation.backend", sim.backend, "ray or inline")
     _require(sim.num_cpus > 0, "simulation.num_cpus", sim.num_cpus, "CPUs per client must be > 0")
     _require(sim.num_gpus >= 0, "simulation.num_gpus", sim.num_gpus, "must be >= 0")
+    _require(sim.log_level.upper() in LOG_LEVELS, "simulation.log_level", sim.log_level, ", ".join(LOG_LEVELS))
     _require(sim.residual_store in RESIDUAL_STORES, "simulation.residual_store", sim.residual_store,
              ", ".join(RESIDUAL_STORES))
     _require(sim.residual_budget_mb >= 0, "simulation.residual_budget_mb", sim.residual_budget_mb,

@@ -54,6 +54,8 @@ def claim(run_dir: str | Path, *, resume: bool = False, overwrite: bool = False)
     import fcntl
 
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "exists and is not a directory (--out names a directory)", str(run_dir))
     run_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     try:

@@ -77,6 +77,8 @@ def server_loop(
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         due = server_round == 0 or server_round == cfg.rounds or (cfg.eval_every and server_round % cfg.eval_every == 0)
+        if server_round > 0:
+            _check_finite(server_round, arrays, cfg)
         row: dict[str, Any] = {"round": server_round}
         if server_round > 0:
             row.update(strategy.last_metrics)
@@ -99,6 +101,19 @@ def server_loop(
     resume = {"start_round": start_round} if start_round != 1 else {}  # plain Flower strategies: round 1
     arrays = exp.initial_arrays if initial_arrays is None else initial_arrays
     return strategy.start(grid=grid, initial_arrays=arrays, num_rounds=cfg.rounds, evaluate_fn=evaluate_fn, **resume)
+
+
+def _check_finite(server_round: int, arrays: ArrayRecord, cfg: RunConfig) -> None:
+    """A global model with inf/NaN never recovers: stop the run with one line instead of writing NaN results."""
+    import numpy as np
+
+    for name, a in arrays.items():
+        x = a.numpy()
+        if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+            raise ValueError(
+                f"round {server_round}: the global model diverged (non-finite values in {name!r}); lower "
+                f"train.lr={cfg.train.lr:g} or strategy.server_lr={cfg.strategy.server_lr:g}"
+            )
 
 
 def run_flower_simulation(server_app: ServerApp, client_app, cfg: RunConfig, num_supernodes: int) -> None:

@@ -134,7 +134,12 @@ class CSFIHTCodec(Codec):
         return Payload(codec=self.name, dim=self.dim, tensors={"y": y}, bits=self.nominal_bits(), meta=meta or {})
 
     def encode(self, x: torch.Tensor, *, seed: int) -> Payload:
-        return self._payload(self.measure(self.check_input(x), seed=seed))
+        x = self.check_input(x)
+        y = self.measure(x, seed=seed)
+        if not torch.isfinite(y).all():  # reject here, not at decode
+            raise CodecError(f"{self.name}.encode: the measurements overflow float32 (|x| up to "
+                             f"{float(x.abs().max()):.3g}); scale the update down")
+        return self._payload(y)
 
     def aggregate(self, payloads: Sequence[Payload], weights: Sequence[float]) -> Payload:
         """Payload of sum_i w_i y_i = Phi (sum_i w_i x_i)."""
@@ -256,6 +261,9 @@ class OneBitCSCodec(Codec):
         x = self.check_input(x).to(torch.float32)
         v = self.operator(seed).forward(x)
         rho = 2.0 * v.abs().max()
+        if not torch.isfinite(rho):  # reject here, not at decode
+            raise CodecError(f"{self.name}.encode: the measurement scale rho overflows float32 (|x| up to "
+                             f"{float(x.abs().max()):.3g}); scale the update down")
         scaled = v / rho if rho > 0 else torch.zeros_like(v)
         q = (scaled + self.dither(seed) > 0).to(torch.uint8)  # 1 <-> +1, 0 <-> -1
         return Payload(codec=self.name, dim=self.dim, tensors={"q": q, "rho": rho.reshape(1).to(torch.float32)},
