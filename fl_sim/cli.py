@@ -6,6 +6,7 @@ traceback; ``--debug`` shows the traceback for bug reports.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -266,12 +267,29 @@ def reproduce(
     out.print(f"{summary['experiment']} ({summary['version']}) done in {summary['wall_s']:.1f} s -> {where}")
 
 
+def _shutdown_ray(timeout_s: float = 10.0) -> None:
+    """Stop a local Ray cluster this process started, waiting at most ``timeout_s``."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return
+    import threading
+
+    t = threading.Thread(target=ray.shutdown, daemon=True)
+    t.start()
+    t.join(timeout_s)
+
+
 def main() -> None:
     try:
         app()
     except KeyboardInterrupt:
+        # Flower's ServerApp thread (not a daemon) would keep the interpreter alive waiting for replies
+        # that never come: stop Ray, then leave without waiting for threads.
         console.print("interrupted")
-        sys.exit(130)
+        _shutdown_ray()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
 
 
 if __name__ == "__main__":

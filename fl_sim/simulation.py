@@ -116,10 +116,57 @@ def _check_finite(server_round: int, arrays: ArrayRecord, cfg: RunConfig) -> Non
             )
 
 
+RAY_CONNECT_TIMEOUT_S = 10.0
+
+
+def check_engine_resources(cfg: RunConfig) -> None:
+    """Refuse, in bounded time, what would make Flower's engine wait forever: a client needing more CPUs or
+    GPUs than the local Ray cluster has (no actor could ever start), or a ``ray_address`` nobody answers."""
+    import socket
+
+    sim = cfg.simulation
+    if not sim.ray_address:
+        cpus = sim.ray_num_cpus or os.cpu_count() or 1
+        if sim.num_cpus > cpus:
+            raise ConfigError(
+                f"simulation.num_cpus={sim.num_cpus:g} per client but the local Ray cluster has {cpus} CPUs "
+                f"({'simulation.ray_num_cpus' if sim.ray_num_cpus else 'this machine'}): no client could start; "
+                f"use simulation.num_cpus <= {cpus}"
+            )
+        if sim.num_gpus > 0:
+            import torch
+
+            gpus = torch.cuda.device_count()
+            if sim.num_gpus > gpus:
+                raise ConfigError(
+                    f"simulation.num_gpus={sim.num_gpus:g} per client but this machine has {gpus} GPUs: no client "
+                    f"could start; use simulation.num_gpus <= {gpus}"
+                )
+        return
+    address = sim.ray_address
+    if address == "auto":
+        try:
+            address = Path("/tmp/ray/ray_current_cluster").read_text().strip()
+        except OSError:
+            raise ConfigError("simulation.ray_address=auto: no running Ray cluster on this machine (ray start --head "
+                              "starts one; leave ray_address empty for a local one)") from None
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"simulation.ray_address={sim.ray_address!r}: expected host:port or auto")
+    try:
+        socket.create_connection((host, int(port)), timeout=RAY_CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise ConfigError(
+            f"simulation.ray_address={sim.ray_address!r}: no Ray cluster answers at {host}:{port} within "
+            f"{RAY_CONNECT_TIMEOUT_S:g} s ({exc.strerror or exc}); check the address or leave it empty"
+        ) from None
+
+
 def run_flower_simulation(server_app: ServerApp, client_app, cfg: RunConfig, num_supernodes: int) -> None:
     """The one call into Flower's (deprecated) simulation entry point."""
     from flwr.simulation import run_simulation
 
+    check_engine_resources(cfg)
     # Ray's accelerator-env warning for num_gpus=0 is noise on CPU machines.
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     init_args: dict[str, Any] = {"log_to_driver": False, "logging_level": "ERROR"}

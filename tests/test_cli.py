@@ -283,3 +283,56 @@ def test_codec_rejects_overflow_at_encode(name, params):
     with pytest.raises(CodecError, match=f"{name}.encode"):
         codec.encode(torch.full((200,), 3e38), seed=1)
     codec.decode(codec.encode(torch.full((200,), 1e3), seed=1), seed=1)  # ordinary input still works
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _cli(*args, timeout=60):
+    """fl-sim in a subprocess (from this checkout), bounded: a hang fails the test instead of blocking it."""
+    import os
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-c", "from fl_sim.cli import main; main()", *args],
+                          capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+@pytest.mark.parametrize("sets, words", [
+    (["simulation.num_cpus=100"], ["simulation.num_cpus=100", "CPUs"]),  # waited forever for nodes
+    (["simulation.ray_address=127.0.0.1:1"], ["simulation.ray_address", "127.0.0.1:1"]),  # retried forever
+])
+def test_engine_waits_are_bounded(sets, words, tmp_path):
+    """Issue 16 item 13: refused before Ray starts, within seconds, one line."""
+    args = ["run", "--set", "rounds=1", "--set", "simulation.backend=ray", "--out", str(tmp_path / "o")]
+    p = _cli(*args, *[x for s in sets for x in ("--set", s)])
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    last = p.stderr.strip().splitlines()[-1]
+    assert all(w in last for w in words), p.stderr
+
+
+def test_ctrl_c_exits_despite_a_waiting_thread(tmp_path):
+    """Issue 16 item 13: Ctrl-C while Flower's ServerApp thread (not a daemon) waits for replies used to keep
+    the process alive; main() now leaves at once with exit code 130."""
+    import os
+    import signal
+    import time
+
+    script = ("import threading, time, fl_sim.cli as c\n"
+              "def waiting_serverapp(): time.sleep(600)\n"
+              "def app():\n"
+              "    threading.Thread(target=waiting_serverapp).start()\n"
+              "    print('ready', flush=True); time.sleep(600)\n"
+              "c.app = app\nc.main()\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=env)
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        p.send_signal(signal.SIGINT)
+        t0 = time.monotonic()
+        rc = p.wait(timeout=30)
+        assert rc == 130 and time.monotonic() - t0 < 30
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
