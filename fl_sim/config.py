@@ -34,6 +34,7 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "packaged_config",
+    "config_dir",
 ]
 
 
@@ -330,14 +331,26 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-def packaged_config(name: str) -> Path:
-    """Path of a config shipped in the repository's configs/ (``quickstart`` -> configs/quickstart.yaml)."""
+def config_dir() -> Path:
+    """The configs shipped with fl-sim: fl_sim/configs/ (package data, present in a wheel too)."""
     here = Path(__file__).resolve().parent
-    for base in (here.parent / "configs", here / "configs"):
-        p = base / (name if name.endswith((".yaml", ".yml")) else f"{name}.yaml")
-        if p.is_file():
-            return p
-    raise ConfigError(f"no packaged config named {name!r}; give a path to a YAML file")
+    packaged = here / "configs"
+    return packaged if packaged.is_dir() else here.parent / "configs"  # a checkout before the move
+
+
+def packaged_config(name: str) -> Path:
+    """Path of a shipped config: ``quickstart``, ``qsgd.yaml``, ``papers/qcs`` or ``configs/qsgd.yaml`` (the
+    repository-relative path, so ``fl-sim run configs/qsgd.yaml`` works from any directory and installed)."""
+    rel = Path(name)
+    if rel.parts and rel.parts[0] == "configs":
+        rel = Path(*rel.parts[1:]) if len(rel.parts) > 1 else Path()
+    if not rel.name.endswith((".yaml", ".yml")):
+        rel = rel.with_name(f"{rel.name}.yaml")
+    p = config_dir() / rel
+    if not rel.is_absolute() and p.is_file():
+        return p
+    raise ConfigError(f"no config file {name!r} and no shipped config of that name in {config_dir()}; "
+                      "give a path to a YAML file")
 
 
 class _DuplicateKey(ConfigError):

@@ -80,11 +80,13 @@ def register_kind(name: str):
 # Specs
 # ---------------------------------------------------------------------------------------------------
 def papers_dir() -> Path:
-    """configs/papers/ of the working directory if present, else the repository's."""
+    """configs/papers/ of the working directory if present, else the shipped one (fl_sim/configs/papers)."""
+    from .config import config_dir
+
     local = Path("configs") / "papers"
     if local.is_dir():
         return local
-    return Path(__file__).resolve().parent.parent / "configs" / "papers"
+    return config_dir() / "papers"
 
 
 def list_experiments() -> list[tuple[str, str, str]]:
@@ -104,7 +106,9 @@ def _spec_path(name: str | Path) -> Path:
     if p.is_file():
         return p
     stem = p.name[: -len(".yaml")] if p.name.endswith(".yaml") else p.name
-    for base in (papers_dir(), Path(__file__).resolve().parent.parent / "configs" / "papers"):
+    from .config import config_dir
+
+    for base in (papers_dir(), config_dir() / "papers"):
         cand = base / f"{stem}.yaml"
         if cand.is_file():
             return cand
@@ -647,10 +651,16 @@ def _resolve_config(path: str, spec_path: Path) -> Path:
     p = Path(path)
     if p.is_file():
         return p
-    root = spec_path.resolve().parent.parent.parent  # configs/papers/x.yaml -> repository root
+    root = spec_path.resolve().parent.parent.parent  # configs/papers/x.yaml -> the folder holding configs/
     for cand in (root / path, spec_path.resolve().parent / path):
         if cand.is_file():
             return cand
+    from .config import ConfigError, packaged_config
+
+    try:
+        return packaged_config(path)  # configs/x.yaml of the shipped configs
+    except ConfigError:
+        pass
     raise FileNotFoundError(f"{spec_path}: run config {path!r} not found (relative to . or {root})")
 
 
