@@ -184,15 +184,10 @@ def bench_codecs(
 
 
 def _bench_module(name: str):
-    """benchmarks.<name>, importable from the repository root only (benchmarks/ is not installed)."""
+    """fl_sim.bench.<name> (installed with fl-sim)."""
     import importlib
 
-    if str(Path.cwd()) not in sys.path:
-        sys.path.insert(0, str(Path.cwd()))
-    try:
-        return importlib.import_module(f"benchmarks.{name}")
-    except ImportError:
-        _fail(FileNotFoundError("benchmarks/ not found: run fl-sim bench from the repository root"), False)
+    return importlib.import_module(f"fl_sim.bench.{name}")
 
 
 @bench_app.command("round")

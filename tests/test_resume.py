@@ -129,7 +129,7 @@ KILL_SCRIPT = textwrap.dedent(
 
 def test_sigkill_then_cli_resume(tmp_path):
     """A real SIGKILL after round 5 (checkpoint of round 4 on disk), resumed with `fl-sim run --resume`."""
-    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(tmp_path / "cut"), *TINY],
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
