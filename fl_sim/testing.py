@@ -78,25 +78,23 @@ class InMemoryGrid(Grid):
         raise NotImplementedError("InMemoryGrid only supports send_and_receive")
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        replies = []
-        self.sent = []
-        for msg in messages:
-            self.sent.append(msg)
-            node = msg.metadata.dst_node_id
-            if node in self.drop_nodes:
-                continue
-            if node in self.fail_nodes:
-                replies.append(Message(Error(code=0, reason="simulated client failure"), reply_to=msg))
-                continue
-            try:
-                reply = self.client_app(msg, self.contexts[node])
-            except Exception as exc:  # noqa: BLE001 - as Flower's engine: a client crash is an error reply
-                replies.append(Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg))
-                continue
-            if self.tamper is not None:
-                reply = self.tamper(reply)
-            replies.append(reply)
-        return replies
+        self.sent = list(messages)
+        return [r for r in map(self.deliver, self.sent) if r is not None]
+
+    def deliver(self, msg: Message) -> Message | None:
+        """One message's reply (None: the node dropped out): the ClientApp call, or a simulated failure."""
+        node = msg.metadata.dst_node_id
+        if node in self.drop_nodes:
+            return None
+        if node in self.fail_nodes:
+            return Message(Error(code=0, reason="simulated client failure"), reply_to=msg)
+        try:
+            reply = self.client_app(msg, self.contexts[node])
+        except Exception as exc:  # noqa: BLE001 - as Flower's engine: a client crash is an error reply
+            return Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
+        if self.tamper is not None:
+            reply = self.tamper(reply)
+        return reply
 
 
 def run_in_memory(cfg, run_dir=None, *, num_nodes: int | None = None):

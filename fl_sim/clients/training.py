@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["LocalTrainSpec", "train_local", "evaluate_model", "per_sample_loss"]
+__all__ = ["LocalTrainSpec", "batch_indices", "train_local", "evaluate_model", "per_sample_loss"]
 
 
 @dataclass(frozen=True)
@@ -27,8 +27,12 @@ class LocalTrainSpec:
     weight_decay: float = 0.0
 
 
-def _batches(n: int, spec: LocalTrainSpec, generator: torch.Generator):
-    """Yield index tensors: epochs of shuffled batches, or exactly ``local_steps`` batches."""
+def batch_indices(n: int, spec: LocalTrainSpec, generator: torch.Generator):
+    """Yield index tensors: epochs of shuffled batches, or exactly ``local_steps`` batches.
+
+    The one definition of a client's batch order (``train_local`` and the vectorized cohorts,
+    fl_sim.clients.cohort, both read it), so both paths see the same batches from the same generator.
+    """
     if spec.local_steps > 0:
         done = 0
         while done < spec.local_steps:
@@ -53,7 +57,7 @@ def train_local(
     opt = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
     loss_fn = nn.CrossEntropyLoss()
     total, steps = 0.0, 0
-    for idx in _batches(len(y), spec, generator):
+    for idx in batch_indices(len(y), spec, generator):
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(model(x[idx]), y[idx])
         loss.backward()
