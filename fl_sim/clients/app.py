@@ -20,12 +20,12 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, Callable
 
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from .. import keys
 from ..config import RunConfig
-from ..records import state_dict_to_arrays
+from ..records import ndarray_to_array, state_dict_to_arrays
 from ..rng import torch_generator
 from .daqusgd import METHOD, daqusgd_reply
 from .mods import compression_mod
@@ -79,7 +79,7 @@ def train_reply(rt: ClientRuntime, message: Message, context: Context) -> Messag
     done = _lookup("train", message, cid)
     if done is not None:  # trained in a batch (fl_sim.vectorized): the same numbers up to float rounding
         state, loss = done
-        arrays = ArrayRecord({k: Array(v.numpy()) for k, v in state.items()})
+        arrays = ArrayRecord({k: ndarray_to_array(v.numpy()) for k, v in state.items()})
     else:
         model = rt.load_model(message.content[keys.ARRAYS])
         loss = train_local(model, x, y, rt.train_spec(config), local_train_generator(rt.cfg.seed, rnd, cid))

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad_and_value, vmap
+from torch.func import functional_call, vmap
 
 from .training import LocalTrainSpec, batch_indices
 
@@ -116,6 +116,15 @@ def _plan(clients: Sequence[CohortClient], spec: LocalTrainSpec) -> tuple[torch.
     return index, mask, steps
 
 
+def _masked_mean_ce(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-client mean cross-entropy over the valid rows: logits [C, B, K], y [C, B], mask [C, B] -> [C].
+
+    Written with log_softmax + gather: ``F.cross_entropy`` under vmap goes through a slower decomposition.
+    """
+    ce = -logits.log_softmax(-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    return (ce * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+
+
 def _stack(clients: Sequence[CohortClient], names: Sequence[str], device) -> dict[str, torch.Tensor]:
     """Stacked parameters [C, ...]; one broadcast copy when every client starts from the same tensors."""
     out = {}
@@ -157,22 +166,20 @@ def train_cohort(
     bufs = {k: torch.zeros_like(v) for k, v in params.items()} if spec.momentum else None
     loss_sum = torch.zeros(C, dtype=torch.float64, device=device)
 
-    def client_loss(p, xb, yb, mb):
-        out = functional_call(model, p, (xb,))
-        ce = nn.functional.cross_entropy(out, yb, reduction="none")
-        return (ce * mb).sum() / mb.sum().clamp(min=1)
-
-    step_fn = vmap(grad_and_value(client_loss))
+    forward = vmap(lambda p, xb: functional_call(model, p, (xb,)))  # [a, B, ...] -> logits [a, B, classes]
     model.train()
     active_at = [int((steps > s).sum()) for s in range(int(steps.max()))]
     for s, a in enumerate(active_at):
-        idx, mb = index[:a, s], mask[:a, s]
-        p = {k: v[:a] for k, v in params.items()}
-        grads, loss = step_fn(p, x[idx], y[idx], mb.to(x.dtype if x.is_floating_point() else torch.float32))
+        idx, mb = index[:a, s], mask[:a, s].to(torch.float32)
+        p = {k: v[:a].detach().requires_grad_(True) for k, v in params.items()}  # leaves sharing params' storage
+        # Each client's loss depends only on its own slice of p, so the gradient of the sum of the clients'
+        # losses is every client's own gradient (one backward pass for the cohort).
+        loss = _masked_mean_ce(forward(p, x[idx]), y[idx], mb)
+        grads = torch.autograd.grad(loss.sum(), list(p.values()))
         loss_sum[:a] += loss.detach().to(torch.float64)
         with torch.no_grad():
-            for k, w in p.items():  # views of params[k][:a]: updated in place
-                g = grads[k]
+            for (k, w), g in zip(p.items(), grads):  # w: a view of params[k][:a], updated in place
+                w = w.detach()
                 if spec.weight_decay:
                     g = g.add(w, alpha=spec.weight_decay)
                 if bufs is not None:
