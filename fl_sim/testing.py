@@ -101,7 +101,8 @@ def run_in_memory(cfg, run_dir=None, *, num_nodes: int | None = None):
     """Run a RunConfig through the real strategy and ClientApp on an InMemoryGrid (no Ray).
 
     Returns (summary or None, recorder rows, strategy). Same code path as ``fl-sim run`` except the
-    transport: messages are function calls in this process.
+    transport: messages are function calls in this process (batched ones with
+    ``simulation.backend=vectorized``).
     """
     from .build import build_experiment, build_strategy
     from .clients.app import make_client_app
@@ -111,7 +112,10 @@ def run_in_memory(cfg, run_dir=None, *, num_nodes: int | None = None):
 
     exp = build_experiment(cfg)
     strategy = build_strategy(exp)
-    grid = InMemoryGrid(make_client_app(cfg), num_nodes or cfg.clients)
+    grid_class = InMemoryGrid
+    if cfg.simulation.backend == "vectorized":  # the batched grid (fl_sim.vectorized); else function calls
+        from .vectorized import VectorizedGrid as grid_class
+    grid = grid_class(make_client_app(cfg), num_nodes or cfg.clients)
     recorder = RunRecorder(run_dir, config_to_dict(cfg)) if run_dir is not None else None
     rows: list[dict] = []
     server_loop(grid, exp, strategy, recorder, lambda rnd, row: rows.append(dict(row)))
