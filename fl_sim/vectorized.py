@@ -67,7 +67,7 @@ class VectorizedGrid(InMemoryGrid):
         self.memory_mb = memory_mb
         self.device_name = device
         self._noticed: set[str] = set()
-        self.last_chunks: list[int] = []  # chunk sizes of the last batched call (tests, benchmarks)
+        self.last_chunks: list[int] = []  # chunk sizes of the last call that had messages (tests, benchmarks)
 
     def _notice(self, why: str) -> None:
         if why not in self._noticed:
@@ -95,6 +95,9 @@ class VectorizedGrid(InMemoryGrid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         self.sent = list(messages)
+        if not self.sent:
+            return []
+        self.last_chunks = []
         runtime_of = getattr(self.client_app, "fl_sim_runtime", None)
         if runtime_of is None:
             self._notice("the ClientApp is not fl-sim's built-in one")
@@ -118,7 +121,6 @@ class VectorizedGrid(InMemoryGrid):
             groups[key].append(i)
         chunk_of: dict[int, tuple] = {}  # message index -> (group key, chunk number)
         chunks: dict[tuple, list[int]] = {}
-        self.last_chunks = []
         for key, idx in groups.items():
             rt = runtimes[key[1]]
             size, memory, _ = self._settings(rt)
