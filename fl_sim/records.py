@@ -107,7 +107,7 @@ def ndarray_to_array(nd: np.ndarray) -> Array:
         return Array(nd)  # Flower's own conversion
     shape = tuple(int(s) for s in nd.shape)
     return Array(dtype=str(nd.dtype), shape=shape, stype="numpy.ndarray",
-                 data=_npy_header(np.lib.format.dtype_to_descr(nd.dtype), shape) + nd.tobytes())
+                 data=b"".join((_npy_header(np.lib.format.dtype_to_descr(nd.dtype), shape), nd.reshape(-1).view(np.uint8))))
 
 
 def state_dict_to_arrays(state_dict: dict[str, torch.Tensor]) -> ArrayRecord:

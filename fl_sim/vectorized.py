@@ -174,7 +174,8 @@ class VectorizedGrid(InMemoryGrid):
         if kind == "train":
             trained, loss = train_cohort(rt.model, clients, spec, device=device)
             for j, (msg, cid) in enumerate(zip(msgs, cids)):
-                out[precomputed_key("train", msg, cid)] = ({k: v[j] for k, v in trained.items()}, float(loss[j]))
+                out[precomputed_key("train", msg, cid)] = (
+                    {k: v[j] for k, v in trained.items()}, float(loss[j]), len(clients[j].y))
         else:
             loss, acc = evaluate_cohort(rt.model, clients, device=device)
             for j, (msg, cid) in enumerate(zip(msgs, cids)):

@@ -48,7 +48,7 @@ def precomputed_key(kind: str, message: Message, cid: int) -> tuple:
 @contextmanager
 def precomputed(results: dict[tuple, Any]) -> Iterator[None]:
     """Within this block the app replies from ``results`` (keyed by :func:`precomputed_key`) where a
-    message has one: train results are (parameters name -> tensor, mean loss), evaluate results
+    message has one: train results are (parameters name -> tensor, mean loss, examples), evaluate results
     (loss, accuracy)."""
     token = _PRECOMPUTED.set(results)
     try:
@@ -75,16 +75,17 @@ def train_reply(rt: ClientRuntime, message: Message, context: Context) -> Messag
     cid = client_id(message, context)
     config = message.content[keys.CONFIG]
     rnd = int(config.get(keys.ROUND, 0))
-    x, y = rt.data.client_data(cid)
     done = _lookup("train", message, cid)
     if done is not None:  # trained in a batch (fl_sim.vectorized): the same numbers up to float rounding
-        state, loss = done
+        state, loss, n = done
         arrays = ArrayRecord({k: ndarray_to_array(v.numpy()) for k, v in state.items()})
     else:
+        x, y = rt.data.client_data(cid)
         model = rt.load_model(message.content[keys.ARRAYS])
         loss = train_local(model, x, y, rt.train_spec(config), local_train_generator(rt.cfg.seed, rnd, cid))
         arrays = state_dict_to_arrays(model.state_dict())
-    metrics = MetricRecord({keys.NUM_EXAMPLES: int(len(y)), keys.TRAIN_LOSS: float(loss), keys.M_CID: cid})
+        n = len(y)
+    metrics = MetricRecord({keys.NUM_EXAMPLES: int(n), keys.TRAIN_LOSS: float(loss), keys.M_CID: cid})
     content = RecordDict({keys.ARRAYS: arrays, keys.METRICS: metrics})
     return Message(content=content, reply_to=message)
 
