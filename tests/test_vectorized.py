@@ -257,6 +257,22 @@ def test_device_and_config_errors():
         small("vectorized", simulation={"device": "tpu"})
 
 
+def test_sweep_runs_vectorized_unless_told_otherwise(tmp_path):
+    from fl_sim.simulation import run_experiment
+    from fl_sim.sweep import run_sweep
+
+    seen = []
+
+    def runner(cfg, run_dir):
+        seen.append(cfg.simulation.backend)
+        return run_experiment(cfg, run_dir)
+
+    tiny = ["rounds=1", "clients=6", "clients_per_round=3", "model.hidden=[8]", "eval_every=1"]
+    run_sweep(None, ["train.lr=0.05"], tmp_path / "a", overrides=tiny, runner=runner)
+    run_sweep(None, ["train.lr=0.05"], tmp_path / "b", overrides=tiny + ["simulation.backend=inline"], runner=runner)
+    assert seen == ["vectorized", "inline"]
+
+
 # ---------------------------------------------------------------------------------------------- records
 @pytest.mark.parametrize(
     "a",
