@@ -28,7 +28,7 @@ from fl_sim.clients.cohort import (
     train_cohort,
     vectorizable,
 )
-from fl_sim.clients.training import LocalTrainSpec, evaluate_model, train_local
+from fl_sim.clients.training import LocalTrainSpec, batch_indices, batch_matrix, evaluate_model, train_local
 from fl_sim.config import ConfigError, config_from_dict, load_config
 from fl_sim.models import build_model
 from fl_sim.records import _ndarray, flatten_arrays, ndarray_to_array
@@ -76,6 +76,20 @@ def test_cohort_equals_train_local_per_client(name, shape, spec):
             torch.testing.assert_close(trained[k][i], ref[i][k], rtol=RTOL, atol=ATOL)
             assert not torch.equal(trained[k][i], init[k]) or k.endswith("bias")  # the clients did train
     np.testing.assert_allclose(loss.numpy(), ref_loss, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 33])
+@pytest.mark.parametrize("epochs,steps", [(1, 0), (3, 0), (1, 1), (1, 5), (1, 11)])
+def test_batch_matrix_is_batch_indices(n, epochs, steps):
+    """The cohort's batch tensor holds exactly train_local's batches, in order, from the same generator."""
+    spec = LocalTrainSpec(lr=0.1, batch_size=4, local_epochs=epochs, local_steps=steps)
+    if n == 0 and steps:
+        return  # batch_indices never ends for an empty client with fixed steps; clients without data are not sampled
+    ref = list(batch_indices(n, spec, torch.Generator().manual_seed(3)))
+    mat = batch_matrix(n, spec, torch.Generator().manual_seed(3))
+    assert len(mat) == len(ref)
+    for row, idx in zip(mat, ref):
+        assert torch.equal(row[row >= 0], idx) and bool((row[len(idx):] == -1).all())
 
 
 def test_a_clients_result_does_not_depend_on_its_cohort():

@@ -9,7 +9,8 @@ sequential loop in per-client Python and kernel launches, not arithmetic; the ba
 
 Exactly the inline numbers, up to float rounding:
 
-* batches: each client's index sequence comes from :func:`fl_sim.clients.training.batch_indices` with the
+* batches: each client's batches come from :func:`fl_sim.clients.training.batch_matrix` (the batches of
+  ``batch_indices``, which ``train_local`` reads, as one tensor) with the
   client's own generator (seeded from (run seed, round, "local-train", cid) by the caller), so the cohort
   (its size, its members, its chunking) never changes a client's randomness;
 * unequal dataset sizes and partial last batches: a batch is padded to ``batch_size`` rows with a mask,
@@ -38,7 +39,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from .training import LocalTrainSpec, batch_indices
+from .training import LocalTrainSpec, batch_matrix
 
 __all__ = ["CohortClient", "vectorizable", "train_cohort", "evaluate_cohort", "auto_chunk", "per_client_bytes"]
 
@@ -99,20 +100,15 @@ def _plan(clients: Sequence[CohortClient], spec: LocalTrainSpec) -> tuple[torch.
     Rows index the concatenation of the clients' data in cohort order; padded rows point at row 0.
     """
     B = spec.batch_size
-    plans = []
-    offset = 0
-    for c in clients:
-        n = len(c.y)
-        plans.append([idx + offset for idx in batch_indices(n, spec, c.generator)])
-        offset += n
-    steps = torch.tensor([len(p) for p in plans], dtype=torch.long)
-    S = int(steps.max()) if len(plans) else 0
-    index = torch.zeros(len(plans), max(S, 1), B, dtype=torch.long)
-    mask = torch.zeros(len(plans), max(S, 1), B, dtype=torch.bool)
-    for i, p in enumerate(plans):
-        for s, idx in enumerate(p):
-            index[i, s, : len(idx)] = idx
-            mask[i, s, : len(idx)] = True
+    mats = [batch_matrix(len(c.y), spec, c.generator) for c in clients]
+    steps = torch.tensor([len(m) for m in mats], dtype=torch.long)
+    S = max(int(steps.max()) if mats else 0, 1)
+    offsets = torch.cumsum(torch.tensor([0] + [len(c.y) for c in clients[:-1]]), 0)
+    padded = torch.full((len(mats), S, B), -1, dtype=torch.long)
+    for i, m in enumerate(mats):
+        padded[i, : len(m)] = m
+    mask = padded >= 0
+    index = torch.where(mask, padded + offsets.view(-1, 1, 1), 0)
     return index, mask, steps
 
 

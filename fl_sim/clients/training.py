@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["LocalTrainSpec", "batch_indices", "train_local", "evaluate_model", "per_sample_loss"]
+__all__ = ["LocalTrainSpec", "batch_indices", "batch_matrix", "train_local", "evaluate_model", "per_sample_loss"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,22 @@ def batch_indices(n: int, spec: LocalTrainSpec, generator: torch.Generator):
             perm = torch.randperm(n, generator=generator)
             for start in range(0, n, spec.batch_size):
                 yield perm[start : start + spec.batch_size]
+
+
+def batch_matrix(n: int, spec: LocalTrainSpec, generator: torch.Generator) -> torch.Tensor:
+    """The batches of :func:`batch_indices` as one tensor [steps, batch_size], short batches padded with -1.
+
+    The same permutations drawn in the same order from ``generator`` (one per epoch; with ``local_steps``
+    as many epochs as the steps need), built with tensor ops instead of one tensor per batch.
+    """
+    B = spec.batch_size
+    per_epoch = -(-n // B)  # ceil(n / B)
+    if n == 0:
+        return torch.full((0, B), -1, dtype=torch.long)
+    epochs = -(-spec.local_steps // per_epoch) if spec.local_steps > 0 else spec.local_epochs
+    pad = torch.full((per_epoch * B - n,), -1, dtype=torch.long)
+    rows = torch.cat([torch.cat((torch.randperm(n, generator=generator), pad)) for _ in range(epochs)]).view(-1, B)
+    return rows[: spec.local_steps] if spec.local_steps > 0 else rows
 
 
 def train_local(
