@@ -384,14 +384,14 @@ def run(workloads: list[str], per_round: list[int], modes: list[str], *, rounds:
                 res = run_point_cmd("benchmarks.bench_round", spec, timeout)
                 prof.append(res)
                 log(_profile_lines(res))
-    scale: list[dict[str, Any]] = []
+    scale_runs: list[dict[str, Any]] = []
     if scale:
         spec = {"workload": "scale", "per_round": int(SCALE["clients"] * SCALE["clients_per_round"]),
                 "rounds": SCALE["rounds"], "mode": "vectorized"}
         res = run_point_cmd("benchmarks.bench_round", spec, max(timeout, 1800.0))
-        scale.append(res)
+        scale_runs.append(res)
         log(_line(res) + (f"  total {res['total_s']:.1f} s" if "total_s" in res else ""))
-    return {"machine": machine(), "runs": runs, "profile": prof, "scale": scale, "summary": summarize(runs)}
+    return {"machine": machine(), "runs": runs, "profile": prof, "scale": scale_runs, "summary": summarize(runs)}
 
 
 def _line(res: dict[str, Any]) -> str:
