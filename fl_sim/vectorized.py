@@ -67,6 +67,7 @@ class VectorizedGrid(InMemoryGrid):
         self.memory_mb = memory_mb
         self.device_name = device
         self._noticed: set[str] = set()
+        self._why: dict[int, str] = {}  # runtime id -> why its model is not vectorized ('' = it is)
         self.last_chunks: list[int] = []  # chunk sizes of the last call that had messages (tests, benchmarks)
 
     def _notice(self, why: str) -> None:
@@ -77,7 +78,7 @@ class VectorizedGrid(InMemoryGrid):
     # ------------------------------------------------------------------ batching
     def _batchable(self, msg: Message, runtime_of) -> bool:
         node = msg.metadata.dst_node_id
-        if node in self.drop_nodes or node in self.fail_nodes:
+        if node in self.drop_nodes or node in self.fail_nodes or node not in self.contexts:
             return False
         if msg.metadata.message_type not in (MessageType.TRAIN, MessageType.EVALUATE):
             return False
@@ -109,7 +110,9 @@ class VectorizedGrid(InMemoryGrid):
             if not self._batchable(msg, runtime_of):
                 continue
             rt = runtime_of(self.contexts[msg.metadata.dst_node_id])
-            why = vectorizable(rt.model)
+            if id(rt) not in self._why:
+                self._why[id(rt)] = vectorizable(rt.model)
+            why = self._why[id(rt)]
             if why:
                 self._notice(why)
                 continue
@@ -142,7 +145,11 @@ class VectorizedGrid(InMemoryGrid):
                 c = chunk_of.get(i)
                 if c is not None and c not in done:
                     results.clear()  # the previous chunk's results were all used: keep one chunk in memory
-                    results.update(self._run_chunk(c[0], [self.sent[j] for j in chunks[c]], runtimes[c[0][1]]))
+                    try:
+                        results.update(self._run_chunk(c[0], [self.sent[j] for j in chunks[c]], runtimes[c[0][1]]))
+                    except Exception as exc:  # noqa: BLE001 - its clients go the inline way (a crash = error reply)
+                        log.warning("simulation.backend=vectorized: a batched chunk failed (%s: %s); its %d clients "
+                                    "train one by one", type(exc).__name__, exc, len(chunks[c]))
                     done.add(c)
                 reply = self.deliver(msg)
                 if reply is not None:

@@ -300,3 +300,18 @@ def test_npy_fast_paths_match_flower(a):
     assert (ours.data, ours.dtype, ours.shape, ours.stype) == (flowers.data, flowers.dtype, flowers.shape, flowers.stype)
     back = _ndarray(flowers)
     assert back.dtype == a.dtype and back.shape == a.shape and np.array_equal(back, a)
+
+
+def test_a_failing_chunk_falls_back_to_per_client_replies(caplog, monkeypatch):
+    """A batched call that raises never aborts the round: its clients are served one by one, as inline."""
+    import fl_sim.vectorized as fv
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    inline, _ = round_replies(small("inline"), InMemoryGrid)
+    monkeypatch.setattr(fv, "train_cohort", broken)
+    with caplog.at_level(logging.WARNING, logger="fl_sim"):
+        vec, _ = round_replies(small("vectorized"), VectorizedGrid)
+    assert any("batched chunk failed" in r.getMessage() for r in caplog.records)
+    assert_same_replies(inline[0], vec[0])
