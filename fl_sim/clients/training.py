@@ -60,8 +60,10 @@ def batch_matrix(n: int, spec: LocalTrainSpec, generator: torch.Generator) -> to
     if n == 0:
         return torch.full((0, B), -1, dtype=torch.long)
     epochs = -(-spec.local_steps // per_epoch) if spec.local_steps > 0 else spec.local_epochs
-    pad = torch.full((per_epoch * B - n,), -1, dtype=torch.long)
-    rows = torch.cat([torch.cat((torch.randperm(n, generator=generator), pad)) for _ in range(epochs)]).view(-1, B)
+    rows = torch.full((epochs, per_epoch * B), -1, dtype=torch.long)
+    for e in range(epochs):
+        rows[e, :n] = torch.randperm(n, generator=generator)
+    rows = rows.view(-1, B)
     return rows[: spec.local_steps] if spec.local_steps > 0 else rows
 
 
