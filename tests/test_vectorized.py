@@ -315,3 +315,21 @@ def test_a_failing_chunk_falls_back_to_per_client_replies(caplog, monkeypatch):
         vec, _ = round_replies(small("vectorized"), VectorizedGrid)
     assert any("batched chunk failed" in r.getMessage() for r in caplog.records)
     assert_same_replies(inline[0], vec[0])
+
+
+def test_evaluate_messages_are_batched_with_the_inline_metrics():
+    from flwr.app import ConfigRecord, MessageType, RecordDict
+
+    cfg = small("vectorized")
+    exp = build_experiment(cfg)
+    replies = {}
+    for name, grid in (("inline", InMemoryGrid(make_client_app(cfg), cfg.clients)),
+                       ("vectorized", VectorizedGrid(make_client_app(cfg), cfg.clients))):
+        msgs = [Message(content=RecordDict({keys.ARRAYS: exp.initial_arrays, keys.CONFIG: ConfigRecord({})}),
+                        message_type=MessageType.EVALUATE, dst_node_id=node) for node in grid.node_ids[:5]]
+        replies[name] = [r.content[keys.METRICS] for r in grid.send_and_receive(msgs)]
+        if name == "vectorized":
+            assert grid.last_chunks == [5]
+    for a, b in zip(replies["inline"], replies["vectorized"]):
+        assert a[keys.M_CID] == b[keys.M_CID] and a[keys.NUM_EXAMPLES] == b[keys.NUM_EXAMPLES]
+        assert a["eval-loss"] == pytest.approx(b["eval-loss"], rel=1e-5) and a["eval-acc"] == pytest.approx(b["eval-acc"])
