@@ -192,9 +192,10 @@ def _bench_module(name: str):
 
 @bench_app.command("round")
 def bench_round(
-    workloads: str = typer.Option("quickstart,lenet", "--workloads", help="quickstart and/or lenet."),
+    workloads: str = typer.Option("quickstart,lenet", "--workloads", help="quickstart, lenet and/or digits."),
     per_round: str = typer.Option("10,100", "--per-round", help="Clients per round, comma-separated."),
-    modes: str = typer.Option("plain,inline,ray", "--modes", help="plain (PyTorch loop), inline, ray."),
+    modes: str = typer.Option("plain,inline,ray", "--modes",
+                              help="plain (PyTorch loop), inline, vectorized, ray."),
     rounds: int = typer.Option(0, "--rounds", help="Rounds per run (0: 6 quickstart, 4 lenet)."),
     repeats: int = typer.Option(2, "--repeats", help="Side-by-side repeats (modes alternate who goes first)."),
     num_cpus: str = typer.Option("1", "--num-cpus", help="simulation.num_cpus values for ray, e.g. 0.5,1,2."),
@@ -202,12 +203,15 @@ def bench_round(
     what_if: bool = typer.Option(False, "--what-if", help="Also inline runs with the proposed fixes patched in."),
     tune: bool = typer.Option(False, "--tune", help="Also Ray with 0.5/1/2 CPUs per actor."),
     quick: bool = typer.Option(False, "--quick", help="quickstart only, one repeat."),
+    scale: bool = typer.Option(False, "--scale", help="Also 10,000 quickstart clients, 10% a round, 50 rounds, "
+                               "vectorized (time, peak memory)."),
     out_path: Path = typer.Option(Path("bench_out/round.json"), "--out"),
 ) -> None:
-    """R rounds of FedAvg through fl-sim (ray, inline) against the same computation as a plain PyTorch loop."""
+    """R rounds of FedAvg through fl-sim (ray, inline, vectorized) against the same computation as a plain PyTorch loop."""
     argv = ["--workloads", workloads, "--per-round", per_round, "--modes", modes, "--rounds", str(rounds),
             "--repeats", str(repeats), "--num-cpus", num_cpus, "--out", str(out_path)]
     argv += ["--profile"] * profile + ["--what-if"] * what_if + ["--tune"] * tune + ["--quick"] * quick
+    argv += ["--scale"] * scale
     _bench_module("bench_round").main(argv)
 
 

@@ -119,7 +119,9 @@ class SimulationConfig:
 
     backend: "ray" (Flower's simulation engine, Ray actors; the default) or "inline" (the same
     strategy and ClientApp code with messages delivered by function calls in this process: no
-    engine start-up, sequential clients; for quick sweeps, debugging and tests).
+    engine start-up, sequential clients; for quick sweeps, debugging and tests) or "vectorized"
+    (as inline, but fl-sim's built-in ClientApp trains a round's clients in batched torch.func calls:
+    fl_sim.vectorized; the same replies up to float rounding).
     """
 
     backend: str = "ray"
@@ -139,6 +141,10 @@ class SimulationConfig:
     # at 100,000 clients. 0 = auto: one node per client up to AUTO_SUPERNODES clients, else
     # max(AUTO_SUPERNODES, clients per round); always one per client with residual_store=context.
     supernodes: int = 0
+    # --- backend "vectorized" (fl_sim.vectorized) ---
+    cohort_chunk: int = 0  # clients per batched call; 0 = automatic from cohort_memory_mb
+    cohort_memory_mb: float = 1024.0  # working-memory budget of one batched call (automatic chunk size)
+    device: str = "cpu"  # where batched training runs: cpu, cuda, or auto (cuda when present)
 
 
 @dataclass
@@ -402,6 +408,8 @@ def _require(cond: bool, key: str, value: Any, allowed: str) -> None:
 STRATEGY_NAMES = ("fedavg", "fedsgd", "compressed", "qcs", "onebit_cs", "fetchsgd", "fiht_cs", "daqusgd", "rlc")
 MODEL_NAMES = ("logreg", "mlp", "lenet5", "cifarnet", "resnet18")
 RESIDUAL_STORES = ("auto", "context", "disk")
+BACKENDS = ("ray", "inline", "vectorized")
+DEVICES = ("cpu", "cuda", "auto")  # simulation.device (backend vectorized)
 AUTO_SUPERNODES = 1_000  # simulation.supernodes=0: one SuperNode per client up to this many clients
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # Largest step size accepted (train.lr, strategy.server_lr): no model here trains with a step above this;
@@ -460,7 +468,10 @@ def validate(cfg: RunConfig) -> None:
     _require(0 < s.server_lr <= MAX_LR, "strategy.server_lr", s.server_lr, f"must be > 0 and <= {MAX_LR:g}")
     _require(0 <= s.server_momentum < 1, "strategy.server_momentum", s.server_momentum, "must be in [0, 1)")
     sim = cfg.simulation
-    _require(sim.backend in ("ray", "inline"), "simulation.backend", sim.backend, "ray or inline")
+    _require(sim.backend in BACKENDS, "simulation.backend", sim.backend, ", ".join(BACKENDS))
+    _require(sim.cohort_chunk >= 0, "simulation.cohort_chunk", sim.cohort_chunk, "must be >= 0 (0 = automatic)")
+    _require(sim.cohort_memory_mb > 0, "simulation.cohort_memory_mb", sim.cohort_memory_mb, "must be > 0")
+    _require(sim.device in DEVICES, "simulation.device", sim.device, ", ".join(DEVICES))
     _require(sim.num_cpus > 0, "simulation.num_cpus", sim.num_cpus, "CPUs per client must be > 0")
     _require(sim.num_gpus >= 0, "simulation.num_gpus", sim.num_gpus, "must be >= 0")
     _require(sim.log_level.upper() in LOG_LEVELS, "simulation.log_level", sim.log_level, ", ".join(LOG_LEVELS))

@@ -296,6 +296,14 @@ def _run_experiment(cfg: RunConfig, run_dir: Path, progress: ProgressFn | None, 
         from .testing import InMemoryGrid
 
         serve(InMemoryGrid(make_client_app(cfg), nodes))
+    elif cfg.simulation.backend == "vectorized":  # batched clients (fl_sim.vectorized)
+        from .vectorized import VectorizedGrid, resolve_device
+
+        try:
+            resolve_device(cfg.simulation.device)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        serve(VectorizedGrid(make_client_app(cfg), nodes))
     else:
         server_app = ServerApp()
         server_app.main()(lambda grid, context: serve(grid))

@@ -8,6 +8,9 @@ interrupted resumes from its checkpoint; one finished under other settings is re
 (the grid values, the seed, final accuracy, total uplink bits, total channel uses, wall time), and
 two PNGs show the final accuracy against the first grid key and accuracy against cumulative channel
 uses (or uplink bits), as mean and spread (min..max) over repeats.
+
+Runs use ``simulation.backend=vectorized`` (the config file's backend is overridden, as in ``fl-sim
+reproduce``); ``--set simulation.backend=ray`` (or inline) chooses another.
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ from .checkpoint import config_hash
 from .config import ConfigError, config_to_dict, load_config
 from .results import atomic_write, load_run
 
-__all__ = ["parse_grid", "run_sweep", "plot_sweep"]
+__all__ = ["parse_grid", "run_sweep", "plot_sweep", "DEFAULT_BACKEND"]
+
+DEFAULT_BACKEND = "vectorized"  # sweeps run many small runs: batched clients, no engine start-up
 
 
 def parse_grid(items: list[str]) -> list[tuple[str, list[str]]]:
@@ -98,6 +103,9 @@ def run_sweep(
         raise ConfigError(f"--repeats {repeats}: must be >= 1")
     runner = runner or run_experiment
     grid = parse_grid(grid_items)
+    # Default backend: vectorized (fl_sim.vectorized: the inline numbers, a round's clients batched); the
+    # user's --set simulation.backend=... comes later and wins.
+    overrides = [f"simulation.backend={DEFAULT_BACKEND}", *(overrides or [])]
     base = load_config(config, list(overrides or []))
     # Validate every point before running any (a typo must not surface after an hour).
     points = [tuple(zip([k for k, _ in grid], combo)) for combo in itertools.product(*[v for _, v in grid])]

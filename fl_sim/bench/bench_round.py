@@ -6,12 +6,19 @@ Workloads (``--workloads``):
   one local epoch of batch 32): a few milliseconds of training per client;
 * ``lenet``: LeNet-5 (61,706 parameters) on a fabricated MNIST-format dataset, 100 clients of 800
   28x28 images (iid), one local epoch of batch 32 (25 steps): about 60 ms of training per client on
-  one core here (200 images took 17 ms: below the 50 ms the overhead target is stated for).
+  one core here (200 images took 17 ms: below the 50 ms the overhead target is stated for);
+* ``digits``: LeNet-5 on the embedded 8x8 digits (1,437 training images), 100 clients (iid, about 14
+  images each), one local epoch of batch 8 (2 steps): the small-client regime of issue 15.
+
+``quickstart`` with more clients per round than its 100 clients uses ``clients`` = clients per round
+(the same Synthetic(1, 1) generator and MLP, every client sampled).
 
 For each workload and clients-per-round value (``--per-round 10,100``) the same R rounds run as
 ``plain`` (fl_sim.bench.plain_loop: same clients, data, sampling, local steps and weighted average,
 no Flower), ``inline`` (``fl-sim run`` with ``simulation.backend: inline``: the strategy and
-ClientApp with messages as function calls) and ``ray`` (``fl-sim run``: Flower's simulation engine
+ClientApp with messages as function calls), ``vectorized`` (``simulation.backend: vectorized``: the
+same, a round's clients trained in batched torch.func calls, fl_sim.vectorized) and ``ray`` (``fl-sim
+run``: Flower's simulation engine
 with Ray actors, ``simulation.num_cpus`` CPUs per actor; ``--num-cpus 0.5,1,2`` tries several).
 Every measurement runs in its own process; repeats alternate the modes so that they see the same
 machine load. Reported per run (seconds): ``setup`` (until round 0 is evaluated: data, model,
@@ -27,7 +34,11 @@ and an instrumented Ray run (bench_scale.instrumented_run) whose ClientApp repor
 so that Flower's transport cost per client is the time messages were out x workers minus the
 ClientApps' time.
 
-Usage: ``python -m fl_sim.bench.bench_round [--quick] [--profile] [--out bench_out/round.json]``.
+``--scale`` adds issue 15's population run: the quickstart model and data generator with 10,000 clients,
+10% (1,000) per round, 50 rounds, vectorized backend, its round times and the process tree's peak memory.
+
+Usage: ``python -m fl_sim.bench.bench_round [--quick] [--profile] [--scale] [--out bench_out/round.json]``;
+issue 15's comparison: ``--workloads quickstart,digits --per-round 100,1000 --modes inline,vectorized``.
 """
 
 from __future__ import annotations
@@ -51,7 +62,8 @@ __all__ = ["workload_config", "measure", "run", "main"]
 
 LENET_CLIENTS = 100
 LENET_SAMPLES = 800  # per client: LeNet-5, one epoch of 25 batches, about 60 ms on one core
-DEFAULT_ROUNDS = {"quickstart": 6, "lenet": 4}
+DEFAULT_ROUNDS = {"quickstart": 6, "lenet": 4, "digits": 6}
+SCALE = {"clients": 10_000, "clients_per_round": 0.1, "rounds": 50}  # --scale (issue 15)
 
 
 def lenet_root() -> Path:
@@ -69,7 +81,15 @@ def workload_config(workload: str, per_round: int, rounds: int, backend: str = "
     common = [f"rounds={rounds}", "eval_every=0", f"clients_per_round={per_round}",
               f"simulation.backend={backend}", f"simulation.num_cpus={num_cpus}"]
     if workload == "quickstart":
-        return load_config("quickstart", common)
+        return load_config("quickstart", common + [f"clients={max(100, per_round)}"])
+    if workload == "digits":
+        return load_config("quickstart", common + [
+            "name=bench-digits", "clients=100", "data.name=digits", "data.partition=iid", "model.name=lenet5",
+            "train.batch_size=8", "train.lr=0.05"])
+    if workload == "scale":  # --scale: 10,000 quickstart clients, 10% a round
+        return load_config("quickstart", [f"rounds={rounds}", "eval_every=0", f"clients={SCALE['clients']}",
+                                          f"clients_per_round={SCALE['clients_per_round']}",
+                                          f"simulation.backend={backend}"])
     if workload == "lenet":
         cfg = config_from_dict({
             "name": "bench-lenet", "seed": 0, "rounds": rounds, "clients": LENET_CLIENTS,
@@ -282,12 +302,12 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     if spec.get("what_if"):
         apply_proposed_fixes()
     mode = spec["mode"]
-    backend = "ray" if mode.startswith("ray") else "inline"
+    backend = "ray" if mode.startswith("ray") else "vectorized" if mode == "vectorized" else "inline"
     cfg = workload_config(spec["workload"], spec["per_round"], spec["rounds"], backend, spec.get("num_cpus", 1.0))
     with TreeMemory(0.25) as mem:
         if mode == "plain":
             out = _measure_plain(cfg, spec.get("threads", 1), mem)
-        elif mode in ("inline", "ray"):
+        elif mode in ("inline", "ray", "vectorized"):
             out = _measure_fl_sim(cfg, mem)
         elif mode == "timed-inline":
             out = _timed_inline(cfg, mem)
@@ -318,7 +338,7 @@ def _label(res: dict[str, Any]) -> str:
 
 def run(workloads: list[str], per_round: list[int], modes: list[str], *, rounds: int = 0, repeats: int = 2,
         num_cpus: list[float] | None = None, profile: bool = False, timeout: float = 400.0,
-        what_if: bool = False, tune: bool = False, log=print) -> dict[str, Any]:
+        what_if: bool = False, tune: bool = False, scale: bool = False, log=print) -> dict[str, Any]:
     """All measurements; returns {"machine", "runs": [...], "profile": [...]}."""
     num_cpus = num_cpus or [1.0]
     if "lenet" in workloads:
@@ -364,7 +384,14 @@ def run(workloads: list[str], per_round: list[int], modes: list[str], *, rounds:
                 res = run_point_cmd("fl_sim.bench.bench_round", spec, timeout)
                 prof.append(res)
                 log(_profile_lines(res))
-    return {"machine": machine(), "runs": runs, "profile": prof, "summary": summarize(runs)}
+    scale_runs: list[dict[str, Any]] = []
+    if scale:
+        spec = {"workload": "scale", "per_round": int(SCALE["clients"] * SCALE["clients_per_round"]),
+                "rounds": SCALE["rounds"], "mode": "vectorized"}
+        res = run_point_cmd("fl_sim.bench.bench_round", spec, max(timeout, 1800.0))
+        scale_runs.append(res)
+        log(_line(res) + (f"  total {res['total_s']:.1f} s" if "total_s" in res else ""))
+    return {"machine": machine(), "runs": runs, "profile": prof, "scale": scale_runs, "summary": summarize(runs)}
 
 
 def _line(res: dict[str, Any]) -> str:
@@ -411,6 +438,8 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for (w, k, label), rs in sorted(groups.items()):
         plain = groups.get((w, k, "plain"))
+        inline = groups.get((w, k, "inline"))
+        base_inline = statistics.median(r["steady_round_s"] for r in inline) if inline else float("nan")
         steady = statistics.median(r["steady_round_s"] for r in rs)
         base = statistics.median(r["steady_round_s"] for r in plain) if plain else float("nan")
         cpu = statistics.median(r["steady_cpu_s"] for r in rs)
@@ -421,6 +450,7 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "first_round_s": statistics.median(r["first_round_s"] for r in rs),
             "steady_round_s": steady, "steady_all": [round(r["steady_round_s"], 4) for r in rs],
             "ratio_to_plain": steady / base,
+            "speedup_over_inline": base_inline / steady,  # inline's steady round time / this mode's
             "steady_cpu_s": cpu, "cpu_ratio_to_plain": cpu / base_cpu if base_cpu else float("nan"),
             "ms_per_client": 1e3 * steady / k,
             "peak_rss_gib": max(r["memory_peak"]["peak_rss_gib"] for r in rs),
@@ -433,10 +463,11 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def print_summary(rows: list[dict[str, Any]], log=print) -> None:
     log(f"{'workload':>10} {'k':>4} {'mode':<14} {'setup s':>8} {'round1 s':>9} {'steady s':>9} {'ms/client':>9} "
-        f"{'x plain':>7} {'CPU s':>7} {'x plain':>7} {'RSS GiB':>7} {'PSS GiB':>7}  final loss   load")
+        f"{'x plain':>7} {'inline/':>7} {'CPU s':>7} {'x plain':>7} {'RSS GiB':>7} {'PSS GiB':>7}  final loss   load")
     for r in rows:
         log(f"{r['workload']:>10} {r['per_round']:>4} {r['mode']:<14} {r['setup_s']:8.2f} {r['first_round_s']:9.2f} "
             f"{r['steady_round_s']:9.3f} {r['ms_per_client']:9.2f} {r['ratio_to_plain']:7.2f} "
+            f"{r['speedup_over_inline']:7.2f} "
             f"{r['steady_cpu_s']:7.3f} {r['cpu_ratio_to_plain']:7.2f} "
             f"{r['peak_rss_gib']:7.2f} {r['peak_pss_gib']:7.2f}  {r['final_test_loss']:.6f}  {r['loadavg']}")
 
@@ -454,6 +485,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    help="also inline runs with the proposed fixes monkeypatched in (see apply_proposed_fixes)")
     p.add_argument("--tune", action="store_true",
                    help="also Ray with num_cpus 0.5/1/2 per actor (instrumented runs)")
+    p.add_argument("--scale", action="store_true",
+                   help="also 10,000 quickstart clients, 10%% a round, 50 rounds, vectorized (time and peak memory)")
     p.add_argument("--quick", action="store_true", help="quickstart only, 1 repeat")
     p.add_argument("--timeout", type=float, default=400.0, help="seconds per measurement")
     p.add_argument("--out", type=Path, default=Path("bench_out/round.json"))
@@ -465,7 +498,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data = run(workloads, [int(k) for k in a.per_round.split(",") if k], [m for m in a.modes.split(",") if m],
                rounds=a.rounds, repeats=1 if a.quick else a.repeats,
                num_cpus=[float(c) for c in a.num_cpus.split(",") if c], profile=a.profile, timeout=a.timeout,
-               what_if=a.what_if, tune=a.tune, log=lambda s: print(s, flush=True))
+               what_if=a.what_if, tune=a.tune, scale=a.scale, log=lambda s: print(s, flush=True))
     print()
     print_summary(data["summary"])
     a.out.parent.mkdir(parents=True, exist_ok=True)
