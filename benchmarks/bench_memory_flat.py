@@ -9,7 +9,7 @@ after that warm-up the peak memory must stay flat (no per-round leak: Flower use
 clients x 100 rounds exhausting 48 GB).
 
 Measured at the end of every round (fl_sim's progress callback): RSS and PSS summed over this
-process and all its descendants (Ray's GCS, raylet and workers included; benchmarks.bench_scale.
+process and all its descendants (Ray's GCS, raylet and workers included; fl_sim.bench.bench_scale.
 TreeMemory: RSS over-counts pages shared between processes, PSS does not), and the peak RSS so
 far. Prints rounds 10, 50, 100, 150, 200 (or the last), the growth from round 50 to the end, and
 writes the per-round series as JSON (``--out``) and a PNG (``--plot``).
@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.bench_scale import TreeMemory, machine
+from fl_sim.bench.bench_scale import TreeMemory, machine
 
 __all__ = ["measure", "main"]
 

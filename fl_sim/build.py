@@ -7,6 +7,7 @@ same experiment from the same config.
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,7 +47,12 @@ class Experiment:
 
 
 def build_experiment(cfg: RunConfig) -> Experiment:
+    from .memory import check_experiment, check_model
+
+    check_experiment(cfg)  # before the data and model are allocated
     data = load_federated(cfg.data, num_clients=cfg.clients, seed=cfg.seed)
+    if cfg.data.name.startswith("hf:"):
+        check_model(cfg, data.input_shape, data.num_classes)
     eligible = len(data.eligible_clients)
     if eligible < cfg.sampled_per_round():
         raise ConfigError(
@@ -59,8 +65,11 @@ def build_experiment(cfg: RunConfig) -> Experiment:
 
 def build_strategy(exp: Experiment, **extra: Any):
     """The configured strategy over the experiment's eligible clients."""
+    from .memory import check_strategy
+
     cfg = exp.cfg
     cls = strategy_class(cfg.strategy.name)
+    check_strategy(cfg, exp.dim)  # before the codec's structures are allocated
     kwargs: dict[str, Any] = dict(
         clients_per_round=cfg.sampled_per_round(),
         client_ids=exp.data.eligible_clients.tolist(),
@@ -73,13 +82,22 @@ def build_strategy(exp: Experiment, **extra: Any):
         min_available_nodes=1,
     )
     if cfg.strategy.name in _CODEC_STRATEGIES:
+        from .compression.base import _REGISTRY, _load_builtin_codecs
+
+        _load_builtin_codecs()
+        codec_cls = _REGISTRY.get(cfg.codec.name)
+        params = dict(cfg.codec.params)
         kwargs["codec"] = cfg.codec.name
-        kwargs["codec_params"] = dict(cfg.codec.params)
+        kwargs["codec_params"] = typed_options(_signature_types(codec_cls), params, "codec") if codec_cls else params
     elif cfg.codec.name != "identity" or cfg.codec.params:
         raise ConfigError(
             f"codec.name={cfg.codec.name!r} is only used by strategy 'compressed'; strategy "
             f"{cfg.strategy.name!r} sets its own compression through strategy options"
         )
+    if cfg.channel:
+        from .channels import MACChannel
+
+        typed_options(_signature_types(MACChannel), dict(cfg.channel), "channel")  # snr_db=abc names its key
     if cfg.channel and cfg.strategy.name != "rlc":
         # A digital baseline over the same channel: bits -> channel uses at capacity (Abdi Ch. 5).
         link = {k: cfg.channel[k] for k in ("snr_db", "bandwidth_hz", "compute_s") if k in cfg.channel}
@@ -104,7 +122,7 @@ def build_strategy(exp: Experiment, **extra: Any):
                 f"unknown config key 'strategy.{key}' for strategy {cfg.strategy.name!r}; "
                 f"allowed: {', '.join(sorted(allowed)) or 'none'}"
             )
-    kwargs.update(options)
+    kwargs.update(typed_options(_signature_types(cls), options, "strategy"))
     # reply guards: a simulation's server knows each client's partition size (a larger num-examples is a lie)
     kwargs["guards"] = {"client_sizes": exp.data.client_sizes.tolist(), **dict(kwargs.get("guards") or {})}
     try:
@@ -117,6 +135,66 @@ def build_strategy(exp: Experiment, **extra: Any):
         strategy.inner.fraction_evaluate = 0.0
         strategy.inner.min_evaluate_nodes = 0
     return strategy
+
+
+_SCALARS = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def _signature_types(cls: type) -> dict[str, tuple[list[type], bool]]:
+    """Keyword argument -> (accepted scalar types, None accepted) through a class hierarchy, read from the
+    annotations of each ``__init__`` (``"int | None"`` -> ([int], True)); unannotated or non-scalar
+    arguments are left out (passed through unchecked)."""
+    out: dict[str, tuple[list[type], bool]] = {}
+    for klass in reversed(cls.__mro__):
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        for p in inspect.signature(init).parameters.values():
+            ann = p.annotation if isinstance(p.annotation, str) else getattr(p.annotation, "__name__", "")
+            parts = [a.strip() for a in str(ann).split("|")]
+            types = [_SCALARS[a] for a in parts if a in _SCALARS]
+            if types and all(a in _SCALARS or a == "None" for a in parts):
+                out[p.name] = (types, "None" in parts)
+            else:
+                out.pop(p.name, None)
+    return out
+
+
+def typed_options(types: dict[str, tuple[list[type], bool]], values: dict[str, Any], section: str) -> dict[str, Any]:
+    """Check and convert method options by the annotations of the code they configure, so a wrong type is
+    one line naming the key (``strategy.compression='abc': expected a number``), never an error deep inside.
+
+    Rules: numbers must be finite; an integer option whose ``None`` means "derive a default" must be >= 1
+    when given (0 would silently read as "absent" in ``x or default``).
+    """
+    from .config import _coerce
+
+    out = dict(values)
+    for key, value in values.items():
+        if key not in types:
+            continue
+        accepted, optional = types[key]
+        name = f"{section}.{key}"
+        if value is None and optional:
+            continue
+        err: ConfigError | None = None
+        for tp in accepted:
+            try:
+                v = _coerce(value, tp, name)
+            except ConfigError as exc:
+                err = err or exc
+                continue
+            if tp is float and not math.isfinite(v):
+                raise ConfigError(f"{name}={value!r}: must be a finite number")
+            if tp is int and optional and v < 1:
+                raise ConfigError(f"{name}={value!r}: must be >= 1 (leave it out for the default)")
+            out[key] = v
+            break
+        else:
+            if len(accepted) > 1:
+                raise ConfigError(f"{name}={value!r}: expected {' or '.join(t.__name__ for t in accepted)}")
+            raise err  # type: ignore[misc]
+    return out
 
 
 def _accepted_kwargs(cls: type) -> set[str]:

@@ -18,13 +18,16 @@ sampling, codec seeds, local-training shuffles, channel draws; models have no dr
 reads torch's or NumPy's global generators, so the round number is the whole RNG state.
 
 Atomicity: each file is written under a temporary name, fsynced and renamed into place, the
-residual snapshot before the .pt that names it; older checkpoints are deleted only after the new .pt
-is in place. A run killed at any instant leaves the previous complete checkpoint (or the new one).
+residual snapshot before the .pt that names it; the two newest checkpoints are kept (older ones are
+deleted only after the new .pt is in place), and loading falls back to the older one with a warning
+when the newest is unreadable, incomplete or holds a non-finite model. A run killed at any instant
+leaves a complete checkpoint; its stale temporaries are removed by the next writer.
 Files are loaded with ``torch.load(weights_only=True)``: tensors, numbers, strings, lists and dicts.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -37,17 +40,20 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
-__all__ = ["Checkpoint", "save_checkpoint", "latest_checkpoint", "config_differences", "ENGINE_KEYS", "CKPT_DIR"]
+__all__ = ["Checkpoint", "save_checkpoint", "latest_checkpoint", "config_differences", "config_hash", "ENGINE_KEYS", "CKPT_DIR"]
+
+log = logging.getLogger("fl_sim")
 
 CKPT_DIR = "checkpoint"
 FORMAT = 2  # 2: strategy state holds the inner strategy's (FedOpt moments, FedAvgM momentum)
+KEEP = 2  # checkpoints kept: the newest and the one before it (fallback)
 _NAME = re.compile(r"^round-(\d{6})\.pt$")
 
 # Keys that choose how a run executes, not what it computes: a run may resume under other values.
 ENGINE_KEYS = frozenset(
     {"out", "simulation.backend", "simulation.num_cpus", "simulation.num_gpus", "simulation.ray_address",
      "simulation.ray_num_cpus", "simulation.log_level", "simulation.residual_budget_mb",
-     "simulation.supernodes"}
+     "simulation.supernodes", "simulation.cohort_chunk", "simulation.cohort_memory_mb", "simulation.device"}
 )
 
 
@@ -85,6 +91,12 @@ def _fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _tmp(d: Path, name: str) -> Path:
     fd, path = tempfile.mkstemp(dir=d, prefix=f".{name}.", suffix=".tmp")
     os.close(fd)
@@ -105,7 +117,13 @@ def _torch_save_atomic(obj: Any, path: Path) -> Path:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results are ordinary files (as atomic_write)
         os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.filename is None and exc.strerror:  # a full disk names no file: name the one being written
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -152,9 +170,12 @@ def save_checkpoint(
             if t.exists():
                 t.unlink()
         raise
-    keep = {f"{stem}.pt"} | (set(residuals.values()) if residuals else set())
-    for p in d.iterdir():  # older checkpoints and their snapshots
-        if p.name not in keep and not p.name.startswith("."):
+    # Keep this checkpoint and the one before it (the fallback should this one turn out unreadable);
+    # delete older ones and their snapshots, and temporaries a killed writer left behind.
+    kept = sorted((int(m.group(1)) for p in d.iterdir() if (m := _NAME.match(p.name))), reverse=True)[:KEEP]
+    keep = {n for r in kept for n in (f"round-{r:06d}.pt", f"residuals-{r:06d}.ids.npy", f"residuals-{r:06d}.rows")}
+    for p in d.iterdir():
+        if p.name not in keep and p.is_file():
             p.unlink()
     return d / f"{stem}.pt"
 
@@ -167,30 +188,60 @@ def save_model(run_dir: str | Path, arrays: ArrayRecord) -> Path:
     return _torch_save_atomic(dict(_tensors(arrays)), d / "model.pt")
 
 
+def _load(path: Path) -> Checkpoint:
+    """One checkpoint file, checked: readable, this format, its residual snapshot present, a finite model."""
+    d = path.parent
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as exc:  # truncated or corrupt: torch/pickle raise many types
+        raise ValueError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        fmt = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"{path}: checkpoint format {fmt!r}, this fl-sim reads {FORMAT}")
+    try:
+        res = state["residuals"]
+        residuals = None
+        if res is not None:
+            residuals = (d / res["ids"], d / res["rows"])
+            for p in residuals:
+                if not p.is_file():
+                    raise ValueError(f"{path} names the residual snapshot {p.name}, which is missing")
+        for name, t in state["arrays"]:
+            if torch.is_floating_point(t) and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{path}: the model array {name!r} holds non-finite values")
+        arrays = ArrayRecord({name: Array(t.numpy()) for name, t in state["arrays"]})
+        return Checkpoint(
+            round=int(state["round"]), arrays=arrays, strategy=state["strategy"],
+            strategy_class=state["strategy_class"], rows=list(state["rows"]), config=state["config"],
+            residuals=residuals, path=path,
+        )
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: incomplete checkpoint (missing {exc})") from None
+
+
 def latest_checkpoint(run_dir: str | Path) -> Checkpoint | None:
-    """The newest complete checkpoint of a run directory, or None."""
+    """The newest usable checkpoint of a run directory, or None when there is none.
+
+    A checkpoint that cannot be read, lacks its residual snapshot or holds a non-finite model is
+    skipped with a warning for the one before it; when every one is unusable, ValueError names the newest.
+    """
     d = Path(run_dir) / CKPT_DIR
     if not d.is_dir():
         return None
-    found = sorted((int(m.group(1)), p) for p in d.iterdir() if (m := _NAME.match(p.name)))
+    found = sorted(((int(m.group(1)), p) for p in d.iterdir() if (m := _NAME.match(p.name))), reverse=True)
     if not found:
         return None
-    _, path = found[-1]
-    state = torch.load(path, weights_only=True)
-    if state.get("format") != FORMAT:
-        raise ValueError(f"{path}: checkpoint format {state.get('format')!r}, this fl-sim reads {FORMAT}")
-    res = state["residuals"]
-    residuals = None
-    if res is not None:
-        residuals = (d / res["ids"], d / res["rows"])
-        for p in residuals:
-            if not p.is_file():
-                raise FileNotFoundError(f"{path} names the residual snapshot {p.name}, which is missing")
-    arrays = ArrayRecord({name: Array(t.numpy()) for name, t in state["arrays"]})
-    return Checkpoint(
-        round=int(state["round"]), arrays=arrays, strategy=state["strategy"], strategy_class=state["strategy_class"],
-        rows=list(state["rows"]), config=state["config"], residuals=residuals, path=path,
-    )
+    errors = []
+    for _, path in found:
+        try:
+            ckpt = _load(path)
+        except ValueError as exc:
+            errors.append(str(exc))
+            continue
+        for e in errors:
+            log.warning("%s; falling back to %s", e, path.name)
+        return ckpt
+    raise ValueError(errors[0] + (f" (and {len(errors) - 1} older checkpoint(s) unusable)" if len(errors) > 1 else ""))
 
 
 def remove_checkpoints(run_dir: str | Path) -> None:
@@ -207,6 +258,17 @@ def _flatten(d: dict[str, Any]) -> dict[str, Any]:
         else:
             out[k] = v
     return out
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """SHA-256 (16 hex digits) of what a config computes: the resolved mapping without ENGINE_KEYS, so a
+    run under another backend has the same hash (``fl-sim sweep`` reruns a point whose hash changed)."""
+    import hashlib
+    import json
+
+    flat = {k: v for k, v in _flatten(config).items() if k not in ENGINE_KEYS}
+    text = json.dumps(flat, sort_keys=True, default=repr)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

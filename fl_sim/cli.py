@@ -6,6 +6,7 @@ traceback; ``--debug`` shows the traceback for bug reports.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -14,18 +15,35 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-app = typer.Typer(add_completion=False, no_args_is_help=False, help="Federated-learning simulation on Flower.")
+# Tracebacks of bugs stay readable: no local variables (a run's locals print as 100,000 lines).
+app = typer.Typer(add_completion=False, no_args_is_help=False, help="Federated-learning simulation on Flower.",
+                  pretty_exceptions_show_locals=False)
 console = Console(stderr=True)
 out = Console()
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, KeyError)
+# OSError covers FileNotFoundError, a --out that is a file, read-only or full disks: one line naming the path.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, KeyError, MemoryError)
+
+
+def error_line(exc: BaseException) -> str:
+    """The one line a user error prints: its message's first line, and for an OSError the path."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = exc.filename if exc.filename is not None else "(path unknown)"
+        more = f" -> {exc.filename2}" if exc.filename2 is not None else ""
+        return f"{where}{more}: {exc.strerror}"
+    text = str(exc).strip()
+    if isinstance(exc, KeyError) and len(exc.args) == 1:
+        text = str(exc.args[0])
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _fail(exc: BaseException, debug: bool, code: int = 2) -> None:
     if debug:
         raise exc
-    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    console.print(f"[bold red]error:[/] {msg}", highlight=False, markup=True)
+    from rich.markup import escape
+
+    # soft_wrap: one line even when stderr is not a terminal (rich would wrap it at 80 columns)
+    console.print(f"[bold red]error:[/] {escape(error_line(exc))}", highlight=False, markup=True, soft_wrap=True)
     raise typer.Exit(code=code)
 
 
@@ -36,6 +54,9 @@ def run(
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: runs/<name>-<time>)."),
     resume: Optional[Path] = typer.Option(
         None, "--resume", help="Continue the interrupted run in DIR from its last checkpoint (DIR/config.yaml)."
+    ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace the run already in --out DIR (without it such a DIR is refused)."
     ),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
@@ -56,6 +77,8 @@ def run(
                 raise FileNotFoundError(f"--resume {resume}: no config.yaml there (is it an fl-sim run directory?)")
             if out_dir is not None and out_dir.resolve() != resume.resolve():
                 raise ValueError(f"--out {out_dir} and --resume {resume}: a resumed run stays in its directory")
+            if overwrite:
+                raise ValueError("--overwrite and --resume: a resumed run continues its directory, it replaces nothing")
         cfg = load_config(config if config is not None or resume is None else resume / "config.yaml", set_)
         from .simulation import default_run_dir, run_experiment
 
@@ -76,7 +99,7 @@ def run(
                 status = f"acc {acc:.3f}" if isinstance(acc, float) else ""
                 progress.update(task, completed=rnd, status=status)
 
-            summary = run_experiment(cfg, run_dir, on_round, resume=resume is not None)
+            summary = run_experiment(cfg, run_dir, on_round, resume=resume is not None, overwrite=overwrite)
     except RunFailed as exc:  # a dead Ray worker, or no round changed the model (NothingAggregated): exit 1, not 0
         _fail(exc, debug, code=1)
         return
@@ -166,22 +189,18 @@ def bench_codecs(
 
 
 def _bench_module(name: str):
-    """benchmarks.<name>, importable from the repository root only (benchmarks/ is not installed)."""
+    """fl_sim.bench.<name> (installed with fl-sim)."""
     import importlib
 
-    if str(Path.cwd()) not in sys.path:
-        sys.path.insert(0, str(Path.cwd()))
-    try:
-        return importlib.import_module(f"benchmarks.{name}")
-    except ImportError:
-        _fail(FileNotFoundError("benchmarks/ not found: run fl-sim bench from the repository root"), False)
+    return importlib.import_module(f"fl_sim.bench.{name}")
 
 
 @bench_app.command("round")
 def bench_round(
-    workloads: str = typer.Option("quickstart,lenet", "--workloads", help="quickstart and/or lenet."),
+    workloads: str = typer.Option("quickstart,lenet", "--workloads", help="quickstart, lenet and/or digits."),
     per_round: str = typer.Option("10,100", "--per-round", help="Clients per round, comma-separated."),
-    modes: str = typer.Option("plain,inline,ray", "--modes", help="plain (PyTorch loop), inline, ray."),
+    modes: str = typer.Option("plain,inline,ray", "--modes",
+                              help="plain (PyTorch loop), inline, vectorized, ray."),
     rounds: int = typer.Option(0, "--rounds", help="Rounds per run (0: 6 quickstart, 4 lenet)."),
     repeats: int = typer.Option(2, "--repeats", help="Side-by-side repeats (modes alternate who goes first)."),
     num_cpus: str = typer.Option("1", "--num-cpus", help="simulation.num_cpus values for ray, e.g. 0.5,1,2."),
@@ -189,12 +208,15 @@ def bench_round(
     what_if: bool = typer.Option(False, "--what-if", help="Also inline runs with the proposed fixes patched in."),
     tune: bool = typer.Option(False, "--tune", help="Also Ray with 0.5/1/2 CPUs per actor."),
     quick: bool = typer.Option(False, "--quick", help="quickstart only, one repeat."),
+    scale: bool = typer.Option(False, "--scale", help="Also 10,000 quickstart clients, 10% a round, 50 rounds, "
+                               "vectorized (time, peak memory)."),
     out_path: Path = typer.Option(Path("bench_out/round.json"), "--out"),
 ) -> None:
-    """R rounds of FedAvg through fl-sim (ray, inline) against the same computation as a plain PyTorch loop."""
+    """R rounds of FedAvg through fl-sim (ray, inline, vectorized) against the same computation as a plain PyTorch loop."""
     argv = ["--workloads", workloads, "--per-round", per_round, "--modes", modes, "--rounds", str(rounds),
             "--repeats", str(repeats), "--num-cpus", num_cpus, "--out", str(out_path)]
     argv += ["--profile"] * profile + ["--what-if"] * what_if + ["--tune"] * tune + ["--quick"] * quick
+    argv += ["--scale"] * scale
     _bench_module("bench_round").main(argv)
 
 
@@ -249,12 +271,29 @@ def reproduce(
     out.print(f"{summary['experiment']} ({summary['version']}) done in {summary['wall_s']:.1f} s -> {where}")
 
 
+def _shutdown_ray(timeout_s: float = 10.0) -> None:
+    """Stop a local Ray cluster this process started, waiting at most ``timeout_s``."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return
+    import threading
+
+    t = threading.Thread(target=ray.shutdown, daemon=True)
+    t.start()
+    t.join(timeout_s)
+
+
 def main() -> None:
     try:
         app()
     except KeyboardInterrupt:
+        # Flower's ServerApp thread (not a daemon) would keep the interpreter alive waiting for replies
+        # that never come: stop Ray, then leave without waiting for threads.
         console.print("interrupted")
-        sys.exit(130)
+        _shutdown_ray()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
 
 
 if __name__ == "__main__":

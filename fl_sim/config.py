@@ -12,6 +12,7 @@ codec or channel they configure, so a typo is still an error.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "packaged_config",
+    "config_dir",
 ]
 
 
@@ -117,7 +119,9 @@ class SimulationConfig:
 
     backend: "ray" (Flower's simulation engine, Ray actors; the default) or "inline" (the same
     strategy and ClientApp code with messages delivered by function calls in this process: no
-    engine start-up, sequential clients; for quick sweeps, debugging and tests).
+    engine start-up, sequential clients; for quick sweeps, debugging and tests) or "vectorized"
+    (as inline, but fl-sim's built-in ClientApp trains a round's clients in batched torch.func calls:
+    fl_sim.vectorized; the same replies up to float rounding).
     """
 
     backend: str = "ray"
@@ -137,6 +141,10 @@ class SimulationConfig:
     # at 100,000 clients. 0 = auto: one node per client up to AUTO_SUPERNODES clients, else
     # max(AUTO_SUPERNODES, clients per round); always one per client with residual_store=context.
     supernodes: int = 0
+    # --- backend "vectorized" (fl_sim.vectorized) ---
+    cohort_chunk: int = 0  # clients per batched call; 0 = automatic from cohort_memory_mb
+    cohort_memory_mb: float = 1024.0  # working-memory budget of one batched call (automatic chunk size)
+    device: str = "cpu"  # where batched training runs: cpu, cuda, or auto (cuda when present)
 
 
 @dataclass
@@ -235,14 +243,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool):
             raise ConfigError(f"{key}={value!r}: expected a number")
+        number = None
         if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}={value!r}: expected a number")
+        if number is None:
+            raise ConfigError(f"{key}={value!r}: expected a number")
+        if not math.isfinite(number):  # inf/nan never train: every float setting is a finite number
+            raise ConfigError(f"{key}={value!r}: must be a finite number")
+        return number
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -324,14 +337,44 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-def packaged_config(name: str) -> Path:
-    """Path of a config shipped in the repository's configs/ (``quickstart`` -> configs/quickstart.yaml)."""
+def config_dir() -> Path:
+    """The configs shipped with fl-sim: fl_sim/configs/ (package data, present in a wheel too)."""
     here = Path(__file__).resolve().parent
-    for base in (here.parent / "configs", here / "configs"):
-        p = base / (name if name.endswith((".yaml", ".yml")) else f"{name}.yaml")
-        if p.is_file():
-            return p
-    raise ConfigError(f"no packaged config named {name!r}; give a path to a YAML file")
+    packaged = here / "configs"
+    return packaged if packaged.is_dir() else here.parent / "configs"  # a checkout before the move
+
+
+def packaged_config(name: str) -> Path:
+    """Path of a shipped config: ``quickstart``, ``qsgd.yaml``, ``papers/qcs`` or ``configs/qsgd.yaml`` (the
+    repository-relative path, so ``fl-sim run configs/qsgd.yaml`` works from any directory and installed)."""
+    rel = Path(name)
+    if rel.parts and rel.parts[0] == "configs":
+        rel = Path(*rel.parts[1:]) if len(rel.parts) > 1 else Path()
+    if not rel.name.endswith((".yaml", ".yml")):
+        rel = rel.with_name(f"{rel.name}.yaml")
+    p = config_dir() / rel
+    if not rel.is_absolute() and p.is_file():
+        return p
+    raise ConfigError(f"no config file {name!r} and no shipped config of that name in {config_dir()}; "
+                      "give a path to a YAML file")
+
+
+class _DuplicateKey(ConfigError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                mark = key_node.start_mark
+                raise _DuplicateKey(f"line {mark.line + 1}: key {key!r} appears twice in one section")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
@@ -342,7 +385,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if not p.is_file():
         p = packaged_config(str(path))
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
+        raw = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+    except _DuplicateKey as exc:
+        raise ConfigError(f"{p}: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {exc.start}); save the config as UTF-8") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -359,6 +406,8 @@ def _require(cond: bool, key: str, value: Any, allowed: str) -> None:
 
 
 RESIDUAL_STORES = ("auto", "context", "disk")
+BACKENDS = ("ray", "inline", "vectorized")
+DEVICES = ("cpu", "cuda", "auto")  # simulation.device (backend vectorized)
 AUTO_SUPERNODES = 1_000  # simulation.supernodes=0: one SuperNode per client up to this many clients
 
 
@@ -373,6 +422,12 @@ def _registries() -> dict[str, tuple[str, ...]]:
 
     return {"strategy": tuple(STRATEGIES), "model": tuple(MODEL_NAMES), "data": tuple(SOURCES),
             "partition": ("auto", *PARTITIONS), "codec": tuple(codec_names())}
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# Largest step size accepted (train.lr, strategy.server_lr): no model here trains with a step above this;
+# larger values (1e308 was accepted) only overflow the weights to inf/NaN in the first round.
+MAX_LR = 1e3
 
 
 def validate(cfg: RunConfig) -> None:
@@ -405,22 +460,31 @@ def validate(cfg: RunConfig) -> None:
     _require(d.max_samples >= 0, "data.max_samples", d.max_samples, "must be >= 0 (0 = all)")
     _require(cfg.model.name in names["model"], "model.name", cfg.model.name, ", ".join(names["model"]))
     _require(all(h >= 1 for h in cfg.model.hidden), "model.hidden", cfg.model.hidden, "layer widths >= 1")
+    _require(0 <= cfg.seed < 2**63, "seed", cfg.seed, "must be in [0, 2**63)")
     t = cfg.train
-    _require(t.lr > 0, "train.lr", t.lr, "the learning rate must be > 0")
+    _require(0 < t.lr <= MAX_LR, "train.lr", t.lr, f"the learning rate must be > 0 and <= {MAX_LR:g}")
     _require(t.local_epochs >= 1 or t.local_steps >= 1, "train.local_epochs", t.local_epochs, "must be >= 1")
     _require(t.local_steps >= 0, "train.local_steps", t.local_steps, "must be >= 0 (0 = use local_epochs)")
     _require(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1")
     _require(0 <= t.momentum < 1, "train.momentum", t.momentum, "must be in [0, 1)")
     _require(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0")
+    # SGD with coupled weight decay scales the weights by (1 - lr * weight_decay) each step: beyond 2 the
+    # weights grow without bound whatever the data.
+    _require(t.lr * t.weight_decay < 2, "train.weight_decay", t.weight_decay,
+             f"lr * weight_decay must be < 2 (here lr={t.lr:g}); each step multiplies the weights by 1 - lr*wd")
     s = cfg.strategy
     _require(s.name in names["strategy"], "strategy.name", s.name, ", ".join(names["strategy"]))
     _require(cfg.codec.name in names["codec"], "codec.name", cfg.codec.name, ", ".join(names["codec"]))
-    _require(s.server_lr > 0, "strategy.server_lr", s.server_lr, "must be > 0")
+    _require(0 < s.server_lr <= MAX_LR, "strategy.server_lr", s.server_lr, f"must be > 0 and <= {MAX_LR:g}")
     _require(0 <= s.server_momentum < 1, "strategy.server_momentum", s.server_momentum, "must be in [0, 1)")
     sim = cfg.simulation
-    _require(sim.backend in ("ray", "inline"), "simulation.backend", sim.backend, "ray or inline")
+    _require(sim.backend in BACKENDS, "simulation.backend", sim.backend, ", ".join(BACKENDS))
+    _require(sim.cohort_chunk >= 0, "simulation.cohort_chunk", sim.cohort_chunk, "must be >= 0 (0 = automatic)")
+    _require(sim.cohort_memory_mb > 0, "simulation.cohort_memory_mb", sim.cohort_memory_mb, "must be > 0")
+    _require(sim.device in DEVICES, "simulation.device", sim.device, ", ".join(DEVICES))
     _require(sim.num_cpus > 0, "simulation.num_cpus", sim.num_cpus, "CPUs per client must be > 0")
     _require(sim.num_gpus >= 0, "simulation.num_gpus", sim.num_gpus, "must be >= 0")
+    _require(sim.log_level.upper() in LOG_LEVELS, "simulation.log_level", sim.log_level, ", ".join(LOG_LEVELS))
     _require(sim.residual_store in RESIDUAL_STORES, "simulation.residual_store", sim.residual_store,
              ", ".join(RESIDUAL_STORES))
     _require(sim.residual_budget_mb >= 0, "simulation.residual_budget_mb", sim.residual_budget_mb,

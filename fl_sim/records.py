@@ -13,6 +13,7 @@ the data is short.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -34,8 +35,33 @@ __all__ = [
     "payload_to_records",
     "payload_from_records",
     "state_dict_to_arrays",
+    "ndarray_to_array",
 ]
 
+
+def _fast_view(arr: Array) -> np.ndarray | None:
+    """The array of a record entry viewed in place (read-only), or None when the fast path does not apply.
+
+    Applies to a plain ``.npy`` buffer whose header is exactly the one numpy writes for the entry's own
+    dtype and shape (little-endian, C order) and whose payload has exactly that many bytes: then
+    ``np.frombuffer`` gives the same array as Flower's ``Array.numpy`` (``np.load``, which parses the
+    header with ``ast.literal_eval``: 75 us an array, the largest cost of reading a small model's reply).
+    """
+    data = arr.data
+    if arr.stype == "numpy.ndarray" and isinstance(data, bytes) and data[:8] == b"\x93NUMPY\x01\x00":
+        try:
+            dt = np.dtype(arr.dtype)
+            shape = tuple(int(s) for s in arr.shape)
+        except (TypeError, ValueError):
+            return None
+        hlen = int.from_bytes(data[8:10], "little")
+        start = 10 + hlen
+        head = b"{'descr': '" + dt.str.encode() + b"', 'fortran_order': False, 'shape': " + repr(shape).encode() + b", }"
+        count = int(np.prod(shape, dtype=np.int64))
+        if data[10:start].rstrip() == head and len(data) - start == count * dt.itemsize and not dt.hasobject \
+                and dt.itemsize > 0:
+            return np.frombuffer(data, dtype=dt, count=count, offset=start).reshape(shape)
+    return None
 
 _HEADER_READERS = {(1, 0): npy_format.read_array_header_1_0, (2, 0): npy_format.read_array_header_2_0}
 
@@ -51,6 +77,9 @@ def read_array(arr: Array, name: str = "array") -> np.ndarray:
     data = arr.data
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise PayloadError(f"array {name!r} carries no bytes")
+    view = _fast_view(arr)  # header exactly numpy's for the entry's dtype and shape, byte count checked
+    if view is not None:
+        return view
     f = io.BytesIO(data)
     try:
         version = npy_format.read_magic(f)
@@ -77,10 +106,10 @@ def _float_items(arrays: ArrayRecord):
 
 def flatten_arrays(arrays: ArrayRecord) -> torch.Tensor:
     """All floating-point arrays of a record, flattened and concatenated (float32, a copy)."""
-    parts = [torch.from_numpy(np.ascontiguousarray(nd, dtype=np.float32)).reshape(-1) for _, nd in _float_items(arrays)]
+    parts = [nd.reshape(-1).astype(np.float32, copy=False) for _, nd in _float_items(arrays)]
     if not parts:
         return torch.zeros(0)
-    return torch.cat(parts)
+    return torch.from_numpy(np.concatenate(parts))
 
 
 def float_sizes(arrays: ArrayRecord) -> list[int]:
@@ -115,9 +144,26 @@ def array_bits(arrays: ArrayRecord) -> int:
     return int(total)
 
 
+@functools.lru_cache(maxsize=256)
+def _npy_header(descr: str, shape: tuple[int, ...]) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False, "shape": shape})
+    return buf.getvalue()
+
+
+def ndarray_to_array(nd: np.ndarray) -> Array:
+    """``Array(nd)`` with the same bytes (an ``.npy`` buffer, as ``np.save`` writes it), 3x faster: the header
+    of each (dtype, shape) is built once, and Flower's ``np.save`` call is skipped."""
+    if nd.ndim == 0 or not nd.flags.c_contiguous or nd.dtype.hasobject or nd.dtype.fields is not None:
+        return Array(nd)  # Flower's own conversion
+    shape = tuple(int(s) for s in nd.shape)
+    return Array(dtype=str(nd.dtype), shape=shape, stype="numpy.ndarray",
+                 data=b"".join((_npy_header(np.lib.format.dtype_to_descr(nd.dtype), shape), nd.reshape(-1).view(np.uint8))))
+
+
 def state_dict_to_arrays(state_dict: dict[str, torch.Tensor]) -> ArrayRecord:
     """ArrayRecord of a torch state dict (detached CPU copies)."""
-    return ArrayRecord({k: Array(v.detach().cpu().numpy().copy()) for k, v in state_dict.items()})
+    return ArrayRecord({k: ndarray_to_array(v.detach().cpu().numpy()) for k, v in state_dict.items()})
 
 
 def payload_to_records(payload: Payload) -> tuple[ArrayRecord, ConfigRecord]:

@@ -18,7 +18,7 @@ Kinds:
     - alpha: Unbiased-QCS (4.9) against MMSE-QCS (4.12), Lemma 8's bound gamma/(gamma + 1);
     - weighted EF (4.14): ||r_t||^2 / B along a fixed stream of vectors for several beta, against
       Lemma 9's eta (4.15)/(4.16) and the same recursion evaluated with the measured gamma.
-* ``runs`` -- a list of fl-sim configs (``simulation.backend=inline`` unless overridden), resumable,
+* ``runs`` -- a list of fl-sim configs (``simulation.backend=vectorized`` unless overridden), resumable,
   then :func:`fl_sim.results.report` (accuracy vs round / vs uplink bits, report.csv) and a Pareto
   figure: final accuracy against total uplink bits (log scale), one point per method. Optional
   settings: ``cumulative: [channel_uses]`` (more running-sum x axes and totals in report.csv, see
@@ -80,11 +80,13 @@ def register_kind(name: str):
 # Specs
 # ---------------------------------------------------------------------------------------------------
 def papers_dir() -> Path:
-    """configs/papers/ of the working directory if present, else the repository's."""
+    """configs/papers/ of the working directory if present, else the shipped one (fl_sim/configs/papers)."""
+    from .config import config_dir
+
     local = Path("configs") / "papers"
     if local.is_dir():
         return local
-    return Path(__file__).resolve().parent.parent / "configs" / "papers"
+    return config_dir() / "papers"
 
 
 def list_experiments() -> list[tuple[str, str, str]]:
@@ -104,7 +106,9 @@ def _spec_path(name: str | Path) -> Path:
     if p.is_file():
         return p
     stem = p.name[: -len(".yaml")] if p.name.endswith(".yaml") else p.name
-    for base in (papers_dir(), Path(__file__).resolve().parent.parent / "configs" / "papers"):
+    from .config import config_dir
+
+    for base in (papers_dir(), config_dir() / "papers"):
         cand = base / f"{stem}.yaml"
         if cand.is_file():
             return cand
@@ -647,10 +651,16 @@ def _resolve_config(path: str, spec_path: Path) -> Path:
     p = Path(path)
     if p.is_file():
         return p
-    root = spec_path.resolve().parent.parent.parent  # configs/papers/x.yaml -> repository root
+    root = spec_path.resolve().parent.parent.parent  # configs/papers/x.yaml -> the folder holding configs/
     for cand in (root / path, spec_path.resolve().parent / path):
         if cand.is_file():
             return cand
+    from .config import ConfigError, packaged_config
+
+    try:
+        return packaged_config(path)  # configs/x.yaml of the shipped configs
+    except ConfigError:
+        pass
     raise FileNotFoundError(f"{spec_path}: run config {path!r} not found (relative to . or {root})")
 
 
@@ -660,10 +670,13 @@ def run_runs(
 ) -> dict[str, Any]:
     """Run every entry of ``spec['runs']`` ({config, name?, set?}) into OUT/runs/NAME (resumable), then report.
 
-    Overrides, in order: ``simulation.backend=inline``, the settings' ``set``, the entry's ``set``,
-    ``name=NAME``. A run whose summary.json exists with the same config.yaml is not rerun. All configs
+    Overrides, in order: ``simulation.backend=vectorized`` (fl_sim.vectorized: the inline backend's numbers,
+    a round's clients trained in batches), the settings' ``set``, the entry's ``set``,
+    ``name=NAME``. A run whose summary.json exists with the same config.yaml (up to
+    fl_sim.checkpoint.ENGINE_KEYS: a run made with another backend counts) is not rerun. All configs
     are validated before the first run starts.
     """
+    from .checkpoint import config_differences  # engine keys (backend, ...) aside: the same numbers
     from .config import config_to_dict, load_config
     from .results import report
 
@@ -680,15 +693,19 @@ def run_runs(
         if name in names:
             raise ValueError(f"{spec['_path']}: two runs are named {name!r}; give each a distinct 'name'")
         names.add(name)
-        sets = ["simulation.backend=inline", *s.get("set", []), *e.get("set", []), f"name={name}"]
+        sets = ["simulation.backend=vectorized", *s.get("set", []), *e.get("set", []), f"name={name}"]
         plan.append((name, load_config(cfg_path, sets)))
     if runner is None:
-        from .simulation import run_experiment as runner
+        from functools import partial
+
+        from .simulation import run_experiment
+
+        runner = partial(run_experiment, overwrite=True)  # OUT/runs/NAME is this experiment's own; rerun replaces
     run_dirs = []
     for name, cfg in plan:
         run_dir = out / "runs" / name
-        done = (run_dir / "summary.json").is_file() and (run_dir / "config.yaml").is_file() and (
-            yaml.safe_load((run_dir / "config.yaml").read_text()) == config_to_dict(cfg))
+        done = (run_dir / "summary.json").is_file() and (run_dir / "config.yaml").is_file() and not (
+            config_differences(yaml.safe_load((run_dir / "config.yaml").read_text()), config_to_dict(cfg)))
         progress(f"{name}: {'done, skipped' if done else f'{cfg.rounds} rounds'}")
         if not done:
             runner(cfg, run_dir)

@@ -34,7 +34,16 @@ STANDARD_COLUMNS = [
 def atomic_write(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(path, text)
+    except OSError as exc:  # a full disk reports no file name: name the one being written
+        if exc.filename is None and exc.strerror:
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
+
+
+def _atomic_write(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", newline="") as f:
@@ -110,11 +119,23 @@ def load_run(run_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, float]
     if not metrics.is_file():
         raise FileNotFoundError(f"{d}: no metrics.csv (is this an fl-sim run directory?)")
     rows = []
-    with open(metrics, newline="") as f:
-        for raw in csv.DictReader(f):
-            rows.append({k: (float(v) if v not in ("", None) else float("nan")) if k != "method" else v for k, v in raw.items()})
+    try:
+        with open(metrics, newline="", encoding="utf-8") as f:
+            for line, raw in enumerate(csv.DictReader(f), start=2):
+                if None in raw or None in raw.values():
+                    raise ValueError(f"line {line} has {'more' if None in raw else 'fewer'} fields than the header")
+                rows.append({k: (float(v) if v != "" else float("nan")) if k != "method" else v for k, v in raw.items()})
+    except (ValueError, csv.Error) as exc:  # UnicodeDecodeError is a ValueError
+        raise ValueError(f"{metrics}: not a readable metrics file ({str(exc).splitlines()[0][:100]})") from None
     summary_path = d / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {"name": d.name}
+    summary: Any = {"name": d.name}
+    if summary_path.is_file():
+        try:
+            summary = json.loads(summary_path.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise ValueError(f"{summary_path}: not valid JSON ({str(exc).splitlines()[0][:100]})") from None
+        if not isinstance(summary, dict):
+            raise ValueError(f"{summary_path}: expected a JSON object, got {type(summary).__name__}")
     summary.setdefault("name", d.name)
     return summary, rows
 

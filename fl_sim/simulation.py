@@ -30,9 +30,11 @@ from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from .build import Experiment, build_experiment, build_strategy
-from .checkpoint import config_differences, latest_checkpoint, remove_checkpoints, save_checkpoint, save_model
+from .checkpoint import (config_differences, config_hash, latest_checkpoint, remove_checkpoints, save_checkpoint,
+                         save_model)
 from .config import ConfigError, RunConfig, config_to_dict
 from .results import RunRecorder
+from .rundir import claim
 
 __all__ = [
     "run_experiment", "server_loop", "run_flower_simulation", "default_run_dir", "RunFailed", "NothingAggregated",
@@ -86,9 +88,15 @@ class NothingAggregated(RunFailed):
 
 
 def default_run_dir(cfg: RunConfig) -> Path:
+    """runs/<name>-s<seed>-<time>, with -2, -3, ... when a run started in the same second has it."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     name = cfg.name or f"{cfg.strategy.name}-{cfg.data.name.replace(':', '_').replace('/', '_')}"
-    return Path(cfg.out) / f"{name}-s{cfg.seed}-{stamp}"
+    base = Path(cfg.out) / f"{name}-s{cfg.seed}-{stamp}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
 
 
 def server_loop(
@@ -130,6 +138,8 @@ def server_loop(
         if flower_round == 0 and offset:  # resumed: round `offset`'s row is in the checkpoint
             return None
         due = server_round == 0 or server_round == cfg.rounds or (cfg.eval_every and server_round % cfg.eval_every == 0)
+        if server_round > 0:
+            _check_finite(server_round, arrays, cfg)
         row: dict[str, Any] = {"round": server_round}
         if server_round > 0:
             row.update(getattr(strategy, "last_metrics", {}))
@@ -157,10 +167,70 @@ def server_loop(
                           evaluate_fn=evaluate_fn)
 
 
+def _check_finite(server_round: int, arrays: ArrayRecord, cfg: RunConfig) -> None:
+    """A global model with inf/NaN never recovers: stop the run with one line instead of writing NaN results."""
+    import numpy as np
+
+    for name, a in arrays.items():
+        x = a.numpy()
+        if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+            raise ValueError(
+                f"round {server_round}: the global model diverged (non-finite values in {name!r}); lower "
+                f"train.lr={cfg.train.lr:g} or strategy.server_lr={cfg.strategy.server_lr:g}"
+            )
+
+
+RAY_CONNECT_TIMEOUT_S = 10.0
+
+
+def check_engine_resources(cfg: RunConfig) -> None:
+    """Refuse, in bounded time, what would make Flower's engine wait forever: a client needing more CPUs or
+    GPUs than the local Ray cluster has (no actor could ever start), or a ``ray_address`` nobody answers."""
+    import socket
+
+    sim = cfg.simulation
+    if not sim.ray_address:
+        cpus = sim.ray_num_cpus or os.cpu_count() or 1
+        if sim.num_cpus > cpus:
+            raise ConfigError(
+                f"simulation.num_cpus={sim.num_cpus:g} per client but the local Ray cluster has {cpus} CPUs "
+                f"({'simulation.ray_num_cpus' if sim.ray_num_cpus else 'this machine'}): no client could start; "
+                f"use simulation.num_cpus <= {cpus}"
+            )
+        if sim.num_gpus > 0:
+            import torch
+
+            gpus = torch.cuda.device_count()
+            if sim.num_gpus > gpus:
+                raise ConfigError(
+                    f"simulation.num_gpus={sim.num_gpus:g} per client but this machine has {gpus} GPUs: no client "
+                    f"could start; use simulation.num_gpus <= {gpus}"
+                )
+        return
+    address = sim.ray_address
+    if address == "auto":
+        try:
+            address = Path("/tmp/ray/ray_current_cluster").read_text().strip()
+        except OSError:
+            raise ConfigError("simulation.ray_address=auto: no running Ray cluster on this machine (ray start --head "
+                              "starts one; leave ray_address empty for a local one)") from None
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"simulation.ray_address={sim.ray_address!r}: expected host:port or auto")
+    try:
+        socket.create_connection((host, int(port)), timeout=RAY_CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise ConfigError(
+            f"simulation.ray_address={sim.ray_address!r}: no Ray cluster answers at {host}:{port} within "
+            f"{RAY_CONNECT_TIMEOUT_S:g} s ({exc.strerror or exc}); check the address or leave it empty"
+        ) from None
+
+
 def run_flower_simulation(server_app: ServerApp, client_app, cfg: RunConfig, num_supernodes: int) -> None:
     """The one call into Flower's (deprecated) simulation entry point."""
     from flwr.simulation import run_simulation
 
+    check_engine_resources(cfg)
     # Ray's accelerator-env warning for num_gpus=0 is noise on CPU machines.
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     init_args: dict[str, Any] = {"log_to_driver": False, "logging_level": "ERROR"}
@@ -224,22 +294,32 @@ def residual_store(cfg: RunConfig, exp: Experiment, strategy, run_dir: Path):
 
 
 def run_experiment(
-    cfg: RunConfig, run_dir: Path | None = None, progress: ProgressFn | None = None, *, resume: bool = False
+    cfg: RunConfig,
+    run_dir: Path | None = None,
+    progress: ProgressFn | None = None,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Run a config end to end in Flower's simulation engine; returns summary.json's content.
 
     ``resume=True``: continue the run in ``run_dir`` from its newest checkpoint (its config must match
-    ``cfg`` up to :data:`fl_sim.checkpoint.ENGINE_KEYS`).
+    ``cfg`` up to :data:`fl_sim.checkpoint.ENGINE_KEYS`). A fresh run refuses a directory that holds
+    another run unless ``overwrite=True``; the directory is locked while the run writes it
+    (:func:`fl_sim.rundir.claim`).
     """
-    from .clients.app import make_client_app
-
     if run_dir is None and resume:
         raise ValueError("resume needs the run directory")
     run_dir = Path(run_dir) if run_dir else default_run_dir(cfg)
+    with claim(run_dir, resume=resume, overwrite=overwrite):
+        return _run_experiment(cfg, run_dir, progress, resume)
+
+
+def _run_experiment(cfg: RunConfig, run_dir: Path, progress: ProgressFn | None, resume: bool) -> dict[str, Any]:
+    from .clients.app import make_client_app
+
     config = config_to_dict(cfg)
     ckpt = _checkpoint_to_resume(run_dir, config, cfg) if resume else None
-    if not resume:
-        remove_checkpoints(run_dir)  # a fresh run in a used directory: never resume the old run's state
     exp = build_experiment(cfg)
     nodes = cfg.num_supernodes()
     strategy = build_strategy(exp, min_available_nodes=nodes)
@@ -280,6 +360,14 @@ def run_experiment(
         from .testing import InMemoryGrid
 
         serve(InMemoryGrid(make_client_app(cfg), nodes))
+    elif cfg.simulation.backend == "vectorized":  # batched clients (fl_sim.vectorized)
+        from .vectorized import VectorizedGrid, resolve_device
+
+        try:
+            resolve_device(cfg.simulation.device)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        serve(VectorizedGrid(make_client_app(cfg), nodes))
     else:
         server_app = ServerApp()
         server_app.main()(lambda grid, context: serve(grid))
@@ -292,13 +380,6 @@ def run_experiment(
         raise RuntimeError(
             f"the simulation stopped after {len(recorder.rows) - 1} of {cfg.rounds} rounds; see the log above"
         )
-    if store is not None:  # working state of a finished run: nothing reads it any more
-        store.close()
-        shutil.rmtree(store.directory, ignore_errors=True)
-        try:
-            store.directory.parent.rmdir()  # RUN_DIR/state, if nothing else is in it
-        except OSError:
-            pass
     totals = failure_totals(recorder.rows)
     info = {
         "strategy": cfg.strategy.name,
@@ -308,6 +389,7 @@ def run_experiment(
         "clients_with_data": int(len(exp.data.eligible_clients)),
         "seed": cfg.seed,
         "run_dir": str(run_dir),
+        "config_hash": config_hash(config),
         **totals,
     }
     # Two checks, one failure class (NothingAggregated is a RunFailed): no round changed the model (the
@@ -323,8 +405,17 @@ def run_experiment(
         )
     if results and results[0] is not None and len(results[0].arrays):
         save_model(run_dir, results[0].arrays)  # the final global model: RUN_DIR/model.pt
-    remove_checkpoints(run_dir)
+    # summary.json marks the run finished; only then may the state a resume needs go (a kill between
+    # the two leaves a finished run, not one that can be neither resumed nor reported).
     summary = recorder.finish(info)
+    if store is not None:  # working state of a finished run: nothing reads it any more
+        store.close()
+        shutil.rmtree(store.directory, ignore_errors=True)
+        try:
+            store.directory.parent.rmdir()  # RUN_DIR/state, if nothing else is in it
+        except OSError:
+            pass
+    remove_checkpoints(run_dir)
     return summary
 
 

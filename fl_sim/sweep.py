@@ -1,16 +1,22 @@
 """Parameter sweeps: a grid of ``--set`` overrides × repeats, resumable, with sweep.csv and plots.
 
 ``fl-sim sweep CONFIG --grid channel.snr_db=0,5,10 --grid strategy.name=rlc,qcs --repeats 3`` runs
-every combination for seeds seed, seed+1, ... into ``OUT/<key=value,...>/seed<s>/``. A point whose
-summary.json exists is not rerun (resume after an interruption). ``sweep.csv`` has one row per run
+every combination for seeds seed, seed+1, ... into ``OUT/<key=value,...>/seed<s>/`` (keys and values
+percent-encoded, so ``hf:/a/b`` and ``hf:/a_b`` get distinct directories). A point whose summary.json
+carries the requested config's hash (:func:`fl_sim.checkpoint.config_hash`) is not rerun; one that was
+interrupted resumes from its checkpoint; one finished under other settings is rerun. ``sweep.csv`` has one row per run
 (the grid values, the seed, final accuracy, total uplink bits, total channel uses, wall time), and
 two PNGs show the final accuracy against the first grid key and accuracy against cumulative channel
 uses (or uplink bits), as mean and spread (min..max) over repeats.
+
+Runs use ``simulation.backend=vectorized`` (the config file's backend is overridden, as in ``fl-sim
+reproduce``); ``--set simulation.backend=ray`` (or inline) chooses another.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import itertools
 import json
@@ -20,10 +26,13 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import ConfigError, load_config
+from .checkpoint import config_hash
+from .config import ConfigError, config_to_dict, load_config
 from .results import atomic_write, load_run
 
-__all__ = ["parse_grid", "run_sweep", "plot_sweep"]
+__all__ = ["parse_grid", "run_sweep", "plot_sweep", "DEFAULT_BACKEND"]
+
+DEFAULT_BACKEND = "vectorized"  # sweeps run many small runs: batched clients, no engine start-up
 
 
 def parse_grid(items: list[str]) -> list[tuple[str, list[str]]]:
@@ -38,8 +47,43 @@ def parse_grid(items: list[str]) -> list[tuple[str, list[str]]]:
     return grid
 
 
+# Characters kept as they are in point directory names; everything else (``/``, ``%``, ``,``, ``=``,
+# spaces, ...) is percent-encoded, so distinct points always get distinct names.
+_SAFE = "[]:+@"
+_MAX_NAME = 200  # directory names are at most 255 bytes on common filesystems
+
+
 def _point_name(point: tuple[tuple[str, str], ...]) -> str:
-    return ",".join(f"{k}={v}" for k, v in point).replace("/", "_") or "base"
+    """Directory name of a grid point: ``key=value,...`` percent-encoded (injective), and for very long
+    names a prefix plus a hash of the whole (still injective up to a 64-bit hash collision)."""
+    from urllib.parse import quote
+
+    name = ",".join(f"{quote(k, safe=_SAFE)}={quote(v, safe=_SAFE)}" for k, v in point) or "base"
+    if len(name) > _MAX_NAME:
+        name = f"{name[:_MAX_NAME - 17]}~{hashlib.sha256(name.encode()).hexdigest()[:16]}"
+    return name
+
+
+def _point_state(run_dir: Path, want: str) -> str:
+    """``done`` (finished under the requested config: its summary's config_hash equals ``want``),
+    ``resume`` (interrupted with a checkpoint of the requested config), ``changed`` (finished or
+    started under another config) or ``new``."""
+    from .checkpoint import latest_checkpoint
+
+    summary = run_dir / "summary.json"
+    if summary.is_file():
+        try:
+            stored = json.loads(summary.read_text()).get("config_hash")
+        except (OSError, ValueError):
+            stored = None
+        return "done" if stored == want else "changed"
+    try:
+        ckpt = latest_checkpoint(run_dir)
+    except (OSError, ValueError):
+        ckpt = None
+    if ckpt is not None and config_hash(ckpt.config) == want:
+        return "resume"
+    return "changed" if (run_dir / "config.yaml").exists() else "new"
 
 
 def run_sweep(
@@ -59,6 +103,9 @@ def run_sweep(
         raise ConfigError(f"--repeats {repeats}: must be >= 1")
     runner = runner or run_experiment
     grid = parse_grid(grid_items)
+    # Default backend: vectorized (fl_sim.vectorized: the inline numbers, a round's clients batched); the
+    # user's --set simulation.backend=... comes later and wins.
+    overrides = [f"simulation.backend={DEFAULT_BACKEND}", *(overrides or [])]
     base = load_config(config, list(overrides or []))
     # Validate every point before running any (a typo must not surface after an hour).
     points = [tuple(zip([k for k, _ in grid], combo)) for combo in itertools.product(*[v for _, v in grid])]
@@ -70,12 +117,14 @@ def run_sweep(
     rows = []
     for point, seed, cfg in cfgs:
         run_dir = Path(out_dir) / _point_name(point) / f"seed{seed}"
-        if not (run_dir / "summary.json").is_file():
-            if on_point:
-                on_point(_point_name(point), f"seed {seed}")
-            runner(cfg, run_dir)
-        elif on_point:
-            on_point(_point_name(point), f"seed {seed} (done, skipped)")
+        state = _point_state(run_dir, config_hash(config_to_dict(cfg)))
+        if on_point:
+            on_point(_point_name(point), f"seed {seed}" + {"done": " (done, skipped)", "resume": " (resuming)",
+                                                          "changed": " (config changed, rerunning)"}.get(state, ""))
+        if state == "resume":
+            runner(cfg, run_dir, resume=True)
+        elif state != "done":
+            runner(cfg, run_dir, overwrite=True)  # the point's directory is the sweep's own
         summary, metric_rows = load_run(run_dir)
         rows.append(
             {

@@ -78,32 +78,31 @@ class InMemoryGrid(Grid):
         raise NotImplementedError("InMemoryGrid only supports send_and_receive")
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        replies = []
-        self.sent = []
-        for msg in messages:
-            self.sent.append(msg)
-            node = msg.metadata.dst_node_id
-            if node in self.drop_nodes:
-                continue
-            if node in self.fail_nodes:
-                replies.append(Message(Error(code=0, reason="simulated client failure"), reply_to=msg))
-                continue
-            try:
-                reply = self.client_app(msg, self.contexts[node])
-            except Exception as exc:  # noqa: BLE001 - as Flower's engine: a client crash is an error reply
-                replies.append(Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg))
-                continue
-            if self.tamper is not None:
-                reply = self.tamper(reply)
-            replies.append(reply)
-        return replies
+        self.sent = list(messages)
+        return [r for r in map(self.deliver, self.sent) if r is not None]
+
+    def deliver(self, msg: Message) -> Message | None:
+        """One message's reply (None: the node dropped out): the ClientApp call, or a simulated failure."""
+        node = msg.metadata.dst_node_id
+        if node in self.drop_nodes:
+            return None
+        if node in self.fail_nodes:
+            return Message(Error(code=0, reason="simulated client failure"), reply_to=msg)
+        try:
+            reply = self.client_app(msg, self.contexts[node])
+        except Exception as exc:  # noqa: BLE001 - as Flower's engine: a client crash is an error reply
+            return Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
+        if self.tamper is not None:
+            reply = self.tamper(reply)
+        return reply
 
 
 def run_in_memory(cfg, run_dir=None, *, num_nodes: int | None = None):
     """Run a RunConfig through the real strategy and ClientApp on an InMemoryGrid (no Ray).
 
     Returns (summary or None, recorder rows, strategy). Same code path as ``fl-sim run`` except the
-    transport: messages are function calls in this process.
+    transport: messages are function calls in this process (batched ones with
+    ``simulation.backend=vectorized``).
     """
     from .build import build_experiment, build_strategy
     from .clients.app import make_client_app
@@ -113,7 +112,10 @@ def run_in_memory(cfg, run_dir=None, *, num_nodes: int | None = None):
 
     exp = build_experiment(cfg)
     strategy = build_strategy(exp)
-    grid = InMemoryGrid(make_client_app(cfg), num_nodes or cfg.clients)
+    grid_class = InMemoryGrid
+    if cfg.simulation.backend == "vectorized":  # the batched grid (fl_sim.vectorized); else function calls
+        from .vectorized import VectorizedGrid as grid_class
+    grid = grid_class(make_client_app(cfg), num_nodes or cfg.clients)
     recorder = RunRecorder(run_dir, config_to_dict(cfg)) if run_dir is not None else None
     rows: list[dict] = []
     server_loop(grid, exp, strategy, recorder, lambda rnd, row: rows.append(dict(row)))

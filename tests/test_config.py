@@ -77,7 +77,7 @@ def test_yaml_errors(tmp_path):
     p.write_text("rounds: [1,\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(p)
-    with pytest.raises(ConfigError, match="no packaged config"):
+    with pytest.raises(ConfigError, match="no config file"):
         load_config(tmp_path / "missing.yaml")
 
 

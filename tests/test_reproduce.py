@@ -159,10 +159,17 @@ def test_runs_kind_reports_pareto_and_resumes(tmp_path):
         assert (out / f).is_file(), f
     by = {r["run"]: r for r in s["runs"]}
     assert set(by) == {"fedavg", "qsgd"} and by["qsgd"]["uplink_bits"] < by["fedavg"]["uplink_bits"] / 5
-    assert yaml.safe_load((out / "runs" / "qsgd" / "config.yaml").read_text())["simulation"]["backend"] == "inline"
+    assert yaml.safe_load((out / "runs" / "qsgd" / "config.yaml").read_text())["simulation"]["backend"] == "vectorized"
     calls = []
     reproduce(tmp_path / "spec.yaml", out=tmp_path / "out", runner=lambda cfg, d: calls.append(d))
     assert calls == []  # finished runs with the same config are not rerun
+    # a run made with another backend (engine keys: the same numbers) is not rerun either
+    cfg_file = out / "runs" / "qsgd" / "config.yaml"
+    saved = yaml.safe_load(cfg_file.read_text())
+    saved["simulation"]["backend"] = "inline"
+    cfg_file.write_text(yaml.safe_dump(saved))
+    reproduce(tmp_path / "spec.yaml", out=tmp_path / "out", runner=lambda cfg, d: calls.append(d))
+    assert calls == []
     spec["runs"][1]["name"] = "fedavg"
     (tmp_path / "dup.yaml").write_text(yaml.safe_dump(spec))
     with pytest.raises(ValueError, match="two runs are named 'fedavg'"):

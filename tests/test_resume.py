@@ -129,7 +129,7 @@ KILL_SCRIPT = textwrap.dedent(
 
 def test_sigkill_then_cli_resume(tmp_path):
     """A real SIGKILL after round 5 (checkpoint of round 4 on disk), resumed with `fl-sim run --resume`."""
-    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(tmp_path / "cut"), *TINY],
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
@@ -197,3 +197,81 @@ def test_inline_run_resumed_on_ray(tmp_path):
     ray_cfg = config("topk_ef", ["simulation.backend=ray", "simulation.residual_budget_mb=1"])
     run_experiment(ray_cfg, tmp_path / "cut", resume=True)  # engine keys may differ from the checkpoint's
     assert metrics(tmp_path / "cut") == metrics(tmp_path / "full")
+
+
+def test_kill_before_summary_leaves_a_resumable_run(tmp_path, monkeypatch):
+    """Issue 16 item 4: killed after the final model but before summary.json, the run must still resume
+    (the checkpoint used to be deleted first, leaving a run that was neither finished nor resumable)."""
+    from fl_sim.results import RunRecorder
+
+    cfg = config("fedsgd")
+    finish = RunRecorder.finish
+
+    def killed(self, extra):
+        raise Stop("killed before summary.json")
+
+    monkeypatch.setattr(RunRecorder, "finish", killed)
+    with pytest.raises(Stop):
+        run_experiment(cfg, tmp_path / "cut")
+    monkeypatch.setattr(RunRecorder, "finish", finish)
+    summary = run_experiment(cfg, tmp_path / "cut", resume=True)
+    run_experiment(cfg, tmp_path / "full")
+    assert summary["rounds"] == 6 and metrics(tmp_path / "cut") == metrics(tmp_path / "full")
+
+
+def _cut(tmp_path, name="fedsgd"):
+    cfg = config(name)
+    with pytest.raises(Stop):
+        run_experiment(cfg, tmp_path / "cut", stop_after(5))
+    return cfg
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "nan"])
+def test_damaged_newest_checkpoint_falls_back(damage, tmp_path, caplog):
+    """Issue 16 item 14: the previous checkpoint is kept; a corrupt, truncated or non-finite newest one
+    is skipped with a warning and the run resumes from round 2 with the same results."""
+    import torch
+
+    cfg = _cut(tmp_path)
+    newest = tmp_path / "cut" / "checkpoint" / "round-000004.pt"
+    assert (tmp_path / "cut" / "checkpoint" / "round-000002.pt").is_file()
+    if damage == "truncate":
+        newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    elif damage == "garbage":
+        newest.write_bytes(b"\x00not a checkpoint" * 10)
+    else:
+        state = torch.load(newest, weights_only=True)
+        state["arrays"][0][1].fill_(float("nan"))
+        torch.save(state, newest)
+    with caplog.at_level("WARNING", logger="fl_sim"):
+        ckpt = latest_checkpoint(tmp_path / "cut")
+    assert ckpt.round == 2 and "round-000004.pt" in caplog.text and "falling back" in caplog.text
+    run_experiment(cfg, tmp_path / "cut", resume=True)
+    run_experiment(cfg, tmp_path / "full")
+    assert metrics(tmp_path / "cut") == metrics(tmp_path / "full")
+
+
+def test_every_checkpoint_damaged_is_one_line(tmp_path):
+    _cut(tmp_path)
+    for p in (tmp_path / "cut" / "checkpoint").glob("round-*.pt"):
+        p.write_bytes(b"junk")
+    res = CliRunner().invoke(app, ["run", "--resume", str(tmp_path / "cut")])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    last = res.output.strip().splitlines()[-1]
+    assert last.startswith("error:") and "round-000004.pt" in last and "unreadable" in last, res.output
+
+
+def test_stale_temporaries_removed_and_modes(tmp_path):
+    """Issue 16 item 15: .tmp files a kill left in checkpoint/ go; model.pt is 0644 like the other files."""
+    cfg = _cut(tmp_path)
+    stale = tmp_path / "cut" / "checkpoint" / ".round-000006.abc.tmp"
+    stale.write_bytes(b"half")
+    (tmp_path / "cut" / ".metrics.csv.x.tmp").write_text("half")
+    old = os.umask(0o022)
+    try:
+        run_experiment(cfg, tmp_path / "cut", resume=True)
+    finally:
+        os.umask(old)
+    assert not [p for p in (tmp_path / "cut").rglob("*.tmp")]
+    assert (tmp_path / "cut" / "model.pt").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "cut" / "summary.json").stat().st_mode & 0o777 == 0o644

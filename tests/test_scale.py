@@ -17,8 +17,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ lives beside fl_sim/, not installed
 
-from benchmarks.bench_scale import TreeMemory, tree_memory, tree_pids
-from benchmarks.plain_loop import fabricate_cifar10, fabricate_mnist, plain_fedavg
+from fl_sim.bench.bench_scale import TreeMemory, tree_memory, tree_pids
+from fl_sim.bench.plain_loop import fabricate_cifar10, fabricate_mnist, plain_fedavg
 from fl_sim.config import DataConfig, config_from_dict, load_config
 from fl_sim.data import load_federated
 from fl_sim.models import build_model

@@ -4,25 +4,62 @@ A train message carries the global model and a ConfigRecord with the client id (
 data partition) and the round; the reply carries the locally trained model and its metrics, like any
 Flower PyTorch ClientApp. Compression is not done here: ``compression_mod`` wraps this app and turns
 the reply into an encoded update, exactly as it would wrap a user's own ClientApp.
+
+Vectorized backend (``simulation.backend: vectorized``, fl_sim.vectorized): the grid trains a round's
+clients in one batched call (fl_sim.clients.cohort) and hands each client's result to this app through
+:func:`precomputed`; the app then builds the same reply it would have trained for, and its mods
+(``compression_mod``: encoding, error-feedback residuals) run on it as on any reply. A result is used
+only for the message it was computed from (same client, round and global-model record), so a mod that
+replaced the incoming model gets a freshly trained reply instead.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any, Callable
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from .. import keys
 from ..config import RunConfig
-from ..records import state_dict_to_arrays
+from ..records import ndarray_to_array, state_dict_to_arrays
 from ..rng import torch_generator
 from .daqusgd import daqusgd_reply
 from .mods import compression_mod
 from .runtime import ClientRuntime, runtime_for
 from .training import evaluate_model, train_local
 
-__all__ = ["make_client_app", "client_id", "train_reply", "evaluate_reply"]
+__all__ = ["make_client_app", "client_id", "train_reply", "evaluate_reply", "precomputed", "precomputed_key"]
+
+# (kind, cid, round, id of the message's global-model ArrayRecord) -> a result computed for that message
+_PRECOMPUTED: ContextVar[dict[tuple, Any] | None] = ContextVar("fl_sim_precomputed", default=None)
+
+
+def precomputed_key(kind: str, message: Message, cid: int) -> tuple:
+    """The key of a batched result for ``message`` (kind "train" or "evaluate")."""
+    config = message.content.get(keys.CONFIG)
+    rnd = int(config.get(keys.ROUND, 0)) if config is not None else 0
+    return (kind, cid, rnd, id(message.content.get(keys.ARRAYS)))
+
+
+@contextmanager
+def precomputed(results: dict[tuple, Any]) -> Iterator[None]:
+    """Within this block the app replies from ``results`` (keyed by :func:`precomputed_key`) where a
+    message has one: train results are (parameters name -> tensor, mean loss, examples), evaluate results
+    (loss, accuracy)."""
+    token = _PRECOMPUTED.set(results)
+    try:
+        yield
+    finally:
+        _PRECOMPUTED.reset(token)
+
+
+def _lookup(kind: str, message: Message, cid: int):
+    results = _PRECOMPUTED.get()
+    return None if results is None else results.pop(precomputed_key(kind, message, cid), None)
 
 
 def client_id(message: Message, context: Context) -> int:
@@ -38,11 +75,18 @@ def train_reply(rt: ClientRuntime, message: Message, context: Context) -> Messag
     cid = client_id(message, context)
     config = message.content[keys.CONFIG]
     rnd = int(config.get(keys.ROUND, 0))
-    x, y = rt.data.client_data(cid)
-    model = rt.load_model(message.content[keys.ARRAYS])
-    loss = train_local(model, x, y, rt.train_spec(config), torch_generator(rt.cfg.seed, rnd, "local-train", cid))
-    metrics = MetricRecord({keys.NUM_EXAMPLES: int(len(y)), keys.TRAIN_LOSS: float(loss), keys.M_CID: cid})
-    content = RecordDict({keys.ARRAYS: state_dict_to_arrays(model.state_dict()), keys.METRICS: metrics})
+    done = _lookup("train", message, cid)
+    if done is not None:  # trained in a batch (fl_sim.vectorized): the same numbers up to float rounding
+        state, loss, n = done
+        arrays = ArrayRecord({k: ndarray_to_array(v.numpy()) for k, v in state.items()})
+    else:
+        x, y = rt.data.client_data(cid)
+        model = rt.load_model(message.content[keys.ARRAYS])
+        loss = train_local(model, x, y, rt.train_spec(config), local_train_generator(rt.cfg.seed, rnd, cid))
+        arrays = state_dict_to_arrays(model.state_dict())
+        n = len(y)
+    metrics = MetricRecord({keys.NUM_EXAMPLES: int(n), keys.TRAIN_LOSS: float(loss), keys.M_CID: cid})
+    content = RecordDict({keys.ARRAYS: arrays, keys.METRICS: metrics})
     return Message(content=content, reply_to=message)
 
 
@@ -50,22 +94,32 @@ def evaluate_reply(rt: ClientRuntime, message: Message, context: Context) -> Mes
     """Evaluate the received model on this client's data (federated evaluation)."""
     cid = client_id(message, context)
     x, y = rt.data.client_data(cid)
-    loss, acc = evaluate_model(rt.load_model(message.content[keys.ARRAYS]), x, y)
+    done = _lookup("evaluate", message, cid)
+    loss, acc = done if done is not None else evaluate_model(rt.load_model(message.content[keys.ARRAYS]), x, y)
     metrics = MetricRecord({keys.NUM_EXAMPLES: int(len(y)), "eval-loss": loss, "eval-acc": acc, keys.M_CID: cid})
     return Message(content=RecordDict({keys.METRICS: metrics}), reply_to=message)
+
+
+def local_train_generator(seed: int, rnd: int, cid: int):
+    """The generator of a client's batch order in a round: (run seed, round, "local-train", cid), never the
+    cohort or the process, so every backend gives a client the same batches."""
+    return torch_generator(seed, rnd, "local-train", cid)
 
 
 def make_client_app(cfg_source: RunConfig | Callable[[Context], RunConfig], *, mods=None) -> ClientApp:
     """A ClientApp for a config (or a function that builds it from the node's Context).
 
     ``mods`` defaults to ``[compression_mod]``; it passes plain models through when the strategy
-    asks for no codec.
+    asks for no codec. The app carries ``fl_sim_runtime`` (Context -> ClientRuntime): the vectorized
+    grid recognizes fl-sim's own app by it and trains its clients in batches.
     """
     app = ClientApp(mods=[compression_mod] if mods is None else mods)
 
     def _rt(context: Context) -> ClientRuntime:
         cfg = cfg_source(context) if callable(cfg_source) else cfg_source
         return runtime_for(cfg)
+
+    app.fl_sim_runtime = _rt  # type: ignore[attr-defined]
 
     @app.train()
     def _train(message: Message, context: Context) -> Message:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["LocalTrainSpec", "train_local", "evaluate_model", "per_sample_loss"]
+__all__ = ["LocalTrainSpec", "batch_indices", "batch_matrix", "train_local", "evaluate_model", "per_sample_loss"]
 
 
 @dataclass(frozen=True)
@@ -27,8 +27,12 @@ class LocalTrainSpec:
     weight_decay: float = 0.0
 
 
-def _batches(n: int, spec: LocalTrainSpec, generator: torch.Generator):
-    """Yield index tensors: epochs of shuffled batches, or exactly ``local_steps`` batches."""
+def batch_indices(n: int, spec: LocalTrainSpec, generator: torch.Generator):
+    """Yield index tensors: epochs of shuffled batches, or exactly ``local_steps`` batches.
+
+    The one definition of a client's batch order (``train_local`` and the vectorized cohorts,
+    fl_sim.clients.cohort, both read it), so both paths see the same batches from the same generator.
+    """
     if spec.local_steps > 0:
         done = 0
         while done < spec.local_steps:
@@ -45,6 +49,24 @@ def _batches(n: int, spec: LocalTrainSpec, generator: torch.Generator):
                 yield perm[start : start + spec.batch_size]
 
 
+def batch_matrix(n: int, spec: LocalTrainSpec, generator: torch.Generator) -> torch.Tensor:
+    """The batches of :func:`batch_indices` as one tensor [steps, batch_size], short batches padded with -1.
+
+    The same permutations drawn in the same order from ``generator`` (one per epoch; with ``local_steps``
+    as many epochs as the steps need), built with tensor ops instead of one tensor per batch.
+    """
+    B = spec.batch_size
+    per_epoch = -(-n // B)  # ceil(n / B)
+    if n == 0:
+        return torch.full((0, B), -1, dtype=torch.long)
+    epochs = -(-spec.local_steps // per_epoch) if spec.local_steps > 0 else spec.local_epochs
+    rows = torch.full((epochs, per_epoch * B), -1, dtype=torch.long)
+    for e in range(epochs):
+        rows[e, :n] = torch.randperm(n, generator=generator)
+    rows = rows.view(-1, B)
+    return rows[: spec.local_steps] if spec.local_steps > 0 else rows
+
+
 def train_local(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: LocalTrainSpec, generator: torch.Generator
 ) -> float:
@@ -53,7 +75,7 @@ def train_local(
     opt = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
     loss_fn = nn.CrossEntropyLoss()
     total, steps = 0.0, 0
-    for idx in _batches(len(y), spec, generator):
+    for idx in batch_indices(len(y), spec, generator):
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(model(x[idx]), y[idx])
         loss.backward()

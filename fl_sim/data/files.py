@@ -96,6 +96,8 @@ def load_mnist_like(name: str, root: str) -> tuple[torch.Tensor, ...]:
     for x, y, split in ((xtr, ytr, "train"), (xte, yte, "t10k")):
         if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
             raise DataError(f"{raw_dir}: {split} images {x.shape} and labels {y.shape} do not match (n, 28, 28) / (n,)")
+        if y.size and (int(y.min()) < 0 or int(y.max()) > 9):
+            raise DataError(f"{raw_dir}: {split} labels range over {int(y.min())}..{int(y.max())}, expected 0..9")
 
     def norm(a: np.ndarray) -> torch.Tensor:
         out = a.astype(np.float32)[:, None, :, :]

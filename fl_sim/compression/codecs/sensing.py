@@ -168,7 +168,12 @@ class CSFIHTCodec(Codec):
         return {"y": ((self.measurements,), torch.float32)}
 
     def encode(self, x: torch.Tensor, *, seed: int) -> Payload:
-        return self._payload(self.measure(self.check_input(x), seed=seed))
+        x = self.check_input(x)
+        y = self.measure(x, seed=seed)
+        if not torch.isfinite(y).all():  # reject here, not at decode
+            raise CodecError(f"{self.name}.encode: the measurements overflow float32 (|x| up to "
+                             f"{float(x.abs().max()):.3g}); scale the update down")
+        return self._payload(y)
 
     def aggregate(self, payloads: Sequence[Payload], weights: Sequence[float]) -> Payload:
         """Payload of sum_i w_i y_i = Phi (sum_i w_i x_i)."""
@@ -322,6 +327,9 @@ class OneBitCSCodec(Codec):
         x = self.check_input(x).to(torch.float32)
         v = self.operator(seed, client_seed).forward(x).view(self.blocks, self.k)
         rho = 2.0 * v.abs().amax(dim=1)  # (B,)
+        if not torch.isfinite(rho).all():  # reject here, not at decode
+            raise CodecError(f"{self.name}.encode: the measurement scale rho overflows float32 (|x| up to "
+                             f"{float(x.abs().max()):.3g}); scale the update down")
         scaled = v / torch.where(rho > 0, rho, torch.ones_like(rho)).unsqueeze(1)
         q = (scaled.reshape(-1) + self.dither(seed, client_seed) > 0).to(torch.uint8)  # 1 <-> +1, 0 <-> -1
         return Payload(codec=self.name, dim=self.dim, tensors={"q": q, "rho": rho.to(torch.float32)},

@@ -72,7 +72,11 @@ class CountSketchCodec(Codec):
 
     def encode(self, x: torch.Tensor, *, seed: int) -> Payload:
         x = self.check_input(x)
-        return self._payload(self.sketcher(seed).sketch(x))
+        table = self.sketcher(seed).sketch(x)
+        if not torch.isfinite(table).all():  # a cell sums up to d entries: reject here, not at decode
+            raise CodecError(f"{self.name}.encode: the sketch overflows float32 (|x| up to "
+                             f"{float(x.abs().max()):.3g}); scale the update down")
+        return self._payload(table)
 
     def aggregate(self, payloads: Sequence[Payload], weights: Sequence[float]) -> Payload:
         """Payload of sum_i w_i S(x_i) = S(sum_i w_i x_i)."""
