@@ -51,7 +51,7 @@ def _rounds(cfg, n):
 
 def test_default_configs_use_the_papers_sketch_shape():
     for name in ("fetchsgd", "cs_ef"):
-        s = load_config(ROOT / "configs" / f"{name}.yaml").strategy.options
+        s = load_config(ROOT / "fl_sim" / "configs" / f"{name}.yaml").strategy.options
         assert s["rows"] == 5 and s["k"] <= s["rows"] * s["cols"] // 5, (name, s)  # k well below the cells
     from fl_sim.strategies import FetchSGD
 

@@ -304,11 +304,12 @@ def test_compressed_fedavg_passes_the_model_tensor_sizes_to_both_sides(codec, pa
 
 
 def test_codecs_without_segments_and_given_segments_are_left_alone():
-    strategy = CompressedFedAvg(codec="randk", codec_params={"k": 10}, client_ids=[0], clients_per_round=1)
+    one = {"min_available_nodes": 1, "min_train_nodes": 1}  # Flower's FedAvg waits for 2 nodes by default
+    strategy = CompressedFedAvg(codec="randk", codec_params={"k": 10}, client_ids=[0], clients_per_round=1, **one)
     grid = InMemoryGrid(_client_app(torch.zeros(1, 3340)), 1)
     msgs = list(strategy.configure_train(1, _model(), ConfigRecord(), grid))
     assert load_params(str(msgs[0].content[keys.CONFIG][keys.CODEC_PARAMS])) == {"k": 10}
     given = {"segments": [3340], "levels": 2}
-    strategy = CompressedFedAvg(codec="qsgd", codec_params=given, client_ids=[0], clients_per_round=1)
+    strategy = CompressedFedAvg(codec="qsgd", codec_params=given, client_ids=[0], clients_per_round=1, **one)
     msgs = list(strategy.configure_train(1, _model(), ConfigRecord(), grid))
     assert load_params(str(msgs[0].content[keys.CONFIG][keys.CODEC_PARAMS])) == given

@@ -109,7 +109,7 @@ def test_fiht_reference_schedule_reachable_from_the_codec_and_strategy():
     y = codec.measure(x, seed=4)
     ref = fiht(y, codec.operator(4), 20, start=None, min_decrease=None, tol=1e-5)
     torch.testing.assert_close(codec.recover(y, seed=4), ref, rtol=0, atol=0)
-    params = FIHTCS(start=None, min_decrease=None, tol=1e-5)._params_for(1024)
+    params = FIHTCS(start=None, min_decrease=None, tol=1e-5).codec_params_for(1024)
     assert (params["start"], params["min_decrease"], params["tol"]) == (None, None, 1e-5)
     with pytest.raises(ValueError, match="min_decrease"):
         FIHTCS(min_decrease=1.5)

@@ -222,7 +222,7 @@ def quickstart_run(strategy_factory, rounds):
     from fl_sim.config import load_config
     from fl_sim.simulation import server_loop
 
-    cfg = load_config(ROOT / "configs" / "quickstart.yaml", [f"rounds={rounds}", "eval_every=0"])
+    cfg = load_config(ROOT / "fl_sim" / "configs" / "quickstart.yaml", [f"rounds={rounds}", "eval_every=0"])
     exp = build_experiment(cfg)
     strategy = strategy_factory(exp)
     rows: list[dict] = []

@@ -155,7 +155,9 @@ class CompressedFedAvg(UpdateStrategy):
         # (variable-length codes), else those of the codec's own reference payload, whose structure
         # (names, shapes, dtypes: payload_spec) every accepted payload of a fixed-size codec has.
         counted = codec.payload_bits(payload)
-        bits = codec.reference_bits(self.client_seeds(cid).own) if counted is None else int(counted)
+        seeds = self.client_seeds(cid)  # the seed this reply is decoded with: its operator is built anyway
+        bits = codec.reference_bits(seeds.seed if codec.seed_scope != "client" else seeds.own) \
+            if counted is None else int(counted)
         self._declared_bits.check(cid, msg.metadata.src_node_id, payload.bits, bits, "payload bits")
         return data, bits
 

@@ -91,7 +91,7 @@ class OneBitCS(CompressedFedAvg):
 
     def codec_params_for(self, dim: int) -> dict[str, Any]:
         m = self.measurements or max(1, int(round(dim / self.compression)))
-        return {**super().codec_params_for(dim), "measurements": int(m)}
+        return {**self.codec_params, "measurements": int(m)}  # no per-tensor segments: one scale per block
 
     def decodes_each(self) -> bool:
         return self.phi != "common"  # "common": one recovery from the averaged measurements
