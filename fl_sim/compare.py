@@ -208,7 +208,7 @@ def _yaml(path: Path) -> dict[str, Any]:
 
 def compose_config(suite: Suite, task: str, method: str, sets: list[str], *, extra: list[str] = (),
                    backend: str | None = None) -> RunConfig:
-    """The task's config with the method's ``strategy`` and ``codec`` sections, then overrides in order:
+    """The task's config with the method's ``strategy``, ``codec`` (and ``channel``, if any) sections, then overrides in order:
     suite ``set``, task ``set``, method ``set``, the method's per-task ``set``, ``sets`` (grid point, seed),
     ``extra`` (the command line's ``--set``) and ``simulation.backend``."""
     t, m = suite.tasks[task], suite.method(method)
@@ -217,6 +217,8 @@ def compose_config(suite: Suite, task: str, method: str, sets: list[str], *, ext
     raw["strategy"] = copy.deepcopy(mraw.get("strategy") or {"name": "fedavg"})
     raw["codec"] = copy.deepcopy(mraw.get("codec") or {})
     raw.pop("channel", None)
+    if mraw.get("channel"):  # over-the-air / digital-over-channel methods bring their channel section
+        raw["channel"] = copy.deepcopy(mraw["channel"])
     raw["name"] = f"{task}-{method}"
     order = [*suite.set, *t.set, *m.set, *m.task_set.get(task, []), *sets, *extra,
              f"simulation.backend={backend or suite.backend}"]

@@ -285,3 +285,15 @@ def test_compare_command_smoke(tmp_path):
 def test_compare_bad_task_exits_2(tmp_path):
     res = CliRunner().invoke(app, ["compare", "--task", "audio", "--out", str(tmp_path)])
     assert res.exit_code == 2 and "audio" in res.output and "Traceback" not in res.output
+
+
+def test_rlc_suite_keeps_each_methods_channel(tmp_path):
+    suite = load_suite(REPO / "configs" / "compare" / "rlc.yaml")
+    plan = plan_tuning(suite, list(suite.tasks), [m.name for m in suite.methods], tmp_path)
+    cfgs = {r.method: r.cfg for r in plan}
+    assert cfgs["rlc_m10db"].channel["snr_db"] == -10 and cfgs["rlc_m10db"].strategy.name == "rlc"
+    assert cfgs["qcs_g320"].strategy.name == "qcs" and cfgs["qcs_g320"].clients_per_round == 16
+    assert {r.cfg.train.lr for r in plan} == {0.1, 0.2, 0.4}
+    # a task's own channel never leaks into a method without one
+    dense = plan_tuning(load_suite(SUITE), ["dense"], ["fedavg"], tmp_path)[0]
+    assert dense.cfg.channel == {}
