@@ -638,7 +638,7 @@ def run_compare(
     choices, tuning_rows = choose(tuning, suite.tuning_window)
     missing = [f"{t}/{m}" for t in tasks for m in methods if (t, m) not in choices]
     if missing and not report_only:
-        raise RuntimeError(f"no tuning run finished for {', '.join(missing)}; see the failures above")
+        raise ValueError(f"no tuning run finished for {', '.join(missing)}; see the failures above")
     reported = plan_reported(suite, choices, seed_list, out, extra=extra, backend=backend)
     if not report_only:
         failures += execute_plan(reported, jobs=jobs, progress=progress, runner=runner)
