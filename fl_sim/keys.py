@@ -13,10 +13,10 @@ PAYLOAD_META = "fl-sim.payload"  # ConfigRecord describing an encoded payload in
 # ConfigRecord keys (server -> client)
 ROUND = "server-round"
 CID = "fl-sim.cid"  # virtual client id (partition) this message is for
-SEED = "fl-sim.seed"  # the round's shared seed (codec randomness is rebuilt from it)
+SEED = "fl-sim.seed"  # the round's common seed (codec randomness is rebuilt from it and the client id)
 CODEC = "fl-sim.codec"  # codec registry name; absent = send the model uncompressed
 CODEC_PARAMS = "fl-sim.codec-params"  # JSON of the codec parameters
-SEED_MODE = "fl-sim.seed-mode"  # "shared" (same randomness for all clients) | "per_client"
+SEED_MODE = "fl-sim.seed-mode"  # "per_client" (own randomness per client id) | "shared" (old: same for all); protocol.py
 EF = "fl-sim.ef"  # client error feedback: "none" | "classic" | "weighted"
 EF_BETA = "fl-sim.ef-beta"
 EF_DTYPE = "fl-sim.ef-dtype"  # "float32" | "float16" residual storage
@@ -30,6 +30,15 @@ LR = "fl-sim.lr"
 BATCH_SIZE = "fl-sim.batch-size"
 REPORT_NORM = "fl-sim.report-norm"  # ask the client to report ‖z‖ of what it encoded (RLC power control)
 
+# DaQuSGD (server -> client; fl_sim.strategies.daqusgd and fl_sim.clients.daqusgd)
+METHOD = "fl-sim.method"  # "daqusgd": the client runs DaQuSGD's selection instead of local training
+DAQU_THRESHOLD = "fl-sim.daqusgd-threshold"  # loss threshold l_th
+DAQU_BITS = "fl-sim.daqusgd-bits"  # bits per feature of the per-feature DataQ (§VI)
+DAQU_QUANTIZER = "fl-sim.daqusgd-quantizer"  # "per_feature" (§VI) | "exact" (Algorithm 2 + Remark 1)
+DAQU_LEVELS = "fl-sim.daqusgd-levels"  # m of the exact DataQ
+DAQU_GRADCORRQ = "fl-sim.daqusgd-gradcorrq"  # bool: send GradCorrQ's bit per sample (Algorithm 3)
+DAQU_CZ = "fl-sim.daqusgd-cz"  # C_z of eq. (4) for GradCorrQ's bound (eq. 8)
+
 # Payload meta keys (ConfigRecord PAYLOAD_META)
 P_CODEC = "codec"
 P_DIM = "dim"
@@ -42,3 +51,7 @@ TRAIN_LOSS = "train-loss"
 UPLINK_BITS = "uplink-bits"
 M_CID = "cid"
 UPDATE_NORM = "update-norm"  # ‖z‖ of the encoded update (answer to REPORT_NORM)
+DAQU_LOSS_SUM = "sent-loss-sum"  # DaQuSGD: sum of the sent samples' losses (threshold rule)
+DAQU_SENT = "sent-samples"  # DaQuSGD: samples sent
+DAQU_CONSIDERED = "candidates"  # DaQuSGD: samples considered (the N of Theorem 3's 1/N)
+DAQU_CLIPPED = "gradcorrq-clipped"  # DaQuSGD: samples whose GradCorrQ probability was clamped (biased)

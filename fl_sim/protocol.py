@@ -1,9 +1,17 @@
 """What a strategy and its client piece must compute identically: codec specs and seeds.
 
-Shared randomness is never sent: both sides rebuild it from the round seed in the ConfigRecord.
-``seed-mode`` "shared" gives every client of a round the same randomness (a common sensing matrix,
-summable in the compressed domain); "per_client" derives one seed per client id (per-worker Φ of
-Mitra & Khisti), which the server can rebuild because it knows whom it sampled.
+Randomness is never sent: both sides rebuild it from the round seed in the ConfigRecord (keys.SEED,
+``round_seed(run seed, round)``) and the client id (keys.CID), as ``Seeds(seed, client)``
+(fl_sim.compression.base; its docstring gives the contract). ``seed-mode``:
+
+* ``"per_client"`` (default): ``Seeds(round seed, cid)``. A codec's common parts (a sensing matrix or
+  hash family summed in the compressed domain) come from the round seed and are the same for every
+  client; its own parts (rotations, row subsets, dither, stochastic rounding) come from
+  ``derive_seed(round seed, "client", cid)`` and are independent across clients, as the papers'
+  workers are. The server rebuilds each client's seeds because it knows whom it sampled.
+* ``"shared"``: ``Seeds(round seed, None)``: every client of a round draws the same randomness, own
+  parts included (fl-sim's behaviour before issue 12; the clients' errors are then identical for
+  identical updates and averaging does not shrink them). Kept to reproduce old results.
 """
 
 from __future__ import annotations
@@ -12,10 +20,14 @@ import json
 from functools import lru_cache
 from typing import Any
 
-from .compression import Codec, make_codec
+from .compression import Codec, Seeds, make_codec
 from .rng import derive_seed
 
-__all__ = ["codec_seed", "round_seed", "get_codec", "dump_params", "load_params"]
+__all__ = ["SEED_MODES", "DEFAULT_SEED_MODE", "check_seed_mode", "codec_seeds", "round_seed", "get_codec",
+           "dump_params", "load_params"]
+
+SEED_MODES = ("per_client", "shared")
+DEFAULT_SEED_MODE = "per_client"
 
 
 def round_seed(run_seed: int, server_round: int) -> int:
@@ -23,13 +35,16 @@ def round_seed(run_seed: int, server_round: int) -> int:
     return derive_seed(run_seed, server_round, "round")
 
 
-def codec_seed(seed: int, mode: str, cid: int) -> int:
-    """Seed a client encodes with: the round seed, or one derived per client."""
-    if mode == "shared":
-        return int(seed)
-    if mode == "per_client":
-        return derive_seed(int(seed), "client", int(cid))
-    raise ValueError(f"seed mode {mode!r} unknown; use 'shared' or 'per_client'")
+def check_seed_mode(mode: str) -> str:
+    if mode not in SEED_MODES:
+        raise ValueError(f"seed_mode={mode!r}: use 'per_client' (independent client randomness, the papers') "
+                         "or 'shared' (one randomness for all clients of a round, the old behaviour)")
+    return mode
+
+
+def codec_seeds(seed: int, mode: str, cid: int) -> Seeds:
+    """The seeds client ``cid`` encodes with in the round of ``seed`` (the server decodes with the same)."""
+    return Seeds(int(seed), None if check_seed_mode(mode) == "shared" else int(cid))
 
 
 def dump_params(params: dict[str, Any]) -> str:

@@ -19,6 +19,7 @@ from .compression import Payload, PayloadError
 
 __all__ = [
     "flatten_arrays",
+    "float_sizes",
     "unflatten_into",
     "array_bits",
     "payload_to_records",
@@ -40,6 +41,11 @@ def flatten_arrays(arrays: ArrayRecord) -> torch.Tensor:
     if not parts:
         return torch.zeros(0)
     return torch.cat(parts)
+
+
+def float_sizes(arrays: ArrayRecord) -> list[int]:
+    """Sizes of the floating-point arrays in flatten order: the tensor segments of the flat update."""
+    return [int(nd.size) for _, nd in _float_items(arrays)]
 
 
 def unflatten_into(template: ArrayRecord, vector: torch.Tensor) -> ArrayRecord:

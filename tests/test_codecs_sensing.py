@@ -42,7 +42,7 @@ def _expected_bits(codec):
         return 32 * codec.rows * codec.cols
     if codec.name == "cs_fiht":
         return 32 * codec.measurements
-    return codec.m + 32
+    return codec.m + 32 * codec.blocks  # one float32 rho_b per block (issue 12, 2b)
 
 
 # ------------------------------------------------------------------------------------------------ common
@@ -227,7 +227,7 @@ def test_onebit_common_aggregate_equals_weighted_dequantized_sum():
     ps = [codec.encode(x, seed=4) for x in xs]
     w = [0.2, 0.3, 0.5]
     agg = codec.aggregate(ps, w)
-    assert agg.bits == 32 * (codec.m + 2)
+    assert agg.bits == 32 * (codec.m + 2 * codec.blocks)
     expected = sum(wi * codec.dequantize(p, seed=4) for wi, p in zip(w, ps))
     torch.testing.assert_close(codec.dequantize(agg, seed=4), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(codec.decode(agg, seed=4), codec.operator(4).adjoint(expected), rtol=1e-4, atol=1e-4)
@@ -254,7 +254,7 @@ def test_onebit_block_rounds_measurements_to_blocks():
     codec = make_codec("onebit_cs", dim=D, measurements=500, block=256)  # B = 4 blocks -> k = 125
     assert (codec.blocks, codec.k, codec.m) == (4, 125, 500)
     codec = make_codec("onebit_cs", dim=D, measurements=510, block=256)
-    assert codec.m == 508 and codec.encode(torch.ones(D), seed=0).bits == 508 + 32
+    assert codec.m == 508 and codec.encode(torch.ones(D), seed=0).bits == 508 + 4 * 32
     tiny = make_codec("onebit_cs", dim=3, measurements=2, recovery="lp")
     x = torch.tensor([0.0, -1.0, 0.0])
     out = tiny.decode(tiny.encode(x, seed=0), seed=0)
@@ -270,3 +270,17 @@ def test_onebit_rejects_non_bit_payload():
         codec.decode(Payload(p.codec, D, {**p.tensors, "q": q}, p.bits), seed=0)
     with pytest.raises(PayloadError, match="rho"):
         codec.decode(Payload(p.codec, D, {**p.tensors, "rho": torch.tensor([-1.0])}, p.bits), seed=0)
+
+
+@pytest.mark.parametrize("name,params,key", [("count_sketch", dict(rows=3, cols=20, k=5), "table"),
+                                             ("cs_fiht", dict(measurements=50, sparsity=5), "y")])
+def test_linear_codecs_check_values(name, params, key):
+    from fl_sim.compression import Payload, PayloadError
+
+    codec = make_codec(name, dim=D, **params)
+    good = codec.encode(torch.randn(D), seed=1)
+    codec.check_values(good)
+    t = good.tensors[key]
+    for bad in (t.clone().fill_(float("inf")), t.reshape(-1)[:-1].clone(), t.double()):
+        with pytest.raises(PayloadError):
+            codec.check_values(Payload(good.codec, good.dim, {key: bad}, good.bits))

@@ -9,10 +9,12 @@ import pytest
 import torch
 
 from fl_sim.compression import CodecError, Payload, PayloadError, make_codec
+from fl_sim.compression.coding import gap_encode_stream, qsgd_encode_stream
 from fl_sim.compression.dataq import dataq_bits
 from fl_sim.rng import torch_generator
 
 D = 1000  # not a power of 2
+SEGMENTS = [600, 300, 90, 10]  # tensor sizes: buckets of 128 give 5 + 3 + 1 + 1 = 10 norms
 
 # name -> (params, documented bits at dim D)
 CASES = {
@@ -21,9 +23,17 @@ CASES = {
     "topk": ({"k": 10}, 10 * (32 + 10)),
     "randk": ({"k": 10}, 32 * 10),
     "randk_unbiased": ({"k": 10, "unbiased": True}, 32 * 10),
-    "qsgd": ({"levels": 4}, 32 + D * (1 + 3)),
+    "qsgd": ({"levels": 4, "coding": "fixed"}, 32 + D * (1 + 3)),
+    "qsgd_elias": ({"levels": 4}, None),  # None: the length of the real Elias stream (checked below)
+    "qsgd_tensor": ({"levels": 4, "segments": SEGMENTS, "coding": "fixed"}, 4 * 32 + D * (1 + 3)),
+    "qsgd_bucket": ({"levels": 4, "segments": SEGMENTS, "bucket": 128, "coding": "fixed"}, 10 * 32 + D * 4),
     "sign": ({}, 32 + D),
+    "sign_tensor": ({"segments": SEGMENTS}, 4 * 32 + D),
     "terngrad": ({}, 32 + 2 * D),
+    "terngrad_tensor": ({"segments": SEGMENTS}, 4 * 32 + 2 * D),
+    "terngrad_noclip": ({"segments": SEGMENTS, "clip_sigma": None}, 4 * 32 + 2 * D),
+    "topk_tensor": ({"k": 10, "segments": SEGMENTS, "granularity": "tensor"}, 10 * (32 + 10)),
+    "topk_elias": ({"k": 10, "index_coding": "elias"}, None),
     "qcs": ({"block": 256, "k": 32, "levels": 2}, 4 * 32 + 4 * 32 * 3),
     "qcs_1bit": ({"block": 128, "k": 16, "levels": 0.5}, 8 * 32 + 8 * 16 * 1),
     "qcs_mmse": ({"block": 64, "k": 8, "levels": 4, "alpha": "mmse"}, 16 * 32 + 16 * 8 * 4),
@@ -31,7 +41,8 @@ CASES = {
     "dataq": ({"levels": 8, "mode": "per_feature", "features": 50}, 32 + D * 4),
     "dataq_exact": ({"levels": 4, "mode": "exact", "features": 50}, 20 * (32 + dataq_bits(50, 4))),
 }
-RANDOMIZED = {"randk", "randk_unbiased", "qsgd", "terngrad", "qcs", "qcs_1bit", "qcs_mmse", "rlc"}
+RANDOMIZED = {"randk", "randk_unbiased", "qsgd", "qsgd_elias", "qsgd_tensor", "qsgd_bucket", "terngrad",
+              "terngrad_tensor", "terngrad_noclip", "qcs", "qcs_1bit", "qcs_mmse", "rlc"}
 
 
 def _codec(case: str, dim: int = D):
@@ -48,7 +59,15 @@ def test_round_trip_shape_bits_and_seeded_determinism(case):
     codec, x = _codec(case), _x()
     p = codec.encode(x, seed=11)
     assert isinstance(p, Payload) and p.codec == codec.name and p.dim == D
-    assert p.bits == CASES[case][1]
+    if CASES[case][1] is None:  # a data-dependent code: bits = length of the real encoded stream
+        if codec.name == "qsgd":
+            stream, nbits = qsgd_encode_stream(p.tensors["norm"], p.tensors["q"])
+        else:  # top-k: k float32 values + the Elias-coded index gaps
+            stream, nbits = gap_encode_stream(p.tensors["indices"])
+            nbits += 32 * codec.k
+        assert p.bits == nbits and len(stream) * 8 >= p.bits - 32 * getattr(codec, "k", 0) * (codec.name == "topk")
+    else:
+        assert p.bits == CASES[case][1]
     y = codec.decode(p, seed=11)
     assert y.shape == (D,) and y.dtype == torch.float32 and torch.isfinite(y).all()
     p2 = codec.encode(x, seed=11)
@@ -140,7 +159,7 @@ def test_small_non_power_of_two_dims(case):
     params = dict(CASES[case][0])
     name = case.split("_")[0]
     for dim in (1, 3, 37):
-        p = {k: v for k, v in params.items() if k not in ("block", "features", "k", "m")}
+        p = {k: v for k, v in params.items() if k not in ("block", "features", "k", "m", "segments")}
         if name in ("topk", "randk"):
             p["k"] = 1
         if name == "rlc":
@@ -200,7 +219,10 @@ def test_randk_unbiased_over_seeds_and_biased_variant_keeps_values():
 def test_qsgd_and_terngrad_codecs_unbiased_over_seeds():
     d, trials = 16, 1000
     x = _x(d, seed=10)
-    for name, params in (("qsgd", {"levels": 2}), ("terngrad", {})):
+    # TernGrad is unbiased for its clipped input: clipping off here; per-tensor scales (segments) as well
+    for name, params in (("qsgd", {"levels": 2}), ("terngrad", {"clip_sigma": None}),
+                         ("qsgd", {"levels": 2, "segments": [10, 6]}),
+                         ("terngrad", {"clip_sigma": None, "segments": [10, 6]})):
         c = make_codec(name, dim=d, **params)
         ys = torch.stack([c.decode(c.encode(x, seed=s), seed=s) for s in range(trials)])
         # per coordinate SE from the sample std of the trials; 5 SE (+ float32 slack)

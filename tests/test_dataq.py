@@ -150,3 +150,38 @@ def test_dataq_codec_errors():
     a[0] = 3  # ||a||_1 = 30 > (m-1)^2 = 9: not an element of S
     with pytest.raises(PayloadError, match="not in S"):
         codec.decode(dataclasses.replace(p, tensors={**p.tensors, "a": a}), seed=0)
+
+
+# ------------------------------------------------------------------------------------------------ check_values
+def _tampered(payload, **tensors):
+    from fl_sim.compression import Payload
+
+    return Payload(payload.codec, payload.dim, {**payload.tensors, **tensors}, payload.bits, payload.meta)
+
+
+@pytest.mark.parametrize("mode", ["exact", "per_feature"])
+def test_dataq_check_values_rejects_impossible_payloads(mode):
+    from fl_sim.compression import PayloadError, make_codec
+
+    codec = make_codec("dataq", dim=40, levels=4, mode=mode, features=10)  # 4 samples of 10 features, scale sent
+    z = torch.randn(4, 10, generator=torch.Generator().manual_seed(0))
+    good = codec.encode(z.reshape(-1), seed=0)
+    codec.check_values(good)  # a real payload passes
+    a, b = good.tensors["a"].clone(), good.tensors["b"].clone()
+    too_big = a.clone()
+    too_big[0, 0] = 4  # level m = 4 on [0, m-1 = 3]
+    both = a.clone()
+    j = int(torch.nonzero(b[0])[0])
+    both[0, j] = 1  # a and b both > 0 at one feature
+    bad = [dict(a=too_big), dict(a=both), dict(scale=-good.tensors["scale"].abs() - 1),
+           dict(scale=torch.full_like(good.tensors["scale"], float("nan"))),
+           dict(a=a[:, :5].contiguous()), dict(scale=torch.zeros_like(good.tensors["scale"]))]
+    if mode == "exact":  # a sample outside S: ||a||_1 + ||b||_1 > (m-1)^2 = 9
+        out_of_s = torch.zeros_like(a)
+        out_of_s[0, :] = 1
+        bad.append(dict(a=out_of_s, b=torch.zeros_like(b)))
+    for change in bad:
+        with pytest.raises(PayloadError):
+            codec.check_values(_tampered(good, **change))
+        with pytest.raises(PayloadError):
+            codec.decode(_tampered(good, **change), seed=0)

@@ -72,10 +72,17 @@ def test_fetchsgd_bits_and_sketch_state(momentum):
     assert s.s_e.shape == (3, 64)
 
 
-def test_qcs_bits():
-    rows, s = rows_after(cfg_for({"name": "qcs", "block": 64, "k": 16, "levels": 2}))
+@pytest.mark.parametrize("granularity", ["tensor", "vector"])
+def test_qcs_bits(granularity):
+    rows, s = rows_after(cfg_for({"name": "qcs", "block": 64, "k": 16, "levels": 2, "granularity": granularity}))
     d = d_of(s)
-    blocks = math.ceil(d / 64)
+    if granularity == "tensor":  # each tensor padded to whole blocks of 64 on its own (issue 12)
+        lengths = [p.numel() for p in torch.nn.Linear(60, 32).parameters()] + [32 * 10, 10]
+        assert s.codec_params_for(d)["segments"] == lengths and sum(lengths) == d
+        blocks = sum(math.ceil(n / 64) for n in lengths)
+        assert blocks > math.ceil(d / 64)
+    else:
+        blocks = math.ceil(d / 64)
     per_client = blocks * 32 + blocks * 16 * math.ceil(math.log2(2 * 2 + 1))
     assert all(r["uplink_bits"] == K * per_client for r in rows)
 

@@ -1,8 +1,8 @@
 """Work that is the same for every client of a round is done once per round (issue 7, "Scale").
 
-A round's clients share one seed (or, for FIHTCS, the run's one Φ): the partial Hadamard operator of
-QCS, the subsampled DCT of FIHTCS and the Count Sketch hashes of FetchSGD are built from that seed once
-per process and reused by every client's encode and the server's decode (``SeedCache``).
+Common randomness (the run's one Φ of FIHTCS, the Count Sketch hashes of FetchSGD, and every operator
+under ``seed_mode=shared``) is built from its seed once per process and reused by every client's encode
+and the server's decode (``SeedCache``). QCS's operators are each client's own (issue 12).
 """
 
 from __future__ import annotations
@@ -32,19 +32,30 @@ def _count(monkeypatch, cls) -> list[int]:
 
 
 @pytest.mark.parametrize(
-    "config, cls, expected",
+    "config, extra, cls, expected",
     [
-        ("configs/qcs.yaml", projections.PartialHadamard, ROUNDS),  # one shared seed per round
-        ("configs/fiht_cs.yaml", projections.SubsampledOrthogonal, 1),  # one Φ for all rounds (Tang)
-        ("configs/fetchsgd.yaml", sketch.CountSketch, 1),  # one hash family for the run
+        # seed_mode=shared (the old rule): one seed per round for every client
+        ("configs/qcs.yaml", ["strategy.seed_mode=shared"], projections.PartialHadamard, ROUNDS),
+        ("configs/fiht_cs.yaml", [], projections.SubsampledOrthogonal, 1),  # one Φ for all rounds (Tang)
+        ("configs/fetchsgd.yaml", [], sketch.CountSketch, 1),  # one hash family for the run
     ],
 )
-def test_shared_operators_are_built_once_per_round_not_per_client(monkeypatch, config, cls, expected):
+def test_shared_operators_are_built_once_per_round_not_per_client(monkeypatch, config, extra, cls, expected):
     built = _count(monkeypatch, cls)
-    _, rows, _ = run_in_memory(load_config(config, SMALL))
+    _, rows, _ = run_in_memory(load_config(config, SMALL + extra))
     assert len(rows) == ROUNDS + 1
     # per client it would be ROUNDS * PER_ROUND (+ the server's decodes)
     assert len(built) == expected, (config, len(built))
+
+
+def test_per_client_qcs_builds_one_operator_per_client_and_side(monkeypatch):
+    # QCS's R and S are each client's own (issue 12): per round, one operator per client on the client
+    # side (its EF decode reuses it), at most one per client at the server's decode (the in-process cache
+    # holds 4 of the 6 clients' operators; which hit depends on the reply order), one for the reference.
+    built = _count(monkeypatch, projections.PartialHadamard)
+    _, rows, _ = run_in_memory(load_config("configs/qcs.yaml", SMALL))
+    assert len(rows) == ROUNDS + 1
+    assert ROUNDS * (PER_ROUND + 1) <= len(built) <= ROUNDS * (2 * PER_ROUND + 1)
 
 
 def test_seed_cache_is_an_lru_of_the_given_size():

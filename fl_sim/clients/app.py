@@ -17,7 +17,7 @@ from .. import keys
 from ..config import RunConfig
 from ..records import state_dict_to_arrays
 from ..rng import torch_generator
-from .daqusgd import METHOD, daqusgd_reply
+from .daqusgd import daqusgd_reply
 from .mods import compression_mod
 from .runtime import ClientRuntime, runtime_for
 from .training import evaluate_model, train_local
@@ -70,7 +70,7 @@ def make_client_app(cfg_source: RunConfig | Callable[[Context], RunConfig], *, m
     @app.train()
     def _train(message: Message, context: Context) -> Message:
         config = message.content.get(keys.CONFIG)
-        if config is not None and config.get(METHOD) == "daqusgd":
+        if config is not None and config.get(keys.METHOD) == "daqusgd":
             return daqusgd_reply(_rt(context), message, context, client_id(message, context))
         return train_reply(_rt(context), message, context)
 

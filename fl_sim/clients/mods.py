@@ -6,7 +6,8 @@ Works around any ClientApp that returns a model (``ClientApp(mods=[compression_m
 2. remember the received global model w, call the wrapped app, read its trained model w';
 3. Δ = w' − w; with client error feedback, z = compensate(Δ, r) (classic EF, Karimireddy et al.
    2019; weighted EF z = Δ + β r, Abdi thesis eq. 4.14), else z = Δ;
-4. p = codec.encode(z, seed) with the round's shared (or per-client) seed;
+4. p = codec.encode(z) with the client's seeds: the round's common seed and the client id
+   (``protocol.codec_seeds``: the client's own randomness is independent of the other clients');
 5. with error feedback, r ← update(r, z, decode(p)) kept under the client id in the residual store
    the config names (fl_sim.clients.residuals: the node's ``context.state`` by default, or the
    run's disk store);
@@ -19,7 +20,7 @@ from flwr.app import Context, Message, MessageType, MetricRecord
 
 from .. import keys
 from ..compression import error_feedback as ef_lib
-from ..protocol import codec_seed, get_codec, load_params
+from ..protocol import DEFAULT_SEED_MODE, codec_seeds, get_codec, load_params
 from ..records import flatten_arrays, payload_to_records
 from .residuals import store_for
 
@@ -58,18 +59,18 @@ def compression_mod(message: Message, context: Context, call_next) -> Message:
     else:
         cid = int(context.node_config.get("partition-id", 0))
     codec = get_codec(str(config[keys.CODEC]), received.numel(), load_params(str(config.get(keys.CODEC_PARAMS, ""))))
-    seed = codec_seed(int(config[keys.SEED]), str(config.get(keys.SEED_MODE, "shared")), cid)
+    seeds = codec_seeds(int(config[keys.SEED]), str(config.get(keys.SEED_MODE, DEFAULT_SEED_MODE)), cid)
     delta = local - received
     memory = make_error_feedback(str(config.get(keys.EF, "none")), float(config.get(keys.EF_BETA, 1.0)))
     if memory is None:
         z = delta
-        payload = codec.encode(z, seed=seed)
+        payload = codec.encode_seeded(z, seeds)
     else:
         store = store_for(config, context)
         residual = store.load(cid)
         z = memory.compensate(delta, residual)
-        payload = codec.encode(z, seed=seed)
-        store.save(cid, memory.update(residual, z, codec.decode(payload, seed=seed)))
+        payload = codec.encode_seeded(z, seeds)
+        store.save(cid, memory.update(residual, z, codec.decode_seeded(payload, seeds)))
     arrays, meta = payload_to_records(payload)
     reply.content[keys.ARRAYS] = arrays
     reply.content[keys.PAYLOAD_META] = meta

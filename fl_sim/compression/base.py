@@ -2,8 +2,32 @@
 
 A codec turns a flat float vector of length ``dim`` (a model update) into a :class:`Payload`, the
 exact content that would cross the wire, and back. ``Payload.bits`` is an exact integer count of
-every bit sent: values, indices, norms and scales alike. Shared randomness (signs, row subsets,
-hashes, dither) is rebuilt from ``seed`` on both sides and never sent.
+every bit sent: values, indices, norms and scales alike. Randomness (signs, row subsets, hashes,
+dither) is rebuilt from seeds on both sides and never sent.
+
+Seeds: common and per-client randomness (issue 12). In a round of federated learning some random parts
+must be the same on every client (a sensing matrix or hash family that is summed in the compressed
+domain: :attr:`Codec.linear` codecs) and the rest is each client's own, independent of the others (the
+papers' workers quantize independently; a shared dither makes the clients' errors identical, so
+averaging K clients no longer divides the error by K). A round is described by :class:`Seeds`:
+
+* ``seed``: the round's common seed (the same for all clients);
+* ``client``: an int that names the client for the whole run (fl-sim passes the client id), or None
+  for a single client (a library user's ``encode(x, seed=s)``) and for the legacy ``seed_mode="shared"``.
+
+A client's own randomness in the round comes from ``client_round_seed(seed, client)``
+(``derive_seed(seed, "client", client)``; ``seed`` itself when ``client`` is None). Each codec says in
+:attr:`Codec.seeding` which kind of randomness it has and documents its parts:
+
+* ``"client"``: all of it is the client's own (QCS, QSGD, TernGrad, random-k): ``encode(x, seed=...)``
+  takes one seed, the client's own (``Codec.encode_seeded`` passes ``client_round_seed``);
+* ``"common"``: all of it is common (Count Sketch hashes, FIHT-CS's Phi, RLC's A): ``seed`` only;
+* ``"mixed"``: both (1-bit CS: a common or per-worker Phi and each client's own dither):
+  ``encode(x, *, seed, client_seed=None)`` and ``decode(payload, *, seed, client_seed=None)``.
+
+Default: "common" for a linear codec, "client" otherwise. Strategies and client mods call
+:meth:`Codec.encode_seeded`, :meth:`Codec.decode_seeded` and :meth:`Codec.aggregate_seeded`, which
+apply this rule, so every codec is driven the same way; ``encode(x, seed=s)`` alone keeps working.
 
 Linear codecs (``linear = True``) also implement :meth:`Codec.aggregate`: payloads are summed in the
 compressed domain (sketches, measurements) so a server recovers once from the sum.
@@ -21,7 +45,13 @@ from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 
+from ..rng import derive_seed
+
 __all__ = [
+    "Seeds",
+    "SEEDINGS",
+    "check_seed",
+    "client_round_seed",
     "SeedCache",
     "Payload",
     "Codec",
@@ -35,6 +65,48 @@ __all__ = [
     "LinearOperator",
     "DenseOperator",
 ]
+
+
+class CodecError(ValueError):
+    """Bad codec construction or input (unknown parameter, wrong dimension, NaN input)."""
+
+
+class PayloadError(ValueError):
+    """A payload that cannot be decoded (wrong codec, shape, dtype, non-finite values)."""
+
+
+SEEDINGS = ("client", "common", "mixed")
+
+
+def check_seed(seed: object, who: str) -> int:
+    """``seed`` if it is an int (not a bool), else a one-line CodecError naming ``who``."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise CodecError(f"{who}: seed must be an int (fl_sim.rng.derive_seed gives one), got {seed!r}")
+    return seed
+
+
+def client_round_seed(seed: int, client: int | None) -> int:
+    """The seed of one client's own randomness in the round of ``seed`` (``seed`` itself when client is None)."""
+    seed = check_seed(seed, "client_round_seed")
+    if client is None:
+        return seed
+    return derive_seed(seed, "client", check_seed(client, "client_round_seed (client)"))
+
+
+@dataclass(frozen=True)
+class Seeds:
+    """The seeds of one client in one round: ``seed`` common to the round, ``client`` the client's name.
+
+    ``client=None``: a single client, or the legacy ``seed_mode="shared"`` in which every client of a
+    round draws the same randomness. :attr:`own` is the seed of the client's own randomness this round.
+    """
+
+    seed: int
+    client: int | None = None
+
+    @property
+    def own(self) -> int:
+        return client_round_seed(self.seed, self.client)
 
 
 class SeedCache:
@@ -60,14 +132,6 @@ class SeedCache:
         while len(self.items) > self.size:
             self.items.popitem(last=False)
         return value
-
-
-class CodecError(ValueError):
-    """Bad codec construction or input (unknown parameter, wrong dimension, NaN input)."""
-
-
-class PayloadError(ValueError):
-    """A payload that cannot be decoded (wrong codec, shape, dtype, non-finite values)."""
 
 
 @dataclass(frozen=True)
@@ -122,6 +186,8 @@ class Codec(ABC):
 
     name: ClassVar[str] = ""
     linear: ClassVar[bool] = False
+    #: "client", "common" or "mixed" (module docstring); None: "common" if linear else "client".
+    seeding: ClassVar[str | None] = None
 
     def __init__(self, *, dim: int) -> None:
         if not isinstance(dim, int) or dim < 1:
@@ -141,9 +207,57 @@ class Codec(ABC):
         """Weighted sum in the compressed domain (linear codecs only)."""
         raise CodecError(f"codec {self.name!r} is not linear: decode each payload, then average")
 
+    def check_values(self, payload: Payload) -> None:
+        "Raise PayloadError for values a well-formed payload cannot hold; no-op by default."
+
     def nominal_bits(self) -> int:
         """Bits of one payload as the theory counts them (for ratios and config checks)."""
         return self.encode(torch.zeros(self.dim), seed=0).bits
+
+    def check_values(self, payload: Payload) -> None:
+        """Raise PayloadError for values no well-formed payload of this codec can hold (levels out of
+        range, negative or non-finite scales). Cheap (vectorized); structure is checked elsewhere.
+        Default: no value constraint beyond the structural check."""
+
+    # -- seeds: common and per-client randomness (module docstring) -----------------------------------
+    @property
+    def seed_scope(self) -> str:
+        """This codec's :attr:`seeding`, with the default filled in."""
+        scope = self.seeding or ("common" if self.linear else "client")
+        if scope not in SEEDINGS:
+            raise CodecError(f"{self.name}: seeding={scope!r}; use one of {', '.join(SEEDINGS)}")
+        return scope
+
+    def _seed_kwargs(self, seeds: Seeds) -> dict[str, Any]:
+        scope = self.seed_scope
+        if scope == "mixed":
+            return {"seed": seeds.seed, "client_seed": seeds.client}
+        return {"seed": seeds.own if scope == "client" else seeds.seed}
+
+    def encode_seeded(self, x: torch.Tensor, seeds: Seeds) -> Payload:
+        """encode(x) as client ``seeds.client`` of the round ``seeds.seed`` (common and own randomness)."""
+        return self.encode(x, **self._seed_kwargs(seeds))
+
+    def decode_seeded(self, payload: Payload, seeds: Seeds) -> torch.Tensor:
+        """decode(payload) of client ``seeds.client`` (or of an aggregate: ``Seeds(seed)``)."""
+        return self.decode(payload, **self._seed_kwargs(seeds))
+
+    def aggregate_seeded(self, payloads: Sequence[Payload], weights: Sequence[float], seeds: Sequence[Seeds]) -> Payload:
+        """aggregate(payloads, weights) where payload i was encoded with ``seeds[i]``.
+
+        A "mixed" linear codec gets the round seed and the clients' names (to remove each client's own
+        dither); the others have only common randomness and sum the payloads as they are.
+        Decode the result with ``decode_seeded(summed, Seeds(seed))``.
+        """
+        seeds = list(seeds)
+        if len(seeds) != len(payloads):
+            raise CodecError(f"{self.name}.aggregate: {len(payloads)} payloads but {len(seeds)} seeds")
+        if self.seed_scope != "mixed":
+            return self.aggregate(payloads, weights)
+        if len({s.seed for s in seeds}) > 1:
+            raise CodecError(f"{self.name}.aggregate: payloads of different rounds (common seeds differ)")
+        return self.aggregate(payloads, weights, seed=seeds[0].seed if seeds else 0,
+                              client_seeds=[s.client for s in seeds])
 
     # -- helpers for subclasses -----------------------------------------------------------
     def check_input(self, x: torch.Tensor) -> torch.Tensor:

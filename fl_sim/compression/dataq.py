@@ -29,6 +29,11 @@ __all__ = [
     "batch_bits",
     "per_feature_levels",
     "norm_tolerance",
+    "gradcorrq_bits",
+    "gradcorrq_values",
+    "quantize_normalized",
+    "dequantize_normalized",
+    "dequantize_selection",
 ]
 
 _EXACT_COMB_LIMIT = 4096  # exact big-integer binomials when the smaller argument is at most this
@@ -143,6 +148,33 @@ def gradcorrq_bound(m: int, bound: float, c_z: float, d: int) -> float:
     return c_z * bound * math.sqrt(d) / (_check_m(m, "gradcorrq") - 1)
 
 
+def gradcorrq_bits(picked: torch.Tensor, bound: torch.Tensor, *, generator: torch.Generator) -> tuple[torch.Tensor, int]:
+    """Eq. (9) for a batch: e_g ~ Bernoulli(p), p = Delta_{i*} / (2 bound) + 1/2, clamped to [0, 1].
+
+    picked: (N,) the chosen coordinates Delta_{i*} of N samples; bound: (N,) (or scalar) eq. (8)'s
+    C_z B sqrt(d)/(m-1) of each sample (> 0; a zero bound gives p = 1/2 and a zero reconstruction).
+    Returns (bits int8 (N,), clipped): ``clipped`` counts samples with |Delta_{i*}| > bound, where the
+    clamp makes the estimate biased (eq. (8) rules this out for C_z-Lipschitz gradients).
+    """
+    picked = picked.to(torch.float64)
+    bnd = torch.as_tensor(bound, dtype=torch.float64).expand_as(picked)
+    safe = torch.where(bnd > 0, bnd, torch.ones_like(bnd))
+    p = torch.where(bnd > 0, picked / (2.0 * safe) + 0.5, torch.full_like(picked, 0.5)).clamp(0.0, 1.0)
+    bit = (torch.rand(p.shape, generator=generator, dtype=torch.float64) < p).to(torch.int8)
+    clipped = int((picked.abs() > bnd).sum())
+    return bit, clipped
+
+
+def gradcorrq_values(bit: torch.Tensor, bound: torch.Tensor, h: int) -> torch.Tensor:
+    """Eq. (10) for a batch: the value (2 e_g - 1) h bound placed at each sample's i* (float64 (N,)).
+
+    E[value] = Delta_{i*} (for |Delta_{i*}| <= bound), and with i* uniform on [h] the vector h-scaled
+    one-hot is unbiased for Delta (the 1/h of the draw cancels the factor h).
+    """
+    bnd = torch.as_tensor(bound, dtype=torch.float64).expand(bit.shape)
+    return (2.0 * bit.to(torch.float64) - 1.0) * (h * bnd)
+
+
 def gradcorrq(
     delta: torch.Tensor, m: int, bound: float, c_z: float, d: int, *, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -232,3 +264,33 @@ def batch_bits(n: int, d: int, bits_per_feature: int) -> int:
     """32 (scale S) + N d b; 0 when nothing is sent (N = 0). Label bits are the caller's."""
     per_feature_levels(bits_per_feature)
     return 0 if n == 0 else 32 + n * d * bits_per_feature
+
+
+# -- Algorithm 2 with Remark 1 (norm sent), and the server's reconstruction of a selection ---------------
+def quantize_normalized(z: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Remark 1: send r_i = ||Z_i||_2 (float32) and DataQ(Z_i / r_i, m) with B = 1 (Algorithm 2).
+
+    z: (N, d). Returns (a, b, r): a, b int64 (N, d) with (a_i, b_i) in S (Theorem 1 (i)), r float32 (N,).
+    A zero sample gives r = 0 and a = b = 0. ||Z_i - Z_Q,i||_inf <= r_i/(m-1) (Theorem 1 (iii)).
+    Bits per sample: 32 + dataq_bits(d, m) (the index of (a, b) in S).
+    """
+    z = _check_data(z, "quantize_normalized")
+    m = _check_m(m, "quantize_normalized")
+    if z.dim() != 2:
+        raise CodecError(f"quantize_normalized: expected samples of shape (N, d), got {tuple(z.shape)}")
+    r = torch.linalg.vector_norm(z.to(torch.float64), dim=1).to(torch.float32)
+    safe = torch.where(r > 0, r, torch.ones_like(r)).to(torch.float64)
+    a, b = _split_floor(z.to(torch.float64) / safe.unsqueeze(1), m - 1, 1.0)
+    return a, b, r
+
+
+def dequantize_normalized(a: torch.Tensor, b: torch.Tensor, r: torch.Tensor, m: int) -> torch.Tensor:
+    """Z_Q,i = r_i (a_i - b_i)/(m - 1), float32 (N, d)."""
+    m = _check_m(m, "dequantize_normalized")
+    return ((a - b).to(torch.float64) * (r.to(torch.float64) / (m - 1)).unsqueeze(1)).to(torch.float32)
+
+
+def dequantize_selection(levels: torch.Tensor, scale: float, bits_per_feature: int) -> torch.Tensor:
+    """Features of a per-feature (§VI) selection back from levels (N, *input_shape) and the batch scale."""
+    flat = levels.reshape(levels.shape[0], math.prod(levels.shape[1:]))
+    return dequantize_batch(flat, scale, bits_per_feature).reshape(levels.shape).to(torch.float32)

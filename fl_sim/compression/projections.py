@@ -21,7 +21,7 @@ import math
 import torch
 
 from ..rng import torch_generator
-from .base import CodecError, LinearOperator
+from .base import CodecError, LinearOperator, check_seed
 from .transforms import dct, fwht, idct, next_pow2
 
 __all__ = ["PartialHadamard", "BlockwiseOperator", "SubsampledOrthogonal", "GaussianOperator"]
@@ -34,11 +34,6 @@ def _check_pos_int(name: str, value: object, who: str) -> int:
         raise CodecError(f"{who}: {name} must be a positive int, got {value!r}")
     return value
 
-
-def _check_seed(seed: object, who: str) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise CodecError(f"{who}: seed must be an int (derive one with fl_sim.rng.derive_seed), got {seed!r}")
-    return seed
 
 
 def _rademacher(count: int, gen: torch.Generator) -> torch.Tensor:
@@ -117,7 +112,7 @@ class PartialHadamard(_ProjectionBase):
         who = type(self).__name__
         self.d = _check_pos_int("d", d, who)
         self.k = _check_pos_int("k", k, who)
-        seed = _check_seed(seed, who)
+        seed = check_seed(seed, who)
         if rows not in ("random", "first"):
             raise CodecError(f"{who}: rows must be 'random' or 'first', got {rows!r}")
         if block is None:
@@ -204,7 +199,7 @@ class SubsampledOrthogonal(_ProjectionBase):
         who = type(self).__name__
         self.d = _check_pos_int("d", d, who)
         self.q = _check_pos_int("q", q, who)
-        seed = _check_seed(seed, who)
+        seed = check_seed(seed, who)
         if transform not in ("dct", "wht"):
             raise CodecError(f"{who}: transform must be 'dct' or 'wht', got {transform!r}")
         self.n = d if transform == "dct" else next_pow2(d)
@@ -260,7 +255,7 @@ class GaussianOperator(_ProjectionBase):
         who = type(self).__name__
         self.d = _check_pos_int("d", d, who)
         self.m = _check_pos_int("m", m, who)
-        self.seed = _check_seed(seed, who)
+        self.seed = check_seed(seed, who)
         if m * d > _MAX_DENSE_ENTRIES:
             raise CodecError(
                 f"{who}: m*d = {m * d} entries exceeds 2^26; use PartialHadamard or SubsampledOrthogonal for large d"

@@ -12,7 +12,12 @@ Papers (shared/papers; equations as digested in papers/NOTES.md):
 Conventions: every kernel works along the last dimension and is batched over leading dimensions.
 Scales are computed in float64 from a unit-max copy of the input, so tiny (subnormal) or huge
 (~1e38) magnitudes never produce NaN; a scale that does not fit the float32 that is sent raises
-:class:`CodecError`. Bit counts are for fixed-length codes (no entropy coding), exact integers.
+:class:`CodecError`. Bit counts here are for fixed-length codes, exact integers; QSGD's Elias code and
+Elias-coded top-k indices are in :mod:`fl_sim.compression.coding`.
+
+Scale granularity: the QSGD, TernGrad and scaled-sign kernels take an optional
+:class:`~fl_sim.compression.segments.Segments` and compute one scale per segment (a model tensor or a
+bucket) with segment reductions; without it, one scale per row as before.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import math
 import torch
 
 from .base import CodecError, bits_for_index
+from .segments import Segments
 
 __all__ = [
     "FLOAT_BITS",
@@ -44,6 +50,10 @@ __all__ = [
     "scaled_sign",
     "scaled_sign_decode",
     "sign_bits",
+    "segment_unit_max",
+    "sigma_clip",
+    "split_k",
+    "topk_segments",
     "topk_sparsify",
     "randk_indices",
     "scatter_dense",
@@ -148,34 +158,67 @@ def dithered_bits(blocks: int, k: int, levels: float) -> int:
     return blocks * (FLOAT_BITS + k * level_bits(levels))
 
 
+# -- segment helpers (scale granularity, fl_sim.compression.segments) ---------------------------------------
+def _seg(x: torch.Tensor, seg: Segments | None) -> Segments:
+    return seg if seg is not None else Segments.whole(x.shape[-1])
+
+
+def _out(v: torch.Tensor, seg: Segments | None) -> torch.Tensor:
+    """Per-segment scales (..., T); without ``seg`` the old shape (...,) of one scale per row."""
+    return v.squeeze(-1) if seg is None else v
+
+
+def _scales(v: torch.Tensor, seg: Segments | None) -> torch.Tensor:
+    """(..., T) scales from what a caller passes: (...,) without ``seg``, (..., T) with it."""
+    return v.unsqueeze(-1) if seg is None else v
+
+
+def segment_unit_max(x: torch.Tensor, seg: Segments) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x / m, m) with m = max |x| over each segment ((..., T), float64, exact); zero segments keep m = 0.
+
+    x / m lies in [-1, 1] for any magnitude (subnormal to ~1e38), as :func:`unit_max` per segment.
+    """
+    m = seg.amax(x.abs())
+    safe = torch.where(m > 0, m, torch.ones_like(m))
+    return x / seg.expand(safe), m.to(torch.float64)
+
+
 # -- QSGD (Alistarh et al.) ------------------------------------------------------------------------------
-def qsgd_quantize(x: torch.Tensor, levels: int, *, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def qsgd_quantize(
+    x: torch.Tensor, levels: int, *, generator: torch.Generator, seg: Segments | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """QSGD with s = ``levels``: per coordinate, l = floor(s |x_i|/||x||_2) + Bernoulli(frac), q = sign(x_i) l.
 
-    Returns (norm, q): norm = ||x||_2 float64 (...,), q in {-s..s} (..., d). Unbiased:
-    E[norm * q / s] = x; variance E||Q(x) - x||^2 <= min(d/s^2, sqrt(d)/s) ||x||^2 (Lemma 3.1).
+    ||x||_2 is taken over each segment of ``seg`` (one tensor or bucket; the whole row without it).
+    Returns (norm, q): norm float64 (...,) without ``seg``, (..., T) with it; q in {-s..s} (..., d).
+    Unbiased: E[norm * q / s] = x; per segment E||Q(x) - x||^2 <= min(n/s^2, sqrt(n)/s) ||x||^2 (Lemma 3.1).
     """
-    t, s_inf = unit_max(x)
+    sg = _seg(x, seg)
+    t, s_inf = segment_unit_max(x, sg)
     t = t.to(torch.float32)
-    unit_norm = torch.linalg.vector_norm(t.to(torch.float64), dim=-1)  # ||x||_2 / ||x||_inf, in [1, sqrt(d)]
+    unit_norm = sg.sum(t.to(torch.float64) ** 2).sqrt()  # ||x||_2 / ||x||_inf per segment, in [1, sqrt(n)]
     norm = s_inf * unit_norm
     safe = torch.where(unit_norm > 0, unit_norm, torch.ones_like(unit_norm)).to(torch.float32)
-    r = t.abs() / safe.unsqueeze(-1) * levels  # in [0, s]
+    r = t.abs() / sg.expand(safe) * levels  # in [0, s]
     low = torch.floor(r)
     up = torch.rand(r.shape, generator=generator, dtype=torch.float32) < (r - low)
     lvl = (low + up.to(torch.float32)).clamp_(0, levels)
     q = (torch.sign(t) * lvl).to(level_dtype(levels))
-    return norm, q
+    return _out(norm, seg), q
 
 
-def qsgd_dequantize(norm: torch.Tensor, q: torch.Tensor, levels: int) -> torch.Tensor:
-    """x_hat = ||x||_2 * q / s, float32."""
-    return q.to(torch.float32) * (norm / levels).to(torch.float32).unsqueeze(-1)
+def qsgd_dequantize(norm: torch.Tensor, q: torch.Tensor, levels: int, seg: Segments | None = None) -> torch.Tensor:
+    """x_hat = ||x||_2 * q / s per segment, float32."""
+    scale = (_scales(norm, seg) / levels).to(torch.float32)
+    return q.to(torch.float32) * _seg(q, seg).expand(scale)
 
 
-def qsgd_bits(d: int, levels: int) -> int:
-    """32 (norm) + d (1 sign bit + ceil(log2(s+1)) level bits), fixed length (no Elias coding)."""
-    return FLOAT_BITS + d * (1 + bits_for_index(levels + 1))
+def qsgd_bits(d: int, levels: int, scales: int = 1) -> int:
+    """Fixed-length code: 32 per norm (one per segment) + d (1 sign bit + ceil(log2(s+1)) level bits).
+
+    QSGD's own code (Elias, Section 3.2) is :func:`fl_sim.compression.coding.qsgd_stream_bits`.
+    """
+    return FLOAT_BITS * scales + d * (1 + bits_for_index(levels + 1))
 
 
 def qsgd_variance_bound(d: int, levels: int) -> float:
@@ -184,54 +227,116 @@ def qsgd_variance_bound(d: int, levels: int) -> float:
 
 
 # -- TernGrad (Wen et al.) ---------------------------------------------------------------------------------
-def terngrad_quantize(x: torch.Tensor, *, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """TernGrad: s = ||x||_inf, b_i ~ Bernoulli(|x_i|/s), q_i = sign(x_i) b_i in {-1, 0, 1}.
+def sigma_clip(x: torch.Tensor, c: float, seg: Segments | None = None) -> torch.Tensor:
+    """TernGrad's gradient clipping (Wen et al. 2017, Section 3.3): x_i clipped to [-c sigma, c sigma],
+    sigma the standard deviation of the elements of each segment (population std about the mean, as the
+    authors' ``clip_gradients_by_stddev`` and GRACE). Computed in float64 from a unit-max copy.
+    Departure: a segment with sigma = 0 (constant, or one element) is not clipped; the paper's rule would
+    clip it to 0 (the authors' code sends tensors below ``size_to_binarize`` unquantized instead)."""
+    sg = _seg(x, seg)
+    t, m = segment_unit_max(x, sg)
+    t = t.to(torch.float64)
+    n = sg.lengths.to(torch.float64)
+    mean = sg.sum(t) / n
+    sigma = (sg.sum((t - sg.expand(mean)) ** 2) / n).sqrt() * m  # back to x's scale
+    # sigma = 0 (a constant or one-element tensor): the clip would zero the whole tensor; leave it as is
+    bound = sg.expand(torch.where(sigma > 0, c * sigma, torch.full_like(sigma, math.inf)))
+    return torch.minimum(torch.maximum(x.to(torch.float64), -bound), bound).to(x.dtype)
 
-    Returns (s float64 (...,), q int8 (..., d)). Unbiased: E[s q] = x; E||s q - x||^2 = sum_i (s|x_i| - x_i^2).
+
+def terngrad_quantize(
+    x: torch.Tensor, *, generator: torch.Generator, seg: Segments | None = None, clip_sigma: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """TernGrad: s = max|x| per segment (layer), b_i ~ Bernoulli(|x_i|/s), q_i = sign(x_i) b_i in {-1, 0, 1}.
+
+    With ``clip_sigma`` = c, x is first clipped to [-c sigma, c sigma] per segment (:func:`sigma_clip`;
+    the paper uses c = 2.5). Returns (s float64, (...,) without ``seg`` or (..., T) with it; q int8
+    (..., d)). Unbiased for the (clipped) input: E[s q] = x; E||s q - x||^2 = sum_i (s|x_i| - x_i^2).
     """
-    t, s = unit_max(x)
+    if clip_sigma is not None:
+        x = sigma_clip(x, clip_sigma, seg)
+    t, s = segment_unit_max(x, _seg(x, seg))
     t = t.to(torch.float32)
     b = torch.rand(t.shape, generator=generator, dtype=torch.float32) < t.abs()
-    return s, (torch.sign(t) * b.to(torch.float32)).to(torch.int8)
+    return _out(s, seg), (torch.sign(t) * b.to(torch.float32)).to(torch.int8)
 
 
-def terngrad_dequantize(s: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """x_hat = s q, float32."""
-    return q.to(torch.float32) * s.to(torch.float32).unsqueeze(-1)
+def terngrad_dequantize(s: torch.Tensor, q: torch.Tensor, seg: Segments | None = None) -> torch.Tensor:
+    """x_hat = s q per segment, float32."""
+    return q.to(torch.float32) * _seg(q, seg).expand(_scales(s, seg).to(torch.float32))
 
 
-def terngrad_bits(d: int) -> int:
-    """32 (scale) + 2 bits per ternary coordinate."""
-    return FLOAT_BITS + 2 * d
+def terngrad_bits(d: int, scales: int = 1) -> int:
+    """32 per scale (one per layer) + 2 bits per ternary coordinate (the authors' encoder packs 4 per byte)."""
+    return FLOAT_BITS * scales + 2 * d
 
 
 # -- scaled sign (Karimireddy et al.) --------------------------------------------------------------------
-def scaled_sign(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """C(x) = (||x||_1 / d) sign(x), with sign(0) = +1 (one bit per coordinate).
+def scaled_sign(x: torch.Tensor, seg: Segments | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """C(x) = (||x||_1 / n) sign(x) per segment of n coordinates, with sign(0) = +1 (one bit per coordinate).
 
-    Returns (scale float64 (...,), signs int8 in {-1, +1} (..., d)). Biased; used with error feedback.
+    Returns (scale float64, (...,) without ``seg`` or (..., T) with it; signs int8 in {-1, +1} (..., d)).
+    Biased; used with error feedback.
     """
-    t, s_inf = unit_max(x)
-    d = x.shape[-1]
-    scale = s_inf * t.to(torch.float64).abs().sum(dim=-1) / d
+    sg = _seg(x, seg)
+    t, s_inf = segment_unit_max(x, sg)
+    scale = s_inf * sg.sum(t.to(torch.float64).abs()) / sg.lengths.to(torch.float64)
     signs = torch.where(x < 0, -1, 1).to(torch.int8)
-    return scale, signs
+    return _out(scale, seg), signs
 
 
-def scaled_sign_decode(scale: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
-    """x_hat = scale * signs, float32."""
-    return signs.to(torch.float32) * scale.to(torch.float32).unsqueeze(-1)
+def scaled_sign_decode(scale: torch.Tensor, signs: torch.Tensor, seg: Segments | None = None) -> torch.Tensor:
+    """x_hat = scale * signs per segment, float32."""
+    return signs.to(torch.float32) * _seg(signs, seg).expand(_scales(scale, seg).to(torch.float32))
 
 
-def sign_bits(d: int) -> int:
-    """32 (scale) + 1 bit per coordinate."""
-    return FLOAT_BITS + d
+def sign_bits(d: int, scales: int = 1) -> int:
+    """32 per scale (one per segment) + 1 bit per coordinate."""
+    return FLOAT_BITS * scales + d
 
 
 # -- sparsifiers ------------------------------------------------------------------------------------------
 def topk_sparsify(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest-magnitude coordinates of a 1-D x: (indices int64 sorted ascending, values)."""
     idx = torch.topk(x.abs(), k, sorted=False).indices.sort().values
+    return idx, x[idx]
+
+
+def split_k(k: int, lengths: torch.Tensor) -> torch.Tensor:
+    """k apportioned to segments in proportion to their sizes, summing to exactly k (largest remainder).
+
+    k_t = floor(k n_t / d), plus one for the (k - sum) segments with the largest remainders k n_t mod d
+    (ties: the earlier segment). k_t <= n_t always. GRACE instead takes max(1, floor(ratio n_t)) per tensor,
+    whose total is not k; the exact total keeps the payload shape fixed and the bits equal to vector top-k.
+    """
+    n = lengths.to(torch.int64)
+    d = int(n.sum())
+    base, rem = (k * n) // d, (k * n) % d
+    extra = k - int(base.sum())
+    order = torch.sort(-rem, stable=True).indices[:extra]
+    base[order] += 1
+    return base
+
+
+def topk_segments(x: torch.Tensor, ks: torch.Tensor, seg: Segments) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k_t of each segment of a 1-D x: (global indices sorted ascending, values).
+
+    One sort puts each segment's coordinates in descending magnitude: for float32 x the int64 key
+    segment << 32 | (2^31 - 1 - bits(|x_i|)) (the bit pattern of a non-negative float32 is monotonic in
+    its value); float64 x takes two stable sorts (by |x| descending, then by segment). The rank inside
+    the segment picks the first k_t. O(d log d), no loop over tensors.
+    """
+    if seg.count == 1:
+        return topk_sparsify(x, int(ks[0]))
+    if x.dtype == torch.float32:
+        key = (seg.ids << 32) | ((2**31 - 1) - x.abs().view(torch.int32).to(torch.int64))
+        order = torch.sort(key, stable=True).indices
+    else:
+        order = torch.sort(x.abs(), descending=True, stable=True).indices
+        order = order[torch.sort(seg.ids[order], stable=True).indices]
+    owner = seg.ids[order]
+    rank = torch.arange(x.numel()) - seg.starts[owner]
+    idx = order[rank < ks[owner]].sort().values
     return idx, x[idx]
 
 
@@ -258,7 +363,7 @@ def scatter_dense(idx: torch.Tensor, values: torch.Tensor, d: int) -> torch.Tens
 
 
 def topk_bits(d: int, k: int) -> int:
-    """k float32 values + k indices of ceil(log2 d) bits each."""
+    """k float32 values + k indices of ceil(log2 d) bits each (fixed-length index code)."""
     return k * (FLOAT_BITS + bits_for_index(d))
 
 

@@ -1,34 +1,63 @@
 """DaQuSGD: nodes send quantized data samples whose loss exceeds a threshold (Hanna et al.).
 
-Source: shared/papers/004_8a6bcfc5f528e1f3.txt Algorithm 1, §V (sample selection, Theorem 3) and
-§VI (experiments); NOTES.md §5. The client half is fl_sim.clients.daqusgd.
+Source: shared/papers/004_8a6bcfc5f528e1f3.txt Algorithm 1, Algorithms 2-3, §V (sample selection,
+Theorem 3) and §VI (experiments); NOTES.md §5. The client half is fl_sim.clients.daqusgd; the two meet
+only through the wire keys of fl_sim.keys (this module does not import the client).
 
 Round t (the learning agent is the server):
 
-1. send W and the threshold ℓ_th to the sampled nodes;
-2. each node sends the DataQ-quantized samples Z_Q with ℓ(W, Z) > ℓ_th, and their labels;
-3. the server computes ĝ = mean over received samples of ∇ℓ(W, Z_Q) (eq. 2 with g_{Z_Q}),
-   and steps with SGD + momentum: m ← μ m + ĝ, W ← W − η m (the paper's optimizer: SGD,
-   momentum 0.9);
-4. threshold rule (§VI): at the start of each epoch, ℓ_th = factor × (average loss of the samples
+1. send W, the threshold ℓ_th and each node's share of the round's sample budget (``budget``);
+2. each node considers its share of samples and sends the DataQ-quantized samples Z_Q with
+   ℓ(W, Z) > ℓ_th, their labels, and (``gradcorrq``) one GradCorrQ bit per sample;
+3. the server forms the stochastic gradient of Theorem 3 (``loss_average="considered"``, default):
+
+       ĝ = (1/N) Σ_{sent i} [∇ℓ(W, Z_Q,i) + Δ̂_i],   N = samples considered this round (sent or not),
+
+   i.e. an unsent sample contributes zero (App. G: g̃ = ĝ·𝕀(ℓ > ℓ_th)); Δ̂_i = 0 without GradCorrQ,
+   else eq. (10): (2 e_g − 1) C_z B_i h √d/(m−1) at the shared coordinate i*_i. The option
+   ``loss_average="sent"`` divides by the number sent instead (fl-sim's earlier rule: the step then
+   grows by considered/sent as the threshold rises);
+4. SGD with momentum: m ← μ m + ĝ, W ← W − η m (the paper's optimizer: SGD, momentum 0.9);
+5. threshold rule (§VI): at the start of each epoch, ℓ_th = factor × (average loss of the samples
    sent during the previous epoch), factor = 0.2; the first epoch sends everything (ℓ_th = 0).
    An epoch is ``epoch_rounds`` rounds (default: one expected pass over the clients).
+
+Sample budget (``budget``): the paper's agent draws a batch of 128 samples per iteration (§VI). With
+``budget="round"`` (default) ``batch_size`` is that per-round total, split evenly among the round's
+nodes (the first ``batch_size mod K`` nodes in client-id order consider one more); ``budget="client"``
+(fl-sim's earlier rule) lets every node consider ``batch_size`` samples, so a round considers K times more.
+
+Quantizer (``quantizer``): "per_feature" (§VI, the paper's experiments: batch scale + ``bits_per_feature``
+bits per feature) or "exact" (Algorithm 2 per sample with Remark 1: the sample's norm + the index of
+(a, b) in S, ⌈log2 |S|⌉ bits, m = ``levels``). Algorithm 1's unbiased version is
+``quantizer="exact", gradcorrq=True``; §VI runs without GradCorrQ, so it is off by default.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from flwr.app import ConfigRecord, Message
+from flwr.serverapp import Grid
 from torch import nn
 
 from .. import keys
-from ..clients.daqusgd import BITS_PER_FEATURE, LOSS_SUM, METHOD, SENT, THRESHOLD, dequantize_selection
+from ..compression.dataq import (
+    dequantize_normalized,
+    dequantize_selection,
+    gradcorrq_values,
+    per_feature_levels,
+)
+from ..rng import torch_generator
 from .base import ClientReply, ReplyError, UpdateStrategy
 
 __all__ = ["DaQuSGD"]
+
+LOSS_AVERAGES = ("considered", "sent")
+BUDGETS = ("round", "client")
+QUANTIZERS = ("per_feature", "exact")
 
 
 class DaQuSGD(UpdateStrategy):
@@ -37,10 +66,15 @@ class DaQuSGD(UpdateStrategy):
     Args:
         model: a torch module with the global model's architecture (the server computes gradients).
         lr: η of the server's SGD step. momentum: μ.
-        bits_per_feature: DataQ bits per feature (paper: 3).
+        bits_per_feature: per-feature DataQ bits (paper: 3).
         threshold_factor: ℓ_th = factor × previous epoch's mean sent loss (paper: 0.2).
         epoch_rounds: rounds per epoch (None: clients / clients_per_round).
-        batch_size: samples a node considers per round.
+        batch_size: samples considered per round (``budget="round"``, paper: 128) or per node ("client").
+        budget: "round" (paper) or "client" (see the module doc).
+        loss_average: "considered" (Theorem 3, paper) or "sent" (see the module doc).
+        quantizer: "per_feature" (§VI) or "exact" (Algorithm 2 + Remark 1). levels: m of "exact".
+        gradcorrq: send Algorithm 3's bit per sample and add its correction (Algorithm 1).
+        c_z: C_z of eq. (4) in GradCorrQ's bound (App. A: empirically ≤ 1).
     """
 
     # threshold rule (running epoch sums) and the server's SGD momentum
@@ -55,7 +89,13 @@ class DaQuSGD(UpdateStrategy):
         bits_per_feature: int = 3,
         threshold_factor: float = 0.2,
         epoch_rounds: int | None = None,
-        batch_size: int = 32,
+        batch_size: int = 128,
+        budget: str = "round",
+        loss_average: str = "considered",
+        quantizer: str = "per_feature",
+        levels: int = 32,
+        gradcorrq: bool = False,
+        c_z: float = 1.0,
         num_classes: int | None = None,
         **kwargs: Any,
     ) -> None:
@@ -66,11 +106,23 @@ class DaQuSGD(UpdateStrategy):
             raise ValueError(f"bits_per_feature={bits_per_feature}: use 2..15 (levels travel as int16)")
         if threshold_factor < 0:
             raise ValueError(f"threshold_factor={threshold_factor} must be >= 0")
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1")
+        for name, value, allowed in (("budget", budget, BUDGETS), ("loss_average", loss_average, LOSS_AVERAGES),
+                                     ("quantizer", quantizer, QUANTIZERS)):
+            if value not in allowed:
+                raise ValueError(f"{name}={value!r}: use one of {', '.join(map(repr, allowed))}")
+        if isinstance(levels, bool) or not isinstance(levels, int) or not 2 <= levels <= 2**15:
+            raise ValueError(f"levels={levels!r}: m of the exact DataQ must be an int in 2..32768 (int16 on the wire)")
+        if not c_z > 0:
+            raise ValueError(f"c_z={c_z}: the Lipschitz constant C_z must be > 0")
         self.model = model
         self.lr, self.mu = float(lr), float(momentum)
         self.bits = int(bits_per_feature)
         self.factor = float(threshold_factor)
         self.batch_size = int(batch_size)
+        self.budget, self.loss_average, self.quantizer = budget, loss_average, quantizer
+        self.levels, self.gradcorrq, self.c_z = int(levels), bool(gradcorrq), float(c_z)
         self.num_classes = num_classes
         if epoch_rounds is None:
             n = len(self.client_ids) if self.client_ids is not None else 1
@@ -92,58 +144,145 @@ class DaQuSGD(UpdateStrategy):
             if self._epoch_sent:
                 self.threshold = self.factor * self._epoch_loss_sum / self._epoch_sent
             self._epoch_loss_sum, self._epoch_sent = 0.0, 0
-        config[METHOD] = "daqusgd"
-        config[THRESHOLD] = float(self.threshold)
-        config[BITS_PER_FEATURE] = self.bits
+        config[keys.METHOD] = "daqusgd"
+        config[keys.DAQU_THRESHOLD] = float(self.threshold)
+        config[keys.DAQU_BITS] = self.bits
+        config[keys.DAQU_QUANTIZER] = self.quantizer
+        config[keys.DAQU_LEVELS] = self.levels
+        config[keys.DAQU_GRADCORRQ] = self.gradcorrq
+        config[keys.DAQU_CZ] = self.c_z
         config[keys.BATCH_SIZE] = self.batch_size
+
+    def shares(self, k: int) -> list[int]:
+        """Samples each of the round's k nodes considers (client-id order): the round budget split evenly."""
+        if self.budget == "client":
+            return [self.batch_size] * k
+        base, extra = divmod(self.batch_size, k)
+        return [base + (1 if i < extra else 0) for i in range(k)]
+
+    def configure_train(
+        self, server_round: int, arrays, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        for msg, share in zip(messages, self.shares(len(messages))):  # messages are in client-id order
+            msg.content[self.configrecord_key][keys.BATCH_SIZE] = int(share)
+        return messages
+
+    # ------------------------------------------------------------------ replies
+    def _features(self, arrays, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        try:
+            return {n: torch.from_numpy(arrays[n].numpy().copy()) for n in names}
+        except (KeyError, TypeError, IndexError, AttributeError) as exc:
+            raise ReplyError(f"DaQuSGD reply lacks {', '.join(names)} ({exc})") from None
 
     def decode_reply(self, server_round: int, msg: Message, cid: int) -> tuple[Any, int]:
         arrays, metrics = msg.content.get(keys.ARRAYS), msg.content[keys.METRICS]
-        try:
-            levels = torch.from_numpy(arrays["levels"].numpy().astype("int64"))
-            labels = torch.from_numpy(arrays["labels"].numpy().astype("int64"))
-            scale = float(arrays["scale"].numpy()[0])
-        except (KeyError, TypeError, IndexError, AttributeError) as exc:
-            raise ReplyError(f"DaQuSGD reply lacks levels/labels/scale ({exc})") from None
-        if levels.shape[0] != labels.shape[0]:
-            raise ReplyError(f"{levels.shape[0]} feature rows but {labels.shape[0]} labels")
-        if not math.isfinite(scale) or scale < 0:
-            raise ReplyError(f"invalid scale {scale}")
-        if labels.numel() and (labels.min() < 0 or (self.num_classes and labels.max() >= self.num_classes)):
+        if arrays is None:
+            raise ReplyError("DaQuSGD reply has no arrays")
+        if self.quantizer == "per_feature":
+            t = self._features(arrays, ("levels", "labels", "scale"))
+            levels, scale_t = t["levels"].to(torch.int64), t["scale"].reshape(-1)
+            n = levels.shape[0]
+            steps = per_feature_levels(self.bits) - 1
+            if scale_t.numel() != 1 or not math.isfinite(float(scale_t[0])) or float(scale_t[0]) < 0:
+                raise ReplyError(f"invalid scale {scale_t.tolist()}")
+            if levels.numel() and int(levels.abs().max()) > steps:
+                raise ReplyError(f"levels outside -{steps}..{steps} for {self.bits} bits per feature")
+            scale = float(scale_t[0])
+            x = dequantize_selection(levels, scale, self.bits) if n else None
+            sample_scale = torch.full((n,), scale, dtype=torch.float64)
+        else:
+            t = self._features(arrays, ("a", "b", "norms", "labels"))
+            a, b, r = t["a"].to(torch.int64), t["b"].to(torch.int64), t["norms"].to(torch.float32).reshape(-1)
+            n = a.shape[0]
+            steps = self.levels - 1
+            if a.shape != b.shape or r.numel() != n:
+                raise ReplyError(f"a {tuple(a.shape)}, b {tuple(b.shape)} and {r.numel()} norms disagree")
+            if not torch.isfinite(r).all() or bool((r < 0).any()):
+                raise ReplyError("norms must be finite and >= 0")
+            if n and (int(a.min()) < 0 or int(b.min()) < 0 or int(a.max()) > steps or int(b.max()) > steps
+                      or int((a + b).reshape(n, -1).sum(1).max()) > steps**2):
+                raise ReplyError(f"(a, b) outside S for m = {self.levels} (Theorem 1 (i))")
+            x = dequantize_normalized(a.reshape(n, -1), b.reshape(n, -1), r, self.levels).reshape(a.shape) if n else None
+            sample_scale = r.to(torch.float64)
+        labels = t["labels"].to(torch.int64).reshape(-1)
+        if labels.numel() != n:
+            raise ReplyError(f"{n} feature rows but {labels.numel()} labels")
+        if n and (labels.min() < 0 or (self.num_classes and labels.max() >= self.num_classes)):
             raise ReplyError(f"labels outside 0..{(self.num_classes or 0) - 1}")
-        self._epoch_loss_sum += float(metrics.get(LOSS_SUM, 0.0))
-        self._epoch_sent += int(metrics.get(SENT, labels.numel()))
-        x = dequantize_selection(levels, scale, self.bits) if labels.numel() else None
-        return (x, labels), int(metrics.get(keys.UPLINK_BITS, 0))
+        features = int(x[0].numel()) if n else 0
+        correction = None
+        if self.gradcorrq and n:
+            bits = self._features(arrays, ("gc_bits",))["gc_bits"].reshape(-1)
+            if bits.numel() != n or bool(((bits != 0) & (bits != 1)).any()):
+                raise ReplyError("gc_bits must hold one bit (0 or 1) per sent sample")
+            bound = self.c_z * sample_scale * math.sqrt(features) / steps  # eq. (8), as the node computed it
+            correction = (bits, bound)
+        considered = int(metrics.get(keys.DAQU_CONSIDERED, n))
+        if considered < n:
+            raise ReplyError(f"{n} samples sent but only {considered} considered")
+        self._epoch_loss_sum += float(metrics.get(keys.DAQU_LOSS_SUM, 0.0))
+        self._epoch_sent += int(metrics.get(keys.DAQU_SENT, n))
+        return {"x": x, "y": labels, "cid": cid, "considered": considered, "correction": correction,
+                "clipped": int(metrics.get(keys.DAQU_CLIPPED, 0))}, int(metrics.get(keys.UPLINK_BITS, 0))
 
+    # ------------------------------------------------------------------ server gradient
     def combine(self, server_round: int, replies: list[ClientReply], weights: torch.Tensor) -> torch.Tensor:
-        got = [r.data for r in replies if r.data[0] is not None]
-        self._last = {"received_samples": 0, "threshold": self.threshold}
+        got = [r.data for r in replies if r.data["x"] is not None]
+        considered = sum(r.data["considered"] for r in replies)
+        self._last = {"received_samples": 0, "threshold": self.threshold, "considered_samples": considered}
         if not got:
             return torch.zeros_like(self._global_vector)
-        x = torch.cat([g[0] for g in got])
-        y = torch.cat([g[1] for g in got])
+        x = torch.cat([g["x"] for g in got])
+        y = torch.cat([g["y"] for g in got])
+        denom = considered if self.loss_average == "considered" else len(y)
         self._load(self._global_vector)
         self.model.train()
         self.model.zero_grad(set_to_none=True)
-        loss = nn.functional.cross_entropy(self.model(x), y)
-        loss.backward()
-        g = self._flat_grad()
+        loss_sum = nn.functional.cross_entropy(self.model(x), y, reduction="sum")
+        (loss_sum / denom).backward()
+        g = self._param_grad()
+        if self.gradcorrq:
+            g += self._correction(got, g.numel()) / denom
+            self._last["gradcorrq_clipped"] = sum(d["clipped"] for d in got)
+        g = self._to_flat(g)
         if self.grad_momentum is None:
             self.grad_momentum = torch.zeros_like(g)
         self.grad_momentum.mul_(self.mu).add_(g)
-        self._last.update(received_samples=int(len(y)), server_batch_loss=float(loss.detach()))
+        self._last.update(received_samples=int(len(y)), server_batch_loss=float(loss_sum.detach()) / len(y))
         return -self.lr * self.grad_momentum
 
-    def _flat_grad(self) -> torch.Tensor:
-        """Gradient laid out like the flat vector (every float state entry; buffers get zeros)."""
-        named = dict(self.model.named_parameters())
+    def _correction(self, got: list[dict], h: int) -> torch.Tensor:
+        """Σ_i Δ̂_i (eq. 10) over every sent sample: the value at the shared i*_i of its node."""
+        total = torch.zeros(h, dtype=torch.float64)
+        for d in got:
+            bits, bound = d["correction"]
+            i_star = torch.randint(0, h, (len(bits),),
+                                   generator=torch_generator(self._round_seed, "daqusgd-gradcorrq-index", d["cid"]))
+            total.index_add_(0, i_star, gradcorrq_values(bits, bound, h))
+        return total.to(torch.float32)
+
+    def _param_grad(self) -> torch.Tensor:
+        """∇ in ``named_parameters`` order (the order of the nodes' GradCorrQ coordinates)."""
+        return torch.cat([
+            (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in self.model.parameters()
+        ])
+
+    def _to_flat(self, g: torch.Tensor) -> torch.Tensor:
+        """Parameter-order vector laid out like the flat model vector (every float state entry; buffers 0)."""
+        offsets, o = {}, 0
+        for name, p in self.model.named_parameters():
+            offsets[name] = (o, p.numel())
+            o += p.numel()
         parts = []
         for name, t in self.model.state_dict().items():
             if not torch.is_floating_point(t):
                 continue
-            p = named.get(name)
-            parts.append(p.grad.reshape(-1) if p is not None and p.grad is not None else torch.zeros(t.numel()))
+            if name in offsets:
+                s, n = offsets[name]
+                parts.append(g[s : s + n])
+            else:
+                parts.append(torch.zeros(t.numel()))
         return torch.cat(parts)
 
     def _load(self, vector: torch.Tensor) -> None:
@@ -160,4 +299,3 @@ class DaQuSGD(UpdateStrategy):
 
     def extra_metrics(self, server_round, usable, delta) -> dict[str, float]:
         return dict(self._last)
-

@@ -9,7 +9,9 @@ run seed and used by every client in every round (clients hold no state). Round 
 1. client i sends y_i = Φ Δ_i (Q floats: ``cs_fiht`` codec);
 2. server averages in measurement space: ȳ = Σ_i (n_i/n) y_i  (= Φ Δ̄ by linearity);
 3. error feedback at the server: p = η_s Δ̄ + e, formed as Φp = η_s ȳ + Φe;
-4. recovery: Δ = FIHT(Φp; Φ, K) with at most K nonzeros;
+4. recovery: Δ = FIHT(Φp; Φ, K) with at most K nonzeros (the modified FIHT of
+   ``fl_sim.compression.recovery.fiht``: sparsity continuation and a relative-decrease stop, options
+   ``start`` / ``min_decrease``; both None give the authors' FIHT.py schedule);
 5. w ← w + Δ and e ← p − Δ.
 
 Because e is only ever used through Φe, the server keeps r = Φe (Q floats) in measurement space,
@@ -25,6 +27,7 @@ import torch
 from flwr.app import ConfigRecord
 
 from .. import keys
+from ..compression import make_codec
 from ..rng import derive_seed
 from .base import ClientReply
 from .compressed import CompressedFedAvg
@@ -45,6 +48,12 @@ class FIHTCS(CompressedFedAvg):
         sparsity_ratio: K/d (default Tang's 30,000/668,426).
         transform: "dct" or "wht".
         max_iter: FIHT iterations.
+        tol: FIHT's relative residual tolerance (default 1e-6, the reference's precision on exactly
+            sparse vectors; ``fl_sim.compression.recovery.fiht``).
+        start: first sparsity level of the modified FIHT's continuation, a fraction of Q (default 1/128);
+            None: K from the start, as the authors' FIHT.py.
+        min_decrease: the modified FIHT's relative-decrease stopping rule (default 0.1); None: off, as
+            FIHT.py. ``start: null, min_decrease: null`` in a config gives the reference schedule.
         **kwargs: UpdateStrategy arguments (server_lr is η_s).
     """
 
@@ -59,6 +68,9 @@ class FIHTCS(CompressedFedAvg):
         sparsity_ratio: float = TANG_SPARSITY_RATIO,
         transform: str = "dct",
         max_iter: int = 25,
+        tol: float = 1e-6,
+        start: float | None = 1 / 128,
+        min_decrease: float | None = 0.1,
         **kwargs: Any,
     ) -> None:
         kwargs.pop("codec", None)
@@ -77,6 +89,8 @@ class FIHTCS(CompressedFedAvg):
         self.sparsity_ratio = float(sparsity_ratio)
         self.transform = transform
         self.max_iter = int(max_iter)
+        self.fiht_options = {"tol": tol, "start": start, "min_decrease": min_decrease}
+        make_codec("cs_fiht", dim=2, measurements=1, **self.fiht_options)  # bad options fail here, not in round 1
         self.phi_seed = derive_seed(self.seed, "fihtcs-phi")  # one Φ for all clients and rounds
         self.residual: torch.Tensor | None = None  # r = Φe, Q floats
 
@@ -86,7 +100,7 @@ class FIHTCS(CompressedFedAvg):
         if q > d:
             raise ValueError(f"measurements Q={q} exceeds the model dimension d={d}")
         return {"measurements": int(q), "sparsity": int(min(k, q)), "transform": self.transform,
-                "max_iter": self.max_iter}
+                "max_iter": self.max_iter, **self.fiht_options}
 
     def round_config(self, server_round: int, config: ConfigRecord) -> None:
         self.codec_params = self._params_for(self._global_vector.numel())

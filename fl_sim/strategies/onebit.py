@@ -1,28 +1,37 @@
 """OneBitCS: 1-bit quantized compressive sampling (Mitra & Khisti 2020).
 
 Source: shared/papers/000_2a9201d51a7b29c4.txt eqs. (9)-(10) and the "same Φ" note; NOTES.md §1,
-with the 1-bit dithered quantizer of Abdi (eq. 4.5) and its erratum (unbiased v̂ = ϱ(q/2 − u)).
+with the 1-bit dithered quantizer of Abdi (eq. 4.5) and its erratum (unbiased v̂ = ϱ(q/2 − u)),
+one scale ϱ_b per block.
 
-Client i sends y_i = Q(Φ^(k) Δ_i): one bit per measurement plus the scale ϱ. Two variants:
+Client i sends y_i = Q(Φ^(k) Δ_i): one bit per measurement plus one scale per block. Two variants:
 
-* ``phi="per_worker"`` (eq. 9-10): worker k has its own Φ^(k) (seed derived from the round seed
-  and the client id); the server recovers each Δ̃_i and averages them (K recoveries);
-* ``phi="common"`` (the paper's alternative): one Φ per round for everybody; the server averages
-  the dequantized measurements and recovers once.
+* ``phi="per_worker"`` (eq. 9-10): worker k has its own Φ^(k); the server recovers each Δ̃_i and
+  averages them (K recoveries);
+* ``phi="common"`` (the paper's alternative): one Φ for everybody; the server averages the
+  dequantized measurements and recovers once.
 
-Optional client error feedback (classic EF) compensates the bias of sparse recovery.
+Φ is fixed a priori for the run (``phi_schedule="fixed"``, the paper: "Φ^(k) known a priori" at the
+PS), or redrawn every round (``"round"``, an option). The dither u is every client's own and new
+every round in both variants (``seed_mode="per_client"``, fl_sim.protocol); ``seed_mode="shared"``
+reproduces fl-sim before issue 12 (one u, and one Φ^(k), for all clients of a round).
+
+Regimes: M = d measurements with the adjoint recovery Φᵀv̂ (``recovery="none"``, unbiased), or the
+paper's compressive regime M < d with sparse recovery (``recovery="biht"``, or ``"lp"`` = eq. (6)
+for small blocks) and error feedback to carry what the K-sparse recovery drops
+(configs/onebit_cs_compressive.yaml).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import torch
-
-from .base import ClientReply
+from ..rng import derive_seed
 from .compressed import CompressedFedAvg
 
-__all__ = ["OneBitCS"]
+__all__ = ["OneBitCS", "PHI_SCHEDULES"]
+
+PHI_SCHEDULES = ("fixed", "round")
 
 
 class OneBitCS(CompressedFedAvg):
@@ -32,12 +41,14 @@ class OneBitCS(CompressedFedAvg):
         measurements: M, one bit each (None: d / compression).
         compression: d/M when ``measurements`` is None.
         phi: "per_worker" or "common".
+        phi_schedule: "fixed" (Φ / Φ^(k) drawn once for the run, the paper) or "round" (redrawn each round).
         recovery: "none" (Φᵀ v̂, unbiased), "biht" or "lp" (ℓ1 with ‖y − Φx‖∞ ≤ ε, small blocks).
         block: partition size n of the measurement operator (a power of 2; None = one block), with one
-            scale ϱ per block.
-        sparsity: K of BIHT recovery.
+            scale ϱ_b per block.
+        sparsity: K of BIHT / FIHT recovery.
+        biht_iter: recovery iterations.
         error_feedback: "none" or "classic".
-        **kwargs: UpdateStrategy arguments.
+        **kwargs: UpdateStrategy / CompressedFedAvg arguments (``seed_mode``).
     """
 
     def __init__(
@@ -46,9 +57,11 @@ class OneBitCS(CompressedFedAvg):
         measurements: int | None = None,
         compression: float = 4.0,
         phi: str = "per_worker",
+        phi_schedule: str = "fixed",
         recovery: str = "none",
         block: int | None = None,
         sparsity: int | None = None,
+        biht_iter: int | None = None,
         error_feedback: str = "classic",
         **kwargs: Any,
     ) -> None:
@@ -56,31 +69,25 @@ class OneBitCS(CompressedFedAvg):
         kwargs.pop("codec_params", None)
         if phi not in ("per_worker", "common"):
             raise ValueError(f"phi={phi!r}: use 'per_worker' or 'common'")
+        if phi_schedule not in PHI_SCHEDULES:
+            raise ValueError(f"phi_schedule={phi_schedule!r}: use 'fixed' (the paper: Φ known a priori) or 'round'")
         params: dict[str, Any] = {"phi": phi, "recovery": recovery}
         if block is not None:
             params["block"] = block
         if sparsity is not None:
             params["sparsity"] = sparsity
-        super().__init__(
-            codec="onebit_cs",
-            codec_params=params,
-            error_feedback=error_feedback,
-            seed_mode="per_client" if phi == "per_worker" else "shared",
-            **kwargs,
-        )
+        if biht_iter is not None:
+            params["biht_iter"] = biht_iter
+        super().__init__(codec="onebit_cs", codec_params=params, error_feedback=error_feedback, **kwargs)
+        if phi_schedule == "fixed":
+            self.codec_params["phi_seed"] = derive_seed(self.seed, "onebit_cs", "phi-a-priori")
         self.measurements = measurements
         self.compression = float(compression)
         self.phi = phi
+        self.phi_schedule = phi_schedule
 
     def round_config(self, server_round, config) -> None:
         d = self._global_vector.numel()
         m = self.measurements or max(1, int(round(d / self.compression)))
         self.codec_params["measurements"] = int(m)
         super().round_config(server_round, config)
-
-    def combine(self, server_round: int, replies: list[ClientReply], weights: torch.Tensor) -> torch.Tensor:
-        codec = self.codec_for(self._global_vector.numel())
-        if self.phi == "common":
-            summed = codec.aggregate([r.data for r in replies], weights.tolist())
-            return codec.decode(summed, seed=self._round_seed).to(torch.float32)
-        return super().combine(server_round, replies, weights)

@@ -10,7 +10,13 @@ seed, dequantizes v̂ = ϱ(q − u) (eq. 4.6) and reconstructs ĝ = α Tᵀ v̂ 
 
 Client memory is Abdi's weighted error feedback (eq. 4.14): z = Δ + β r, r ← (1 − β) r + (z − ẑ),
 with β defaulting to Remark 3's optimum: β* = 1/(γ+1) for unbiased QCS (eq. 4.17), β* = 1 for MMSE
-QCS (eq. 4.18). Randomness (R, row subsets, dither) changes every round (shared seed per round).
+QCS (eq. 4.18). Randomness (R, row subsets, dither) changes every round and is each
+client's own (independent across clients, ``seed_mode="per_client"``, fl_sim.protocol);
+``seed_mode="shared"`` gives all clients of a round the same R, S and u (fl-sim before issue 12:
+their errors are then correlated and averaging does not shrink them).
+
+Blocks follow the model's tensors (``granularity="tensor"``, Abdi's per-layer partitions): the strategy
+passes the tensor lengths of the global model as the codec's ``segments`` every round.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ class QCS(CompressedFedAvg):
         k: rows of the Hadamard transform kept per block.
         levels: Q, the range of quantization levels.
         alpha: "unbiased" or "mmse".
+        granularity: "tensor" (blocks never straddle two tensors; default, Abdi's per-layer partitions)
+            or "vector" (blocks of the flattened update).
         error_feedback: "weighted" (default), "classic" or "none".
         beta: forgetting factor of weighted EF; None = Remark 3's β*.
         **kwargs: UpdateStrategy arguments.
@@ -42,16 +50,18 @@ class QCS(CompressedFedAvg):
         k: int = 64,
         levels: float = 2,
         alpha: str = "unbiased",
+        granularity: str = "tensor",
         error_feedback: str = "weighted",
         beta: float | None = None,
         **kwargs: Any,
     ) -> None:
         kwargs.pop("codec", None)
         kwargs.pop("codec_params", None)
-        params = {"block": block, "k": k, "levels": levels, "alpha": alpha}
+        params = {"block": block, "k": k, "levels": levels, "alpha": alpha, "granularity": granularity}
         from ..compression import make_codec
 
         probe = make_codec("qcs", dim=block, **params)  # validates the parameters early, gives γ
+        self.granularity = granularity
         self.gamma = float(probe.gamma)
         if beta is None:
             beta = 1.0 if alpha == "mmse" else 1.0 / (self.gamma + 1.0)
@@ -59,3 +69,4 @@ class QCS(CompressedFedAvg):
 
     def extra_metrics(self, server_round, usable, delta) -> dict[str, float]:
         return {"qcs_gamma": self.gamma, "ef_beta": self.ef_beta}
+

@@ -128,14 +128,14 @@ class RLCOverTheAir(CompressedFedAvg):
         ef_beta: float | None = None,
         **kwargs: Any,
     ) -> None:
-        for fixed in ("codec", "codec_params", "seed_mode"):  # RLC needs the rlc codec with one common A
+        for fixed in ("codec", "codec_params"):  # RLC needs the rlc codec (its A is common by the codec's contract)
             kwargs.pop(fixed, None)
         if variant not in VARIANTS:
             raise ValueError(f"variant={variant!r}: use one of {', '.join(VARIANTS)}")
         if error_feedback is None:
             error_feedback = "weighted" if variant == "remark6" else "none"
         super().__init__(codec="rlc", codec_params={}, error_feedback=error_feedback,
-                         ef_beta=1.0 if ef_beta is None else ef_beta, seed_mode="shared", **kwargs)
+                         ef_beta=1.0 if ef_beta is None else ef_beta, **kwargs)
         if m is None and not (isinstance(gain, (int, float)) and math.isfinite(gain) and gain >= 1):
             raise ValueError(f"gain={gain}: the compression gain d/m must be a finite number >= 1")
         if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
@@ -192,7 +192,6 @@ class RLCOverTheAir(CompressedFedAvg):
         self._round_seed = self.matrix_seed(server_round)
         super().round_config(server_round, config)
         config[keys.SEED] = self._round_seed
-        config[keys.SEED_MODE] = "shared"
         if self.diagnostics:
             config[REPORT_NORM] = True
 

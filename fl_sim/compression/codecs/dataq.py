@@ -114,23 +114,40 @@ class DataQCodec(Codec):
             tensors["scale"] = to_wire_float(wire, "dataq.encode", "the scale")
         return Payload(self.name, self.dim, tensors, self._bits(), {"mode": self.mode, "levels": self.levels})
 
-    def decode(self, payload: Payload, *, seed: int) -> torch.Tensor:
+    def check_values(self, payload: Payload) -> None:
+        """Raise PayloadError for a payload DataQ cannot have made (vectorized over all samples):
+
+        wrong names / shapes / dtypes; a level outside 0..m-1; a and b both nonzero at one feature (Z+ and
+        Z- are never both positive); exact mode: a sample with ||a||_1 + ||b||_1 > (m-1)^2 (outside S,
+        Theorem 1 (i)); a scale that is negative or non-finite; a zero scale with nonzero levels.
+        """
         shape = (self.samples, self.features)
         expected = {"a": (shape, self._dtype), "b": (shape, self._dtype)}
         if self.bound is None:
             expected["scale"] = (((self.samples,) if self.mode == "exact" else (1,)), torch.float32)
         self.check_payload(payload, expected)
         a, b = payload.tensors["a"].to(torch.int64), payload.tensors["b"].to(torch.int64)
-        if int(a.min()) < 0 or int(b.min()) < 0 or int(a.max()) > self._steps or int(b.max()) > self._steps:
+        if bool(((a < 0) | (b < 0) | (a > self._steps) | (b > self._steps)).any()):
             raise PayloadError(f"dataq.decode: a and b must lie in 0..{self._steps}")
-        if self.mode == "exact" and int((a + b).sum(dim=1).max()) > self._steps**2:
+        if bool(((a > 0) & (b > 0)).any()):
+            raise PayloadError("dataq.decode: a and b are both nonzero at one feature (Z+ and Z- cannot both be > 0)")
+        if self.mode == "exact" and bool(((a + b).sum(dim=1) > self._steps**2).any()):
             raise PayloadError(f"dataq.decode: a sample's ||a||_1 + ||b||_1 exceeds (m-1)^2 = {self._steps**2} (not in S)")
+        if self.bound is None:
+            s = payload.tensors["scale"]
+            if bool((s < 0).any()):
+                raise PayloadError("dataq.decode: negative scale")
+            zero = (s == 0).expand(self.samples)
+            if bool((zero & ((a + b).sum(dim=1) > 0)).any()):
+                raise PayloadError("dataq.decode: a sample with scale 0 has nonzero levels")
+
+    def decode(self, payload: Payload, *, seed: int) -> torch.Tensor:
+        self.check_values(payload)
+        a, b = payload.tensors["a"].to(torch.int64), payload.tensors["b"].to(torch.int64)
         if self.bound is not None:
             scales = torch.full((self.samples,), float(self.bound), dtype=torch.float64)
         else:
             s = payload.tensors["scale"].to(torch.float64)
-            if bool((s < 0).any()):
-                raise PayloadError("dataq.decode: negative scale")
             scales = s if self.mode == "exact" else s.expand(self.samples)
         z = (a - b).to(torch.float64) * (scales / self._steps).unsqueeze(1)
         return to_wire_float(z.reshape(-1), "dataq.decode", "the reconstruction")

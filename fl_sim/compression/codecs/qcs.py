@@ -5,6 +5,11 @@ Lemma 8) and Ch. 5 (RLC: eqs. 5.3-5.4, Lemma 13); papers/NOTES.md §3.1, §3.2, 
 
 Both use the partial Hadamard operator of :mod:`fl_sim.compression.projections` (eq. 4.1 / 5.3),
 rebuilt from the seed on both sides (signs R, row subset, dither u are never sent).
+
+Randomness (fl_sim.compression.base, "Seeds"): QCS's R, S and u are all the client's own
+(``seeding = "client"``: each worker quantizes independently in Ch. 4, so K clients' errors are
+independent and their average has 1/K of one client's error); RLC's A is common to the round's
+clients (``"common"``: the MAC sums A g_i, Ch. 5) and RLC has no per-client randomness.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from typing import Sequence
 import torch
 
 from ...rng import torch_generator
-from ..base import Codec, CodecError, Payload, PayloadError, SeedCache, register_codec
+from ..base import Codec, CodecError, Payload, PayloadError, SeedCache, check_seed, register_codec
 from ..projections import PartialHadamard
 from ..quantizers import (
     FLOAT_BITS,
@@ -28,15 +33,12 @@ from ..quantizers import (
 )
 from ..transforms import next_pow2
 
-__all__ = ["QCSCodec", "RLCCodec", "qcs_gamma"]
+__all__ = ["QCSCodec", "RLCCodec", "qcs_gamma", "GRANULARITIES"]
+
+GRANULARITIES = ("tensor", "vector")
 
 _THESIS_BLOCK = 256  # NOTES §6: "best (k,Q) for gain ~ 32, partition n = 256": k = 110, Q = 2 (gamma = 2.017)
 
-
-def _check_seed(seed: object, who: str) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise CodecError(f"{who}: seed must be an int (fl_sim.rng.derive_seed gives one), got {seed!r}")
-    return seed
 
 
 def qcs_gamma(n: int, k: int, levels: float) -> float:
@@ -78,7 +80,16 @@ def _apply_scaled(op_fn, x: torch.Tensor, who: str, what: str) -> torch.Tensor:
 class QCSCodec(Codec):
     """Quantized compressive sampling, blockwise (Abdi Ch. 4, Algorithm 2).
 
-    The vector g (length d) is zero-padded and cut into B = ceil(d/n) blocks g_b of length n. Per block:
+    The vector g (length d) is cut into B blocks g_b of length n (zero-padded), by ``granularity``:
+
+    * "tensor" (default): every tensor of the model (``segments``: their lengths in flatten order) is
+      zero-padded to whole blocks on its own, so no block straddles two tensors and each block's scale
+      belongs to one layer: B = sum_i ceil(L_i / n). Abdi partitions the gradient "depending on the size
+      of each layer's parameters" (thesis Ch. 4 experiments, 002_*.txt; the partitions of QSGD's [15]
+      buckets), i.e. per layer; with one segment (or without ``segments``) this is "vector".
+    * "vector": the flattened update is zero-padded once, B = ceil(d / n) (fl-sim before issue 12).
+
+    Per block:
 
         v_b = T_b g_b,  T_b = (1/sqrt(k)) S_b H_n R_b                       (eqs. 4.1-4.2)
         rho_b = ||v_b||_inf / Q,  q_b = round(v_b / rho_b + u_b)  in {-Q..Q}  (eq. 4.4)
@@ -86,7 +97,9 @@ class QCSCodec(Codec):
         g_hat_b = alpha T_b^T v_hat_b                                        (eq. 4.8)
 
     * H_n: n x n Sylvester Hadamard (+-1); R_b: diag of i.i.d. Rademacher signs; S_b: k random rows;
-    * u_b ~ U(-1/2, 1/2)^k: subtractive dither, shared through the seed;
+    * u_b ~ U(-1/2, 1/2)^k: subtractive dither, rebuilt from the seed at the decoder;
+    * R, S and u are the client's own randomness (``seeding = "client"``): give every client its own seed
+      (``Codec.encode_seeded`` does: derive_seed(round seed, "client", client id));
     * Q = ``levels``; Q = 0.5 selects the 1-bit variant (eq. 4.5): rho_b = 2 ||v_b||_inf,
       q_b = sign(v_b/rho_b + u_b) in {-1, +1}, and the unbiased v_hat_b = rho_b (q_b/2 - u_b)
       (ERRATUM, NOTES §3.3: the printed rho (q - u) is biased by a factor 2);
@@ -98,16 +111,18 @@ class QCSCodec(Codec):
 
     Wire: per block one float32 scale ||v_b||_inf (rho_b = scale/Q is recomputed; same 32 bits as
     sending rho_b) and k fixed-length level indices of ceil(log2(2Q+1)) bits (1 bit when Q = 1/2):
-    bits = B*32 + B*k*ceil(log2(2Q+1)). The thesis counts k log2(2Q+1) and neglects the scale
+    bits = B*32 + B*k*ceil(log2(2Q+1)), B of the granularity. The thesis counts k log2(2Q+1) and neglects the scale
     (eq. 4.11); :attr:`compression_gain` reports the thesis's figure, ``Payload.bits`` the exact one.
 
     Args:
         dim: d. block: n, a power of 2 (default min(next_pow2(d), 256)). k: rows per block, 1 <= k <= n
         (default round(110 n / 256), the gain-32 optimum of NOTES §6 at n = 256). levels: Q (default 2).
-        alpha: "unbiased" or "mmse".
+        alpha: "unbiased" or "mmse". granularity: "tensor" or "vector". segments: tensor lengths (sum = d;
+        None: one tensor).
     """
 
     name = "qcs"
+    seeding = "client"
 
     def __init__(
         self,
@@ -117,8 +132,19 @@ class QCSCodec(Codec):
         k: int | None = None,
         levels: float = 2,
         alpha: str = "unbiased",
+        granularity: str = "tensor",
+        segments: list[int] | None = None,
     ) -> None:
         super().__init__(dim=dim)
+        if granularity not in GRANULARITIES:
+            raise CodecError(f"qcs: granularity must be 'tensor' (blocks within each tensor) or 'vector', got {granularity!r}")
+        if segments is not None:
+            if (not isinstance(segments, (list, tuple)) or not segments
+                    or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in segments)):
+                raise CodecError(f"qcs: segments must be a list of positive tensor lengths, got {segments!r}")
+            if sum(segments) != dim:
+                raise CodecError(f"qcs: segments sum to {sum(segments)} but dim is {dim}; pass the model's tensor "
+                                 "lengths in flatten order")
         if block is None:
             block = min(next_pow2(dim), _THESIS_BLOCK)
         if isinstance(block, bool) or not isinstance(block, int) or block < 1 or block & (block - 1):
@@ -130,9 +156,12 @@ class QCSCodec(Codec):
         if alpha not in ("unbiased", "mmse"):
             raise CodecError(f"qcs: alpha must be 'unbiased' (eq. 4.9) or 'mmse' (eq. 4.12), got {alpha!r}")
         self.block, self.k, self.alpha = block, k, alpha
+        self.granularity, self.segments = granularity, None if segments is None else [int(n) for n in segments]
         self.levels = check_levels(levels, "qcs")
-        self.blocks = -(-dim // block)
-        self._ops = SeedCache(lambda s: PartialHadamard(self.dim, self.k, seed=s, block=self.block))
+        self._pos = self._layout()  # None: contiguous blocks of the flat vector; else x's position in the padded one
+        self.blocks = -(-dim // block) if self._pos is None else self._padded // block
+        op_dim = self.dim if self._pos is None else self._padded
+        self._ops = SeedCache(lambda s: PartialHadamard(op_dim, self.k, seed=s, block=self.block))
         self._q_dtype = level_dtype(1 if self.levels == 0.5 else int(self.levels))
 
     # -- theory -----------------------------------------------------------------------------------
@@ -157,20 +186,47 @@ class QCSCodec(Codec):
         return FLOAT_BITS * self.block / (self.k * math.log2(2 * self.levels + 1))
 
     def params(self) -> dict:
-        return {"dim": self.dim, "block": self.block, "k": self.k, "levels": self.levels, "alpha": self.alpha}
+        return {"dim": self.dim, "block": self.block, "k": self.k, "levels": self.levels, "alpha": self.alpha,
+                "granularity": self.granularity, "segments": self.segments}
 
-    # -- shared randomness ----------------------------------------------------------------------
+    # -- block layout -----------------------------------------------------------------------------
+    def _layout(self) -> torch.Tensor | None:
+        """Positions of x's entries in the tensor-aligned padded vector (None when that is x itself).
+
+        Tensor i (length L_i, offset o_i in x) starts at block b_i = sum_{j<i} ceil(L_j / n); its entry
+        o_i + t goes to b_i n + t. The layout equals the contiguous one (None) when every tensor but the
+        last fills whole blocks, e.g. for one segment.
+        """
+        n = self.block
+        if self.granularity == "vector" or self.segments is None or all(s % n == 0 for s in self.segments[:-1]):
+            return None
+        lengths = torch.tensor(self.segments, dtype=torch.int64)
+        blocks = (lengths + n - 1) // n
+        self._padded = int(blocks.sum()) * n
+        seg = torch.repeat_interleave(torch.arange(len(self.segments)), lengths)  # tensor of each entry
+        starts = torch.cumsum(lengths, 0) - lengths
+        first_block = torch.cumsum(blocks, 0) - blocks
+        return first_block[seg] * n + (torch.arange(self.dim) - starts[seg])
+
+    def _pad(self, x: torch.Tensor) -> torch.Tensor:
+        if self._pos is None:
+            return x
+        out = x.new_zeros(self._padded)
+        out[self._pos] = x
+        return out
+
+    # -- the client's own randomness (seeding = "client") ---------------------------------------
     def _dither(self, seed: int) -> torch.Tensor:
         return uniform_dither((self.blocks, self.k), generator=torch_generator(seed, "qcs", "dither"))
 
     # -- contract ---------------------------------------------------------------------------------
     def encode(self, x: torch.Tensor, *, seed: int) -> Payload:
         x = self.check_input(x)
-        seed = _check_seed(seed, "qcs.encode")
+        seed = check_seed(seed, "qcs.encode")
         op = self._ops(seed)
         # 1. v = T x blockwise, computed on x/||x||_inf (scale-free) ...
         t, s = _unit_if_needed(x)
-        v = op.forward(t).view(self.blocks, self.k)
+        v = op.forward(self._pad(t)).view(self.blocks, self.k)
         # 2. ... dithered quantization per block, q and ||v_b||_inf
         q, vmax = dithered_quantize(v, self.levels, self._dither(seed))
         # 3. the true ||v_b||_inf = ||x||_inf * ||v'_b||_inf (one float32 per block)
@@ -182,15 +238,9 @@ class QCSCodec(Codec):
         self.check_payload(
             payload, {"q": ((self.blocks, self.k), self._q_dtype), "scale": ((self.blocks,), torch.float32)}
         )
-        seed = _check_seed(seed, "qcs.decode")
+        seed = check_seed(seed, "qcs.decode")
+        self.check_values(payload)
         q, scale = payload.tensors["q"], payload.tensors["scale"]
-        if bool((scale < 0).any()):
-            raise PayloadError("qcs.decode: tensor 'scale' has negative entries (it is ||v_b||_inf)")
-        if self.levels == 0.5:
-            if not bool(((q == 1) | (q == -1)).all()):
-                raise PayloadError("qcs.decode: 1-bit levels must be -1 or +1")
-        elif int(q.abs().max()) > int(self.levels):
-            raise PayloadError(f"qcs.decode: levels outside {{-{int(self.levels)}..{int(self.levels)}}}")
         # 4. the code q - u (q/2 - u for 1 bit; no dither when k = 1), per block relative to the largest scale
         code = q.to(torch.float32) * (0.5 if self.levels == 0.5 else 1.0)
         if self.k > 1:
@@ -200,8 +250,24 @@ class QCSCodec(Codec):
             return torch.zeros(self.dim, dtype=torch.float32)
         y = code * (scale.to(torch.float64) / s_max).to(torch.float32).unsqueeze(-1)
         # 5. g_hat = alpha T^T v_hat, with v_hat_b = (scale_b / Q) code_b
-        g = self._ops(seed).adjoint(y.reshape(-1)).to(torch.float64) * (s_max * self.alpha_value / self.levels)
+        g = self._ops(seed).adjoint(y.reshape(-1))
+        if self._pos is not None:
+            g = g[self._pos]
+        g = g.to(torch.float64) * (s_max * self.alpha_value / self.levels)
         return to_wire_float(g, "qcs.decode", "the decoded vector")
+
+    def check_values(self, payload: Payload) -> None:
+        """Scales finite and >= 0 (they are ||v_b||_inf); levels in {-Q..Q} ({-1, +1} for 1 bit)."""
+        q, scale = payload.tensors.get("q"), payload.tensors.get("scale")
+        if q is None or scale is None or tuple(q.shape) != (self.blocks, self.k) or tuple(scale.shape) != (self.blocks,):
+            raise PayloadError(f"qcs: payload needs q {(self.blocks, self.k)} and scale {(self.blocks,)}")
+        if not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):
+            raise PayloadError("qcs.decode: tensor 'scale' must be finite and >= 0 (it is ||v_b||_inf)")
+        if self.levels == 0.5:
+            if not bool(((q == 1) | (q == -1)).all()):
+                raise PayloadError("qcs.decode: 1-bit levels must be -1 or +1")
+        elif int(q.abs().max()) > int(self.levels):
+            raise PayloadError(f"qcs.decode: levels outside {{-{int(self.levels)}..{int(self.levels)}}}")
 
 
 @register_codec
@@ -225,6 +291,7 @@ class RLCCodec(Codec):
 
     name = "rlc"
     linear = True
+    seeding = "common"  # A is common to the round's clients (the MAC sums A g_i); no per-client randomness
 
     def __init__(self, *, dim: int, m: int | None = None) -> None:
         super().__init__(dim=dim)
@@ -250,7 +317,7 @@ class RLCCodec(Codec):
 
     def operator(self, seed: int) -> PartialHadamard:
         """The round's A (cached per seed)."""
-        return self._ops(_check_seed(seed, "rlc.operator"))
+        return self._ops(check_seed(seed, "rlc.operator"))
 
     def encode(self, x: torch.Tensor, *, seed: int) -> Payload:
         x = self.check_input(x)
@@ -278,3 +345,9 @@ class RLCCodec(Codec):
     def decode(self, payload: Payload, *, seed: int) -> torch.Tensor:
         self._check(payload)
         return _apply_scaled(self.operator(seed).adjoint, payload.tensors["y"], "rlc.decode", "A^T y")
+
+    def check_values(self, payload: Payload) -> None:
+        """The codeword y = A g: finite float32 of length m (any real value is possible)."""
+        y = payload.tensors.get("y")
+        if y is None or tuple(y.shape) != (self.m,) or not torch.is_floating_point(y) or not bool(torch.isfinite(y).all()):
+            raise PayloadError(f"rlc: payload needs a finite float tensor 'y' of shape ({self.m},)")

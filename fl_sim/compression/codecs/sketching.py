@@ -77,12 +77,16 @@ class CountSketchCodec(Codec):
         if not payloads or len(payloads) != len(w):
             raise CodecError(f"{self.name}.aggregate: need one weight per payload, got {len(payloads)} and {len(w)}")
         for p in payloads:
-            self.check_payload(p, {"table": ((self.rows, self.cols), torch.float32)})
+            self.check_values(p)
         tables = torch.stack([p.tensors["table"] for p in payloads])
         weights_t = torch.tensor(w, dtype=torch.float32)
         return self._payload(torch.tensordot(weights_t, tables, dims=1), {"aggregated": len(payloads)})
 
-    def decode(self, payload: Payload, *, seed: int) -> torch.Tensor:
+    def check_values(self, payload: Payload) -> None:
+        """Raise PayloadError unless ``table`` is a finite float32 (rows, cols) table (any finite value is possible)."""
         self.check_payload(payload, {"table": ((self.rows, self.cols), torch.float32)})
+
+    def decode(self, payload: Payload, *, seed: int) -> torch.Tensor:
+        self.check_values(payload)
         values, _ = self.sketcher(seed).unsketch_topk(payload.tensors["table"], min(self.k, self.dim))
         return values
