@@ -45,6 +45,15 @@ class Experiment:
         x, y = self.data.test_data()
         return evaluate_model(self.model, x, y)
 
+    def evaluate_validation(self, arrays: ArrayRecord) -> tuple[float, float] | None:
+        """(loss, accuracy) on the validation rows held out of training (``data.validation``), else None."""
+        val = self.data.validation_data()
+        if val is None:
+            return None
+        state = {k: torch.from_numpy(a.numpy().copy()) for k, a in arrays.items()}
+        self.model.load_state_dict(state, strict=True)
+        return evaluate_model(self.model, *val)
+
 
 def build_experiment(cfg: RunConfig) -> Experiment:
     from .memory import check_experiment, check_model

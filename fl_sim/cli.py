@@ -1,4 +1,4 @@
-"""The ``fl-sim`` command line: run | report | sweep | bench.
+"""The ``fl-sim`` command line: run | report | sweep | compare | bench | reproduce.
 
 User errors (bad config, missing data, bad arguments) print one line and exit with code 2, never a
 traceback; ``--debug`` shows the traceback for bug reports.
@@ -281,6 +281,35 @@ def _shutdown_ray(timeout_s: float = 10.0) -> None:
     t = threading.Thread(target=ray.shutdown, daemon=True)
     t.start()
     t.join(timeout_s)
+@app.command()
+def compare(
+    suite: Optional[Path] = typer.Argument(None, help="Suite YAML (default: configs/compare/suite.yaml)."),
+    task: str = typer.Option("all", "--task", help="dense, image (a task of the suite) or all."),
+    methods: str = typer.Option("", "--methods", help="Comma-separated subset of the suite's methods (must include the baseline)."),
+    seeds: Optional[int] = typer.Option(None, "--seeds", help="Reported seeds (default: the suite's, 3)."),
+    jobs: int = typer.Option(1, "--jobs", help="Worker processes running runs in parallel."),
+    out_dir: Path = typer.Option(Path("runs/compare"), "--out", help="Run directories (resumable)."),
+    docs: Path = typer.Option(Path("docs/comparison"), "--docs", help="Where runs.csv, summary.md/csv, tuning.md/csv, pareto.png go."),
+    backend: Optional[str] = typer.Option(None, "--backend", help="simulation.backend of every run (default: the suite's)."),
+    set_: List[str] = typer.Option([], "--set", help="Override for every run, e.g. --set rounds=2 (repeatable)."),
+    report_only: bool = typer.Option(False, "--report-only", help="Aggregate the finished runs only; run nothing."),
+    debug: bool = typer.Option(False, "--debug"),
+) -> None:
+    """Tune every method on validation data (equal budget), run the chosen settings over seeds, tabulate (fl_sim/compare.py)."""
+    from .compare import run_compare
+
+    try:
+        result = run_compare(suite, tasks=[t.strip() for t in task.split(",") if t.strip()],
+                             methods=[m.strip() for m in methods.split(",") if m.strip()] or None, seeds=seeds,
+                             jobs=jobs, out=out_dir, docs=docs, extra=set_, backend=backend, report_only=report_only,
+                             progress=lambda msg: console.print(msg, highlight=False))
+    except USER_ERRORS as exc:
+        _fail(exc, debug)
+        return
+    for f in result["failures"]:
+        console.print(f"[bold red]failed:[/] {f}", highlight=False)
+    out.print(f"{len(result['runs'])} reported runs, targets "
+              + ", ".join(f"{t} {v:.3f}" for t, v in result["targets"].items()) + f" -> {docs}")
 
 
 def main() -> None:

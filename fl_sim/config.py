@@ -63,6 +63,9 @@ class DataConfig:
     size_distribution: str = "power_law"  # size partitioner: power_law | linear | square_root | exponential
     min_partition_size: int = 0
     test_fraction: float = 0.2  # held-out share when the source has no test split
+    # Share of the training rows held out (seeded, per label) as a server-side validation set before the
+    # partition; > 0 adds val_loss/val_accuracy to metrics.csv (tuning without the test set: fl-sim compare).
+    validation: float = 0.0
     # Synthetic(alpha, beta) of Li et al. (FedProx) / LEAF:
     synthetic_alpha: float = 1.0  # model heterogeneity
     synthetic_beta: float = 1.0  # feature heterogeneity
@@ -452,6 +455,7 @@ def validate(cfg: RunConfig) -> None:
     _require(d.shards_per_client >= 1, "data.shards_per_client", d.shards_per_client, "must be >= 1")
     _require(d.classes_per_client >= 1, "data.classes_per_client", d.classes_per_client, "must be >= 1")
     _require(0 < d.test_fraction < 1, "data.test_fraction", d.test_fraction, "must be in (0, 1)")
+    _require(0 <= d.validation < 1, "data.validation", d.validation, "must be in [0, 1) (0 = no validation set)")
     _require(d.synthetic_alpha >= 0, "data.synthetic_alpha", d.synthetic_alpha, "must be >= 0")
     _require(d.synthetic_beta >= 0, "data.synthetic_beta", d.synthetic_beta, "must be >= 0")
     _require(d.synthetic_dim >= 1, "data.synthetic_dim", d.synthetic_dim, "must be >= 1")

@@ -149,6 +149,9 @@ def server_loop(
         if due:
             loss, acc = exp.evaluate(arrays)
             row.update(test_loss=loss, test_accuracy=acc)
+            val = exp.evaluate_validation(arrays)
+            if val is not None:  # data.validation > 0: the tuning signal (never the test columns)
+                row.update(val_loss=val[0], val_accuracy=val[1])
             out = MetricRecord({"test_loss": loss, "test_accuracy": acc})
         row["wall_s"] = time.perf_counter() - t0
         if recorder is not None:

@@ -20,6 +20,7 @@ from ..config import DataConfig
 from .errors import DataError
 from .partition import partition_indices
 from .sources import Source, load_source
+from .validation import hold_out_validation
 
 __all__ = ["FederatedData", "DataError", "Source", "load_federated"]
 
@@ -79,6 +80,12 @@ class FederatedData:
         """The held-out test set (x, y) for centralized evaluation."""
         return self.source.x_test, self.source.y_test
 
+    def validation_data(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The validation set held out of the training rows (``data.validation`` > 0), else None."""
+        if self.source.y_val is None:
+            return None
+        return self.source.x_val, self.source.y_val
+
     def label_histograms(self) -> np.ndarray:
         """(num_clients, num_classes) int64 training samples per client and label."""
         sizes = self.client_sizes
@@ -110,6 +117,7 @@ class FederatedData:
             "clients": int(len(sizes)),
             "train_samples": int(sizes.sum()),
             "test_samples": int(len(self.source.y_test)),
+            "validation_samples": int(len(self.source.y_val)) if self.source.y_val is not None else 0,
             "empty_clients": int((~keep).sum()),
             "size_mean": float(nz.mean()) if len(nz) else 0.0,
             "size_min": int(nz.min()) if len(nz) else 0,
@@ -131,6 +139,8 @@ def load_federated(cfg: DataConfig, num_clients: int, seed: int) -> FederatedDat
     if num_clients < 1:
         raise DataError(f"num_clients={num_clients}: need at least one client")
     src = load_source(cfg, num_clients, seed)
+    if cfg.validation > 0:
+        hold_out_validation(src, cfg.validation, seed)
     parts = partition_indices(src, cfg, num_clients, seed)
     kind = cfg.partition if cfg.partition != "auto" else ("natural" if src.natural_ids is not None else "dirichlet")
     fd = FederatedData(src, parts, kind)

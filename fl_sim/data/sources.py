@@ -44,6 +44,8 @@ class Source:
     y_test: torch.Tensor
     num_classes: int
     natural_ids: np.ndarray | None = None
+    x_val: torch.Tensor | None = None  # validation rows held out of x (data.validation; validation.py)
+    y_val: torch.Tensor | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
