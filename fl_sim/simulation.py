@@ -412,8 +412,7 @@ def _run_experiment(cfg: RunConfig, run_dir: Path, progress: ProgressFn | None, 
     # the two leaves a finished run, not one that can be neither resumed nor reported).
     summary = recorder.finish(info)
     if store is not None:  # working state of a finished run: nothing reads it any more
-        store.close()
-        shutil.rmtree(store.directory, ignore_errors=True)
+        store.destroy()
         try:
             store.directory.parent.rmdir()  # RUN_DIR/state, if nothing else is in it
         except OSError:

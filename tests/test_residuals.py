@@ -2,6 +2,7 @@
 disk store giving the same run as the context store."""
 
 import csv
+import os
 
 import numpy as np
 import pytest
@@ -178,3 +179,32 @@ def test_disk_store_keeps_residuals_out_of_the_contexts(tmp_path):
     assert set(store.present().tolist()) == sampled and len(sampled) >= 5
     assert all(len(ctx.state) == 0 for ctx in grid.contexts.values())
     assert all(float(store.load(c).abs().sum()) > 0 for c in sampled)  # top-k left something behind
+
+
+def test_close_twice_never_closes_another_files_descriptor(tmp_path):
+    """A closed store's __del__ (or a cache evicting a store its run closed) must not close the descriptor
+    numbers again: POSIX hands the lowest free numbers to the next open, so a second close would close an
+    unrelated file (seen as EBADF in `fl-sim compare`'s long-lived workers, or a pwrite into the wrong file)."""
+    store = DiskResidualStore.create(tmp_path / "a", dim=8)
+    old = {store._rows, store._tokens}
+    store.close()
+    other = os.open(tmp_path / "other.bin", os.O_RDWR | os.O_CREAT)
+    try:
+        assert other in old  # the freed number was reused, as POSIX promises
+        store.close()
+        store.__del__()
+        os.fstat(other)  # still open: raises OSError(EBADF) if the store closed it again
+        os.pwrite(other, b"ok", 0)
+    finally:
+        os.close(other)
+
+
+def test_a_finished_run_releases_its_store_in_the_process(tmp_path):
+    """After a run with client error feedback, the process keeps no handle on its (deleted) store."""
+    from fl_sim.clients import residuals
+
+    cfg = load_config("topk_ef", ["rounds=2", "clients=6", "clients_per_round=3", "eval_every=0",
+                                  "simulation.backend=inline"])
+    run_experiment(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "state").exists()
+    assert not [k for k in residuals._OPEN if str(tmp_path) in k[0]]

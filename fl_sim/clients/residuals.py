@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import secrets
 from collections import OrderedDict
 from pathlib import Path
@@ -291,13 +292,25 @@ class DiskResidualStore:
         return int(ids.size)
 
     def close(self) -> None:
-        for fd in (self._rows, self._tokens):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        """Close the store's two files, once. A second call (``__del__`` after ``close``, a process cache
+        evicting a store its run already closed) does nothing: closing the same descriptor numbers again
+        would close whatever file the process has opened under those numbers since (another run's store,
+        a checkpoint being written), and a later pwrite would then go to the wrong file."""
+        fds, self._rows, self._tokens = (self._rows, self._tokens), -1, -1
+        for fd in fds:
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
         self._cache.clear()
         self.memory_bytes = 0
+
+    def destroy(self) -> None:
+        """Close the store, drop this process's cached handles on its directory and delete it (a finished run)."""
+        self.close()
+        release(self.directory)
+        shutil.rmtree(self.directory, ignore_errors=True)
 
     def __del__(self) -> None:  # pragma: no cover - best effort
         if hasattr(self, "_tokens"):
@@ -326,6 +339,13 @@ def _open_disk(directory: str, uid: str, budget_bytes: int) -> DiskResidualStore
         _, old = _OPEN.popitem(last=False)
         old.close()
     return store
+
+
+def release(directory: str | Path) -> None:
+    """Close and forget this process's open stores of ``directory`` (its run has ended)."""
+    key_dir = str(directory)
+    for key in [k for k in _OPEN if k[0] == key_dir or Path(k[0]) == Path(key_dir)]:
+        _OPEN.pop(key).close()
 
 
 def store_for(config: ConfigRecord, context: Context) -> ResidualStore:
