@@ -35,8 +35,26 @@ __all__ = [
     "payload_to_records",
     "payload_from_records",
     "state_dict_to_arrays",
+    "array_record",
+    "flatten_with_bits",
+    "ParsedArray",
     "ndarray_to_array",
 ]
+
+
+@functools.lru_cache(maxsize=512)
+def _expected_header(dtype: str, shape: tuple) -> tuple[np.dtype, bytes, int] | None:
+    """(dtype, the header dict numpy writes for it, element count) of a record entry's declared dtype and
+    shape; None when they are not a plain dtype and shape. Cached: a model has a handful of (dtype, shape)."""
+    try:
+        dt = np.dtype(dtype)
+        shape = tuple(int(s) for s in shape)
+    except (TypeError, ValueError):
+        return None
+    if dt.hasobject or dt.itemsize == 0:
+        return None
+    head = b"{'descr': '" + dt.str.encode() + b"', 'fortran_order': False, 'shape': " + repr(shape).encode() + b", }"
+    return dt, head, int(np.prod(shape, dtype=np.int64))
 
 
 def _fast_view(arr: Array) -> np.ndarray | None:
@@ -50,18 +68,17 @@ def _fast_view(arr: Array) -> np.ndarray | None:
     data = arr.data
     if arr.stype == "numpy.ndarray" and isinstance(data, bytes) and data[:8] == b"\x93NUMPY\x01\x00":
         try:
-            dt = np.dtype(arr.dtype)
-            shape = tuple(int(s) for s in arr.shape)
-        except (TypeError, ValueError):
+            expected = _expected_header(arr.dtype, tuple(arr.shape))
+        except TypeError:  # an unhashable shape: not a plain entry
             return None
-        hlen = int.from_bytes(data[8:10], "little")
-        start = 10 + hlen
-        head = b"{'descr': '" + dt.str.encode() + b"', 'fortran_order': False, 'shape': " + repr(shape).encode() + b", }"
-        count = int(np.prod(shape, dtype=np.int64))
-        if data[10:start].rstrip() == head and len(data) - start == count * dt.itemsize and not dt.hasobject \
-                and dt.itemsize > 0:
-            return np.frombuffer(data, dtype=dt, count=count, offset=start).reshape(shape)
+        if expected is None:
+            return None
+        dt, head, count = expected
+        start = 10 + int.from_bytes(data[8:10], "little")
+        if data[10:start].rstrip() == head and len(data) - start == count * dt.itemsize:
+            return np.frombuffer(data, dtype=dt, count=count, offset=start).reshape(arr.shape)
     return None
+
 
 _HEADER_READERS = {(1, 0): npy_format.read_array_header_1_0, (2, 0): npy_format.read_array_header_2_0}
 
@@ -106,10 +123,18 @@ def _float_items(arrays: ArrayRecord):
 
 def flatten_arrays(arrays: ArrayRecord) -> torch.Tensor:
     """All floating-point arrays of a record, flattened and concatenated (float32, a copy)."""
-    parts = [nd.reshape(-1).astype(np.float32, copy=False) for _, nd in _float_items(arrays)]
-    if not parts:
-        return torch.zeros(0)
-    return torch.from_numpy(np.concatenate(parts))
+    return flatten_with_bits(arrays)[0]
+
+
+def flatten_with_bits(arrays: ArrayRecord) -> tuple[torch.Tensor, int]:
+    """(:func:`flatten_arrays`, :func:`array_bits`) of a reply's record, every array read (and checked) once."""
+    parts, bits = [], 0
+    for name, arr in arrays.items():
+        nd = read_array(arr, name)
+        bits += nd.size * nd.dtype.itemsize * 8
+        if np.issubdtype(nd.dtype, np.floating):
+            parts.append(nd.reshape(-1).astype(np.float32, copy=False))
+    return (torch.from_numpy(np.concatenate(parts)) if parts else torch.zeros(0)), int(bits)
 
 
 def float_sizes(arrays: ArrayRecord) -> list[int]:
@@ -117,22 +142,51 @@ def float_sizes(arrays: ArrayRecord) -> list[int]:
     return [int(nd.size) for _, nd in _float_items(arrays)]
 
 
-def unflatten_into(template: ArrayRecord, vector: torch.Tensor) -> ArrayRecord:
-    """A new ArrayRecord shaped like ``template`` whose float arrays come from ``vector``."""
+class ParsedArray(Array):
+    """A server-side :class:`~flwr.app.Array` that keeps the array it was made from, so ``numpy()`` is a copy
+    of it instead of ``np.load`` of the bytes (header parse included). Same ``data`` bytes, dtype, shape and
+    values as ``Array(nd)``: only reading it is cheaper.
+
+    Used for the model the wrapper hands its inner strategy once per reply (:func:`unflatten_into` with
+    ``parsed=True``): Flower's FedAvg reads every reply's every array (``aggregate_arrayrecords``), and K
+    replies share one model, so a round read it K times through ``np.load``. Never sent over the wire.
+    """
+
+    def __init__(self, nd: np.ndarray) -> None:
+        own = np.array(nd, copy=True, order="C")
+        own.flags.writeable = False
+        wire = ndarray_to_array(own)
+        super().__init__(dtype=wire.dtype, shape=wire.shape, stype=wire.stype, data=wire.data)
+        self.__dict__["_parsed"] = own
+
+    def numpy(self) -> np.ndarray:
+        parsed = self.__dict__.get("_parsed")
+        return super().numpy() if parsed is None else parsed.copy()  # a fresh writable array, as Array's
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in ("dtype", "shape", "stype", "data"):
+            self.__dict__.pop("_parsed", None)  # fields replaced: read the bytes again from now on
+        super().__setattr__(name, value)
+
+
+def unflatten_into(template: ArrayRecord, vector: torch.Tensor, *, parsed: bool = False) -> ArrayRecord:
+    """A new ArrayRecord shaped like ``template`` whose float arrays come from ``vector``
+    (``parsed``: as :class:`ParsedArray`, for records read in this process only)."""
     out: dict[str, Array] = {}
     offset = 0
     v = vector.detach().to(torch.float32).cpu().numpy()
+    make = ParsedArray if parsed else Array
     for name, arr in template.items():
         nd = arr.numpy()
         if np.issubdtype(nd.dtype, np.floating):
             n = nd.size
-            out[name] = Array(v[offset : offset + n].reshape(nd.shape).astype(nd.dtype, copy=False))
+            out[name] = make(v[offset : offset + n].reshape(nd.shape).astype(nd.dtype, copy=False))
             offset += n
         else:
-            out[name] = Array(nd.copy())
+            out[name] = make(nd.copy())
     if offset != v.size:
         raise ValueError(f"vector has {v.size} values but the model has {offset} floating-point parameters")
-    return ArrayRecord(out)
+    return array_record(out)
 
 
 def array_bits(arrays: ArrayRecord) -> int:
@@ -161,14 +215,24 @@ def ndarray_to_array(nd: np.ndarray) -> Array:
                  data=b"".join((_npy_header(np.lib.format.dtype_to_descr(nd.dtype), shape), nd.reshape(-1).view(np.uint8))))
 
 
+def array_record(arrays) -> ArrayRecord:
+    """``ArrayRecord`` of (name, Array) pairs holding the given Array objects: ``ArrayRecord(dict)`` rebuilds
+    every Array from its fields (Flower's ``from_array_dict``), a second validation of each array for
+    nothing when the Arrays were just made (and it would turn a :class:`ParsedArray` into a plain one)."""
+    record = ArrayRecord()
+    for name, arr in (arrays.items() if isinstance(arrays, dict) else arrays):
+        record[name] = arr
+    return record
+
+
 def state_dict_to_arrays(state_dict: dict[str, torch.Tensor]) -> ArrayRecord:
     """ArrayRecord of a torch state dict (detached CPU copies)."""
-    return ArrayRecord({k: ndarray_to_array(v.detach().cpu().numpy()) for k, v in state_dict.items()})
+    return array_record((k, ndarray_to_array(v.detach().cpu().numpy())) for k, v in state_dict.items())
 
 
 def payload_to_records(payload: Payload) -> tuple[ArrayRecord, ConfigRecord]:
     """(ArrayRecord of the payload's tensors, ConfigRecord with codec, dim, bits, meta)."""
-    arrays = ArrayRecord({k: Array(t.detach().cpu().contiguous().numpy()) for k, t in payload.tensors.items()})
+    arrays = array_record((k, Array(t.detach().cpu().contiguous().numpy())) for k, t in payload.tensors.items())
     meta = ConfigRecord(
         {
             keys.P_CODEC: payload.codec,

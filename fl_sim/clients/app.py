@@ -25,7 +25,7 @@ from flwr.clientapp import ClientApp
 
 from .. import keys
 from ..config import RunConfig
-from ..records import ndarray_to_array, state_dict_to_arrays
+from ..records import array_record, ndarray_to_array, state_dict_to_arrays
 from ..rng import torch_generator
 from .daqusgd import daqusgd_reply
 from .mods import compression_mod
@@ -78,7 +78,7 @@ def train_reply(rt: ClientRuntime, message: Message, context: Context) -> Messag
     done = _lookup("train", message, cid)
     if done is not None:  # trained in a batch (fl_sim.vectorized): the same numbers up to float rounding
         state, loss, n = done
-        arrays = ArrayRecord({k: ndarray_to_array(v.numpy()) for k, v in state.items()})
+        arrays = array_record((k, ndarray_to_array(v.numpy())) for k, v in state.items())
     else:
         x, y = rt.data.client_data(cid)
         model = rt.load_model(message.content[keys.ARRAYS])

@@ -56,7 +56,7 @@ from flwr.supercore import log as flwr_log
 
 from .. import keys
 from ..protocol import round_seed
-from ..records import array_bits, flatten_arrays, unflatten_into
+from ..records import ParsedArray, array_bits, flatten_arrays, flatten_with_bits, unflatten_into
 from ..rng import numpy_generator
 from . import guards as reply_guards
 
@@ -272,14 +272,14 @@ class UpdateStrategy(Strategy):
         """
         arrays = self.reply_arrays(msg)
         try:
-            local = flatten_arrays(arrays)
+            local, bits = flatten_with_bits(arrays)
         except Exception as exc:  # noqa: BLE001 - any decoding failure is a malformed reply
             raise ReplyError(f"arrays cannot be read ({exc})") from None
         if local.shape != self._global_vector.shape:
             raise ReplyError(f"model has {local.numel()} parameters, expected {self._global_vector.numel()}")
         if not torch.isfinite(local).all():
             raise ReplyError("model contains NaN or inf")
-        return local - self._global_vector, array_bits(arrays)
+        return local - self._global_vector, bits
 
     def combine(self, server_round: int, replies: list[ClientReply], weights: torch.Tensor) -> torch.Tensor:
         """The decoded updates: (K, d) one Δ_i per reply, or (d,) an aggregate Δ̄ (compressed-domain
@@ -387,8 +387,9 @@ class UpdateStrategy(Strategy):
     def reply_arrays(self, msg: Message) -> ArrayRecord:
         """The ArrayRecord of a reply: under ``arrayrecord_key``, else its only one."""
         content = msg.content
-        if self.arrayrecord_key in content.array_records:
-            return content.array_records[self.arrayrecord_key]
+        named = content.get(self.arrayrecord_key)  # a direct lookup: content.array_records builds a new dict
+        if isinstance(named, ArrayRecord):
+            return named
         records = list(content.array_records.values())
         if len(records) != 1:
             raise ReplyError(f"reply has {len(records)} ArrayRecords and none named {self.arrayrecord_key!r}")
@@ -397,9 +398,10 @@ class UpdateStrategy(Strategy):
     @staticmethod
     def reply_metrics(msg: Message) -> tuple[str, MetricRecord]:
         """(name, record) of a reply's MetricRecord: ``metrics``, else its only one."""
+        named = msg.content.get(keys.METRICS)  # a direct lookup: content.metric_records builds a new dict
+        if isinstance(named, MetricRecord):
+            return keys.METRICS, named
         records = msg.content.metric_records
-        if keys.METRICS in records:
-            return keys.METRICS, records[keys.METRICS]
         if len(records) != 1:
             raise ReplyError(f"reply has {len(records)} MetricRecords and none named {keys.METRICS!r}")
         name, record = next(iter(records.items()))
@@ -507,6 +509,8 @@ class UpdateStrategy(Strategy):
         out = {}
         for name, arr in arrays.items():
             ref = self._global_arrays.get(name) if self._global_arrays is not None else None
+            if isinstance(arr, ParsedArray):  # an inner that returned a reply's own model: plain wire Array
+                arr = Array(dtype=arr.dtype, shape=tuple(arr.shape), stype=arr.stype, data=arr.data)
             nd = arr.numpy()
             if ref is not None and nd.dtype != ref.numpy().dtype:
                 nd = nd.round().astype(ref.numpy().dtype) if np.issubdtype(ref.numpy().dtype, np.integer) \
@@ -649,7 +653,7 @@ class UpdateStrategy(Strategy):
             # A plain FedAvg's weighted mean of the w + Δ_i is w + Δ̄: it gets that one model instead of K copies.
             models = [unflatten_into(self._global_arrays, self._global_vector + u.to(torch.float32)) for u in update]
         else:
-            one = unflatten_into(self._global_arrays, self._global_vector + step)
+            one = unflatten_into(self._global_arrays, self._global_vector + step, parsed=True)  # read K times
             models = [one] * len(usable)
         if float(w.sum()) <= 0:  # nothing to weigh (e.g. DaQuSGD nodes that sent no sample): apply Δ' directly
             new_arrays, client_metrics = models[0], None
