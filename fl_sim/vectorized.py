@@ -105,10 +105,10 @@ class VectorizedGrid(InMemoryGrid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         self.sent = list(messages)
+        self.last_encoded = 0
         if not self.sent:
             return []
         self.last_chunks = []
-        self.last_encoded = 0
         runtime_of = getattr(self.client_app, "fl_sim_runtime", None)
         if runtime_of is None:
             self._notice("the ClientApp is not fl-sim's built-in one")
