@@ -104,7 +104,7 @@ def encode_cohort(
         w = received[ids.pop()] if len(ids) == 1 else torch.stack([received[id(msgs[j].content[keys.ARRAYS])] for j in rows])
         if w.shape[-1] != local.shape[1]:
             raise ValueError(f"encode_cohort: the clients trained {local.shape[1]} parameters but received {w.shape[-1]}")
-        delta = local[rows] - w  # 1. Δ (C, d); w (d,) broadcasts, or (C, d) when the records differ
+        delta = _rows(local, rows) - w  # 1. Δ (C, d); w (d,) broadcasts, or (C, d) when the records differ
         codec = get_codec(name, local.shape[1], load_params(params))
         seeds = [codec_seeds(int(configs[j][keys.SEED]), str(configs[j].get(keys.SEED_MODE, DEFAULT_SEED_MODE)),
                              int(cids[j])) for j in rows]
@@ -131,6 +131,15 @@ def _stores(clients: Sequence[tuple]) -> list[tuple[object, list[int]]]:
     return list(by_key.values())
 
 
+def _rows(t: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """t[rows] without an index kernel where a view serves (all rows, or one: the common cases)."""
+    if len(rows) == t.shape[0] and rows == list(range(t.shape[0])):
+        return t
+    if len(rows) == 1:
+        return t[rows[0] : rows[0] + 1]
+    return t.index_select(0, torch.tensor(rows))
+
+
 def _with_error_feedback(codec, memory, delta: torch.Tensor, seeds, clients) -> tuple[list[Payload], torch.Tensor]:
     """Steps 2-4 for one group: (payloads, z)."""
     stores = _stores(clients)
@@ -140,17 +149,24 @@ def _with_error_feedback(codec, memory, delta: torch.Tensor, seeds, clients) -> 
             residual[n] = r
     has = [n for n, r in enumerate(residual) if r is not None]
     fresh = [n for n, r in enumerate(residual) if r is None]
-    z = delta.clone()
-    if has:
-        r_has = torch.stack([residual[n] for n in has])
-        z[has] = memory.compensate(delta[has], r_has)
+    r_has = torch.stack([residual[n] for n in has]) if has else None
+    if not fresh:  # every client holds a residual (the steady state)
+        z = memory.compensate(delta, r_has)
+    elif not has:  # z = Δ, as compensate(Δ, None) gives
+        z = delta
+    else:
+        z = delta.clone()
+        z[has] = memory.compensate(_rows(delta, has), r_has)
     payloads = codec.encode_batch(z, seeds)  # 3.
     z_hat = codec.decode_batch(payloads, seeds, validate=False)  # 4. r <- update(r, z, decode(p))
-    r_new = torch.empty_like(z)
-    if has:
-        r_new[has] = memory.update(r_has, z[has], z_hat[has])
-    if fresh:
-        r_new[fresh] = memory.update(None, z[fresh], z_hat[fresh])
+    if not fresh:
+        r_new = memory.update(r_has, z, z_hat)
+    elif not has:
+        r_new = memory.update(None, z, z_hat)
+    else:
+        r_new = torch.empty_like(z)
+        r_new[has] = memory.update(r_has, _rows(z, has), _rows(z_hat, has))
+        r_new[fresh] = memory.update(None, _rows(z, fresh), _rows(z_hat, fresh))
     for store, rows in stores:  # one block write per store, once every payload is made
-        store.save_many([clients[n][2] for n in rows], r_new[rows])
+        store.save_many([clients[n][2] for n in rows], _rows(r_new, rows))
     return payloads, z
