@@ -84,8 +84,11 @@ def test_encode_batch_is_encode_seeded_bitwise(name, params, d):
     if name in ("cs_fiht", "onebit_cs"):
         return  # decode_batch is the default loop of decode_seeded (one recovery per payload)
     decoded = codec.decode_batch(batch, seeds, validate=False)
+    payloads, both = codec.roundtrip_batch(Z, seeds)
     for i, s in enumerate(seeds):
         assert torch.equal(_bits(decoded[i]), _bits(codec.decode_seeded(batch[i], s)))
+        assert_same_payload(payloads[i], batch[i])
+        assert torch.equal(_bits(both[i]), _bits(decoded[i]))
 
 
 def test_encode_batch_checks_its_input():

@@ -11,7 +11,7 @@ same numbers:
    (``load_many``) and z_i = compensate(Δ_i, r_i) for the clients that have one (z_i = Δ_i otherwise);
 3. p_i = the codec's ``encode_batch`` of the block with each client's seeds (one transform or one
    quantization for the cohort; each client's own randomness from its own generator);
-4. with error feedback, r_i ← update(r_i, z_i, decode(p_i)) by ``decode_batch``, written back as one
+4. with error feedback, r_i ← update(r_i, z_i, decode(p_i)) by ``decode_batch`` (``roundtrip_batch``), written back as one
    block (``save_many``);
 5. each p_i is left under ``precomputed_key("encode", message, cid)``; ``compression_mod`` takes it and
    builds the reply's records exactly as it does for a payload it encoded itself.
@@ -157,8 +157,7 @@ def _with_error_feedback(codec, memory, delta: torch.Tensor, seeds, clients) -> 
     else:
         z = delta.clone()
         z[has] = memory.compensate(_rows(delta, has), r_has)
-    payloads = codec.encode_batch(z, seeds)  # 3.
-    z_hat = codec.decode_batch(payloads, seeds, validate=False)  # 4. r <- update(r, z, decode(p))
+    payloads, z_hat = codec.roundtrip_batch(z, seeds)  # 3. encode; 4. r <- update(r, z, decode(p))
     if not fresh:
         r_new = memory.update(r_has, z, z_hat)
     elif not has:

@@ -285,6 +285,14 @@ class Codec(ABC):
             return torch.zeros(0, self.dim)
         return torch.stack([self.decode_seeded(p, s) for p, s in zip(payloads, seeds)])
 
+    def roundtrip_batch(self, Z: torch.Tensor, seeds: Sequence[Seeds]) -> tuple[list[Payload], torch.Tensor]:
+        """(encode_batch(Z, seeds), decode_batch of those payloads): what a client's error feedback needs.
+
+        A codec whose per-client randomness is costly to rebuild (QCS's operators) overrides it to build
+        each client's once for both directions."""
+        payloads = self.encode_batch(Z, seeds)
+        return payloads, self.decode_batch(payloads, seeds, validate=False)
+
     def _check_batch(self, Z: torch.Tensor, seeds: Sequence[Seeds]) -> tuple[torch.Tensor, list[Seeds]]:
         """Z as a (C, dim) floating tensor (float32 unless float64) and one Seeds per row; CodecError otherwise.
 

@@ -261,19 +261,28 @@ class QCSCodec(Codec):
     def encode_batch(self, Z: torch.Tensor, seeds: Sequence[Seeds]) -> list[Payload]:
         """Steps 1-3 of :meth:`encode` for every row of Z (C, d): client i's own T_i and dither u_i, one
         stacked transform (:func:`~fl_sim.compression.projections.stacked_forward`); bitwise ``encode``'s."""
+        return self._encode_batch(Z, seeds)[0]
+
+    def roundtrip_batch(self, Z: torch.Tensor, seeds: Sequence[Seeds]) -> tuple[list[Payload], torch.Tensor]:
+        """encode_batch and decode_batch with each client's T_i and dither built once for both."""
+        payloads, ops, dither = self._encode_batch(Z, seeds)
+        return payloads, self._decode_batch(payloads, ops, dither)
+
+    def _encode_batch(self, Z: torch.Tensor, seeds: Sequence[Seeds]):
         Z, seeds = self._check_batch(Z, seeds)
         if not seeds:
-            return []
+            return [], [], None
         own = [check_seed(s, "qcs.encode") for s in self._own_seeds(seeds)]
         ops = [self._ops(s) for s in own]
+        dither = torch.stack([self._dither(sd) for sd in own])
         T, s = _unit_rows(Z)
         v = stacked_forward(ops, self._pad_rows(T)).view(len(own), self.blocks, self.k)
-        q, vmax = dithered_quantize(v, self.levels, torch.stack([self._dither(sd) for sd in own]))
+        q, vmax = dithered_quantize(v, self.levels, dither)
         scale = to_wire_float(vmax * torch.tensor(s, dtype=torch.float64).unsqueeze(-1), "qcs.encode",
                               "the block scale ||v_b||_inf")
         bits = dithered_bits(self.blocks, self.k, self.levels)
         return [Payload(self.name, self.dim, {"q": q[i], "scale": scale[i]}, bits, {"levels": self.levels})
-                for i in range(len(own))]
+                for i in range(len(own))], ops, dither
 
     def decode_batch(self, payloads: Sequence[Payload], seeds: Sequence[Seeds], *, validate: bool = True) -> torch.Tensor:
         """Steps 4-5 of :meth:`decode` for C payloads at once (one stacked adjoint); bitwise ``decode``'s rows."""
@@ -287,23 +296,34 @@ class QCSCodec(Codec):
                 self.check_payload(p, self.payload_spec())
                 self.check_values(p)
         own = [check_seed(s, "qcs.decode") for s in self._own_seeds(seeds)]
+        ops = [self._ops(s) for s in own]
+        return self._decode_batch(payloads, ops, torch.stack([self._dither(sd) for sd in own]) if self.k > 1 else None)
+
+    def _decode_batch(self, payloads: list[Payload], ops: list[PartialHadamard], dither) -> torch.Tensor:
+        if not payloads:
+            return torch.zeros(0, self.dim)
         q = torch.stack([p.tensors["q"] for p in payloads])
         scale = torch.stack([p.tensors["scale"] for p in payloads])
         code = q.to(torch.float32) * (0.5 if self.levels == 0.5 else 1.0)
         if self.k > 1:
-            code = code - torch.stack([self._dither(sd) for sd in own])
+            code = code - dither
         s_max = scale.amax(dim=-1).tolist()
         live = [i for i, m in enumerate(s_max) if m != 0.0]
         out = torch.zeros(len(payloads), self.dim, dtype=torch.float32)
         if not live:
             return out
-        rel = scale[live].to(torch.float64) / torch.tensor([s_max[i] for i in live], dtype=torch.float64).unsqueeze(-1)
-        y = code[live] * rel.to(torch.float32).unsqueeze(-1)
-        g = stacked_adjoint([self._ops(own[i]) for i in live], y.reshape(len(live), -1))
+        if len(live) < len(payloads):  # zero updates decode to zeros
+            scale, code = scale[live], code[live]
+        rel = scale.to(torch.float64) / torch.tensor([s_max[i] for i in live], dtype=torch.float64).unsqueeze(-1)
+        y = code * rel.to(torch.float32).unsqueeze(-1)
+        g = stacked_adjoint([ops[i] for i in live], y.reshape(len(live), -1))
         if self._pos is not None:
             g = g[:, self._pos]
         factor = torch.tensor([s_max[i] * self.alpha_value / self.levels for i in live], dtype=torch.float64)
-        out[live] = to_wire_float(g.to(torch.float64) * factor.unsqueeze(-1), "qcs.decode", "the decoded vector")
+        g = to_wire_float(g.to(torch.float64) * factor.unsqueeze(-1), "qcs.decode", "the decoded vector")
+        if len(live) == len(payloads):
+            return g
+        out[live] = g
         return out
 
     def decode(self, payload: Payload, *, seed: int) -> torch.Tensor:
