@@ -11,9 +11,12 @@ InMemoryGrid) returns, up to float rounding. What changes is the transport's ins
    one batch's activations: fl_sim.clients.cohort.auto_chunk);
 2. each chunk is trained in one ``vmap``-ed call (fl_sim.clients.cohort.train_cohort), on the CPU or on
    CUDA (``simulation.device``);
-3. every message of the chunk then goes through the ClientApp as usual (its mods included:
-   ``compression_mod`` encodes each update and keeps its error-feedback residual), and the app builds
-   its reply from the batched result instead of training (fl_sim.clients.app.precomputed).
+3. where the app is fl-sim's own with ``compression_mod`` as its one mod and the round names a codec, the
+   chunk's updates are encoded as one block too (fl_sim.clients.cohort_encode: Δ for the chunk, error
+   feedback residuals read and written as one block, the codec's ``encode_batch``);
+4. every message of the chunk then goes through the ClientApp as usual (its mods included), and the app
+   builds its reply from the batched result instead of training, ``compression_mod`` its records from the
+   block-encoded payload instead of encoding (fl_sim.clients.precomputed).
 
 Messages the batched path cannot serve go through the ClientApp one by one, as inline: a user's own
 ClientApp (one notice), DaQuSGD rounds (the client selects and quantizes samples itself), models with
@@ -23,7 +26,7 @@ buffers or dropout (one notice). Replies come back in message order.
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 
 import torch
@@ -32,6 +35,7 @@ from flwr.app import Message, MessageType
 from . import keys
 from .clients.app import client_id, local_train_generator, precomputed, precomputed_key
 from .clients.cohort import CohortClient, auto_chunk, evaluate_cohort, train_cohort, vectorizable
+from .clients import cohort_encode
 from .clients.daqusgd import METHOD
 from .testing import InMemoryGrid
 
@@ -58,11 +62,16 @@ class VectorizedGrid(InMemoryGrid):
 
     ``chunk`` (clients per batched call; 0 = automatic), ``memory_mb`` (the automatic chunk's budget) and
     ``device`` default to the run config's ``simulation`` keys when the app is fl-sim's own.
+    ``batch_encode=False`` leaves every reply's encoding to ``compression_mod`` (the same numbers; tests
+    and benchmarks compare the two).
     """
 
     def __init__(self, client_app, num_nodes: int, *, chunk: int | None = None, memory_mb: float | None = None,
-                 device: str | None = None, **kwargs) -> None:
+                 device: str | None = None, batch_encode: bool = True, **kwargs) -> None:
         super().__init__(client_app, num_nodes, **kwargs)
+        self.batch_encode = bool(batch_encode)
+        self._repeated: set[int] = set()  # client ids with more than one train message in this send
+        self.last_encoded = 0  # replies the last call encoded as blocks (tests, benchmarks)
         self.chunk = chunk
         self.memory_mb = memory_mb
         self.device_name = device
@@ -96,6 +105,7 @@ class VectorizedGrid(InMemoryGrid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         self.sent = list(messages)
+        self.last_encoded = 0
         if not self.sent:
             return []
         self.last_chunks = []
@@ -122,6 +132,9 @@ class VectorizedGrid(InMemoryGrid):
             else:
                 key = ("evaluate", id(rt), None)
             groups[key].append(i)
+        trains = Counter(client_id(m, self.contexts[m.metadata.dst_node_id]) for m in self.sent
+                         if m.metadata.message_type == MessageType.TRAIN and m.metadata.dst_node_id in self.contexts)
+        self._repeated = {cid for cid, n in trains.items() if n > 1}
         chunk_of: dict[int, tuple] = {}  # message index -> (group key, chunk number)
         chunks: dict[tuple, list[int]] = {}
         for key, idx in groups.items():
@@ -183,8 +196,25 @@ class VectorizedGrid(InMemoryGrid):
             for j, (msg, cid) in enumerate(zip(msgs, cids)):
                 out[precomputed_key("train", msg, cid)] = (
                     {k: v[j] for k, v in trained.items()}, float(loss[j]), len(clients[j].y))
+            if self.batch_encode and cohort_encode.applies(self.client_app):
+                out.update(self._encode_chunk(msgs, cids, trained, names))
         else:
             loss, acc = evaluate_cohort(rt.model, clients, device=device)
             for j, (msg, cid) in enumerate(zip(msgs, cids)):
                 out[precomputed_key("evaluate", msg, cid)] = (float(loss[j]), float(acc[j]))
         return out
+
+    def _encode_chunk(self, msgs: list[Message], cids: list[int], trained: dict[str, torch.Tensor],
+                      names: list[str]) -> dict[tuple, object]:
+        """The chunk's updates encoded as one block (fl_sim.clients.cohort_encode); {} when that fails (a
+        notice; compression_mod then encodes each reply itself)."""
+        local = torch.cat([trained[k].reshape(len(msgs), -1) for k in names], dim=1)
+        contexts = [self.contexts[m.metadata.dst_node_id] for m in msgs]
+        try:
+            encoded = cohort_encode.encode_cohort(msgs, contexts, cids, local, skip=self._repeated)
+        except Exception as exc:  # noqa: BLE001 - the mod encodes each reply instead
+            log.warning("simulation.backend=vectorized: batched encoding failed (%s: %s); compression_mod encodes "
+                        "the %d replies one by one", type(exc).__name__, exc, len(msgs))
+            return {}
+        self.last_encoded += len(encoded)
+        return encoded

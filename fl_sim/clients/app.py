@@ -8,17 +8,15 @@ the reply into an encoded update, exactly as it would wrap a user's own ClientAp
 Vectorized backend (``simulation.backend: vectorized``, fl_sim.vectorized): the grid trains a round's
 clients in one batched call (fl_sim.clients.cohort) and hands each client's result to this app through
 :func:`precomputed`; the app then builds the same reply it would have trained for, and its mods
-(``compression_mod``: encoding, error-feedback residuals) run on it as on any reply. A result is used
+(``compression_mod``: encoding, error-feedback residuals) run on it as on any reply (with the grid's
+block-encoded payload for the message where it made one: fl_sim.clients.cohort_encode). A result is used
 only for the message it was computed from (same client, round and global-model record), so a mod that
 replaced the incoming model gets a freshly trained reply instead.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
-from typing import Any, Callable
+from typing import Callable
 
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -29,37 +27,15 @@ from ..records import array_record, ndarray_to_array, state_dict_to_arrays
 from ..rng import torch_generator
 from .daqusgd import daqusgd_reply
 from .mods import compression_mod
+from .precomputed import precomputed, precomputed_key, take
 from .runtime import ClientRuntime, runtime_for
 from .training import evaluate_model, train_local
 
 __all__ = ["make_client_app", "client_id", "train_reply", "evaluate_reply", "precomputed", "precomputed_key"]
 
-# (kind, cid, round, id of the message's global-model ArrayRecord) -> a result computed for that message
-_PRECOMPUTED: ContextVar[dict[tuple, Any] | None] = ContextVar("fl_sim_precomputed", default=None)
-
-
-def precomputed_key(kind: str, message: Message, cid: int) -> tuple:
-    """The key of a batched result for ``message`` (kind "train" or "evaluate")."""
-    config = message.content.get(keys.CONFIG)
-    rnd = int(config.get(keys.ROUND, 0)) if config is not None else 0
-    return (kind, cid, rnd, id(message.content.get(keys.ARRAYS)))
-
-
-@contextmanager
-def precomputed(results: dict[tuple, Any]) -> Iterator[None]:
-    """Within this block the app replies from ``results`` (keyed by :func:`precomputed_key`) where a
-    message has one: train results are (parameters name -> tensor, mean loss, examples), evaluate results
-    (loss, accuracy)."""
-    token = _PRECOMPUTED.set(results)
-    try:
-        yield
-    finally:
-        _PRECOMPUTED.reset(token)
-
 
 def _lookup(kind: str, message: Message, cid: int):
-    results = _PRECOMPUTED.get()
-    return None if results is None else results.pop(precomputed_key(kind, message, cid), None)
+    return take(kind, message, cid)
 
 
 def client_id(message: Message, context: Context) -> int:
@@ -111,9 +87,14 @@ def make_client_app(cfg_source: RunConfig | Callable[[Context], RunConfig], *, m
 
     ``mods`` defaults to ``[compression_mod]``; it passes plain models through when the strategy
     asks for no codec. The app carries ``fl_sim_runtime`` (Context -> ClientRuntime): the vectorized
-    grid recognizes fl-sim's own app by it and trains its clients in batches.
+    grid recognizes fl-sim's own app by it and trains its clients in batches; and ``fl_sim_mods`` (its
+    mods): with exactly ``(compression_mod,)`` the grid also encodes a chunk's updates as one block.
     """
-    app = ClientApp(mods=[compression_mod] if mods is None else mods)
+    mods = [compression_mod] if mods is None else list(mods)
+    app = ClientApp(mods=mods)
+    # the vectorized grid encodes a chunk's replies as one block only when compression_mod is the app's
+    # one mod (fl_sim.clients.cohort_encode); a user's own mods get every reply through them one by one
+    app.fl_sim_mods = tuple(mods)  # type: ignore[attr-defined]
 
     def _rt(context: Context) -> ClientRuntime:
         cfg = cfg_source(context) if callable(cfg_source) else cfg_source

@@ -14,6 +14,10 @@ Works around any ClientApp that returns a model (``ClientApp(mods=[compression_m
 6. replace the reply's arrays (the ArrayRecord named by the strategy's arrayrecord_key, or the only
    one) with p's tensors, add the payload record (with the client id) and ``uplink-bits`` beside the
    app's own metrics, which are otherwise untouched.
+
+Steps 3-5 may have been done ahead for the message, as one block for a chunk of clients, by the
+vectorized grid (fl_sim.clients.cohort_encode; the same numbers): then the mod takes that payload
+(``precomputed`` kind "encode") and does step 6 only.
 """
 
 from __future__ import annotations
@@ -24,9 +28,10 @@ from .. import keys
 from ..compression import error_feedback as ef_lib
 from ..protocol import DEFAULT_SEED_MODE, codec_seeds, get_codec, load_params
 from ..records import flatten_arrays, payload_to_records
+from .precomputed import take
 from .residuals import store_for
 
-__all__ = ["compression_mod", "make_error_feedback"]
+__all__ = ["compression_mod", "make_error_feedback", "mod_client_id"]
 
 
 def make_error_feedback(kind: str, beta: float = 1.0):
@@ -58,6 +63,33 @@ def _arrays_key(content, wanted: str) -> str:
     return names[0]
 
 
+def mod_client_id(config, context: Context) -> int:
+    """The client id the mod encodes for: the config's, else the node's partition-id (deployment)."""
+    if keys.CID in config:
+        return int(config[keys.CID])
+    return int(context.node_config.get("partition-id", 0))
+
+
+def _encode_reply(config, context: Context, cid: int, received, local):
+    """Steps 3-5 for one reply: (payload, z)."""
+    if local.shape != received.shape:
+        raise ValueError(
+            f"compression_mod: the ClientApp returned {local.numel()} parameters but received {received.numel()}"
+        )
+    codec = get_codec(str(config[keys.CODEC]), received.numel(), load_params(str(config.get(keys.CODEC_PARAMS, ""))))
+    seeds = codec_seeds(int(config[keys.SEED]), str(config.get(keys.SEED_MODE, DEFAULT_SEED_MODE)), cid)
+    delta = local - received
+    memory = make_error_feedback(str(config.get(keys.EF, "none")), float(config.get(keys.EF_BETA, 1.0)))
+    if memory is None:
+        return codec.encode_seeded(delta, seeds), delta
+    store = store_for(config, context)
+    residual = store.load(cid)
+    z = memory.compensate(delta, residual)
+    payload = codec.encode_seeded(z, seeds)
+    store.save(cid, memory.update(residual, z, codec.decode_seeded(payload, seeds)))
+    return payload, z
+
+
 def compression_mod(message: Message, context: Context, call_next) -> Message:
     """Encode the update of a train reply with the codec named in the message config."""
     if message.metadata.message_type != MessageType.TRAIN:
@@ -66,33 +98,19 @@ def compression_mod(message: Message, context: Context, call_next) -> Message:
     if config is None:
         return call_next(message, context)
     wanted = str(config.get(keys.ARRAYRECORD_KEY, keys.ARRAYS))
-    received = flatten_arrays(message.content[_arrays_key(message.content, wanted)])  # a copy: the app may modify it
+    cid = mod_client_id(config, context)
+    done = take("encode", message, cid)  # steps 3-5 done as a block by the vectorized grid
+    if done is None:
+        received = flatten_arrays(message.content[_arrays_key(message.content, wanted)])  # a copy: the app may modify it
     reply = call_next(message, context)
     if reply.has_error():
         return reply
     out_key = _arrays_key(reply.content, wanted)
-    local = flatten_arrays(reply.content[out_key])
-    if local.shape != received.shape:
-        raise ValueError(
-            f"compression_mod: the ClientApp returned {local.numel()} parameters but received {received.numel()}"
-        )
-    if keys.CID in config:
-        cid = int(config[keys.CID])
+    if done is not None:
+        payload, z_norm = done.payload, done.norm
     else:
-        cid = int(context.node_config.get("partition-id", 0))
-    codec = get_codec(str(config[keys.CODEC]), received.numel(), load_params(str(config.get(keys.CODEC_PARAMS, ""))))
-    seeds = codec_seeds(int(config[keys.SEED]), str(config.get(keys.SEED_MODE, DEFAULT_SEED_MODE)), cid)
-    delta = local - received
-    memory = make_error_feedback(str(config.get(keys.EF, "none")), float(config.get(keys.EF_BETA, 1.0)))
-    if memory is None:
-        z = delta
-        payload = codec.encode_seeded(z, seeds)
-    else:
-        store = store_for(config, context)
-        residual = store.load(cid)
-        z = memory.compensate(delta, residual)
-        payload = codec.encode_seeded(z, seeds)
-        store.save(cid, memory.update(residual, z, codec.decode_seeded(payload, seeds)))
+        payload, z = _encode_reply(config, context, cid, received, flatten_arrays(reply.content[out_key]))
+        z_norm = float(z.norm()) if config.get(keys.REPORT_NORM) else None
     arrays, meta = payload_to_records(payload)
     meta[keys.P_CID] = cid
     del reply.content[out_key]
@@ -104,6 +122,6 @@ def compression_mod(message: Message, context: Context, call_next) -> Message:
     metrics = reply.content.metric_records.get(mkey) or MetricRecord()
     metrics[keys.UPLINK_BITS] = int(payload.bits)
     if config.get(keys.REPORT_NORM):
-        metrics[keys.UPDATE_NORM] = float(z.norm())
+        metrics[keys.UPDATE_NORM] = z_norm
     reply.content[mkey] = metrics
     return reply

@@ -64,11 +64,40 @@ _TOKEN = np.dtype("<i8")
 
 
 class ResidualStore(Protocol):
-    """A client's residual by client id: None before its first save."""
+    """A client's residual by client id: None before its first save.
+
+    ``load_many(cids)`` / ``save_many(cids, R)`` do the same for a cohort (R: (C, d), row i for cids[i]),
+    as one block where the store can (fl_sim.clients.cohort_encode); their result is that of the
+    per-client calls in order.
+    """
 
     def load(self, cid: int) -> torch.Tensor | None: ...
 
     def save(self, cid: int, r: torch.Tensor) -> None: ...
+
+    def load_many(self, cids) -> list[torch.Tensor | None]: ...
+
+    def save_many(self, cids, R: torch.Tensor) -> None: ...
+
+
+def _check_block(cids: list[int], R: torch.Tensor, dim: int | None, who: str) -> None:
+    if not isinstance(R, torch.Tensor) or R.dim() != 2 or R.shape[0] != len(cids):
+        shape = tuple(R.shape) if isinstance(R, torch.Tensor) else type(R).__name__
+        raise ValueError(f"{who}: expected residuals of shape ({len(cids)}, d) for {len(cids)} clients, got {shape}")
+    if dim is not None and R.shape[1] != dim:
+        raise ValueError(f"{who}: residuals have {R.shape[1]} values but the store holds rows of d={dim}")
+    if len(set(cids)) != len(cids):
+        raise ValueError(f"{who}: a client id appears twice; save each client's residual once")
+
+
+def _runs(sorted_ids: list[int]) -> list[tuple[int, int]]:
+    """(start, stop) positions of the runs of consecutive ids in a sorted list of distinct ids."""
+    runs, start = [], 0
+    for j in range(1, len(sorted_ids) + 1):
+        if j == len(sorted_ids) or sorted_ids[j] != sorted_ids[j - 1] + 1:
+            runs.append((start, j))
+            start = j
+    return runs
 
 
 def _as_storage(r: torch.Tensor, dtype: str) -> np.ndarray:
@@ -96,6 +125,17 @@ class ContextResidualStore:
 
     def save(self, cid: int, r: torch.Tensor) -> None:
         self.context.state[self.key(cid)] = ArrayRecord({"r": Array(_as_storage(r, self.dtype))})
+
+    def load_many(self, cids) -> list[torch.Tensor | None]:
+        """[load(cid) for cid in cids] (one node's context: a record per client)."""
+        return [self.load(int(c)) for c in cids]
+
+    def save_many(self, cids, R: torch.Tensor) -> None:
+        """save(cids[i], R[i]) for each row."""
+        cids = [int(c) for c in cids]
+        _check_block(cids, R, None, "ContextResidualStore.save_many")
+        for cid, r in zip(cids, R):
+            self.save(cid, r)
 
 
 def _pread_exact(fd: int, n: int, offset: int) -> bytes:
@@ -242,6 +282,89 @@ class DiskResidualStore:
         _pwrite_all(self._tokens, np.array([token], _TOKEN).data, cid * _TOKEN.itemsize)
         if self.budget_bytes:
             self._remember(cid, token, row)
+
+    # ---------------------------------------------------------------- blocks of rows (a cohort)
+    _TOKEN_SPAN_BYTES = 1 << 20  # tokens of ids within this span are read in one pread
+
+    def _tokens_of(self, cids: list[int]) -> list[int]:
+        lo, hi = min(cids), max(cids)
+        if (hi - lo + 1) * _TOKEN.itemsize > self._TOKEN_SPAN_BYTES:
+            return [self.token(c) for c in cids]
+        raw = os.pread(self._tokens, (hi - lo + 1) * _TOKEN.itemsize, lo * _TOKEN.itemsize)
+        span = np.zeros(hi - lo + 1, _TOKEN)  # past the file's end: no residual (0)
+        got = len(raw) // _TOKEN.itemsize
+        span[:got] = np.frombuffer(raw[: got * _TOKEN.itemsize], _TOKEN)
+        return [int(span[c - lo]) for c in cids]
+
+    def _read_rows(self, cids: list[int]) -> dict[int, np.ndarray]:
+        """Rows of distinct ids, one pread per run of consecutive ids."""
+        ids = sorted(set(cids))
+        out: dict[int, np.ndarray] = {}
+        for a, b in _runs(ids):
+            n = (b - a) * self.row_bytes
+            raw = _pread_exact(self._rows, n, ids[a] * self.row_bytes)
+            if len(raw) != n:
+                raise RuntimeError(f"{self.directory / self.ROWS}: rows {ids[a]}..{ids[b - 1]} are truncated "
+                                   f"({len(raw)} of {n} bytes)")
+            block = np.frombuffer(raw, self.np_dtype).reshape(b - a, self.dim)
+            for j in range(a, b):
+                out[ids[j]] = block[j - a]
+        return out
+
+    def load_many(self, cids) -> list[torch.Tensor | None]:
+        """[load(cid) for cid in cids]: the tokens in one read, the rows not cached in one read per run of
+        consecutive ids; cache use (hits, reads, LRU order) as the per-client loads in this order."""
+        cids = [self._check_cid(c) for c in cids]
+        if not cids:
+            return []
+        tokens = self._tokens_of(cids)
+        wanted = []
+        for cid, token in zip(cids, tokens):
+            hit = self._cache.get(cid)
+            if token and not (hit is not None and hit[0] == token):
+                wanted.append(cid)
+        rows = self._read_rows(wanted) if wanted else {}
+        out: list[torch.Tensor | None] = []
+        for cid, token in zip(cids, tokens):
+            if token == 0:
+                out.append(None)
+                continue
+            hit = self._cache.get(cid)
+            if hit is not None and hit[0] == token:
+                self._cache.move_to_end(cid)
+                self.hits += 1
+                row = hit[1]
+            else:
+                self.reads += 1
+                row = rows[cid].copy()  # its own memory: a cached row must not hold the whole block
+                if self.budget_bytes:
+                    self._remember(cid, token, row)
+            out.append(torch.from_numpy(row.astype(np.float32)))
+        return out
+
+    def save_many(self, cids, R: torch.Tensor) -> None:
+        """save(cids[i], R[i]) for each row: every row first (one pwrite per run of consecutive ids), then
+        their fresh tokens (one pwrite per run), so a token never points at an older row."""
+        cids = [self._check_cid(c) for c in cids]
+        _check_block(cids, R, self.dim, "DiskResidualStore.save_many")
+        if not cids:
+            return
+        if self.dtype not in DTYPES:
+            raise ValueError(f"residual dtype {self.dtype!r}: use float32 or float16")
+        block = np.ascontiguousarray(R.detach().cpu().numpy().astype(DTYPES[self.dtype]))
+        order = sorted(range(len(cids)), key=cids.__getitem__)
+        ids = [cids[j] for j in order]
+        rows = np.ascontiguousarray(block[order])
+        tokens = np.array([_fresh_token() for _ in ids], _TOKEN)
+        runs = _runs(ids)
+        for a, b in runs:
+            _pwrite_all(self._rows, rows[a:b].data, ids[a] * self.row_bytes)
+        for a, b in runs:
+            _pwrite_all(self._tokens, tokens[a:b].data, ids[a] * _TOKEN.itemsize)
+        if self.budget_bytes:
+            where = {cid: j for j, cid in enumerate(ids)}
+            for cid in cids:  # the per-client saves' LRU order
+                self._remember(cid, int(tokens[where[cid]]), rows[where[cid]].copy())
 
     def present(self) -> np.ndarray:
         """Sorted ids of the clients that hold a residual."""

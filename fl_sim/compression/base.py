@@ -260,6 +260,68 @@ class Codec(ABC):
         """decode(payload) of client ``seeds.client`` (or of an aggregate: ``Seeds(seed)``)."""
         return self.decode(payload, **self._seed_kwargs(seeds))
 
+    # -- a cohort at once (fl_sim.clients.cohort_encode) -----------------------------------------------
+    def encode_batch(self, Z: torch.Tensor, seeds: Sequence[Seeds]) -> list[Payload]:
+        """``[encode_seeded(Z[i], seeds[i]) for i]`` for a block Z (C, dim) of C clients' vectors.
+
+        Default: that loop, so every codec supports it. A codec overrides it with tensor ops over the
+        whole block (one transform, one quantization), drawing each client's own random numbers from its
+        own generator; an override's payloads are bitwise those of the loop (tests/test_batched_encoding.py).
+        """
+        Z, seeds = self._check_batch(Z, seeds)
+        return [self.encode_seeded(Z[i], s) for i, s in enumerate(seeds)]
+
+    def decode_batch(self, payloads: Sequence[Payload], seeds: Sequence[Seeds], *, validate: bool = True) -> torch.Tensor:
+        """``torch.stack([decode_seeded(p_i, seeds[i]) for i])``: (C, dim) float32.
+
+        ``validate=False``: the caller made the payloads itself (a client's error-feedback update right
+        after :meth:`encode_batch`), so an override may skip the received-payload checks; the values are
+        the same. The default loop always validates.
+        """
+        payloads, seeds = list(payloads), list(seeds)
+        if len(payloads) != len(seeds):
+            raise CodecError(f"{self.name}.decode_batch: {len(payloads)} payloads but {len(seeds)} seeds")
+        if not payloads:
+            return torch.zeros(0, self.dim)
+        return torch.stack([self.decode_seeded(p, s) for p, s in zip(payloads, seeds)])
+
+    def roundtrip_batch(self, Z: torch.Tensor, seeds: Sequence[Seeds]) -> tuple[list[Payload], torch.Tensor]:
+        """(encode_batch(Z, seeds), decode_batch of those payloads): what a client's error feedback needs.
+
+        A codec whose per-client randomness is costly to rebuild (QCS's operators) overrides it to build
+        each client's once for both directions."""
+        payloads = self.encode_batch(Z, seeds)
+        return payloads, self.decode_batch(payloads, seeds, validate=False)
+
+    def _check_batch(self, Z: torch.Tensor, seeds: Sequence[Seeds]) -> tuple[torch.Tensor, list[Seeds]]:
+        """Z as a (C, dim) floating tensor (float32 unless float64) and one Seeds per row; CodecError otherwise.
+
+        Rows are checked as :func:`check_vector` checks one vector (finite, floating).
+        """
+        seeds = list(seeds)
+        who = f"{self.name}.encode_batch"
+        if not isinstance(Z, torch.Tensor) or Z.dim() != 2 or Z.shape[1] != self.dim:
+            shape = tuple(Z.shape) if isinstance(Z, torch.Tensor) else type(Z).__name__
+            raise CodecError(f"{who}: expected a (C, {self.dim}) tensor, got {shape}")
+        if Z.shape[0] != len(seeds):
+            raise CodecError(f"{who}: {Z.shape[0]} rows but {len(seeds)} seeds")
+        if not torch.is_floating_point(Z):
+            raise CodecError(f"{who}: expected a floating-point tensor, got {Z.dtype}")
+        if not torch.isfinite(Z).all():
+            raise CodecError(f"{who}: input contains NaN or inf; check the learning rate / loss before compressing")
+        if Z.dtype != torch.float64:
+            Z = Z.to(torch.float32)
+        return Z.contiguous(), seeds
+
+    def _own_seeds(self, seeds: Sequence[Seeds]) -> list[int]:
+        """Each client's encode seed for a ``seeding = "client"`` codec (what encode_seeded passes)."""
+        return [s.own for s in seeds]
+
+    def _common_seed(self, seeds: Sequence[Seeds]) -> int | None:
+        """The one common seed of a ``seeding = "common"`` batch, None when the rows' seeds differ."""
+        common = {s.seed for s in seeds}
+        return common.pop() if len(common) == 1 else None
+
     def aggregate_seeded(self, payloads: Sequence[Payload], weights: Sequence[float], seeds: Sequence[Seeds]) -> Payload:
         """aggregate(payloads, weights) where payload i was encoded with ``seeds[i]``.
 

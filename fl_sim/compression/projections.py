@@ -24,7 +24,8 @@ from ..rng import torch_generator
 from .base import CodecError, LinearOperator, check_seed
 from .transforms import dct, fwht, idct, next_pow2
 
-__all__ = ["PartialHadamard", "BlockwiseOperator", "SubsampledOrthogonal", "GaussianOperator"]
+__all__ = ["PartialHadamard", "BlockwiseOperator", "SubsampledOrthogonal", "GaussianOperator", "stacked_forward",
+           "stacked_adjoint"]
 
 _MAX_DENSE_ENTRIES = 1 << 26
 
@@ -164,6 +165,46 @@ class PartialHadamard(_ProjectionBase):
             f"{type(self).__name__}(d={self.d}, k={self.k}, seed={self.seed}, block={self.block}, "
             f"signs={self.use_signs}, rows={self.row_mode!r})"
         )
+
+
+def _check_stack(ops: "list[PartialHadamard]", rows: int, who: str) -> None:
+    if not ops or len(ops) != rows:
+        raise CodecError(f"{who}: {len(ops)} operators for {rows} rows")
+    first = ops[0]
+    if any((op.d, op.k, op.n, op.blocks, op.use_signs) != (first.d, first.k, first.n, first.blocks, first.use_signs)
+           for op in ops):
+        raise CodecError(f"{who}: the operators must have one shape (d, k, block, signs); only their seeds may differ")
+
+
+def stacked_forward(ops: "list[PartialHadamard]", x: torch.Tensor) -> torch.Tensor:
+    """(C, d) -> (C, B*k): row i is ``ops[i].forward(x[i])``, each client's own T_i, one fwht for all rows.
+
+    The operators differ only in their randomness (signs, row subsets); the arithmetic per row is that of
+    :meth:`PartialHadamard.forward` (same products, the same butterflies per block), so each row is bitwise
+    that operator's forward of the row alone.
+    """
+    _check_stack(ops, x.shape[0], "stacked_forward")
+    op = ops[0]
+    x = op._check(x, op.d, "forward")
+    z = x.new_zeros(x.shape[0], op.blocks * op.n)
+    signs = torch.stack([o.signs for o in ops]).to(x.device, x.dtype) if op.use_signs else None
+    z[:, : op.d] = x * signs if signs is not None else x
+    z = fwht(z.view(x.shape[0], op.blocks, op.n), inplace=True)
+    flat = torch.stack([o._flat for o in ops]).to(x.device)
+    return z.reshape(x.shape[0], op.blocks * op.n).gather(-1, flat).mul_(op._scale)
+
+
+def stacked_adjoint(ops: "list[PartialHadamard]", y: torch.Tensor) -> torch.Tensor:
+    """(C, B*k) -> (C, d): row i is ``ops[i].adjoint(y[i])`` (see :func:`stacked_forward`)."""
+    _check_stack(ops, y.shape[0], "stacked_adjoint")
+    op = ops[0]
+    y = op._check(y, op.m, "adjoint")
+    C = y.shape[0]
+    flat = torch.stack([o._flat for o in ops]).to(y.device)
+    z = y.new_zeros(C, op.blocks * op.n).scatter_(-1, flat, y)  # distinct indices per row: index_copy's result
+    z = fwht(z.view(C, op.blocks, op.n), inplace=True)
+    x = z.reshape(C, op.blocks * op.n)[:, : op.d] * op._scale
+    return x * torch.stack([o.signs for o in ops]).to(x.device) if op.use_signs else x.contiguous()
 
 
 class BlockwiseOperator(PartialHadamard):

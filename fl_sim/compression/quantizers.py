@@ -54,6 +54,7 @@ __all__ = [
     "sigma_clip",
     "split_k",
     "topk_segments",
+    "topk_rows",
     "topk_sparsify",
     "randk_indices",
     "scatter_dense",
@@ -185,11 +186,14 @@ def segment_unit_max(x: torch.Tensor, seg: Segments) -> tuple[torch.Tensor, torc
 
 # -- QSGD (Alistarh et al.) ------------------------------------------------------------------------------
 def qsgd_quantize(
-    x: torch.Tensor, levels: int, *, generator: torch.Generator, seg: Segments | None = None
+    x: torch.Tensor, levels: int, *, generator: torch.Generator | None = None, seg: Segments | None = None,
+    uniform: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """QSGD with s = ``levels``: per coordinate, l = floor(s |x_i|/||x||_2) + Bernoulli(frac), q = sign(x_i) l.
 
     ||x||_2 is taken over each segment of ``seg`` (one tensor or bucket; the whole row without it).
+    The Bernoulli draws compare U(0, 1) float32 numbers with frac: ``torch.rand(x.shape, generator=generator)``,
+    or ``uniform`` (x's shape) when given (a block of clients, each row drawn from its client's generator).
     Returns (norm, q): norm float64 (...,) without ``seg``, (..., T) with it; q in {-s..s} (..., d).
     Unbiased: E[norm * q / s] = x; per segment E||Q(x) - x||^2 <= min(n/s^2, sqrt(n)/s) ||x||^2 (Lemma 3.1).
     """
@@ -201,7 +205,9 @@ def qsgd_quantize(
     safe = torch.where(unit_norm > 0, unit_norm, torch.ones_like(unit_norm)).to(torch.float32)
     r = t.abs() / sg.expand(safe) * levels  # in [0, s]
     low = torch.floor(r)
-    up = torch.rand(r.shape, generator=generator, dtype=torch.float32) < (r - low)
+    if uniform is None:
+        uniform = torch.rand(r.shape, generator=generator, dtype=torch.float32)
+    up = uniform < (r - low)
     lvl = (low + up.to(torch.float32)).clamp_(0, levels)
     q = (torch.sign(t) * lvl).to(level_dtype(levels))
     return _out(norm, seg), q
@@ -245,19 +251,23 @@ def sigma_clip(x: torch.Tensor, c: float, seg: Segments | None = None) -> torch.
 
 
 def terngrad_quantize(
-    x: torch.Tensor, *, generator: torch.Generator, seg: Segments | None = None, clip_sigma: float | None = None
+    x: torch.Tensor, *, generator: torch.Generator | None = None, seg: Segments | None = None,
+    clip_sigma: float | None = None, uniform: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """TernGrad: s = max|x| per segment (layer), b_i ~ Bernoulli(|x_i|/s), q_i = sign(x_i) b_i in {-1, 0, 1}.
 
     With ``clip_sigma`` = c, x is first clipped to [-c sigma, c sigma] per segment (:func:`sigma_clip`;
     the paper uses c = 2.5). Returns (s float64, (...,) without ``seg`` or (..., T) with it; q int8
     (..., d)). Unbiased for the (clipped) input: E[s q] = x; E||s q - x||^2 = sum_i (s|x_i| - x_i^2).
+    ``uniform``: the U(0, 1) float32 draws (x's shape) instead of drawing them from ``generator``.
     """
     if clip_sigma is not None:
         x = sigma_clip(x, clip_sigma, seg)
     t, s = segment_unit_max(x, _seg(x, seg))
     t = t.to(torch.float32)
-    b = torch.rand(t.shape, generator=generator, dtype=torch.float32) < t.abs()
+    if uniform is None:
+        uniform = torch.rand(t.shape, generator=generator, dtype=torch.float32)
+    b = uniform < t.abs()
     return _out(s, seg), (torch.sign(t) * b.to(torch.float32)).to(torch.int8)
 
 
@@ -316,6 +326,28 @@ def split_k(k: int, lengths: torch.Tensor) -> torch.Tensor:
     order = torch.sort(-rem, stable=True).indices[:extra]
     base[order] += 1
     return base
+
+
+def topk_rows(x: torch.Tensor, ks: torch.Tensor, seg: Segments) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`topk_segments` of every row of a block x (C, d): (indices (C, k) sorted ascending, values (C, k)).
+
+    The same selection per row (``torch.topk`` of each row, or the same sort keys sorted along the rows),
+    so each row's result is that of ``topk_segments(x[i], ks, seg)``, ties included.
+    """
+    if seg.count == 1:
+        idx = torch.topk(x.abs(), int(ks[0]), dim=-1, sorted=False).indices.sort(dim=-1).values
+        return idx, x.gather(-1, idx)
+    C, d = x.shape
+    if x.dtype == torch.float32:
+        key = (seg.ids << 32) | ((2**31 - 1) - x.abs().view(torch.int32).to(torch.int64))
+        order = torch.sort(key, dim=-1, stable=True).indices
+    else:
+        order = torch.sort(x.abs(), dim=-1, descending=True, stable=True).indices
+        order = order.gather(-1, torch.sort(seg.ids[order], dim=-1, stable=True).indices)
+    owner = seg.ids[order]
+    rank = torch.arange(d) - seg.starts[owner]
+    idx = order[rank < ks[owner]].view(C, -1).sort(dim=-1).values  # k_t per segment, so k per row
+    return idx, x.gather(-1, idx)
 
 
 def topk_segments(x: torch.Tensor, ks: torch.Tensor, seg: Segments) -> tuple[torch.Tensor, torch.Tensor]:

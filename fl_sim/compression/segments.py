@@ -22,7 +22,7 @@ import torch
 
 from .base import CodecError
 
-__all__ = ["GRANULARITIES", "Segments", "check_granularity", "segments_for"]
+__all__ = ["GRANULARITIES", "Segments", "RowSegments", "check_granularity", "segments_for"]
 
 GRANULARITIES = ("tensor", "vector")
 
@@ -79,6 +79,27 @@ class Segments:
         if self.count == 1:
             return v.expand(*v.shape[:-1], self.dim)
         return v.index_select(-1, self.ids)
+
+
+class RowSegments(Segments):
+    """The segments of ``seg`` for a block (C, dim) of C vectors, each row reduced exactly as a lone vector.
+
+    A sum over one whole segment is ``x.sum(dim=-1)``, whose order of additions torch chooses by shape: a
+    (C, d) block is summed row by row, a lone (d,) vector of d >= 32,768 in two passes over the threads'
+    chunks, so the float results differ in the last bits. Here such sums are taken row by row on the rows
+    as 1-D tensors (C small calls), which is what a codec's ``encode`` of each row computes; the segment
+    sums of several segments (``scatter_add_``, sequential along a row) and every max are the same either
+    way. Used by the codecs' ``encode_batch`` (bitwise the payloads of ``encode``).
+    """
+
+    def __init__(self, seg: Segments) -> None:
+        self.dim, self.lengths, self.count, self.starts, self.ids = seg.dim, seg.lengths, seg.count, seg.starts, seg.ids
+
+    def _reduce(self, x: torch.Tensor, op: str) -> torch.Tensor:
+        if self.count == 1 and op == "sum" and x.dim() > 1:
+            rows = x.reshape(-1, x.shape[-1])
+            return torch.stack([r.sum(dim=-1, keepdim=True) for r in rows]).reshape(*x.shape[:-1], 1)
+        return super()._reduce(x, op)
 
 
 def check_granularity(granularity: object, segments: object, dim: int, who: str) -> tuple[str, tuple[int, ...] | None]:

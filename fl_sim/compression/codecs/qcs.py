@@ -20,8 +20,8 @@ from typing import Sequence
 import torch
 
 from ...rng import torch_generator
-from ..base import Codec, CodecError, Payload, PayloadError, SeedCache, check_seed, register_codec
-from ..projections import PartialHadamard
+from ..base import Codec, CodecError, Payload, PayloadError, SeedCache, Seeds, check_seed, register_codec
+from ..projections import PartialHadamard, stacked_adjoint, stacked_forward
 from ..quantizers import (
     FLOAT_BITS,
     check_levels,
@@ -74,6 +74,18 @@ def _apply_scaled(op_fn, x: torch.Tensor, who: str, what: str) -> torch.Tensor:
     t, s = _unit_if_needed(x)
     y = op_fn(t)
     return to_wire_float(y if s == 1.0 else y.to(torch.float64) * s, who, what)
+
+
+def _unit_rows(X: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
+    """:func:`_unit_if_needed` of every row of X (C, d): (rows scaled where needed, each row's s)."""
+    peak = X.abs().amax(dim=-1).tolist() if X.numel() else [0.0] * X.shape[0]  # float(row.abs().max()), exact
+    need = [i for i, s in enumerate(peak) if not (1e-30 <= s <= 1e30 or s == 0.0)]
+    scales = [1.0] * X.shape[0]
+    if need:
+        X = X.clone()
+        for i in need:  # extreme rows only: the very division of the one-vector path
+            X[i], scales[i] = _unit_if_needed(X[i])
+    return X, scales
 
 
 @register_codec
@@ -238,6 +250,82 @@ class QCSCodec(Codec):
         bits = dithered_bits(self.blocks, self.k, self.levels)
         return Payload(self.name, self.dim, {"q": q, "scale": scale}, bits, {"levels": self.levels})
 
+    # -- a cohort at once (Codec.encode_batch): one fwht over every client's blocks ------------------------
+    def _pad_rows(self, X: torch.Tensor) -> torch.Tensor:
+        if self._pos is None:
+            return X
+        out = X.new_zeros(X.shape[0], self._padded)
+        out[:, self._pos] = X
+        return out
+
+    def encode_batch(self, Z: torch.Tensor, seeds: Sequence[Seeds]) -> list[Payload]:
+        """Steps 1-3 of :meth:`encode` for every row of Z (C, d): client i's own T_i and dither u_i, one
+        stacked transform (:func:`~fl_sim.compression.projections.stacked_forward`); bitwise ``encode``'s."""
+        return self._encode_batch(Z, seeds)[0]
+
+    def roundtrip_batch(self, Z: torch.Tensor, seeds: Sequence[Seeds]) -> tuple[list[Payload], torch.Tensor]:
+        """encode_batch and decode_batch with each client's T_i and dither built once for both."""
+        payloads, ops, dither = self._encode_batch(Z, seeds)
+        return payloads, self._decode_batch(payloads, ops, dither)
+
+    def _encode_batch(self, Z: torch.Tensor, seeds: Sequence[Seeds]):
+        Z, seeds = self._check_batch(Z, seeds)
+        if not seeds:
+            return [], [], None
+        own = [check_seed(s, "qcs.encode") for s in self._own_seeds(seeds)]
+        ops = [self._ops(s) for s in own]
+        dither = torch.stack([self._dither(sd) for sd in own])
+        T, s = _unit_rows(Z)
+        v = stacked_forward(ops, self._pad_rows(T)).view(len(own), self.blocks, self.k)
+        q, vmax = dithered_quantize(v, self.levels, dither)
+        scale = to_wire_float(vmax * torch.tensor(s, dtype=torch.float64).unsqueeze(-1), "qcs.encode",
+                              "the block scale ||v_b||_inf")
+        bits = dithered_bits(self.blocks, self.k, self.levels)
+        return [Payload(self.name, self.dim, {"q": q[i], "scale": scale[i]}, bits, {"levels": self.levels})
+                for i in range(len(own))], ops, dither
+
+    def decode_batch(self, payloads: Sequence[Payload], seeds: Sequence[Seeds], *, validate: bool = True) -> torch.Tensor:
+        """Steps 4-5 of :meth:`decode` for C payloads at once (one stacked adjoint); bitwise ``decode``'s rows."""
+        payloads, seeds = list(payloads), list(seeds)
+        if len(payloads) != len(seeds):
+            raise CodecError(f"qcs.decode_batch: {len(payloads)} payloads but {len(seeds)} seeds")
+        if not payloads:
+            return torch.zeros(0, self.dim)
+        if validate:
+            for p in payloads:
+                self.check_payload(p, self.payload_spec())
+                self.check_values(p)
+        own = [check_seed(s, "qcs.decode") for s in self._own_seeds(seeds)]
+        ops = [self._ops(s) for s in own]
+        return self._decode_batch(payloads, ops, torch.stack([self._dither(sd) for sd in own]) if self.k > 1 else None)
+
+    def _decode_batch(self, payloads: list[Payload], ops: list[PartialHadamard], dither) -> torch.Tensor:
+        if not payloads:
+            return torch.zeros(0, self.dim)
+        q = torch.stack([p.tensors["q"] for p in payloads])
+        scale = torch.stack([p.tensors["scale"] for p in payloads])
+        code = q.to(torch.float32) * (0.5 if self.levels == 0.5 else 1.0)
+        if self.k > 1:
+            code = code - dither
+        s_max = scale.amax(dim=-1).tolist()
+        live = [i for i, m in enumerate(s_max) if m != 0.0]
+        out = torch.zeros(len(payloads), self.dim, dtype=torch.float32)
+        if not live:
+            return out
+        if len(live) < len(payloads):  # zero updates decode to zeros
+            scale, code = scale[live], code[live]
+        rel = scale.to(torch.float64) / torch.tensor([s_max[i] for i in live], dtype=torch.float64).unsqueeze(-1)
+        y = code * rel.to(torch.float32).unsqueeze(-1)
+        g = stacked_adjoint([ops[i] for i in live], y.reshape(len(live), -1))
+        if self._pos is not None:
+            g = g[:, self._pos]
+        factor = torch.tensor([s_max[i] * self.alpha_value / self.levels for i in live], dtype=torch.float64)
+        g = to_wire_float(g.to(torch.float64) * factor.unsqueeze(-1), "qcs.decode", "the decoded vector")
+        if len(live) == len(payloads):
+            return g
+        out[live] = g
+        return out
+
     def decode(self, payload: Payload, *, seed: int) -> torch.Tensor:
         self.check_payload(
             payload, self.payload_spec()
@@ -331,6 +419,20 @@ class RLCCodec(Codec):
         x = self.check_input(x)
         y = _apply_scaled(self.operator(seed).forward, x, "rlc.encode", "A x")
         return Payload(self.name, self.dim, {"y": y}, FLOAT_BITS * self.m, {"channel_uses": self.m})
+
+    def encode_batch(self, Z: torch.Tensor, seeds: Sequence[Seeds]) -> list[Payload]:
+        """A Z^T for the block Z (C, d) with the round's common A: one transform for every client."""
+        Z, seeds = self._check_batch(Z, seeds)
+        seed = self._common_seed(seeds)
+        if not seeds or seed is None:  # rows of different rounds: one A each
+            return super().encode_batch(Z, seeds)
+        T, s = _unit_rows(Z)
+        Y = self.operator(seed).forward(T)
+        out = []
+        for i, si in enumerate(s):
+            y = to_wire_float(Y[i] if si == 1.0 else Y[i].to(torch.float64) * si, "rlc.encode", "A x")
+            out.append(Payload(self.name, self.dim, {"y": y}, FLOAT_BITS * self.m, {"channel_uses": self.m}))
+        return out
 
     def _check(self, payload: Payload) -> None:
         self.check_payload(payload, self.payload_spec())

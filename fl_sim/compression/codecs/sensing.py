@@ -26,6 +26,7 @@ from ..base import (
     Payload,
     PayloadError,
     SeedCache,
+    Seeds,
     check_seed,
     client_round_seed,
     register_codec,
@@ -174,6 +175,19 @@ class CSFIHTCodec(Codec):
             raise CodecError(f"{self.name}.encode: the measurements overflow float32 (|x| up to "
                              f"{float(x.abs().max()):.3g}); scale the update down")
         return self._payload(y)
+
+    def encode_batch(self, Z: torch.Tensor, seeds: Sequence[Seeds]) -> list[Payload]:
+        """Phi z_i for every row of Z (C, d) with the common Phi: one batched transform. Decode keeps the
+        default loop (one FIHT recovery per payload is what ``decode`` is)."""
+        Z, seeds = self._check_batch(Z, seeds)
+        seed = self._common_seed(seeds)
+        if not seeds or seed is None:  # rows of different rounds: one Phi each
+            return super().encode_batch(Z, seeds)
+        Y = self.measure(Z, seed=seed).contiguous()
+        if not torch.isfinite(Y).all():
+            raise CodecError(f"{self.name}.encode: the measurements overflow float32 (|x| up to "
+                             f"{float(Z.abs().max()):.3g}); scale the update down")
+        return [self._payload(Y[i]) for i in range(len(seeds))]
 
     def aggregate(self, payloads: Sequence[Payload], weights: Sequence[float]) -> Payload:
         """Payload of sum_i w_i y_i = Phi (sum_i w_i x_i)."""

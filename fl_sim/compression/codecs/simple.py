@@ -14,14 +14,23 @@ sizes) are filled in by ``CompressedFedAvg`` from the global model; without them
 tensor. Every payload's ``bits`` is exact for what would be sent (one float32 per scale counted).
 Randomness (QSGD / TernGrad rounding, random-k indices) is drawn from ``torch_generator(seed, codec
 name)``, so decode rebuilds what it needs. ``check_values`` rejects values no well-formed payload holds.
+
+Batched (``encode_batch`` / ``decode_batch``, a cohort's block (C, d) at once): top-k, QSGD, scaled sign
+and TernGrad quantize the whole block with the kernels' tensor ops (segment sums per row as a lone
+vector's: :class:`~fl_sim.compression.segments.RowSegments`); QSGD and TernGrad draw each client's
+uniforms from its own generator, exactly the draws of ``encode``. Payloads are bitwise ``encode``'s.
+Random-k keeps the default loop (its indices are each client's own draw; one gather per client is all
+the work there is); identity and fp16 too (a copy or a cast).
 """
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 from ...rng import torch_generator
-from ..base import Codec, CodecError, Payload, PayloadError, check_seed, register_codec
+from ..base import Codec, CodecError, Payload, PayloadError, Seeds, check_seed, register_codec
 from ..coding import gap_stream_bits, qsgd_stream_bits
 from ..quantizers import (
     FLOAT_BITS,
@@ -42,9 +51,10 @@ from ..quantizers import (
     terngrad_quantize,
     to_wire_float,
     topk_bits,
+    topk_rows,
     topk_segments,
 )
-from ..segments import Segments, check_granularity, segments_for
+from ..segments import RowSegments, Segments, check_granularity, segments_for
 
 __all__ = ["IdentityCodec", "FP16Codec", "TopKCodec", "RandKCodec", "QSGDCodec", "SignCodec", "TernGradCodec"]
 
@@ -74,6 +84,22 @@ def _check_bits(payload: Payload, expected: int, who: str) -> None:
     """The payload's ``bits`` must be the exact count of its own coding (a client cannot misreport it)."""
     if payload.bits != expected:
         raise PayloadError(f"{who}: payload claims {payload.bits} bits, its coding takes {expected}")
+
+
+def _stack(payloads: Sequence[Payload], key: str) -> torch.Tensor:
+    return torch.stack([p.tensors[key] for p in payloads])
+
+
+def _check_decode_batch(codec: Codec, payloads: Sequence[Payload], seeds: Sequence[Seeds], validate: bool) -> list[Payload]:
+    """The payloads as a list (one per seed); each one checked as ``decode`` checks it unless ``validate`` is False."""
+    payloads = list(payloads)
+    if len(payloads) != len(list(seeds)):
+        raise CodecError(f"{codec.name}.decode_batch: {len(payloads)} payloads but {len(list(seeds))} seeds")
+    if validate:
+        for p in payloads:
+            codec.check_payload(p, codec.payload_spec())
+            codec.check_values(p)
+    return payloads
 
 
 class _Granular(Codec):
@@ -200,6 +226,23 @@ class TopKCodec(_Granular):
         idx, vals = topk_segments(x, self.ks, self.seg)
         vals = to_wire_float(vals, "topk.encode", "a value")
         return Payload(self.name, self.dim, {"indices": idx, "values": vals}, self._bits(idx))
+
+    def encode_batch(self, Z: torch.Tensor, seeds: Sequence[Seeds]) -> list[Payload]:
+        """Top-k of every row of Z (C, d) in one selection (:func:`~fl_sim.compression.quantizers.topk_rows`)."""
+        Z, seeds = self._check_batch(Z, seeds)
+        if not seeds:
+            return []
+        idx, vals = topk_rows(Z, self.ks, self.seg)
+        vals = to_wire_float(vals, "topk.encode", "a value")
+        return [Payload(self.name, self.dim, {"indices": idx[i], "values": vals[i]}, self._bits(idx[i]))
+                for i in range(len(seeds))]
+
+    def decode_batch(self, payloads: Sequence[Payload], seeds: Sequence[Seeds], *, validate: bool = True) -> torch.Tensor:
+        payloads = _check_decode_batch(self, payloads, seeds, validate)
+        out = torch.zeros(len(payloads), self.dim, dtype=torch.float32)
+        if payloads:
+            out.scatter_(1, _stack(payloads, "indices"), _stack(payloads, "values").to(torch.float32))
+        return out
 
     def payload_bits(self, payload: Payload) -> int:
         """Counted from the received indices (Elias-coded gaps vary with them)."""
@@ -338,6 +381,23 @@ class QSGDCodec(_Granular):
         norm = to_wire_float(norm, "qsgd.encode", "||x||_2")
         return Payload(self.name, self.dim, {"norm": norm, "q": q}, self._bits(q))
 
+    def encode_batch(self, Z: torch.Tensor, seeds: Sequence[Seeds]) -> list[Payload]:
+        """QSGD of every row of Z (C, d) at once; row i's roundings from client i's own generator."""
+        Z, seeds = self._check_batch(Z, seeds)
+        if not seeds:
+            return []
+        u = torch.stack([torch.rand((self.dim,), generator=torch_generator(check_seed(s, "qsgd.encode"), "qsgd"),
+                                    dtype=torch.float32) for s in self._own_seeds(seeds)])
+        norm, q = qsgd_quantize(Z, self.levels, seg=RowSegments(self.seg), uniform=u)
+        norm = to_wire_float(norm, "qsgd.encode", "||x||_2")
+        return [Payload(self.name, self.dim, {"norm": norm[i], "q": q[i]}, self._bits(q[i])) for i in range(len(seeds))]
+
+    def decode_batch(self, payloads: Sequence[Payload], seeds: Sequence[Seeds], *, validate: bool = True) -> torch.Tensor:
+        payloads = _check_decode_batch(self, payloads, seeds, validate)
+        if not payloads:
+            return torch.zeros(0, self.dim)
+        return qsgd_dequantize(_stack(payloads, "norm"), _stack(payloads, "q"), self.levels, self.seg)
+
     def payload_bits(self, payload: Payload) -> int:
         """Counted from the received levels (the Elias stream's length varies with them)."""
         return self._bits(payload.tensors["q"])
@@ -388,6 +448,22 @@ class SignCodec(_Granular):
         scale, signs = scaled_sign(x, self.seg)
         scale = to_wire_float(scale, "sign.encode", "||x||_1 / d")
         return Payload(self.name, self.dim, {"scale": scale, "signs": signs}, sign_bits(self.dim, self.seg.count))
+
+    def encode_batch(self, Z: torch.Tensor, seeds: Sequence[Seeds]) -> list[Payload]:
+        """Scaled sign of every row of Z (C, d) at once (no randomness)."""
+        Z, seeds = self._check_batch(Z, seeds)
+        if not seeds:
+            return []
+        scale, signs = scaled_sign(Z, RowSegments(self.seg))
+        scale = to_wire_float(scale, "sign.encode", "||x||_1 / d")
+        bits = sign_bits(self.dim, self.seg.count)
+        return [Payload(self.name, self.dim, {"scale": scale[i], "signs": signs[i]}, bits) for i in range(len(seeds))]
+
+    def decode_batch(self, payloads: Sequence[Payload], seeds: Sequence[Seeds], *, validate: bool = True) -> torch.Tensor:
+        payloads = _check_decode_batch(self, payloads, seeds, validate)
+        if not payloads:
+            return torch.zeros(0, self.dim)
+        return scaled_sign_decode(_stack(payloads, "scale"), _stack(payloads, "signs"), self.seg)
 
     def check_values(self, payload: Payload) -> None:
         _check_scales(payload.tensors["scale"], "sign.decode", "scales")
@@ -450,6 +526,24 @@ class TernGradCodec(_Granular):
         s, q = terngrad_quantize(x, generator=gen, seg=self.seg, clip_sigma=self.clip_sigma)
         s = to_wire_float(s, "terngrad.encode", "the layer scale")
         return Payload(self.name, self.dim, {"scale": s, "q": q}, terngrad_bits(self.dim, self.seg.count))
+
+    def encode_batch(self, Z: torch.Tensor, seeds: Sequence[Seeds]) -> list[Payload]:
+        """TernGrad of every row of Z (C, d) at once; row i's Bernoulli draws from client i's own generator."""
+        Z, seeds = self._check_batch(Z, seeds)
+        if not seeds:
+            return []
+        u = torch.stack([torch.rand((self.dim,), generator=torch_generator(check_seed(sd, "terngrad.encode"), "terngrad"),
+                                    dtype=torch.float32) for sd in self._own_seeds(seeds)])
+        s, q = terngrad_quantize(Z, seg=RowSegments(self.seg), clip_sigma=self.clip_sigma, uniform=u)
+        s = to_wire_float(s, "terngrad.encode", "the layer scale")
+        bits = terngrad_bits(self.dim, self.seg.count)
+        return [Payload(self.name, self.dim, {"scale": s[i], "q": q[i]}, bits) for i in range(len(seeds))]
+
+    def decode_batch(self, payloads: Sequence[Payload], seeds: Sequence[Seeds], *, validate: bool = True) -> torch.Tensor:
+        payloads = _check_decode_batch(self, payloads, seeds, validate)
+        if not payloads:
+            return torch.zeros(0, self.dim)
+        return terngrad_dequantize(_stack(payloads, "scale"), _stack(payloads, "q"), self.seg)
 
     def check_values(self, payload: Payload) -> None:
         s, q = payload.tensors["scale"], payload.tensors["q"]

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..base import Codec, CodecError, Payload, SeedCache, register_codec
+from ..base import Codec, CodecError, Payload, SeedCache, Seeds, register_codec
 from ..sketch import CountSketch
 
 __all__ = ["CountSketchCodec"]
@@ -77,6 +77,20 @@ class CountSketchCodec(Codec):
             raise CodecError(f"{self.name}.encode: the sketch overflows float32 (|x| up to "
                              f"{float(x.abs().max()):.3g}); scale the update down")
         return self._payload(table)
+
+    def encode_batch(self, Z: torch.Tensor, seeds: Sequence[Seeds]) -> list[Payload]:
+        """S(z_i) for every row of Z (C, d) with the round's common hashes: one sketch call for the block
+        (the Numba kernel fills each row's table in the order ``encode`` does). Decode keeps the default
+        loop: a top-k unsketch per client, which is what ``decode`` is."""
+        Z, seeds = self._check_batch(Z, seeds)
+        seed = self._common_seed(seeds)
+        if not seeds or seed is None:  # rows of different rounds: one hash family each
+            return super().encode_batch(Z, seeds)
+        tables = self.sketcher(seed).sketch(Z)
+        if not torch.isfinite(tables).all():
+            raise CodecError(f"{self.name}.encode: the sketch overflows float32 (|x| up to "
+                             f"{float(Z.abs().max()):.3g}); scale the update down")
+        return [self._payload(tables[i]) for i in range(len(seeds))]
 
     def aggregate(self, payloads: Sequence[Payload], weights: Sequence[float]) -> Payload:
         """Payload of sum_i w_i S(x_i) = S(sum_i w_i x_i)."""
