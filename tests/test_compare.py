@@ -3,7 +3,6 @@ aggregation on fabricated run directories against hand-computed numbers, resume 
 tiny smoke run of the command."""
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np

@@ -17,7 +17,6 @@ from flwr.clientapp import ClientApp
 
 from fl_sim.strategies.base import SERVER_PREFIX
 from fl_sim import keys
-from fl_sim.channels import REAL_NOISE_FRACTION, MACChannel
 from fl_sim.clients.mods import compression_mod
 from fl_sim.protocol import get_codec
 from fl_sim.records import flatten_arrays

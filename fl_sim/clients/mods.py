@@ -22,7 +22,7 @@ vectorized grid (fl_sim.clients.cohort_encode; the same numbers): then the mod t
 
 from __future__ import annotations
 
-from flwr.app import Context, Message, MessageType, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord
 
 from .. import keys
 from ..compression import error_feedback as ef_lib
@@ -47,17 +47,23 @@ def make_error_feedback(kind: str, beta: float = 1.0):
 
 def _find_config(message: Message):
     """The ConfigRecord that names a codec (the strategy's configrecord_key may be any name)."""
-    config = message.content.config_records.get(keys.CONFIG)
-    if config is not None and keys.CODEC in config:
+    # direct lookups: RecordDict.config_records builds (and type-checks) a new dict on every access
+    config = message.content.get(keys.CONFIG)
+    if isinstance(config, ConfigRecord) and keys.CODEC in config:
         return config
-    return next((c for c in message.content.config_records.values() if keys.CODEC in c), None)
+    return next((c for c in _records(message.content, ConfigRecord).values() if keys.CODEC in c), None)
+
+
+def _records(content, kind) -> dict:
+    """The records of one kind in a RecordDict, in order (what ``content.<kind>_records`` holds)."""
+    return {k: v for k, v in content.items() if isinstance(v, kind)}
 
 
 def _arrays_key(content, wanted: str) -> str:
     """The ArrayRecord holding the model: ``wanted`` (the strategy's arrayrecord_key), else the only one."""
-    if wanted in content.array_records:
+    if isinstance(content.get(wanted), ArrayRecord):
         return wanted
-    names = list(content.array_records)
+    names = list(_records(content, ArrayRecord))
     if len(names) != 1:
         raise ValueError(f"compression_mod: expected the model under {wanted!r} or one ArrayRecord, found {names}")
     return names[0]
@@ -117,9 +123,9 @@ def compression_mod(message: Message, context: Context, call_next) -> Message:
     reply.content[out_key] = arrays
     reply.content[keys.PAYLOAD_META] = meta
     # The app's own metrics stay as they are; fl-sim adds its per-client figures beside them.
-    names = list(reply.content.metric_records)
-    mkey = keys.METRICS if keys.METRICS in names or not names else names[0]
-    metrics = reply.content.metric_records.get(mkey) or MetricRecord()
+    present = _records(reply.content, MetricRecord)
+    mkey = keys.METRICS if keys.METRICS in present or not present else next(iter(present))
+    metrics = present.get(mkey) or MetricRecord()
     metrics[keys.UPLINK_BITS] = int(payload.bits)
     if config.get(keys.REPORT_NORM):
         metrics[keys.UPDATE_NORM] = z_norm

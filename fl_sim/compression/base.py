@@ -158,13 +158,6 @@ class Payload:
             raise PayloadError(f"Payload.bits must be a non-negative int, got {self.bits!r}")
 
 
-def check_seed(seed: object, who: str) -> int:
-    """A seed of shared randomness: a plain int (not a bool); CodecError naming ``who`` otherwise."""
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise CodecError(f"{who}: seed must be an int (derive one with fl_sim.rng.derive_seed), got {seed!r}")
-    return seed
-
-
 def check_vector(x: torch.Tensor, dim: int, who: str) -> torch.Tensor:
     """Validate an input vector and return it as contiguous float32 (float64 kept as float64).
 
@@ -211,9 +204,6 @@ class Codec(ABC):
     def decode(self, payload: Payload, *, seed: int) -> torch.Tensor:
         """Reconstruct a float32 vector of shape ``(dim,)`` from a payload (same ``seed``)."""
 
-    def check_values(self, payload: Payload) -> None:
-        "Raise PayloadError for values a well-formed payload cannot hold; no-op by default."
-
     def payload_bits(self, payload: Payload) -> int | None:
         """Bits of a received payload counted by the receiver from its content with this codec's coding
         (never ``payload.bits``, the sender's claim). None (default): a fixed-size codec, every
@@ -224,9 +214,6 @@ class Codec(ABC):
     def aggregate(self, payloads: Sequence[Payload], weights: Sequence[float]) -> Payload:
         """Weighted sum in the compressed domain (linear codecs only)."""
         raise CodecError(f"codec {self.name!r} is not linear: decode each payload, then average")
-
-    def check_values(self, payload: Payload) -> None:
-        "Raise PayloadError for values a well-formed payload cannot hold; no-op by default."
 
     def nominal_bits(self) -> int:
         """Bits of one payload as the theory counts them (for ratios and config checks)."""
