@@ -245,13 +245,16 @@ def run_flower_simulation(server_app: ServerApp, client_app, cfg: RunConfig, num
         "client_resources": {"num_cpus": cfg.simulation.num_cpus, "num_gpus": cfg.simulation.num_gpus},
         "init_args": init_args,
     }
-    run_simulation(
-        server_app=server_app,
-        client_app=client_app,
-        num_supernodes=num_supernodes,
-        backend_config=backend_config,
-        verbose_logging=False,
-    )
+    from .flower_poll import fast_message_poll
+
+    with fast_message_poll():  # Flower's engine polls every node for messages, 10 times a second: see there
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=num_supernodes,
+            backend_config=backend_config,
+            verbose_logging=False,
+        )
 
 
 class _DropDeprecation(logging.Filter):
