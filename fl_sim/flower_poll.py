@@ -71,6 +71,8 @@ def _get_message_ins(self, node_id: int, limit: int | None, *, run_id: int | Non
                 message_ins_list.append(msg_ins)
             if limit and len(message_ins_list) == limit:
                 break
+    if not message_ins_list:  # most calls of a polling pass: skip the clock read
+        return message_ins_list
     delivered_at = now().isoformat()
     for msg_ins in message_ins_list:
         msg_ins.metadata.delivered_at = delivered_at

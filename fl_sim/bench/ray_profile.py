@@ -116,9 +116,10 @@ class ProcCPU(TreeMemory):
             actors = [p for p, s in snap.items() if s["role"] == self.py_spy_target]
             if actors:
                 self.py_spy_pid = actors[0]
+                native = ["--native"] if self.py_spy_target == "driver" else []  # its unnamed C++/OpenMP threads
                 self.py_spy = subprocess.Popen(
-                    ["py-spy", "record", "--idle", "--nonblocking", "--threads", "-r", "100", "-d", str(int(self.py_spy_s)),
-                     "-f", "raw", "-o", self.py_spy_out, "--pid", str(actors[0])],
+                    ["py-spy", "record", "--idle", "--threads", "-r", "100", "-d", str(int(self.py_spy_s)),
+                     "-f", "raw", "-o", self.py_spy_out, "--pid", str(actors[0]), *native, *([] if native else ["--nonblocking"])],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return super().mark(label)
 
