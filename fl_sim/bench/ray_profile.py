@@ -8,7 +8,8 @@ reports the CPU per process role (driver: the ServerApp, Flower's SuperLink stat
 threads, Ray's core worker; ``ClientAppActor``: the Ray actors; raylet, GCS, other Ray agents),
 per thread name inside the driver and the actors, and the actors' CPU outside the ClientApp call.
 
-``--py-spy SECONDS`` also records one actor with py-spy (``--idle``, raw collapsed stacks) for
+``--env FL_SIM_BASELINE=1`` runs fl-sim as before docs/perf/ray_profile.md (Flower's own message
+poll, the ClientApp pickled by value, the driver on torch's default thread count). ``--py-spy SECONDS`` also records one actor with py-spy (``--idle``, raw collapsed stacks) for
 that long from the start of round 2 and prints the heaviest stacks; ``--env K=V,...`` sets
 environment variables before Ray starts (the actors inherit them), for A/B runs.
 
@@ -170,7 +171,18 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     from fl_sim.bench.bench_scale import instrumented_run
 
     logging.disable(logging.INFO)
-    for k, v in (spec.get("env") or {}).items():
+    env = dict(spec.get("env") or {})
+    if env.pop("FL_SIM_BASELINE", "0") == "1":  # before this work: Flower's poll, the ClientApp pickled by value
+        from flwr.clientapp import ClientApp
+
+        from fl_sim.clients.app import FlSimClientApp
+
+        import fl_sim.simulation as fsim
+
+        env["FL_SIM_FLOWER_POLL"] = "flower"
+        FlSimClientApp.__reduce__ = ClientApp.__reduce__
+        fsim.serial_torch_in_driver = lambda: None
+    for k, v in env.items():
         os.environ[k] = str(v)
     cfg = workload_config(spec["workload"], spec["per_round"], spec["rounds"], "ray", spec.get("num_cpus", 1.0))
     spy_out = spec.get("py_spy_out") or "/tmp/fl-sim-ray-profile.pyspy.txt"
