@@ -164,9 +164,34 @@ def server_loop(
             raise failed
         return out
 
+    evaluate = evaluate_fn
+    if cfg.simulation.backend == "ray":
+        def evaluate(flower_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+            try:
+                return evaluate_fn(flower_round, arrays)
+            finally:
+                if flower_round == 0:
+                    serial_torch_in_driver()
+
     arrays = exp.initial_arrays if initial_arrays is None else initial_arrays
     return strategy.start(grid=WaveGrid(grid), initial_arrays=arrays, num_rounds=cfg.rounds - offset,
-                          evaluate_fn=evaluate_fn)
+                          evaluate_fn=evaluate)
+
+
+def serial_torch_in_driver() -> None:
+    """One torch intra-op thread in the Ray driver from round 1 on, as the inline backend has.
+
+    Inline, the first client's ``runtime_for`` sets one thread in the process, so the server's
+    aggregation and final evaluation run on one. Under Ray the client runtimes live in the actors and
+    the driver kept torch's default (one thread per core) while the actors use every core: each parallel
+    op of the aggregation then waits, spinning, for a pool thread that has no core (a 100 x 61,706
+    LeNet-5 aggregate: 450 ms of CPU with 2 threads against 35 ms with 1, under load, 2 cores; see
+    docs/perf/ray_profile.md). Round 0's evaluation keeps the default, as inline does.
+    ``run_flower_simulation`` restores the thread count afterwards.
+    """
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def _check_finite(server_round: int, arrays: ArrayRecord, cfg: RunConfig) -> None:
@@ -244,13 +269,22 @@ def run_flower_simulation(server_app: ServerApp, client_app, cfg: RunConfig, num
         "client_resources": {"num_cpus": cfg.simulation.num_cpus, "num_gpus": cfg.simulation.num_gpus},
         "init_args": init_args,
     }
-    run_simulation(
-        server_app=server_app,
-        client_app=client_app,
-        num_supernodes=num_supernodes,
-        backend_config=backend_config,
-        verbose_logging=False,
-    )
+    import torch
+
+    from .flower_poll import fast_message_poll
+
+    threads = torch.get_num_threads()  # serial_torch_in_driver sets 1 after round 0
+    try:
+        with fast_message_poll():  # Flower's engine polls every node for messages, 10 times a second: see there
+            run_simulation(
+                server_app=server_app,
+                client_app=client_app,
+                num_supernodes=num_supernodes,
+                backend_config=backend_config,
+                verbose_logging=False,
+            )
+    finally:
+        torch.set_num_threads(threads)
 
 
 class _DropDeprecation(logging.Filter):

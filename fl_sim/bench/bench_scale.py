@@ -283,13 +283,20 @@ def _run_simulation_with(server_app, client_app, cfg, num_supernodes: int, ray_i
     """fl_sim.simulation.run_flower_simulation with extra ``ray.init`` arguments (tuning what Flower exposes)."""
     from flwr.simulation import run_simulation
 
+    import torch
+
+    from fl_sim.flower_poll import fast_message_poll
+
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     init_args: dict[str, Any] = {"log_to_driver": False, "logging_level": "ERROR", **ray_init}
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_supernodes,
-                   backend_config={"client_resources": {"num_cpus": cfg.simulation.num_cpus,
-                                                        "num_gpus": cfg.simulation.num_gpus},
-                                   "init_args": init_args},
-                   verbose_logging=False)
+    threads = torch.get_num_threads()
+    with fast_message_poll():
+            run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_supernodes,
+                       backend_config={"client_resources": {"num_cpus": cfg.simulation.num_cpus,
+                                                            "num_gpus": cfg.simulation.num_gpus},
+                                       "init_args": init_args},
+                       verbose_logging=False)
+    torch.set_num_threads(threads)
 
 
 def instrumented_run(cfg, *, nodes: int | None = None, mem: TreeMemory | None = None,
@@ -363,7 +370,6 @@ def instrumented_run(cfg, *, nodes: int | None = None, mem: TreeMemory | None = 
         cpu = (memory[r]["cpu_s"] - memory[r - 1]["cpu_s"]) if r in memory and r - 1 in memory else float("nan")
         per_round.append({
             "round": r,
-            "round_s": marks[r] - marks[r - 1],
             "send_receive_s": sr,
             "outside_s": (marks[r] - marks[r - 1]) - sr,  # configure, aggregate, evaluation, records
             "app_sum_s": app_sum,
