@@ -259,6 +259,10 @@ class DiskResidualStore:
         token = self.token(cid)
         if token == 0:
             return None
+        return self._cached_or(cid, token, lambda: self._read_row(cid))
+
+    def _cached_or(self, cid: int, token: int, read) -> torch.Tensor:
+        """r_cid from the in-memory tier when its token is current, else ``read()`` (remembered within the budget)."""
         hit = self._cache.get(cid)
         if hit is not None and hit[0] == token:
             self._cache.move_to_end(cid)
@@ -266,7 +270,7 @@ class DiskResidualStore:
             row = hit[1]
         else:
             self.reads += 1
-            row = self._read_row(cid)
+            row = read()
             if self.budget_bytes:
                 self._remember(cid, token, row)
         return torch.from_numpy(row.astype(np.float32))
@@ -329,17 +333,8 @@ class DiskResidualStore:
             if token == 0:
                 out.append(None)
                 continue
-            hit = self._cache.get(cid)
-            if hit is not None and hit[0] == token:
-                self._cache.move_to_end(cid)
-                self.hits += 1
-                row = hit[1]
-            else:
-                self.reads += 1
-                row = rows[cid].copy()  # its own memory: a cached row must not hold the whole block
-                if self.budget_bytes:
-                    self._remember(cid, token, row)
-            out.append(torch.from_numpy(row.astype(np.float32)))
+            # a row of its own memory: a cached row must not hold the whole block
+            out.append(self._cached_or(cid, token, lambda c=cid: rows[c].copy()))
         return out
 
     def save_many(self, cids, R: torch.Tensor) -> None:
