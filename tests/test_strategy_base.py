@@ -205,3 +205,24 @@ def test_clients_sharing_a_node_with_context_residuals_are_sent_in_waves():
     calls.clear()
     run("configs/qsgd.yaml", 3)  # nothing held in node contexts: one call per round, shared nodes allowed
     assert any(len(set(c)) < len(c) for c in calls if c)
+
+
+@pytest.mark.parametrize("weight", ["cid", "zero"])
+def test_new_global_model_holds_plain_flower_arrays(weight):
+    """The model the wrapper hands its inner K times is kept parsed (fl_sim.records.ParsedArray); the global
+    model it returns must hold plain Arrays (a deflated ParsedArray names a class a receiver cannot inflate),
+    also when every weight is 0 and the inner is skipped."""
+    app = ClientApp()
+
+    @app.train()
+    def _train(msg: Message, ctx):
+        cid = int(msg.content[keys.CONFIG][keys.CID])
+        out = ArrayRecord({k: Array(a.numpy() + 1.0) for k, a in msg.content[keys.ARRAYS].items()})
+        n = cid + 1 if weight == "cid" else 0
+        metrics = MetricRecord({keys.NUM_EXAMPLES: n, keys.TRAIN_LOSS: 1.0, keys.M_CID: cid})
+        return Message(RecordDict({keys.ARRAYS: out, keys.METRICS: metrics}), reply_to=msg)
+
+    s = FedSGD(clients_per_round=3, client_ids=range(6), seed=1, server_lr=0.5)  # a server step: one shared model
+    _, (arrays, _) = one_round(s, InMemoryGrid(app, 6))
+    assert arrays is not None and all(type(a) is Array for a in arrays.values())
+    assert torch.allclose(flatten_arrays(arrays), torch.full((D,), 0.5))

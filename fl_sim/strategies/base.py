@@ -56,7 +56,7 @@ from flwr.supercore import log as flwr_log
 
 from .. import keys
 from ..protocol import round_seed
-from ..records import ParsedArray, array_bits, flatten_arrays, flatten_with_bits, unflatten_into
+from ..records import array_bits, flatten_arrays, flatten_with_bits, unflatten_into
 from ..rng import numpy_generator
 from . import guards as reply_guards
 
@@ -503,14 +503,16 @@ class UpdateStrategy(Strategy):
 
     def _global_dtypes(self, arrays: ArrayRecord | None) -> ArrayRecord | None:
         """The inner's aggregate with the global model's dtypes: Flower's FedAvg averages an integer
-        buffer (a step counter, BatchNorm's num_batches_tracked) into float64; it stays what it was."""
+        buffer (a step counter, BatchNorm's num_batches_tracked) into float64; it stays what it was.
+
+        The record returned is built with ``ArrayRecord(dict)``, which rebuilds every Array as a plain one
+        (Flower's ``from_array_dict``): the global model never carries a :class:`~fl_sim.records.ParsedArray`
+        (whose deflated header would name a class the receiving side does not know)."""
         if arrays is None:
             return None
         out = {}
         for name, arr in arrays.items():
             ref = self._global_arrays.get(name) if self._global_arrays is not None else None
-            if isinstance(arr, ParsedArray):  # an inner that returned a reply's own model: plain wire Array
-                arr = Array(dtype=arr.dtype, shape=tuple(arr.shape), stype=arr.stype, data=arr.data)
             nd = arr.numpy()
             if ref is not None and nd.dtype != ref.numpy().dtype:
                 nd = nd.round().astype(ref.numpy().dtype) if np.issubdtype(ref.numpy().dtype, np.integer) \
@@ -656,7 +658,7 @@ class UpdateStrategy(Strategy):
             one = unflatten_into(self._global_arrays, self._global_vector + step, parsed=True)  # read K times
             models = [one] * len(usable)
         if float(w.sum()) <= 0:  # nothing to weigh (e.g. DaQuSGD nodes that sent no sample): apply Δ' directly
-            new_arrays, client_metrics = models[0], None
+            new_arrays, client_metrics = self._global_dtypes(models[0]), None  # plain Arrays (see there)
             log.warning("round %d: the replies' %r sum to 0; the inner strategy is skipped", rnd, self.weighted_by_key)
         else:
             inner_replies = [self.inner_reply(r, m) for r, m in zip(usable, models)] + errors
