@@ -170,6 +170,11 @@ def check_vector(x: torch.Tensor, dim: int, who: str) -> torch.Tensor:
             f"{who}: expected a 1-D tensor of length {dim}, got shape {tuple(x.shape)}; "
             "flatten the update (torch.cat([p.flatten() for p in params])) or build the codec with the right dim"
         )
+    return _finite_float(x, who)
+
+
+def _finite_float(x: torch.Tensor, who: str) -> torch.Tensor:
+    """``x`` checked floating and finite (CodecError naming ``who``), as contiguous float32 (float64 kept)."""
     if not torch.is_floating_point(x):
         raise CodecError(f"{who}: expected a floating-point tensor, got {x.dtype}")
     if not torch.isfinite(x).all():
@@ -292,13 +297,7 @@ class Codec(ABC):
             raise CodecError(f"{who}: expected a (C, {self.dim}) tensor, got {shape}")
         if Z.shape[0] != len(seeds):
             raise CodecError(f"{who}: {Z.shape[0]} rows but {len(seeds)} seeds")
-        if not torch.is_floating_point(Z):
-            raise CodecError(f"{who}: expected a floating-point tensor, got {Z.dtype}")
-        if not torch.isfinite(Z).all():
-            raise CodecError(f"{who}: input contains NaN or inf; check the learning rate / loss before compressing")
-        if Z.dtype != torch.float64:
-            Z = Z.to(torch.float32)
-        return Z.contiguous(), seeds
+        return _finite_float(Z, who), seeds
 
     def _own_seeds(self, seeds: Sequence[Seeds]) -> list[int]:
         """Each client's encode seed for a ``seeding = "client"`` codec (what encode_seeded passes)."""
