@@ -34,10 +34,6 @@ from .training import evaluate_model, train_local
 __all__ = ["make_client_app", "FlSimClientApp", "client_id", "train_reply", "evaluate_reply", "precomputed", "precomputed_key"]
 
 
-def _lookup(kind: str, message: Message, cid: int):
-    return take(kind, message, cid)
-
-
 def client_id(message: Message, context: Context) -> int:
     """The virtual client id: from the message config, else the node's partition-id (deployment)."""
     config = message.content.get(keys.CONFIG)
@@ -51,7 +47,7 @@ def train_reply(rt: ClientRuntime, message: Message, context: Context) -> Messag
     cid = client_id(message, context)
     config = message.content[keys.CONFIG]
     rnd = int(config.get(keys.ROUND, 0))
-    done = _lookup("train", message, cid)
+    done = take("train", message, cid)
     if done is not None:  # trained in a batch (fl_sim.vectorized): the same numbers up to float rounding
         state, loss, n = done
         arrays = array_record((k, ndarray_to_array(v.numpy())) for k, v in state.items())
@@ -70,7 +66,7 @@ def evaluate_reply(rt: ClientRuntime, message: Message, context: Context) -> Mes
     """Evaluate the received model on this client's data (federated evaluation)."""
     cid = client_id(message, context)
     x, y = rt.data.client_data(cid)
-    done = _lookup("evaluate", message, cid)
+    done = take("evaluate", message, cid)
     loss, acc = done if done is not None else evaluate_model(rt.load_model(message.content[keys.ARRAYS]), x, y)
     metrics = MetricRecord({keys.NUM_EXAMPLES: int(len(y)), "eval-loss": loss, "eval-acc": acc, keys.M_CID: cid})
     return Message(content=RecordDict({keys.METRICS: metrics}), reply_to=message)
