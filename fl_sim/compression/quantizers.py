@@ -337,17 +337,7 @@ def topk_rows(x: torch.Tensor, ks: torch.Tensor, seg: Segments) -> tuple[torch.T
     if seg.count == 1:
         idx = torch.topk(x.abs(), int(ks[0]), dim=-1, sorted=False).indices.sort(dim=-1).values
         return idx, x.gather(-1, idx)
-    C, d = x.shape
-    if x.dtype == torch.float32:
-        key = (seg.ids << 32) | ((2**31 - 1) - x.abs().view(torch.int32).to(torch.int64))
-        order = torch.sort(key, dim=-1, stable=True).indices
-    else:
-        order = torch.sort(x.abs(), dim=-1, descending=True, stable=True).indices
-        order = order.gather(-1, torch.sort(seg.ids[order], dim=-1, stable=True).indices)
-    owner = seg.ids[order]
-    rank = torch.arange(d) - seg.starts[owner]
-    idx = order[rank < ks[owner]].view(C, -1).sort(dim=-1).values  # k_t per segment, so k per row
-    return idx, x.gather(-1, idx)
+    return _topk_by_segment(x, ks, seg)
 
 
 def topk_segments(x: torch.Tensor, ks: torch.Tensor, seg: Segments) -> tuple[torch.Tensor, torch.Tensor]:
@@ -360,16 +350,25 @@ def topk_segments(x: torch.Tensor, ks: torch.Tensor, seg: Segments) -> tuple[tor
     """
     if seg.count == 1:
         return topk_sparsify(x, int(ks[0]))
+    return _topk_by_segment(x, ks, seg)
+
+
+def _topk_by_segment(x: torch.Tensor, ks: torch.Tensor, seg: Segments) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sort-based selection of :func:`topk_segments` along the last dim of x, (d,) or a block (C, d):
+    the same torch calls for a lone vector and for each row of a block."""
     if x.dtype == torch.float32:
         key = (seg.ids << 32) | ((2**31 - 1) - x.abs().view(torch.int32).to(torch.int64))
-        order = torch.sort(key, stable=True).indices
+        order = torch.sort(key, dim=-1, stable=True).indices
     else:
-        order = torch.sort(x.abs(), descending=True, stable=True).indices
-        order = order[torch.sort(seg.ids[order], stable=True).indices]
+        order = torch.sort(x.abs(), dim=-1, descending=True, stable=True).indices
+        order = order.gather(-1, torch.sort(seg.ids[order], dim=-1, stable=True).indices)
     owner = seg.ids[order]
-    rank = torch.arange(x.numel()) - seg.starts[owner]
-    idx = order[rank < ks[owner]].sort().values
-    return idx, x[idx]
+    rank = torch.arange(seg.dim) - seg.starts[owner]
+    idx = order[rank < ks[owner]]  # k_t per segment, so k per row
+    if x.dim() == 2:
+        idx = idx.view(x.shape[0], -1)
+    idx = idx.sort(dim=-1).values
+    return idx, x.gather(-1, idx)
 
 
 def randk_indices(d: int, k: int, *, generator: torch.Generator) -> torch.Tensor:
