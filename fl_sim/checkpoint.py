@@ -53,7 +53,8 @@ _NAME = re.compile(r"^round-(\d{6})\.pt$")
 ENGINE_KEYS = frozenset(
     {"out", "simulation.backend", "simulation.num_cpus", "simulation.num_gpus", "simulation.ray_address",
      "simulation.ray_num_cpus", "simulation.log_level", "simulation.residual_budget_mb",
-     "simulation.supernodes", "simulation.cohort_chunk", "simulation.cohort_memory_mb", "simulation.device"}
+     "simulation.supernodes", "simulation.cohort_chunk", "simulation.cohort_memory_mb", "simulation.device",
+     "simulation.cohort_threads"}
 )
 
 

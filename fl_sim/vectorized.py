@@ -9,8 +9,9 @@ InMemoryGrid) returns, up to float rounding. What changes is the transport's ins
    size, learning rate, ... per batched call) and split into chunks of at most ``chunk`` clients
    (``simulation.cohort_chunk``, or automatic from ``simulation.cohort_memory_mb``, the parameter count and
    one batch's activations: fl_sim.clients.cohort.auto_chunk);
-2. each chunk is trained in one ``vmap``-ed call (fl_sim.clients.cohort.train_cohort), on the CPU or on
-   CUDA (``simulation.device``);
+2. each chunk is trained in one batched call (fl_sim.clients.cohort.train_cohort), on the CPU with
+   ``simulation.cohort_threads`` torch threads (0 = one per core: a cohort's products split across cores, one
+   client's do not, so the per-client paths keep one thread) or on CUDA (``simulation.device``);
 3. where the app is fl-sim's own with ``compression_mod`` as its one mod and the round names a codec, the
    chunk's updates are encoded as one block too (fl_sim.clients.cohort_encode: Δ for the chunk, error
    feedback residuals read and written as one block, the codec's ``encode_batch``);
@@ -25,9 +26,11 @@ buffers or dropout (one notice). Replies come back in message order.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 from flwr.app import Message, MessageType
@@ -39,7 +42,7 @@ from .clients import cohort_encode
 from .clients.daqusgd import METHOD
 from .testing import InMemoryGrid
 
-__all__ = ["VectorizedGrid", "resolve_device", "DEVICES"]
+__all__ = ["VectorizedGrid", "resolve_device", "DEVICES", "intra_op_threads", "cpu_cores"]
 
 log = logging.getLogger("fl_sim")
 
@@ -57,17 +60,41 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def cpu_cores() -> int:
+    """Cores this process may run on (its CPU affinity; os.cpu_count where affinity is not exposed)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def intra_op_threads(n: int) -> Iterator[None]:
+    """torch's intra-op thread count set to ``n`` (0 = :func:`cpu_cores`) inside, the previous one restored."""
+    before = torch.get_num_threads()
+    want = n or cpu_cores()
+    if want != before:
+        torch.set_num_threads(want)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
 class VectorizedGrid(InMemoryGrid):
     """An InMemoryGrid whose built-in-app clients train in batched chunks (module docstring).
 
-    ``chunk`` (clients per batched call; 0 = automatic), ``memory_mb`` (the automatic chunk's budget) and
-    ``device`` default to the run config's ``simulation`` keys when the app is fl-sim's own.
+    ``chunk`` (clients per batched call; 0 = automatic), ``memory_mb`` (the automatic chunk's budget),
+    ``device`` and ``threads`` (torch intra-op threads of a batched CPU call; 0 = one per core) default to the
+    run config's ``simulation`` keys when the app is fl-sim's own.
     ``batch_encode=False`` leaves every reply's encoding to ``compression_mod`` (the same numbers; tests
     and benchmarks compare the two).
     """
 
     def __init__(self, client_app, num_nodes: int, *, chunk: int | None = None, memory_mb: float | None = None,
-                 device: str | None = None, batch_encode: bool = True, **kwargs) -> None:
+                 device: str | None = None, threads: int | None = None, batch_encode: bool = True,
+                 **kwargs) -> None:
         super().__init__(client_app, num_nodes, **kwargs)
         self.batch_encode = bool(batch_encode)
         self._repeated: set[int] = set()  # client ids with more than one train message in this send
@@ -75,6 +102,7 @@ class VectorizedGrid(InMemoryGrid):
         self.chunk = chunk
         self.memory_mb = memory_mb
         self.device_name = device
+        self.threads = threads
         self._noticed: set[str] = set()
         self._why: dict[int, str] = {}  # runtime id -> why its model is not vectorized ('' = it is)
         self.last_chunks: list[int] = []  # chunk sizes of the last call that had messages (tests, benchmarks)
@@ -102,6 +130,9 @@ class VectorizedGrid(InMemoryGrid):
         memory = self.memory_mb if self.memory_mb is not None else float(getattr(sim, "cohort_memory_mb", 1024.0))
         device = resolve_device(self.device_name or str(getattr(sim, "device", "cpu")))
         return chunk, memory, device
+
+    def _threads(self, rt) -> int:
+        return int(self.threads if self.threads is not None else getattr(rt.cfg.simulation, "cohort_threads", 0))
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         self.sent = list(messages)
@@ -159,7 +190,8 @@ class VectorizedGrid(InMemoryGrid):
                 if c is not None and c not in done:
                     results.clear()  # the previous chunk's results were all used: keep one chunk in memory
                     try:
-                        results.update(self._run_chunk(c[0], [self.sent[j] for j in chunks[c]], runtimes[c[0][1]]))
+                        with intra_op_threads(self._threads(runtimes[c[0][1]])):
+                            results.update(self._run_chunk(c[0], [self.sent[j] for j in chunks[c]], runtimes[c[0][1]]))
                     except Exception as exc:  # noqa: BLE001 - its clients go the inline way (a crash = error reply)
                         log.warning("simulation.backend=vectorized: a batched chunk failed (%s: %s); its %d clients "
                                     "train one by one", type(exc).__name__, exc, len(chunks[c]))

@@ -34,7 +34,8 @@ from fl_sim.models import build_model
 from fl_sim.records import flatten_arrays, ndarray_to_array, read_array
 from fl_sim.simulation import server_loop
 from fl_sim.testing import InMemoryGrid, run_in_memory
-from fl_sim.vectorized import VectorizedGrid, resolve_device
+from fl_sim.clients.stacked import cohort_forward, layerwise
+from fl_sim.vectorized import VectorizedGrid, cpu_cores, intra_op_threads, resolve_device
 
 RTOL, ATOL = 1e-5, 1e-6
 
@@ -90,6 +91,53 @@ def test_batch_matrix_is_batch_indices(n, epochs, steps):
     assert len(mat) == len(ref)
     for row, idx in zip(mat, ref):
         assert torch.equal(row[row >= 0], idx) and bool((row[len(idx):] == -1).all())
+
+
+def _conv_sequential():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 3, 3), nn.Tanh(), nn.MaxPool2d(2), nn.Flatten(),
+                         nn.Sequential(nn.Linear(27, 12), nn.GELU()), nn.Linear(12, 10, bias=False))
+
+
+@pytest.mark.parametrize("make,shape", [(lambda: build_model("mlp", (20,), 10, hidden=[16, 8], seed=0), (20,)),
+                                        (_conv_sequential, (1, 8, 8))])
+def test_layerwise_forward_equals_vmap_and_train_local(make, shape):
+    """The layer-by-layer cohort forward (bmm Linear, per-sample layers on the [a*B, ...] view, a conv through
+    its own vmap, nested Sequential) gives vmap's logits, and training through it train_local's parameters."""
+    model = make()
+    assert layerwise(model) is not None
+    params = {k: torch.stack([v.detach() + 0.01 * i for i in range(4)]) for k, v in model.named_parameters()}
+    x = torch.randn(4, 5, *shape, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(cohort_forward(model)(params, x), cohort_forward(model, generic=True)(params, x),
+                               rtol=RTOL, atol=ATOL)
+    init = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    spec = LocalTrainSpec(lr=0.1, batch_size=4, local_epochs=2, momentum=0.9)
+    data, seeds = _clients(shape, [3, 9, 14]), [1, 2, 3]
+    ref, _ = _sequential(model, init, data, spec, seeds)
+    trained, _ = train_cohort(model, [CohortClient(x, y, init, torch.Generator().manual_seed(s))
+                                      for (x, y), s in zip(data, seeds)], spec)
+    for i in range(3):
+        for k in init:
+            torch.testing.assert_close(trained[k][i], ref[i][k], rtol=RTOL, atol=ATOL)
+
+
+def test_layerwise_declines_what_it_cannot_run_per_layer():
+    """Not a plain Sequential (LeNet-5's own forward), a flatten across the batch, a layer with buffers:
+    None, so train_cohort takes the whole-model vmap."""
+    assert layerwise(build_model("lenet5", (1, 8, 8), 10)) is None
+    assert layerwise(nn.Sequential(nn.Flatten(0), nn.Linear(3, 2))) is None
+    assert layerwise(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))) is None
+
+
+def test_cohort_threads_is_set_for_the_call_and_restored():
+    before = torch.get_num_threads()
+    with intra_op_threads(0):
+        assert torch.get_num_threads() == cpu_cores()
+    with intra_op_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(ConfigError, match="simulation.cohort_threads"):
+        small("vectorized", simulation={"cohort_threads": -1})
 
 
 def test_a_clients_result_does_not_depend_on_its_cohort():

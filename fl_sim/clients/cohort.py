@@ -3,8 +3,9 @@
 The same computation as :func:`fl_sim.clients.training.train_local` run once per client (McMahan et al.
 2017, Algorithm 1 ClientUpdate: minibatch SGD on cross-entropy, optional momentum and weight decay with
 ``torch.optim.SGD``'s semantics), but for a cohort of C clients at once: every client's parameters are
-stacked along a leading axis and one ``torch.func.vmap(grad_and_value(...))`` of
-``torch.func.functional_call`` computes all C gradients per step. Small models spend most of a
+stacked along a leading axis, one batched forward pass computes all C clients' logits per step
+(fl_sim.clients.stacked: layer by layer for a Sequential, else ``torch.func.vmap`` of
+``torch.func.functional_call``) and one backward pass all C gradients. Small models spend most of a
 sequential loop in per-client Python and kernel launches, not arithmetic; the batched step removes that.
 
 Exactly the inline numbers, up to float rounding:
@@ -37,8 +38,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.func import functional_call, vmap
-
+from .stacked import cohort_forward
 from .training import LocalTrainSpec, batch_matrix
 
 __all__ = ["CohortClient", "vectorizable", "train_cohort", "evaluate_cohort", "auto_chunk", "per_client_bytes"]
@@ -139,11 +139,13 @@ def train_cohort(
     spec: LocalTrainSpec,
     *,
     device: str | torch.device = "cpu",
+    generic: bool = False,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Train every client of ``clients`` from its own ``params`` (module docstring); one batched call.
 
     Returns (trained parameters name -> [C, ...] on the CPU, in ``clients`` order; mean training loss per
     client [C], float64, NaN-free: 0/1 steps give the mean of the steps taken as ``train_local``).
+    ``generic``: always vmap the whole model (fl_sim.clients.stacked; tests compare the two forwards).
     """
     why = vectorizable(model)
     if why:
@@ -162,7 +164,7 @@ def train_cohort(
     bufs = {k: torch.zeros_like(v) for k, v in params.items()} if spec.momentum else None
     loss_sum = torch.zeros(C, dtype=torch.float64, device=device)
 
-    forward = vmap(lambda p, xb: functional_call(model, p, (xb,)))  # [a, B, ...] -> logits [a, B, classes]
+    forward = cohort_forward(model, generic=generic)  # [a, B, ...] -> logits [a, B, classes]
     model.train()
     active_at = [int((steps > s).sum()) for s in range(int(steps.max()))]
     for s, a in enumerate(active_at):
@@ -193,7 +195,8 @@ def train_cohort(
 
 @torch.no_grad()
 def evaluate_cohort(
-    model: nn.Module, clients: Sequence[CohortClient], *, batch_size: int = 1024, device: str | torch.device = "cpu"
+    model: nn.Module, clients: Sequence[CohortClient], *, batch_size: int = 1024, device: str | torch.device = "cpu",
+    generic: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean cross-entropy [C], accuracy [C]) of every client's ``params`` on its own (x, y), batched;
     NaN for a client without data, as :func:`fl_sim.clients.training.evaluate_model`."""
@@ -207,7 +210,7 @@ def evaluate_cohort(
     offsets = torch.cumsum(sizes, 0) - sizes
     x = torch.cat([c.x for c in clients]).to(device)
     y = torch.cat([c.y for c in clients]).to(device)
-    forward = vmap(lambda p, xb: functional_call(model, p, (xb,)))
+    forward = cohort_forward(model, generic=generic)
     model.eval()
     loss_sum = torch.zeros(C, dtype=torch.float64, device=device)
     correct = torch.zeros(C, dtype=torch.float64, device=device)
