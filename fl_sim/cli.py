@@ -200,7 +200,7 @@ def bench_round(
     workloads: str = typer.Option("quickstart,lenet", "--workloads", help="quickstart, lenet and/or digits."),
     per_round: str = typer.Option("10,100", "--per-round", help="Clients per round, comma-separated."),
     modes: str = typer.Option("plain,inline,ray", "--modes",
-                              help="plain (PyTorch loop), inline, vectorized, ray."),
+                              help="plain (PyTorch loop), inline, vectorized, vectorized-1t (one thread), ray."),
     rounds: int = typer.Option(0, "--rounds", help="Rounds per run (0: 6 quickstart, 4 lenet)."),
     repeats: int = typer.Option(2, "--repeats", help="Side-by-side repeats (modes alternate who goes first)."),
     num_cpus: str = typer.Option("1", "--num-cpus", help="simulation.num_cpus values for ray, e.g. 0.5,1,2."),

@@ -199,20 +199,23 @@ def array_bits(arrays: ArrayRecord) -> int:
 
 
 @functools.lru_cache(maxsize=256)
-def _npy_header(descr: str, shape: tuple[int, ...]) -> bytes:
+def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> tuple[str, bytes]:
+    """(``str(dtype)`` as Flower records it, the npy header ``np.save`` writes) of a (dtype, shape): both
+    cost more than the copy of a small array (``str(dtype)`` alone 17 us), and a model has a handful."""
     buf = io.BytesIO()
+    descr = np.lib.format.dtype_to_descr(dtype)
     np.lib.format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False, "shape": shape})
-    return buf.getvalue()
+    return str(dtype), buf.getvalue()
 
 
 def ndarray_to_array(nd: np.ndarray) -> Array:
-    """``Array(nd)`` with the same bytes (an ``.npy`` buffer, as ``np.save`` writes it), 3x faster: the header
-    of each (dtype, shape) is built once, and Flower's ``np.save`` call is skipped."""
+    """``Array(nd)`` with the same bytes (an ``.npy`` buffer, as ``np.save`` writes it), 4x faster: the dtype
+    name and header of each (dtype, shape) are built once, and Flower's ``np.save`` call is skipped."""
     if nd.ndim == 0 or not nd.flags.c_contiguous or nd.dtype.hasobject or nd.dtype.fields is not None:
         return Array(nd)  # Flower's own conversion
-    shape = tuple(int(s) for s in nd.shape)
-    return Array(dtype=str(nd.dtype), shape=shape, stype="numpy.ndarray",
-                 data=b"".join((_npy_header(np.lib.format.dtype_to_descr(nd.dtype), shape), nd.reshape(-1).view(np.uint8))))
+    shape = nd.shape  # a tuple of Python ints
+    name, header = _npy_header(nd.dtype, shape)
+    return Array(dtype=name, shape=shape, stype="numpy.ndarray", data=b"".join((header, nd.reshape(-1).view(np.uint8))))
 
 
 def array_record(arrays) -> ArrayRecord:

@@ -17,7 +17,8 @@ For each workload and clients-per-round value (``--per-round 10,100``) the same 
 ``plain`` (fl_sim.bench.plain_loop: same clients, data, sampling, local steps and weighted average,
 no Flower), ``inline`` (``fl-sim run`` with ``simulation.backend: inline``: the strategy and
 ClientApp with messages as function calls), ``vectorized`` (``simulation.backend: vectorized``: the
-same, a round's clients trained in batched torch.func calls, fl_sim.vectorized) and ``ray`` (``fl-sim
+same, a round's clients trained in batched calls, fl_sim.vectorized, with one torch thread per core;
+``vectorized-1t``: the same on one thread, ``simulation.cohort_threads: 1``) and ``ray`` (``fl-sim
 run``: Flower's simulation engine
 with Ray actors, ``simulation.num_cpus`` CPUs per actor; ``--num-cpus 0.5,1,2`` tries several).
 Every measurement runs in its own process; repeats alternate the modes so that they see the same
@@ -302,12 +303,14 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     if spec.get("what_if"):
         apply_proposed_fixes()
     mode = spec["mode"]
-    backend = "ray" if mode.startswith("ray") else "vectorized" if mode == "vectorized" else "inline"
+    backend = "ray" if mode.startswith("ray") else "vectorized" if mode.startswith("vectorized") else "inline"
     cfg = workload_config(spec["workload"], spec["per_round"], spec["rounds"], backend, spec.get("num_cpus", 1.0))
+    if mode == "vectorized-1t":  # the batched calls on one torch thread (simulation.cohort_threads=1)
+        cfg.simulation.cohort_threads = 1
     with TreeMemory(0.25) as mem:
         if mode == "plain":
             out = _measure_plain(cfg, spec.get("threads", 1), mem)
-        elif mode in ("inline", "ray", "vectorized"):
+        elif mode in ("inline", "ray", "vectorized", "vectorized-1t"):
             out = _measure_fl_sim(cfg, mem)
         elif mode == "timed-inline":
             out = _timed_inline(cfg, mem)
