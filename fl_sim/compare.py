@@ -22,7 +22,8 @@ protocol (docs/comparison/README.md):
 Runs live in ``OUT/TASK/tune/METHOD/POINT/seedS`` and ``OUT/TASK/runs/METHOD/seedS``; each finished run
 holds ``suite_run.json`` with the SHA-256 of its resolved config, and is skipped on a rerun only when that
 hash matches (so the suite resumes after an interruption, and a changed setting reruns what it changes).
-Runs execute in ``jobs`` worker processes (one torch thread each). The docs directory gets
+Runs execute in ``jobs`` worker processes (one torch thread each, the vectorized backend's batched calls
+included: ``simulation.cohort_threads`` 0 becomes 1). The docs directory gets
 ``runs.csv`` (one row per reported run), ``summary.csv`` / ``summary.md``, ``tuning.csv`` / ``tuning.md``
 (grids, validation accuracies and choices), ``pareto.png`` and ``suite.json`` (settings, code version).
 """
@@ -311,6 +312,10 @@ def _execute(cfg_dict: dict[str, Any], run_dir: str, digest: str, version: str) 
 
     torch.set_num_threads(1)
     from .simulation import run_experiment
+
+    sim = cfg_dict.setdefault("simulation", {})
+    if not sim.get("cohort_threads"):  # automatic = one per core: jobs x cores threads would contend
+        sim["cohort_threads"] = 1
 
     d = Path(run_dir)
     if d.exists():  # this suite's own directory: an interrupted or outdated run of the same slot

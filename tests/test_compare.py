@@ -296,3 +296,17 @@ def test_rlc_suite_keeps_each_methods_channel(tmp_path):
     # a task's own channel never leaks into a method without one
     dense = plan_tuning(load_suite(SUITE), ["dense"], ["fedavg"], tmp_path)[0]
     assert dense.cfg.channel == {}
+
+
+def test_worker_runs_batched_calls_on_one_thread(tmp_path, monkeypatch):
+    """A suite worker keeps its one-thread contract: automatic cohort_threads (one per core) becomes 1, so
+    --jobs N vectorized workers do not each take every core; an explicit value is kept."""
+    import fl_sim.compare as fc
+    import fl_sim.simulation as fsim
+
+    seen = []
+    monkeypatch.setattr(fsim, "run_experiment", lambda cfg, d: seen.append(cfg.simulation.cohort_threads) or {})
+    for threads in (0, 3):
+        cfg = fc.config_to_dict(load_config("quickstart", [f"simulation.cohort_threads={threads}"]))
+        fc._execute(cfg, str(tmp_path / f"run{threads}"), "digest", "v")
+    assert seen == [1, 3]
