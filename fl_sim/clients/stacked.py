@@ -14,7 +14,7 @@ rules and functional_call's parameter swap cost about 0.7 ms per training step (
 quickstart MLP (60-200-10), which is what a cohort step costs in arithmetic at a few clients: a step of one
 client takes 0.62 ms layer by layer against 1.29 ms through vmap, of 30 clients 4.2 ms against 5.6 ms, and
 the same at 100 clients (14.8 against 15.9 ms, one CPU thread). The numbers agree up to float rounding
-(the products are summed in a different order); tests/test_cohort.py checks both paths against
+(the products are summed in a different order); tests/test_vectorized.py checks both paths against
 ``train_local``.
 """
 
