@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
 from .stacked import cohort_forward
 from .training import LocalTrainSpec, batch_matrix
 

@@ -99,6 +99,13 @@ class ClientReply:
     message: Message | None = None
 
 
+def payload_meta(msg: Message) -> ConfigRecord | None:
+    """The reply's payload ConfigRecord (``keys.PAYLOAD_META``), or None: ``content.config_records.get`` by
+    a direct lookup (the view rebuilds and type-checks a dict of every ConfigRecord on each access)."""
+    meta = msg.content.get(keys.PAYLOAD_META)
+    return meta if isinstance(meta, ConfigRecord) else None
+
+
 def _check_link(link: dict[str, float] | None) -> dict[str, float] | None:
     if link is None:
         return None
@@ -413,7 +420,7 @@ class UpdateStrategy(Strategy):
         its node this round. Without ``client_ids`` (a user's deployment) the server sent no id, so the
         reported one (the node's partition-id) is only checked for form; duplicates are caught in collect."""
         src = msg.metadata.src_node_id
-        meta = msg.content.config_records.get(keys.PAYLOAD_META)
+        meta = payload_meta(msg)
         reported = []
         if meta is not None and keys.P_CID in meta:
             reported.append(reply_guards.finite_number(meta[keys.P_CID], f"payload {keys.P_CID!r}", lo=0, integer=True))

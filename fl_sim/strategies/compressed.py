@@ -35,7 +35,7 @@ from ..compression import Codec, Payload, Seeds
 from ..protocol import DEFAULT_SEED_MODE, check_seed_mode, codec_seeds, dump_params, get_codec
 from ..records import float_sizes, payload_from_records
 from . import guards
-from .base import ClientReply, ReplyError, UpdateStrategy
+from .base import ClientReply, ReplyError, UpdateStrategy, payload_meta
 
 __all__ = ["CompressedFedAvg", "EF_KINDS"]
 
@@ -138,7 +138,7 @@ class CompressedFedAvg(UpdateStrategy):
         config[keys.EF_DTYPE] = self.ef_dtype
 
     def decode_reply(self, server_round: int, msg: Message, cid: int) -> tuple[Any, int]:
-        meta = msg.content.config_records.get(keys.PAYLOAD_META)
+        meta = payload_meta(msg)
         if meta is None:
             raise ReplyError("reply carries no encoded payload (is compression_mod installed on the ClientApp?)")
         payload = payload_from_records(self.reply_arrays(msg), meta)
