@@ -253,8 +253,10 @@ def check_engine_resources(cfg: RunConfig) -> None:
         ) from None
 
 
-def run_flower_simulation(server_app: ServerApp, client_app, cfg: RunConfig, num_supernodes: int) -> None:
-    """The one call into Flower's (deprecated) simulation entry point."""
+def run_flower_simulation(server_app: ServerApp, client_app, cfg: RunConfig, num_supernodes: int, *,
+                          ray_init: dict[str, Any] | None = None) -> None:
+    """The one call into Flower's (deprecated) simulation entry point (``ray_init``: more ``ray.init``
+    arguments, over the config's; the benchmarks tune what Flower exposes with it)."""
     from flwr.simulation import run_simulation
 
     check_engine_resources(cfg)
@@ -265,6 +267,7 @@ def run_flower_simulation(server_app: ServerApp, client_app, cfg: RunConfig, num
         init_args["address"] = cfg.simulation.ray_address
     elif cfg.simulation.ray_num_cpus:
         init_args["num_cpus"] = cfg.simulation.ray_num_cpus
+    init_args.update(ray_init or {})
     backend_config = {
         "client_resources": {"num_cpus": cfg.simulation.num_cpus, "num_gpus": cfg.simulation.num_gpus},
         "init_args": init_args,

@@ -279,26 +279,6 @@ class TimedGrid:
         return replies
 
 
-def _run_simulation_with(server_app, client_app, cfg, num_supernodes: int, ray_init: dict[str, Any]) -> None:
-    """fl_sim.simulation.run_flower_simulation with extra ``ray.init`` arguments (tuning what Flower exposes)."""
-    from flwr.simulation import run_simulation
-
-    import torch
-
-    from fl_sim.flower_poll import fast_message_poll
-
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    init_args: dict[str, Any] = {"log_to_driver": False, "logging_level": "ERROR", **ray_init}
-    threads = torch.get_num_threads()
-    with fast_message_poll():
-            run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_supernodes,
-                       backend_config={"client_resources": {"num_cpus": cfg.simulation.num_cpus,
-                                                            "num_gpus": cfg.simulation.num_gpus},
-                                       "init_args": init_args},
-                       verbose_logging=False)
-    torch.set_num_threads(threads)
-
-
 def instrumented_run(cfg, *, nodes: int | None = None, mem: TreeMemory | None = None,
                      ray_init: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run ``cfg`` as ``fl-sim run`` does (same builders, server loop and Flower call), timing each part.
@@ -351,10 +331,7 @@ def instrumented_run(cfg, *, nodes: int | None = None, mem: TreeMemory | None = 
     else:
         server_app = ServerApp()
         server_app.main()(lambda grid, context: serve(grid))
-        if ray_init:
-            _run_simulation_with(server_app, app, cfg, n_nodes, ray_init)
-        else:
-            run_flower_simulation(server_app, app, cfg, num_supernodes=n_nodes)
+        run_flower_simulation(server_app, app, cfg, num_supernodes=n_nodes, ray_init=ray_init)
     t_end = time.perf_counter()
     if errors:
         raise errors[0]
