@@ -23,10 +23,10 @@ from flwr.clientapp import ClientApp
 
 from .. import keys
 from ..config import RunConfig
-from ..records import array_record, ndarray_to_array, state_dict_to_arrays
+from ..records import state_dict_to_arrays
 from ..rng import torch_generator
 from .daqusgd import daqusgd_reply
-from .mods import compression_mod
+from .mods import compression_mod, mod_client_id
 from .precomputed import precomputed, precomputed_key, take
 from .runtime import ClientRuntime, runtime_for
 from .training import evaluate_model, train_local
@@ -37,9 +37,7 @@ __all__ = ["make_client_app", "FlSimClientApp", "client_id", "train_reply", "eva
 def client_id(message: Message, context: Context) -> int:
     """The virtual client id: from the message config, else the node's partition-id (deployment)."""
     config = message.content.get(keys.CONFIG)
-    if config is not None and keys.CID in config:
-        return int(config[keys.CID])
-    return int(context.node_config.get("partition-id", 0))
+    return mod_client_id(config if config is not None else {}, context)
 
 
 def train_reply(rt: ClientRuntime, message: Message, context: Context) -> Message:
@@ -50,7 +48,7 @@ def train_reply(rt: ClientRuntime, message: Message, context: Context) -> Messag
     done = take("train", message, cid)
     if done is not None:  # trained in a batch (fl_sim.vectorized): the same numbers up to float rounding
         state, loss, n = done
-        arrays = array_record((k, ndarray_to_array(v.numpy())) for k, v in state.items())
+        arrays = state_dict_to_arrays(state)
     else:
         x, y = rt.data.client_data(cid)
         model = rt.load_model(message.content[keys.ARRAYS])
