@@ -44,29 +44,29 @@ __all__ = [
 
 @functools.lru_cache(maxsize=512)
 def _expected_header(dtype: str, shape: tuple) -> tuple[np.dtype, bytes, int] | None:
-    """(dtype, the header dict numpy writes for it, element count) of a record entry's declared dtype and
-    shape; None when they are not a plain dtype and shape. Cached: a model has a handful of (dtype, shape)."""
+    """(dtype, the npy header numpy writes for it (:func:`_npy_header`), element count) of a record entry's
+    declared dtype and shape; None when they are not a plain dtype and shape. Cached: a model has a handful."""
     try:
         dt = np.dtype(dtype)
         shape = tuple(int(s) for s in shape)
     except (TypeError, ValueError):
         return None
-    if dt.hasobject or dt.itemsize == 0:
+    if dt.hasobject or dt.itemsize == 0 or dt.fields is not None:
         return None
-    head = b"{'descr': '" + dt.str.encode() + b"', 'fortran_order': False, 'shape': " + repr(shape).encode() + b", }"
-    return dt, head, int(np.prod(shape, dtype=np.int64))
+    return dt, _npy_header(dt, shape)[1], int(np.prod(shape, dtype=np.int64))
 
 
 def _fast_view(arr: Array) -> np.ndarray | None:
     """The array of a record entry viewed in place (read-only), or None when the fast path does not apply.
 
-    Applies to a plain ``.npy`` buffer whose header is exactly the one numpy writes for the entry's own
-    dtype and shape (little-endian, C order) and whose payload has exactly that many bytes: then
-    ``np.frombuffer`` gives the same array as Flower's ``Array.numpy`` (``np.load``, which parses the
-    header with ``ast.literal_eval``: 75 us an array, the largest cost of reading a small model's reply).
+    Applies to a plain ``.npy`` buffer that starts with exactly the header numpy writes for the entry's own
+    dtype and shape (version 1.0, little-endian, C order: what ``np.save`` and :func:`ndarray_to_array`
+    write) and whose payload has exactly that many bytes: then ``np.frombuffer`` gives the same array as
+    Flower's ``Array.numpy`` (``np.load``, which parses the header with ``ast.literal_eval``: 75 us an
+    array, the largest cost of reading a small model's reply). Any other buffer takes the checked slow path.
     """
     data = arr.data
-    if arr.stype == "numpy.ndarray" and isinstance(data, bytes) and data[:8] == b"\x93NUMPY\x01\x00":
+    if arr.stype == "numpy.ndarray" and isinstance(data, bytes):
         try:
             expected = _expected_header(arr.dtype, tuple(arr.shape))
         except TypeError:  # an unhashable shape: not a plain entry
@@ -74,9 +74,8 @@ def _fast_view(arr: Array) -> np.ndarray | None:
         if expected is None:
             return None
         dt, head, count = expected
-        start = 10 + int.from_bytes(data[8:10], "little")
-        if data[10:start].rstrip() == head and len(data) - start == count * dt.itemsize:
-            return np.frombuffer(data, dtype=dt, count=count, offset=start).reshape(arr.shape)
+        if data.startswith(head) and len(data) - len(head) == count * dt.itemsize:
+            return np.frombuffer(data, dtype=dt, count=count, offset=len(head)).reshape(arr.shape)
     return None
 
 
