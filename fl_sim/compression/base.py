@@ -270,9 +270,7 @@ class Codec(ABC):
         after :meth:`encode_batch`), so an override may skip the received-payload checks; the values are
         the same. The default loop always validates.
         """
-        payloads, seeds = list(payloads), list(seeds)
-        if len(payloads) != len(seeds):
-            raise CodecError(f"{self.name}.decode_batch: {len(payloads)} payloads but {len(seeds)} seeds")
+        payloads, seeds = self._check_decode_batch(payloads, seeds)
         if not payloads:
             return torch.zeros(0, self.dim)
         return torch.stack([self.decode_seeded(p, s) for p, s in zip(payloads, seeds)])
@@ -298,6 +296,19 @@ class Codec(ABC):
         if Z.shape[0] != len(seeds):
             raise CodecError(f"{who}: {Z.shape[0]} rows but {len(seeds)} seeds")
         return _finite_float(Z, who), seeds
+
+    def _check_decode_batch(self, payloads: Sequence[Payload], seeds: Sequence[Seeds], *,
+                            validate: bool = False) -> tuple[list[Payload], list[Seeds]]:
+        """(payloads, seeds) as lists of one length (CodecError otherwise); with ``validate``, each payload
+        checked as ``decode`` checks a received one (``check_payload`` against the spec, ``check_values``)."""
+        payloads, seeds = list(payloads), list(seeds)
+        if len(payloads) != len(seeds):
+            raise CodecError(f"{self.name}.decode_batch: {len(payloads)} payloads but {len(seeds)} seeds")
+        if validate:
+            for p in payloads:
+                self.check_payload(p, self.payload_spec())
+                self.check_values(p)
+        return payloads, seeds
 
     def _own_seeds(self, seeds: Sequence[Seeds]) -> list[int]:
         """Each client's encode seed for a ``seeding = "client"`` codec (what encode_seeded passes)."""

@@ -286,15 +286,9 @@ class QCSCodec(Codec):
 
     def decode_batch(self, payloads: Sequence[Payload], seeds: Sequence[Seeds], *, validate: bool = True) -> torch.Tensor:
         """Steps 4-5 of :meth:`decode` for C payloads at once (one stacked adjoint); bitwise ``decode``'s rows."""
-        payloads, seeds = list(payloads), list(seeds)
-        if len(payloads) != len(seeds):
-            raise CodecError(f"qcs.decode_batch: {len(payloads)} payloads but {len(seeds)} seeds")
+        payloads, seeds = self._check_decode_batch(payloads, seeds, validate=validate)
         if not payloads:
             return torch.zeros(0, self.dim)
-        if validate:
-            for p in payloads:
-                self.check_payload(p, self.payload_spec())
-                self.check_values(p)
         own = [check_seed(s, "qcs.decode") for s in self._own_seeds(seeds)]
         ops = [self._ops(s) for s in own]
         return self._decode_batch(payloads, ops, torch.stack([self._dither(sd) for sd in own]) if self.k > 1 else None)

@@ -90,18 +90,6 @@ def _stack(payloads: Sequence[Payload], key: str) -> torch.Tensor:
     return torch.stack([p.tensors[key] for p in payloads])
 
 
-def _check_decode_batch(codec: Codec, payloads: Sequence[Payload], seeds: Sequence[Seeds], validate: bool) -> list[Payload]:
-    """The payloads as a list (one per seed); each one checked as ``decode`` checks it unless ``validate`` is False."""
-    payloads = list(payloads)
-    if len(payloads) != len(list(seeds)):
-        raise CodecError(f"{codec.name}.decode_batch: {len(payloads)} payloads but {len(list(seeds))} seeds")
-    if validate:
-        for p in payloads:
-            codec.check_payload(p, codec.payload_spec())
-            codec.check_values(p)
-    return payloads
-
-
 class _Granular(Codec):
     """``granularity`` / ``segments`` parameters and the Segments they give (one scale per segment)."""
 
@@ -238,7 +226,7 @@ class TopKCodec(_Granular):
                 for i in range(len(seeds))]
 
     def decode_batch(self, payloads: Sequence[Payload], seeds: Sequence[Seeds], *, validate: bool = True) -> torch.Tensor:
-        payloads = _check_decode_batch(self, payloads, seeds, validate)
+        payloads, seeds = self._check_decode_batch(payloads, seeds, validate=validate)
         out = torch.zeros(len(payloads), self.dim, dtype=torch.float32)
         if payloads:
             out.scatter_(1, _stack(payloads, "indices"), _stack(payloads, "values").to(torch.float32))
@@ -393,7 +381,7 @@ class QSGDCodec(_Granular):
         return [Payload(self.name, self.dim, {"norm": norm[i], "q": q[i]}, self._bits(q[i])) for i in range(len(seeds))]
 
     def decode_batch(self, payloads: Sequence[Payload], seeds: Sequence[Seeds], *, validate: bool = True) -> torch.Tensor:
-        payloads = _check_decode_batch(self, payloads, seeds, validate)
+        payloads, seeds = self._check_decode_batch(payloads, seeds, validate=validate)
         if not payloads:
             return torch.zeros(0, self.dim)
         return qsgd_dequantize(_stack(payloads, "norm"), _stack(payloads, "q"), self.levels, self.seg)
@@ -460,7 +448,7 @@ class SignCodec(_Granular):
         return [Payload(self.name, self.dim, {"scale": scale[i], "signs": signs[i]}, bits) for i in range(len(seeds))]
 
     def decode_batch(self, payloads: Sequence[Payload], seeds: Sequence[Seeds], *, validate: bool = True) -> torch.Tensor:
-        payloads = _check_decode_batch(self, payloads, seeds, validate)
+        payloads, seeds = self._check_decode_batch(payloads, seeds, validate=validate)
         if not payloads:
             return torch.zeros(0, self.dim)
         return scaled_sign_decode(_stack(payloads, "scale"), _stack(payloads, "signs"), self.seg)
@@ -540,7 +528,7 @@ class TernGradCodec(_Granular):
         return [Payload(self.name, self.dim, {"scale": s[i], "q": q[i]}, bits) for i in range(len(seeds))]
 
     def decode_batch(self, payloads: Sequence[Payload], seeds: Sequence[Seeds], *, validate: bool = True) -> torch.Tensor:
-        payloads = _check_decode_batch(self, payloads, seeds, validate)
+        payloads, seeds = self._check_decode_batch(payloads, seeds, validate=validate)
         if not payloads:
             return torch.zeros(0, self.dim)
         return terngrad_dequantize(_stack(payloads, "scale"), _stack(payloads, "q"), self.seg)
