@@ -45,6 +45,15 @@ _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
+def parse_stat(path: str | Path) -> tuple[str, int, float]:
+    """(comm, parent pid, CPU seconds used so far: user + system) from a /proc/<pid>[/task/<tid>]/stat file."""
+    stat = Path(path).read_bytes().decode(errors="replace")
+    # "pid (comm) state ppid ... utime stime ...": comm may contain spaces and parentheses
+    lp, rp = stat.find("("), stat.rfind(")")
+    rest = stat[rp + 2 :].split()
+    return stat[lp + 1 : rp], int(rest[1]), (int(rest[11]) + int(rest[12])) / _TICK
+
+
 def _proc_table() -> dict[int, tuple[int, float]]:
     """pid -> (parent pid, CPU seconds used so far: user + system) of every process (/proc/<pid>/stat)."""
     out: dict[int, tuple[int, float]] = {}
@@ -52,10 +61,8 @@ def _proc_table() -> dict[int, tuple[int, float]]:
         if not entry.name.isdigit():
             continue
         try:
-            stat = Path(entry.path, "stat").read_bytes().decode(errors="replace")
-            # "pid (comm) state ppid ... utime stime ...": comm may contain spaces and parentheses
-            rest = stat[stat.rfind(")") + 2 :].split()
-            out[int(entry.name)] = (int(rest[1]), (int(rest[11]) + int(rest[12])) / _TICK)
+            _, ppid, cpu = parse_stat(Path(entry.path, "stat"))
+            out[int(entry.name)] = (ppid, cpu)
         except (OSError, ValueError, IndexError):  # the process ended mid-read
             continue
     return out

@@ -30,17 +30,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-from fl_sim.bench.bench_scale import TreeMemory, _proc_table, add_worker_options, run_point_cmd, serve_worker, tree_pids
-
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def _stat_cpu(path: str) -> tuple[str, float]:
-    """(comm, user + system CPU seconds) from a /proc/.../stat file."""
-    text = Path(path).read_text()
-    lp, rp = text.index("("), text.rindex(")")
-    fields = text[rp + 2:].split()
-    return text[lp + 1:rp], (int(fields[11]) + int(fields[12])) / _TICK
+from fl_sim.bench.bench_scale import (TreeMemory, _proc_table, add_worker_options, parse_stat, run_point_cmd,
+                                     serve_worker, tree_pids)
 
 
 def role(pid: int, driver: int) -> str:
@@ -78,11 +69,11 @@ def snapshot(driver: int) -> dict[int, dict[str, Any]]:
     py_names = _py_thread_names() if driver == os.getpid() else {}
     for pid in tree_pids(driver, _proc_table()):
         try:
-            _, cpu = _stat_cpu(f"/proc/{pid}/stat")
+            _, _, cpu = parse_stat(f"/proc/{pid}/stat")
             threads: Counter = Counter()
             for tid in os.listdir(f"/proc/{pid}/task"):
                 try:
-                    comm, tcpu = _stat_cpu(f"/proc/{pid}/task/{tid}/stat")
+                    comm, _, tcpu = parse_stat(f"/proc/{pid}/task/{tid}/stat")
                 except OSError:
                     continue
                 if pid == driver:
