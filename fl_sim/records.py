@@ -3,7 +3,10 @@
 * model <-> flat vector: the update Δ is the concatenation of every floating-point array of the
   model's ArrayRecord, in record order (integer buffers such as BatchNorm's ``num_batches_tracked``
   are not part of Δ and keep the server's value);
-* :class:`~fl_sim.compression.Payload` <-> (ArrayRecord, ConfigRecord) for the wire.
+* :class:`~fl_sim.compression.Payload` <-> (ArrayRecord, ConfigRecord) for the wire: the ArrayRecord
+  holds the codec's packed arrays (:meth:`~fl_sim.compression.Codec.wire_arrays`: signs 8 per byte,
+  levels at ceil(log2 n) bits, coded indices, QSGD's Elias stream), and the receiver counts the uplink
+  from the bytes that arrived (:func:`read_payload`), never from a declared count.
 
 Arrays that come from clients are read with :func:`read_array`, which checks the npy header's declared
 size against the bytes that actually arrived before NumPy allocates anything: ``Array.numpy()`` would
@@ -24,7 +27,7 @@ from numpy.lib import format as npy_format
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from . import keys
-from .compression import Payload, PayloadError
+from .compression import Codec, Payload, PayloadError
 
 __all__ = [
     "read_array",
@@ -34,6 +37,7 @@ __all__ = [
     "array_bits",
     "payload_to_records",
     "payload_from_records",
+    "read_payload",
     "state_dict_to_arrays",
     "array_record",
     "flatten_with_bits",
@@ -189,7 +193,8 @@ def unflatten_into(template: ArrayRecord, vector: torch.Tensor, *, parsed: bool 
 
 
 def array_bits(arrays: ArrayRecord) -> int:
-    """Bits of an uncompressed record as sent: numel x dtype width, summed (float32 -> 32 per value)."""
+    """Bits of a record's array data as sent: numel x dtype width, summed (float32 -> 32 per value, a packed
+    uint8 array 8 per byte); npy headers and names not included."""
     total = 0
     for name, arr in arrays.items():
         nd = read_array(arr, name)
@@ -232,9 +237,10 @@ def state_dict_to_arrays(state_dict: dict[str, torch.Tensor]) -> ArrayRecord:
     return array_record((k, ndarray_to_array(v.detach().cpu().numpy())) for k, v in state_dict.items())
 
 
-def payload_to_records(payload: Payload) -> tuple[ArrayRecord, ConfigRecord]:
-    """(ArrayRecord of the payload's tensors, ConfigRecord with codec, dim, bits, meta)."""
-    arrays = array_record((k, Array(t.detach().cpu().contiguous().numpy())) for k, t in payload.tensors.items())
+def payload_to_records(payload: Payload, codec: Codec) -> tuple[ArrayRecord, ConfigRecord]:
+    """(ArrayRecord of the payload's packed arrays (``codec.wire_arrays``), ConfigRecord with codec, dim,
+    the codec's exact bit count and meta)."""
+    arrays = array_record((k, ndarray_to_array(np.ascontiguousarray(a))) for k, a in codec.wire_arrays(payload).items())
     meta = ConfigRecord(
         {
             keys.P_CODEC: payload.codec,
@@ -246,14 +252,30 @@ def payload_to_records(payload: Payload) -> tuple[ArrayRecord, ConfigRecord]:
     return arrays, meta
 
 
-def payload_from_records(arrays: ArrayRecord, meta: ConfigRecord) -> Payload:
-    """Rebuild a Payload from a reply; raises PayloadError for a malformed one."""
+def payload_from_records(arrays: ArrayRecord, meta: ConfigRecord, codec: Codec) -> Payload:
+    """Rebuild a Payload from a reply (unpacked by ``codec``); raises PayloadError for a malformed one."""
+    return read_payload(arrays, meta, codec)[0]
+
+
+def read_payload(arrays: ArrayRecord, meta: ConfigRecord, codec: Codec) -> tuple[Payload, int]:
+    """(the Payload of a reply, its wire bits): the arrays read (:func:`read_array`) and unpacked by
+    ``codec.from_wire`` (strict: names, byte lengths, padding, code ranges; PayloadError otherwise).
+
+    Wire bits = 8 x the data bytes of the received arrays (npy headers, names and Flower's message
+    framing excluded: docs/performance.md measures those): the server's uplink count. The meta's
+    ``bits`` is the sender's claim of the codec's exact count, kept on the Payload for the codec's
+    own consistency check, never counted.
+    """
     try:
-        codec = str(meta[keys.P_CODEC])
+        name = str(meta[keys.P_CODEC])
         dim = int(meta[keys.P_DIM])
         bits = int(meta[keys.P_BITS])
         extra = json.loads(str(meta.get(keys.P_META, "{}")))
     except (KeyError, TypeError, ValueError) as exc:
         raise PayloadError(f"payload meta record is malformed ({exc})") from None
-    tensors = {k: torch.from_numpy(np.array(read_array(a, k), copy=True)) for k, a in arrays.items()}
-    return Payload(codec=codec, dim=dim, tensors=tensors, bits=bits, meta=extra)
+    received = {k: read_array(a, k) for k, a in arrays.items()}
+    if name != codec.name or dim != codec.dim:
+        raise PayloadError(f"payload of codec {name!r} dim {dim}; the server expects {codec.name!r} dim {codec.dim}")
+    tensors = codec.from_wire(received)
+    wire = 8 * sum(int(a.nbytes) for a in received.values())
+    return Payload(codec=name, dim=dim, tensors=tensors, bits=bits, meta=extra), wire

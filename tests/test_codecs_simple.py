@@ -20,7 +20,7 @@ SEGMENTS = [600, 300, 90, 10]  # tensor sizes: buckets of 128 give 5 + 3 + 1 + 1
 CASES = {
     "identity": ({}, 32 * D),
     "fp16": ({}, 16 * D),
-    "topk": ({"k": 10}, 10 * (32 + 10)),
+    "topk": ({"k": 10}, 10 * 32 + 1 + 10 * 10),  # index_coding "auto": flag bit + the fixed code (shorter here)
     "randk": ({"k": 10}, 32 * 10),
     "randk_unbiased": ({"k": 10, "unbiased": True}, 32 * 10),
     "qsgd": ({"levels": 4, "coding": "fixed"}, 32 + D * (1 + 3)),
@@ -32,7 +32,7 @@ CASES = {
     "terngrad": ({}, 32 + 2 * D),
     "terngrad_tensor": ({"segments": SEGMENTS}, 4 * 32 + 2 * D),
     "terngrad_noclip": ({"segments": SEGMENTS, "clip_sigma": None}, 4 * 32 + 2 * D),
-    "topk_tensor": ({"k": 10, "segments": SEGMENTS, "granularity": "tensor"}, 10 * (32 + 10)),
+    "topk_tensor": ({"k": 10, "segments": SEGMENTS, "granularity": "tensor", "index_coding": "fixed"}, 10 * (32 + 10)),
     "topk_elias": ({"k": 10, "index_coding": "elias"}, None),
     "qcs": ({"block": 256, "k": 32, "levels": 2}, 4 * 32 + 4 * 32 * 3),
     "qcs_1bit": ({"block": 128, "k": 16, "levels": 0.5}, 8 * 32 + 8 * 16 * 1),

@@ -40,7 +40,7 @@ def _rounds(cfg, n):
                   None if strategy.s_u is None else strategy.s_u.clone())
         msgs = list(strategy.configure_train(rnd, arrays, ConfigRecord(), grid))
         replies = sorted(grid.send_and_receive(msgs), key=lambda r: int(r.content[keys.METRICS][keys.M_CID]))
-        payloads = [payload_from_records(r.content[keys.ARRAYS], r.content[keys.PAYLOAD_META]) for r in replies]
+        payloads = [payload_from_records(r.content[keys.ARRAYS], r.content[keys.PAYLOAD_META], strategy.codec) for r in replies]
         n_ex = torch.tensor([float(r.content[keys.METRICS][keys.NUM_EXAMPLES]) for r in replies], dtype=torch.float64)
         new, metrics = strategy.aggregate_train(rnd, replies)
         out.append({"payloads": payloads, "weights": n_ex / n_ex.sum(), "before": before, "metrics": dict(strategy.last_metrics),

@@ -371,10 +371,10 @@ def test_declared_bits_never_trusted_and_logged_once(caplog):
         reply.content[keys.METRICS][keys.UPLINK_BITS] = 0
         return reply
 
-    cfg = cfg_for({"name": "compressed"}, {"name": "topk", "k": 20}, rounds=3, clients=4)
+    cfg = cfg_for({"name": "compressed"}, {"name": "topk", "k": 20, "index_coding": "fixed"}, rounds=3, clients=4)
     rows, s, nodes = run_tampered(cfg, lie, caplog)
     d = s._global_vector.numel()
-    per_client = 20 * (32 + math.ceil(math.log2(d)))
+    per_client = 20 * 32 + 8 * math.ceil(20 * math.ceil(math.log2(d)) / 8)  # values + packed indices, byte-padded
     # the lying reply is used (its bits counted by the server) or rejected for its claim: never recorded
     assert all(r["uplink_bits"] == r["clients_ok"] * per_client and r["clients_ok"] >= K - 1 for r in rows[1:])
     told = [r.getMessage() for r in caplog.records if "declared" in r.getMessage()]
@@ -393,18 +393,25 @@ def test_fedavg_bits_are_the_arrays_that_arrived():
     assert metrics["uplink_bits"] == 5 * 32 * D
 
 
-def test_variable_length_codec_bits_come_from_its_own_count(monkeypatch, caplog):
-    """A codec whose size depends on the data counts each payload (Codec.payload_bits); the claim is ignored."""
-    from fl_sim.compression.codecs.simple import TopKCodec
+def test_uplink_bits_are_the_packed_bytes_that_arrived(caplog):
+    """The server counts 8 x the data bytes of the arrays each reply carries (top-k's variable-length index
+    code included), whatever the reply declares; before packing it counted the codec's figure instead."""
+    def lie(reply, rnd):
+        reply.content[keys.METRICS][keys.UPLINK_BITS] = 1
+        return reply
 
-    monkeypatch.setattr(TopKCodec, "payload_bits", lambda self, payload: 1000 + int(payload.tensors["indices"][0]))
+    arrived = []
     cfg = cfg_for({"name": "compressed"}, {"name": "topk", "k": 20}, rounds=1)
     exp = build_experiment(cfg)
     s = build_strategy(exp)
     grid = InMemoryGrid(make_client_app(cfg), cfg.clients)
     msgs = list(s.configure_train(1, exp.initial_arrays, ConfigRecord(), grid))
-    replies = list(grid.send_and_receive(msgs))
-    expected = sum(1000 + int(r.content[keys.ARRAYS]["indices"].numpy()[0]) for r in replies)
+    replies = [lie(r, 1) for r in grid.send_and_receive(msgs)]
+    for r in replies:
+        arrays = r.content[keys.ARRAYS]
+        assert sorted(arrays) == ["indices", "values"] and arrays["indices"].dtype == "uint8"
+        arrived.append(8 * sum(read_array(a).nbytes for a in arrays.values()))
     _, metrics = s.aggregate_train(1, replies)
     metrics = server_part(metrics)
-    assert metrics["uplink_bits"] == expected
+    assert metrics["uplink_bits"] == sum(arrived)
+    assert any("declared" in r.getMessage() for r in caplog.records)

@@ -12,8 +12,9 @@ Works around any ClientApp that returns a model (``ClientApp(mods=[compression_m
    the config names (fl_sim.clients.residuals: the node's ``context.state`` by default, or the
    run's disk store);
 6. replace the reply's arrays (the ArrayRecord named by the strategy's arrayrecord_key, or the only
-   one) with p's tensors, add the payload record (with the client id) and ``uplink-bits`` beside the
-   app's own metrics, which are otherwise untouched.
+   one) with p's packed arrays (``codec.wire_arrays``), add the payload record (with the client id) and
+   ``uplink-bits`` (8 x those arrays' bytes, what the server counts) beside the app's own metrics, which
+   are otherwise untouched.
 
 Steps 3-5 may have been done ahead for the message, as one block for a chunk of clients, by the
 vectorized grid (fl_sim.clients.cohort_encode; the same numbers): then the mod takes that payload
@@ -27,7 +28,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, M
 from .. import keys
 from ..compression import error_feedback as ef_lib
 from ..protocol import DEFAULT_SEED_MODE, codec_seeds, get_codec, load_params
-from ..records import flatten_arrays, payload_to_records
+from ..records import array_bits, flatten_arrays, payload_to_records
 from .precomputed import take
 from .residuals import store_for
 
@@ -76,13 +77,17 @@ def mod_client_id(config, context: Context) -> int:
     return int(context.node_config.get("partition-id", 0))
 
 
+def _codec(config, dim: int):
+    return get_codec(str(config[keys.CODEC]), dim, load_params(str(config.get(keys.CODEC_PARAMS, ""))))
+
+
 def _encode_reply(config, context: Context, cid: int, received, local):
     """Steps 3-5 for one reply: (payload, z)."""
     if local.shape != received.shape:
         raise ValueError(
             f"compression_mod: the ClientApp returned {local.numel()} parameters but received {received.numel()}"
         )
-    codec = get_codec(str(config[keys.CODEC]), received.numel(), load_params(str(config.get(keys.CODEC_PARAMS, ""))))
+    codec = _codec(config, received.numel())
     seeds = codec_seeds(int(config[keys.SEED]), str(config.get(keys.SEED_MODE, DEFAULT_SEED_MODE)), cid)
     delta = local - received
     memory = make_error_feedback(str(config.get(keys.EF, "none")), float(config.get(keys.EF_BETA, 1.0)))
@@ -117,7 +122,7 @@ def compression_mod(message: Message, context: Context, call_next) -> Message:
     else:
         payload, z = _encode_reply(config, context, cid, received, flatten_arrays(reply.content[out_key]))
         z_norm = float(z.norm()) if config.get(keys.REPORT_NORM) else None
-    arrays, meta = payload_to_records(payload)
+    arrays, meta = payload_to_records(payload, _codec(config, payload.dim))
     meta[keys.P_CID] = cid
     del reply.content[out_key]
     reply.content[out_key] = arrays
@@ -126,7 +131,7 @@ def compression_mod(message: Message, context: Context, call_next) -> Message:
     present = _records(reply.content, MetricRecord)
     mkey = keys.METRICS if keys.METRICS in present or not present else next(iter(present))
     metrics = present.get(mkey) or MetricRecord()
-    metrics[keys.UPLINK_BITS] = int(payload.bits)
+    metrics[keys.UPLINK_BITS] = array_bits(arrays)  # 8 x the packed arrays' bytes: what the server counts
     if config.get(keys.REPORT_NORM):
         metrics[keys.UPDATE_NORM] = z_norm
     reply.content[mkey] = metrics

@@ -32,7 +32,9 @@ apply this rule, so every codec is driven the same way; ``encode(x, seed=s)`` al
 Linear codecs (``linear = True``) also implement :meth:`Codec.aggregate`: payloads are summed in the
 compressed domain (sketches, measurements) so a server recovers once from the sum.
 
-No flwr import in this package: Flower glue converts ``Payload.tensors`` to an ArrayRecord.
+No flwr import in this package: Flower glue converts a payload to an ArrayRecord of the packed arrays
+:meth:`Codec.wire_arrays` gives (:mod:`fl_sim.compression.packing`: signs 8 per byte, levels at ceil(log2 n)
+bits, coded indices, QSGD's Elias stream as its bytes) and back with :meth:`Codec.from_wire`.
 """
 
 from __future__ import annotations
@@ -209,13 +211,6 @@ class Codec(ABC):
     def decode(self, payload: Payload, *, seed: int) -> torch.Tensor:
         """Reconstruct a float32 vector of shape ``(dim,)`` from a payload (same ``seed``)."""
 
-    def payload_bits(self, payload: Payload) -> int | None:
-        """Bits of a received payload counted by the receiver from its content with this codec's coding
-        (never ``payload.bits``, the sender's claim). None (default): a fixed-size codec, every
-        well-formed payload of which has the bits of the receiver's own reference payload. A codec whose
-        size depends on the data (variable-length codes) overrides this."""
-        return None
-
     def aggregate(self, payloads: Sequence[Payload], weights: Sequence[float]) -> Payload:
         """Weighted sum in the compressed domain (linear codecs only)."""
         raise CodecError(f"codec {self.name!r} is not linear: decode each payload, then average")
@@ -378,17 +373,38 @@ class Codec(ABC):
             self.__dict__["_payload_spec"] = spec
         return spec
 
-    def reference_bits(self, seed: int = 0) -> int:
-        """Bits of this codec's own reference payload (an encoding of the zero vector, cached like
-        :meth:`payload_spec`): what the receiver counts for a well-formed payload of a fixed-size codec
-        when :meth:`payload_bits` is None (never the sender's ``payload.bits``). ``seed``: one the
-        receiver decodes with anyway (its shared operator is then built once, not once more for seed 0);
-        a fixed-size codec's count does not depend on it."""
-        bits = self.__dict__.get("_reference_bits")
-        if bits is None:
-            bits = int(self.encode(torch.zeros(self.dim), seed=seed).bits)
-            self.__dict__["_reference_bits"] = bits
-        return bits
+    # -- the wire form (fl_sim.compression.packing) --------------------------------------------------
+    def wire_fields(self) -> dict[str, Any]:
+        """How each tensor of :meth:`payload_spec` is sent: tensor name -> :class:`~fl_sim.compression.packing.Field`.
+
+        Default: every tensor as it is (:class:`~fl_sim.compression.packing.Plain`: floats at their
+        declared precision). A codec with integer codes (levels, signs, bits, indices) names their packed
+        fields, so the arrays sent take the bits :attr:`Payload.bits` counts (up to byte padding).
+        """
+        from .packing import Plain
+
+        return {k: Plain(shape, dtype) for k, (shape, dtype) in self.payload_spec().items()}
+
+    def _fields(self) -> dict[str, Any]:
+        fields = self.__dict__.get("_wire_fields")
+        if fields is None:
+            fields = self.__dict__["_wire_fields"] = self.wire_fields()
+        return fields
+
+    def wire_arrays(self, payload: Payload) -> dict[str, Any]:
+        """The numpy arrays sent for ``payload`` (packed as :meth:`wire_fields` says): what a Flower record holds.
+
+        The uplink is counted from these: 8 x their bytes (:func:`~fl_sim.compression.packing.wire_bits`)."""
+        return {k: f.pack(payload.tensors[k]) for k, f in self._fields().items()}
+
+    def from_wire(self, arrays: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The payload tensors back from received arrays (inverse of :meth:`wire_arrays`), checked strictly:
+        the array names, each array's dtype and byte length, padding bits and every code's range
+        (PayloadError naming the array otherwise)."""
+        fields = self._fields()
+        if set(arrays) != set(fields):
+            raise PayloadError(f"{self.name}: payload arrays {sorted(arrays)}, expected {sorted(fields)}")
+        return {k: f.unpack(arrays[k], k) for k, f in fields.items()}
 
     def validate_payload(self, payload: Payload) -> None:
         """A received payload against :meth:`payload_spec`: codec, dim, exactly those tensors, shapes,

@@ -38,6 +38,7 @@ __all__ = [
     "pack_fields",
     "unpack_bits",
     "decode_elias_omega",
+    "decode_omegas_from",
     "qsgd_fields",
     "qsgd_stream_bits",
     "qsgd_encode_stream",
@@ -149,8 +150,20 @@ def _read_uint(bits, ptr, width):  # pragma: no cover - compiled
 
 
 @_jit
-def _decode_qsgd(bits, nbits, count, dim, norms, q):  # pragma: no cover - compiled
-    """Fill norms (count,) uint32 and q (dim,) int64 from a Code_s stream; returns 0 or an error code."""
+def _ones_tail(bits, ptr, nbits):  # pragma: no cover - compiled
+    """Whether bits[ptr:nbits] is a padding tail: fewer than 8 bits, all ones (no code word is: each ends in 0)."""
+    if nbits - ptr >= 8:
+        return False
+    for j in range(ptr, nbits):
+        if bits[j] == 0:
+            return False
+    return True
+
+
+@_jit
+def _decode_qsgd(bits, nbits, count, dim, norms, q, padded):  # pragma: no cover - compiled
+    """Fill norms (count,) uint32 and q (dim,) int64 from a Code_s stream; returns 0 or an error code.
+    ``padded``: the stream ends at a padding tail of fewer than 8 one bits (a byte-padded wire stream)."""
     if nbits < 32 * count:
         return 1
     ptr = 0
@@ -159,6 +172,8 @@ def _decode_qsgd(bits, nbits, count, dim, norms, q):  # pragma: no cover - compi
         ptr += 32
     pos = -1
     while ptr < nbits:
+        if padded and _ones_tail(bits, ptr, nbits):
+            return 0
         gap, ptr = _read_omega(bits, ptr, nbits)
         if gap < 0:
             return 2
@@ -186,6 +201,28 @@ def _decode_omegas(bits, nbits, count, out):  # pragma: no cover - compiled
             return 2
         out[i] = v
     return 0 if ptr == nbits else 4
+
+
+@_jit
+def _decode_omegas_at(bits, start, nbits, count, out):  # pragma: no cover - compiled
+    """``count`` Elias omega codes from bit ``start``; returns the end position, or -1 if short / malformed."""
+    ptr = start
+    for i in range(count):
+        v, ptr = _read_omega(bits, ptr, nbits)
+        if v < 0:
+            return -1
+        out[i] = v
+    return ptr
+
+
+def decode_omegas_from(bits: np.ndarray, start: int, count: int) -> tuple[np.ndarray, int]:
+    """(``count`` Elias omega integers, the bit position after them) read from unpacked 0/1 ``bits`` at
+    ``start``; StreamError if the bits end first or hold an oversized code."""
+    out = np.zeros(count, dtype=np.int64)
+    end = _decode_omegas_at(np.ascontiguousarray(bits, dtype=np.uint8), int(start), int(bits.size), count, out)
+    if end < 0:
+        raise StreamError("Elias omega stream: truncated or malformed")
+    return out, int(end)
 
 
 def decode_elias_omega(stream: np.ndarray, nbits: int, count: int) -> np.ndarray:
@@ -237,11 +274,15 @@ def qsgd_encode_stream(norms: torch.Tensor, q: torch.Tensor) -> tuple[np.ndarray
     return pack_fields(*qsgd_fields(norms, q))
 
 
-def qsgd_decode_stream(stream: np.ndarray, nbits: int, count: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(norms float32 (count,), levels int64 (dim,)) from a Code_s stream; StreamError if malformed."""
+def qsgd_decode_stream(stream: np.ndarray, nbits: int, count: int, dim: int, *,
+                       padded: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norms float32 (count,), levels int64 (dim,)) from a Code_s stream; StreamError if malformed.
+
+    ``padded``: ``nbits`` is 8 x the bytes of a wire stream whose last byte is padded with one bits
+    (fewer than 8: :func:`fl_sim.compression.packing.pad_ones`); the stream ends at that tail."""
     norms = np.zeros(count, dtype=np.uint32)
     q = np.zeros(dim, dtype=np.int64)
-    status = _decode_qsgd(unpack_bits(stream, nbits), nbits, count, dim, norms, q)
+    status = _decode_qsgd(unpack_bits(stream, nbits), nbits, count, dim, norms, q, padded)
     if status:
         why = {1: "shorter than its norms", 2: "truncated or malformed code", 3: "a position past the end"}[status]
         raise StreamError(f"QSGD stream: {why}")

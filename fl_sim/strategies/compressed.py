@@ -9,8 +9,9 @@ Round (see fl_sim.clients.mods for the client half):
 2. each client sends p_i = encode(Δ_i + EF residual) with its seeds (protocol.codec_seeds): the
    codec's common randomness from the round seed, its own randomness from (round seed, client id),
    independent across clients (``seed_mode="per_client"``, the default; "shared" is the old rule);
-3. the server validates every payload against the codec's payload spec (tensor names, shapes,
-   dtypes, finiteness), then either decodes each (the inner strategy gets w + decode(p_i)), or, for a
+3. the server unpacks every payload from its packed arrays (byte lengths, padding and code ranges
+   checked), counts its uplink bits as 8 x the bytes received, validates it against the codec's payload
+   spec (tensor names, shapes, dtypes, finiteness), then either decodes each (the inner strategy gets w + decode(p_i)), or, for a
    linear codec (count_sketch, cs_fiht, rlc, onebit_cs with a common Φ), sums in the compressed domain
    (a codec with per-client dither removes each client's dither there) and decodes once
    (Δ̄ = decode(Σ_i (n_i/n) p_i); the inner gets w + Δ̄ from every client);
@@ -33,7 +34,7 @@ from flwr.serverapp.strategy import Strategy
 from .. import keys
 from ..compression import Codec, Payload, Seeds
 from ..protocol import DEFAULT_SEED_MODE, check_seed_mode, codec_seeds, dump_params, get_codec
-from ..records import float_sizes, payload_from_records
+from ..records import float_sizes, read_payload
 from . import guards
 from .base import ClientReply, ReplyError, UpdateStrategy, payload_meta
 
@@ -141,8 +142,10 @@ class CompressedFedAvg(UpdateStrategy):
         meta = payload_meta(msg)
         if meta is None:
             raise ReplyError("reply carries no encoded payload (is compression_mod installed on the ClientApp?)")
-        payload = payload_from_records(self.reply_arrays(msg), meta)
         codec = self.codec
+        # Bits counted by the server from the bytes that arrived (8 x the packed arrays' data bytes), never a
+        # declared count; unpacking checks each array's length, padding and code range (PayloadError).
+        payload, bits = read_payload(self.reply_arrays(msg), meta, codec)
         codec.validate_payload(payload)
         codec.check_values(payload)  # value checks of this one reply, before any aggregation
         data: Any = payload
@@ -151,14 +154,6 @@ class CompressedFedAvg(UpdateStrategy):
             if not torch.isfinite(vector).all():
                 raise ReplyError("the payload decodes to NaN or inf")
             data = _Decoded(payload, vector)
-        # Bits counted by the server, never the client's claim: the codec's count of this payload's content
-        # (variable-length codes), else those of the codec's own reference payload, whose structure
-        # (names, shapes, dtypes: payload_spec) every accepted payload of a fixed-size codec has.
-        counted = codec.payload_bits(payload)
-        seeds = self.client_seeds(cid)  # the seed this reply is decoded with: its operator is built anyway
-        bits = codec.reference_bits(seeds.seed if codec.seed_scope != "client" else seeds.own) \
-            if counted is None else int(counted)
-        self._declared_bits.check(cid, msg.metadata.src_node_id, payload.bits, bits, "payload bits")
         return data, bits
 
     def decodes_each(self) -> bool:

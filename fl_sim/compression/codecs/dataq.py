@@ -10,11 +10,13 @@ row-major: x = Z.reshape(-1) with Z of shape (N, d), dim = N d. The codec is det
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
 from ..base import Codec, CodecError, Payload, PayloadError, register_codec
 from ..dataq import _split_floor, dataq_bits, norm_tolerance
+from ..packing import Levels, Plain
 from ..quantizers import FLOAT_BITS, bits_for_index, level_dtype, to_wire_float
 
 __all__ = ["DataQCodec"]
@@ -35,6 +37,11 @@ class DataQCodec(Codec):
         ceil(log2(2m - 1)) bits per feature: bits = [32] + N d ceil(log2(2m - 1)). |Z_ij| > B raises.
 
     In both modes ||Z - Z_Q||_inf <= B/(m-1) (S/(m-1)).
+
+    Wire (:meth:`wire_arrays`): each feature's level a - b in {-(m-1)..m-1} as a code of ceil(log2(2m - 1))
+    bits, and the scales as float32: the bits of "per_feature". Departure in mode "exact": Theorem 1's
+    index of (a, b) in S (enumerative coding over C(2d + (m-1)^2, 2d) values) is not what is sent; the
+    same per-feature code is, so a receiver counting the bytes sees d ceil(log2(2m - 1)) bits a sample.
 
     Args: dim: N d. levels: m >= 2 (levels on [0, B] per sign). bound: B > 0 or None (scale sent).
         mode: "exact" or "per_feature". features: d (default dim: one sample); must divide dim.
@@ -113,6 +120,24 @@ class DataQCodec(Codec):
             wire = scales if self.mode == "exact" else scales[:1]
             tensors["scale"] = to_wire_float(wire, "dataq.encode", "the scale")
         return Payload(self.name, self.dim, tensors, self._bits(), {"mode": self.mode, "levels": self.levels})
+
+    def wire_fields(self) -> dict[str, Any]:
+        """One level a - b per feature (class docstring, "Wire"), then the scales as float32."""
+        fields: dict[str, Any] = {"level": Levels((self.samples, self.features), self._dtype, -self._steps, self._steps)}
+        if self.bound is not None:
+            return fields
+        return {**fields, "scale": Plain(((self.samples,) if self.mode == "exact" else (1,)), torch.float32)}
+
+    def wire_arrays(self, payload: Payload) -> dict[str, Any]:
+        fields = self._fields()
+        tensors = {**payload.tensors, "level": payload.tensors["a"] - payload.tensors["b"]}
+        return {k: f.pack(tensors[k]) for k, f in fields.items()}
+
+    def from_wire(self, arrays: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """(a, b) = (max(level, 0), max(-level, 0)): Z+ and Z- are never both nonzero at one feature."""
+        tensors = super().from_wire(arrays)
+        level = tensors.pop("level")
+        return {"a": level.clamp(min=0), "b": (-level).clamp(min=0), **tensors}
 
     def check_values(self, payload: Payload) -> None:
         """Raise PayloadError for a payload DataQ cannot have made (vectorized over all samples):

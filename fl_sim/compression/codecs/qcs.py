@@ -15,12 +15,13 @@ clients (``"common"``: the MAC sums A g_i, Ch. 5) and RLC has no per-client rand
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
 from ...rng import torch_generator
 from ..base import Codec, CodecError, Payload, PayloadError, SeedCache, Seeds, check_seed, register_codec
+from ..packing import Levels, Plain
 from ..projections import PartialHadamard, stacked_adjoint, stacked_forward
 from ..quantizers import (
     FLOAT_BITS,
@@ -235,6 +236,13 @@ class QCSCodec(Codec):
     def payload_spec(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """What one payload holds (tensor name -> (shape, dtype)); the server validates replies against it."""
         return {"q": ((self.blocks, self.k), self._q_dtype), "scale": ((self.blocks,), torch.float32)}
+
+    def wire_fields(self) -> dict[str, Any]:
+        """The levels as codes q + Q of ceil(log2(2Q + 1)) bits (1 bit, +1 <-> 1, for Q = 1/2), the block
+        scales as float32: the bits of :func:`~fl_sim.compression.quantizers.dithered_bits`."""
+        q = (Levels((self.blocks, self.k), self._q_dtype, -1, 1, 2) if self.levels == 0.5
+             else Levels((self.blocks, self.k), self._q_dtype, -int(self.levels), int(self.levels)))
+        return {"q": q, "scale": Plain((self.blocks,), torch.float32)}
 
     def encode(self, x: torch.Tensor, *, seed: int) -> Payload:
         x = self.check_input(x)

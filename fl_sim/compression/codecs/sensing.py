@@ -31,6 +31,7 @@ from ..base import (
     client_round_seed,
     register_codec,
 )
+from ..packing import Levels, Plain
 from ..projections import PartialHadamard, SubsampledOrthogonal
 from ..recovery import LP_MAX_ENTRIES, biht, fast_operator, fiht, l1_recovery_lp
 
@@ -336,6 +337,10 @@ class OneBitCSCodec(Codec):
     def payload_spec(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """What one payload holds (tensor name -> (shape, dtype)); the server validates replies against it."""
         return {"q": ((self.m,), torch.uint8), "rho": ((self.blocks,), torch.float32)}
+
+    def wire_fields(self) -> dict[str, Any]:
+        """The 1-bit measurements 8 per byte, the block scales rho as float32 (m + 32 B bits)."""
+        return {"q": Levels((self.m,), torch.uint8, 0, 1), "rho": Plain((self.blocks,), torch.float32)}
 
     def encode(self, x: torch.Tensor, *, seed: int, client_seed: int | None = None) -> Payload:
         x = self.check_input(x).to(torch.float32)

@@ -25,13 +25,15 @@ the work there is); identity and fp16 too (a copy or a cast).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from ...rng import torch_generator
 from ..base import Codec, CodecError, Payload, PayloadError, Seeds, check_seed, register_codec
-from ..coding import gap_stream_bits, qsgd_stream_bits
+from ..coding import StreamError, qsgd_decode_stream, qsgd_encode_stream, qsgd_stream_bits
+from ..packing import INDEX_CODINGS, Indices, Levels, Plain, index_bits, pad_ones
 from ..quantizers import (
     FLOAT_BITS,
     level_dtype,
@@ -179,8 +181,10 @@ class TopKCodec(_Granular):
             keeps its own top-k_t, k_t apportioned to the tensor sizes with exact total k
             (:func:`~fl_sim.compression.quantizers.split_k`; GRACE uses max(1, floor(ratio n_t)) instead).
         segments: the tensor sizes (filled in by CompressedFedAvg).
-        index_coding: "fixed" (default; ceil(log2 d) bits per index) or "elias" (the sorted indices as
-            Elias-omega codes of their gaps, :func:`~fl_sim.compression.coding.gap_stream_bits`).
+        index_coding: "auto" (default: a flag bit, then the shorter of the two codes for these indices),
+            "fixed" (ceil(log2 d) bits per index) or "elias" (the sorted indices as Elias-omega codes of
+            their gaps, :func:`~fl_sim.compression.coding.gap_stream_bits`); the wire carries that code
+            (:mod:`fl_sim.compression.packing`).
 
     bits = 32 k + index bits (no scale is sent).
     """
@@ -194,12 +198,12 @@ class TopKCodec(_Granular):
         k: int | None = None,
         granularity: str = "vector",
         segments: list[int] | None = None,
-        index_coding: str = "fixed",
+        index_coding: str = "auto",
     ) -> None:
         super().__init__(dim=dim)
         self.k = _check_k(k, dim, self.name)
         self._init_granularity(granularity, segments)
-        self.index_coding = _check_choice(index_coding, "index_coding", self.name, CODINGS)
+        self.index_coding = _check_choice(index_coding, "index_coding", self.name, INDEX_CODINGS)
         self.ks = split_k(self.k, self.seg.lengths)
 
     def params(self) -> dict:
@@ -208,6 +212,10 @@ class TopKCodec(_Granular):
     def payload_spec(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """What one payload holds (tensor name -> (shape, dtype)); the server validates replies against it."""
         return {"indices": ((self.k,), torch.int64), "values": ((self.k,), torch.float32)}
+
+    def wire_fields(self) -> dict[str, Any]:
+        """The indices in their index code, the values as float32."""
+        return {"indices": Indices(self.k, self.dim, self.index_coding), "values": Plain((self.k,), torch.float32)}
 
     def encode(self, x: torch.Tensor, *, seed: int) -> Payload:
         x = self.check_input(x)
@@ -232,14 +240,10 @@ class TopKCodec(_Granular):
             out.scatter_(1, _stack(payloads, "indices"), _stack(payloads, "values").to(torch.float32))
         return out
 
-    def payload_bits(self, payload: Payload) -> int:
-        """Counted from the received indices (Elias-coded gaps vary with them)."""
-        return self._bits(payload.tensors["indices"])
-
     def _bits(self, idx: torch.Tensor) -> int:
         if self.index_coding == "fixed":
             return topk_bits(self.dim, self.k)
-        return FLOAT_BITS * self.k + gap_stream_bits(idx)
+        return FLOAT_BITS * self.k + index_bits(idx, self.dim, self.index_coding)
 
     def check_values(self, payload: Payload) -> None:
         idx = payload.tensors["indices"]
@@ -362,6 +366,38 @@ class QSGDCodec(_Granular):
         """What one payload holds (tensor name -> (shape, dtype)); the server validates replies against it."""
         return {"norm": ((self.seg.count,), torch.float32), "q": ((self.dim,), level_dtype(self.levels))}
 
+    def wire_fields(self) -> dict[str, Any]:
+        """coding "fixed": the norms as float32 and each level q_i + s as a code of ceil(log2(2s + 1))
+        <= 1 + ceil(log2(s + 1)) bits (the count's sign and magnitude). "elias": one joint stream
+        (:meth:`wire_arrays`)."""
+        return {"norm": Plain((self.seg.count,), torch.float32),
+                "q": Levels((self.dim,), level_dtype(self.levels), -self.levels, self.levels)}
+
+    def wire_arrays(self, payload: Payload) -> dict[str, Any]:
+        """coding "elias": ``{"stream": the bytes of Code_s}`` (norms first, one-padded to a byte)."""
+        if self.coding != "elias":
+            return super().wire_arrays(payload)
+        buf, nbits = qsgd_encode_stream(payload.tensors["norm"], payload.tensors["q"])
+        return {"stream": pad_ones(buf, nbits)}
+
+    def from_wire(self, arrays: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """coding "elias": norms and levels decoded from the stream; a malformed stream, a position past
+        d or a level above s is rejected (PayloadError)."""
+        if self.coding != "elias":
+            return super().from_wire(arrays)
+        if set(arrays) != {"stream"}:
+            raise PayloadError(f"qsgd: payload arrays {sorted(arrays)}, expected ['stream']")
+        buf = np.asarray(arrays["stream"])
+        if buf.dtype != np.uint8 or buf.ndim != 1:
+            raise PayloadError(f"qsgd: array 'stream' must be packed bytes (1-D uint8), got {buf.dtype} {buf.shape}")
+        try:
+            norm, q = qsgd_decode_stream(buf, 8 * buf.size, self.seg.count, self.dim, padded=True)
+        except StreamError as exc:
+            raise PayloadError(f"qsgd: array 'stream': {exc}") from None
+        if q.numel() and int(q.abs().max()) > self.levels:
+            raise PayloadError(f"qsgd: array 'stream': level {int(q.abs().max())} outside 0..{self.levels}")
+        return {"norm": norm, "q": q.to(level_dtype(self.levels))}
+
     def encode(self, x: torch.Tensor, *, seed: int) -> Payload:
         x = self.check_input(x)
         gen = torch_generator(check_seed(seed, "qsgd.encode"), "qsgd")
@@ -385,10 +421,6 @@ class QSGDCodec(_Granular):
         if not payloads:
             return torch.zeros(0, self.dim)
         return qsgd_dequantize(_stack(payloads, "norm"), _stack(payloads, "q"), self.levels, self.seg)
-
-    def payload_bits(self, payload: Payload) -> int:
-        """Counted from the received levels (the Elias stream's length varies with them)."""
-        return self._bits(payload.tensors["q"])
 
     def _bits(self, q: torch.Tensor) -> int:
         if self.coding == "elias":
@@ -430,6 +462,10 @@ class SignCodec(_Granular):
     def payload_spec(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """What one payload holds (tensor name -> (shape, dtype)); the server validates replies against it."""
         return {"scale": ((self.seg.count,), torch.float32), "signs": ((self.dim,), torch.int8)}
+
+    def wire_fields(self) -> dict[str, Any]:
+        """The scales as float32, the signs 8 per byte (bit 1 = +1, 0 = -1)."""
+        return {"scale": Plain((self.seg.count,), torch.float32), "signs": Levels((self.dim,), torch.int8, -1, 1, 2)}
 
     def encode(self, x: torch.Tensor, *, seed: int) -> Payload:
         x = self.check_input(x)
@@ -507,6 +543,10 @@ class TernGradCodec(_Granular):
     def payload_spec(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """What one payload holds (tensor name -> (shape, dtype)); the server validates replies against it."""
         return {"scale": ((self.seg.count,), torch.float32), "q": ((self.dim,), torch.int8)}
+
+    def wire_fields(self) -> dict[str, Any]:
+        """The scales as float32, the ternary levels as 2-bit codes q + 1 (4 per byte; code 3 is rejected)."""
+        return {"scale": Plain((self.seg.count,), torch.float32), "q": Levels((self.dim,), torch.int8, -1, 1)}
 
     def encode(self, x: torch.Tensor, *, seed: int) -> Payload:
         x = self.check_input(x)
