@@ -188,6 +188,19 @@ def bench_codecs(
     _bench_module("bench_codecs").main(argv)
 
 
+@bench_app.command("wire")
+def bench_wire(
+    d: int = typer.Option(100_000, "--d", help="Update length (two tensors, 60% + 40%)."),
+    out_path: Path = typer.Option(Path("bench_out/wire.json"), "--out"),
+    markdown: bool = typer.Option(False, "--markdown", help="Print the table as markdown."),
+) -> None:
+    """Per codec: the bits it counts, the bytes its reply carries, Flower's framing, pack/unpack times."""
+    argv = ["--d", str(d), "--out", str(out_path)] + ["--markdown"] * markdown
+    code = _bench_module("bench_wire").main(argv)
+    if code:
+        raise typer.Exit(code)
+
+
 def _bench_module(name: str):
     """fl_sim.bench.<name> (installed with fl-sim)."""
     import importlib

@@ -9,6 +9,7 @@ import torch
 
 from fl_sim import keys
 from fl_sim.config import config_from_dict, load_config
+from fl_sim.compression.packing import wire_bits
 from fl_sim.records import flatten_arrays, payload_from_records
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,7 +115,9 @@ def test_local_topk_sends_client_topk_with_error_feedback_and_global_momentum():
     codec = strategy.codec_for(d)
     u = torch.zeros(d)
     for r in rounds:
-        assert r["metrics"]["uplink_bits"] == sum(p.bits for p in r["payloads"])
+        # the server counts the packed bytes: the values' 32 bits and the index code, each byte-padded
+        assert r["metrics"]["uplink_bits"] == sum(wire_bits(codec.wire_arrays(p).values()) for p in r["payloads"])
+        assert all(0 <= wire_bits(codec.wire_arrays(p).values()) - p.bits < 8 * 2 for p in r["payloads"])
         dec = torch.stack([codec.decode(p, seed=0) for p in r["payloads"]])
         u = rho * u + r["weights"].float() @ dec
         torch.testing.assert_close(r["update"], eta * u, rtol=1e-5, atol=1e-7)

@@ -49,9 +49,10 @@ def test_identity_codec_equals_fedavg():
 
 
 def test_topk_ef_bits():
-    rows, s = rows_after(cfg_for({"name": "compressed", "error_feedback": "classic"}, {"name": "topk", "k": 50}))
+    rows, s = rows_after(cfg_for({"name": "compressed", "error_feedback": "classic"},
+                                 {"name": "topk", "k": 50, "index_coding": "fixed"}))
     d = d_of(s)
-    per_client = 50 * (32 + math.ceil(math.log2(d)))
+    per_client = 50 * 32 + 8 * math.ceil(50 * math.ceil(math.log2(d)) / 8)  # packed indices, byte-padded
     assert all(r["uplink_bits"] == K * per_client for r in rows)
 
 
@@ -83,7 +84,7 @@ def test_qcs_bits(granularity):
         assert blocks > math.ceil(d / 64)
     else:
         blocks = math.ceil(d / 64)
-    per_client = blocks * 32 + blocks * 16 * math.ceil(math.log2(2 * 2 + 1))
+    per_client = blocks * 32 + 8 * math.ceil(blocks * 16 * math.ceil(math.log2(2 * 2 + 1)) / 8)  # packed levels
     assert all(r["uplink_bits"] == K * per_client for r in rows)
 
 
@@ -92,7 +93,7 @@ def test_onebit_cs(phi):
     rows, s = rows_after(cfg_for({"name": "onebit_cs", "compression": 2, "phi": phi}))
     d = d_of(s)
     m = round(d / 2)
-    assert all(r["uplink_bits"] == K * (m + 32) for r in rows)
+    assert all(r["uplink_bits"] == K * (8 * math.ceil(m / 8) + 32) for r in rows)  # 8 bits a byte, rho float32
 
 
 def test_daqusgd_bits_and_threshold():
@@ -115,10 +116,11 @@ def test_rlc_channel_uses_and_decode():
 
 
 def test_digital_baseline_channel_uses():
-    rows, s = rows_after(cfg_for({"name": "compressed"}, {"name": "topk", "k": 20}, channel={"snr_db": 18.0}))
+    rows, s = rows_after(cfg_for({"name": "compressed"}, {"name": "topk", "k": 20, "index_coding": "fixed"},
+                                 channel={"snr_db": 18.0}))
     c = 0.5 * math.log2(1 + 10 ** 1.8)
     d = d_of(s)
-    per_client = 20 * (32 + math.ceil(math.log2(d)))
+    per_client = 20 * 32 + 8 * math.ceil(20 * math.ceil(math.log2(d)) / 8)  # the bytes sent
     assert all(r["channel_uses"] == K * math.ceil(per_client / c) for r in rows)
 
 

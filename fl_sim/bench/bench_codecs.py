@@ -6,6 +6,9 @@ d in 2^16 .. 2^23 (quick: 2^16, 2^20) and d = 668,426 (Tang et al.'s ResNet):
 * encode_ms: best of ``repeats`` encodes of a Gaussian vector, each with a fresh seed, so a codec's
   per-seed operator (signs, rows, hashes) is rebuilt as in a real round;
 * decode_ms: best of ``repeats`` decodes of that payload with its seed (the server's operator cache hit);
+* pack_ms, unpack_ms: best of ``repeats`` of ``codec.wire_arrays`` (the payload as the packed arrays a
+  reply carries) and ``codec.from_wire`` (back, with the receiver's length and range checks);
+  wire_bits: 8 x the packed arrays' bytes (bits plus byte padding);
 * rfft_ms: torch.fft.rfft of a length-d float32 vector, measured in the same run;
   encode_ratio, decode_ratio = time / rfft_ms;
 * bits, bits/coordinate and relative error ||x - x_hat|| / ||x||.
@@ -36,6 +39,7 @@ from typing import Any, Callable
 import torch
 
 from fl_sim.compression import codec_names, make_codec
+from fl_sim.compression.packing import wire_bits
 from fl_sim.rng import torch_generator
 
 TANG_D = 668_426
@@ -82,6 +86,8 @@ def bench_codec(name: str, x: torch.Tensor, rfft_ms: float, repeats: int) -> dic
     t_enc, payload = best_of(lambda i: codec.encode(x, seed=1000 + i), repeats)
     seed = 1000 + repeats
     t_dec, x_hat = best_of(lambda _i: codec.decode(payload, seed=seed), repeats)
+    t_pack, wire = best_of(lambda _i: codec.wire_arrays(payload), repeats)
+    t_unpack, _ = best_of(lambda _i: codec.from_wire(wire), repeats)
     rel = float((x_hat - x).norm() / x.norm())
     return {
         "bench": "codec",
@@ -90,10 +96,13 @@ def bench_codec(name: str, x: torch.Tensor, rfft_ms: float, repeats: int) -> dic
         "params": params,
         "encode_ms": 1e3 * t_enc,
         "decode_ms": 1e3 * t_dec,
+        "pack_ms": 1e3 * t_pack,
+        "unpack_ms": 1e3 * t_unpack,
         "rfft_ms": rfft_ms,
         "encode_ratio": 1e3 * t_enc / rfft_ms,
         "decode_ratio": 1e3 * t_dec / rfft_ms,
         "bits": int(payload.bits),
+        "wire_bits": wire_bits(wire.values()),
         "bits_per_coord": payload.bits / d,
         "rel_error": rel,
     }
@@ -214,7 +223,8 @@ def _fmt(v: Any) -> str:
 
 
 def print_table(rows: list[dict], title: str) -> None:
-    cols = ["codec", "d", "encode_ms", "decode_ms", "rfft_ms", "encode_ratio", "decode_ratio", "bits_per_coord", "rel_error"]
+    cols = ["codec", "d", "encode_ms", "decode_ms", "pack_ms", "unpack_ms", "rfft_ms", "encode_ratio", "decode_ratio",
+            "bits_per_coord", "rel_error"]
     cells = [[_fmt(r.get(c, r.get("skipped", r.get("error", "")) if c == "encode_ms" else "")) for c in cols] for r in rows]
     try:
         from rich.console import Console

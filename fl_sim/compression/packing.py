@@ -92,6 +92,8 @@ def _codes_from_bits(bits: np.ndarray, width: int, count: int) -> np.ndarray:
     """int64 (count,) from ``count * width`` 0/1 bits, MSB first (inverse of :func:`_code_bits`)."""
     if width == 0:
         return np.zeros(count, dtype=np.int64)
+    if width == 1:
+        return bits[:count].astype(np.int64)
     dt = _be_dtype(width)
     lead = dt.itemsize * 8 - width
     b = bits[: count * width].reshape(count, width)
@@ -226,6 +228,10 @@ def unpack_indices(buf: np.ndarray, dim: int, count: int, coding: str, name: str
     return idx
 
 
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    return torch.empty(0, dtype=dtype).numpy().dtype
+
+
 # -- per-tensor fields -----------------------------------------------------------------------------------------
 class Field(ABC):
     """How one payload tensor of a known shape and dtype travels: pack to a numpy array, unpack checked."""
@@ -277,17 +283,17 @@ class Levels(Field):
         self.width = bits_for_index(self.top + 1)
 
     def pack(self, t: torch.Tensor) -> np.ndarray:
-        v = t.detach().cpu().reshape(-1).to(torch.int64)
+        v = t.detach().cpu().reshape(-1).numpy().astype(np.int64)  # numpy casts: torch's are slower here
         codes = (v - self.lo) // self.step if self.step > 1 else v - self.lo
-        return pack_uint(codes.numpy(), self.width)
+        return pack_uint(codes, self.width)
 
     def unpack(self, a: np.ndarray, name: str) -> torch.Tensor:
         codes = unpack_uint(a, self.width, self.count, name)
         if codes.size and int(codes.max()) > self.top:
             raise PayloadError(f"array {name!r}: code {int(codes.max())} outside 0..{self.top} "
                                f"(levels {self.lo}..{self.hi} step {self.step})")
-        values = torch.from_numpy(codes * self.step + self.lo if self.step > 1 else codes + self.lo)
-        return values.to(self.dtype).reshape(self.shape)
+        values = codes * self.step + self.lo if self.step > 1 else codes + self.lo
+        return torch.from_numpy(values.astype(_numpy_dtype(self.dtype)).reshape(self.shape))
 
 
 class Indices(Field):
