@@ -394,9 +394,12 @@ class QSGDCodec(_Granular):
             norm, q = qsgd_decode_stream(buf, 8 * buf.size, self.seg.count, self.dim, padded=True)
         except StreamError as exc:
             raise PayloadError(f"qsgd: array 'stream': {exc}") from None
-        if q.numel() and int(q.abs().max()) > self.levels:
-            raise PayloadError(f"qsgd: array 'stream': level {int(q.abs().max())} outside 0..{self.levels}")
-        return {"norm": norm, "q": q.to(level_dtype(self.levels))}
+        qn = q.numpy()  # numpy, not torch: small element-wise ops stall in torch's thread pool under load
+        top = int(np.abs(qn).max()) if qn.size else 0
+        if top > self.levels:
+            raise PayloadError(f"qsgd: array 'stream': level {top} outside 0..{self.levels}")
+        dtype = torch.empty(0, dtype=level_dtype(self.levels)).numpy().dtype
+        return {"norm": norm, "q": torch.from_numpy(qn.astype(dtype))}
 
     def encode(self, x: torch.Tensor, *, seed: int) -> Payload:
         x = self.check_input(x)
