@@ -27,7 +27,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -38,23 +38,23 @@ from fl_sim.compression.packing import wire_bits
 from fl_sim.records import payload_to_records, read_payload
 from fl_sim.rng import torch_generator
 
-# codec label -> (registry name, parameters at d = 100,000): the methods of the README's table
-METHODS: dict[str, tuple[str, dict[str, Any]]] = {
-    "qcs": ("qcs", {"block": 256, "k": 110, "levels": 2}),
-    "qcs_1bit": ("qcs", {"block": 256, "k": 110, "levels": 0.5}),
-    "onebit_cs": ("onebit_cs", {"measurements": 50_000}),
-    "topk (auto)": ("topk", {"k": 1_000}),
-    "topk (fixed)": ("topk", {"k": 1_000, "index_coding": "fixed"}),
-    "qsgd": ("qsgd", {"levels": 4}),
-    "qsgd (fixed)": ("qsgd", {"levels": 4, "coding": "fixed"}),
-    "terngrad": ("terngrad", {}),
-    "sign": ("sign", {}),
-    "randk": ("randk", {"k": 1_000}),
-    "fp16": ("fp16", {}),
-    "cs_fiht": ("cs_fiht", {"measurements": 25_000, "sparsity": 1_000}),
-    "count_sketch (FetchSGD)": ("count_sketch", {"rows": 5, "cols": 2_000, "k": 1_000}),
-    "rlc": ("rlc", {"m": 5_000}),
-    "identity": ("identity", {}),
+# codec label -> (registry name, parameters as a function of d): the methods of the README's table
+METHODS: dict[str, tuple[str, Callable[[int], dict[str, Any]]]] = {
+    "qcs": ("qcs", lambda d: {"block": 256, "k": 110, "levels": 2}),
+    "qcs_1bit": ("qcs", lambda d: {"block": 256, "k": 110, "levels": 0.5}),
+    "onebit_cs": ("onebit_cs", lambda d: {"measurements": d // 2}),
+    "topk (auto)": ("topk", lambda d: {"k": d // 100}),
+    "topk (fixed)": ("topk", lambda d: {"k": d // 100, "index_coding": "fixed"}),
+    "qsgd": ("qsgd", lambda d: {"levels": 4}),
+    "qsgd (fixed)": ("qsgd", lambda d: {"levels": 4, "coding": "fixed"}),
+    "terngrad": ("terngrad", lambda d: {}),
+    "sign": ("sign", lambda d: {}),
+    "randk": ("randk", lambda d: {"k": d // 100}),
+    "fp16": ("fp16", lambda d: {}),
+    "cs_fiht": ("cs_fiht", lambda d: {"measurements": d // 4, "sparsity": d // 100}),
+    "count_sketch (FetchSGD)": ("count_sketch", lambda d: {"rows": 5, "cols": d // 50, "k": d // 100}),
+    "rlc": ("rlc", lambda d: {"m": d // 20}),
+    "identity": ("identity", lambda d: {}),
 }
 
 
@@ -92,7 +92,7 @@ def _best(fn, repeats: int) -> tuple[float, Any]:
 
 def measure(label: str, d: int, segments: list[int], repeats: int) -> dict[str, Any]:
     name, params = METHODS[label]
-    codec = _codec(name, params, d, segments)
+    codec = _codec(name, params(d), d, segments)
     x = torch.randn(d, generator=torch_generator(0, "bench_wire", d))
     p = codec.encode(x, seed=1)
     unpacked = 8 * sum(int(t.numpy().nbytes) for t in p.tensors.values())
@@ -119,7 +119,9 @@ COLUMNS = ["codec", "d", "counted_bits", "wire_bits", "before", "after", "messag
            "pack_ms", "unpack_ms"]
 
 
-def _fmt(v: Any) -> str:
+def _fmt(v: Any, col: str = "") -> str:
+    if col in ("before", "after"):
+        return f"{v:.4g}"
     if isinstance(v, float):
         return f"{v:.3g}" if v < 100 else f"{v:.0f}"
     return str(v)
@@ -127,7 +129,7 @@ def _fmt(v: Any) -> str:
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
-    lines += ["| " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |" for r in rows]
+    lines += ["| " + " | ".join(_fmt(r[c], c) for c in COLUMNS) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -138,16 +140,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench_out/wire.json"))
     parser.add_argument("--markdown", action="store_true", help="print the table as markdown")
     args = parser.parse_args(argv)
-    if args.d < 10:
-        parser.error(f"--d {args.d}: use at least 10 coordinates")
+    if args.d < 1000:
+        parser.error(f"--d {args.d}: use at least 1000 coordinates (k = d/100 of top-k must be >= 10)")
     data = run(args.d, args.repeats)
     if args.markdown:
         print(markdown(data["rows"]))
     else:
-        widths = {c: max(len(c), *(len(_fmt(r[c])) for r in data["rows"])) for c in COLUMNS}
+        widths = {c: max(len(c), *(len(_fmt(r[c], c)) for r in data["rows"])) for c in COLUMNS}
         print("  ".join(c.rjust(widths[c]) for c in COLUMNS))
         for r in data["rows"]:
-            print("  ".join(_fmt(r[c]).rjust(widths[c]) for c in COLUMNS))
+            print("  ".join(_fmt(r[c], c).rjust(widths[c]) for c in COLUMNS))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_name(f".{args.out.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data, indent=2))
