@@ -217,10 +217,10 @@ def test_all_replies_rejected_is_an_error_naming_the_mod(caplog):
 
 # ------------------------------------------------------------------ learning on the quickstart task
 def quickstart_run(strategy_factory, rounds):
-    from fl_sim.build import build_experiment
+    from fl_sim.runs.build import build_experiment
     from fl_sim.clients.app import make_client_app
     from fl_sim.config import load_config
-    from fl_sim.simulation import server_loop
+    from fl_sim.runs.simulation import server_loop
 
     cfg = load_config(ROOT / "fl_sim" / "configs" / "quickstart.yaml", [f"rounds={rounds}", "eval_every=0"])
     exp = build_experiment(cfg)

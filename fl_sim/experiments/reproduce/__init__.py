@@ -20,7 +20,7 @@ Kinds:
       Lemma 9's eta (4.15)/(4.16) and the same recursion evaluated with the measured gamma.
 * ``runs`` -- a list of fl-sim configs (``simulation.backend=vectorized`` and the relative reply guards off,
   :data:`HONEST_CLIENTS`, unless overridden), resumable,
-  then :func:`fl_sim.results.report` (accuracy vs round / vs uplink bits, report.csv) and a Pareto
+  then :func:`fl_sim.runs.results.report` (accuracy vs round / vs uplink bits, report.csv) and a Pareto
   figure: final accuracy against total uplink bits (log scale), one point per method. Optional
   settings: ``cumulative: [channel_uses]`` (more running-sum x axes and totals in report.csv, see
   ``report``) and ``metric_plots: [{column, runs, reference, reference_label, logy}]`` (a per-round
@@ -43,7 +43,7 @@ from typing import Any
 
 import yaml
 
-from .results import atomic_write
+from fl_sim.runs.results import atomic_write
 
 __all__ = [
     "EXPERIMENT_KINDS",
@@ -82,7 +82,7 @@ def register_kind(name: str):
 # ---------------------------------------------------------------------------------------------------
 def papers_dir() -> Path:
     """configs/papers/ of the working directory if present, else the shipped one (fl_sim/configs/papers)."""
-    from .config import config_dir
+    from fl_sim.config import config_dir
 
     local = Path("configs") / "papers"
     if local.is_dir():
@@ -107,7 +107,7 @@ def _spec_path(name: str | Path) -> Path:
     if p.is_file():
         return p
     stem = p.name[: -len(".yaml")] if p.name.endswith(".yaml") else p.name
-    from .config import config_dir
+    from fl_sim.config import config_dir
 
     for base in (papers_dir(), config_dir() / "papers"):
         cand = base / f"{stem}.yaml"
@@ -232,8 +232,8 @@ def codec_block_errors(name: str, params: dict[str, Any], G, seed: int):
     """
     import torch
 
-    from .compression.base import make_codec
-    from .rng import derive_seed
+    from fl_sim.compression.base import make_codec
+    from fl_sim.rng import derive_seed
 
     B, n = G.shape
     if name in BLOCKWISE_CODECS:
@@ -260,7 +260,7 @@ def _gaussian_blocks(seed: int, purpose: str, blocks: int, n: int):
     """B x n i.i.d. N(0, 1) rows (the test vectors; NOTES §6's Monte-Carlo uses Gaussian vectors too)."""
     import torch
 
-    from .rng import torch_generator
+    from fl_sim.rng import torch_generator
 
     return torch.randn(blocks, n, generator=torch_generator(seed, "reproduce", purpose), dtype=torch.float32)
 
@@ -273,7 +273,7 @@ def _mean_se(err) -> tuple[float, float]:
 
 def _qcs_wire_bits(n: int, k: int, levels: float) -> int:
     """Exact bits per block of the qcs codec: a float32 scale + k ceil(log2(2Q+1))-bit indices."""
-    from .compression.quantizers import level_bits
+    from fl_sim.compression.quantizers import level_bits
 
     return FLOAT_BITS + k * level_bits(levels)
 
@@ -282,7 +282,7 @@ def _qcs_table(n: int, levels, wire: bool):
     """(gain, gamma, k, Q) arrays over k = 2..n and Q in ``levels``: gamma of (4.10), gain (4.11) or exact."""
     import numpy as np
 
-    from .compression.quantizers import level_bits
+    from fl_sim.compression.quantizers import level_bits
 
     k = np.arange(2, n + 1, dtype=np.float64)
     gains, gammas, ks, qs = [], [], [], []
@@ -332,8 +332,8 @@ def qcs_theory_front(n: int, levels, *, wire: bool = True) -> list[tuple[float, 
 
 def _gain_vs_mse(s: dict[str, Any], seed: int, out: Path, progress: ProgressFn) -> dict[str, Any]:
     """Fig. 4.1 analogue: every codec on the same B blocks of n Gaussian coordinates."""
-    from .compression.codecs.qcs import qcs_gamma
-    from .compression.quantizers import qsgd_variance_bound
+    from fl_sim.compression.codecs.qcs import qcs_gamma
+    from fl_sim.compression.quantizers import qsgd_variance_bound
 
     n, B = int(s["block"]), int(s["blocks"])
     G = _gaussian_blocks(seed, "gain-mse", B, n)
@@ -417,8 +417,8 @@ def _theorem7_alpha(s: dict[str, Any], seed: int, out: Path, progress: ProgressF
     """Unbiased-QCS MSE vs gamma (Theorem 7), MMSE-QCS vs Lemma 8, and an unbiasedness check."""
     import torch
 
-    from .compression.codecs.qcs import qcs_gamma
-    from .rng import derive_seed
+    from fl_sim.compression.codecs.qcs import qcs_gamma
+    from fl_sim.rng import derive_seed
 
     n, B = int(s["block"]), int(s["blocks"])
     G = _gaussian_blocks(seed, "theorem7", B, n)
@@ -512,9 +512,9 @@ def _weighted_ef(s: dict[str, Any], seed: int, gamma_emp: float, out: Path, prog
     """Weighted EF (4.14) on a fixed i.i.d. N(0, I) stream g_t; ||r_t||^2 / B with B = E||g||^2 = d."""
     import torch
 
-    from .compression.base import make_codec
-    from .compression.error_feedback import WeightedErrorFeedback, optimal_beta, residual_bound
-    from .rng import derive_seed, torch_generator
+    from fl_sim.compression.base import make_codec
+    from fl_sim.compression.error_feedback import WeightedErrorFeedback, optimal_beta, residual_bound
+    from fl_sim.rng import derive_seed, torch_generator
 
     n, k, Q = int(s["block"]), int(s["ef_k"]), s["ef_levels"]
     d, T = n * int(s["ef_blocks"]), int(s["ef_steps"])
@@ -601,7 +601,7 @@ def run_qcs_codec(spec: dict[str, Any], s: dict[str, Any], out: Path, *, progres
     """Abdi Ch. 4 at the codec level: gain vs MSE, Theorem 7, alpha, weighted EF (see module docstring)."""
     import torch
 
-    from .compression.codecs.qcs import qcs_gamma
+    from fl_sim.compression.codecs.qcs import qcs_gamma
 
     seed = int(spec.get("seed", 0))
     threads = torch.get_num_threads()
@@ -656,7 +656,7 @@ def _resolve_config(path: str, spec_path: Path) -> Path:
     for cand in (root / path, spec_path.resolve().parent / path):
         if cand.is_file():
             return cand
-    from .config import ConfigError, packaged_config
+    from fl_sim.config import ConfigError, packaged_config
 
     try:
         return packaged_config(path)  # configs/x.yaml of the shipped configs
@@ -681,16 +681,16 @@ def run_runs(
 ) -> dict[str, Any]:
     """Run every entry of ``spec['runs']`` ({config, name?, set?}) into OUT/runs/NAME (resumable), then report.
 
-    Overrides, in order: ``simulation.backend=vectorized`` (fl_sim.vectorized: the inline backend's numbers,
+    Overrides, in order: ``simulation.backend=vectorized`` (fl_sim.engine.vectorized: the inline backend's numbers,
     a round's clients trained in batches), :data:`HONEST_CLIENTS` (the relative reply guards off), the
     settings' ``set``, the entry's ``set``,
     ``name=NAME``. A run whose summary.json exists with the same config.yaml (up to
-    fl_sim.checkpoint.ENGINE_KEYS: a run made with another backend counts) is not rerun. All configs
+    fl_sim.runs.checkpoint.ENGINE_KEYS: a run made with another backend counts) is not rerun. All configs
     are validated before the first run starts.
     """
-    from .checkpoint import config_differences  # engine keys (backend, ...) aside: the same numbers
-    from .config import config_to_dict, load_config
-    from .results import report
+    from fl_sim.runs.checkpoint import config_differences  # engine keys (backend, ...) aside: the same numbers
+    from fl_sim.config import config_to_dict, load_config
+    from fl_sim.runs.results import report
 
     entries = spec.get("runs") or []
     if not isinstance(entries, list) or not entries:
@@ -710,7 +710,7 @@ def run_runs(
     if runner is None:
         from functools import partial
 
-        from .simulation import run_experiment
+        from fl_sim.runs.simulation import run_experiment
 
         runner = partial(run_experiment, overwrite=True)  # OUT/runs/NAME is this experiment's own; rerun replaces
     run_dirs = []
@@ -752,7 +752,7 @@ def plot_metric_vs_round(
     min, max} of the metric (rounds where it is finite)."""
     import numpy as np
 
-    from .results import load_run
+    from fl_sim.runs.results import load_run
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.0))

@@ -49,8 +49,8 @@ from typing import Any
 
 import yaml
 
-from .config import ConfigError, RunConfig, apply_overrides, config_from_dict, config_to_dict
-from .results import atomic_write, bits_to_reach, load_run
+from fl_sim.config import ConfigError, RunConfig, apply_overrides, config_from_dict, config_to_dict
+from fl_sim.runs.results import atomic_write, bits_to_reach, load_run
 
 __all__ = [
     "Suite",
@@ -120,17 +120,17 @@ class Suite:
 
 
 def _repo_root() -> Path:
-    return Path(__file__).resolve().parent.parent
+    return Path(__file__).resolve().parents[3]  # fl_sim/experiments/compare/__init__.py -> the checkout
 
 
 def default_suite_path() -> Path:
-    from .config import config_dir
+    from fl_sim.config import config_dir
 
     return config_dir() / "compare" / "suite.yaml"
 
 
 def _resolve(path: str, spec_path: Path) -> Path:
-    from .config import packaged_config
+    from fl_sim.config import packaged_config
 
     p = Path(path)
     for cand in (p, spec_path.parent / p, _repo_root() / p):
@@ -311,7 +311,7 @@ def _execute(cfg_dict: dict[str, Any], run_dir: str, digest: str, version: str) 
     import torch
 
     torch.set_num_threads(1)
-    from .simulation import run_experiment
+    from fl_sim.runs.simulation import run_experiment
 
     sim = cfg_dict.setdefault("simulation", {})
     if not sim.get("cohort_threads"):  # automatic = one per core: jobs x cores threads would contend
