@@ -301,7 +301,7 @@ def test_rlc_suite_keeps_each_methods_channel(tmp_path):
 def test_worker_runs_batched_calls_on_one_thread(tmp_path, monkeypatch):
     """A suite worker keeps its one-thread contract: automatic cohort_threads (one per core) becomes 1, so
     --jobs N vectorized workers do not each take every core; an explicit value is kept."""
-    import fl_sim.experiments.compare as fc
+    import fl_sim.experiments.compare.runner as fc
     import fl_sim.runs.simulation as fsim
 
     seen = []

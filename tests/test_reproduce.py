@@ -41,7 +41,7 @@ def test_every_runs_experiment_config_validates_reduced_and_full():
     # Every run of every 'runs' experiment must be a valid fl-sim config with its overrides (a typo in a
     # paper YAML would otherwise surface only minutes into a reproduction).
     from fl_sim.config import load_config
-    from fl_sim.experiments.reproduce import _resolve_config
+    from fl_sim.experiments.reproduce.runner import _resolve_config
 
     for name, kind, _ in list_experiments():
         if kind != "runs":
