@@ -1,4 +1,4 @@
-"""Abdi's RLC over the MAC checked against the thesis' Lemmas (shared/papers/002_…, Ch. 5; NOTES.md §3.2).
+"""Abdi's RLC over the MAC checked against the thesis' Lemmas ([Abdi-thesis], Ch. 5; NOTES.md §3.2).
 
 Encoder A = H R / sqrt(m) (eq. 5.3). Lemma 13 uses fl_sim.compression.projections.PartialHadamard, one
 seed per trial. The other Monte-Carlo tests use a batched dense copy (_RandomA): H = the first m rows

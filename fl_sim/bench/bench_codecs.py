@@ -49,7 +49,7 @@ def default_params(name: str, d: int) -> dict[str, Any]:
         "topk": {"k": max(1, d // 100)},
         "randk": {"k": max(1, d // 100)},
         "qsgd": {"levels": 4},
-        "qcs": {"block": 256, "k": 110, "levels": 2},  # NOTES §6: gain ~ 32 optimum at n = 256
+        "qcs": {"block": 256, "k": 110, "levels": 2},  # gain ~ 32 optimum at n = 256 (docs/notes.md#qcs-numbers)
         "rlc": {"m": max(1, d // 20)},  # thesis Fig. 5.3: gain 20
         "dataq": {"levels": 8, "mode": "per_feature"},
         "cs_fiht": {"measurements": max(1, d // 10), "sparsity": max(1, d // 100)},

@@ -71,7 +71,7 @@ _INNER_STATE = ("m_t", "v_t", "momentum_vector")
 
 
 def update_sparsity(g: torch.Tensor) -> float:
-    """Tang et al.'s sparsity measure sp(g) = ||g||_1^2 / (d ||g||_2^2), in [1/d, 1] (NOTES §4).
+    """[Tang-FIHT]'s sparsity measure sp(g) = ||g||_1^2 / (d ||g||_2^2), in [1/d, 1] (docs/notes.md#tang-fiht).
 
     1 for a vector of equal magnitudes, K/d for K nonzeros of equal magnitude, 1/d for one nonzero;
     nan for g = 0. Computed in float64 over the aggregated update the server applies (one pass).

@@ -55,7 +55,7 @@ class CompressedFedAvg(UpdateStrategy):
             QSGD/TernGrad rounding, random-k indices, 1-bit CS dither) is independent of the other
             clients', as the papers' workers are; only what a linear codec sums in the compressed
             domain (sensing matrix, hashes) is common. "shared": every client of a round uses the same
-            randomness (fl-sim before issue 12; correlated errors that averaging does not shrink).
+            randomness (fl-sim's earlier rule; correlated errors that averaging does not shrink).
         aggregate_compressed: sum linear codecs' payloads before one decode (default True).
         **kwargs: UpdateStrategy arguments (and FedAvg's, without an inner strategy).
     """

@@ -1,7 +1,6 @@
 """RLCOverTheAir: random linear coding with analog over-the-air aggregation (Abdi, Ch. 5).
 
-Source: shared/papers/002_5a8bb245d2c84ca1.txt Chapter 5 (eqs. 5.1-5.11, Lemmas 12-14, Remark 6);
-NOTES.md §3.2.
+Source: [Abdi-thesis] Chapter 5 (eqs. 5.1-5.11, Lemmas 12-14, Remark 6); docs/notes.md#rlc.
 
 Every sampled client encodes its update Δ_i with the common A = H R / sqrt(m) (eq. 5.3; A drawn
 from a seed of the round block, changed every ``refresh`` rounds) and transmits
@@ -20,7 +19,7 @@ by nothing but the channel simulation and, for diagnostics only, the channel-ind
 ‖Δ̂ − Aᵀ Σ_i α_i (b_i/π_i) v_i‖², i.e. against Aᵀ A Σ α_i (b_i/π_i) Δ_i, the decode of a perfect MAC
 with the same transmitting nodes: fading, CSI error, subchannel selection, noise (and Remark 6
 clipping). Not in it: the projection part (d/m − 1)‖g‖² of Lemma 13 (the server never holds Δ_i)
-and the participation part (known in closed form, NOTES §3.2); fl_sim.channels' tests check both.
+and the participation part (known in closed form, docs/notes.md#rlc-participation); fl_sim.channels' tests check both.
 
 Power control needs each node's ‖Δ_i‖ (a_i of eq. 5.8); a real node knows it. By default the
 simulation uses ‖A Δ_i‖ (E‖AΔ‖² = ‖Δ‖²). With ``diagnostics=True`` the round config asks clients to

@@ -2,8 +2,8 @@
 
 Sources (kernels and bit formulas in :mod:`fl_sim.compression.quantizers` and
 :mod:`fl_sim.compression.coding`; the table of every codec's coding is docs/codecs.md):
-  * QSGD: Alistarh et al. 2017 (Section 3.1 Q_s, Lemma 3.1 variance bound, Section 3.2 Elias Code_s;
-    thesis ref. [15]; NOTES §3.3 Lemma 19).
+  * QSGD: [Alistarh-2017] (Section 3.1 Q_s, Lemma 3.1 variance bound, Section 3.2 Elias Code_s;
+    [Abdi-thesis] ref. [15]; App. A Lemma 19, docs/notes.md#qsgd-as-dither).
   * TernGrad: Wen et al. 2017 (stochastic ternarization, layer-wise scaling, gradient clipping at 2.5 sigma).
   * Scaled sign: Karimireddy et al. 2019 (signSGD with scale, used with EF).
   * Top-k: Stich et al. 2018 (sparsified SGD with memory); random-k: Wangni et al. 2018 (thesis ref. [25]).

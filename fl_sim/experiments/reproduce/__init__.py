@@ -8,8 +8,8 @@ into the output directory (default ``runs/reproduce/NAME`` or ``NAME-full``).
 
 Kinds:
 
-* ``qcs_codec`` -- Abdi thesis (shared/papers/002_5a8bb245d2c84ca1.txt) Ch. 4 at the codec level,
-  papers/NOTES.md §3.1 / §3.3 / §6:
+* ``qcs_codec`` -- [Abdi-thesis] Ch. 4 at the codec level (docs/notes.md#qcs,
+  #qcs-1bit-erratum, #qcs-numbers):
     - gain vs MSE (Fig. 4.1): relative MSE E||g - g_hat||^2 / ||g||^2 against the compression gain
       32 n / bits for QCS over a (k, Q) grid, QSGD levels, top-k, rand-k, sign, TernGrad, on blocks
       of n coordinates; with the theory curves gamma (4.10), QSGD's Lemma 3.1 bound, rand-k's n/k - 1;
@@ -257,7 +257,7 @@ def codec_block_errors(name: str, params: dict[str, Any], G, seed: int):
 
 
 def _gaussian_blocks(seed: int, purpose: str, blocks: int, n: int):
-    """B x n i.i.d. N(0, 1) rows (the test vectors; NOTES §6's Monte-Carlo uses Gaussian vectors too)."""
+    """B x n i.i.d. N(0, 1) rows (the test vectors; the reference Monte-Carlo of docs/notes.md#qcs-numbers uses Gaussian vectors too)."""
     import torch
 
     from fl_sim.rng import torch_generator
@@ -296,10 +296,10 @@ def _qcs_table(n: int, levels, wire: bool):
 
 
 def best_qcs_parameters(n: int, gain: float, *, levels=None, wire: bool = False) -> dict[str, float]:
-    """argmin over (k, Q) of gamma (4.10) subject to gain >= ``gain`` (NOTES §6's table).
+    """argmin over (k, Q) of gamma (4.10) subject to gain >= ``gain`` (docs/notes.md#qcs-numbers).
 
     Gain is eq. (4.11), 32 n / (k log2(2Q + 1)), or with ``wire`` the codec's exact 32 n / bits
-    (fixed-length indices and the 32-bit scale). Q ranges over ``levels`` (default: 1..64, as NOTES;
+    (fixed-length indices and the 32-bit scale). Q ranges over ``levels`` (default: 1..64, as the notes' table;
     add 0.5 for the 1-bit variant), k over 2..n.
     """
     import numpy as np
@@ -630,7 +630,8 @@ def run_qcs_codec(spec: dict[str, Any], s: dict[str, Any], out: Path, *, progres
 
 
 def _notes_points(rows, n, qcs_gamma) -> list[dict[str, Any]]:
-    """NOTES §6's Monte-Carlo figures (n = 256, k = 32) beside ours, when the grid has them."""
+    """The reference Monte-Carlo figures of docs/notes.md#qcs-numbers (n = 256, k = 32) beside ours, when the grid
+    has them."""
     notes = {(32, 1): (14.155, 10.81), (32, 2): (8.789, 7.95), (32, 4): (7.447, 7.23), (32, 0.5): (35.62, 22.25)}
     out = []
     for (k, Q), (gam, mc) in notes.items():
