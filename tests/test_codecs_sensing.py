@@ -42,7 +42,7 @@ def _expected_bits(codec):
         return 32 * codec.rows * codec.cols
     if codec.name == "cs_fiht":
         return 32 * codec.measurements
-    return codec.m + 32 * codec.blocks  # one float32 rho_b per block (issue 12, 2b)
+    return codec.m + 32 * codec.blocks  # one float32 rho_b per block
 
 
 # ------------------------------------------------------------------------------------------------ common
