@@ -1,4 +1,4 @@
-"""fl-sim reproduce: spec loading, the codec-level Abdi Ch. 4 experiment on a tiny grid (its numbers
+"""fl-sim reproduce: spec loading, the codec-level [Abdi-thesis] Ch. 4 experiment on a tiny grid (its numbers
 checked against Theorem 7, Lemma 8, Lemma 9 and the exact rand-k variance), and the generic 'runs'
 kind on a 2-round in-process config (report, Pareto figure, resume)."""
 

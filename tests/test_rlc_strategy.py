@@ -1,4 +1,4 @@
-"""RLCOverTheAir (Abdi Ch. 5, eqs. 5.3-5.11, Lemmas 13-14) driven through the real Flower message
+"""RLCOverTheAir ([Abdi-thesis] Ch. 5, eqs. 5.3-5.11, Lemmas 13-14) driven through the real Flower message
 path (configure_train -> ClientApp with compression_mod -> aggregate_train) on an InMemoryGrid.
 
 The test ClientApp "trains" by returning received + Δ_cid with fixed updates Δ_cid, so the exact

@@ -1,4 +1,4 @@
-"""Wireless multiple-access channel for over-the-air FL (Abdi thesis, Chapter 5). No flwr import.
+"""Wireless multiple-access channel for over-the-air FL ([Abdi-thesis] Chapter 5). No flwr import.
 
 Source: [Abdi-thesis], Chapter 5, eqs. (5.1)-(5.11), Lemmas 13-14;
 docs/notes.md#rlc. Generate (draw h) then apply (y = Σ h_i ⊙ x_i + η); power control reads ĥ before apply.

@@ -43,7 +43,7 @@ def _as_float(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 class ErrorFeedback:
-    """Classic error feedback (Karimireddy et al. 2019).
+    """Classic error feedback ([Karimireddy-2019]).
 
         z_t = g_t + r_t,   z_hat_t = DECODE(ENCODE(z_t)),   r_{t+1} = z_t - z_hat_t,   r_0 = 0.
 

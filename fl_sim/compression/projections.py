@@ -86,7 +86,7 @@ class _ProjectionBase(LinearOperator):
 
 
 class PartialHadamard(_ProjectionBase):
-    """Partial Hadamard projection (Abdi Ch. 4 eq. 4.1; Ch. 5 eq. 5.3 with k = m), optionally blockwise.
+    """Partial Hadamard projection ([Abdi-thesis] Ch. 4 eq. 4.1; Ch. 5 eq. 5.3 with k = m), optionally blockwise.
 
     Per block b of length n (x zero-padded to B*n and cut into B blocks x_b):
 

@@ -114,7 +114,7 @@ def to_wire_float(t: torch.Tensor, who: str, what: str) -> torch.Tensor:
     return t.to(torch.float32)
 
 
-# -- dithered uniform quantizer (Abdi eqs. 4.4-4.7) ---------------------------------------------------
+# -- dithered uniform quantizer ([Abdi-thesis] eqs. 4.4-4.7) ---------------------------------------------------
 def uniform_dither(shape: tuple[int, ...], *, generator: torch.Generator) -> torch.Tensor:
     """u ~ U(-1/2, 1/2) i.i.d., float32, shape ``shape`` (shared randomness, rebuilt from the seed)."""
     return torch.rand(shape, generator=generator, dtype=torch.float32).sub_(0.5)
@@ -234,7 +234,7 @@ def qsgd_variance_bound(d: int, levels: int) -> float:
 
 # -- TernGrad (Wen et al.) ---------------------------------------------------------------------------------
 def sigma_clip(x: torch.Tensor, c: float, seg: Segments | None = None) -> torch.Tensor:
-    """TernGrad's gradient clipping (Wen et al. 2017, Section 3.3): x_i clipped to [-c sigma, c sigma],
+    """TernGrad's gradient clipping ([Wen-2017], Section 3.3): x_i clipped to [-c sigma, c sigma],
     sigma the standard deviation of the elements of each segment (population std about the mean, as the
     authors' ``clip_gradients_by_stddev`` and GRACE). Computed in float64 from a unit-max copy.
     Departure: a segment with sigma = 0 (constant, or one element) is not clipped; the paper's rule would

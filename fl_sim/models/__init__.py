@@ -62,7 +62,7 @@ class CifarNet(nn.Module):
     pool 3x3/2, LRN, conv64-5x5 'same', ReLU, LRN, pool 3x3/2, fc384, fc192, fc C.
 
     The tutorial trains on 24x24 crops, which leave a 6x6x64 map before fc384: 1,068,298 parameters
-    for 10 classes, the 1.07M of Abdi's thesis. Here the full 32x32 image (or any size) is used and an
+    for 10 classes, the 1.07M of [Abdi-thesis]. Here the full 32x32 image (or any size) is used and an
     adaptive average pool fixes that map at 6x6, keeping the 1.07M. LRN: size 4 window, α = 0.001/9,
     β = 0.75, k = 1 (the tutorial's ``depth_radius=4``, bias 1).
     """

@@ -67,7 +67,7 @@ ERROR_REMOVALS = ("zero", "subtract")
 
 
 class FetchSGD(CompressedFedAvg):
-    """FetchSGD (Rothchild et al. 2020, Alg. 1) and its true / local top-k ablations.
+    """FetchSGD ([Rothchild-2020], Alg. 1) and its true / local top-k ablations.
 
     Args:
         inner: the aggregating strategy (None: FedAvg with ``**kwargs``); it gets w + Δ.

@@ -1,4 +1,4 @@
-"""OneBitCS: 1-bit quantized compressive sampling (Mitra & Khisti 2020), around any strategy.
+"""OneBitCS: 1-bit quantized compressive sampling ([Mitra-Khisti-2020]), around any strategy.
 
 Source: [Mitra-Khisti-2020] eqs. (9)-(10) and the "same Φ" note (docs/notes.md#mitra-khisti),
 with the 1-bit dithered quantizer of [Abdi-thesis] eq. (4.5) in its unbiased form v̂ = ϱ(q/2 − u)

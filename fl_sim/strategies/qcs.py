@@ -1,4 +1,4 @@
-"""QCS: quantized compressive sampling of the update with weighted error feedback (Abdi, Ch. 4).
+"""QCS: quantized compressive sampling of the update with weighted error feedback ([Abdi-thesis] Ch. 4).
 
 Source: [Abdi-thesis] Chapter 4; docs/notes.md#qcs.
 

@@ -1,4 +1,4 @@
-"""RLCOverTheAir: random linear coding with analog over-the-air aggregation (Abdi, Ch. 5).
+"""RLCOverTheAir: random linear coding with analog over-the-air aggregation ([Abdi-thesis] Ch. 5).
 
 Source: [Abdi-thesis] Chapter 5 (eqs. 5.1-5.11, Lemmas 12-14, Remark 6); docs/notes.md#rlc.
 
@@ -36,7 +36,7 @@ memory e_i = z_i − (1/c) Aᵀ x_i. Node i picks s_i = ρ_i · c α_i (b_i/π_i
 ρ_i = min(1, sqrt(P_i)/‖x_i^unbiased‖): it sends the unbiased amount when its budget allows and
 otherwise scales down so that its *realized* power is exactly P_i (the unbiased rule meets P_i only
 in expectation over A). The memory is split in two parts that add up to e_i:
-  * compression part z_i − Aᵀ A z_i: the client's weighted error feedback (Abdi eq. 4.14, the "local
+  * compression part z_i − Aᵀ A z_i: the client's weighted error feedback ([Abdi-thesis] eq. 4.14, the "local
     weighted error feedback" of [53] that Remark 6 cites) in ``compression_mod``, β = m/n by default
     (Remark 3's β* = 1/(γ+1) with γ = n/m − 1, n = d padded to a power of 2). Classic EF (β = 1) is
     not used: Aᵀ A expands by n/m on average, so r ← z − Aᵀ A z grows without bound for n/m > 2;

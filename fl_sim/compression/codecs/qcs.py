@@ -91,7 +91,7 @@ def _unit_rows(X: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
 
 @register_codec
 class QCSCodec(Codec):
-    """Quantized compressive sampling, blockwise (Abdi Ch. 4, Algorithm 2).
+    """Quantized compressive sampling, blockwise ([Abdi-thesis] Ch. 4, Algorithm 2).
 
     The vector g (length d) is cut into B blocks g_b of length n (zero-padded), by ``granularity``:
 
@@ -359,7 +359,7 @@ class QCSCodec(Codec):
 
 @register_codec
 class RLCCodec(Codec):
-    """Random linear coding for over-the-air aggregation, projection part (Abdi Ch. 5).
+    """Random linear coding for over-the-air aggregation, projection part ([Abdi-thesis] Ch. 5).
 
         y = A g,  A = (1/sqrt(m)) S H_n R                                    (eq. 5.3)
         g_hat = A^T y                                                        (eq. 5.4)

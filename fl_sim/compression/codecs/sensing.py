@@ -214,8 +214,8 @@ class OneBitCSCodec(Codec):
 
     Encode (Phi and u from the seeds below):
 
-        v = Phi x                 Phi = (1/sqrt(k)) S H_n R per block (PartialHadamard, Abdi eq. 4.1), m = B k rows
-        rho_b = 2 ||v_b||_inf     one scale per block b = 1..B (Abdi eq. 4.5 applied per partition)
+        v = Phi x                 Phi = (1/sqrt(k)) S H_n R per block (PartialHadamard, [Abdi-thesis] eq. 4.1), m = B k rows
+        rho_b = 2 ||v_b||_inf     one scale per block b = 1..B ([Abdi-thesis] eq. 4.5 applied per partition)
         q = sign(v_b / rho_b + u_b),  u ~ U(-1/2, 1/2)^m,  sign(t) = +1 if t > 0 else -1
         sent: q (m bits) and rho (32 bits per block)
 
@@ -225,7 +225,7 @@ class OneBitCSCodec(Codec):
         E[v_hat] = v,  Var[v_hat_i] = rho_b^2 / 12,  |v_hat_i - v_i| <= rho_b/2.
 
     Recover (``recovery``):
-      * "none": x_hat = Phi^T v_hat, unbiased since E[Phi^T Phi] = I (Abdi Lemma 6, eq. 4.3); meant for
+      * "none": x_hat = Phi^T v_hat, unbiased since E[Phi^T Phi] = I ([Abdi-thesis] Lemma 6, eq. 4.3); meant for
                 M = d (one block row per coordinate); below d it is unbiased but noisy (n/k - 1 of Lemma 13);
       * "lp":   eq. (6) blockwise: min ||x_b||_1 s.t. |v_hat_b - Phi_b x_b| <= rho_b/2 per measurement
                 (:func:`~fl_sim.compression.recovery.l1_recovery_lp`; the box is exact for this quantizer);

@@ -218,7 +218,7 @@ def _plt():
 
 
 # ---------------------------------------------------------------------------------------------------
-# Codec-level measurements (Abdi Ch. 4)
+# Codec-level measurements ([Abdi-thesis] Ch. 4)
 # ---------------------------------------------------------------------------------------------------
 BLOCKWISE_CODECS = ("qcs",)  # codecs that cut a long vector into n-blocks themselves (one call for all blocks)
 
@@ -598,7 +598,7 @@ def _plot_ef(series, summary, gam, gam_emp, k, Q, path: Path) -> Path:
 
 @register_kind("qcs_codec")
 def run_qcs_codec(spec: dict[str, Any], s: dict[str, Any], out: Path, *, progress: ProgressFn) -> dict[str, Any]:
-    """Abdi Ch. 4 at the codec level: gain vs MSE, Theorem 7, alpha, weighted EF (see module docstring)."""
+    """[Abdi-thesis] Ch. 4 at the codec level: gain vs MSE, Theorem 7, alpha, weighted EF (see module docstring)."""
     import torch
 
     from fl_sim.compression.codecs.qcs import qcs_gamma
