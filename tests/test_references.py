@@ -11,10 +11,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCES = ROOT / "docs" / "references.md"
-NOTES = ROOT / "docs" / "notes.md"
+NOTE_DOC = ROOT / "docs" / "notes.md"
 
 KEY = re.compile(r"\[([A-Z][A-Za-z]+-[A-Za-z0-9-]+)\](?!\()")  # [Abdi-thesis], not a markdown link [x](y)
-NOTES_LINK = re.compile(r"notes\.md#([A-Za-z0-9_-]+)")
+NOTE_LINK = re.compile(r"notes\.md#([A-Za-z0-9_-]+)")
 ANCHOR = re.compile(r'<a id="([^"]+)"></a>')
 DEFINITION = re.compile(r'^\| <a id="[^"]+"></a>\[([^\]]+)\] \| (.+) \|$', re.M)
 
@@ -48,9 +48,9 @@ def test_every_definition_names_authors_title_and_year():
 
 
 def test_every_notes_link_names_an_existing_anchor():
-    anchors = set(ANCHOR.findall(NOTES.read_text(encoding="utf-8")))
+    anchors = set(ANCHOR.findall(NOTE_DOC.read_text(encoding="utf-8")))
     bad = sorted({f"{p.relative_to(ROOT)}: #{a}" for p in _cited_in()
-                  for a in NOTES_LINK.findall(p.read_text(encoding="utf-8", errors="replace")) if a not in anchors})
+                  for a in NOTE_LINK.findall(p.read_text(encoding="utf-8", errors="replace")) if a not in anchors})
     assert not bad, "links to anchors that docs/notes.md does not have:\n" + "\n".join(bad)
 
 
@@ -66,5 +66,5 @@ def test_each_method_cites_its_paper_by_key(module, key):
 
 def test_the_checks_can_fail():
     assert KEY.findall("see [Abdi-thesis] eq. 4.14 and [FIHT-CS](#x)") == ["Abdi-thesis"]
-    assert NOTES_LINK.findall("docs/notes.md#qcs-1bit-erratum") == ["qcs-1bit-erratum"]
+    assert NOTE_LINK.findall("docs/notes.md#qcs-1bit-erratum") == ["qcs-1bit-erratum"]
     assert DEFINITION.findall('| <a id="k"></a>[K-1] | A. Author. *T.* V, 2001. |') == [("K-1", "A. Author. *T.* V, 2001.")]
