@@ -20,8 +20,8 @@ import pytest
 import torch
 from flwr.app import Array, ConfigRecord
 
-from fl_sim import keys
-from fl_sim.build import build_experiment, build_strategy
+from fl_sim.wire import keys
+from fl_sim.runs.build import build_experiment, build_strategy
 from fl_sim.clients.app import make_client_app
 from fl_sim.compression import PayloadError, codec_names, make_codec
 from fl_sim.compression.coding import elias_omega_codewords, pack_fields
@@ -36,7 +36,7 @@ from fl_sim.compression.packing import (
     wire_bits,
 )
 from fl_sim.config import config_from_dict
-from fl_sim.records import payload_from_records, payload_to_records, read_array, read_payload
+from fl_sim.wire.records import payload_from_records, payload_to_records, read_array, read_payload
 from fl_sim.strategies.base import ReplyError
 from fl_sim.testing import InMemoryGrid
 
@@ -68,8 +68,6 @@ CASES = {
     "dataq": ("dataq", {"levels": 8, "mode": "per_feature", "features": 50}),
     "dataq_bound": ("dataq", {"levels": 5, "mode": "per_feature", "bound": 6.0}),
 }
-RANDOMIZED = {"randk", "qsgd", "qsgd_bucket", "qsgd_fixed", "qsgd_fixed_s3", "terngrad", "qcs", "qcs_1bit", "qcs_q7",
-              "onebit_cs"}
 # sha256 of decode(encode(x, seed=7), seed=7) as float32 bytes, computed with fl-sim before packing (the
 # unpacked payloads): element-wise codecs, whose arithmetic does not depend on BLAS or thread count.
 DIGESTS_BEFORE = {

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -32,11 +31,12 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from fl_sim import keys
+from fl_sim.wire import keys
 from fl_sim.compression import make_codec
 from fl_sim.compression.packing import wire_bits
-from fl_sim.records import payload_to_records, read_payload
+from fl_sim.wire.records import payload_to_records, read_payload
 from fl_sim.rng import torch_generator
+from fl_sim.runs.results import atomic_write
 
 # codec label -> (registry name, parameters as a function of d): the methods of the README's table
 METHODS: dict[str, tuple[str, Callable[[int], dict[str, Any]]]] = {
@@ -70,7 +70,7 @@ def message_bytes(arrays, meta) -> int:
     from flwr.app import Message, MetricRecord, RecordDict
     from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
-    from fl_sim.testing import InMemoryGrid
+    from fl_sim.engine.inline import InMemoryGrid
 
     grid = InMemoryGrid(lambda m, c: m, 1)  # sets the server's task identity that Message() reads
     parent = grid.create_message(RecordDict(), "train", grid.node_ids[0], "")
@@ -150,10 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         print("  ".join(c.rjust(widths[c]) for c in COLUMNS))
         for r in data["rows"]:
             print("  ".join(_fmt(r[c], c).rjust(widths[c]) for c in COLUMNS))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(f".{args.out.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, args.out)
+    atomic_write(args.out, json.dumps(data, indent=2))
     print(f"wrote {args.out}")
     return 0
 

@@ -5,7 +5,7 @@ exact content that would cross the wire, and back. ``Payload.bits`` is an exact 
 every bit sent: values, indices, norms and scales alike. Randomness (signs, row subsets, hashes,
 dither) is rebuilt from seeds on both sides and never sent.
 
-Seeds: common and per-client randomness (issue 12). In a round of federated learning some random parts
+Seeds: common and per-client randomness. In a round of federated learning some random parts
 must be the same on every client (a sensing matrix or hash family that is summed in the compressed
 domain: :attr:`Codec.linear` codecs) and the rest is each client's own, independent of the others (the
 papers' workers quantize independently; a shared dither makes the clients' errors identical, so
@@ -39,7 +39,6 @@ bits, coded indices, QSGD's Elias stream as its bytes) and back with :meth:`Code
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -47,7 +46,9 @@ from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 
-from ..rng import derive_seed
+from fl_sim.rng import derive_seed
+from fl_sim.compression.errors import CodecError, PayloadError, bits_for_index
+from fl_sim.compression.packing import Plain
 
 __all__ = [
     "Seeds",
@@ -68,14 +69,6 @@ __all__ = [
     "LinearOperator",
     "DenseOperator",
 ]
-
-
-class CodecError(ValueError):
-    """Bad codec construction or input (unknown parameter, wrong dimension, NaN input)."""
-
-
-class PayloadError(ValueError):
-    """A payload that cannot be decoded (wrong codec, shape, dtype, non-finite values)."""
 
 
 SEEDINGS = ("client", "common", "mixed")
@@ -381,8 +374,6 @@ class Codec(ABC):
         declared precision). A codec with integer codes (levels, signs, bits, indices) names their packed
         fields, so the arrays sent take the bits :attr:`Payload.bits` counts (up to byte padding).
         """
-        from .packing import Plain
-
         return {k: Plain(shape, dtype) for k, (shape, dtype) in self.payload_spec().items()}
 
     def _fields(self) -> dict[str, Any]:
@@ -463,12 +454,7 @@ def make_codec(name: str, *, dim: int, **params: Any) -> Codec:
 
 def _load_builtin_codecs() -> None:
     # Import for the side effect of registration (kept lazy to avoid import cycles).
-    from . import codecs  # noqa: F401
-
-
-def bits_for_index(n: int) -> int:
-    """Bits to send one index in range(n): ceil(log2 n), at least 1 for n >= 2, 0 for n == 1."""
-    return 0 if n <= 1 else math.ceil(math.log2(n))
+    from fl_sim.compression import codecs  # noqa: F401
 
 
 class LinearOperator(ABC):

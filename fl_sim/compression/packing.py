@@ -38,8 +38,8 @@ from abc import ABC, abstractmethod
 import numpy as np
 import torch
 
-from .base import PayloadError, bits_for_index
-from .coding import (
+from fl_sim.compression.errors import PayloadError, bits_for_index
+from fl_sim.compression.coding import (
     StreamError,
     decode_omegas_from,
     elias_omega_codewords,

@@ -15,8 +15,9 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
-from fl_sim import keys
-from fl_sim.records import read_array
+from fl_sim.wire import keys
+from fl_sim.runs.results import atomic_write
+from fl_sim.wire.records import read_array
 from fl_sim.strategies import CompressedFedAvg
 
 app = ServerApp()
@@ -62,7 +63,5 @@ def main(grid: Grid, context: Context) -> None:
     initial = ArrayRecord({f"t{i}": Array(np.zeros(n, dtype=np.float32)) for i, n in enumerate(SIZES)})
     strategy.start(grid=grid, initial_arrays=initial, num_rounds=int(context.run_config["num-server-rounds"]))
     out = Path(str(context.run_config["out"]))
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps({"codec": codec, "params": params, "rows": strategy.rows}, indent=2))
-    tmp.replace(out)
+    atomic_write(out, json.dumps({"codec": codec, "params": params, "rows": strategy.rows}, indent=2))
     print(f"[wireapp] {codec}: {len(strategy.rows)} replies measured -> {out}", flush=True)

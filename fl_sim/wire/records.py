@@ -26,8 +26,8 @@ import torch
 from numpy.lib import format as npy_format
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
-from . import keys
-from .compression import Codec, Payload, PayloadError
+from fl_sim.wire import keys
+from fl_sim.compression import Codec, Payload, PayloadError
 
 __all__ = [
     "read_array",
