@@ -2,8 +2,8 @@
 
 For each codec at d = 100,000 in two tensors (60,000 + 40,000, per-tensor scales where the codec takes
 them), one update x ~ N(0, 1) is encoded and turned into the reply records exactly as
-``compression_mod`` does (:func:`fl_sim.records.payload_to_records`), then read back as the server does
-(:func:`fl_sim.records.read_payload`). Columns:
+``compression_mod`` does (:func:`fl_sim.wire.records.payload_to_records`), then read back as the server does
+(:func:`fl_sim.wire.records.read_payload`). Columns:
 
 * counted_bits: ``Payload.bits``, the codec's exact count (the method table's figure);
 * wire_bits: 8 x the data bytes of the reply's arrays (the server's uplink count; byte padding only);
