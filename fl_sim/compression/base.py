@@ -137,7 +137,8 @@ class Payload:
     Attributes:
         codec: registry name of the codec that made it.
         dim: length of the original vector.
-        tensors: named tensors that are sent (indices, values, quantized levels, measurements).
+        tensors: named tensors that are sent (indices, values, quantized levels, measurements), in memory;
+            on the wire they travel packed (:meth:`Codec.wire_arrays`), in ``bits`` up to byte padding.
         bits: exact number of bits sent, headers (norms, scales, indices) included.
         meta: small scalars that travel with it (already counted in ``bits`` when they are sent).
     """
