@@ -302,7 +302,8 @@ def instrumented_run(cfg, *, nodes: int | None = None, mem: TreeMemory | None = 
     from fl_sim.runs.build import build_experiment, build_strategy
     from fl_sim.clients.app import make_client_app
     from fl_sim.clients.mods import compression_mod
-    from fl_sim.runs.simulation import _quiet_flower, run_flower_simulation, server_loop
+    from fl_sim.engine.ray import quiet_flower, run_flower_simulation
+    from fl_sim.runs.simulation import server_loop
 
     t_call = time.perf_counter()
     exp = build_experiment(cfg)
@@ -330,7 +331,7 @@ def instrumented_run(cfg, *, nodes: int | None = None, mem: TreeMemory | None = 
         except BaseException as exc:  # noqa: BLE001 - re-raised below
             errors.append(exc)
 
-    _quiet_flower(cfg.simulation.log_level)
+    quiet_flower(cfg.simulation.log_level)
     if cfg.simulation.backend == "inline":
         from fl_sim.engine.inline import InMemoryGrid
 
