@@ -1,6 +1,6 @@
 """Scale benchmark: per-round time and memory of fl-sim with 100 ... 100,000 clients, and the 10k configs.
 
-Three jobs (``python -m fl_sim.bench.bench_scale --help``; also ``fl-sim bench scale``):
+Three jobs (``fl-sim bench scale --help``; also ``python -m fl_sim.bench.bench_scale``):
 
 * ``--clients 100,1000,10000,100000`` (the curve): a stateless method (FIHT-CS, server-side error
   feedback, clients hold nothing) on one fabricated MNIST-format dataset of 200,000 28x28 images,
