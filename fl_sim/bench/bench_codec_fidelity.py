@@ -87,7 +87,7 @@ def _rows(k: int, sizes: list[int]) -> list[tuple[str, str, dict[str, Any]]]:
 
 
 def run(trials: int = 200, *, smoke: bool = False) -> dict[str, Any]:
-    """The three tables as {"real_update": {...}, "qsgd_bits": [...], "terngrad_student_t": [...]}."""
+    """The three tables: {"real_update", "qsgd_bits", "terngrad_student_t"}, each {sizes..., "rows": [...]}."""
     d_gauss, vectors = (256, 2) if smoke else (10_000, 20)
     delta, sizes = real_update(overrides=SMOKE_SET if smoke else None)
     k = max(1, delta.numel() // 100)  # 1 % of the coordinates (142 at d = 14,210)
