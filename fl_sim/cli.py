@@ -429,7 +429,7 @@ def compare(
     report_only: bool = typer.Option(False, "--report-only", help="Aggregate the finished runs only; run nothing."),
     debug: bool = typer.Option(False, "--debug"),
 ) -> None:
-    """Tune every method on validation data (equal budget), run the chosen settings over seeds, tabulate (fl_sim/experiments/compare.py)."""
+    """Tune every method on validation data (equal budget), run the chosen settings over seeds, tabulate (fl_sim/experiments/compare/)."""
     from fl_sim.experiments.compare import run_compare
 
     try:

@@ -1,4 +1,4 @@
-"""fl-sim compare (issue 13): the validation split, the suite spec, tuning choice on validation data only,
+"""fl-sim compare: the validation split, the suite spec, tuning choice on validation data only,
 aggregation on fabricated run directories against hand-computed numbers, resume by config hash, and a
 tiny smoke run of the command."""
 
@@ -301,7 +301,7 @@ def test_rlc_suite_keeps_each_methods_channel(tmp_path):
 def test_worker_runs_batched_calls_on_one_thread(tmp_path, monkeypatch):
     """A suite worker keeps its one-thread contract: automatic cohort_threads (one per core) becomes 1, so
     --jobs N vectorized workers do not each take every core; an explicit value is kept."""
-    import fl_sim.experiments.compare as fc
+    import fl_sim.experiments.compare.runner as fc
     import fl_sim.runs.simulation as fsim
 
     seen = []

@@ -7,40 +7,8 @@ validating them with one-line errors, and the name tables they are checked again
 The Flower halves, the engine and the runs layer import it.
 """
 
-from fl_sim.config.schema import (
-    AUTO_SUPERNODES,
-    BACKENDS,
-    ConfigError,
-    DataConfig,
-    ModelConfig,
-    RunConfig,
-    SimulationConfig,
-    StrategyConfig,
-    TrainConfig,
-    apply_overrides,
-    config_dir,
-    config_from_dict,
-    config_to_dict,
-    load_config,
-    packaged_config,
-    validate,
-)
+from fl_sim.config import schema as _schema
+from fl_sim.config.schema import *  # noqa: F403 - the public names, schema.__all__
+from fl_sim.config.schema import AUTO_SUPERNODES, BACKENDS, validate
 
-__all__ = [
-    "ConfigError",
-    "RunConfig",
-    "DataConfig",
-    "ModelConfig",
-    "TrainConfig",
-    "StrategyConfig",
-    "SimulationConfig",
-    "load_config",
-    "apply_overrides",
-    "config_from_dict",
-    "config_to_dict",
-    "packaged_config",
-    "config_dir",
-    "validate",
-    "AUTO_SUPERNODES",
-    "BACKENDS",
-]
+__all__ = [*_schema.__all__, "validate", "AUTO_SUPERNODES", "BACKENDS"]

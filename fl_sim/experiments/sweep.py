@@ -26,8 +26,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable
 
-from fl_sim.runs.checkpoint import config_hash
 from fl_sim.config import ConfigError, config_to_dict, load_config
+from fl_sim.runs.checkpoint import config_hash
 from fl_sim.runs.results import atomic_write, load_run
 
 __all__ = ["parse_grid", "run_sweep", "plot_sweep", "DEFAULT_BACKEND"]
