@@ -187,12 +187,20 @@ def _bench_module(name: str):
     return importlib.import_module(f"fl_sim.bench.{name}")
 
 
+_BENCH_OPTIONS = {"debug": False}
+
+
+@bench_app.callback()
+def bench_options(debug: bool = typer.Option(False, "--debug", help="Show tracebacks (fl-sim bench --debug NAME ...).")) -> None:
+    _BENCH_OPTIONS["debug"] = debug
+
+
 def _run_bench(name: str, argv: list[str]) -> None:
     """fl_sim.bench.<name>.main(argv); a user error (bad config, unwritable --out) is one line and exit code 2."""
     try:
         _bench_module(name).main(argv)
-    except USER_ERRORS as exc:
-        _fail(exc, debug=False)
+    except (ValueError, OSError) as exc:
+        _fail(exc, debug=_BENCH_OPTIONS["debug"])
 
 
 @bench_app.command("codecs")

@@ -128,6 +128,8 @@ def test_a_benchmark_user_error_is_one_line_and_exit_code_2(tmp_path):
     assert result.exit_code == 2
     assert "plain loop runs FedAvg" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "x.json").exists()
+    debug = runner.invoke(cli.app, ["bench", "--debug", "plain-loop", "qsgd", "--smoke", "--out", str(tmp_path / "x.json")])
+    assert isinstance(debug.exception, ValueError)  # --debug: the exception itself, for a bug report
 
 
 # ------------------------------------------------------------------ kernels: codecs, transforms, recovery
