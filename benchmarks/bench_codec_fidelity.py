@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fl_sim.build import build_experiment
+from fl_sim.runs.build import build_experiment
 from fl_sim.clients.training import LocalTrainSpec, train_local
 from fl_sim.compression import make_codec
 from fl_sim.config import load_config
-from fl_sim.records import flatten_arrays, float_sizes, state_dict_to_arrays
+from fl_sim.wire.records import flatten_arrays, float_sizes, state_dict_to_arrays
 from fl_sim.rng import torch_generator
 
 ROOT = Path(__file__).resolve().parents[1]

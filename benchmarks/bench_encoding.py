@@ -24,14 +24,14 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
 
-from fl_sim import keys
-from fl_sim.build import build_experiment, build_strategy
+from fl_sim.wire import keys
+from fl_sim.runs.build import build_experiment, build_strategy
 from fl_sim.clients.app import client_id, make_client_app
 from fl_sim.clients.cohort_encode import encode_cohort
 from fl_sim.clients.mods import _encode_reply, _find_config
 from fl_sim.clients.residuals import DiskResidualStore
 from fl_sim.config import load_config
-from fl_sim.records import flatten_arrays
+from fl_sim.wire.records import flatten_arrays
 from fl_sim.testing import InMemoryGrid
 
 

@@ -47,7 +47,7 @@ def test_run_report_inline(tmp_path):
     import torch
     from flwr.app import ArrayRecord
 
-    from fl_sim.build import build_experiment
+    from fl_sim.runs.build import build_experiment
     from fl_sim.config import load_config
 
     exp = build_experiment(load_config(tmp_path / "topk" / "config.yaml"))
@@ -144,7 +144,7 @@ def test_sweep_reruns_points_whose_config_changed(tmp_path):
 
 def test_sweep_point_names_are_injective(tmp_path):
     """Issue 16 item 3: hf:/a/b.parquet and hf:/a_b.parquet used to share one directory."""
-    from fl_sim.sweep import _point_name, run_sweep
+    from fl_sim.experiments.sweep import _point_name, run_sweep
 
     seen = []
 
@@ -204,12 +204,12 @@ BAD_VALUES = {
 
 @pytest.mark.parametrize("case", list(BAD_VALUES))
 def test_bad_values_one_line(case, tmp_path, monkeypatch):
-    import fl_sim.memory
+    import fl_sim.engine.memory
 
-    real = fl_sim.memory.available_bytes()
+    real = fl_sim.engine.memory.available_bytes()
     assert real is None or real > 0
     # the size cases need 89 GiB and more: as on a 16 GiB machine, whatever this one has
-    monkeypatch.setattr(fl_sim.memory, "available_bytes", lambda: min(real or 2**34, 2**34))
+    monkeypatch.setattr(fl_sim.engine.memory, "available_bytes", lambda: min(real or 2**34, 2**34))
     sets, words = BAD_VALUES[case]
     args = ["run", *SMALL] + [x for s in sets for x in ("--set", s)] + ["--out", str(tmp_path / "o")]
     _one_line_error(runner.invoke(app, args), *words)
@@ -220,9 +220,9 @@ def test_diverged_model_stops_the_run():
     import numpy as np
     from flwr.app import Array, ArrayRecord
 
-    from fl_sim.build import build_experiment
+    from fl_sim.runs.build import build_experiment
     from fl_sim.config import load_config
-    from fl_sim.simulation import server_loop
+    from fl_sim.runs.simulation import server_loop
 
     exp = build_experiment(load_config(None, [s for s in SMALL if s != "--set"]))
 
@@ -266,7 +266,7 @@ def test_disk_full_names_the_path(tmp_path, monkeypatch):
     import errno
     import os as _os
 
-    import fl_sim.results
+    import fl_sim.runs.results
 
     real = _os.replace
 
@@ -275,7 +275,7 @@ def test_disk_full_names_the_path(tmp_path, monkeypatch):
             raise OSError(errno.ENOSPC, _os.strerror(errno.ENOSPC))  # as a write on a full disk: no file name
         return real(src, dst)
 
-    monkeypatch.setattr(fl_sim.results.os, "replace", full)
+    monkeypatch.setattr(fl_sim.runs.results.os, "replace", full)
     res = runner.invoke(app, ["run", *SMALL, "--out", str(tmp_path / "o")])
     _one_line_error(res, str(tmp_path / "o" / "metrics.csv"), "No space left")
 

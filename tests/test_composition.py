@@ -28,9 +28,9 @@ from flwr.serverapp.strategy import (
 )
 from flwr.supercore import log as flwr_log
 
-from fl_sim import keys
+from fl_sim.wire import keys
 from fl_sim.clients import compression_mod
-from fl_sim.records import payload_from_records
+from fl_sim.wire.records import payload_from_records
 from fl_sim.strategies import QCS, CompressedFedAvg, FedAvgBaseline, FetchSGD, FIHTCS, RLCOverTheAir
 from fl_sim.strategies.base import ClientSetupError
 from fl_sim.strategies.privacy import PrivacyCompositionError

@@ -88,7 +88,7 @@ def test_validation_reads_the_registries(monkeypatch):
     from fl_sim import strategies
     from fl_sim.config import ConfigError, config_from_dict
 
-    monkeypatch.setitem(strategies.STRATEGIES, "my_method", ".compressed:CompressedFedAvg")
+    monkeypatch.setitem(strategies.STRATEGIES, "my_method", "fl_sim.strategies.compressed:CompressedFedAvg")
     assert config_from_dict({"strategy": {"name": "my_method"}}).strategy.name == "my_method"
     with pytest.raises(ConfigError, match="codec.name='nope'.*topk"):
         config_from_dict({"codec": {"name": "nope"}})

@@ -15,7 +15,7 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAvg
 
-from fl_sim import flower_poll
+from fl_sim.engine import flower_poll
 from fl_sim.clients import compression_mod
 from fl_sim.strategies import CompressedFedAvg
 from fl_sim.testing import InMemoryGrid

@@ -20,14 +20,14 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fl_sim import keys
+from fl_sim.wire import keys
 from fl_sim.clients.mods import compression_mod
 from fl_sim.compression import Codec, Payload, PayloadError, make_codec
 from fl_sim.compression.base import CodecError
 from fl_sim.compression.quantizers import qsgd_quantize, sigma_clip, split_k, terngrad_quantize
 from fl_sim.compression.segments import Segments
-from fl_sim.protocol import load_params
-from fl_sim.records import flatten_arrays
+from fl_sim.wire.protocol import load_params
+from fl_sim.wire.records import flatten_arrays
 from fl_sim.rng import torch_generator
 from fl_sim.strategies import CompressedFedAvg
 from fl_sim.testing import InMemoryGrid

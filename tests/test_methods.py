@@ -125,10 +125,10 @@ def test_digital_baseline_channel_uses():
 def test_malformed_payload_rejected(caplog):
     from flwr.app import Array
 
-    from fl_sim import keys
-    from fl_sim.build import build_experiment, build_strategy
+    from fl_sim.wire import keys
+    from fl_sim.runs.build import build_experiment, build_strategy
     from fl_sim.clients.app import make_client_app
-    from fl_sim.simulation import server_loop
+    from fl_sim.runs.simulation import server_loop
     from fl_sim.testing import InMemoryGrid
 
     cfg = cfg_for({"name": "fiht_cs", "compression": 4}, rounds=2)

@@ -30,12 +30,12 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fl_sim import keys
-from fl_sim.build import build_experiment, build_strategy
+from fl_sim.wire import keys
+from fl_sim.runs.build import build_experiment, build_strategy
 from fl_sim.clients.app import make_client_app
 from fl_sim.compression import Codec, PayloadError
 from fl_sim.config import config_from_dict
-from fl_sim.records import flatten_arrays, read_array
+from fl_sim.wire.records import flatten_arrays, read_array
 from fl_sim.strategies.base import SERVER_PREFIX
 from fl_sim.testing import InMemoryGrid
 

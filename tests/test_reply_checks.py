@@ -19,13 +19,13 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fl_sim import keys
-from fl_sim.build import build_experiment, build_strategy
+from fl_sim.wire import keys
+from fl_sim.runs.build import build_experiment, build_strategy
 from fl_sim.clients.app import make_client_app
 from fl_sim.compression import PayloadError
 from fl_sim.config import config_from_dict
-from fl_sim.records import flatten_arrays, read_array
-from fl_sim.simulation import server_loop
+from fl_sim.wire.records import flatten_arrays, read_array
+from fl_sim.runs.simulation import server_loop
 from fl_sim.strategies import FedAvgBaseline, guards
 from fl_sim.strategies.base import SERVER_PREFIX
 from fl_sim.testing import InMemoryGrid

@@ -12,7 +12,7 @@ import yaml
 from typer.testing import CliRunner
 
 from fl_sim.cli import app
-from fl_sim.reproduce import (
+from fl_sim.experiments.reproduce import (
     best_qcs_parameters,
     codec_block_errors,
     list_experiments,
@@ -41,7 +41,7 @@ def test_every_runs_experiment_config_validates_reduced_and_full():
     # Every run of every 'runs' experiment must be a valid fl-sim config with its overrides (a typo in a
     # paper YAML would otherwise surface only minutes into a reproduction).
     from fl_sim.config import load_config
-    from fl_sim.reproduce import _resolve_config
+    from fl_sim.experiments.reproduce.runner import _resolve_config
 
     for name, kind, _ in list_experiments():
         if kind != "runs":
@@ -192,7 +192,7 @@ def test_runs_kind_cumulative_channel_uses_and_sparsity_plot(tmp_path):
     # A FedAvg run with a digital channel section counts sum_i ceil(bits_i / C) channel uses per round;
     # 'cumulative' sums them into report.csv and a plot; 'metric_plots' draws update_sparsity vs round.
     from fl_sim.channels.accounting import digital_channel_uses
-    from fl_sim.results import load_run
+    from fl_sim.runs.results import load_run
 
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(TINY_RUN))
     spec = {

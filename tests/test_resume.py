@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from fl_sim.checkpoint import latest_checkpoint
+from fl_sim.runs.checkpoint import latest_checkpoint
 from fl_sim.cli import app
 from fl_sim.clients.residuals import DiskResidualStore
 from fl_sim.config import load_config
-from fl_sim.simulation import run_experiment
+from fl_sim.runs.simulation import run_experiment
 from fl_sim.strategies.base import UpdateStrategy
 
 TIMINGS = ("wall_s", "round_s")
@@ -114,7 +114,7 @@ KILL_SCRIPT = textwrap.dedent(
     """
     import os, signal, sys
     from fl_sim.config import load_config
-    from fl_sim.simulation import run_experiment
+    from fl_sim.runs.simulation import run_experiment
 
     cfg = load_config("configs/topk_ef.yaml", sys.argv[2:])
 
@@ -177,8 +177,8 @@ def test_start_round_bounds():
     Strategy.start is not overridden (issue 14: no fork of Flower's loop)."""
     from flwr.serverapp.strategy import Strategy
 
-    from fl_sim.build import build_experiment
-    from fl_sim.simulation import server_loop
+    from fl_sim.runs.build import build_experiment
+    from fl_sim.runs.simulation import server_loop
 
     assert UpdateStrategy.start is Strategy.start
     exp = build_experiment(config("topk_ef", ["rounds=3"]))
@@ -202,7 +202,7 @@ def test_inline_run_resumed_on_ray(tmp_path):
 def test_kill_before_summary_leaves_a_resumable_run(tmp_path, monkeypatch):
     """Issue 16 item 4: killed after the final model but before summary.json, the run must still resume
     (the checkpoint used to be deleted first, leaving a run that was neither finished nor resumable)."""
-    from fl_sim.results import RunRecorder
+    from fl_sim.runs.results import RunRecorder
 
     cfg = config("fedsgd")
     finish = RunRecorder.finish

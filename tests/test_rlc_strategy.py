@@ -16,10 +16,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.clientapp import ClientApp
 
 from fl_sim.strategies.base import SERVER_PREFIX
-from fl_sim import keys
+from fl_sim.wire import keys
 from fl_sim.clients.mods import compression_mod
-from fl_sim.protocol import get_codec
-from fl_sim.records import flatten_arrays
+from fl_sim.wire.protocol import get_codec
+from fl_sim.wire.records import flatten_arrays
 from fl_sim.strategies.rlc import M_UPDATE_NORM, REPORT_NORM, RLCOverTheAir
 from fl_sim.testing import InMemoryGrid
 

@@ -19,7 +19,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedMedian, FedTrimmedAvg, Krum
 
 from fl_sim.clients import compression_mod
-from fl_sim.records import flatten_arrays
+from fl_sim.wire.records import flatten_arrays
 from fl_sim.strategies import QCS, CompressedFedAvg
 from fl_sim.testing import InMemoryGrid
 

@@ -15,12 +15,12 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fl_sim import keys
+from fl_sim.wire import keys
 from fl_sim.clients.mods import compression_mod
 from fl_sim.compression import Payload, PayloadError, Seeds, make_codec
 from fl_sim.compression.base import CodecError, check_seed, client_round_seed
-from fl_sim.protocol import codec_seeds
-from fl_sim.records import flatten_arrays
+from fl_sim.wire.protocol import codec_seeds
+from fl_sim.wire.records import flatten_arrays
 from fl_sim.strategies import strategy_class
 from fl_sim.strategies.compressed import CompressedFedAvg
 from fl_sim.strategies.onebit import OneBitCS

@@ -204,7 +204,7 @@ def test_weighted_by_key_and_arrayrecord_key_of_the_inner_are_used():
 
 
 def test_all_replies_rejected_is_an_error_naming_the_mod(caplog):
-    """Issue 14 item 6: the mod forgotten, every reply is a plain model that a compressed method cannot
+    """The mod forgotten, every reply is a plain model that a compressed method cannot
     read: each reply's rejection is logged, and the first round raises ClientSetupError naming
     compression_mod (a later such round is logged only: tests/test_composition.py)."""
     from fl_sim.strategies.base import ClientSetupError
@@ -218,10 +218,10 @@ def test_all_replies_rejected_is_an_error_naming_the_mod(caplog):
 
 # ------------------------------------------------------------------ learning on the quickstart task
 def quickstart_run(strategy_factory, rounds):
-    from fl_sim.build import build_experiment
+    from fl_sim.runs.build import build_experiment
     from fl_sim.clients.app import make_client_app
     from fl_sim.config import load_config
-    from fl_sim.simulation import server_loop
+    from fl_sim.runs.simulation import server_loop
 
     cfg = load_config(ROOT / "fl_sim" / "configs" / "quickstart.yaml", [f"rounds={rounds}", "eval_every=0"])
     exp = build_experiment(cfg)

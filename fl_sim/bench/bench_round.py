@@ -17,7 +17,7 @@ For each workload and clients-per-round value (``--per-round 10,100``) the same 
 ``plain`` (fl_sim.bench.plain_loop: same clients, data, sampling, local steps and weighted average,
 no Flower), ``inline`` (``fl-sim run`` with ``simulation.backend: inline``: the strategy and
 ClientApp with messages as function calls), ``vectorized`` (``simulation.backend: vectorized``: the
-same, a round's clients trained in batched calls, fl_sim.vectorized, with one torch thread per core;
+same, a round's clients trained in batched calls, fl_sim.engine.vectorized, with one torch thread per core;
 ``vectorized-1t``: the same on one thread, ``simulation.cohort_threads: 1``) and ``ray`` (``fl-sim
 run``: Flower's simulation engine
 with Ray actors, ``simulation.num_cpus`` CPUs per actor; ``--num-cpus 0.5,1,2`` tries several).
@@ -149,7 +149,7 @@ def _measure_plain(cfg, threads: int, mem: TreeMemory) -> dict[str, Any]:
 
 
 def _measure_fl_sim(cfg, mem: TreeMemory) -> dict[str, Any]:
-    from fl_sim.simulation import run_experiment
+    from fl_sim.runs.simulation import run_experiment
 
     marks: dict[int, float] = {}
     rows: list[dict] = []
@@ -173,12 +173,12 @@ def _timed_inline(cfg, mem: TreeMemory) -> dict[str, Any]:
     """The inline run with timers around our functions; per-round totals over rounds 2..R."""
     from flwr.clientapp import ClientApp
 
-    import fl_sim.build as fb
+    import fl_sim.runs.build as fb
     import fl_sim.clients.app as capp
     import fl_sim.clients.runtime as crt
     import fl_sim.data as fdata
     import fl_sim.strategies.base as sb
-    import fl_sim.testing as ft
+    import fl_sim.engine.inline as ft
 
     acc: dict[str, float] = defaultdict(float)
     calls: dict[str, int] = defaultdict(int)
@@ -216,7 +216,7 @@ def _timed_inline(cfg, mem: TreeMemory) -> dict[str, Any]:
         mem.mark(f"round-{r}")
         on["count"] = r >= 1  # round 1 builds the client runtime: leave it out
 
-    from fl_sim.simulation import run_experiment
+    from fl_sim.runs.simulation import run_experiment
 
     run_dir = Path(tempfile.mkdtemp(prefix="bench-round-"))
     try:
@@ -262,7 +262,7 @@ def apply_proposed_fixes() -> list[str]:
 
     import numpy as np
 
-    import fl_sim.build as fb
+    import fl_sim.runs.build as fb
     import fl_sim.clients.app as capp
     import fl_sim.clients.runtime as crt
     import fl_sim.strategies.base as sb

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-from .noise import ChannelError, snr_db_to_linear
+from fl_sim.channels.noise import ChannelError, snr_db_to_linear
 
 __all__ = [
     "capacity_bits_per_use",

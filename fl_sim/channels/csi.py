@@ -20,9 +20,9 @@ from typing import Sequence
 
 import torch
 
-from ..rng import torch_generator
-from .fading import node_list
-from .noise import ChannelError, complex_awgn
+from fl_sim.rng import torch_generator
+from fl_sim.channels.fading import node_list
+from fl_sim.channels.noise import ChannelError, complex_awgn
 
 __all__ = ["CSI_MODES", "estimate_csi"]
 

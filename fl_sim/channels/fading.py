@@ -28,8 +28,8 @@ from typing import Sequence
 
 import torch
 
-from ..rng import torch_generator
-from .noise import ChannelError
+from fl_sim.rng import torch_generator
+from fl_sim.channels.noise import ChannelError
 
 __all__ = ["FADING_KINDS", "PathLoss", "draw_fading", "node_list"]
 

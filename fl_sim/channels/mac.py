@@ -32,12 +32,12 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..rng import torch_generator
-from .csi import CSI_MODES, estimate_csi
-from .fading import FADING_KINDS, PathLoss, draw_fading, node_list
-from .noise import ChannelError, complex_awgn, noise_var_from_snr, real_awgn, snr_db_to_linear
-from .participation import check_probabilities, draw_participation
-from .power import POWER_POLICIES, form_signals, power_control
+from fl_sim.rng import torch_generator
+from fl_sim.channels.csi import CSI_MODES, estimate_csi
+from fl_sim.channels.fading import FADING_KINDS, PathLoss, draw_fading, node_list
+from fl_sim.channels.noise import ChannelError, complex_awgn, noise_var_from_snr, real_awgn, snr_db_to_linear
+from fl_sim.channels.participation import check_probabilities, draw_participation
+from fl_sim.channels.power import POWER_POLICIES, form_signals, power_control
 
 __all__ = ["MACChannel", "REAL_NOISE_FRACTION"]
 

@@ -15,9 +15,9 @@ from typing import Sequence
 
 import torch
 
-from ..rng import torch_generator
-from .fading import node_list
-from .noise import ChannelError
+from fl_sim.rng import torch_generator
+from fl_sim.channels.fading import node_list
+from fl_sim.channels.noise import ChannelError
 
 __all__ = ["draw_participation", "participation_scale", "data_weights", "check_probabilities"]
 

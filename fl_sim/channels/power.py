@@ -40,7 +40,7 @@ from typing import NamedTuple
 
 import torch
 
-from .noise import ChannelError
+from fl_sim.channels.noise import ChannelError
 
 __all__ = ["POWER_POLICIES", "PowerPlan", "power_control", "form_signals"]
 

@@ -34,12 +34,12 @@ import sys
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord
 from flwr.common.constant import ErrorCode
 
-from .. import keys
-from ..compression import error_feedback as ef_lib
-from ..protocol import DEFAULT_SEED_MODE, codec_seeds, get_codec, load_params
-from ..records import flatten_arrays, payload_to_records
-from .precomputed import take
-from .residuals import store_for
+from fl_sim.wire import keys
+from fl_sim.compression import error_feedback as ef_lib
+from fl_sim.wire.protocol import DEFAULT_SEED_MODE, codec_seeds, get_codec, load_params
+from fl_sim.wire.records import flatten_arrays, payload_to_records
+from fl_sim.clients.precomputed import take
+from fl_sim.clients.residuals import store_for
 
 __all__ = ["compression_mod", "make_error_feedback", "mod_client_id"]
 

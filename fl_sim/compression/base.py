@@ -45,7 +45,7 @@ from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 
-from ..rng import derive_seed
+from fl_sim.rng import derive_seed
 
 __all__ = [
     "Seeds",
@@ -447,7 +447,7 @@ def make_codec(name: str, *, dim: int, **params: Any) -> Codec:
 
 def _load_builtin_codecs() -> None:
     # Import for the side effect of registration (kept lazy to avoid import cycles).
-    from . import codecs  # noqa: F401
+    from fl_sim.compression import codecs  # noqa: F401
 
 
 def bits_for_index(n: int) -> int:

@@ -14,7 +14,7 @@ import math
 import numpy as np
 import torch
 
-from .base import CodecError
+from fl_sim.compression.base import CodecError
 
 __all__ = [
     "dataq_quantize",

@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from .base import CodecError
+from fl_sim.compression.base import CodecError
 
 __all__ = [
     "ErrorFeedback",

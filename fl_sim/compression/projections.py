@@ -20,9 +20,9 @@ import math
 
 import torch
 
-from ..rng import torch_generator
-from .base import CodecError, LinearOperator, check_seed
-from .transforms import dct, fwht, idct, next_pow2
+from fl_sim.rng import torch_generator
+from fl_sim.compression.base import CodecError, LinearOperator, check_seed
+from fl_sim.compression.transforms import dct, fwht, idct, next_pow2
 
 __all__ = ["PartialHadamard", "BlockwiseOperator", "SubsampledOrthogonal", "GaussianOperator", "stacked_forward",
            "stacked_adjoint"]

@@ -26,8 +26,8 @@ import math
 
 import torch
 
-from .base import CodecError, bits_for_index
-from .segments import Segments
+from fl_sim.compression.base import CodecError, bits_for_index
+from fl_sim.compression.segments import Segments
 
 __all__ = [
     "FLOAT_BITS",

@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..rng import torch_generator
-from .base import CodecError, LinearOperator
-from .recovery_ops import array_calls, fast_operator
-from .sketch import topk_abs
+from fl_sim.rng import torch_generator
+from fl_sim.compression.base import CodecError, LinearOperator
+from fl_sim.compression.recovery_ops import array_calls, fast_operator
+from fl_sim.compression.sketch import topk_abs
 
 __all__ = ["fiht", "biht", "l1_recovery_lp", "fast_operator", "sparsity_schedule", "LP_MAX_ENTRIES"]
 

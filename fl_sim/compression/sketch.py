@@ -25,8 +25,8 @@ import numba
 import numpy as np
 import torch
 
-from ..rng import torch_generator
-from .base import CodecError
+from fl_sim.rng import torch_generator
+from fl_sim.compression.base import CodecError
 
 __all__ = ["CountSketch", "topk_abs"]
 

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from .base import CodecError
+from fl_sim.compression.base import CodecError
 
 __all__ = ["fwht", "dct", "idct", "next_pow2"]
 

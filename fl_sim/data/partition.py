@@ -37,10 +37,10 @@ import warnings
 
 import numpy as np
 
-from ..config import DataConfig
-from ..rng import numpy_generator
-from .errors import DataError
-from .sources import Source
+from fl_sim.data.spec import DataConfig
+from fl_sim.rng import numpy_generator
+from fl_sim.data.errors import DataError
+from fl_sim.data.sources import Source
 
 __all__ = ["partition_indices", "natural_partition", "power_law_sizes", "PARTITIONS", "SIZE_DISTRIBUTIONS"]
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..rng import numpy_generator, torch_generator
+from fl_sim.rng import numpy_generator, torch_generator
 
 __all__ = ["SyntheticData", "generate_synthetic", "client_sizes", "feature_bytes", "SIZE_CAP", "BLOCK"]
 

@@ -7,6 +7,8 @@ weights, and building a model never moves the caller's global torch RNG.
 Parameter counts for 10 classes: logreg 610 on (60,); mlp [200] 14,210 on (60,); lenet5 61,706 on
 (1, 28, 28) and (1, 8, 8), 62,006 on (3, 32, 32); cifarnet 1,068,298 on (3, 32, 32) (Abdi's thesis,
 002_*.txt §3.5: "CifarNet ... 1.07 million parameters"); resnet18 11,173,962 on (3, 32, 32).
+
+Layer: kernels. May import torch only; never Flower or any other fl_sim layer.
 """
 
 from __future__ import annotations

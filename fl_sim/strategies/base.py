@@ -55,13 +55,13 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 from flwr.common.logger import console_handler as flwr_console_handler
 from flwr.supercore import log as flwr_log
 
-from .. import keys
-from ..protocol import round_seed
-from ..records import array_bits, flatten_arrays, flatten_with_bits, unflatten_into
-from ..rng import numpy_generator
-from . import guards as reply_guards
-from . import privacy
-from .delegation import driver_for, overrides_start
+from fl_sim.wire import keys
+from fl_sim.wire.protocol import round_seed
+from fl_sim.wire.records import array_bits, flatten_arrays, flatten_with_bits, unflatten_into
+from fl_sim.rng import numpy_generator
+from fl_sim.strategies import guards as reply_guards
+from fl_sim.strategies import privacy
+from fl_sim.strategies.delegation import driver_for, overrides_start
 
 __all__ = ["UpdateStrategy", "ClientReply", "ReplyError", "ClientSetupError", "update_sparsity", "SERVER_PREFIX"]
 
@@ -575,7 +575,7 @@ class UpdateStrategy(Strategy):
         buffer (a step counter, BatchNorm's num_batches_tracked) into float64; it stays what it was.
 
         The record returned is built with ``ArrayRecord(dict)``, which rebuilds every Array as a plain one
-        (Flower's ``from_array_dict``): the global model never carries a :class:`~fl_sim.records.ParsedArray`
+        (Flower's ``from_array_dict``): the global model never carries a :class:`~fl_sim.wire.records.ParsedArray`
         (whose deflated header would name a class the receiving side does not know)."""
         if arrays is None:
             return None
@@ -693,7 +693,7 @@ class UpdateStrategy(Strategy):
             "downlink_bits": self._downlink_bits_each * len(self.sent),
         }
         if self.digital_link is not None:
-            from ..channels import digital_channel_uses, latency_s
+            from fl_sim.channels import digital_channel_uses, latency_s
 
             link = self.digital_link
             uses = digital_channel_uses([r.uplink_bits for r in usable], link["snr_db"])

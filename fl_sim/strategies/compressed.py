@@ -30,12 +30,12 @@ import torch
 from flwr.app import ConfigRecord, Message
 from flwr.serverapp.strategy import Strategy
 
-from .. import keys
-from ..compression import Codec, Payload, Seeds
-from ..protocol import DEFAULT_SEED_MODE, check_seed_mode, codec_seeds, dump_params, get_codec
-from ..records import float_sizes, payload_from_records
-from . import guards
-from .base import ClientReply, ReplyError, UpdateStrategy, payload_meta
+from fl_sim.wire import keys
+from fl_sim.compression import Codec, Payload, Seeds
+from fl_sim.wire.protocol import DEFAULT_SEED_MODE, check_seed_mode, codec_seeds, dump_params, get_codec
+from fl_sim.wire.records import float_sizes, payload_from_records
+from fl_sim.strategies import guards
+from fl_sim.strategies.base import ClientReply, ReplyError, UpdateStrategy, payload_meta
 
 __all__ = ["CompressedFedAvg", "EF_KINDS"]
 

@@ -9,7 +9,7 @@ step per client it is FedSGD.
 
 from __future__ import annotations
 
-from .base import UpdateStrategy
+from fl_sim.strategies.base import UpdateStrategy
 
 __all__ = ["FedAvgBaseline", "FedSGD"]
 

@@ -27,11 +27,11 @@ import torch
 from flwr.app import ConfigRecord
 from flwr.serverapp.strategy import Strategy
 
-from .. import keys
-from ..compression import make_codec
-from ..rng import derive_seed
-from .base import ClientReply
-from .compressed import CompressedFedAvg
+from fl_sim.wire import keys
+from fl_sim.compression import make_codec
+from fl_sim.rng import derive_seed
+from fl_sim.strategies.base import ClientReply
+from fl_sim.strategies.compressed import CompressedFedAvg
 
 __all__ = ["FIHTCS", "TANG_SPARSITY_RATIO"]
 

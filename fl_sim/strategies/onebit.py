@@ -13,7 +13,7 @@ Client i sends y_i = Q(Φ^(k) Δ_i): one bit per measurement plus one scale per 
 
 Φ is fixed a priori for the run (``phi_schedule="fixed"``, the paper: "Φ^(k) known a priori" at the
 PS), or redrawn every round (``"round"``, an option). The dither u is every client's own and new
-every round in both variants (``seed_mode="per_client"``, fl_sim.protocol); ``seed_mode="shared"``
+every round in both variants (``seed_mode="per_client"``, fl_sim.wire.protocol); ``seed_mode="shared"``
 reproduces fl-sim before issue 12 (one u, and one Φ^(k), for all clients of a round).
 
 Regimes: M = d measurements with the adjoint recovery Φᵀv̂ (``recovery="none"``, unbiased), or the
@@ -28,8 +28,8 @@ from typing import Any
 
 from flwr.serverapp.strategy import Strategy
 
-from ..rng import derive_seed
-from .compressed import CompressedFedAvg
+from fl_sim.rng import derive_seed
+from fl_sim.strategies.compressed import CompressedFedAvg
 
 __all__ = ["OneBitCS", "PHI_SCHEDULES"]
 

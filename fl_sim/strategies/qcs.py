@@ -11,7 +11,7 @@ seed, dequantizes v̂ = ϱ(q − u) (eq. 4.6) and reconstructs ĝ = α Tᵀ v̂ 
 Client memory is Abdi's weighted error feedback (eq. 4.14): z = Δ + β r, r ← (1 − β) r + (z − ẑ),
 with β defaulting to Remark 3's optimum: β* = 1/(γ+1) for unbiased QCS (eq. 4.17), β* = 1 for MMSE
 QCS (eq. 4.18). Randomness (R, row subsets, dither) changes every round and is each
-client's own (independent across clients, ``seed_mode="per_client"``, fl_sim.protocol);
+client's own (independent across clients, ``seed_mode="per_client"``, fl_sim.wire.protocol);
 ``seed_mode="shared"`` gives all clients of a round the same R, S and u (fl-sim before issue 12:
 their errors are then correlated and averaging does not shrink them).
 
@@ -25,9 +25,9 @@ from typing import Any
 
 from flwr.serverapp.strategy import Strategy
 
-from ..compression import make_codec
-from ..compression.error_feedback import optimal_beta
-from .compressed import CompressedFedAvg
+from fl_sim.compression import make_codec
+from fl_sim.compression.error_feedback import optimal_beta
+from fl_sim.strategies.compressed import CompressedFedAvg
 
 __all__ = ["QCS"]
 

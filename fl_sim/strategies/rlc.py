@@ -62,13 +62,13 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp.strategy import Strategy
 
-from .. import keys
-from ..channels import REAL_NOISE_FRACTION, MACChannel, draw_participation, form_signals
-from ..compression.error_feedback import optimal_beta
-from ..records import unflatten_into
-from ..rng import derive_seed
-from .base import ClientReply, ReplyError
-from .compressed import CompressedFedAvg
+from fl_sim.wire import keys
+from fl_sim.channels import REAL_NOISE_FRACTION, MACChannel, draw_participation, form_signals
+from fl_sim.compression.error_feedback import optimal_beta
+from fl_sim.wire.records import unflatten_into
+from fl_sim.rng import derive_seed
+from fl_sim.strategies.base import ClientReply, ReplyError
+from fl_sim.strategies.compressed import CompressedFedAvg
 
 __all__ = ["RLCOverTheAir", "REPORT_NORM", "M_UPDATE_NORM", "VARIANTS"]
 

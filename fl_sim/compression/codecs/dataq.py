@@ -13,9 +13,9 @@ import math
 
 import torch
 
-from ..base import Codec, CodecError, Payload, PayloadError, register_codec
-from ..dataq import _split_floor, dataq_bits, norm_tolerance
-from ..quantizers import FLOAT_BITS, bits_for_index, level_dtype, to_wire_float
+from fl_sim.compression.base import Codec, CodecError, Payload, PayloadError, register_codec
+from fl_sim.compression.dataq import _split_floor, dataq_bits, norm_tolerance
+from fl_sim.compression.quantizers import FLOAT_BITS, bits_for_index, level_dtype, to_wire_float
 
 __all__ = ["DataQCodec"]
 

@@ -19,10 +19,10 @@ from typing import Sequence
 
 import torch
 
-from ...rng import torch_generator
-from ..base import Codec, CodecError, Payload, PayloadError, SeedCache, Seeds, check_seed, register_codec
-from ..projections import PartialHadamard, stacked_adjoint, stacked_forward
-from ..quantizers import (
+from fl_sim.rng import torch_generator
+from fl_sim.compression.base import Codec, CodecError, Payload, PayloadError, SeedCache, Seeds, check_seed, register_codec
+from fl_sim.compression.projections import PartialHadamard, stacked_adjoint, stacked_forward
+from fl_sim.compression.quantizers import (
     FLOAT_BITS,
     check_levels,
     dithered_bits,
@@ -31,7 +31,7 @@ from ..quantizers import (
     to_wire_float,
     uniform_dither,
 )
-from ..transforms import next_pow2
+from fl_sim.compression.transforms import next_pow2
 
 __all__ = ["QCSCodec", "RLCCodec", "qcs_gamma", "GRANULARITIES"]
 

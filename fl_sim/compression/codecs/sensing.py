@@ -18,8 +18,8 @@ from typing import Any, Sequence
 
 import torch
 
-from ...rng import derive_seed, torch_generator
-from ..base import (
+from fl_sim.rng import derive_seed, torch_generator
+from fl_sim.compression.base import (
     Codec,
     CodecError,
     LinearOperator,
@@ -31,8 +31,8 @@ from ..base import (
     client_round_seed,
     register_codec,
 )
-from ..projections import PartialHadamard, SubsampledOrthogonal
-from ..recovery import LP_MAX_ENTRIES, biht, fast_operator, fiht, l1_recovery_lp
+from fl_sim.compression.projections import PartialHadamard, SubsampledOrthogonal
+from fl_sim.compression.recovery import LP_MAX_ENTRIES, biht, fast_operator, fiht, l1_recovery_lp
 
 __all__ = ["CSFIHTCodec", "OneBitCSCodec"]
 

@@ -29,10 +29,10 @@ from typing import Sequence
 
 import torch
 
-from ...rng import torch_generator
-from ..base import Codec, CodecError, Payload, PayloadError, Seeds, check_seed, register_codec
-from ..coding import gap_stream_bits, qsgd_stream_bits
-from ..quantizers import (
+from fl_sim.rng import torch_generator
+from fl_sim.compression.base import Codec, CodecError, Payload, PayloadError, Seeds, check_seed, register_codec
+from fl_sim.compression.coding import gap_stream_bits, qsgd_stream_bits
+from fl_sim.compression.quantizers import (
     FLOAT_BITS,
     level_dtype,
     qsgd_bits,
@@ -54,7 +54,7 @@ from ..quantizers import (
     topk_rows,
     topk_segments,
 )
-from ..segments import RowSegments, Segments, check_granularity, segments_for
+from fl_sim.compression.segments import RowSegments, Segments, check_granularity, segments_for
 
 __all__ = ["IdentityCodec", "FP16Codec", "TopKCodec", "RandKCodec", "QSGDCodec", "SignCodec", "TernGradCodec"]
 

@@ -11,8 +11,8 @@ from typing import Any, Sequence
 
 import torch
 
-from ..base import Codec, CodecError, Payload, SeedCache, Seeds, register_codec
-from ..sketch import CountSketch
+from fl_sim.compression.base import Codec, CodecError, Payload, SeedCache, Seeds, register_codec
+from fl_sim.compression.sketch import CountSketch
 
 __all__ = ["CountSketchCodec"]
 

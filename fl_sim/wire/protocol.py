@@ -20,8 +20,8 @@ import json
 from functools import lru_cache
 from typing import Any
 
-from .compression import Codec, Seeds, make_codec
-from .rng import derive_seed
+from fl_sim.compression import Codec, Seeds, make_codec
+from fl_sim.rng import derive_seed
 
 __all__ = ["SEED_MODES", "DEFAULT_SEED_MODE", "check_seed_mode", "codec_seeds", "round_seed", "get_codec",
            "dump_params", "load_params"]
