@@ -65,7 +65,7 @@ def unflat(like: ArrayRecord, vector: np.ndarray) -> ArrayRecord:
     return ArrayRecord(out)
 
 
-def user_app(mods=(compression_mod,), calls: list | None = None) -> ClientApp:
+def user_app(mods=(compression_mod,), calls: list | None = None, examples: int = 10) -> ClientApp:
     """A Flower ClientApp that returns w + Δ_pid (and records the lr it was sent)."""
     app = ClientApp(mods=list(mods))
 
@@ -77,7 +77,7 @@ def user_app(mods=(compression_mod,), calls: list | None = None) -> ClientApp:
         received = msg.content["arrays"]
         model = unflat(received, flat(received) + client_update(pid))
         config = next(iter(msg.content.config_records.values()))
-        metrics = MetricRecord({"num-examples": 10, "train_loss": 1.0, "lr_seen": float(config.get("lr", 0.0))})
+        metrics = MetricRecord({"num-examples": examples, "train_loss": 1.0, "lr_seen": float(config.get("lr", 0.0))})
         return Message(RecordDict({"arrays": model, "metrics": metrics}), reply_to=msg)
 
     @app.evaluate()
@@ -342,6 +342,15 @@ def test_dp_with_fl_sims_server_step_is_refused():
                                                           NODES)
     with pytest.raises(PrivacyCompositionError, match="FedAvgM"):
         run(strategy, mods=())
+
+
+def test_dp_never_releases_an_unnoised_model_when_the_weights_sum_to_zero():
+    """Replies whose num-examples sum to 0 make the method apply the update without its inner strategy;
+    with a DP wrapper that would release a model without clipping or noise: the round releases nothing."""
+    strategy = DifferentialPrivacyServerSideFixedClipping(DECODES_EACH["identity"](fedavg()), 1.0, C, NODES)
+    grid = InMemoryGrid(user_app(examples=0), NODES)
+    result = strategy.start(grid=grid, initial_arrays=initial_arrays(), num_rounds=1)
+    assert len(result.arrays) == 0 and strategy.strategy.rounds_aggregated == 0
 
 
 def test_the_uncompressed_baseline_takes_server_side_dp_around_it():

@@ -732,7 +732,12 @@ class UpdateStrategy(Strategy):
         else:
             one = unflatten_into(self._global_arrays, self._global_vector + step, parsed=True)  # read K times
             models = [one] * len(usable)
-        if float(w.sum()) <= 0:  # nothing to weigh (e.g. DaQuSGD nodes that sent no sample): apply Δ' directly
+        if float(w.sum()) <= 0 and (self._outer_dp is not None or privacy.inner_dp(self.inner) is not None):
+            # skipping the inner would skip the DP wrapper's clipping and noise: release nothing instead
+            log.error("round %d: the replies' %r sum to 0 and a DP wrapper must see them; the global model is "
+                      "unchanged", rnd, self.weighted_by_key)
+            new_arrays, client_metrics = None, None
+        elif float(w.sum()) <= 0:  # nothing to weigh (e.g. DaQuSGD nodes that sent no sample): apply Δ' directly
             new_arrays, client_metrics = self._global_dtypes(models[0]), None  # plain Arrays (see there)
             log.warning("round %d: the replies' %r sum to 0; the inner strategy is skipped", rnd, self.weighted_by_key)
         else:
