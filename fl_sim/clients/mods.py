@@ -33,6 +33,7 @@ import sys
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord
 from flwr.common.constant import ErrorCode
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from fl_sim.wire import keys
 from fl_sim.compression import error_feedback as ef_lib
@@ -77,9 +78,6 @@ def _arrays_key(content, wanted: str) -> str:
     if len(names) != 1:
         raise ValueError(f"compression_mod: expected the model under {wanted!r} or one ArrayRecord, found {names}")
     return names[0]
-
-
-KEY_CLIPPING_NORM = "clipping_norm"  # flwr.supercore.differential_privacy.KEY_CLIPPING_NORM
 
 
 def _clipping_mods() -> dict:

@@ -48,11 +48,11 @@ from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideFixedClipping,
     Strategy,
 )
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM  # what the clipping mods read
 
 __all__ = ["DP_WRAPPERS", "PrivacyCompositionError", "adopt", "check_composition", "clip_decoded", "clip_factors",
            "enclosing_dp", "inner_dp", "outer_dp_aggregate", "unwrap_dp", "KEY_CLIPPING_NORM"]
 
-KEY_CLIPPING_NORM = "clipping_norm"  # flwr.supercore.differential_privacy.KEY_CLIPPING_NORM (the mods read it)
 
 SERVER_SIDE = (DifferentialPrivacyServerSideFixedClipping, DifferentialPrivacyServerSideAdaptiveClipping)
 CLIENT_SIDE = (DifferentialPrivacyClientSideFixedClipping, DifferentialPrivacyClientSideAdaptiveClipping)
