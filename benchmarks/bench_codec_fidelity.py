@@ -1,4 +1,4 @@
-"""Codec fidelity figures of issue 12 (items 3-5): per-tensor vs whole-vector scales, QSGD's Elias bits,
+"""Codec fidelity figures of the paper-fidelity changes: per-tensor vs whole-vector scales, QSGD's Elias bits,
 TernGrad's clipping. Prints a table; no timing.
 
 Inputs: (a) a real update Δ: one client's local epoch of configs/qsgd.yaml's MLP on the synthetic data

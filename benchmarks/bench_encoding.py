@@ -2,7 +2,7 @@
 
 What is timed is steps 3-5 of fl_sim.clients.mods for every client of a round: Δ = w' − w, error-feedback
 compensate, encode, decode for the residual update, residual load/save. ``per-reply`` is what
-``compression_mod`` does for each reply (inline backend, and the vectorized backend before issue 15's
+``compression_mod`` does for each reply (inline backend, and the vectorized backend before its
 batched encoding); ``block`` is fl_sim.clients.cohort_encode.encode_cohort for the whole round (one
 chunk). Both get the real strategy's train messages (configure_train of the method's config, with the
 quickstart task: Synthetic(1, 1), MLP of 14,210 parameters) and the same trained models (w plus a small

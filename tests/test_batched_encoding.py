@@ -1,4 +1,4 @@
-"""Batched client-side encoding (issue 15): Codec.encode_batch / decode_batch, residual blocks, the grid path.
+"""Batched client-side encoding: Codec.encode_batch / decode_batch, residual blocks, the grid path.
 
 Every override must give ``encode_seeded``'s payloads bitwise (same tensors, dtypes, bits, meta) row by row,
 and decode_batch ``decode_seeded``'s vectors; the vectorized grid's block encoding must give the replies the

@@ -1,4 +1,4 @@
-"""fl-sim compare (issue 13): the validation split, the suite spec, tuning choice on validation data only,
+"""fl-sim compare: the validation split, the suite spec, tuning choice on validation data only,
 aggregation on fabricated run directories against hand-computed numbers, resume by config hash, and a
 tiny smoke run of the command."""
 

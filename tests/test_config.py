@@ -82,7 +82,7 @@ def test_yaml_errors(tmp_path):
 
 
 def test_validation_reads_the_registries(monkeypatch):
-    """One source of truth (issue 14): a strategy added to fl_sim.strategies.STRATEGIES is a valid
+    """One source of truth: a strategy added to fl_sim.strategies.STRATEGIES is a valid
     strategy.name without editing config.py (which kept its own tuple of names), and codec.name is
     checked against the codec registry at load time (it was not checked before round 1)."""
     from fl_sim import strategies

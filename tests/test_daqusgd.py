@@ -1,4 +1,4 @@
-"""DaQuSGD (issue 12 item 6): Theorem 3's 1/N over considered samples, Algorithm 1's unbiased version
+"""DaQuSGD ([Hanna-DaQuSGD]): Theorem 3's 1/N over considered samples, Algorithm 1's unbiased version
 (exact DataQ + GradCorrQ) end to end, and the per-round sample budget."""
 
 import json

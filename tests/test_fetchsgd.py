@@ -1,4 +1,4 @@
-"""FetchSGD (issue 12 item 7): the paper's sketch shape by default, Algorithm 1's error accumulation
+"""FetchSGD ([Rothchild-2020]): the paper's sketch shape by default, Algorithm 1's error accumulation
 (η_s on the momentum sketch; zeroing or linear removal), and the true / local top-k ablations."""
 
 import json

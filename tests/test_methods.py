@@ -76,7 +76,7 @@ def test_fetchsgd_bits_and_sketch_state(momentum):
 def test_qcs_bits(granularity):
     rows, s = rows_after(cfg_for({"name": "qcs", "block": 64, "k": 16, "levels": 2, "granularity": granularity}))
     d = d_of(s)
-    if granularity == "tensor":  # each tensor padded to whole blocks of 64 on its own (issue 12)
+    if granularity == "tensor":  # each tensor padded to whole blocks of 64 on its own
         lengths = [p.numel() for p in torch.nn.Linear(60, 32).parameters()] + [32 * 10, 10]
         assert s.codec_params_for(d)["segments"] == lengths and sum(lengths) == d
         blocks = sum(math.ceil(n / 64) for n in lengths)

@@ -1,4 +1,4 @@
-"""fl-sim reproduce: spec loading, the codec-level Abdi Ch. 4 experiment on a tiny grid (its numbers
+"""fl-sim reproduce: spec loading, the codec-level [Abdi-thesis] Ch. 4 experiment on a tiny grid (its numbers
 checked against Theorem 7, Lemma 8, Lemma 9 and the exact rand-k variance), and the generic 'runs'
 kind on a 2-round in-process config (report, Pareto figure, resume)."""
 
@@ -64,7 +64,7 @@ def test_unknown_experiment_and_bad_kind_are_one_line_errors(tmp_path):
 
 
 def test_best_parameters_match_notes_table():
-    # NOTES §6: best (k, Q) for gain ~ 32 at n = 256 is k = 110, Q = 2, gamma = 2.017; gain 100: k = 35, Q = 2, 7.99.
+    # docs/notes.md#qcs-numbers: best (k, Q) for gain ~ 32 at n = 256 is k = 110, Q = 2, gamma = 2.017; gain 100: k = 35, Q = 2, 7.99.
     b = best_qcs_parameters(256, 32)
     assert (b["k"], b["levels"], round(b["gamma"], 3)) == (110, 2, 2.017)
     b = best_qcs_parameters(256, 100)

@@ -200,7 +200,7 @@ def test_inline_run_resumed_on_ray(tmp_path):
 
 
 def test_kill_before_summary_leaves_a_resumable_run(tmp_path, monkeypatch):
-    """Issue 16 item 4: killed after the final model but before summary.json, the run must still resume
+    """Killed after the final model but before summary.json, the run must still resume
     (the checkpoint used to be deleted first, leaving a run that was neither finished nor resumable)."""
     from fl_sim.runs.results import RunRecorder
 
@@ -228,7 +228,7 @@ def _cut(tmp_path, name="fedsgd"):
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "nan"])
 def test_damaged_newest_checkpoint_falls_back(damage, tmp_path, caplog):
-    """Issue 16 item 14: the previous checkpoint is kept; a corrupt, truncated or non-finite newest one
+    """The previous checkpoint is kept; a corrupt, truncated or non-finite newest one
     is skipped with a warning and the run resumes from round 2 with the same results."""
     import torch
 
@@ -262,7 +262,7 @@ def test_every_checkpoint_damaged_is_one_line(tmp_path):
 
 
 def test_stale_temporaries_removed_and_modes(tmp_path):
-    """Issue 16 item 15: .tmp files a kill left in checkpoint/ go; model.pt is 0644 like the other files."""
+    """The .tmp files a kill left in checkpoint/ go; model.pt is 0644 like the other files."""
     cfg = _cut(tmp_path)
     stale = tmp_path / "cut" / "checkpoint" / ".round-000006.abc.tmp"
     stale.write_bytes(b"half")

@@ -1,4 +1,4 @@
-"""RLCOverTheAir (Abdi Ch. 5, eqs. 5.3-5.11, Lemmas 13-14) driven through the real Flower message
+"""RLCOverTheAir ([Abdi-thesis] Ch. 5, eqs. 5.3-5.11, Lemmas 13-14) driven through the real Flower message
 path (configure_train -> ClientApp with compression_mod -> aggregate_train) on an InMemoryGrid.
 
 The test ClientApp "trains" by returning received + Δ_cid with fixed updates Δ_cid, so the exact
@@ -112,7 +112,7 @@ def test_noiseless_decode_is_exact_projection_of_weighted_sum():
 )
 def test_decode_unbiased_and_mse_matches_lemma(channel):
     """Over T rounds (fresh A, fading, b_i, noise each round) E[ĝ] = g = Σ α_i Δ_i, and for no fading
-    with all subchannels the MSE is the formula of NOTES §3.2 (5.10, derived):
+    with all subchannels the MSE is the formula of docs/notes.md#rlc-participation (5.10, derived):
         (d/m)[‖g‖² + (1/π − 1) Σ α_i² ‖Δ_i‖²] − ‖g‖² + d σ_R²/c²   (σ_R²/c² reported per round)
     True norms are reported (norm_mod), so c and S_i do not depend on A and the decode is exactly
     unbiased (Lemma 14)."""

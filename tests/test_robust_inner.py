@@ -1,4 +1,4 @@
-"""Flower's robust aggregators as inner strategies of fl-sim's methods (issue 16, item 6).
+"""Flower's robust aggregators as inner strategies of fl-sim's methods.
 
 With methods that decode each reply, the wrapper hands the inner strategy one model per client, so
 FedMedian, FedTrimmedAvg and Krum aggregate them as they would plain FedAvg replies: one client far

@@ -1,4 +1,4 @@
-"""A run whose clients all fail, or whose Ray worker died, must not end as a success (issue 16, item 8)."""
+"""A run whose clients all fail, or whose Ray worker died, must not end as a success."""
 
 from __future__ import annotations
 

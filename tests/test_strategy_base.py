@@ -142,7 +142,7 @@ def test_strategy_argument_errors():
 
 
 def test_defaults_are_flowers_fedavg_defaults():
-    """Issue 14 item 3: "instead of FedAvg(...)" must not change the run. The old wrapper defaulted to
+    """Wrapping a method "instead of FedAvg(...)" must not change the run. The old wrapper defaulted to
     fraction_evaluate 0.0 and min nodes 1; the inner FedAvg now has Flower's own defaults."""
     from flwr.serverapp.strategy import FedAvg
 

@@ -183,7 +183,7 @@ def test_auto_chunk_follows_the_memory_budget():
     assert each > 5 * 4 * d  # parameters, gradient, momentum, temporaries + activations
     assert auto_chunk(model, sample, 32, 10 * each) == 10
     assert auto_chunk(model, sample, 32, 1) == 1
-    # the bound: 1,000 LeNet-5 clients of batch 32 in a few GB
+    # the backend's memory goal: 1,000 LeNet-5 clients of batch 32 in a few GB
     assert 1000 * each < 3 * 2**30
 
 

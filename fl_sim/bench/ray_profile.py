@@ -1,4 +1,4 @@
-"""Where the CPU of a Ray round goes, per process and per thread (issue 15's last item).
+"""Where the CPU of a Ray round goes, per process and per thread.
 
 Runs one workload of bench_round (default ``lenet``: LeNet-5, 100 clients per round) on Flower's Ray
 backend, instrumented as ``bench_round --profile`` (bench_scale.instrumented_run: an outer client mod

@@ -1,7 +1,7 @@
-"""Wireless multiple-access channel for over-the-air FL (Abdi thesis, Chapter 5). No flwr import.
+"""Wireless multiple-access channel for over-the-air FL ([Abdi-thesis] Chapter 5). No flwr import.
 
-Source: shared/papers/002_5a8bb245d2c84ca1.txt, Chapter 5, eqs. (5.1)-(5.11), Lemmas 13-14;
-NOTES.md §3.2. Generate (draw h) then apply (y = Σ h_i ⊙ x_i + η); power control reads ĥ before apply.
+Source: [Abdi-thesis], Chapter 5, eqs. (5.1)-(5.11), Lemmas 13-14;
+docs/notes.md#rlc. Generate (draw h) then apply (y = Σ h_i ⊙ x_i + η); power control reads ĥ before apply.
 
 Modules, one job each:
   noise          complex / real AWGN, SNR conventions (σ² per complex dimension)

@@ -1,6 +1,6 @@
 """Subchannel gains h_i ∈ ℂ^m of the MAC (generate step; the MAC applies them).
 
-Source: shared/papers/002_5a8bb245d2c84ca1.txt, Chapter 5, eq. (5.1): y = Σ_i h_i ⊙ x_i + η with
+Source: [Abdi-thesis], Chapter 5, eq. (5.1): y = Σ_i h_i ⊙ x_i + η with
 h_i the gains of node i's m subchannels. The thesis fixes no fading law; this module offers the
 usual ones, all normalised to E|h|² = 1 before large-scale path loss:
 

@@ -1,4 +1,4 @@
-"""Client-side encoding of a chunk of clients as one block (``simulation.backend: vectorized``, issue 15).
+"""Client-side encoding of a chunk of clients as one block (``simulation.backend: vectorized``).
 
 After :func:`fl_sim.clients.cohort.train_cohort` the vectorized grid holds a chunk's trained parameters
 as one tensor per model parameter. ``compression_mod`` would then encode each reply on its own (steps 3-5

@@ -1,8 +1,8 @@
 """DaQuSGD client piece: loss-based sample selection, data quantization and GradCorrQ (Hanna et al.).
 
-Source: shared/papers/004_8a6bcfc5f528e1f3.txt Algorithm 1 (DaQuSGD), Algorithm 2 (DataQ), Algorithm 3
+Source: [Hanna-DaQuSGD] Algorithm 1 (DaQuSGD), Algorithm 2 (DataQ), Algorithm 3
 (GradCorrQ), Remark 1, §V (sample selection) and §VI (implementation: batch-max scaling, 3+ bits per
-feature, no GradCorrQ); NOTES.md §5. The server half is fl_sim.strategies.daqusgd; they share only the
+feature, no GradCorrQ); docs/notes.md#daqusgd. The server half is fl_sim.strategies.daqusgd; they share only the
 wire keys of fl_sim.wire.keys.
 
 Per round a node:

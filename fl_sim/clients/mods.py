@@ -5,7 +5,7 @@ Works around any ClientApp that returns a model (``ClientApp(mods=[compression_m
 1. pass non-train messages, and train messages whose config names no codec, through untouched;
 2. remember the received global model w, call the wrapped app, read its trained model w';
 3. Δ = w' − w; with client error feedback, z = compensate(Δ, r) (classic EF, Karimireddy et al.
-   2019; weighted EF z = Δ + β r, Abdi thesis eq. 4.14), else z = Δ;
+   2019; weighted EF z = Δ + β r, [Abdi-thesis] eq. 4.14), else z = Δ;
 4. p = codec.encode(z) with the client's seeds: the round's common seed and the client id
    (``protocol.codec_seeds``: the client's own randomness is independent of the other clients');
 5. with error feedback, r ← update(r, z, decode(p)) kept under the client id in the residual store

@@ -1,7 +1,7 @@
 """Where a client's error-feedback residual r_i lives between its rounds (QCS, top-k + EF, sign + EF, OneBitCS).
 
 Client error feedback (``compression_mod``: z = Δ + r, r ← z − decode(encode(z)); Karimireddy et al.
-2019, Abdi eq. 4.14) needs one d-vector per client that has participated, kept until the client is
+2019, [Abdi-thesis] eq. 4.14) needs one d-vector per client that has participated, kept until the client is
 sampled again. Two stores, one interface (``load(cid) -> tensor | None``, ``save(cid, r)``):
 
 * :class:`ContextResidualStore` (default outside fl-sim's own runs, e.g. a Flower deployment): the

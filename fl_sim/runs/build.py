@@ -109,7 +109,7 @@ def build_strategy(exp: Experiment, **extra: Any):
 
         typed_options(_signature_types(MACChannel), dict(cfg.channel), "channel")  # snr_db=abc names its key
     if cfg.channel and cfg.strategy.name != "rlc":
-        # A digital baseline over the same channel: bits -> channel uses at capacity (Abdi Ch. 5).
+        # A digital baseline over the same channel: bits -> channel uses at capacity ([Abdi-thesis] Ch. 5).
         link = {k: cfg.channel[k] for k in ("snr_db", "bandwidth_hz", "compute_s") if k in cfg.channel}
         rest = {k: v for k, v in cfg.channel.items() if k not in link}
         from fl_sim.channels import MACChannel

@@ -28,7 +28,7 @@ server-side figures under ``server.`` (``server.uplink_bits``, ``server.clients_
 ``server.round_s`` the round's wall time...). ``last_metrics`` / ``history`` hold the server figures
 unprefixed (fl-sim's metrics.csv row) plus ``train_loss`` read from the client aggregate.
 
-fl-sim's server step (``server_lr`` η_s, ``server_momentum`` μ; Hsu et al. 2019 "FedAvgM"), applied
+fl-sim's server step (``server_lr`` η_s, ``server_momentum`` μ; [Hsu-2019] "FedAvgM"), applied
 to Δ̄ *before* the inner strategy: ``m ← μ m + Δ̄``, ``Δ' = η_s m``; the inner then sees ``w + Δ'``.
 η_s = 1, μ = 0 (the default) leaves the updates to the inner (use FedAvgM / FedAdam for a server
 optimizer in your own app).
@@ -76,7 +76,7 @@ _INNER_STATE = ("m_t", "v_t", "momentum_vector")
 
 
 def update_sparsity(g: torch.Tensor) -> float:
-    """Tang et al.'s sparsity measure sp(g) = ||g||_1^2 / (d ||g||_2^2), in [1/d, 1] (NOTES §4).
+    """[Tang-FIHT]'s sparsity measure sp(g) = ||g||_1^2 / (d ||g||_2^2), in [1/d, 1] (docs/notes.md#tang-fiht).
 
     1 for a vector of equal magnitudes, K/d for K nonzeros of equal magnitude, 1/d for one nonzero;
     nan for g = 0. Computed in float64 over the aggregated update the server applies (one pass).

@@ -1,7 +1,7 @@
 """DaQuSGD: nodes send quantized data samples whose loss exceeds a threshold (Hanna et al.).
 
-Source: shared/papers/004_8a6bcfc5f528e1f3.txt Algorithm 1, Algorithms 2-3, §V (sample selection,
-Theorem 3) and §VI (experiments); NOTES.md §5. The client half is fl_sim.clients.daqusgd; the two meet
+Source: [Hanna-DaQuSGD] Algorithm 1, Algorithms 2-3, §V (sample selection, Theorem 3) and §VI
+(experiments); docs/notes.md#daqusgd. The client half is fl_sim.clients.daqusgd; the two meet
 only through the wire keys of fl_sim.wire.keys (this module does not import the client).
 
 Round t (the learning agent is the server):

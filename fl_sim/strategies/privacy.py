@@ -1,7 +1,6 @@
 """Differential privacy with a compressed uplink: Flower's DP wrappers and clipping mods, composed or refused.
 
-Flower's central DP (McMahan et al. 2018, "Learning differentially private recurrent language models";
-Andrew et al. 2021 for adaptive clipping) bounds each client's update Δ_i by a clipping norm C,
+Flower's central DP ([McMahan-DP-2018]; [Andrew-2021] for adaptive clipping) bounds each client's update Δ_i by a clipping norm C,
 Δ_i ← Δ_i · min(1, C / ‖Δ_i‖₂) (FlatClip), and adds Gaussian noise N(0, σ² I) with σ = z C / m
 (noise multiplier z, m sampled clients) to the aggregated model (flwr/serverapp/strategy/
 dp_fixed_clipping.py, dp_adaptive_clipping.py). Its guarantee needs the aggregate's sensitivity to

@@ -10,7 +10,7 @@ Randomness is never sent: both sides rebuild it from the round seed in the Confi
   ``derive_seed(round seed, "client", cid)`` and are independent across clients, as the papers'
   workers are. The server rebuilds each client's seeds because it knows whom it sampled.
 * ``"shared"``: ``Seeds(round seed, None)``: every client of a round draws the same randomness, own
-  parts included (fl-sim's behaviour before issue 12; the clients' errors are then identical for
+  parts included (fl-sim's behaviour before per-client seeds; the clients' errors are then identical for
   identical updates and averaging does not shrink them). Kept to reproduce old results.
 """
 

@@ -8,8 +8,8 @@ into the output directory (default ``runs/reproduce/NAME`` or ``NAME-full``).
 
 Kinds:
 
-* ``qcs_codec`` -- Abdi thesis (shared/papers/002_5a8bb245d2c84ca1.txt) Ch. 4 at the codec level,
-  papers/NOTES.md §3.1 / §3.3 / §6:
+* ``qcs_codec`` -- [Abdi-thesis] Ch. 4 at the codec level (docs/notes.md#qcs,
+  #qcs-1bit-erratum, #qcs-numbers):
     - gain vs MSE (Fig. 4.1): relative MSE E||g - g_hat||^2 / ||g||^2 against the compression gain
       32 n / bits for QCS over a (k, Q) grid, QSGD levels, top-k, rand-k, sign, TernGrad, on blocks
       of n coordinates; with the theory curves gamma (4.10), QSGD's Lemma 3.1 bound, rand-k's n/k - 1;

@@ -17,7 +17,7 @@ from fl_sim.experiments.reproduce.report import (
 from fl_sim.experiments.reproduce.spec import FLOAT_BITS, ProgressFn, register_kind
 
 # ---------------------------------------------------------------------------------------------------
-# Codec-level measurements (Abdi Ch. 4)
+# Codec-level measurements ([Abdi-thesis] Ch. 4)
 # ---------------------------------------------------------------------------------------------------
 BLOCKWISE_CODECS = ("qcs",)  # codecs that cut a long vector into n-blocks themselves (one call for all blocks)
 
@@ -54,7 +54,7 @@ def codec_block_errors(name: str, params: dict[str, Any], G, seed: int):
     return H, err, float(bits)
 
 def _gaussian_blocks(seed: int, purpose: str, blocks: int, n: int):
-    """B x n i.i.d. N(0, 1) rows (the test vectors; NOTES §6's Monte-Carlo uses Gaussian vectors too)."""
+    """B x n i.i.d. N(0, 1) rows (the test vectors; the reference Monte-Carlo of docs/notes.md#qcs-numbers uses Gaussian vectors too)."""
     import torch
 
     from fl_sim.rng import torch_generator
@@ -228,7 +228,7 @@ def _weighted_ef(s: dict[str, Any], seed: int, gamma_emp: float, out: Path, prog
 
 @register_kind("qcs_codec")
 def run_qcs_codec(spec: dict[str, Any], s: dict[str, Any], out: Path, *, progress: ProgressFn) -> dict[str, Any]:
-    """Abdi Ch. 4 at the codec level: gain vs MSE, Theorem 7, alpha, weighted EF (see module docstring)."""
+    """[Abdi-thesis] Ch. 4 at the codec level: gain vs MSE, Theorem 7, alpha, weighted EF (see module docstring)."""
     import torch
 
     from fl_sim.compression.codecs.qcs import qcs_gamma
@@ -259,7 +259,8 @@ def run_qcs_codec(spec: dict[str, Any], s: dict[str, Any], out: Path, *, progres
     return res
 
 def _notes_points(rows, n, qcs_gamma) -> list[dict[str, Any]]:
-    """NOTES §6's Monte-Carlo figures (n = 256, k = 32) beside ours, when the grid has them."""
+    """The reference Monte-Carlo figures of docs/notes.md#qcs-numbers (n = 256, k = 32) beside ours, when the grid
+    has them."""
     notes = {(32, 1): (14.155, 10.81), (32, 2): (8.789, 7.95), (32, 4): (7.447, 7.23), (32, 0.5): (35.62, 22.25)}
     out = []
     for (k, Q), (gam, mc) in notes.items():

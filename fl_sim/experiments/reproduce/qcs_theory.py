@@ -33,10 +33,10 @@ def _qcs_table(n: int, levels, wire: bool):
 
 
 def best_qcs_parameters(n: int, gain: float, *, levels=None, wire: bool = False) -> dict[str, float]:
-    """argmin over (k, Q) of gamma (4.10) subject to gain >= ``gain`` (NOTES §6's table).
+    """argmin over (k, Q) of gamma (4.10) subject to gain >= ``gain`` (docs/notes.md#qcs-numbers).
 
     Gain is eq. (4.11), 32 n / (k log2(2Q + 1)), or with ``wire`` the codec's exact 32 n / bits
-    (fixed-length indices and the 32-bit scale). Q ranges over ``levels`` (default: 1..64, as NOTES;
+    (fixed-length indices and the 32-bit scale). Q ranges over ``levels`` (default: 1..64, as the notes' table;
     add 0.5 for the 1-bit variant), k over 2..n.
     """
     import numpy as np
