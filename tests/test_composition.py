@@ -387,3 +387,16 @@ def test_a_later_round_without_payloads_is_logged_not_raised(caplog):
     assert sorted(strategy.history) == [1, 2, 3] and strategy.history[3]["clients_ok"] == 0
     assert any("none of the 4 replies" in r.getMessage() and "compression_mod" in r.getMessage()
                for r in caplog.records)
+
+
+def test_an_undeclared_aggregate_under_dp_is_refused_at_aggregation():
+    """A method that returns an aggregate from combine but claims to decode each client (a user's own,
+    wrongly declared) is stopped when it hands the aggregate over, not clipped as if it were a client."""
+
+    class Undeclared(FedAvgBaseline):
+        def combine(self, server_round, replies, weights):
+            return torch.stack([r.data for r in replies]).mean(dim=0)
+
+    strategy = DifferentialPrivacyServerSideFixedClipping(Undeclared(fedavg()), 0.0, C, NODES)
+    with pytest.raises(PrivacyCompositionError, match="decodes_each_client"):
+        run(strategy, mods=())

@@ -718,6 +718,10 @@ class UpdateStrategy(Strategy):
             log.error("round %d: the replies passed the per-reply checks but could not be aggregated (%s); the "
                       "global model is unchanged (a codec's check_values misses this case)", rnd, exc)
             return None, self._finish(rnd, metrics, None)
+        if update.dim() != 2 and (self._outer_dp is not None or privacy.inner_dp(self.inner) is not None):
+            raise privacy.PrivacyCompositionError(  # a method that did not declare it (decodes_each_client)
+                f"{type(self).__name__} returned an aggregate, not one update per client: a DP wrapper cannot clip "
+                f"per client; declare decodes_each_client() False so it is refused before round 1")
         delta = weights.to(update.dtype) @ update if update.dim() == 2 else update
         if not torch.isfinite(delta).all():
             log.error("round %d: the aggregate update is not finite; the global model is unchanged", rnd)
