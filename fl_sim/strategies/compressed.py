@@ -60,6 +60,8 @@ class CompressedFedAvg(UpdateStrategy):
         **kwargs: UpdateStrategy arguments (and FedAvg's, without an inner strategy).
     """
 
+    USES_COMPRESSION_MOD = True
+
     def __init__(
         self,
         inner: Strategy | None = None,
@@ -160,6 +162,9 @@ class CompressedFedAvg(UpdateStrategy):
             if counted is None else int(counted)
         self._declared_bits.check(cid, msg.metadata.src_node_id, payload.bits, bits, "payload bits")
         return data, bits
+
+    def decodes_each_client(self) -> bool:
+        return self.decodes_each()
 
     def decodes_each(self) -> bool:
         """Whether ``combine`` decodes every reply (else it sums the payloads in the compressed domain)."""
