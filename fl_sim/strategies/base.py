@@ -56,7 +56,8 @@ from flwr.supercore import log as flwr_log
 
 from .. import keys
 from ..protocol import round_seed
-from ..records import array_bits, flatten_arrays, flatten_with_bits, unflatten_into
+from ..compression import PayloadError
+from ..records import array_bits, flatten_arrays, flatten_checked, model_spec, unflatten_into
 from ..rng import numpy_generator
 from . import guards as reply_guards
 
@@ -210,6 +211,7 @@ class UpdateStrategy(Strategy):
         self.rounds_aggregated = 0
         self._global_arrays: ArrayRecord | None = None
         self._global_vector: torch.Tensor | None = None
+        self._model_spec: dict[str, tuple[tuple[int, ...], str]] = {}
         self.sent: dict[int, int] = {}  # cid -> node of this round's train messages (configure_train)
         self._round_seed = 0
         self._downlink_bits_each = 0
@@ -275,15 +277,16 @@ class UpdateStrategy(Strategy):
     def decode_reply(self, server_round: int, msg: Message, cid: int) -> tuple[Any, int]:
         """(method data, uplink bits) of one reply; raise ReplyError when malformed.
 
-        Default: the reply carries a full model; data = Δ_i = w_i − w.
+        Default: the reply carries a full model, whose arrays must be the global model's (names, shapes,
+        dtypes; nothing more: :func:`~fl_sim.records.flatten_checked`); data = Δ_i = w_i − w.
         """
         arrays = self.reply_arrays(msg)
         try:
-            local, bits = flatten_with_bits(arrays)
+            local, bits = flatten_checked(arrays, self._model_spec)
+        except PayloadError as exc:
+            raise ReplyError(str(exc)) from None
         except Exception as exc:  # noqa: BLE001 - any decoding failure is a malformed reply
             raise ReplyError(f"arrays cannot be read ({exc})") from None
-        if local.shape != self._global_vector.shape:
-            raise ReplyError(f"model has {local.numel()} parameters, expected {self._global_vector.numel()}")
         if not torch.isfinite(local).all():
             raise ReplyError("model contains NaN or inf")
         return local - self._global_vector, bits
@@ -353,6 +356,7 @@ class UpdateStrategy(Strategy):
         self._t0 = time.perf_counter()
         self._global_arrays = arrays
         self._global_vector = flatten_arrays(arrays)
+        self._model_spec = model_spec(arrays)  # what a full-model reply must hold (decode_reply)
         self._round_seed = int(self.round_seed_for(rnd))
         self._downlink_bits_each = array_bits(arrays)
         inner_msgs = list(self.inner.configure_train(rnd, arrays, config, grid))
