@@ -21,6 +21,7 @@ from flwr.clientapp import ClientApp
 
 from fl_sim import keys
 from fl_sim.build import build_experiment, build_strategy
+from fl_sim.clients import compression_mod
 from fl_sim.clients.app import make_client_app
 from fl_sim.compression import PayloadError
 from fl_sim.config import config_from_dict
@@ -185,7 +186,7 @@ D = 7
 
 
 def toy_app():
-    app = ClientApp()
+    app = ClientApp(mods=[compression_mod])
 
     @app.train()
     def _train(msg: Message, ctx):
@@ -394,10 +395,11 @@ def test_fedavg_bits_are_the_arrays_that_arrived():
 
 
 def test_variable_length_codec_bits_come_from_its_own_count(monkeypatch, caplog):
-    """A codec whose size depends on the data counts each payload (Codec.payload_bits); the claim is ignored."""
+    """A codec whose size depends on the data counts each payload (Codec.payload_bits, its coding's own count,
+    which the encoder also claims); a claim other than that count is refused (tests/test_reply_round.py)."""
     from fl_sim.compression.codecs.simple import TopKCodec
 
-    monkeypatch.setattr(TopKCodec, "payload_bits", lambda self, payload: 1000 + int(payload.tensors["indices"][0]))
+    monkeypatch.setattr(TopKCodec, "_bits", lambda self, idx: 1000 + int(idx.reshape(-1)[0]))
     cfg = cfg_for({"name": "compressed"}, {"name": "topk", "k": 20}, rounds=1)
     exp = build_experiment(cfg)
     s = build_strategy(exp)

@@ -444,10 +444,24 @@ class UpdateStrategy(Strategy):
                 return cid
         raise ReplyError(f"node {src} was sent no client this round")
 
+    @staticmethod
+    def check_reply_round(server_round: int, msg: Message) -> None:
+        """A reply must answer this round: its ``fl-sim.reply`` record (added by compression_mod) holds the
+        round of the train message it answers. A reply of an earlier round (stale, or replayed by its node)
+        or one that names no round is a ReplyError."""
+        meta = msg.content.get(keys.REPLY_META)
+        if not isinstance(meta, ConfigRecord) or keys.R_ROUND not in meta:
+            raise ReplyError(f"reply does not say which round it answers (no {keys.REPLY_META!r} record: is "
+                             "compression_mod installed on the ClientApp?)")
+        answered = int(reply_guards.finite_number(meta[keys.R_ROUND], "the reply's round", integer=True))
+        if answered != server_round:
+            raise ReplyError(f"reply answers round {answered}, this is round {server_round} (a stale or replayed reply)")
+
     def read_reply(self, server_round: int, msg: Message) -> ClientReply:
         """One reply -> a validated :class:`ClientReply`, or :class:`ReplyError` (the per-reply seam).
 
-        Every check that depends on one reply runs here: metrics (client id, the weight, train-loss),
+        Every check that depends on one reply runs here: the round it answers (:meth:`check_reply_round`),
+        metrics (client id, the weight, train-loss),
         the payload's structure and values (``decode_reply``, which calls the codec's ``check_values``).
         Uplink bits are the server's own count (``decode_reply``); a client's declared ``uplink-bits``
         that disagrees is logged once per client, never used.
@@ -461,6 +475,7 @@ class UpdateStrategy(Strategy):
         except (ReplyError, ValueError, TypeError, OverflowError) as exc:
             raise ReplyError(str(exc)) from None
         try:
+            self.check_reply_round(server_round, msg)
             if metrics is None:
                 raise ReplyError("reply has no MetricRecord")
             key = self.weighted_by_key
