@@ -11,25 +11,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.app import Array, ArrayRecord
 
 from fl_sim import keys
-from fl_sim.build import build_experiment, build_strategy
-from fl_sim.clients.app import make_client_app
 from fl_sim.records import flatten_arrays
-from fl_sim.testing import InMemoryGrid
-from test_reply_checks import K, cfg_for, server_part
+from test_reply_checks import K, cfg_for, round_one, server_part
 
 
 def one_round(tamper=None, caplog=None):
     """(aggregated model vector, server metrics, the altered reply's node) of round 1 with ``tamper``
     applied to the first reply."""
-    cfg = cfg_for({"name": "fedavg"})
-    exp = build_experiment(cfg)
-    s = build_strategy(exp)
-    grid = InMemoryGrid(make_client_app(cfg), cfg.clients)
-    msgs = list(s.configure_train(1, exp.initial_arrays, ConfigRecord(), grid))
-    replies = list(grid.send_and_receive(msgs))
+    s, _, replies = round_one(cfg_for({"name": "fedavg"}))
     node = replies[0].metadata.src_node_id
     if tamper is not None:
         arrays = replies[0].content[keys.ARRAYS]

@@ -12,15 +12,16 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fl_sim import keys
-from fl_sim.build import build_experiment, build_strategy
-from fl_sim.clients.app import make_client_app
+from fl_sim.clients import compression_mod
+from fl_sim.strategies import FedAvgBaseline
 from fl_sim.testing import InMemoryGrid
-from test_reply_checks import K, cfg_for, server_part
+from test_reply_checks import K, cfg_for, round_one, server_part
 
 STRATEGIES = {
     "fedavg (full models)": ({"name": "fedavg"}, None),
@@ -32,12 +33,7 @@ STRATEGIES = {
 def two_rounds(strategy, codec, replace):
     """Round 1 honest; in round 2 ``replace(replies_2, replies_1)`` -> the replies the server reads.
     Returns round 2's server metrics. Every client is sampled every round (clients = clients_per_round)."""
-    cfg = cfg_for(strategy, codec, clients=K)
-    exp = build_experiment(cfg)
-    s = build_strategy(exp)
-    grid = InMemoryGrid(make_client_app(cfg), cfg.clients)
-    msgs = list(s.configure_train(1, exp.initial_arrays, ConfigRecord(), grid))
-    first = list(grid.send_and_receive(msgs))
+    s, grid, first = round_one(cfg_for(strategy, codec, clients=K))
     kept = [copy.deepcopy(r) for r in first]
     arrays, metrics = s.aggregate_train(1, first)
     assert server_part(metrics)["clients_ok"] == K
@@ -82,9 +78,6 @@ def test_reply_without_the_round_record_rejected(caplog):
 
 def test_mod_adds_the_round_to_full_model_replies():
     """compression_mod on a plain app (no codec in the config): the reply gets the round, nothing else changes."""
-    from fl_sim.clients import compression_mod
-    from fl_sim.strategies import FedAvgBaseline
-
     app = ClientApp(mods=[compression_mod])
 
     @app.train()
@@ -95,8 +88,6 @@ def test_mod_adds_the_round_to_full_model_replies():
     grid = InMemoryGrid(app, 2)
     s = FedAvgBaseline(clients_per_round=2, client_ids=range(2))
     s.round_offset = 6  # a resumed run: Flower's round 1 is the method's round 7
-    from flwr.app import Array
-    import numpy as np
     msgs = list(s.configure_train(1, ArrayRecord({"w": Array(np.zeros(3, np.float32))}), ConfigRecord(), grid))
     replies = list(grid.send_and_receive(msgs))
     assert [r.content[keys.REPLY_META][keys.R_ROUND] for r in replies] == [7, 7]
