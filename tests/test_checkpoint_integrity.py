@@ -16,9 +16,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from fl_sim.checkpoint import latest_checkpoint
+from fl_sim.runs.checkpoint import latest_checkpoint
 from fl_sim.cli import app
-from fl_sim.simulation import run_experiment
+from fl_sim.runs.simulation import run_experiment
 from test_resume import Stop, config, metrics, stop_after
 
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord
 
-from fl_sim import keys
-from fl_sim.records import flatten_arrays
+from fl_sim.wire import keys
+from fl_sim.wire.records import flatten_arrays
 from test_reply_checks import K, cfg_for, round_one, server_part
 
 

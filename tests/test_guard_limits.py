@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from flwr.app import Array
 
-from fl_sim import keys
-from fl_sim.build import build_experiment, build_strategy
+from fl_sim.wire import keys
+from fl_sim.runs.build import build_experiment, build_strategy
 from fl_sim.clients.app import make_client_app
 from fl_sim.config import load_config
-from fl_sim.simulation import server_loop
+from fl_sim.runs.simulation import server_loop
 from fl_sim.testing import InMemoryGrid
 
 ROUNDS, K = 6, 5

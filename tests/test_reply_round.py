@@ -17,7 +17,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fl_sim import keys
+from fl_sim.wire import keys
 from fl_sim.clients import compression_mod
 from fl_sim.strategies import FedAvgBaseline
 from fl_sim.testing import InMemoryGrid
