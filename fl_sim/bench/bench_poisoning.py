@@ -1,6 +1,6 @@
 """Poisoning figures of the README ("Bad and malicious client replies"): what the reply guards stop.
 
-Every case runs the quickstart in memory (fl_sim.testing.InMemoryGrid: the real strategy, ClientApp and
+Every case runs the quickstart in memory (fl_sim.engine.inline.InMemoryGrid: the real strategy, ClientApp and
 mods; the same rounds as ``fl-sim run`` without the transport) with attackers altering their replies
 after the mod, as a malicious node would:
 
@@ -38,7 +38,7 @@ from fl_sim.runs.build import build_experiment, build_strategy
 from fl_sim.runs.results import atomic_write
 from fl_sim.runs.simulation import server_loop
 from fl_sim.clients.app import make_client_app
-from fl_sim.testing import InMemoryGrid
+from fl_sim.engine.inline import InMemoryGrid
 from fl_sim.wire import keys
 
 INNERS: dict[str, Callable[[], Any] | None] = {
