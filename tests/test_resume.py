@@ -258,7 +258,7 @@ def test_every_checkpoint_damaged_is_one_line(tmp_path):
     res = CliRunner().invoke(app, ["run", "--resume", str(tmp_path / "cut")])
     assert res.exit_code == 2 and "Traceback" not in res.output
     last = res.output.strip().splitlines()[-1]
-    assert last.startswith("error:") and "round-000004.pt" in last and "unreadable" in last, res.output
+    assert last.startswith("error:") and "round-000004.pt" in last and "damaged" in last, res.output
 
 
 def test_stale_temporaries_removed_and_modes(tmp_path):

@@ -2,7 +2,8 @@
 
 Works around any ClientApp that returns a model (``ClientApp(mods=[compression_mod])``):
 
-1. pass non-train messages, and train messages whose config names no codec, through untouched;
+1. pass non-train messages through untouched, and train messages whose config names no codec with only
+   step 7;
 2. remember the received global model w, call the wrapped app, read its trained model w';
 3. Δ = w' − w; with client error feedback, z = compensate(Δ, r) (classic EF, Karimireddy et al.
    2019; weighted EF z = Δ + β r, [Abdi-thesis] eq. 4.14), else z = Δ;
@@ -13,7 +14,10 @@ Works around any ClientApp that returns a model (``ClientApp(mods=[compression_m
    run's disk store);
 6. replace the reply's arrays (the ArrayRecord named by the strategy's arrayrecord_key, or the only
    one) with p's tensors, add the payload record (with the client id) and ``uplink-bits`` beside the
-   app's own metrics, which are otherwise untouched.
+   app's own metrics, which are otherwise untouched;
+7. on every reply to an fl-sim train message (its config carries the strategy's ``arrayrecord_key``),
+   add the reply record ``fl-sim.reply`` with the round the message named (keys.ROUND): the server
+   rejects a reply that answers another round (a stale or replayed one) or says none.
 
 Differential privacy (Flower's ``fixedclipping_mod`` / ``adaptiveclipping_mod``, with a client-side DP
 wrapper on the server): the clipping mod must clip the trained model before this mod encodes it, so
@@ -136,13 +140,29 @@ def _encode_reply(config, context: Context, cid: int, received, local):
     return payload, z
 
 
+def _round_config(message: Message):
+    """The ConfigRecord an fl-sim strategy sent (it names the arrayrecord_key and the round), or None."""
+    config = message.content.get(keys.CONFIG)
+    if isinstance(config, ConfigRecord) and keys.ARRAYRECORD_KEY in config:
+        return config
+    return next((c for c in _records(message.content, ConfigRecord).values() if keys.ARRAYRECORD_KEY in c), None)
+
+
+def _answer_round(reply: Message, sent) -> Message:
+    """Step 7: the reply says which round it answers (``fl-sim.reply``), unless it is an error reply."""
+    if sent is not None and keys.ROUND in sent and not reply.has_error():
+        reply.content[keys.REPLY_META] = ConfigRecord({keys.R_ROUND: int(sent[keys.ROUND])})
+    return reply
+
+
 def compression_mod(message: Message, context: Context, call_next) -> Message:
-    """Encode the update of a train reply with the codec named in the message config."""
+    """Encode the update of a train reply with the codec named in the message config; tie every train
+    reply to the round it answers."""
     if message.metadata.message_type != MessageType.TRAIN:
         return call_next(message, context)
     config = _find_config(message)
     if config is None:
-        return call_next(message, context)
+        return _answer_round(call_next(message, context), _round_config(message))
     if KEY_CLIPPING_NORM in config and (clipper := _clipping_mod_around()) is not None:
         reason = (f"compression_mod runs inside {clipper}, which would clip the encoded payload instead of the update; "
                   f"list compression_mod first: ClientApp(mods=[compression_mod, {clipper}]) (the update is then "
@@ -175,4 +195,4 @@ def compression_mod(message: Message, context: Context, call_next) -> Message:
     if config.get(keys.REPORT_NORM):
         metrics[keys.UPDATE_NORM] = z_norm
     reply.content[mkey] = metrics
-    return reply
+    return _answer_round(reply, config)

@@ -55,9 +55,10 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 from flwr.common.logger import console_handler as flwr_console_handler
 from flwr.supercore import log as flwr_log
 
+from fl_sim.compression import PayloadError
 from fl_sim.wire import keys
 from fl_sim.wire.protocol import round_seed
-from fl_sim.wire.records import array_bits, flatten_arrays, flatten_with_bits, unflatten_into
+from fl_sim.wire.records import array_bits, flatten_arrays, flatten_checked, model_spec, unflatten_into
 from fl_sim.rng import numpy_generator
 from fl_sim.strategies import guards as reply_guards
 from fl_sim.strategies import privacy
@@ -222,6 +223,7 @@ class UpdateStrategy(Strategy):
         self.rounds_aggregated = 0
         self._global_arrays: ArrayRecord | None = None
         self._global_vector: torch.Tensor | None = None
+        self._model_spec: dict[str, tuple[tuple[int, ...], str]] = {}
         self.sent: dict[int, int] = {}  # cid -> node of this round's train messages (configure_train)
         self._round_seed = 0
         self._downlink_bits_each = 0
@@ -312,15 +314,16 @@ class UpdateStrategy(Strategy):
     def decode_reply(self, server_round: int, msg: Message, cid: int) -> tuple[Any, int]:
         """(method data, uplink bits) of one reply; raise ReplyError when malformed.
 
-        Default: the reply carries a full model; data = Δ_i = w_i − w.
+        Default: the reply carries a full model, whose arrays must be the global model's (names, shapes,
+        dtypes; nothing more: :func:`~fl_sim.wire.records.flatten_checked`); data = Δ_i = w_i − w.
         """
         arrays = self.reply_arrays(msg)
         try:
-            local, bits = flatten_with_bits(arrays)
+            local, bits = flatten_checked(arrays, self._model_spec)
+        except PayloadError as exc:
+            raise ReplyError(str(exc)) from None
         except Exception as exc:  # noqa: BLE001 - any decoding failure is a malformed reply
             raise ReplyError(f"arrays cannot be read ({exc})") from None
-        if local.shape != self._global_vector.shape:
-            raise ReplyError(f"model has {local.numel()} parameters, expected {self._global_vector.numel()}")
         if not torch.isfinite(local).all():
             raise ReplyError("model contains NaN or inf")
         return local - self._global_vector, bits
@@ -395,6 +398,7 @@ class UpdateStrategy(Strategy):
         self._t0 = time.perf_counter()
         self._global_arrays = arrays
         self._global_vector = flatten_arrays(arrays)
+        self._model_spec = model_spec(arrays)  # what a full-model reply must hold (decode_reply)
         self._round_seed = int(self.round_seed_for(rnd))
         self._downlink_bits_each = array_bits(arrays)
         outer_dp = privacy.enclosing_dp(self)  # DP(method): Flower's wrapper calling us
@@ -502,10 +506,24 @@ class UpdateStrategy(Strategy):
                 return cid
         raise ReplyError(f"node {src} was sent no client this round")
 
+    @staticmethod
+    def check_reply_round(server_round: int, msg: Message) -> None:
+        """A reply must answer this round: its ``fl-sim.reply`` record (added by compression_mod) holds the
+        round of the train message it answers. A reply of an earlier round (stale, or replayed by its node)
+        or one that names no round is a ReplyError."""
+        meta = msg.content.get(keys.REPLY_META)
+        if not isinstance(meta, ConfigRecord) or keys.R_ROUND not in meta:
+            raise ReplyError(f"reply does not say which round it answers (no {keys.REPLY_META!r} record: is "
+                             "compression_mod installed on the ClientApp?)")
+        answered = int(reply_guards.finite_number(meta[keys.R_ROUND], "the reply's round", integer=True))
+        if answered != server_round:
+            raise ReplyError(f"reply answers round {answered}, this is round {server_round} (a stale or replayed reply)")
+
     def read_reply(self, server_round: int, msg: Message) -> ClientReply:
         """One reply -> a validated :class:`ClientReply`, or :class:`ReplyError` (the per-reply seam).
 
-        Every check that depends on one reply runs here: metrics (client id, the weight, train-loss),
+        Every check that depends on one reply runs here: the round it answers (:meth:`check_reply_round`),
+        metrics (client id, the weight, train-loss),
         the payload's structure and values (``decode_reply``, which calls the codec's ``check_values``).
         Uplink bits are the server's own count (``decode_reply``); a client's declared ``uplink-bits``
         that disagrees is logged once per client, never used.
@@ -519,6 +537,7 @@ class UpdateStrategy(Strategy):
         except (ReplyError, ValueError, TypeError, OverflowError) as exc:
             raise ReplyError(str(exc)) from None
         try:
+            self.check_reply_round(server_round, msg)
             if metrics is None:
                 raise ReplyError("reply has no MetricRecord")
             key = self.weighted_by_key
