@@ -21,6 +21,7 @@ from flwr.clientapp import ClientApp
 
 from fl_sim.wire import keys
 from fl_sim.runs.build import build_experiment, build_strategy
+from fl_sim.clients import compression_mod
 from fl_sim.clients.app import make_client_app
 from fl_sim.compression import PayloadError
 from fl_sim.config import config_from_dict
@@ -136,13 +137,17 @@ def test_rlc_client_id_out_of_range_rejected(caplog):
     assert all(r["clients_rejected"] == 1 for r in rows[1:])
 
 
-def test_duplicate_client_id_rejected(caplog):
-    cfg = cfg_for({"name": "fedavg"})
+def round_one(cfg):
+    """(strategy, grid, the honest replies of round 1) of ``cfg`` on the in-memory grid (real ClientApp)."""
     exp = build_experiment(cfg)
     s = build_strategy(exp)
     grid = InMemoryGrid(make_client_app(cfg), cfg.clients)
     msgs = list(s.configure_train(1, exp.initial_arrays, ConfigRecord(), grid))
-    replies = list(grid.send_and_receive(msgs))
+    return s, grid, list(grid.send_and_receive(msgs))
+
+
+def test_duplicate_client_id_rejected(caplog):
+    s, _, replies = round_one(cfg_for({"name": "fedavg"}))
     replies.append(replies[0])
     with caplog.at_level("ERROR", logger="fl_sim"):
         _, metrics = s.aggregate_train(1, replies)
@@ -185,7 +190,7 @@ D = 7
 
 
 def toy_app():
-    app = ClientApp()
+    app = ClientApp(mods=[compression_mod])
 
     @app.train()
     def _train(msg: Message, ctx):

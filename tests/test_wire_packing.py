@@ -355,14 +355,3 @@ def test_payload_from_records_needs_the_servers_codec():
     with pytest.raises(PayloadError, match="server expects"):
         payload_from_records(arrays, meta, _codec("terngrad"))
 
-
-def test_bench_wire_rows_measure_the_records():
-    """bench wire's rows (small d): the server's count is the wire bits, within byte padding of the codec's."""
-    from fl_sim.bench import bench_wire
-
-    data = bench_wire.run(d=2_000, repeats=1)
-    assert {r["codec"] for r in data["rows"]} == set(bench_wire.METHODS)
-    for r in data["rows"]:
-        assert r["server_bits"] == r["wire_bits"] and r["round_trip_exact"], r["codec"]
-        assert r["counted_bits"] <= r["wire_bits"] <= r["counted_bits"] + 7 * r["tensors"], r["codec"]
-        assert r["message_bytes"] > r["wire_bits"] // 8 and r["framing_bytes"] < 4096, r["codec"]

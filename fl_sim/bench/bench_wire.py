@@ -16,8 +16,8 @@ them), one update x ~ N(0, 1) is encoded and turned into the reply records exact
   (arrays, payload ConfigRecord, metrics); framing_bytes = message_bytes - wire_bits / 8;
 * pack_ms, unpack_ms: best of ``repeats`` of ``codec.wire_arrays`` and ``codec.from_wire``.
 
-Usage: ``python -m fl_sim.bench.bench_wire [--d 100000] [--out bench_out/wire.json] [--markdown]``;
-``fl-sim bench wire``. Library: ``run(d) -> dict``.
+Usage: ``python -m fl_sim.bench.bench_wire [--d 100000] [--repeats 20] [--out bench_out/wire.json] [--markdown]
+[--smoke]``; ``fl-sim bench wire``. Library: ``run(d, repeats) -> dict``.
 """
 
 from __future__ import annotations
@@ -139,10 +139,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--out", type=Path, default=Path("bench_out/wire.json"))
     parser.add_argument("--markdown", action="store_true", help="print the table as markdown")
+    parser.add_argument("--smoke", action="store_true", help="d = 2000, one repeat (the test suite; figures meaningless)")
     args = parser.parse_args(argv)
-    if args.d < 1000:
-        parser.error(f"--d {args.d}: use at least 1000 coordinates (k = d/100 of top-k must be >= 10)")
-    data = run(args.d, args.repeats)
+    d, repeats = (2_000, 1) if args.smoke else (args.d, args.repeats)
+    if d < 1000 or repeats < 1:
+        raise ValueError(f"bench wire: --d {d} --repeats {repeats}: use d >= 1000 (top-k's k = d/100 >= 10) and "
+                         "repeats >= 1")
+    data = run(d, repeats)
+    data["smoke"] = bool(args.smoke)
     if args.markdown:
         print(markdown(data["rows"]))
     else:

@@ -205,6 +205,14 @@ class Codec(ABC):
     def decode(self, payload: Payload, *, seed: int) -> torch.Tensor:
         """Reconstruct a float32 vector of shape ``(dim,)`` from a payload (same ``seed``)."""
 
+    def payload_bits(self, payload: Payload) -> int | None:
+        """The codec's exact count of a received payload's content with its coding: what a well-formed sender
+        claims in ``payload.bits`` (the server refuses another claim; the uplink itself is counted from the
+        bytes received, :meth:`wire_arrays`). None (default): a fixed-size codec, every well-formed payload
+        of which has the count of the receiver's own reference payload (:meth:`reference_bits`). A codec
+        whose size depends on the data (variable-length codes) overrides this."""
+        return None
+
     def aggregate(self, payloads: Sequence[Payload], weights: Sequence[float]) -> Payload:
         """Weighted sum in the compressed domain (linear codecs only)."""
         raise CodecError(f"codec {self.name!r} is not linear: decode each payload, then average")
@@ -397,6 +405,17 @@ class Codec(ABC):
         if set(arrays) != set(fields):
             raise PayloadError(f"{self.name}: payload arrays {sorted(arrays)}, expected {sorted(fields)}")
         return {k: f.unpack(arrays[k], k) for k, f in fields.items()}
+
+    def reference_bits(self, seed: int = 0) -> int:
+        """The exact count of this codec's own reference payload (an encoding of the zero vector, cached like
+        :meth:`payload_spec`): what a well-formed payload of a fixed-size codec claims when
+        :meth:`payload_bits` is None. ``seed``: one the receiver decodes with anyway (its shared operator is
+        then built once, not once more for seed 0); a fixed-size codec's count does not depend on it."""
+        bits = self.__dict__.get("_reference_bits")
+        if bits is None:
+            bits = int(self.encode(torch.zeros(self.dim), seed=seed).bits)
+            self.__dict__["_reference_bits"] = bits
+        return bits
 
     def validate_payload(self, payload: Payload) -> None:
         """A received payload against :meth:`payload_spec`: codec, dim, exactly those tensors, shapes,

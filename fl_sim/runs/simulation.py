@@ -297,6 +297,10 @@ def _run_experiment(cfg: RunConfig, run_dir: Path, progress: ProgressFn | None, 
         server_app.main()(lambda grid, context: serve(grid))
         run_flower_simulation(server_app, make_client_app(cfg), cfg, num_supernodes=nodes)
     if errors:
+        from fl_sim.strategies.base import ClientSetupError
+
+        if isinstance(errors[0], ClientSetupError):  # the ClientApp cannot work with the method: exit 1, one line
+            errors[0] = RunFailed(str(errors[0]))
         if isinstance(errors[0], RunFailed):
             recorder.finish({"strategy": cfg.strategy.name, "failed": str(errors[0]), **failure_totals(recorder.rows)})
         raise errors[0]

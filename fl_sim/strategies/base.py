@@ -52,17 +52,23 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
+from flwr.common.logger import console_handler as flwr_console_handler
 from flwr.supercore import log as flwr_log
 
+from fl_sim.compression import PayloadError
 from fl_sim.wire import keys
 from fl_sim.wire.protocol import round_seed
-from fl_sim.wire.records import array_bits, flatten_arrays, flatten_with_bits, unflatten_into
+from fl_sim.wire.records import array_bits, flatten_arrays, flatten_checked, model_spec, unflatten_into
 from fl_sim.rng import numpy_generator
 from fl_sim.strategies import guards as reply_guards
+from fl_sim.strategies import privacy
+from fl_sim.strategies.delegation import driver_for, overrides_start
 
-__all__ = ["UpdateStrategy", "ClientReply", "ReplyError", "update_sparsity", "SERVER_PREFIX"]
+__all__ = ["UpdateStrategy", "ClientReply", "ReplyError", "ClientSetupError", "update_sparsity", "SERVER_PREFIX"]
 
 log = logging.getLogger("fl_sim")
+if flwr_console_handler not in log.handlers:  # fl-sim's lines in Flower's format, where Flower's own go
+    log.addHandler(flwr_console_handler)
 
 SERVER_PREFIX = "server."  # server-side figures in the MetricRecord returned to Flower
 
@@ -83,6 +89,11 @@ def update_sparsity(g: torch.Tensor) -> float:
 
 class ReplyError(ValueError):
     """A reply that cannot be used (malformed payload, wrong shape, non-finite values)."""
+
+
+class ClientSetupError(RuntimeError):
+    """The first round shows the ClientApp cannot work with the method (compression_mod missing or
+    misplaced): raised from ``aggregate_train``, so the ServerApp fails instead of running every round."""
 
 
 @dataclass
@@ -157,6 +168,8 @@ class UpdateStrategy(Strategy):
     """
 
     STATE_ATTRS: tuple[str, ...] = ("momentum_buffer", "history", "rounds_aggregated")
+    # Whether replies carry fl-sim's payload (compression_mod on the ClientApp); the first round checks it.
+    USES_COMPRESSION_MOD = False
 
     def __init__(
         self,
@@ -210,25 +223,51 @@ class UpdateStrategy(Strategy):
         self.rounds_aggregated = 0
         self._global_arrays: ArrayRecord | None = None
         self._global_vector: torch.Tensor | None = None
+        self._model_spec: dict[str, tuple[tuple[int, ...], str]] = {}
         self.sent: dict[int, int] = {}  # cid -> node of this round's train messages (configure_train)
         self._round_seed = 0
         self._downlink_bits_each = 0
         self._t0 = 0.0
         self.last_metrics: dict[str, float] = {}
         self.history: dict[int, dict[str, float]] = {}
+        self._rounds_seen = 0  # aggregate_train calls of this object (the first one checks the client setup)
+        self._outer_dp: Strategy | None = None  # a Flower DP wrapper around this method (fl_sim.strategies.privacy)
+        self._dp_clip: float | None = None  # the round's client-side DP clipping norm (re-applied after decoding)
+
+    # ------------------------------------------------------------------ what the inner's class adds
+    def __getattr__(self, name: str) -> Any:
+        """An attribute the wrapper lacks is the inner strategy's (its own methods and attributes:
+        ``wrapper.set_save_path_and_run_dir(...)``, ``wrapper.best_acc_so_far``). Only reached when normal
+        lookup fails; dunder names and a wrapper still being built (no ``inner`` yet) are not forwarded."""
+        inner = self.__dict__.get("inner")
+        if inner is None or (name.startswith("__") and name.endswith("__")):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        try:
+            return getattr(inner, name)
+        except AttributeError:
+            raise AttributeError(f"{type(self).__name__!r} object (around {type(inner).__name__}) has no attribute "
+                                 f"{name!r}, nor has its inner strategy") from None
+
+    def start(self, *args: Any, **kwargs: Any):
+        """Flower's loop over the rounds: the inner strategy's own ``start`` when its class has one (its
+        logging, result files and checkpoints run, with this wrapper's round methods; see
+        fl_sim.strategies.delegation), else Flower's ``Strategy.start``. Same arguments and Result."""
+        if overrides_start(self.inner):
+            return driver_for(self.inner, self).start(*args, **kwargs)
+        return super().start(*args, **kwargs)
 
     # ------------------------------------------------------------------ the inner strategy's keys
     @property
     def arrayrecord_key(self) -> str:
-        return getattr(self.inner, "arrayrecord_key", keys.ARRAYS)
+        return getattr(privacy.unwrap_dp(self.inner), "arrayrecord_key", keys.ARRAYS)
 
     @property
     def configrecord_key(self) -> str:
-        return getattr(self.inner, "configrecord_key", keys.CONFIG)
+        return getattr(privacy.unwrap_dp(self.inner), "configrecord_key", keys.CONFIG)
 
     @property
     def weighted_by_key(self) -> str:
-        return getattr(self.inner, "weighted_by_key", keys.NUM_EXAMPLES)
+        return getattr(privacy.unwrap_dp(self.inner), "weighted_by_key", keys.NUM_EXAMPLES)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -275,15 +314,16 @@ class UpdateStrategy(Strategy):
     def decode_reply(self, server_round: int, msg: Message, cid: int) -> tuple[Any, int]:
         """(method data, uplink bits) of one reply; raise ReplyError when malformed.
 
-        Default: the reply carries a full model; data = Δ_i = w_i − w.
+        Default: the reply carries a full model, whose arrays must be the global model's (names, shapes,
+        dtypes; nothing more: :func:`~fl_sim.wire.records.flatten_checked`); data = Δ_i = w_i − w.
         """
         arrays = self.reply_arrays(msg)
         try:
-            local, bits = flatten_with_bits(arrays)
+            local, bits = flatten_checked(arrays, self._model_spec)
+        except PayloadError as exc:
+            raise ReplyError(str(exc)) from None
         except Exception as exc:  # noqa: BLE001 - any decoding failure is a malformed reply
             raise ReplyError(f"arrays cannot be read ({exc})") from None
-        if local.shape != self._global_vector.shape:
-            raise ReplyError(f"model has {local.numel()} parameters, expected {self._global_vector.numel()}")
         if not torch.isfinite(local).all():
             raise ReplyError("model contains NaN or inf")
         return local - self._global_vector, bits
@@ -313,6 +353,11 @@ class UpdateStrategy(Strategy):
     def empty_round_metrics(self, server_round: int) -> dict[str, float]:
         """Method-specific server metrics of a round with no usable reply."""
         return {}
+
+    def decodes_each_client(self) -> bool:
+        """Whether the server decodes every client's update on its own (else it aggregates in the
+        compressed domain and never sees one: no DP wrapper can clip per client; fl_sim.strategies.privacy)."""
+        return True
 
     def settings(self) -> dict[str, Any]:
         """The method's options, logged by :meth:`summary`."""
@@ -353,9 +398,12 @@ class UpdateStrategy(Strategy):
         self._t0 = time.perf_counter()
         self._global_arrays = arrays
         self._global_vector = flatten_arrays(arrays)
+        self._model_spec = model_spec(arrays)  # what a full-model reply must hold (decode_reply)
         self._round_seed = int(self.round_seed_for(rnd))
         self._downlink_bits_each = array_bits(arrays)
+        outer_dp = privacy.enclosing_dp(self)  # DP(method): Flower's wrapper calling us
         inner_msgs = list(self.inner.configure_train(rnd, arrays, config, grid))
+        self._compose_privacy(outer_dp, config, inner_msgs)
         self.sent = {}
         if not inner_msgs:
             return []
@@ -385,6 +433,24 @@ class UpdateStrategy(Strategy):
             messages.append(Message(content=record, message_type=MessageType.TRAIN, dst_node_id=node))
             self.sent[cid] = node
         return self.finish_messages(rnd, arrays, messages)
+
+    def _compose_privacy(self, outer_dp: Strategy | None, config: ConfigRecord, inner_msgs: list[Message]) -> None:
+        """Check and wire a DP wrapper around (``outer_dp``) or inside this method, before anything is sent;
+        note the round's client-side clipping norm (the config a client-side wrapper filled)."""
+        ckey = self.configrecord_key
+        sent_cfg = inner_msgs[0].content.get(ckey) if inner_msgs else None
+        clip = config.get(privacy.KEY_CLIPPING_NORM)
+        if clip is None and isinstance(sent_cfg, ConfigRecord):
+            clip = sent_cfg.get(privacy.KEY_CLIPPING_NORM)
+        self._dp_clip = None if clip is None else float(clip)
+        for dp, where in ((outer_dp, "around"), (privacy.inner_dp(self.inner), "inside")):
+            if dp is not None:
+                privacy.check_composition(self, dp, where)
+        if self._dp_clip is not None and not self.decodes_each_client():  # a client-side wrapper of another make
+            privacy.check_composition(self, f"a client-side clipping_norm ({clip})", "in the train config of")
+        if outer_dp is not None:
+            privacy.adopt(outer_dp, self)
+        self._outer_dp = outer_dp
 
     def finish_messages(self, server_round: int, arrays: ArrayRecord, messages: list[Message]) -> list[Message]:
         """Last look at a round's train messages, in the order of ``sent`` (a method may drop some,
@@ -440,10 +506,24 @@ class UpdateStrategy(Strategy):
                 return cid
         raise ReplyError(f"node {src} was sent no client this round")
 
+    @staticmethod
+    def check_reply_round(server_round: int, msg: Message) -> None:
+        """A reply must answer this round: its ``fl-sim.reply`` record (added by compression_mod) holds the
+        round of the train message it answers. A reply of an earlier round (stale, or replayed by its node)
+        or one that names no round is a ReplyError."""
+        meta = msg.content.get(keys.REPLY_META)
+        if not isinstance(meta, ConfigRecord) or keys.R_ROUND not in meta:
+            raise ReplyError(f"reply does not say which round it answers (no {keys.REPLY_META!r} record: is "
+                             "compression_mod installed on the ClientApp?)")
+        answered = int(reply_guards.finite_number(meta[keys.R_ROUND], "the reply's round", integer=True))
+        if answered != server_round:
+            raise ReplyError(f"reply answers round {answered}, this is round {server_round} (a stale or replayed reply)")
+
     def read_reply(self, server_round: int, msg: Message) -> ClientReply:
         """One reply -> a validated :class:`ClientReply`, or :class:`ReplyError` (the per-reply seam).
 
-        Every check that depends on one reply runs here: metrics (client id, the weight, train-loss),
+        Every check that depends on one reply runs here: the round it answers (:meth:`check_reply_round`),
+        metrics (client id, the weight, train-loss),
         the payload's structure and values (``decode_reply``, which calls the codec's ``check_values``).
         Uplink bits are the server's own count (``decode_reply``); a client's declared ``uplink-bits``
         that disagrees is logged once per client, never used.
@@ -457,6 +537,7 @@ class UpdateStrategy(Strategy):
         except (ReplyError, ValueError, TypeError, OverflowError) as exc:
             raise ReplyError(str(exc)) from None
         try:
+            self.check_reply_round(server_round, msg)
             if metrics is None:
                 raise ReplyError("reply has no MetricRecord")
             key = self.weighted_by_key
@@ -614,9 +695,14 @@ class UpdateStrategy(Strategy):
             raise RuntimeError("aggregate_train called before configure_train: no global model for this round")
         replies = list(replies)
         usable, errors, rejected = self.collect(rnd, replies)
+        self._rounds_seen += 1
+        if self._rounds_seen == 1 and not usable and replies:
+            self.check_client_setup(rnd, replies)
         self._rejected = rejected
         usable, guard_counts = self.apply_guards(rnd, usable)  # reply guards (adds its drops to _rejected)
         guard_counts.pop("rejected_by_guards")
+        if self._dp_clip is not None and usable:  # client-side DP: a codec may enlarge the clipped update
+            guard_counts["dp_reclipped"] = float(privacy.clip_decoded(self, usable, self._dp_clip))
         metrics: dict[str, float] = {
             "clients_ok": len(usable),
             "clients_failed": len(errors) + self._rejected,
@@ -651,25 +737,39 @@ class UpdateStrategy(Strategy):
             log.error("round %d: the replies passed the per-reply checks but could not be aggregated (%s); the "
                       "global model is unchanged (a codec's check_values misses this case)", rnd, exc)
             return None, self._finish(rnd, metrics, None)
+        if update.dim() != 2 and (self._outer_dp is not None or privacy.inner_dp(self.inner) is not None):
+            raise privacy.PrivacyCompositionError(  # a method that did not declare it (decodes_each_client)
+                f"{type(self).__name__} returned an aggregate, not one update per client: a DP wrapper cannot clip "
+                f"per client; declare decodes_each_client() False so it is refused before round 1")
         delta = weights.to(update.dtype) @ update if update.dim() == 2 else update
         if not torch.isfinite(delta).all():
             log.error("round %d: the aggregate update is not finite; the global model is unchanged", rnd)
             return None, self._finish(rnd, metrics, None)
         delta = delta.to(torch.float32)
         step = self.server_update(rnd, delta)
-        if update.dim() == 2 and step is delta and type(self.inner) is not FedAvg:
-            # no server step: each client's model goes to the inner (FedMedian, Krum... see every client).
-            # A plain FedAvg's weighted mean of the w + Δ_i is w + Δ̄: it gets that one model instead of K copies.
+        if update.dim() == 2 and step is delta and (type(self.inner) is not FedAvg or self._outer_dp is not None):
+            # no server step: each client's model goes to the inner (FedMedian, Krum, a DP wrapper's per-client
+            # clipping... see every client). A plain FedAvg's weighted mean of the w + Δ_i is w + Δ̄: it gets that
+            # one model instead of K copies.
             models = [unflatten_into(self._global_arrays, self._global_vector + u.to(torch.float32)) for u in update]
         else:
             one = unflatten_into(self._global_arrays, self._global_vector + step, parsed=True)  # read K times
             models = [one] * len(usable)
-        if float(w.sum()) <= 0:  # nothing to weigh (e.g. DaQuSGD nodes that sent no sample): apply Δ' directly
+        if float(w.sum()) <= 0 and (self._outer_dp is not None or privacy.inner_dp(self.inner) is not None):
+            # skipping the inner would skip the DP wrapper's clipping and noise: release nothing instead
+            log.error("round %d: the replies' %r sum to 0 and a DP wrapper must see them; the global model is "
+                      "unchanged", rnd, self.weighted_by_key)
+            new_arrays, client_metrics = None, None
+        elif float(w.sum()) <= 0:  # nothing to weigh (e.g. DaQuSGD nodes that sent no sample): apply Δ' directly
             new_arrays, client_metrics = self._global_dtypes(models[0]), None  # plain Arrays (see there)
             log.warning("round %d: the replies' %r sum to 0; the inner strategy is skipped", rnd, self.weighted_by_key)
         else:
             inner_replies = [self.inner_reply(r, m) for r, m in zip(usable, models)] + errors
-            new_arrays, client_metrics = self.inner.aggregate_train(rnd, inner_replies)
+            if self._outer_dp is not None:  # DP(method): the wrapper's clipping and noise over the decoded models
+                new_arrays, client_metrics = privacy.outer_dp_aggregate(self._outer_dp, self.inner, server_round,
+                                                                        inner_replies)
+            else:
+                new_arrays, client_metrics = self.inner.aggregate_train(rnd, inner_replies)
             new_arrays = self._global_dtypes(new_arrays)
         dense_bits = 32 * self._global_vector.numel() * len(usable)
         metrics["compression_ratio"] = dense_bits / metrics["uplink_bits"] if metrics["uplink_bits"] else float("nan")
@@ -679,6 +779,25 @@ class UpdateStrategy(Strategy):
         if new_arrays is not None:
             self.rounds_aggregated += 1
         return new_arrays, self._finish(rnd, metrics, client_metrics)
+
+    def check_client_setup(self, server_round: int, replies: list[Message]) -> None:
+        """First round, no usable reply: raise :class:`ClientSetupError` when every reply shows the ClientApp
+        lacks compression_mod (a plain model, no payload) or compression_mod refused its place (an error
+        reply from it). Other failures (client crashes, bad values) keep the per-round handling."""
+        if not self.USES_COMPRESSION_MOD:
+            return
+        plain = [m for m in replies if not m.has_error() and payload_meta(m) is None]
+        refused = [m for m in replies if m.has_error() and str(m.error.reason).startswith("compression_mod")]
+        if len(plain) + len(refused) < len(replies):
+            return
+        if refused:
+            raise ClientSetupError(f"round {server_round}: every reply failed in compression_mod: "
+                                   f"{refused[0].error.reason}")
+        raise ClientSetupError(
+            f"round {server_round}: none of the {len(replies)} replies carries fl-sim's compressed payload: the "
+            f"ClientApp lacks compression_mod; add it (from fl_sim.clients import compression_mod; "
+            f"ClientApp(mods=[compression_mod])) so {type(self).__name__} receives encoded updates"
+        )
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -699,6 +818,8 @@ class UpdateStrategy(Strategy):
         self.last_metrics = row
         self.history[server_round] = dict(row)
         out = MetricRecord(dict(client) if client is not None else {})
+        if isinstance(out.get(keys.UPLINK_BITS), float):  # the inner's weighted mean of whole bit counts
+            out[keys.UPLINK_BITS] = int(round(out[keys.UPLINK_BITS]))
         for k, v in metrics.items():
             out[SERVER_PREFIX + k] = int(v) if isinstance(v, (int, np.integer)) and not isinstance(v, bool) else float(v)
         return out

@@ -61,6 +61,8 @@ class CompressedFedAvg(UpdateStrategy):
         **kwargs: UpdateStrategy arguments (and FedAvg's, without an inner strategy).
     """
 
+    USES_COMPRESSION_MOD = True
+
     def __init__(
         self,
         inner: Strategy | None = None,
@@ -148,13 +150,25 @@ class CompressedFedAvg(UpdateStrategy):
         payload, bits = read_payload(self.reply_arrays(msg), meta, codec)
         codec.validate_payload(payload)
         codec.check_values(payload)  # value checks of this one reply, before any aggregation
+        # The claim (the codec's exact count, before byte padding) must be what the content takes with the codec's
+        # coding: a variable-length code counts this payload, a fixed-size codec its own reference payload,
+        # whose structure (payload_spec) every accepted payload has. A well-formed client computes it exactly.
+        counted = codec.payload_bits(payload)
+        seeds = self.client_seeds(cid)  # the seed this reply is decoded with: its operator is built anyway
+        exact = codec.reference_bits(seeds.seed if codec.seed_scope != "client" else seeds.own) \
+            if counted is None else int(counted)
+        if payload.bits != exact:
+            raise ReplyError(f"payload claims {payload.bits} bits, its content takes {exact} (the codec's count)")
         data: Any = payload
         if self.decodes_each():  # decoded here, once: the last per-reply check, and what combine averages
-            vector = codec.decode_seeded(payload, self.client_seeds(cid)).to(torch.float32)
+            vector = codec.decode_seeded(payload, seeds).to(torch.float32)
             if not torch.isfinite(vector).all():
                 raise ReplyError("the payload decodes to NaN or inf")
             data = _Decoded(payload, vector)
         return data, bits
+
+    def decodes_each_client(self) -> bool:
+        return self.decodes_each()
 
     def decodes_each(self) -> bool:
         """Whether ``combine`` decodes every reply (else it sums the payloads in the compressed domain)."""

@@ -267,6 +267,9 @@ class DaQuSGD(UpdateStrategy):
         n = reply.data["y"].numel()
         return {f"mean sent loss ({keys.DAQU_LOSS_SUM!r} / samples)": reply.data["loss_sum"] / n} if n else {}
 
+    def decodes_each_client(self) -> bool:
+        return False  # nodes send data samples; the server computes one gradient from them
+
     # ------------------------------------------------------------------ server gradient
     def combine(self, server_round: int, replies: list[ClientReply], weights: torch.Tensor) -> torch.Tensor:
         for r in replies:  # the threshold rule reads only replies that passed every check and guard

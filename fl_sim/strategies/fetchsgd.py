@@ -63,6 +63,7 @@ from fl_sim.strategies.compressed import CompressedFedAvg
 __all__ = ["FetchSGD"]
 
 MODES = ("sketch", "true_topk", "local_topk")
+DEFAULT_COMPRESSION, DEFAULT_K_RATIO = 10.0, 0.02  # README's row: d/10 floats up, k = 2% of d
 ERROR_REMOVALS = ("zero", "subtract")
 
 
@@ -74,8 +75,10 @@ class FetchSGD(CompressedFedAvg):
         rows, cols: sketch size r × c (uplink 32·r·c bits per client); paper shape: 5 rows.
         k: coordinates unsketched and applied per round (well below c in the paper).
         compression: sized by the model instead: cols = round(d / (compression · rows)), so the uplink
-            is d / compression floats (overrides ``cols``).
-        k_ratio: k = round(k_ratio · d) (overrides ``k``).
+            is d / compression floats. Give ``cols`` or ``compression``; with neither, compression = 10.
+        k_ratio: k = round(k_ratio · d). Give ``k`` or ``k_ratio``; with neither, k_ratio = 0.02.
+        The defaults are README's row: ``FetchSGD(inner)`` is ``FetchSGD(inner, rows=5, compression=10,
+        k_ratio=0.02, momentum=0.9)`` (d/10 floats up, 2% of the coordinates applied per round).
         momentum: ρ (0 = Count Sketch + error feedback).
         mode: "sketch" (FetchSGD), "true_topk" or "local_topk" (the paper's ablations; module doc).
         error_removal: "zero" (authors' code, default) or "subtract" (Algorithm 1 as printed).
@@ -84,9 +87,17 @@ class FetchSGD(CompressedFedAvg):
 
     STATE_ATTRS = CompressedFedAvg.STATE_ATTRS + ("s_u", "s_e")  # momentum and error (sketches or dense)
 
-    def __init__(self, inner: Strategy | None = None, *, rows: int = 5, cols: int = 1000, k: int = 100,
+    def __init__(self, inner: Strategy | None = None, *, rows: int = 5, cols: int | None = None, k: int | None = None,
                  compression: float | None = None, k_ratio: float | None = None, momentum: float = 0.9,
                  mode: str = "sketch", error_removal: str = "zero", **kwargs: Any) -> None:
+        if cols is not None and compression is not None:
+            raise ValueError(f"cols={cols} and compression={compression}: give one (the sketch width, or d / uplink)")
+        if k is not None and k_ratio is not None:
+            raise ValueError(f"k={k} and k_ratio={k_ratio}: give one")
+        if cols is None and compression is None:
+            compression = DEFAULT_COMPRESSION
+        if k is None and k_ratio is None:
+            k_ratio = DEFAULT_K_RATIO
         kwargs.pop("codec", None)
         kwargs.pop("codec_params", None)
         if mode not in MODES:
@@ -95,13 +106,13 @@ class FetchSGD(CompressedFedAvg):
             raise ValueError(f"error_removal={error_removal!r}: use 'zero' (authors' code) or 'subtract' (Alg. 1)")
         if mode == "local_topk":
             kwargs.setdefault("error_feedback", "classic")  # the clients' own error accumulation
-            codec, params = "topk", {"k": k}
+            codec, params = "topk", {"k": k or 1}  # sized per round by codec_params_for
         else:
             kwargs.setdefault("error_feedback", "none")  # error accumulation is at the server
-            codec, params = ("count_sketch", {"rows": rows, "cols": cols, "k": k}) if mode == "sketch" \
+            codec, params = ("count_sketch", {"rows": rows, "cols": cols or 1, "k": k or 1}) if mode == "sketch" \
                 else ("identity", {})
         super().__init__(inner, codec=codec, codec_params=params, **kwargs)
-        if rows < 1 or cols < 1 or k < 1:
+        if rows < 1 or (cols is not None and cols < 1) or (k is not None and k < 1):
             raise ValueError(f"rows={rows}, cols={cols}, k={k}: all must be >= 1")
         if not 0 <= momentum < 1:
             raise ValueError(f"momentum={momentum}: ρ must be in [0, 1)")
@@ -109,7 +120,9 @@ class FetchSGD(CompressedFedAvg):
             raise ValueError(f"compression={compression}: d / (rows · cols) must be > 0")
         if k_ratio is not None and not 0 < k_ratio <= 1:
             raise ValueError(f"k_ratio={k_ratio}: k/d must be in (0, 1]")
-        self.rows, self.cols, self.k, self.rho = int(rows), int(cols), int(k), float(momentum)
+        self.rows, self.rho = int(rows), float(momentum)
+        self.cols = None if cols is None else int(cols)
+        self.k = None if k is None else int(k)
         self.mode, self.error_removal = mode, error_removal
         self.compression, self.k_ratio = compression, k_ratio
         self.sketch_seed = derive_seed(self.seed, "fetchsgd-hashes")

@@ -9,6 +9,7 @@ ARRAYS = "arrays"  # the global model (down) / the trained model or the payload 
 CONFIG = "config"
 METRICS = "metrics"
 PAYLOAD_META = "fl-sim.payload"  # ConfigRecord describing an encoded payload in ARRAYS
+REPLY_META = "fl-sim.reply"  # ConfigRecord of every train reply (compression_mod): the round it answers
 
 # ConfigRecord keys (server -> client)
 ROUND = "server-round"
@@ -46,6 +47,9 @@ P_DIM = "dim"
 P_BITS = "bits"
 P_META = "meta"  # JSON of Payload.meta
 P_CID = "cid"  # the client id the payload was encoded for (its per-client seed)
+
+# Reply meta keys (ConfigRecord REPLY_META, client -> server)
+R_ROUND = "round"  # the ROUND of the train message the reply answers (a stale or replayed reply differs)
 
 # MetricRecord keys (client -> server)
 NUM_EXAMPLES = "num-examples"

@@ -240,6 +240,10 @@ class TopKCodec(_Granular):
             out.scatter_(1, _stack(payloads, "indices"), _stack(payloads, "values").to(torch.float32))
         return out
 
+    def payload_bits(self, payload: Payload) -> int:
+        """Counted from the received indices (the index code's length varies with them)."""
+        return self._bits(payload.tensors["indices"])
+
     def _bits(self, idx: torch.Tensor) -> int:
         if self.index_coding == "fixed":
             return topk_bits(self.dim, self.k)
@@ -424,6 +428,10 @@ class QSGDCodec(_Granular):
         if not payloads:
             return torch.zeros(0, self.dim)
         return qsgd_dequantize(_stack(payloads, "norm"), _stack(payloads, "q"), self.levels, self.seg)
+
+    def payload_bits(self, payload: Payload) -> int:
+        """Counted from the received levels (the Elias stream's length varies with them)."""
+        return self._bits(payload.tensors["q"])
 
     def _bits(self, q: torch.Tensor) -> int:
         if self.coding == "elias":
