@@ -782,19 +782,24 @@ class UpdateStrategy(Strategy):
 
     def check_client_setup(self, server_round: int, replies: list[Message]) -> None:
         """First round, no usable reply: raise :class:`ClientSetupError` when every reply shows the ClientApp
-        lacks compression_mod (a plain model, no payload) or compression_mod refused its place (an error
+        lacks compression_mod (a plain model: no payload, or for the uncompressed baseline no round record)
+        or compression_mod refused its place (an error
         reply from it). Other failures (client crashes, bad values) keep the per-round handling."""
-        if not self.USES_COMPRESSION_MOD:
-            return
-        plain = [m for m in replies if not m.has_error() and payload_meta(m) is None]
+        def lacks_mod(m: Message) -> bool:  # a compressed method needs the payload; every method the round record
+            if self.USES_COMPRESSION_MOD:
+                return payload_meta(m) is None
+            return not isinstance(m.content.get(keys.REPLY_META), ConfigRecord)
+
+        plain = [m for m in replies if not m.has_error() and lacks_mod(m)]
         refused = [m for m in replies if m.has_error() and str(m.error.reason).startswith("compression_mod")]
         if len(plain) + len(refused) < len(replies):
             return
         if refused:
             raise ClientSetupError(f"round {server_round}: every reply failed in compression_mod: "
                                    f"{refused[0].error.reason}")
+        what = "fl-sim's compressed payload" if self.USES_COMPRESSION_MOD else f"the {keys.REPLY_META!r} round record"
         raise ClientSetupError(
-            f"round {server_round}: none of the {len(replies)} replies carries fl-sim's compressed payload: the "
+            f"round {server_round}: none of the {len(replies)} replies carries {what}: the "
             f"ClientApp lacks compression_mod; add it (from fl_sim.clients import compression_mod; "
             f"ClientApp(mods=[compression_mod])) so {type(self).__name__} receives encoded updates"
         )
