@@ -28,12 +28,11 @@ from typing import Any
 
 from flwr.serverapp.strategy import Strategy
 
+from ..compression.codecs.sensing import PHI_SCHEDULES
 from ..rng import derive_seed
 from .compressed import CompressedFedAvg
 
 __all__ = ["OneBitCS", "PHI_SCHEDULES"]
-
-PHI_SCHEDULES = ("fixed", "round")
 
 
 class OneBitCS(CompressedFedAvg):
@@ -82,6 +81,7 @@ class OneBitCS(CompressedFedAvg):
         if biht_iter is not None:
             params["biht_iter"] = biht_iter
         super().__init__(inner, codec="onebit_cs", codec_params=params, error_feedback=error_feedback, **kwargs)
+        self.codec_params["phi_schedule"] = phi_schedule
         if phi_schedule == "fixed":
             self.codec_params["phi_seed"] = derive_seed(self.seed, "onebit_cs", "phi-a-priori")
         self.measurements = measurements
