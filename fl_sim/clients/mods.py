@@ -2,6 +2,8 @@
 
 Works around any ClientApp that returns a model (``ClientApp(mods=[compression_mod])``):
 
+0. a train message of a sparse model broadcast (fl_sim.clients.broadcast) gets its model rebuilt from the
+   node's copy of the previous one; a versioned model is kept, and the reply says which version is held;
 1. pass non-train messages, and train messages whose config names no codec, through untouched;
 2. remember the received global model w, call the wrapped app, read its trained model w';
 3. Δ = w' − w; with client error feedback, z = compensate(Δ, r) (classic EF, Karimireddy et al.
@@ -28,6 +30,7 @@ from .. import keys
 from ..compression import error_feedback as ef_lib
 from ..protocol import DEFAULT_SEED_MODE, codec_seeds, get_codec, load_params
 from ..records import flatten_arrays, payload_to_records
+from .broadcast import hold_model, receive_model
 from .precomputed import take
 from .residuals import store_for
 
@@ -100,6 +103,13 @@ def compression_mod(message: Message, context: Context, call_next) -> Message:
     """Encode the update of a train reply with the codec named in the message config."""
     if message.metadata.message_type != MessageType.TRAIN:
         return call_next(message, context)
+    version = receive_model(message, context)  # a sparse broadcast rebuilt; a versioned model kept
+    if version is not None:
+        return hold_model(_compression_mod(message, context, call_next), version)
+    return _compression_mod(message, context, call_next)
+
+
+def _compression_mod(message: Message, context: Context, call_next) -> Message:
     config = _find_config(message)
     if config is None:
         return call_next(message, context)

@@ -56,9 +56,10 @@ from flwr.supercore import log as flwr_log
 
 from .. import keys
 from ..protocol import round_seed
-from ..records import array_bits, flatten_arrays, flatten_with_bits, unflatten_into
+from ..records import flatten_arrays, flatten_with_bits, unflatten_into
 from ..rng import numpy_generator
 from . import guards as reply_guards
+from .broadcast import SparseBroadcast, message_bits
 
 __all__ = ["UpdateStrategy", "ClientReply", "ReplyError", "update_sparsity", "SERVER_PREFIX"]
 
@@ -153,6 +154,10 @@ class UpdateStrategy(Strategy):
         guards: server-side bounds on what one reply can do (update norm relative to the round's
             median, num-examples cap, method scalars); see fl_sim.strategies.guards for the keys
             and their defaults (on by default).
+        sparse_broadcast: send a node that holds last round's model only the entries that changed
+            (indices + values; it rebuilds the new model bitwise), where that is fewer bits: for methods
+            whose server update is K-sparse (FetchSGD, FIHT-CS). Off by default; needs fl-sim's
+            ``compression_mod`` on the clients (fl_sim.strategies.broadcast).
         **fedavg_kwargs: FedAvg's arguments, only when ``inner`` is None.
     """
 
@@ -170,6 +175,7 @@ class UpdateStrategy(Strategy):
         train_config: dict[str, Any] | None = None,
         digital_link: dict[str, float] | None = None,
         guards: dict[str, Any] | None = None,
+        sparse_broadcast: bool = False,
         **fedavg_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -202,6 +208,10 @@ class UpdateStrategy(Strategy):
         self.digital_link = _check_link(digital_link)
         self.round_offset = 0  # resume hook: Flower's round r is the method's round round_offset + r
         self.guards = reply_guards.check_guards(guards)
+        if not isinstance(sparse_broadcast, bool):
+            raise TypeError(f"sparse_broadcast={sparse_broadcast!r} must be true or false")
+        self.sparse_broadcast = sparse_broadcast
+        self._sparse_model = SparseBroadcast() if sparse_broadcast else None
         self._declared_bits = reply_guards.DeclaredBits()
         self._rejected = 0  # replies of this round rejected by a check or a guard
         self.last_errors: list[tuple[int, str]] = []  # (node, reason) of this round's error replies
@@ -212,7 +222,7 @@ class UpdateStrategy(Strategy):
         self._global_vector: torch.Tensor | None = None
         self.sent: dict[int, int] = {}  # cid -> node of this round's train messages (configure_train)
         self._round_seed = 0
-        self._downlink_bits_each = 0
+        self._downlink_bits = 0  # this round's train messages: the bits of their arrays (broadcast.message_bits)
         self._t0 = 0.0
         self.last_metrics: dict[str, float] = {}
         self.history: dict[int, dict[str, float]] = {}
@@ -354,7 +364,7 @@ class UpdateStrategy(Strategy):
         self._global_arrays = arrays
         self._global_vector = flatten_arrays(arrays)
         self._round_seed = int(self.round_seed_for(rnd))
-        self._downlink_bits_each = array_bits(arrays)
+        self._downlink_bits = 0
         inner_msgs = list(self.inner.configure_train(rnd, arrays, config, grid))
         self.sent = {}
         if not inner_msgs:
@@ -384,7 +394,11 @@ class UpdateStrategy(Strategy):
             record[ckey] = cfg
             messages.append(Message(content=record, message_type=MessageType.TRAIN, dst_node_id=node))
             self.sent[cid] = node
-        return self.finish_messages(rnd, arrays, messages)
+        messages = self.finish_messages(rnd, arrays, messages)
+        if self._sparse_model is not None:
+            messages = self._sparse_model.apply(rnd, arrays, self.arrayrecord_key, ckey, messages)
+        self._downlink_bits = sum(message_bits(m) for m in messages)
+        return messages
 
     def finish_messages(self, server_round: int, arrays: ArrayRecord, messages: list[Message]) -> list[Message]:
         """Last look at a round's train messages, in the order of ``sent`` (a method may drop some,
@@ -613,6 +627,8 @@ class UpdateStrategy(Strategy):
         if self._global_vector is None:
             raise RuntimeError("aggregate_train called before configure_train: no global model for this round")
         replies = list(replies)
+        if self._sparse_model is not None:
+            self._sparse_model.observe_replies(rnd, replies)
         usable, errors, rejected = self.collect(rnd, replies)
         self._rejected = rejected
         usable, guard_counts = self.apply_guards(rnd, usable)  # reply guards (adds its drops to _rejected)
@@ -623,8 +639,11 @@ class UpdateStrategy(Strategy):
             "clients_rejected": self._rejected,
             **guard_counts,
             "uplink_bits": sum(r.uplink_bits for r in usable),
-            "downlink_bits": self._downlink_bits_each * len(self.sent),
+            "downlink_bits": self._downlink_bits,
         }
+        metrics["total_bits"] = metrics["uplink_bits"] + metrics["downlink_bits"]
+        if self._sparse_model is not None:
+            metrics["sparse_broadcasts"] = self._sparse_model.sparse_messages
         if self.digital_link is not None:
             from ..channels import digital_channel_uses, latency_s
 
@@ -670,6 +689,11 @@ class UpdateStrategy(Strategy):
         else:
             inner_replies = [self.inner_reply(r, m) for r, m in zip(usable, models)] + errors
             new_arrays, client_metrics = self.inner.aggregate_train(rnd, inner_replies)
+            if new_arrays is not None and type(self.inner) is FedAvg and all(m is models[0] for m in models):
+                # the weighted mean of K copies of one model is that model; Flower's FedAvg accumulates
+                # Σ (n_i/n) w in float32 and moves ~14% of the entries by an ulp (measured on an MLP), which
+                # would make a K-sparse server update (FetchSGD, FIHT-CS) dense on the next broadcast
+                new_arrays = models[0]
             new_arrays = self._global_dtypes(new_arrays)
         dense_bits = 32 * self._global_vector.numel() * len(usable)
         metrics["compression_ratio"] = dense_bits / metrics["uplink_bits"] if metrics["uplink_bits"] else float("nan")
