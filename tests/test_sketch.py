@@ -131,6 +131,27 @@ def test_topk_abs_exact_on_large_vectors():
     assert topk_abs(v[:10], 20).tolist() == list(range(10))
 
 
+def test_topk_breaks_exact_ties_as_fetchsgds_code():
+    # FetchSGD's csvec unsketches with torch.topk(est**2, k, sorted=False) over all d estimates. With exact
+    # ties across the k-th value (sketch estimates repeat: a bucket's value is shared by the coordinates
+    # it collides), the candidate shortcut must return that selection's set, not its own pick among the
+    # tied entries. 2,000 entries tie at 0.5; 990 larger ones; k = 1,000 takes 10 of the tied entries.
+    g = torch.Generator().manual_seed(3)
+    d, k = 400_000, 1000
+    v = torch.randn(d, generator=g) * 0.01
+    perm = torch.randperm(d, generator=g)
+    v[perm[:990]] = 1.0 + torch.rand(990, generator=g)
+    v[perm[990:2990]] = 0.5 * torch.sign(torch.randn(2000, generator=g))  # +-0.5: equal squares
+    ref = set(torch.topk(v**2, k, sorted=False).indices.tolist())
+    assert set(torch.topk(v.abs(), k, sorted=False).indices.tolist()) == ref  # |v| and v^2: same comparisons
+    assert set(topk_abs(v, k).tolist()) == ref
+    cs = CountSketch(d, 1, 2 * d, seed=0)
+    table = cs.sketch(v)
+    est = cs.estimate(table)
+    _, idx = cs.unsketch_topk(table, k)
+    assert set(idx.tolist()) == set(torch.topk(est**2, k, sorted=False).indices.tolist())
+
+
 def test_degenerate_inputs():
     cs = CountSketch(37, 5, 8, seed=0)  # d not a power of 2, d smaller than the table
     zero = cs.sketch(torch.zeros(37))
