@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
-from fl_sim import keys
+from fl_sim.wire import keys
 from fl_sim.clients.broadcast import rebuild, receive_model
 from fl_sim.config import config_from_dict
-from fl_sim.records import flatten_arrays
+from fl_sim.wire.records import flatten_arrays
 from fl_sim.strategies import FedAvgBaseline
 from fl_sim.strategies.broadcast import array_record_bits, sparse_changes
 from fl_sim.testing import InMemoryGrid, run_in_memory
@@ -152,7 +152,7 @@ def test_fedavg_of_identical_models_leaves_a_sparse_update_sparse():
             return super().configure_train(server_round, arrays, config, grid)
 
     cfg = _cfg({"name": "fetchsgd", "rows": 5, "cols": 100, "k": 40, "server_lr": 0.3}, rounds=2)
-    from fl_sim import build
+    from fl_sim.runs import build
 
     original = build.strategy_class
     build.strategy_class = lambda name: Spy if name == "fetchsgd" else original(name)

@@ -17,8 +17,8 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 
-from .. import keys
-from ..records import ndarray_to_array
+from fl_sim.wire import keys
+from fl_sim.wire.records import ndarray_to_array
 
 IDX, VAL = keys.SPARSE_IDX, keys.SPARSE_VAL
 

@@ -29,8 +29,8 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message
 
-from .. import keys
-from ..records import ndarray_to_array
+from fl_sim.wire import keys
+from fl_sim.wire.records import ndarray_to_array
 
 __all__ = ["array_record_bits", "message_bits", "sparse_changes", "SparseBroadcast", "IDX", "VAL"]
 
