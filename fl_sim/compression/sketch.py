@@ -147,7 +147,7 @@ def topk_abs(v: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k entries of largest |v| (1-D ``v``), unsorted; exact, with the ties of
     ``torch.topk(v.abs(), k)`` on the whole vector (:func:`_topk_of`).
 
-    FetchSGD's code selects with ``torch.topk(v**2, k, sorted=False)`` (csvec ``_findHHK``, CommEfficient
+    FetchSGD's code ([Rothchild-2020]) selects with ``torch.topk(v**2, k, sorted=False)`` (csvec ``_findHHK``, CommEfficient
     ``_topk``). ``torch.topk`` on CPU is comparison-based, and |a| < |b| exactly when a^2 < b^2 while the
     float32 squares neither underflow nor overflow (1e-19 < |v| < 1e19; distinct normal |v| have distinct
     squares), so the two select the same set, ties included (tests/test_sketch.py). Outside that range the

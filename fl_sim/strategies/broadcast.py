@@ -14,7 +14,8 @@ in few coordinates. A node that holds w_{t-1} then gets only
 and rebuilds w_t = w_{t-1} with w[i] <- w_t[i] on S_t: bitwise the model a dense broadcast carries,
 whatever rounding the aggregation did (the new values are sent, not the difference). Bits per array:
 (32 + width) |S_t|, against width x numel dense; a message is sent sparse only when that is fewer bits.
-CommEfficient (FetchSGD's code) counts its downlink the same way, 4 bytes per changed weight.
+CommEfficient ([Rothchild-2020]'s code) counts its downlink by the changed weights too, 4 bytes each
+(values only: its clients' stale copies are simulated on the server).
 
 Who holds w_{t-1}: a node counts as holding version t-1 only when its round t-1 reply said so (the
 client's ``compression_mod`` stores the last model it received in the node's ``context.state`` and

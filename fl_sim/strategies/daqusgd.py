@@ -35,7 +35,7 @@ bits per feature) or "exact" (Algorithm 2 per sample with Remark 1: the sample's
 
 GradCorrQ's step (``gradcorrq_step="theorem2"``, the default with ``gradcorrq``). Eq. (10) is unbiased,
 E[Δ̂] = Δ, but each sample's Δ̂ is a one-hot of size h b (b = C_z B √d/(m−1), eq. 8), so its second
-moment is E‖Δ̂‖² = h² b² against ‖Δ‖² ≤ b²: Lemma 1 bounds the estimator's deviation by
+moment is E‖Δ̂‖² = h² b² against ‖Δ‖² ≤ b²: [Hanna-DaQuSGD] Lemma 1 bounds the estimator's deviation by
 σ̂_GC = C_z B (2 + (h+1)√d/(m−1)), where the DataQ gradient alone deviates by at most
 σ̂_Q = C_z B (2 + √d/(m−1)) (‖g_{Z_Q} − ∇L‖ ≤ ‖g_{Z_Q} − g_Z‖ + ‖g_Z − ∇L‖ ≤ C_z B √d/(m−1) + 2 C_z B).
 Theorem 2 takes the step γ = (1/σ̂) √(2 D₀/(n C_w)), inversely proportional to the deviation bound.

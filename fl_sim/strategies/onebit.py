@@ -17,14 +17,14 @@ PS), or redrawn every round (``"round"``, an option). The dither u is every clie
 every round in both variants (``seed_mode="per_client"``, fl_sim.wire.protocol); ``seed_mode="shared"``
 reproduces fl-sim's earlier rule (one u, and one Φ^(k), for all clients of a round).
 
-Error feedback: off by default, as the paper (Mitra & Khisti use none). With ``recovery="none"`` the
+Error feedback: off by default, as the paper ([Mitra-Khisti-2020] uses none). With ``recovery="none"`` the
 decoded update is unbiased with relative variance ω = E‖x̂ − x‖²/‖x‖² = n/k − 1 plus the 1-bit
 dither's m ρ²/12 / ‖v‖² (ρ = 2‖v‖∞ per block), which is well above 1 for any model update (measured
 on LeNet-5's d = 61,706 at the default M = d/4: ω ≈ 24 with one block, 12 with blocks of 256). Classic
 error feedback r ← z − ẑ then grows as E‖r_{t+1}‖² = ω‖z_t‖² ≥ ω‖r_t‖²: the residual is multiplied by
 about √ω every round (×5-7 measured; loss 10³ by round 4 and NaN by round 5 in Flower's CNN examples),
 so ``error_feedback="classic"`` with ``recovery="none"`` is refused. Error feedback needs a contractive
-compressor (ω < 1, e.g. Stich et al. 2018); the sparse recoveries ("biht", "lp") are used with it
+compressor (ω < 1, [Stich-2018], [Karimireddy-2019]); the sparse recoveries ("biht", "lp") are used with it
 (configs/onebit_cs_compressive.yaml).
 
 Regimes: M = d measurements with the adjoint recovery Φᵀv̂ (``recovery="none"``, unbiased), or the
