@@ -46,6 +46,22 @@ def test_downlink_counts_every_array_of_every_train_message():
     assert metrics["total_bits"] == metrics["uplink_bits"] + metrics["downlink_bits"]
 
 
+def test_federated_evaluation_messages_join_the_rounds_downlink():
+    # Flower configures the evaluation after aggregate_train and before the round's row is recorded.
+    grid = InMemoryGrid(toy_app(), 10)
+    s = FedAvgBaseline(clients_per_round=4, client_ids=range(10), seed=3, fraction_evaluate=1.0,
+                       min_evaluate_nodes=1, min_available_nodes=1)
+    msgs = list(s.configure_train(1, initial(), ConfigRecord(), grid))
+    s.aggregate_train(1, grid.send_and_receive(msgs))
+    train_bits = s.last_metrics["downlink_bits"]
+    evaluate = list(s.configure_evaluate(1, initial(), ConfigRecord(), grid))
+    assert len(evaluate) == 10
+    for row in (s.last_metrics, s.history[1]):
+        assert row["downlink_eval_bits"] == 10 * 32 * 7
+        assert row["downlink_bits"] == train_bits + 10 * 32 * 7
+        assert row["total_bits"] == row["uplink_bits"] + row["downlink_bits"]
+
+
 def test_metrics_csv_and_summary_report_downlink_and_total(tmp_path):
     summary, rows, _ = run_in_memory(_cfg({"name": "fedavg"}, rounds=2), tmp_path / "run")
     with open(tmp_path / "run" / "metrics.csv", newline="") as f:

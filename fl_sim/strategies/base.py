@@ -707,7 +707,19 @@ class UpdateStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        return self.inner.configure_evaluate(server_round + self.round_offset, arrays, config, grid)
+        """The inner's evaluate messages; their arrays join the round's downlink (Flower configures the
+        evaluation after ``aggregate_train`` and before the row is recorded: ``downlink_eval_bits`` is
+        added to ``downlink_bits`` and ``total_bits`` of ``last_metrics`` / ``history``; the train
+        MetricRecord already returned to Flower counts the train messages only)."""
+        rnd = server_round + self.round_offset
+        messages = list(self.inner.configure_evaluate(rnd, arrays, config, grid))
+        bits = sum(message_bits(m) for m in messages)
+        if bits:
+            for row in {id(r): r for r in (self.last_metrics, self.history.get(rnd)) if r}.values():
+                row["downlink_eval_bits"] = bits
+                row["downlink_bits"] = row.get("downlink_bits", 0) + bits
+                row["total_bits"] = row.get("total_bits", 0) + bits
+        return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         return self.inner.aggregate_evaluate(server_round + self.round_offset, replies)
