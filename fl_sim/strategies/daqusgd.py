@@ -49,7 +49,8 @@ about η b per sample, the size of the DataQ step. ``gradcorrq_step="none"`` kee
 (configs/daqusgd.yaml's MLP, d = 60, 3 bits: ρ = 1.25e-4) one sample's correction moves a weight by
 η h b / N ≈ 17 and the run diverges (test loss 2.34 → 708 → 3128 → 7486 in 3 rounds). The price of one
 bit per sample is the step: at ρ ≈ 1/h the model moves h times slower, which is why the paper's
-experiments leave GradCorrQ off (§VI: it helped only below 3 bits per feature).
+experiments leave GradCorrQ off (§VI: it helped only below 3 bits per feature). Derivation:
+docs/notes.md#gradcorrq-step.
 """
 
 from __future__ import annotations
