@@ -355,7 +355,7 @@ def test_dp_never_releases_an_unnoised_model_when_the_weights_sum_to_zero():
 
 def test_the_uncompressed_baseline_takes_server_side_dp_around_it():
     strategy = DifferentialPrivacyServerSideFixedClipping(FedAvgBaseline(fedavg()), 0.0, C, NODES)
-    assert np.allclose(update_of(run(strategy, mods=())), mean_clipped(C), atol=1e-5)
+    assert np.allclose(update_of(run(strategy)), mean_clipped(C), atol=1e-5)
 
 
 # ------------------------------------------------------------------ 3. a missing compression_mod fails fast
@@ -367,6 +367,13 @@ def test_first_round_without_the_mod_raises_naming_it():
     with pytest.raises(ClientSetupError, match=r"lacks compression_mod.*ClientApp\(mods=\[compression_mod\]\)"):
         run(strategy, mods=(), rounds=50)
     assert strategy.history == {} and time.perf_counter() - t0 < 30
+
+
+def test_the_baseline_without_the_mod_raises_naming_it():
+    """The uncompressed baseline needs the mod too (it ties each reply to its round): a first round whose
+    replies all lack the round record fails fast with the same one-line fix, not a silent no-op run."""
+    with pytest.raises(ClientSetupError, match=r"round record.*lacks compression_mod"):
+        run(FedAvgBaseline(fedavg()), mods=(), rounds=5)
 
 
 def test_a_later_round_without_payloads_is_logged_not_raised(caplog):
@@ -399,4 +406,4 @@ def test_an_undeclared_aggregate_under_dp_is_refused_at_aggregation():
 
     strategy = DifferentialPrivacyServerSideFixedClipping(Undeclared(fedavg()), 0.0, C, NODES)
     with pytest.raises(PrivacyCompositionError, match="decodes_each_client"):
-        run(strategy, mods=())
+        run(strategy)

@@ -2,6 +2,8 @@
 
 Works around any ClientApp that returns a model (``ClientApp(mods=[compression_mod])``):
 
+0. a train message of a sparse model broadcast (fl_sim.clients.broadcast) gets its model rebuilt from the
+   node's copy of the previous one; a versioned model is kept, and the reply says which version is held;
 1. pass non-train messages through untouched, and train messages whose config names no codec with only
    step 7;
 2. remember the received global model w, call the wrapped app, read its trained model w';
@@ -44,6 +46,7 @@ from fl_sim.wire import keys
 from fl_sim.compression import error_feedback as ef_lib
 from fl_sim.wire.protocol import DEFAULT_SEED_MODE, codec_seeds, get_codec, load_params
 from fl_sim.wire.records import array_bits, flatten_arrays, payload_to_records
+from fl_sim.clients.broadcast import hold_model, receive_model
 from fl_sim.clients.precomputed import take
 from fl_sim.clients.residuals import store_for
 
@@ -165,6 +168,13 @@ def compression_mod(message: Message, context: Context, call_next) -> Message:
     reply to the round it answers."""
     if message.metadata.message_type != MessageType.TRAIN:
         return call_next(message, context)
+    version = receive_model(message, context)  # a sparse broadcast rebuilt; a versioned model kept
+    if version is not None:
+        return hold_model(_compression_mod(message, context, call_next), version)
+    return _compression_mod(message, context, call_next)
+
+
+def _compression_mod(message: Message, context: Context, call_next) -> Message:
     config = _find_config(message)
     if config is None:
         return _answer_round(call_next(message, context), _round_config(message))

@@ -143,7 +143,7 @@ def server_loop(
         if server_round > 0:
             row.update(getattr(strategy, "last_metrics", {}))
         else:
-            row.update(uplink_bits=0, downlink_bits=0)
+            row.update(uplink_bits=0, downlink_bits=0, total_bits=0)
         out = None
         if due:
             loss, acc = exp.evaluate(arrays)

@@ -58,10 +58,11 @@ from flwr.supercore import log as flwr_log
 from fl_sim.compression import PayloadError
 from fl_sim.wire import keys
 from fl_sim.wire.protocol import round_seed
-from fl_sim.wire.records import array_bits, flatten_arrays, flatten_checked, model_spec, unflatten_into
+from fl_sim.wire.records import flatten_arrays, flatten_checked, model_spec, unflatten_into
 from fl_sim.rng import numpy_generator
 from fl_sim.strategies import guards as reply_guards
 from fl_sim.strategies import privacy
+from fl_sim.strategies.broadcast import SparseBroadcast, message_bits
 from fl_sim.strategies.delegation import driver_for, overrides_start
 
 __all__ = ["UpdateStrategy", "ClientReply", "ReplyError", "ClientSetupError", "update_sparsity", "SERVER_PREFIX"]
@@ -164,6 +165,10 @@ class UpdateStrategy(Strategy):
         guards: server-side bounds on what one reply can do (update norm relative to the round's
             median, num-examples cap, method scalars); see fl_sim.strategies.guards for the keys
             and their defaults (on by default).
+        sparse_broadcast: send a node that holds last round's model only the entries that changed
+            (indices + values; it rebuilds the new model bitwise), where that is fewer bits: for methods
+            whose server update is K-sparse (FetchSGD, FIHT-CS). Off by default; needs fl-sim's
+            ``compression_mod`` on the clients (fl_sim.strategies.broadcast).
         **fedavg_kwargs: FedAvg's arguments, only when ``inner`` is None.
     """
 
@@ -183,6 +188,7 @@ class UpdateStrategy(Strategy):
         train_config: dict[str, Any] | None = None,
         digital_link: dict[str, float] | None = None,
         guards: dict[str, Any] | None = None,
+        sparse_broadcast: bool = False,
         **fedavg_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -215,6 +221,10 @@ class UpdateStrategy(Strategy):
         self.digital_link = _check_link(digital_link)
         self.round_offset = 0  # resume hook: Flower's round r is the method's round round_offset + r
         self.guards = reply_guards.check_guards(guards)
+        if not isinstance(sparse_broadcast, bool):
+            raise TypeError(f"sparse_broadcast={sparse_broadcast!r} must be true or false")
+        self.sparse_broadcast = sparse_broadcast
+        self._sparse_model = SparseBroadcast() if sparse_broadcast else None
         self._declared_bits = reply_guards.DeclaredBits()
         self._rejected = 0  # replies of this round rejected by a check or a guard
         self.last_errors: list[tuple[int, str]] = []  # (node, reason) of this round's error replies
@@ -226,7 +236,7 @@ class UpdateStrategy(Strategy):
         self._model_spec: dict[str, tuple[tuple[int, ...], str]] = {}
         self.sent: dict[int, int] = {}  # cid -> node of this round's train messages (configure_train)
         self._round_seed = 0
-        self._downlink_bits_each = 0
+        self._downlink_bits = 0  # this round's train messages: the bits of their arrays (broadcast.message_bits)
         self._t0 = 0.0
         self.last_metrics: dict[str, float] = {}
         self.history: dict[int, dict[str, float]] = {}
@@ -400,7 +410,7 @@ class UpdateStrategy(Strategy):
         self._global_vector = flatten_arrays(arrays)
         self._model_spec = model_spec(arrays)  # what a full-model reply must hold (decode_reply)
         self._round_seed = int(self.round_seed_for(rnd))
-        self._downlink_bits_each = array_bits(arrays)
+        self._downlink_bits = 0
         outer_dp = privacy.enclosing_dp(self)  # DP(method): Flower's wrapper calling us
         inner_msgs = list(self.inner.configure_train(rnd, arrays, config, grid))
         self._compose_privacy(outer_dp, config, inner_msgs)
@@ -432,7 +442,11 @@ class UpdateStrategy(Strategy):
             record[ckey] = cfg
             messages.append(Message(content=record, message_type=MessageType.TRAIN, dst_node_id=node))
             self.sent[cid] = node
-        return self.finish_messages(rnd, arrays, messages)
+        messages = self.finish_messages(rnd, arrays, messages)
+        if self._sparse_model is not None:
+            messages = self._sparse_model.apply(rnd, arrays, self.arrayrecord_key, ckey, messages)
+        self._downlink_bits = sum(message_bits(m) for m in messages)
+        return messages
 
     def _compose_privacy(self, outer_dp: Strategy | None, config: ConfigRecord, inner_msgs: list[Message]) -> None:
         """Check and wire a DP wrapper around (``outer_dp``) or inside this method, before anything is sent;
@@ -694,6 +708,8 @@ class UpdateStrategy(Strategy):
         if self._global_vector is None:
             raise RuntimeError("aggregate_train called before configure_train: no global model for this round")
         replies = list(replies)
+        if self._sparse_model is not None:
+            self._sparse_model.observe_replies(rnd, replies)
         usable, errors, rejected = self.collect(rnd, replies)
         self._rounds_seen += 1
         if self._rounds_seen == 1 and not usable and replies:
@@ -709,8 +725,11 @@ class UpdateStrategy(Strategy):
             "clients_rejected": self._rejected,
             **guard_counts,
             "uplink_bits": sum(r.uplink_bits for r in usable),
-            "downlink_bits": self._downlink_bits_each * len(self.sent),
+            "downlink_bits": self._downlink_bits,
         }
+        metrics["total_bits"] = metrics["uplink_bits"] + metrics["downlink_bits"]
+        if self._sparse_model is not None:
+            metrics["sparse_broadcasts"] = self._sparse_model.sparse_messages
         if self.digital_link is not None:
             from fl_sim.channels import digital_channel_uses, latency_s
 
@@ -770,6 +789,11 @@ class UpdateStrategy(Strategy):
                                                                         inner_replies)
             else:
                 new_arrays, client_metrics = self.inner.aggregate_train(rnd, inner_replies)
+                if new_arrays is not None and type(self.inner) is FedAvg and all(m is models[0] for m in models):
+                    # the weighted mean of K copies of one model is that model; Flower's FedAvg accumulates
+                    # Σ (n_i/n) w in float32 and moves ~14% of the entries by an ulp (measured on an MLP), which
+                    # would make a K-sparse server update (FetchSGD, FIHT-CS) dense on the next broadcast
+                    new_arrays = models[0]
             new_arrays = self._global_dtypes(new_arrays)
         dense_bits = 32 * self._global_vector.numel() * len(usable)
         metrics["compression_ratio"] = dense_bits / metrics["uplink_bits"] if metrics["uplink_bits"] else float("nan")
@@ -782,19 +806,24 @@ class UpdateStrategy(Strategy):
 
     def check_client_setup(self, server_round: int, replies: list[Message]) -> None:
         """First round, no usable reply: raise :class:`ClientSetupError` when every reply shows the ClientApp
-        lacks compression_mod (a plain model, no payload) or compression_mod refused its place (an error
+        lacks compression_mod (a plain model: no payload, or for the uncompressed baseline no round record)
+        or compression_mod refused its place (an error
         reply from it). Other failures (client crashes, bad values) keep the per-round handling."""
-        if not self.USES_COMPRESSION_MOD:
-            return
-        plain = [m for m in replies if not m.has_error() and payload_meta(m) is None]
+        def lacks_mod(m: Message) -> bool:  # a compressed method needs the payload; every method the round record
+            if self.USES_COMPRESSION_MOD:
+                return payload_meta(m) is None
+            return not isinstance(m.content.get(keys.REPLY_META), ConfigRecord)
+
+        plain = [m for m in replies if not m.has_error() and lacks_mod(m)]
         refused = [m for m in replies if m.has_error() and str(m.error.reason).startswith("compression_mod")]
         if len(plain) + len(refused) < len(replies):
             return
         if refused:
             raise ClientSetupError(f"round {server_round}: every reply failed in compression_mod: "
                                    f"{refused[0].error.reason}")
+        what = "fl-sim's compressed payload" if self.USES_COMPRESSION_MOD else f"the {keys.REPLY_META!r} round record"
         raise ClientSetupError(
-            f"round {server_round}: none of the {len(replies)} replies carries fl-sim's compressed payload: the "
+            f"round {server_round}: none of the {len(replies)} replies carries {what}: the "
             f"ClientApp lacks compression_mod; add it (from fl_sim.clients import compression_mod; "
             f"ClientApp(mods=[compression_mod])) so {type(self).__name__} receives encoded updates"
         )
@@ -802,7 +831,19 @@ class UpdateStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        return self.inner.configure_evaluate(server_round + self.round_offset, arrays, config, grid)
+        """The inner's evaluate messages; their arrays join the round's downlink (Flower configures the
+        evaluation after ``aggregate_train`` and before the row is recorded: ``downlink_eval_bits`` is
+        added to ``downlink_bits`` and ``total_bits`` of ``last_metrics`` / ``history``; the train
+        MetricRecord already returned to Flower counts the train messages only)."""
+        rnd = server_round + self.round_offset
+        messages = list(self.inner.configure_evaluate(rnd, arrays, config, grid))
+        bits = sum(message_bits(m) for m in messages)
+        if bits:
+            for row in {id(r): r for r in (self.last_metrics, self.history.get(rnd)) if r}.values():
+                row["downlink_eval_bits"] = bits
+                row["downlink_bits"] = row.get("downlink_bits", 0) + bits
+                row["total_bits"] = row.get("total_bits", 0) + bits
+        return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         return self.inner.aggregate_evaluate(server_round + self.round_offset, replies)

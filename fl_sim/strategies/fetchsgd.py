@@ -13,14 +13,16 @@ so sketches of different rounds can be added). Round t (``mode="sketch"``, Algor
 3. momentum:  S_u ← ρ S_u + S^t
 4. error:     S_e ← S_e + η_s S_u      (the learning rate scales the momentum sketch before it enters
                                         the error sketch, as Algorithm 1's "error feedback" line)
-5. Δ = Top-k(U(S_e)): unsketch the k heavy coordinates of S_e (median estimates over the r rows)
+5. Δ = Top-k(U(S_e)): unsketch the k heavy coordinates of S_e (median estimates over the r rows),
+   selected as the authors' csvec does, ``torch.topk(est**2, k)`` over all d estimates, exact ties broken
+   the same way (:func:`~fl_sim.compression.sketch.topk_abs`)
 6. error removal (``error_removal``):
    * "zero" (default; the authors' code): S_e is zeroed at the buckets of nz(Δ). Their code notes
      that the linear removal "should work but doesn't (model diverges)";
    * "subtract": S_e ← S_e − S(Δ), Algorithm 1's "error accumulation" line as printed;
-   S_u is zeroed at the buckets of nz(Δ) either way (momentum factor masking; in the authors' code
-   that line, ``Vvelocity[nz[:,0], nz[:,1]].zero_()``, zeroes a copy made by advanced indexing and so
-   does nothing);
+   S_u is zeroed at the buckets of nz(Δ) either way (momentum factor masking, as the authors' code:
+   ``Vvelocity[nz[:,0], nz[:,1]] = 0``, an indexed assignment, zeroes those buckets in place; their
+   nz is the nonzero buckets of S(Δ), which leaves out a bucket whose entries of Δ cancel exactly);
 7. the inner strategy gets w + Δ from every client (FedAvg: w ← w + Δ; FedAdam: its step on Δ).
 
 Where the learning rate goes: Algorithm 1 accumulates η_s S_u into S_e (step 4). The authors' code
@@ -191,7 +193,7 @@ class FetchSGD(CompressedFedAvg):
         self.s_u.mul_(self.rho).add_(g)
         self.s_e.add_(self.server_lr * self.s_u)
         before = float(self.s_e.norm())
-        idx = topk_abs(self.s_e, min(self.k_for(g.numel()), g.numel()))
+        idx = topk_abs(self.s_e, min(self.k_for(g.numel()), g.numel()))  # CommEfficient's _topk (topk of e**2)
         delta = torch.zeros_like(g)
         delta[idx] = self.s_e[idx]
         self.s_e[idx] = 0.0

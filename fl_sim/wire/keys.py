@@ -61,3 +61,10 @@ DAQU_LOSS_SUM = "sent-loss-sum"  # DaQuSGD: sum of the sent samples' losses (thr
 DAQU_SENT = "sent-samples"  # DaQuSGD: samples sent
 DAQU_CONSIDERED = "candidates"  # DaQuSGD: samples considered (the N of Theorem 3's 1/N)
 DAQU_CLIPPED = "gradcorrq-clipped"  # DaQuSGD: samples whose GradCorrQ probability was clamped (biased)
+
+# Sparse broadcast of the global model (fl_sim.strategies.broadcast, fl_sim.clients.broadcast)
+SPARSE_MODEL = "fl-sim.sparse-model"  # ArrayRecord (down): <name>.idx, <name>.val of the changed entries
+MODEL_VERSION = "fl-sim.model-version"  # config (down): the model's version (its round); reply record: held
+MODEL_BASE = "fl-sim.model-base"  # config (down): the version the sparse record changes
+MODEL_HELD = "fl-sim.model-held"  # ConfigRecord (up): MODEL_VERSION of the model the node now holds
+SPARSE_IDX, SPARSE_VAL = ".idx", ".val"  # suffixes of an array's indices / values in SPARSE_MODEL
