@@ -30,6 +30,7 @@ from flwr.supercore import log as flwr_log
 
 from fl_sim.wire import keys
 from fl_sim.clients import compression_mod
+from fl_sim.compression import make_codec
 from fl_sim.wire.records import payload_from_records
 from fl_sim.strategies import QCS, CompressedFedAvg, FedAvgBaseline, FetchSGD, FIHTCS, RLCOverTheAir
 from fl_sim.strategies.base import ClientSetupError
@@ -221,7 +222,7 @@ def test_client_side_clipping_mod_encodes_the_clipped_update():
     context = Context(run_id=1, node_id=1, node_config={"partition-id": 3}, state=RecordDict(), run_config={})
     reply = app(msg, context)
     assert not reply.has_error()
-    payload = payload_from_records(reply.content["arrays"], reply.content[keys.PAYLOAD_META])
+    payload = payload_from_records(reply.content["arrays"], reply.content[keys.PAYLOAD_META], make_codec("identity", dim=D))
     (sent,) = payload.tensors.values()
     assert np.allclose(sent.numpy().astype(np.float64), clip(client_update(3).astype(np.float64), C), atol=1e-5)
 
