@@ -148,9 +148,10 @@ class SimulationConfig:
     cohort_chunk: int = 0  # clients per batched call; 0 = automatic from cohort_memory_mb
     cohort_memory_mb: float = 1024.0  # working-memory budget of one batched call (automatic chunk size)
     device: str = "cpu"  # where batched training runs: cpu, cuda, or auto (cuda when present)
-    # torch intra-op threads of a batched call on the CPU; 0 = one per core this process may use. A cohort's
-    # matrix products are large enough to split across cores, one client's are not (the client runtime
-    # keeps 1 thread for the per-client paths); the count is restored after each call
+    # torch intra-op threads of a batched call on the CPU; 0 = automatic (fl_sim.clients.cohort_threads): one
+    # thread unless the machine's cores are idle, then one per core while that measures faster (a core taken by
+    # another process makes a multi-thread call wait for it: 2x-8x slower). k > 0 = k threads always. The
+    # count does not change the numbers and is restored after each call
     cohort_threads: int = 0
 
 
@@ -489,7 +490,7 @@ def validate(cfg: RunConfig) -> None:
     _require(sim.backend in BACKENDS, "simulation.backend", sim.backend, ", ".join(BACKENDS))
     _require(sim.cohort_chunk >= 0, "simulation.cohort_chunk", sim.cohort_chunk, "must be >= 0 (0 = automatic)")
     _require(sim.cohort_memory_mb > 0, "simulation.cohort_memory_mb", sim.cohort_memory_mb, "must be > 0")
-    _require(sim.cohort_threads >= 0, "simulation.cohort_threads", sim.cohort_threads, "must be >= 0 (0 = one per core)")
+    _require(sim.cohort_threads >= 0, "simulation.cohort_threads", sim.cohort_threads, "must be >= 0 (0 = automatic)")
     _require(sim.device in DEVICES, "simulation.device", sim.device, ", ".join(DEVICES))
     _require(sim.num_cpus > 0, "simulation.num_cpus", sim.num_cpus, "CPUs per client must be > 0")
     _require(sim.num_gpus >= 0, "simulation.num_gpus", sim.num_gpus, "must be >= 0")
