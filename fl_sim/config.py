@@ -120,14 +120,16 @@ class CodecConfig:
 class SimulationConfig:
     """Flower simulation engine settings.
 
-    backend: "ray" (Flower's simulation engine, Ray actors; the default) or "inline" (the same
-    strategy and ClientApp code with messages delivered by function calls in this process: no
-    engine start-up, sequential clients; for quick sweeps, debugging and tests) or "vectorized"
-    (as inline, but fl-sim's built-in ClientApp trains a round's clients in batched torch.func calls:
-    fl_sim.vectorized; the same replies up to float rounding).
+    backend: "auto" (the default: the fastest engine that applies, fl_sim.backends: "ray" when
+    ray_address, ray_num_cpus or num_gpus ask for Ray, else "vectorized" where the built-in ClientApp
+    can batch the model, else "inline"), "ray" (Flower's simulation engine, Ray actors), "inline" (the
+    same strategy and ClientApp code with messages delivered by function calls in this process: no
+    engine start-up, sequential clients) or "vectorized" (as inline, but fl-sim's built-in ClientApp
+    trains a round's clients in batched torch.func calls: fl_sim.vectorized; the same replies up to
+    float rounding).
     """
 
-    backend: str = "ray"
+    backend: str = "auto"
     num_cpus: float = 1.0  # per client (Flower's default of 2 gives one actor on a 2-core machine)
     num_gpus: float = 0.0
     ray_address: str = ""  # connect to an existing Ray cluster ("auto" or "ip:port"); "" = start a local one
@@ -414,7 +416,7 @@ def _require(cond: bool, key: str, value: Any, allowed: str) -> None:
 
 
 RESIDUAL_STORES = ("auto", "context", "disk")
-BACKENDS = ("ray", "inline", "vectorized")
+BACKENDS = ("auto", "ray", "inline", "vectorized")
 DEVICES = ("cpu", "cuda", "auto")  # simulation.device (backend vectorized)
 AUTO_SUPERNODES = 1_000  # simulation.supernodes=0: one SuperNode per client up to this many clients
 

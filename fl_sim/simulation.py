@@ -1,4 +1,5 @@
-"""Run a config on Flower's simulation engine (Ray backend), behind one function.
+"""Run a config end to end, behind one function: on Flower's simulation engine (Ray), inline or vectorized
+(``simulation.backend``; ``auto``, the default, picks the fastest that applies: fl_sim.backends).
 
 ``flwr.simulation.run_simulation`` is deprecated in Flower 1.41 but is the only API that takes
 fractional client resources; everything that touches it is in :func:`run_flower_simulation`, so it
@@ -28,6 +29,7 @@ from typing import Any
 from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
+from .backends import resolve_backend
 from .build import Experiment, build_experiment, build_strategy
 from .checkpoint import (config_differences, config_hash, latest_checkpoint, remove_checkpoints, save_checkpoint,
                          save_model)
@@ -360,6 +362,11 @@ def _run_experiment(cfg: RunConfig, run_dir: Path, progress: ProgressFn | None, 
     config = config_to_dict(cfg)
     ckpt = _checkpoint_to_resume(run_dir, config, cfg) if resume else None
     exp = build_experiment(cfg)
+    asked = cfg.simulation.backend
+    cfg, why = resolve_backend(cfg, exp.model)  # simulation.backend=auto: the fastest engine that applies
+    exp.cfg = cfg
+    if asked == "auto":
+        log.info("simulation.backend=auto: %s (%s)", cfg.simulation.backend, why)
     nodes = cfg.num_supernodes()
     strategy = build_strategy(exp, min_available_nodes=nodes)
     recorder = RunRecorder(run_dir, config)
@@ -422,6 +429,7 @@ def _run_experiment(cfg: RunConfig, run_dir: Path, progress: ProgressFn | None, 
     totals = failure_totals(recorder.rows)
     info = {
         "strategy": cfg.strategy.name,
+        "backend": cfg.simulation.backend,  # the engine that ran it (simulation.backend=auto resolved)
         "codec": cfg.codec.name if cfg.strategy.name == "compressed" else cfg.strategy.name,
         "parameters": exp.dim,
         "clients": cfg.clients,
