@@ -200,7 +200,8 @@ def bench_round(
     workloads: str = typer.Option("quickstart,lenet", "--workloads", help="quickstart, lenet and/or digits."),
     per_round: str = typer.Option("10,100", "--per-round", help="Clients per round, comma-separated."),
     modes: str = typer.Option("plain,inline,ray", "--modes",
-                              help="plain (PyTorch loop), inline, vectorized, vectorized-1t (one thread), ray."),
+                              help="plain (PyTorch loop), inline, auto (what `fl-sim run` picks), vectorized, "
+                                   "vectorized-1t (one thread), vectorized-nt (one thread per core), ray."),
     rounds: int = typer.Option(0, "--rounds", help="Rounds per run (0: 6 quickstart, 4 lenet)."),
     repeats: int = typer.Option(2, "--repeats", help="Side-by-side repeats (modes alternate who goes first)."),
     num_cpus: str = typer.Option("1", "--num-cpus", help="simulation.num_cpus values for ray, e.g. 0.5,1,2."),
@@ -210,13 +211,16 @@ def bench_round(
     quick: bool = typer.Option(False, "--quick", help="quickstart only, one repeat."),
     scale: bool = typer.Option(False, "--scale", help="Also 10,000 quickstart clients, 10% a round, 50 rounds, "
                                "vectorized (time, peak memory)."),
+    contention: str = typer.Option("off", "--contention", help="CPU-bound processes beside each run: off, on, or "
+                                   "both (idle and busy side by side)."),
+    busy_per_cores: int = typer.Option(2, "--busy-per-cores", help="Contention: one busy process per this many cores."),
     out_path: Path = typer.Option(Path("bench_out/round.json"), "--out"),
 ) -> None:
     """R rounds of FedAvg through fl-sim (ray, inline, vectorized) against the same computation as a plain PyTorch loop."""
     argv = ["--workloads", workloads, "--per-round", per_round, "--modes", modes, "--rounds", str(rounds),
             "--repeats", str(repeats), "--num-cpus", num_cpus, "--out", str(out_path)]
     argv += ["--profile"] * profile + ["--what-if"] * what_if + ["--tune"] * tune + ["--quick"] * quick
-    argv += ["--scale"] * scale
+    argv += ["--scale"] * scale + ["--contention", contention, "--busy-per-cores", str(busy_per_cores)]
     _bench_module("bench_round").main(argv)
 
 
