@@ -284,7 +284,7 @@ class UpdateStrategy(Strategy):
             raise ReplyError(f"arrays cannot be read ({exc})") from None
         if local.shape != self._global_vector.shape:
             raise ReplyError(f"model has {local.numel()} parameters, expected {self._global_vector.numel()}")
-        if not torch.isfinite(local).all():
+        if not reply_guards.all_finite(local):
             raise ReplyError("model contains NaN or inf")
         return local - self._global_vector, bits
 
@@ -652,7 +652,7 @@ class UpdateStrategy(Strategy):
                       "global model is unchanged (a codec's check_values misses this case)", rnd, exc)
             return None, self._finish(rnd, metrics, None)
         delta = weights.to(update.dtype) @ update if update.dim() == 2 else update
-        if not torch.isfinite(delta).all():
+        if not reply_guards.all_finite(delta):
             log.error("round %d: the aggregate update is not finite; the global model is unchanged", rnd)
             return None, self._finish(rnd, metrics, None)
         delta = delta.to(torch.float32)

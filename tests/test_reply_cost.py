@@ -1,0 +1,49 @@
+"""Per-reply checks at the price of a reply: the value check (guards.all_finite) equals torch's and still
+rejects a non-finite reply."""
+
+import math
+
+import pytest
+import torch
+
+from fl_sim.strategies.guards import all_finite
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("bad", [None, math.nan, math.inf, -math.inf])
+def test_all_finite_agrees_with_torch(dtype, bad):
+    x = torch.linspace(-3, 3, 1001).to(dtype)
+    if bad is not None:
+        x[517] = bad
+    assert all_finite(x) == bool(torch.isfinite(x).all()) == (bad is None)
+    assert all_finite(x[::7]) == bool(torch.isfinite(x[::7]).all())  # a strided view
+    assert all_finite(x.reshape(7, 143).t()) == (bad is None)  # non-contiguous
+
+
+def test_all_finite_of_integers_and_of_a_tensor_with_grad():
+    assert all_finite(torch.arange(10))
+    w = torch.ones(5, requires_grad=True)
+    assert all_finite(w)
+    assert all_finite(torch.empty(0))
+
+
+def test_a_nan_reply_is_still_rejected():
+    """The strategy's decode path uses all_finite: a reply with one NaN is a ReplyError."""
+    from flwr.app import ArrayRecord
+
+    from fl_sim.records import ndarray_to_array
+    from fl_sim.strategies.base import ReplyError, UpdateStrategy
+
+    strategy = UpdateStrategy.__new__(UpdateStrategy)
+    strategy._global_vector = torch.zeros(6)
+    bad = torch.zeros(6)
+    bad[3] = math.nan
+    msg = type("Reply", (), {})()
+    record = ArrayRecord()
+    record["w"] = ndarray_to_array(bad.numpy())
+    strategy.reply_arrays = lambda m: record
+    with pytest.raises(ReplyError, match="NaN or inf"):
+        strategy.decode_reply(1, msg, 0)
+    record["w"] = ndarray_to_array(torch.ones(6).numpy())
+    delta, bits = strategy.decode_reply(1, msg, 0)
+    assert torch.equal(delta, torch.ones(6)) and bits == 6 * 32
