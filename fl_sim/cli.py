@@ -92,7 +92,9 @@ def run(
             console=console,
             transient=False,
         ) as progress:
-            task = progress.add_task(cfg.name or cfg.strategy.name, total=cfg.rounds, status="starting Flower")
+            starting = {"ray": "starting Flower's engine (Ray)", "inline": "starting (inline)",
+                        "vectorized": "starting (vectorized)"}.get(cfg.simulation.backend, "starting")
+            task = progress.add_task(cfg.name or cfg.strategy.name, total=cfg.rounds, status=starting)
 
             def on_round(rnd: int, row: dict) -> None:
                 acc = row.get("test_accuracy")
