@@ -418,6 +418,11 @@ def _run_experiment(cfg: RunConfig, run_dir: Path, progress: ProgressFn | None, 
         server_app = ServerApp()
         server_app.main()(lambda grid, context: serve(grid))
         run_flower_simulation(server_app, make_client_app(cfg), cfg, num_supernodes=nodes)
+    try:
+        recorder.flush()  # metrics.csv with every round recorded, whatever happens next
+    except OSError:
+        if not errors:
+            raise  # else the run's own error is the one to report
     if errors:
         if isinstance(errors[0], RunFailed):
             recorder.finish({"strategy": cfg.strategy.name, "failed": str(errors[0]), **failure_totals(recorder.rows)})

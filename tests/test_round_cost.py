@@ -1,5 +1,5 @@
-"""Per-reply checks at the price of a reply: the value check (guards.all_finite) equals torch's and still
-rejects a non-finite reply."""
+"""What a round costs besides training: the per-reply value check (guards.all_finite) equals torch's and still
+rejects a non-finite reply; metrics.csv is rewritten at most once per interval and complete at the end."""
 
 import math
 
@@ -47,3 +47,24 @@ def test_a_nan_reply_is_still_rejected():
     record["w"] = ndarray_to_array(torch.ones(6).numpy())
     delta, bits = strategy.decode_reply(1, msg, 0)
     assert torch.equal(delta, torch.ones(6)) and bits == 6 * 32
+
+
+def test_metrics_csv_is_rewritten_at_most_once_per_interval_and_complete_when_flushed(tmp_path):
+    from fl_sim.results import RunRecorder
+
+    def lines():
+        return (tmp_path / "metrics.csv").read_text().strip().splitlines()
+
+    rec = RunRecorder(tmp_path, {"name": "t"}, csv_interval_s=3600.0)
+    for r in range(4):
+        rec.add({"round": r, "test_accuracy": 0.1 * r, "test_loss": 1.0})
+    assert len(lines()) == 2  # header + round 0: the first row is written at once, the rest wait
+    rec.flush()
+    assert len(lines()) == 5
+    rec.add({"round": 4, "test_accuracy": 0.4, "test_loss": 1.0})
+    summary = rec.finish({})
+    assert len(lines()) == 6 and summary["rounds"] == 4
+    every = RunRecorder(tmp_path / "every", {"name": "t"}, csv_interval_s=0.0)
+    every.add({"round": 0})
+    every.add({"round": 1})
+    assert len((tmp_path / "every" / "metrics.csv").read_text().strip().splitlines()) == 3
