@@ -1,4 +1,4 @@
-"""Codec fidelity figures of issue 12 (items 3-5): per-tensor vs whole-vector scales, QSGD's Elias bits,
+"""Codec fidelity figures of the paper-fidelity changes: per-tensor vs whole-vector scales, QSGD's Elias bits,
 TernGrad's clipping. Prints a table; no timing.
 
 Inputs: (a) a real update Δ: one client's local epoch of configs/qsgd.yaml's MLP on the synthetic data
@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fl_sim.build import build_experiment
+from fl_sim.runs.build import build_experiment
 from fl_sim.clients.training import LocalTrainSpec, train_local
 from fl_sim.compression import make_codec
 from fl_sim.config import load_config
-from fl_sim.records import flatten_arrays, float_sizes, state_dict_to_arrays
+from fl_sim.wire.records import flatten_arrays, float_sizes, state_dict_to_arrays
 from fl_sim.rng import torch_generator
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -2,7 +2,7 @@
 
 What is timed is steps 3-5 of fl_sim.clients.mods for every client of a round: Δ = w' − w, error-feedback
 compensate, encode, decode for the residual update, residual load/save. ``per-reply`` is what
-``compression_mod`` does for each reply (inline backend, and the vectorized backend before issue 15's
+``compression_mod`` does for each reply (inline backend, and the vectorized backend before its
 batched encoding); ``block`` is fl_sim.clients.cohort_encode.encode_cohort for the whole round (one
 chunk). Both get the real strategy's train messages (configure_train of the method's config, with the
 quickstart task: Synthetic(1, 1), MLP of 14,210 parameters) and the same trained models (w plus a small
@@ -24,14 +24,14 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
 
-from fl_sim import keys
-from fl_sim.build import build_experiment, build_strategy
+from fl_sim.wire import keys
+from fl_sim.runs.build import build_experiment, build_strategy
 from fl_sim.clients.app import client_id, make_client_app
 from fl_sim.clients.cohort_encode import encode_cohort
 from fl_sim.clients.mods import _encode_reply, _find_config
 from fl_sim.clients.residuals import DiskResidualStore
 from fl_sim.config import load_config
-from fl_sim.records import flatten_arrays
+from fl_sim.wire.records import flatten_arrays
 from fl_sim.testing import InMemoryGrid
 
 

@@ -3,7 +3,7 @@
 A method with client-side error feedback (configs/topk_ef.yaml: top-k 1% + classic EF, MLP of
 14,210 parameters on Synthetic(1, 1)) runs ``--rounds`` rounds (default 200) with ``--clients``
 clients (default 200), ``--per-round`` per round (default 20), through ``fl-sim run``'s code path
-(fl_sim.simulation.run_experiment, Ray or inline backend). Every client has participated after
+(fl_sim.runs.simulation.run_experiment, Ray or inline backend). Every client has participated after
 about 50 rounds (P(not yet) = (1 - 20/200)^50 = 0.5%), so the residual store stops growing there;
 after that warm-up the peak memory must stay flat (no per-round leak: Flower users report 100
 clients x 100 rounds exhausting 48 GB).
@@ -43,7 +43,7 @@ REPORT_ROUNDS = (10, 50, 100, 150, 200)
 def measure(backend: str, rounds: int, clients: int, per_round: int, sets: list[str]) -> dict[str, Any]:
     """One run in this process; returns per-round memory rows and the run's final metrics."""
     from fl_sim.config import load_config
-    from fl_sim.simulation import run_experiment
+    from fl_sim.runs.simulation import run_experiment
 
     over = [f"rounds={rounds}", f"clients={clients}", f"clients_per_round={per_round}", "eval_every=0",
             f"simulation.backend={backend}", *sets]

@@ -1,4 +1,4 @@
-"""Why does Count Sketch + EF cope with dense updates where FIHT-CS + EF does not? (issue 13, item 4)
+"""Why does Count Sketch + EF cope with dense updates where FIHT-CS + EF does not?
 
 A codec-level experiment without training: one fixed stream of T update vectors g_t (d = 14,210, the dense
 task's MLP) goes through each server pipeline of fl-sim (the same codecs and operators as the strategies),

@@ -67,10 +67,10 @@ def run(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .simulation import RunFailed
+    from fl_sim.runs.simulation import RunFailed
 
     try:
-        from .config import load_config
+        from fl_sim.config import load_config
 
         if resume is not None:
             if not (resume / "config.yaml").is_file():
@@ -80,7 +80,7 @@ def run(
             if overwrite:
                 raise ValueError("--overwrite and --resume: a resumed run continues its directory, it replaces nothing")
         cfg = load_config(config if config is not None or resume is None else resume / "config.yaml", set_)
-        from .simulation import default_run_dir, run_experiment
+        from fl_sim.runs.simulation import default_run_dir, run_experiment
 
         run_dir = resume or out_dir or default_run_dir(cfg)
         with Progress(
@@ -127,7 +127,7 @@ def report(
     debug: bool = typer.Option(False, "--debug"),
 ) -> None:
     """Table of runs and PNG plots (accuracy vs round, vs cumulative uplink bits)."""
-    from .results import report as make_report
+    from fl_sim.runs.results import report as make_report
 
     try:
         rows, plots = make_report(run_dirs, out_dir, baseline=baseline)
@@ -164,7 +164,7 @@ def sweep(
     debug: bool = typer.Option(False, "--debug"),
 ) -> None:
     """Run a grid of configs (resuming finished points); writes sweep.csv and PNG plots."""
-    from .sweep import run_sweep
+    from fl_sim.experiments.sweep import run_sweep
 
     try:
         rows = run_sweep(config, grid, out_dir, repeats=repeats, overrides=set_,
@@ -258,7 +258,7 @@ def reproduce(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Reproduce a paper experiment: CSV + PNG per part and summary.json (docs/reproductions.md)."""
-    from .reproduce import list_experiments, reproduce as run_reproduction
+    from fl_sim.experiments.reproduce import list_experiments, reproduce as run_reproduction
 
     if list_ or name is None:
         table = Table(title="fl-sim reproduce NAME [--full]")
@@ -301,8 +301,8 @@ def compare(
     report_only: bool = typer.Option(False, "--report-only", help="Aggregate the finished runs only; run nothing."),
     debug: bool = typer.Option(False, "--debug"),
 ) -> None:
-    """Tune every method on validation data (equal budget), run the chosen settings over seeds, tabulate (fl_sim/compare.py)."""
-    from .compare import run_compare
+    """Tune every method on validation data (equal budget), run the chosen settings over seeds, tabulate (fl_sim/experiments/compare/)."""
+    from fl_sim.experiments.compare import run_compare
 
     try:
         result = run_compare(suite, tasks=[t.strip() for t in task.split(",") if t.strip()],

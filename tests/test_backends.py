@@ -1,13 +1,13 @@
-"""simulation.backend=auto (fl_sim.backends): which configs run on which engine, and that auto changes no number."""
+"""simulation.backend=auto (fl_sim.engine.auto): which configs run on which engine, and that auto changes no number."""
 
 import csv
 
 import pytest
 from torch import nn
 
-from fl_sim.backends import choose_backend, resolve_backend
+from fl_sim.engine.auto import choose_backend, resolve_backend
 from fl_sim.config import ConfigError, load_config
-from fl_sim.simulation import run_experiment
+from fl_sim.runs.simulation import run_experiment
 
 MLP = nn.Sequential(nn.Flatten(), nn.Linear(60, 8), nn.ReLU(), nn.Linear(8, 10))
 

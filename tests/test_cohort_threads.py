@@ -10,8 +10,8 @@ import json
 import pytest
 import torch
 
-from fl_sim import keys
-from fl_sim.build import build_experiment, build_strategy
+from fl_sim.wire import keys
+from fl_sim.runs.build import build_experiment, build_strategy
 from fl_sim.clients.app import make_client_app
 from fl_sim.clients.cohort_threads import (
     IDLE_CORES,
@@ -23,9 +23,9 @@ from fl_sim.clients.cohort_threads import (
     sample,
 )
 from fl_sim.config import config_from_dict
-from fl_sim.records import flatten_arrays
-from fl_sim.simulation import server_loop
-from fl_sim.vectorized import VectorizedGrid
+from fl_sim.wire.records import flatten_arrays
+from fl_sim.runs.simulation import server_loop
+from fl_sim.engine.vectorized import VectorizedGrid
 
 
 class FakeMachine:

@@ -1,4 +1,4 @@
-"""FetchSGD (issue 12 item 7): the paper's sketch shape by default, Algorithm 1's error accumulation
+"""FetchSGD ([Rothchild-2020]): the paper's sketch shape by default, Algorithm 1's error accumulation
 (η_s on the momentum sketch; zeroing or linear removal), and the true / local top-k ablations."""
 
 import json
@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fl_sim import keys
+from fl_sim.wire import keys
 from fl_sim.config import config_from_dict, load_config
-from fl_sim.records import flatten_arrays, payload_from_records
+from fl_sim.wire.records import flatten_arrays, payload_from_records
 
 ROOT = Path(__file__).resolve().parents[1]
 K = 4
@@ -27,7 +27,7 @@ def _rounds(cfg, n):
     """Drive n rounds by hand; per round (payloads, weights, applied update, strategy state copies)."""
     from flwr.app import ConfigRecord
 
-    from fl_sim.build import build_experiment, build_strategy
+    from fl_sim.runs.build import build_experiment, build_strategy
     from fl_sim.clients.app import make_client_app
     from fl_sim.testing import InMemoryGrid
 
@@ -121,7 +121,7 @@ def test_local_topk_sends_client_topk_with_error_feedback_and_global_momentum():
 
 
 def test_bad_mode_is_a_config_error():
-    from fl_sim.build import build_experiment, build_strategy
+    from fl_sim.runs.build import build_experiment, build_strategy
     from fl_sim.config import ConfigError
 
     with pytest.raises(ConfigError, match="mode"):

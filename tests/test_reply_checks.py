@@ -1,4 +1,4 @@
-"""One client must never abort a run or poison the model (issue 16, items 5-7).
+"""One client must never abort a run or poison the model.
 
 Each test sends one bad reply through a real strategy on the in-memory grid (real ClientApp and mods)
 and checks that the round completes, the reply is rejected or bounded, logged with its node, and
@@ -19,13 +19,13 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fl_sim import keys
-from fl_sim.build import build_experiment, build_strategy
+from fl_sim.wire import keys
+from fl_sim.runs.build import build_experiment, build_strategy
 from fl_sim.clients.app import make_client_app
 from fl_sim.compression import PayloadError
 from fl_sim.config import config_from_dict
-from fl_sim.records import flatten_arrays, read_array
-from fl_sim.simulation import server_loop
+from fl_sim.wire.records import flatten_arrays, read_array
+from fl_sim.runs.simulation import server_loop
 from fl_sim.strategies import FedAvgBaseline, guards
 from fl_sim.strategies.base import SERVER_PREFIX
 from fl_sim.testing import InMemoryGrid
@@ -180,7 +180,7 @@ def test_daqusgd_huge_sent_loss_does_not_stop_sending(caplog):
     assert s.threshold < 100.0 and rows[2]["received_samples"] > 0
 
 
-# ---------------------------------------------------------------- guards (item 6), toy client: w + (cid+1)
+# ---------------------------------------------------------------- guards, toy client: w + (cid+1)
 D = 7
 
 
@@ -202,7 +202,7 @@ def initial():
 
 
 def server_part(metrics):
-    """fl-sim's server figures of a returned MetricRecord (issue 14's wrapper names them ``server.<name>``)."""
+    """fl-sim's server figures of a returned MetricRecord (the wrapper names them ``server.<name>``)."""
     return {k[len(SERVER_PREFIX):]: v for k, v in metrics.items() if k.startswith(SERVER_PREFIX)}
 
 
@@ -364,7 +364,7 @@ def test_rlc_huge_reported_norm_rejected(caplog):
     assert any("update-norm" in r.getMessage() for r in caplog.records if r.levelname == "ERROR")
 
 
-# ---------------------------------------------------------------- item 7: bits counted by the server
+# ---------------------------------------------------------------- bits counted by the server
 def test_declared_bits_never_trusted_and_logged_once(caplog):
     def lie(reply, rnd):
         reply.content[keys.PAYLOAD_META][keys.P_BITS] = 2**62

@@ -31,7 +31,7 @@ def test_a_nan_reply_is_still_rejected():
     """The strategy's decode path uses all_finite: a reply with one NaN is a ReplyError."""
     from flwr.app import ArrayRecord
 
-    from fl_sim.records import ndarray_to_array
+    from fl_sim.wire.records import ndarray_to_array
     from fl_sim.strategies.base import ReplyError, UpdateStrategy
 
     strategy = UpdateStrategy.__new__(UpdateStrategy)
@@ -50,7 +50,7 @@ def test_a_nan_reply_is_still_rejected():
 
 
 def test_metrics_csv_is_rewritten_at_most_once_per_interval_and_complete_when_flushed(tmp_path):
-    from fl_sim.results import RunRecorder
+    from fl_sim.runs.results import RunRecorder
 
     def lines():
         return (tmp_path / "metrics.csv").read_text().strip().splitlines()

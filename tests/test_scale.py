@@ -70,10 +70,10 @@ def test_fabricated_mnist_and_cifar_load_with_the_real_loaders(tmp_path):
 
 def test_plain_loop_is_the_same_computation_as_fl_sim_fedavg(tmp_path):
     """Same clients, sampling, local steps and weighted average: the same final model (float32 rounding)."""
-    from fl_sim.build import build_experiment, build_strategy
+    from fl_sim.runs.build import build_experiment, build_strategy
     from fl_sim.clients.app import make_client_app
-    from fl_sim.records import flatten_arrays
-    from fl_sim.simulation import server_loop
+    from fl_sim.wire.records import flatten_arrays
+    from fl_sim.runs.simulation import server_loop
     from fl_sim.testing import InMemoryGrid
 
     logging.disable(logging.INFO)

@@ -1,7 +1,7 @@
-"""Issue 12, items 1-3: common vs per-client codec randomness, OneBitCS (Mitra & Khisti) fidelity, QCS blocks.
+"""Common vs per-client codec randomness, OneBitCS ([Mitra-Khisti-2020]) fidelity, QCS blocks.
 
 Statistical tests use fixed seeds and tolerances derived from the Monte-Carlo standard error (stated
-at each test). Each test fails on the code before issue 12 (one seed per round for every client, one
+at each test). Each test fails on the earlier codecs (one seed per round for every client, one
 shared dither with a common Phi, one scale for the whole vector, Phi redrawn every round, QCS blocks
 across tensor boundaries).
 """
@@ -15,12 +15,12 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fl_sim import keys
+from fl_sim.wire import keys
 from fl_sim.clients.mods import compression_mod
 from fl_sim.compression import Payload, PayloadError, Seeds, make_codec
 from fl_sim.compression.base import CodecError, check_seed, client_round_seed
-from fl_sim.protocol import codec_seeds
-from fl_sim.records import flatten_arrays
+from fl_sim.wire.protocol import codec_seeds
+from fl_sim.wire.records import flatten_arrays
 from fl_sim.strategies import strategy_class
 from fl_sim.strategies.compressed import CompressedFedAvg
 from fl_sim.strategies.onebit import OneBitCS
@@ -76,7 +76,7 @@ def test_per_client_is_the_default_everywhere_and_shared_is_an_option():
         CompressedFedAvg(seed_mode="per_round")
 
 
-# ------------------------------------------------------------------------------------------------ item 1
+# ------------------------------------------------------------------------ per-client randomness
 @pytest.mark.parametrize("mode", ["per_client", "shared"])
 def test_qcs_aggregate_mse_falls_as_one_over_k_only_with_per_client_randomness(mode):
     # K clients encode the same x; the server averages their decodes. Unbiased QCS with independent
@@ -142,7 +142,7 @@ def test_strategy_and_client_mod_derive_the_same_seeds_and_errors_average_out(mo
         assert mean > 2.0, mean
 
 
-# ------------------------------------------------------------------------------------------------ item 2
+# ------------------------------------------------------------------------ OneBitCS fidelity
 def test_onebit_common_phi_has_each_workers_own_dither():
     # phi="common": one Phi for all, but u_i is client i's own. The aggregate's dequantized measurements
     # v_bar = sum_i w_i v_hat_i have error sum_i w_i rho_i eps_i, eps_i ~ U(-1/2, 1/2) independent: with
@@ -255,7 +255,7 @@ def test_onebit_check_values():
         codec.check_values(Payload(p.codec, 300, {**p.tensors, "rho": p.tensors["rho"][:-1]}, p.bits))
 
 
-# ------------------------------------------------------------------------------------------------ item 3
+# ------------------------------------------------------------------------ QCS blocks inside tensors
 def test_qcs_tensor_granularity_blocks_stay_inside_tensors():
     # segments 100 + 30 + 200 with n = 64: tensor-aligned blocks 2 + 1 + 4 = 7 (vector: ceil(330/64) = 6).
     segs = [100, 30, 200]

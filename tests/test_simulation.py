@@ -50,7 +50,7 @@ def test_different_seed_differs():
 
 @pytest.mark.e2e
 def test_ray_simulation_two_rounds(tmp_path):
-    from fl_sim.simulation import run_experiment
+    from fl_sim.runs.simulation import run_experiment
 
     cfg = small(rounds=2, **{"simulation.backend": "ray"})  # the default (auto) would run it vectorized
     summary = run_experiment(cfg, tmp_path / "run")
@@ -72,7 +72,7 @@ def test_routing_clients_onto_fewer_supernodes_changes_no_number(tmp_path, confi
     """simulation.supernodes only chooses how many Flower nodes carry the clients (cid -> node cid % n):
     data, randomness and the disk residual store all follow the client id, so the metrics are the same."""
     from fl_sim.config import load_config
-    from fl_sim.simulation import run_experiment
+    from fl_sim.runs.simulation import run_experiment
 
     sets = ["rounds=3", "clients=12", "clients_per_round=5", "model.hidden=[8]", "eval_every=1",
             "simulation.backend=inline"]

@@ -1,3 +1,8 @@
-"""The benchmarks behind ``fl-sim bench`` (codecs, round, scale) and the plain PyTorch loop they compare
-against; installed with fl-sim. ``python -m fl_sim.bench.bench_scale --help`` runs one directly; the
-scripts in the repository's benchmarks/ (memory, recovery, transforms) build on these."""
+"""Benchmarks: every figure in docs/performance.md comes from a module here, run as ``fl-sim bench ...``.
+
+Job: codec speed (``bench_codecs``), round and population timings against a plain PyTorch loop
+(``bench_round``, ``bench_scale``, ``plain_loop``), recovery and transform speed, the Ray profile.
+Each prints its figures and ratios measured side by side in one run and has a smoke test at tiny
+sizes in the suite. It may import every layer below the CLI (``runs``, ``experiments`` and down);
+never the CLI itself.
+"""

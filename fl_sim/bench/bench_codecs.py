@@ -12,7 +12,7 @@ d in 2^16 .. 2^23 (quick: 2^16, 2^20) and d = 668,426 (Tang et al.'s ResNet):
 
 A codec whose encode + decode at one size exceeds the time budget is skipped at larger sizes.
 The sibling benchmarks ``bench_transforms.run`` and ``bench_recovery.run`` are included when present,
-and the issue-4 targets are summarised from their rows (:func:`target_rows`): fwht <= 0.5x rfft at
+and the library's speed targets are summarised from their rows (:func:`target_rows`): fwht <= 0.5x rfft at
 2^20 and 2^23; FIHT at d = 668,426, d/Q = 10 < 0.3 s with rel. error <= 0.12; count sketch r = 5,
 c = 500,000, d = 6,570,000: sketch < 0.25 s, top-k unsketch < 0.6 s.
 
@@ -49,7 +49,7 @@ def default_params(name: str, d: int) -> dict[str, Any]:
         "topk": {"k": max(1, d // 100)},
         "randk": {"k": max(1, d // 100)},
         "qsgd": {"levels": 4},
-        "qcs": {"block": 256, "k": 110, "levels": 2},  # NOTES §6: gain ~ 32 optimum at n = 256
+        "qcs": {"block": 256, "k": 110, "levels": 2},  # gain ~ 32 optimum at n = 256 (docs/notes.md#qcs-numbers)
         "rlc": {"m": max(1, d // 20)},  # thesis Fig. 5.3: gain 20
         "dataq": {"levels": 8, "mode": "per_feature"},
         "cs_fiht": {"measurements": max(1, d // 10), "sparsity": max(1, d // 100)},
@@ -152,7 +152,7 @@ def run(quick: bool = False, *, include_others: bool = True) -> dict[str, Any]:
 
 
 def run_targets() -> dict[str, Any]:
-    """Only the measurements behind the issue-4 targets, full size, one process."""
+    """Only the measurements behind the speed targets, full size, one process."""
     bt, br = _sibling("bench_transforms"), _sibling("bench_recovery")
     load = os.getloadavg()
     transforms = bt._fwht_rows([2**20, 2**23], 7, True) if bt is not None else {"absent": "bench_transforms"}
@@ -162,7 +162,7 @@ def run_targets() -> dict[str, Any]:
 
 
 def target_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
-    """The issue-4 targets as rows {target, measured, goal, reference, met} from run() / run_targets() output."""
+    """The speed targets as rows {target, measured, goal, reference, met} from run() / run_targets() output."""
     rows: list[dict[str, Any]] = []
     tr = data.get("transforms") if isinstance(data.get("transforms"), list) else []
     for r in tr:
@@ -193,7 +193,7 @@ def print_targets(rows: list[dict[str, Any]]) -> None:
     cols = ["target", "measured", "goal", "reference", "met"]
     cells = [[str(r[c]) if r[c] is not None else "" for c in cols] for r in rows]
     widths = [max(len(c), *(len(line[i]) for line in cells)) if cells else len(c) for i, c in enumerate(cols)]
-    print("issue-4 targets")
+    print("speed targets")
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
     for line in cells:
         print("  ".join(v.ljust(w) for v, w in zip(line, widths)))
@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench_out/codecs.json"))
     parser.add_argument("--no-others", action="store_true", help="skip bench_transforms / bench_recovery")
     parser.add_argument("--targets", action="store_true",
-                        help="only the issue-4 targets (fwht vs rfft, count sketch, FIHT), full size")
+                        help="only the speed targets (fwht vs rfft, count sketch, FIHT), full size")
     args = parser.parse_args(argv)
     if args.targets:
         data = run_targets()

@@ -29,9 +29,9 @@ def steps(workload: str) -> list[tuple[str, str, Any]]:
     from flwr.app import MetricRecord, RecordDict
     from flwr.serverapp.strategy.strategy_utils import validate_message_reply_consistency
 
-    from fl_sim import keys
+    from fl_sim.wire import keys
     from fl_sim.models import build_model
-    from fl_sim.records import _npy_header, array_record, flatten_with_bits, ndarray_to_array, state_dict_to_arrays
+    from fl_sim.wire.records import _npy_header, array_record, flatten_with_bits, ndarray_to_array, state_dict_to_arrays
     from fl_sim.strategies.guards import all_finite
 
     shape, classes = ((60,), 10) if workload == "quickstart" else ((1, 28, 28), 10)

@@ -8,7 +8,7 @@ Workloads (``--workloads``):
   28x28 images (iid), one local epoch of batch 32 (25 steps): about 60 ms of training per client on
   one core here (200 images took 17 ms: below the 50 ms the overhead target is stated for);
 * ``digits``: LeNet-5 on the embedded 8x8 digits (1,437 training images), 100 clients (iid, about 14
-  images each), one local epoch of batch 8 (2 steps): the small-client regime of issue 15.
+  images each), one local epoch of batch 8 (2 steps): the small-client regime of the vectorized backend.
 
 ``quickstart`` with more clients per round than its 100 clients uses ``clients`` = clients per round
 (the same Synthetic(1, 1) generator and MLP, every client sampled).
@@ -17,10 +17,10 @@ For each workload and clients-per-round value (``--per-round 10,100``) the same 
 ``plain`` (fl_sim.bench.plain_loop: same clients, data, sampling, local steps and weighted average,
 no Flower), ``inline`` (``fl-sim run`` with ``simulation.backend: inline``: the strategy and
 ClientApp with messages as function calls), ``vectorized`` (``simulation.backend: vectorized``: the
-same, a round's clients trained in batched calls, fl_sim.vectorized, with the automatic thread rule of
+same, a round's clients trained in batched calls, fl_sim.engine.vectorized, with the automatic thread rule of
 fl_sim.clients.cohort_threads; ``vectorized-1t``: the same on one thread, ``simulation.cohort_threads: 1``;
 ``vectorized-nt``: one thread per core always), ``auto`` (``fl-sim run``'s default engine choice,
-fl_sim.backends) and ``ray`` (``simulation.backend: ray``: Flower's simulation engine
+fl_sim.engine.auto) and ``ray`` (``simulation.backend: ray``: Flower's simulation engine
 with Ray actors, ``simulation.num_cpus`` CPUs per actor; ``--num-cpus 0.5,1,2`` tries several).
 Every measurement runs in its own process; repeats alternate the modes so that they see the same
 machine load. Reported per run (seconds): ``setup`` (until round 0 is evaluated: data, model,
@@ -40,11 +40,11 @@ ClientApps' time.
 ``--busy-per-cores`` cores (default 2): the machine of a user running a second job; ``--contention both``
 measures every mode idle and busy, alternating, and prints the two side by side.
 
-``--scale`` adds issue 15's population run: the quickstart model and data generator with 10,000 clients,
+``--scale`` adds the population run: the quickstart model and data generator with 10,000 clients,
 10% (1,000) per round, 50 rounds, vectorized backend, its round times and the process tree's peak memory.
 
 Usage: ``python -m fl_sim.bench.bench_round [--quick] [--profile] [--scale] [--out bench_out/round.json]``;
-issue 15's comparison: ``--workloads quickstart,digits --per-round 100,1000 --modes inline,vectorized``.
+the vectorized backend's comparison: ``--workloads quickstart,digits --per-round 100,1000 --modes inline,vectorized``.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ __all__ = ["workload_config", "measure", "run", "main"]
 LENET_CLIENTS = 100
 LENET_SAMPLES = 800  # per client: LeNet-5, one epoch of 25 batches, about 60 ms on one core
 DEFAULT_ROUNDS = {"quickstart": 6, "lenet": 4, "digits": 6}
-SCALE = {"clients": 10_000, "clients_per_round": 0.1, "rounds": 50}  # --scale (issue 15)
+SCALE = {"clients": 10_000, "clients_per_round": 0.1, "rounds": 50}  # --scale (the population run)
 
 
 def lenet_root() -> Path:
@@ -155,7 +155,7 @@ def _measure_plain(cfg, threads: int, mem: TreeMemory) -> dict[str, Any]:
 
 
 def _measure_fl_sim(cfg, mem: TreeMemory) -> dict[str, Any]:
-    from fl_sim.simulation import run_experiment
+    from fl_sim.runs.simulation import run_experiment
 
     marks: dict[int, float] = {}
     rows: list[dict] = []
@@ -179,12 +179,12 @@ def _timed_inline(cfg, mem: TreeMemory) -> dict[str, Any]:
     """The inline run with timers around our functions; per-round totals over rounds 2..R."""
     from flwr.clientapp import ClientApp
 
-    import fl_sim.build as fb
+    import fl_sim.runs.build as fb
     import fl_sim.clients.app as capp
     import fl_sim.clients.runtime as crt
     import fl_sim.data as fdata
     import fl_sim.strategies.base as sb
-    import fl_sim.testing as ft
+    import fl_sim.engine.inline as ft
 
     acc: dict[str, float] = defaultdict(float)
     calls: dict[str, int] = defaultdict(int)
@@ -222,7 +222,7 @@ def _timed_inline(cfg, mem: TreeMemory) -> dict[str, Any]:
         mem.mark(f"round-{r}")
         on["count"] = r >= 1  # round 1 builds the client runtime: leave it out
 
-    from fl_sim.simulation import run_experiment
+    from fl_sim.runs.simulation import run_experiment
 
     run_dir = Path(tempfile.mkdtemp(prefix="bench-round-"))
     try:
@@ -268,7 +268,7 @@ def apply_proposed_fixes() -> list[str]:
 
     import numpy as np
 
-    import fl_sim.build as fb
+    import fl_sim.runs.build as fb
     import fl_sim.clients.app as capp
     import fl_sim.clients.runtime as crt
     import fl_sim.strategies.base as sb
@@ -315,7 +315,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     if mode == "vectorized-1t":  # the batched calls on one torch thread (simulation.cohort_threads=1)
         cfg.simulation.cohort_threads = 1
     if mode == "vectorized-nt":  # one thread per core always (the default before the automatic rule)
-        from fl_sim.vectorized import cpu_cores
+        from fl_sim.engine.vectorized import cpu_cores
 
         cfg.simulation.cohort_threads = cpu_cores()
     with TreeMemory(0.25) as mem:
@@ -364,7 +364,7 @@ def stop_busy(procs: list[subprocess.Popen]) -> None:
 
 def busy_count(per_cores: int) -> int:
     """One busy process per ``per_cores`` cores (at least one)."""
-    from fl_sim.vectorized import cpu_cores
+    from fl_sim.engine.vectorized import cpu_cores
 
     return max(1, -(-cpu_cores() // per_cores))
 

@@ -297,10 +297,10 @@ def instrumented_run(cfg, *, nodes: int | None = None, mem: TreeMemory | None = 
     """
     from flwr.serverapp import ServerApp
 
-    from fl_sim.build import build_experiment, build_strategy
+    from fl_sim.runs.build import build_experiment, build_strategy
     from fl_sim.clients.app import make_client_app
     from fl_sim.clients.mods import compression_mod
-    from fl_sim.simulation import _quiet_flower, run_flower_simulation, server_loop
+    from fl_sim.runs.simulation import _quiet_flower, run_flower_simulation, server_loop
 
     t_call = time.perf_counter()
     exp = build_experiment(cfg)
@@ -330,7 +330,7 @@ def instrumented_run(cfg, *, nodes: int | None = None, mem: TreeMemory | None = 
 
     _quiet_flower(cfg.simulation.log_level)
     if cfg.simulation.backend == "inline":
-        from fl_sim.testing import InMemoryGrid
+        from fl_sim.engine.inline import InMemoryGrid
 
         grid = InMemoryGrid(app, n_nodes)
         holder["t_grid"] = time.perf_counter()

@@ -1,6 +1,6 @@
 """The reference of ``fl-sim bench round``: FedAvg as a plain sequential PyTorch loop in one process.
 
-Same computation as ``fl-sim run`` with strategy ``fedavg`` (McMahan et al. 2017, Algorithm 1):
+Same computation as ``fl-sim run`` with strategy ``fedavg`` ([McMahan-2017], Algorithm 1):
 
 * the same clients and data: ``fl_sim.data.load_federated`` (index lists into one shared array);
 * the same sampling: ``numpy_generator(seed, round, "sample-clients").choice(eligible, k, replace=False)``,

@@ -1,4 +1,4 @@
-"""Where the CPU of a Ray round goes, per process and per thread (issue 15's last item).
+"""Where the CPU of a Ray round goes, per process and per thread.
 
 Runs one workload of bench_round (default ``lenet``: LeNet-5, 100 clients per round) on Flower's Ray
 backend, instrumented as ``bench_round --profile`` (bench_scale.instrumented_run: an outer client mod
@@ -167,7 +167,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
 
         from fl_sim.clients.app import FlSimClientApp
 
-        import fl_sim.simulation as fsim
+        import fl_sim.runs.simulation as fsim
 
         env["FL_SIM_FLOWER_POLL"] = "flower"
         FlSimClientApp.__reduce__ = ClientApp.__reduce__
@@ -264,10 +264,10 @@ def toy_link_state(nodes: int, messages: int):
 def poll_micro(nodes: int = 100, messages: int = 100, passes: int = 20) -> dict[str, float]:
     """CPU seconds of one pass of Flower's message extractor (vce_api.add_messages_to_queue: one
     ``get_message_ins(node, limit=1)`` per node), ``messages`` delivered messages in the store (a
-    round in progress), with Flower's method and with fl_sim.flower_poll's: {"flower": s, "fl-sim": s}."""
+    round in progress), with Flower's method and with fl_sim.engine.flower_poll's: {"flower": s, "fl-sim": s}."""
     from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
 
-    from fl_sim import flower_poll
+    from fl_sim.engine import flower_poll
 
     state, _grid, ids = toy_link_state(nodes, messages)
     out = {}

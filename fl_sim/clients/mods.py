@@ -5,7 +5,7 @@ Works around any ClientApp that returns a model (``ClientApp(mods=[compression_m
 1. pass non-train messages, and train messages whose config names no codec, through untouched;
 2. remember the received global model w, call the wrapped app, read its trained model w';
 3. Δ = w' − w; with client error feedback, z = compensate(Δ, r) (classic EF, Karimireddy et al.
-   2019; weighted EF z = Δ + β r, Abdi thesis eq. 4.14), else z = Δ;
+   2019; weighted EF z = Δ + β r, [Abdi-thesis] eq. 4.14), else z = Δ;
 4. p = codec.encode(z) with the client's seeds: the round's common seed and the client id
    (``protocol.codec_seeds``: the client's own randomness is independent of the other clients');
 5. with error feedback, r ← update(r, z, decode(p)) kept under the client id in the residual store
@@ -24,12 +24,12 @@ from __future__ import annotations
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord
 
-from .. import keys
-from ..compression import error_feedback as ef_lib
-from ..protocol import DEFAULT_SEED_MODE, codec_seeds, get_codec, load_params
-from ..records import flatten_arrays, payload_to_records
-from .precomputed import take
-from .residuals import store_for
+from fl_sim.wire import keys
+from fl_sim.compression import error_feedback as ef_lib
+from fl_sim.wire.protocol import DEFAULT_SEED_MODE, codec_seeds, get_codec, load_params
+from fl_sim.wire.records import flatten_arrays, payload_to_records
+from fl_sim.clients.precomputed import take
+from fl_sim.clients.residuals import store_for
 
 __all__ = ["compression_mod", "make_error_feedback", "mod_client_id"]
 

@@ -1,10 +1,9 @@
 """Count Sketch of a vector, the compressor of FetchSGD.
 
-Charikar, Chen & Farach-Colton (2002), "Finding frequent items in data streams"; used by
-Rothchild et al., "FetchSGD" (ICML 2020, Algorithm 1; not among shared/papers, see
-shared/papers/README.md), whose reference code is CommEfficient with the ``csvec`` sketch.
-Tang et al. (shared/papers/003_*.txt, NOTES.md §4(a)) compare against it as "Count Sketch + error
-feedback".
+[Charikar-2002]: Charikar, Chen & Farach-Colton (2002), "Finding frequent items in data streams"; used by
+[Rothchild-2020], "FetchSGD" (ICML 2020, Algorithm 1; docs/notes.md#fetchsgd), whose reference code is
+CommEfficient with the ``csvec`` sketch. [Tang-FIHT] (docs/notes.md#tang-fiht) compare against it as
+"Count Sketch + error feedback".
 
 A sketch with r rows and c columns holds, for each row j, the signed sum of the coordinates that hash
 to each bucket. Tables are linear in x, so sketches of different clients (and rounds) add up.
@@ -25,8 +24,8 @@ import numba
 import numpy as np
 import torch
 
-from ..rng import torch_generator
-from .base import CodecError
+from fl_sim.rng import torch_generator
+from fl_sim.compression.base import CodecError
 
 __all__ = ["CountSketch", "topk_abs"]
 

@@ -28,7 +28,7 @@ server-side figures under ``server.`` (``server.uplink_bits``, ``server.clients_
 ``server.round_s`` the round's wall time...). ``last_metrics`` / ``history`` hold the server figures
 unprefixed (fl-sim's metrics.csv row) plus ``train_loss`` read from the client aggregate.
 
-fl-sim's server step (``server_lr`` η_s, ``server_momentum`` μ; Hsu et al. 2019 "FedAvgM"), applied
+fl-sim's server step (``server_lr`` η_s, ``server_momentum`` μ; [Hsu-2019] "FedAvgM"), applied
 to Δ̄ *before* the inner strategy: ``m ← μ m + Δ̄``, ``Δ' = η_s m``; the inner then sees ``w + Δ'``.
 η_s = 1, μ = 0 (the default) leaves the updates to the inner (use FedAvgM / FedAdam for a server
 optimizer in your own app).
@@ -54,11 +54,11 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 from flwr.supercore import log as flwr_log
 
-from .. import keys
-from ..protocol import round_seed
-from ..records import array_bits, flatten_arrays, flatten_with_bits, unflatten_into
-from ..rng import numpy_generator
-from . import guards as reply_guards
+from fl_sim.wire import keys
+from fl_sim.wire.protocol import round_seed
+from fl_sim.wire.records import array_bits, flatten_arrays, flatten_with_bits, unflatten_into
+from fl_sim.rng import numpy_generator
+from fl_sim.strategies import guards as reply_guards
 
 __all__ = ["UpdateStrategy", "ClientReply", "ReplyError", "update_sparsity", "SERVER_PREFIX"]
 
@@ -71,7 +71,7 @@ _INNER_STATE = ("m_t", "v_t", "momentum_vector")
 
 
 def update_sparsity(g: torch.Tensor) -> float:
-    """Tang et al.'s sparsity measure sp(g) = ||g||_1^2 / (d ||g||_2^2), in [1/d, 1] (NOTES §4).
+    """[Tang-FIHT]'s sparsity measure sp(g) = ||g||_1^2 / (d ||g||_2^2), in [1/d, 1] (docs/notes.md#tang-fiht).
 
     1 for a vector of equal magnitudes, K/d for K nonzeros of equal magnitude, 1/d for one nonzero;
     nan for g = 0. Computed in float64 over the aggregated update the server applies (one pass).
@@ -513,7 +513,7 @@ class UpdateStrategy(Strategy):
         buffer (a step counter, BatchNorm's num_batches_tracked) into float64; it stays what it was.
 
         The record returned is built with ``ArrayRecord(dict)``, which rebuilds every Array as a plain one
-        (Flower's ``from_array_dict``): the global model never carries a :class:`~fl_sim.records.ParsedArray`
+        (Flower's ``from_array_dict``): the global model never carries a :class:`~fl_sim.wire.records.ParsedArray`
         (whose deflated header would name a class the receiving side does not know)."""
         if arrays is None:
             return None
@@ -626,7 +626,7 @@ class UpdateStrategy(Strategy):
             "downlink_bits": self._downlink_bits_each * len(self.sent),
         }
         if self.digital_link is not None:
-            from ..channels import digital_channel_uses, latency_s
+            from fl_sim.channels import digital_channel_uses, latency_s
 
             link = self.digital_link
             uses = digital_channel_uses([r.uplink_bits for r in usable], link["snr_db"])

@@ -1,8 +1,8 @@
 """DaQuSGD: nodes send quantized data samples whose loss exceeds a threshold (Hanna et al.).
 
-Source: shared/papers/004_8a6bcfc5f528e1f3.txt Algorithm 1, Algorithms 2-3, §V (sample selection,
-Theorem 3) and §VI (experiments); NOTES.md §5. The client half is fl_sim.clients.daqusgd; the two meet
-only through the wire keys of fl_sim.keys (this module does not import the client).
+Source: [Hanna-DaQuSGD] Algorithm 1, Algorithms 2-3, §V (sample selection, Theorem 3) and §VI
+(experiments); docs/notes.md#daqusgd. The client half is fl_sim.clients.daqusgd; the two meet
+only through the wire keys of fl_sim.wire.keys (this module does not import the client).
 
 Round t (the learning agent is the server):
 
@@ -44,18 +44,18 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from torch import nn
 
-from .. import keys
-from ..compression.dataq import (
+from fl_sim.wire import keys
+from fl_sim.compression.dataq import (
     dequantize_normalized,
     dequantize_selection,
     gradcorrq_values,
     per_feature_levels,
 )
-from ..compression.dataq import batch_bits, dataq_bits
-from ..records import read_array
-from ..rng import torch_generator
-from . import guards
-from .base import ClientReply, ReplyError, UpdateStrategy
+from fl_sim.compression.dataq import batch_bits, dataq_bits
+from fl_sim.wire.records import read_array
+from fl_sim.rng import torch_generator
+from fl_sim.strategies import guards
+from fl_sim.strategies.base import ClientReply, ReplyError, UpdateStrategy
 
 __all__ = ["DaQuSGD"]
 

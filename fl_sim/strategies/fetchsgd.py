@@ -1,7 +1,7 @@
 """FetchSGD: Count Sketch uplink with momentum and error accumulated in sketch space at the server.
 
 Rothchild et al., "FetchSGD: Communication-Efficient Federated Learning with Sketching", ICML 2020,
-Algorithm 1 (not among shared/papers; summarised in shared/papers/README.md). Its reference code is
+Algorithm 1 ([Rothchild-2020], docs/references.md; summary in docs/notes.md#fetchsgd). Its reference code is
 CommEfficient with the csvec sketch (``fed_aggregator.py``: ``_server_helper_sketched``,
 ``_server_helper_true_topk``, ``_server_helper_local_topk``).
 
@@ -54,11 +54,11 @@ import torch
 from flwr.app import ConfigRecord
 from flwr.serverapp.strategy import Strategy
 
-from .. import keys
-from ..compression.sketch import CountSketch, topk_abs
-from ..rng import derive_seed
-from .base import ClientReply
-from .compressed import CompressedFedAvg
+from fl_sim.wire import keys
+from fl_sim.compression.sketch import CountSketch, topk_abs
+from fl_sim.rng import derive_seed
+from fl_sim.strategies.base import ClientReply
+from fl_sim.strategies.compressed import CompressedFedAvg
 
 __all__ = ["FetchSGD"]
 
@@ -67,7 +67,7 @@ ERROR_REMOVALS = ("zero", "subtract")
 
 
 class FetchSGD(CompressedFedAvg):
-    """FetchSGD (Rothchild et al. 2020, Alg. 1) and its true / local top-k ablations.
+    """FetchSGD ([Rothchild-2020], Alg. 1) and its true / local top-k ablations.
 
     Args:
         inner: the aggregating strategy (None: FedAvg with ``**kwargs``); it gets w + Δ.

@@ -1,7 +1,8 @@
-"""OneBitCS: 1-bit quantized compressive sampling (Mitra & Khisti 2020), around any strategy.
+"""OneBitCS: 1-bit quantized compressive sampling ([Mitra-Khisti-2020]), around any strategy.
 
-Source: shared/papers/000_2a9201d51a7b29c4.txt eqs. (9)-(10) and the "same Φ" note; NOTES.md §1,
-with the 1-bit dithered quantizer of Abdi (eq. 4.5) and its erratum (unbiased v̂ = ϱ(q/2 − u)),
+Source: [Mitra-Khisti-2020] eqs. (9)-(10) and the "same Φ" note (docs/notes.md#mitra-khisti),
+with the 1-bit dithered quantizer of [Abdi-thesis] eq. (4.5) in its unbiased form v̂ = ϱ(q/2 − u)
+(docs/notes.md#qcs-1bit-erratum),
 one scale ϱ_b per block.
 
 Client i sends y_i = Q(Φ^(k) Δ_i): one bit per measurement plus one scale per block. Two variants:
@@ -13,8 +14,8 @@ Client i sends y_i = Q(Φ^(k) Δ_i): one bit per measurement plus one scale per 
 
 Φ is fixed a priori for the run (``phi_schedule="fixed"``, the paper: "Φ^(k) known a priori" at the
 PS), or redrawn every round (``"round"``, an option). The dither u is every client's own and new
-every round in both variants (``seed_mode="per_client"``, fl_sim.protocol); ``seed_mode="shared"``
-reproduces fl-sim before issue 12 (one u, and one Φ^(k), for all clients of a round).
+every round in both variants (``seed_mode="per_client"``, fl_sim.wire.protocol); ``seed_mode="shared"``
+reproduces fl-sim's earlier rule (one u, and one Φ^(k), for all clients of a round).
 
 Regimes: M = d measurements with the adjoint recovery Φᵀv̂ (``recovery="none"``, unbiased), or the
 paper's compressive regime M < d with sparse recovery (``recovery="biht"``, or ``"lp"`` = eq. (6)
@@ -28,8 +29,8 @@ from typing import Any
 
 from flwr.serverapp.strategy import Strategy
 
-from ..rng import derive_seed
-from .compressed import CompressedFedAvg
+from fl_sim.rng import derive_seed
+from fl_sim.strategies.compressed import CompressedFedAvg
 
 __all__ = ["OneBitCS", "PHI_SCHEDULES"]
 

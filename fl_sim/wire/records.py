@@ -23,8 +23,8 @@ import torch
 from numpy.lib import format as npy_format
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
-from . import keys
-from .compression import Payload, PayloadError
+from fl_sim.wire import keys
+from fl_sim.compression import Payload, PayloadError
 
 __all__ = [
     "read_array",

@@ -1,7 +1,7 @@
 """``simulation.backend: vectorized``: a Grid that trains a round's clients in batched calls.
 
 The strategy and Flower's message flow stay as they are: the strategy's ``configure_train`` messages go
-in, one reply message per client comes out, the same reply the inline backend (fl_sim.testing
+in, one reply message per client comes out, the same reply the inline backend (fl_sim.engine.inline
 InMemoryGrid) returns, up to float rounding. What changes is the transport's inside:
 
 1. the train (and evaluate) messages addressed to fl-sim's built-in ClientApp (recognized by its
@@ -38,13 +38,13 @@ from collections.abc import Iterable, Iterator
 import torch
 from flwr.app import Message, MessageType
 
-from . import keys
-from .clients.app import client_id, local_train_generator, precomputed, precomputed_key
-from .clients.cohort import CohortClient, auto_chunk, evaluate_cohort, train_cohort, vectorizable
-from .clients import cohort_encode
-from .clients.cohort_threads import ThreadChooser
-from .clients.daqusgd import METHOD
-from .testing import InMemoryGrid
+from fl_sim.wire import keys
+from fl_sim.clients.app import client_id, local_train_generator, precomputed, precomputed_key
+from fl_sim.clients.cohort import CohortClient, auto_chunk, evaluate_cohort, train_cohort, vectorizable
+from fl_sim.clients import cohort_encode
+from fl_sim.clients.cohort_threads import ThreadChooser
+from fl_sim.clients.daqusgd import METHOD
+from fl_sim.engine.inline import InMemoryGrid
 
 __all__ = ["VectorizedGrid", "resolve_device", "DEVICES", "intra_op_threads", "cpu_cores"]
 

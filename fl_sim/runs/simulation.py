@@ -1,16 +1,15 @@
-"""Run a config end to end, behind one function: on Flower's simulation engine (Ray), inline or vectorized
-(``simulation.backend``; ``auto``, the default, picks the fastest that applies: fl_sim.backends).
+"""Run a config end to end: build it, pick the engine's grid (Ray, inline or vectorized; ``simulation.backend:
+auto``, the default, picks the fastest that applies: fl_sim.engine.auto), record rounds.
 
-``flwr.simulation.run_simulation`` is deprecated in Flower 1.41 but is the only API that takes
-fractional client resources; everything that touches it is in :func:`run_flower_simulation`, so it
-can be swapped for its successor in one place.
+The Ray engine is called through :func:`fl_sim.engine.ray.run_flower_simulation` (the one call into
+Flower's deprecated ``run_simulation``); the inline and vectorized grids run in this process.
 
 The ServerApp's main runs in a thread of this process: it drives ``strategy.start`` of Flower and
 records one row per round from ``evaluate_fn`` (called by Flower after every round), evaluating the
 global model on the held-out test set every ``eval_every`` rounds.
 
 Long runs: every ``checkpoint_every`` rounds the same callback writes a checkpoint
-(fl_sim.checkpoint); ``run_experiment(..., resume=True)`` (``fl-sim run --resume DIR``) loads the
+(fl_sim.runs.checkpoint); ``run_experiment(..., resume=True)`` (``fl-sim run --resume DIR``) loads the
 newest one and continues at the next round with the same results as a run that was never stopped.
 Methods with client error feedback keep their residuals in the run's disk store
 (fl_sim.clients.residuals, RUN_DIR/state/residuals) unless ``simulation.residual_store=context``.
@@ -29,13 +28,14 @@ from typing import Any
 from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from .backends import resolve_backend
-from .build import Experiment, build_experiment, build_strategy
-from .checkpoint import (config_differences, config_hash, latest_checkpoint, remove_checkpoints, save_checkpoint,
+from fl_sim.engine.auto import resolve_backend
+from fl_sim.runs.build import Experiment, build_experiment, build_strategy
+from fl_sim.runs.checkpoint import (config_differences, config_hash, latest_checkpoint, remove_checkpoints, save_checkpoint,
                          save_model)
-from .config import ConfigError, RunConfig, config_to_dict
-from .results import RunRecorder
-from .rundir import claim
+from fl_sim.config import ConfigError, RunConfig, config_to_dict
+from fl_sim.runs.results import RunRecorder
+from fl_sim.runs.rundir import claim
+from fl_sim.engine.ray import quiet_flower, run_flower_simulation, serial_torch_in_driver
 
 __all__ = [
     "run_experiment", "server_loop", "run_flower_simulation", "default_run_dir", "RunFailed", "NothingAggregated",
@@ -122,7 +122,7 @@ def server_loop(
     runs the remaining rounds (its log counts them from 1). ``on_round(round, arrays)`` runs after
     each round's row is recorded (checkpoints).
     """
-    from .strategies import WaveGrid
+    from fl_sim.strategies import WaveGrid
 
     cfg = exp.cfg
     t0 = time.perf_counter() - wall_offset
@@ -180,22 +180,6 @@ def server_loop(
                           evaluate_fn=evaluate)
 
 
-def serial_torch_in_driver() -> None:
-    """One torch intra-op thread in the Ray driver from round 1 on, as the inline backend has.
-
-    Inline, the first client's ``runtime_for`` sets one thread in the process, so the server's
-    aggregation and final evaluation run on one. Under Ray the client runtimes live in the actors and
-    the driver kept torch's default (one thread per core) while the actors use every core: each parallel
-    op of the aggregation then waits, spinning, for a pool thread that has no core (a 100 x 61,706
-    LeNet-5 aggregate: 450 ms of CPU with 2 threads against 35 ms with 1, under load, 2 cores; see
-    docs/perf/ray_profile.md). Round 0's evaluation keeps the default, as inline does.
-    ``run_flower_simulation`` restores the thread count afterwards.
-    """
-    import torch
-
-    torch.set_num_threads(1)
-
-
 def _check_finite(server_round: int, arrays: ArrayRecord, cfg: RunConfig) -> None:
     """A global model with inf/NaN never recovers: stop the run with one line instead of writing NaN results."""
     import numpy as np
@@ -209,105 +193,6 @@ def _check_finite(server_round: int, arrays: ArrayRecord, cfg: RunConfig) -> Non
             )
 
 
-RAY_CONNECT_TIMEOUT_S = 10.0
-
-
-def check_engine_resources(cfg: RunConfig) -> None:
-    """Refuse, in bounded time, what would make Flower's engine wait forever: a client needing more CPUs or
-    GPUs than the local Ray cluster has (no actor could ever start), or a ``ray_address`` nobody answers."""
-    import socket
-
-    sim = cfg.simulation
-    if not sim.ray_address:
-        cpus = sim.ray_num_cpus or os.cpu_count() or 1
-        if sim.num_cpus > cpus:
-            raise ConfigError(
-                f"simulation.num_cpus={sim.num_cpus:g} per client but the local Ray cluster has {cpus} CPUs "
-                f"({'simulation.ray_num_cpus' if sim.ray_num_cpus else 'this machine'}): no client could start; "
-                f"use simulation.num_cpus <= {cpus}"
-            )
-        if sim.num_gpus > 0:
-            import torch
-
-            gpus = torch.cuda.device_count()
-            if sim.num_gpus > gpus:
-                raise ConfigError(
-                    f"simulation.num_gpus={sim.num_gpus:g} per client but this machine has {gpus} GPUs: no client "
-                    f"could start; use simulation.num_gpus <= {gpus}"
-                )
-        return
-    address = sim.ray_address
-    if address == "auto":
-        try:
-            address = Path("/tmp/ray/ray_current_cluster").read_text().strip()
-        except OSError:
-            raise ConfigError("simulation.ray_address=auto: no running Ray cluster on this machine (ray start --head "
-                              "starts one; leave ray_address empty for a local one)") from None
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError(f"simulation.ray_address={sim.ray_address!r}: expected host:port or auto")
-    try:
-        socket.create_connection((host, int(port)), timeout=RAY_CONNECT_TIMEOUT_S).close()
-    except OSError as exc:
-        raise ConfigError(
-            f"simulation.ray_address={sim.ray_address!r}: no Ray cluster answers at {host}:{port} within "
-            f"{RAY_CONNECT_TIMEOUT_S:g} s ({exc.strerror or exc}); check the address or leave it empty"
-        ) from None
-
-
-def run_flower_simulation(server_app: ServerApp, client_app, cfg: RunConfig, num_supernodes: int, *,
-                          ray_init: dict[str, Any] | None = None) -> None:
-    """The one call into Flower's (deprecated) simulation entry point (``ray_init``: more ``ray.init``
-    arguments, over the config's; the benchmarks tune what Flower exposes with it)."""
-    from flwr.simulation import run_simulation
-
-    check_engine_resources(cfg)
-    # Ray's accelerator-env warning for num_gpus=0 is noise on CPU machines.
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    init_args: dict[str, Any] = {"log_to_driver": False, "logging_level": "ERROR"}
-    if cfg.simulation.ray_address:
-        init_args["address"] = cfg.simulation.ray_address
-    elif cfg.simulation.ray_num_cpus:
-        init_args["num_cpus"] = cfg.simulation.ray_num_cpus
-    init_args.update(ray_init or {})
-    backend_config = {
-        "client_resources": {"num_cpus": cfg.simulation.num_cpus, "num_gpus": cfg.simulation.num_gpus},
-        "init_args": init_args,
-    }
-    import torch
-
-    from .flower_poll import fast_message_poll
-
-    threads = torch.get_num_threads()  # serial_torch_in_driver sets 1 after round 0
-    try:
-        with fast_message_poll():  # Flower's engine polls every node for messages, 10 times a second: see there
-            run_simulation(
-                server_app=server_app,
-                client_app=client_app,
-                num_supernodes=num_supernodes,
-                backend_config=backend_config,
-                verbose_logging=False,
-            )
-    finally:
-        torch.set_num_threads(threads)
-
-
-class _DropDeprecation(logging.Filter):
-    """run_simulation's deprecation notice: fl-sim knows, and keeps the call in one place."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "DEPRECATED FEATURE" not in record.getMessage() and "deprecated feature" not in record.getMessage()
-
-
-def _quiet_flower(level: str) -> None:
-    lvl = getattr(logging, level.upper(), logging.WARNING)
-    for name in ("flwr", "ray"):
-        logger = logging.getLogger(name)
-        logger.setLevel(lvl)
-        if not any(isinstance(f, _DropDeprecation) for f in logger.filters):
-            logger.addFilter(_DropDeprecation())
-
-
 def residual_store(cfg: RunConfig, exp: Experiment, strategy, run_dir: Path):
     """The run's disk residual store (RUN_DIR/state/residuals) when the method has client error feedback.
 
@@ -315,7 +200,7 @@ def residual_store(cfg: RunConfig, exp: Experiment, strategy, run_dir: Path):
     node contexts, which a checkpoint cannot reach: then ``checkpoint_every`` must be 0). The store's
     address travels to the clients in every train message (``strategy.train_config``).
     """
-    from .clients.residuals import DiskResidualStore
+    from fl_sim.clients.residuals import DiskResidualStore
 
     if getattr(strategy, "error_feedback", "none") == "none":
         return None
@@ -345,9 +230,9 @@ def run_experiment(
     """Run a config end to end in Flower's simulation engine; returns summary.json's content.
 
     ``resume=True``: continue the run in ``run_dir`` from its newest checkpoint (its config must match
-    ``cfg`` up to :data:`fl_sim.checkpoint.ENGINE_KEYS`). A fresh run refuses a directory that holds
+    ``cfg`` up to :data:`fl_sim.runs.checkpoint.ENGINE_KEYS`). A fresh run refuses a directory that holds
     another run unless ``overwrite=True``; the directory is locked while the run writes it
-    (:func:`fl_sim.rundir.claim`).
+    (:func:`fl_sim.runs.rundir.claim`).
     """
     if run_dir is None and resume:
         raise ValueError("resume needs the run directory")
@@ -357,7 +242,7 @@ def run_experiment(
 
 
 def _run_experiment(cfg: RunConfig, run_dir: Path, progress: ProgressFn | None, resume: bool) -> dict[str, Any]:
-    from .clients.app import make_client_app
+    from fl_sim.clients.app import make_client_app
 
     config = config_to_dict(cfg)
     ckpt = _checkpoint_to_resume(run_dir, config, cfg) if resume else None
@@ -401,13 +286,13 @@ def _run_experiment(cfg: RunConfig, run_dir: Path, progress: ProgressFn | None, 
         except BaseException as exc:  # re-raised in the caller's thread below
             errors.append(exc)
 
-    _quiet_flower(cfg.simulation.log_level)
+    quiet_flower(cfg.simulation.log_level)
     if cfg.simulation.backend == "inline":
-        from .testing import InMemoryGrid
+        from fl_sim.engine.inline import InMemoryGrid
 
         serve(InMemoryGrid(make_client_app(cfg), nodes))
-    elif cfg.simulation.backend == "vectorized":  # batched clients (fl_sim.vectorized)
-        from .vectorized import VectorizedGrid, resolve_device
+    elif cfg.simulation.backend == "vectorized":  # batched clients (fl_sim.engine.vectorized)
+        from fl_sim.engine.vectorized import VectorizedGrid, resolve_device
 
         try:
             resolve_device(cfg.simulation.device)

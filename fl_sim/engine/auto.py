@@ -1,7 +1,7 @@
 """Which engine runs a config: ``simulation.backend`` (``auto`` by default).
 
 The three engines run the same strategy and the same ClientApp code and give the same numbers (the
-vectorized backend up to float rounding, fl_sim.vectorized): they differ in time only. ``auto`` picks
+vectorized backend up to float rounding, fl_sim.engine.vectorized): they differ in time only. ``auto`` picks
 the fastest one that applies, in this order:
 
 1. ``ray`` (Flower's simulation engine, one process per Ray actor) when the config asks for something
@@ -25,7 +25,7 @@ from dataclasses import replace
 
 from torch import nn
 
-from .config import RunConfig
+from fl_sim.config import RunConfig
 
 __all__ = ["choose_backend", "resolve_backend", "ENGINES"]
 
@@ -34,7 +34,7 @@ ENGINES = ("ray", "inline", "vectorized")
 
 def choose_backend(cfg: RunConfig, model: nn.Module) -> tuple[str, str]:
     """(engine, why) for ``cfg`` with its built model (module docstring: the rule)."""
-    from .clients.cohort import vectorizable
+    from fl_sim.clients.cohort import vectorizable
 
     sim = cfg.simulation
     if sim.backend != "auto":

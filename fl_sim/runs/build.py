@@ -14,12 +14,13 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, MetricRecord
 
-from .clients.training import evaluate_model
-from .config import ConfigError, RunConfig
-from .data import FederatedData, load_federated
-from .models import build_model, count_parameters
-from .records import state_dict_to_arrays
-from .strategies import strategy_class
+from fl_sim.clients.training import evaluate_model
+from fl_sim.config import ConfigError, RunConfig
+from fl_sim.config.schema import _coerce
+from fl_sim.data import FederatedData, load_federated
+from fl_sim.models import build_model, count_parameters
+from fl_sim.wire.records import state_dict_to_arrays
+from fl_sim.strategies import strategy_class
 
 __all__ = ["Experiment", "build_experiment", "build_strategy"]
 
@@ -56,7 +57,7 @@ class Experiment:
 
 
 def build_experiment(cfg: RunConfig) -> Experiment:
-    from .memory import check_experiment, check_model
+    from fl_sim.engine.memory import check_experiment, check_model
 
     check_experiment(cfg)  # before the data and model are allocated
     data = load_federated(cfg.data, num_clients=cfg.clients, seed=cfg.seed)
@@ -74,7 +75,7 @@ def build_experiment(cfg: RunConfig) -> Experiment:
 
 def build_strategy(exp: Experiment, **extra: Any):
     """The configured strategy over the experiment's eligible clients."""
-    from .memory import check_strategy
+    from fl_sim.engine.memory import check_strategy
 
     cfg = exp.cfg
     cls = strategy_class(cfg.strategy.name)
@@ -91,7 +92,7 @@ def build_strategy(exp: Experiment, **extra: Any):
         min_available_nodes=1,
     )
     if cfg.strategy.name in _CODEC_STRATEGIES:
-        from .compression.base import _REGISTRY, _load_builtin_codecs
+        from fl_sim.compression.base import _REGISTRY, _load_builtin_codecs
 
         _load_builtin_codecs()
         codec_cls = _REGISTRY.get(cfg.codec.name)
@@ -104,14 +105,14 @@ def build_strategy(exp: Experiment, **extra: Any):
             f"{cfg.strategy.name!r} sets its own compression through strategy options"
         )
     if cfg.channel:
-        from .channels import MACChannel
+        from fl_sim.channels import MACChannel
 
         typed_options(_signature_types(MACChannel), dict(cfg.channel), "channel")  # snr_db=abc names its key
     if cfg.channel and cfg.strategy.name != "rlc":
-        # A digital baseline over the same channel: bits -> channel uses at capacity (Abdi Ch. 5).
+        # A digital baseline over the same channel: bits -> channel uses at capacity ([Abdi-thesis] Ch. 5).
         link = {k: cfg.channel[k] for k in ("snr_db", "bandwidth_hz", "compute_s") if k in cfg.channel}
         rest = {k: v for k, v in cfg.channel.items() if k not in link}
-        from .channels import MACChannel
+        from fl_sim.channels import MACChannel
 
         try:
             MACChannel.from_config(rest)  # same keys as the analog channel: a typo is an error
@@ -176,7 +177,6 @@ def typed_options(types: dict[str, tuple[list[type], bool]], values: dict[str, A
     Rules: numbers must be finite; an integer option whose ``None`` means "derive a default" must be >= 1
     when given (0 would silently read as "absent" in ``x or default``).
     """
-    from .config import _coerce
 
     out = dict(values)
     for key, value in values.items():

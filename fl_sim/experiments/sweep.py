@@ -3,7 +3,7 @@
 ``fl-sim sweep CONFIG --grid channel.snr_db=0,5,10 --grid strategy.name=rlc,qcs --repeats 3`` runs
 every combination for seeds seed, seed+1, ... into ``OUT/<key=value,...>/seed<s>/`` (keys and values
 percent-encoded, so ``hf:/a/b`` and ``hf:/a_b`` get distinct directories). A point whose summary.json
-carries the requested config's hash (:func:`fl_sim.checkpoint.config_hash`) is not rerun; one that was
+carries the requested config's hash (:func:`fl_sim.runs.checkpoint.config_hash`) is not rerun; one that was
 interrupted resumes from its checkpoint; one finished under other settings is rerun. ``sweep.csv`` has one row per run
 (the grid values, the seed, final accuracy, total uplink bits, total channel uses, wall time), and
 two PNGs show the final accuracy against the first grid key and accuracy against cumulative channel
@@ -26,9 +26,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable
 
-from .checkpoint import config_hash
-from .config import ConfigError, config_to_dict, load_config
-from .results import atomic_write, load_run
+from fl_sim.config import ConfigError, config_to_dict, load_config
+from fl_sim.runs.checkpoint import config_hash
+from fl_sim.runs.results import atomic_write, load_run
 
 __all__ = ["parse_grid", "run_sweep", "plot_sweep", "DEFAULT_BACKEND"]
 
@@ -68,7 +68,7 @@ def _point_state(run_dir: Path, want: str) -> str:
     """``done`` (finished under the requested config: its summary's config_hash equals ``want``),
     ``resume`` (interrupted with a checkpoint of the requested config), ``changed`` (finished or
     started under another config) or ``new``."""
-    from .checkpoint import latest_checkpoint
+    from fl_sim.runs.checkpoint import latest_checkpoint
 
     summary = run_dir / "summary.json"
     if summary.is_file():
@@ -97,13 +97,13 @@ def run_sweep(
     on_point: Callable[[str, str], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Run (or resume) the sweep; returns the rows of sweep.csv."""
-    from .simulation import run_experiment
+    from fl_sim.runs.simulation import run_experiment
 
     if repeats < 1:
         raise ConfigError(f"--repeats {repeats}: must be >= 1")
     runner = runner or run_experiment
     grid = parse_grid(grid_items)
-    # Default backend: vectorized (fl_sim.vectorized: the inline numbers, a round's clients batched); the
+    # Default backend: vectorized (fl_sim.engine.vectorized: the inline numbers, a round's clients batched); the
     # user's --set simulation.backend=... comes later and wins.
     overrides = [f"simulation.backend={DEFAULT_BACKEND}", *(overrides or [])]
     base = load_config(config, list(overrides or []))

@@ -21,6 +21,13 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
+from fl_sim.compression import codec_names
+from fl_sim.config.registry import STRATEGIES
+from fl_sim.data.partition import PARTITIONS
+from fl_sim.data.sources import SOURCES
+from fl_sim.data.spec import DataConfig
+from fl_sim.models import MODEL_NAMES
+
 __all__ = [
     "ConfigError",
     "RunConfig",
@@ -40,42 +47,6 @@ __all__ = [
 
 class ConfigError(ValueError):
     """A configuration problem, explained in one line."""
-
-
-@dataclass
-class DataConfig:
-    """Where the data comes from and how it is split over clients.
-
-    name: ``synthetic`` (FedProx/LEAF Synthetic(alpha, beta)), ``digits`` (scikit-learn's bundled 8x8
-    digits), ``mnist``, ``fashion_mnist``, ``cifar10`` (torchvision on-disk files under ``root``),
-    or ``hf:<dataset>`` (Hugging Face through flwr-datasets; a local path to a parquet/arrow file or a
-    dataset directory also works as ``hf:/path/to/file.parquet``).
-    partition: ``auto`` (natural for synthetic, dirichlet otherwise), ``iid``, ``dirichlet``,
-    ``shards``, ``pathological``, ``natural``, ``size`` (power-law / linear sizes).
-    """
-
-    name: str = "synthetic"
-    root: str = "data"
-    partition: str = "auto"
-    alpha: float = 0.5  # Dirichlet concentration (smaller = more label skew)
-    shards_per_client: int = 2  # shards partitioner: shards (of one class each) per client
-    classes_per_client: int = 2  # pathological partitioner
-    size_distribution: str = "power_law"  # size partitioner: power_law | linear | square_root | exponential
-    min_partition_size: int = 0
-    test_fraction: float = 0.2  # held-out share when the source has no test split
-    # Share of the training rows held out (seeded, per label) as a server-side validation set before the
-    # partition; > 0 adds val_loss/val_accuracy to metrics.csv (tuning without the test set: fl-sim compare).
-    validation: float = 0.0
-    # Synthetic(alpha, beta) of Li et al. (FedProx) / LEAF:
-    synthetic_alpha: float = 1.0  # model heterogeneity
-    synthetic_beta: float = 1.0  # feature heterogeneity
-    synthetic_dim: int = 60
-    synthetic_classes: int = 10
-    synthetic_iid: bool = False
-    # Hugging Face columns
-    feature_key: str = "auto"
-    label_key: str = "auto"
-    max_samples: int = 0  # 0 = all; >0 caps the training set (quick experiments)
 
 
 @dataclass
@@ -120,12 +91,12 @@ class CodecConfig:
 class SimulationConfig:
     """Flower simulation engine settings.
 
-    backend: "auto" (the default: the fastest engine that applies, fl_sim.backends: "ray" when
+    backend: "auto" (the default: the fastest engine that applies, fl_sim.engine.auto: "ray" when
     ray_address, ray_num_cpus or num_gpus ask for Ray, else "vectorized" where the built-in ClientApp
     can batch the model, else "inline"), "ray" (Flower's simulation engine, Ray actors), "inline" (the
     same strategy and ClientApp code with messages delivered by function calls in this process: no
     engine start-up, sequential clients) or "vectorized" (as inline, but fl-sim's built-in ClientApp
-    trains a round's clients in batched torch.func calls: fl_sim.vectorized; the same replies up to
+    trains a round's clients in batched torch.func calls: fl_sim.engine.vectorized; the same replies up to
     float rounding).
     """
 
@@ -146,7 +117,7 @@ class SimulationConfig:
     # at 100,000 clients. 0 = auto: one node per client up to AUTO_SUPERNODES clients, else
     # max(AUTO_SUPERNODES, clients per round); always one per client with residual_store=context.
     supernodes: int = 0
-    # --- backend "vectorized" (fl_sim.vectorized) ---
+    # --- backend "vectorized" (fl_sim.engine.vectorized) ---
     cohort_chunk: int = 0  # clients per batched call; 0 = automatic from cohort_memory_mb
     cohort_memory_mb: float = 1024.0  # working-memory budget of one batched call (automatic chunk size)
     device: str = "cpu"  # where batched training runs: cpu, cuda, or auto (cuda when present)
@@ -349,9 +320,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 def config_dir() -> Path:
     """The configs shipped with fl-sim: fl_sim/configs/ (package data, present in a wheel too)."""
-    here = Path(__file__).resolve().parent
-    packaged = here / "configs"
-    return packaged if packaged.is_dir() else here.parent / "configs"  # a checkout before the move
+    return Path(__file__).resolve().parents[1] / "configs"
 
 
 def packaged_config(name: str) -> Path:
@@ -422,14 +391,8 @@ AUTO_SUPERNODES = 1_000  # simulation.supernodes=0: one SuperNode per client up 
 
 
 def _registries() -> dict[str, tuple[str, ...]]:
-    """The names each registry knows (one source of truth; imported here, not copied, and lazily:
-    the data, model and strategy modules import this one)."""
-    from .compression import codec_names
-    from .data.partition import PARTITIONS
-    from .data.sources import SOURCES
-    from .models import MODEL_NAMES
-    from .strategies import STRATEGIES
-
+    """The names each registry knows (one source of truth: the kernels' registries and the
+    strategy table, imported, not copied)."""
     return {"strategy": tuple(STRATEGIES), "model": tuple(MODEL_NAMES), "data": tuple(SOURCES),
             "partition": ("auto", *PARTITIONS), "codec": tuple(codec_names())}
 

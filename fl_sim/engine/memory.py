@@ -59,7 +59,7 @@ def model_parameters(name: str, input_shape, num_classes: int, hidden) -> int:
     """Exact parameter count of a model, built on PyTorch's meta device (no memory allocated)."""
     import torch
 
-    from .models import build_model
+    from fl_sim.models import build_model
 
     with torch.device("meta"):
         model = build_model(name, input_shape, num_classes, hidden=hidden, seed=0)
@@ -70,7 +70,7 @@ def check_experiment(cfg) -> None:
     """Data generation and model, before either is allocated."""
     d = cfg.data
     if d.name == "synthetic":
-        from .data.synthetic import BLOCK, feature_bytes
+        from fl_sim.data.synthetic import BLOCK, feature_bytes
 
         # features (Σ n_k · dim floats) and the generator's per-block weights w (BLOCK, dim, classes) float64,
         # drawn and offset (two arrays alive at once)

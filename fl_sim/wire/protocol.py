@@ -10,7 +10,7 @@ Randomness is never sent: both sides rebuild it from the round seed in the Confi
   ``derive_seed(round seed, "client", cid)`` and are independent across clients, as the papers'
   workers are. The server rebuilds each client's seeds because it knows whom it sampled.
 * ``"shared"``: ``Seeds(round seed, None)``: every client of a round draws the same randomness, own
-  parts included (fl-sim's behaviour before issue 12; the clients' errors are then identical for
+  parts included (fl-sim's behaviour before per-client seeds; the clients' errors are then identical for
   identical updates and averaging does not shrink them). Kept to reproduce old results.
 """
 
@@ -20,8 +20,8 @@ import json
 from functools import lru_cache
 from typing import Any
 
-from .compression import Codec, Seeds, make_codec
-from .rng import derive_seed
+from fl_sim.compression import Codec, Seeds, make_codec
+from fl_sim.rng import derive_seed
 
 __all__ = ["SEED_MODES", "DEFAULT_SEED_MODE", "check_seed_mode", "codec_seeds", "round_seed", "get_codec",
            "dump_params", "load_params"]
