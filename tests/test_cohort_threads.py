@@ -11,8 +11,6 @@ import pytest
 import torch
 
 from fl_sim.wire import keys
-from fl_sim.runs.build import build_experiment, build_strategy
-from fl_sim.clients.app import make_client_app
 from fl_sim.clients.cohort_threads import (
     IDLE_CORES,
     MAX_BACKOFF,
@@ -24,8 +22,8 @@ from fl_sim.clients.cohort_threads import (
 )
 from fl_sim.config import config_from_dict
 from fl_sim.wire.records import flatten_arrays
-from fl_sim.runs.simulation import server_loop
 from fl_sim.engine.vectorized import VectorizedGrid
+from fl_sim.testing import round_replies
 
 
 class FakeMachine:
@@ -127,21 +125,7 @@ CFG = {
 
 
 def replies(grid_factory):
-    cfg = config_from_dict(json.loads(json.dumps(CFG)))
-    exp = build_experiment(cfg)
-    strategy = build_strategy(exp)
-    grid = grid_factory(make_client_app(cfg), cfg.clients)
-    out = []
-    send = grid.send_and_receive
-
-    def recording(messages, *, timeout=None):
-        got = list(send(messages, timeout=timeout))
-        out.append({int(r.content[keys.METRICS][keys.M_CID]): r for r in got})
-        return got
-
-    grid.send_and_receive = recording
-    server_loop(grid, exp, strategy, None)
-    return out, grid
+    return round_replies(config_from_dict(json.loads(json.dumps(CFG))), grid_factory)
 
 
 def test_the_thread_count_does_not_change_a_bit():

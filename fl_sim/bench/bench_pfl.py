@@ -139,14 +139,17 @@ def run_pfl(per_round: int, rounds: int, progress=None) -> dict[str, Any]:
                          central_optimizer=torch.optim.SGD(model_module.parameters(), lr=1.0))
     t = cfg.train
     marks: list[float] = []
+    cpu: list[float] = []  # this process's CPU seconds at the same marks
 
     class Timer(TrainingProcessCallback):
         def on_train_begin(self, *, model):
             marks.append(time.perf_counter())
+            cpu.append(time.process_time())
             return Metrics()
 
         def after_central_iteration(self, aggregate_metrics, model, *, central_iteration):
             marks.append(time.perf_counter())
+            cpu.append(time.process_time())
             if progress is not None:
                 progress(central_iteration + 1)
             return False, Metrics()
@@ -176,14 +179,20 @@ def run_pfl(per_round: int, rounds: int, progress=None) -> dict[str, Any]:
         "process_setup_s": marks[0] - T_IMPORT,  # from this module's import (pfl's and torch's imports included)
         "round_s": per,
         "steady_round_s": statistics.fmean(per[1:-1] or per[1:] or per),
+        "steady_cpu_s": statistics.fmean(_steady([b - a for a, b in zip(cpu, cpu[1:])])),  # this process's
         "final_test_accuracy": acc, "final_test_loss": loss,
         "same_sampling": trained == expected,
     }
 
 
 # ============================================================================ orchestration
+def _steady(per: list[float]) -> list[float]:
+    return per[1:-1] or per[1:] or per
+
+
 def _worker(spec: dict[str, Any], result: Path) -> None:
     res = run_pfl(spec["per_round"], spec["rounds"])
+    Path(f"{result}.cpu{res['rank']}").write_text(str(res["steady_cpu_s"]))  # every worker's CPU, summed below
     if res["rank"] == 0:
         res["spec"] = spec
         res["loadavg"] = os.getloadavg()
@@ -213,12 +222,15 @@ def _measure(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
         try:
             out = json.loads(result.read_text())
             out["wall_s"] = time.perf_counter() - t0
+            out["steady_cpu_s"] = sum(float(Path(f"{result}.cpu{r}").read_text()) for r in range(n))  # all workers
             return out
         except (OSError, ValueError):
             tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-8:])
             return {"spec": spec, "error": f"exit code {proc.returncode}: {tail}"}
         finally:
             result.unlink(missing_ok=True)
+            for r in range(n):
+                Path(f"{result}.cpu{r}").unlink(missing_ok=True)
     finally:
         stop_busy(procs)
 
@@ -268,7 +280,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
                         print(f"k={k:<4} busy {b} {_label(spec):<20} {res['error']}", flush=True)
                     else:
                         print(f"k={k:<4} busy {b} {_label(spec):<20} setup {res['setup_s']:5.2f} s  steady "
-                              f"{res['steady_round_s']:.4f} s/round  accuracy {res['final_test_accuracy']:.4f}  "
+                              f"{res['steady_round_s']:.4f} s/round ({res['steady_cpu_s']:.4f} CPU s)  accuracy {res['final_test_accuracy']:.4f}  "
                               f"load {res['loadavg'][0]:.1f}"
                               + ("" if spec["mode"] != "pfl" else f"  same sampling {res['same_sampling']}"),
                               flush=True)
@@ -277,16 +289,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     for r in runs:
         if "error" not in r:
             groups.setdefault((r["spec"]["per_round"], r["spec"]["busy"], _label(r["spec"])), []).append(r)
-    print(f"\n{'k':>5} {'busy':>4} {'engine':<20} {'setup s':>8} {'s/round':>9} {'pfl best / this':>16}  load")
+    print(f"\n{'k':>5} {'busy':>4} {'engine':<20} {'setup s':>8} {'s/round':>9} {'CPU s':>8} {'pfl best / this':>16}  load")
     for (k, b, label), rs in sorted(groups.items()):
         steady = statistics.median(r["steady_round_s"] for r in rs)
         pfl_best = min((statistics.median(x["steady_round_s"] for x in g) for (k2, b2, l2), g in groups.items()
                         if k2 == k and b2 == b and l2.startswith("pfl")), default=float("nan"))
         row = {"per_round": k, "busy": b, "engine": label, "steady_round_s": steady,
+               "steady_cpu_s": statistics.median(r["steady_cpu_s"] for r in rs),
                "setup_s": statistics.median(r["setup_s"] for r in rs), "pfl_best_over_this": pfl_best / steady,
                "loadavg": [round(r["loadavg"][0], 1) for r in rs]}
         rows.append(row)
-        print(f"{k:>5} {b:>4} {label:<20} {row['setup_s']:8.2f} {steady:9.4f} {row['pfl_best_over_this']:16.2f}  "
+        print(f"{k:>5} {b:>4} {label:<20} {row['setup_s']:8.2f} {steady:9.4f} {row['steady_cpu_s']:8.4f} "
+              f"{row['pfl_best_over_this']:16.2f}  "
               f"{row['loadavg']}")
     data = {"machine": machine(), "pfl_version": pfl.__version__ if hasattr(pfl, "__version__") else "?",
             "runs": runs, "summary": rows}
