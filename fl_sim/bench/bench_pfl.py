@@ -20,10 +20,11 @@ The same computation as ``fl-sim run quickstart`` with FedAvg, as far as pfl exp
   are reported.
 
 pfl runs in one process, or in ``--processes`` > 1 worker processes (``torch.distributed.run``, gloo:
-pfl's own multi-worker simulation, each worker training its share of the cohort). fl-sim runs as
-``fl-sim bench round`` measures it (fl_sim.bench.bench_round.measure: vectorized and inline). Every
-measurement runs in its own process; repeats alternate who goes first. Reported: set-up (from the call
-to the first round: data, model, engine; imports not included, as in ``bench round``), steady seconds per round (rounds 2..R-1), the ratio pfl's best / fl-sim's.
+pfl's own multi-worker simulation, each worker training its share of the cohort). fl-sim runs
+``fl-sim run``'s code (run_experiment) on the vectorized and inline backends in the same harness (timers
+at each round's end, no memory sampler). Every measurement runs in its own process; repeats alternate who goes first. Reported: set-up (from the call
+to the first round: data, model, engine; imports not included), steady seconds and CPU seconds (every
+worker process's) per round (rounds 2..R-1), the ratio pfl's best / fl-sim's.
 
 Usage (pfl's environment, fl-sim's repository on PYTHONPATH):
 ``python -m fl_sim.bench.bench_pfl --per-round 10,100 --rounds 12 --processes 1,2 --contention both``.
@@ -190,8 +191,42 @@ def _steady(per: list[float]) -> list[float]:
     return per[1:-1] or per[1:] or per
 
 
+def run_fl_sim(mode: str, per_round: int, rounds: int) -> dict[str, Any]:
+    """fl-sim's ``fl-sim run`` of the same quickstart on ``simulation.backend=mode`` in this process, timed
+    as :func:`run_pfl` is (no memory sampler beside it, unlike ``bench round``)."""
+    import logging
+    import shutil
+
+    from fl_sim.bench.bench_round import workload_config
+    from fl_sim.runs.simulation import run_experiment
+
+    t_call = time.perf_counter()
+    logging.disable(logging.INFO)
+    cfg = workload_config("quickstart", per_round, rounds, mode)
+    marks: list[float] = []
+    cpu: list[float] = []
+    rows: list[dict] = []
+
+    def progress(rnd: int, row: dict) -> None:
+        marks.append(time.perf_counter())
+        cpu.append(time.process_time())
+        rows.append(row)
+
+    run_dir = Path(tempfile.mkdtemp(prefix="bench-pfl-"))
+    try:
+        run_experiment(cfg, run_dir, progress)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    per = [b - a for a, b in zip(marks, marks[1:])]
+    return {"processes": 1, "rank": 0, "setup_s": marks[0] - t_call, "process_setup_s": marks[0] - T_IMPORT,
+            "round_s": per, "steady_round_s": statistics.fmean(_steady(per)),
+            "steady_cpu_s": statistics.fmean(_steady([b - a for a, b in zip(cpu, cpu[1:])])),
+            "final_test_accuracy": rows[-1]["test_accuracy"], "final_test_loss": rows[-1]["test_loss"]}
+
+
 def _worker(spec: dict[str, Any], result: Path) -> None:
-    res = run_pfl(spec["per_round"], spec["rounds"])
+    res = (run_pfl(spec["per_round"], spec["rounds"]) if spec["mode"] == "pfl"
+           else run_fl_sim(spec["mode"], spec["per_round"], spec["rounds"]))
     Path(f"{result}.cpu{res['rank']}").write_text(str(res["steady_cpu_s"]))  # every worker's CPU, summed below
     if res["rank"] == 0:
         res["spec"] = spec
@@ -203,18 +238,15 @@ def _measure(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
     """One measurement in child processes (pfl with 1 or N workers, or an fl-sim mode), with
     ``spec["busy"]`` CPU-bound processes beside it."""
     from fl_sim.bench.bench_round import busy_processes, stop_busy
-    from fl_sim.bench.bench_scale import run_point_cmd
 
     procs = busy_processes(spec.get("busy", 0))
     try:
         if procs:
             time.sleep(0.5)
-        if spec["mode"] != "pfl":
-            return run_point_cmd("fl_sim.bench.bench_round", {**spec, "mode": spec["mode"]}, timeout)
         with tempfile.NamedTemporaryFile("w+", suffix=".json", delete=False) as f:
             result = Path(f.name)
         args = ["-m", "fl_sim.bench.bench_pfl", "--worker", json.dumps(spec), "--result", str(result)]
-        n = spec["processes"]
+        n = spec.get("processes", 1)
         cmd = [sys.executable, *args] if n == 1 else [
             sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", *args]
         t0 = time.perf_counter()

@@ -1,7 +1,8 @@
 """The in-memory run: a RunConfig through the real strategy and ClientApp, transport by function calls.
 
 The same code path as ``fl-sim run`` (build -> server_loop -> RunRecorder) on the engine's
-InMemoryGrid, or its batched VectorizedGrid with ``simulation.backend=vectorized``. Tests and
+InMemoryGrid, or its batched VectorizedGrid with ``simulation.backend=vectorized`` (``auto`` and ``ray``
+run inline here: the reference numbers tests compare against). Tests and
 notebooks use it through ``fl_sim.testing.run_in_memory``.
 """
 
