@@ -9,14 +9,17 @@ Figures are the minimum over repeats of the mean over ``--number`` calls (micros
 x 1,000 clients (milliseconds per 1,000-client round). Not timed here: Flower's ``Message`` objects (reply
 construction, metadata) and its grid/ClientApp dispatch, which ``bench round --profile`` covers.
 
-Usage: ``python -m fl_sim.bench.bench_messages [--workload quickstart] [--number 2000]``.
+Usage: ``fl-sim bench messages [--workload quickstart] [--number 2000] [--out bench_out/messages.json]``
+(``python -m fl_sim.bench.bench_messages`` the same).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import timeit
+from pathlib import Path
 from typing import Any
 
 __all__ = ["steps", "main"]
@@ -65,12 +68,16 @@ def steps(workload: str) -> list[tuple[str, str, Any]]:
     ]
 
 
-def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(prog="bench_messages", description=__doc__.split("\n")[0])
     p.add_argument("--workload", default="quickstart", choices=("quickstart", "lenet"))
     p.add_argument("--number", type=int, default=2000)
     p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--smoke", action="store_true", help="tiny sizes for the test suite: 5 calls, 1 repeat")
+    p.add_argument("--out", type=Path, default=Path("bench_out/messages.json"))
     a = p.parse_args(argv)
+    if a.smoke:
+        a.number, a.repeat = 5, 1
     import torch
 
     torch.set_num_threads(1)
@@ -86,7 +93,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         print(f"{owner:<7} {name:<58} {us:9.1f} {us:8.1f}")
     for owner in ("fl-sim", "Flower"):
         print(f"{'total':<7} {owner:<58} {totals.get(owner, 0.0):9.1f} {totals.get(owner, 0.0):8.1f}")
-    return rows
+    data = {"workload": a.workload, "smoke": a.smoke, "loadavg": os.getloadavg(), "steps": rows,
+            "total_us_per_reply": {k: totals.get(k, 0.0) for k in ("fl-sim", "Flower")}}
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = a.out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(a.out)
+    return data
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ at each round's end, no memory sampler). Every measurement runs in its own proce
 to the first round: data, model, engine; imports not included), steady seconds and CPU seconds (every
 worker process's) per round (rounds 2..R-1), the ratio pfl's best / fl-sim's.
 
-Usage (pfl's environment, fl-sim's repository on PYTHONPATH):
+Usage (pfl's environment, fl-sim's repository on PYTHONPATH; ``fl-sim bench pfl`` runs it with this Python):
 ``python -m fl_sim.bench.bench_pfl --per-round 10,100 --rounds 12 --processes 1,2 --contention both``.
 """
 
@@ -280,6 +280,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     p.add_argument("--contention", default="off", choices=("off", "on", "both"))
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--timeout", type=float, default=600.0)
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny sizes for the test suite: 2 clients a round, 3 rounds, 1 pfl process, fl-sim vectorized "
+                        "(fl-sim alone when pfl is missing)")
     p.add_argument("--out", type=Path, default=Path("bench_out/pfl.json"))
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--result", type=Path, default=None, help=argparse.SUPPRESS)
@@ -287,17 +290,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     if a.worker is not None:
         _worker(json.loads(a.worker), a.result)
         return None
+    if a.smoke:
+        a.per_round, a.rounds, a.processes, a.fl_sim_modes, a.repeats, a.contention = "2", 3, "1", "vectorized", 1, "off"
     missing = pfl_missing()
     if missing:
-        print(f"bench_pfl: skipped: {missing}")
-        return None
-    import pfl
-
+        print(f"bench_pfl: pfl skipped: {missing}")
+        if not a.smoke:  # nothing to compare with: write why and stop
+            _write(a.out, {"skipped": missing})
+            return None
     from fl_sim.bench.bench_round import busy_count
     from fl_sim.bench.bench_scale import machine
 
     busy = {"off": [0], "on": [busy_count(2)], "both": [0, busy_count(2)]}[a.contention]
-    variants = [{"mode": "pfl", "processes": int(n)} for n in a.processes.split(",") if n]
+    variants = [] if missing else [{"mode": "pfl", "processes": int(n)} for n in a.processes.split(",") if n]
     variants += [{"mode": m} for m in a.fl_sim_modes.split(",") if m]
     runs = []
     for rep in range(a.repeats):
@@ -325,23 +330,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     for (k, b, label), rs in sorted(groups.items()):
         steady = statistics.median(r["steady_round_s"] for r in rs)
         pfl_best = min((statistics.median(x["steady_round_s"] for x in g) for (k2, b2, l2), g in groups.items()
-                        if k2 == k and b2 == b and l2.startswith("pfl")), default=float("nan"))
+                        if k2 == k and b2 == b and l2.startswith("pfl")), default=None)
         row = {"per_round": k, "busy": b, "engine": label, "steady_round_s": steady,
                "steady_cpu_s": statistics.median(r["steady_cpu_s"] for r in rs),
-               "setup_s": statistics.median(r["setup_s"] for r in rs), "pfl_best_over_this": pfl_best / steady,
+               "setup_s": statistics.median(r["setup_s"] for r in rs),
+               "pfl_best_over_this": None if pfl_best is None else pfl_best / steady,
                "loadavg": [round(r["loadavg"][0], 1) for r in rs]}
         rows.append(row)
         print(f"{k:>5} {b:>4} {label:<20} {row['setup_s']:8.2f} {steady:9.4f} {row['steady_cpu_s']:8.4f} "
-              f"{row['pfl_best_over_this']:16.2f}  "
+              f"{row['pfl_best_over_this'] or float('nan'):16.2f}  "
               f"{row['loadavg']}")
-    data = {"machine": machine(), "pfl_version": pfl.__version__ if hasattr(pfl, "__version__") else "?",
-            "runs": runs, "summary": rows}
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = a.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=float))
-    tmp.replace(a.out)
+    data = {"machine": machine(), "pfl_missing": missing, "smoke": a.smoke, "runs": runs, "summary": rows}
+    _write(a.out, data)
     print(f"wrote {a.out}", file=sys.stderr)
     return data
+
+
+def _write(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=float))
+    tmp.replace(path)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,9 @@ measures every mode idle and busy, alternating, and prints the two side by side.
 ``--scale`` adds the population run: the quickstart model and data generator with 10,000 clients,
 10% (1,000) per round, 50 rounds, vectorized backend, its round times and the process tree's peak memory.
 
-Usage: ``python -m fl_sim.bench.bench_round [--quick] [--profile] [--scale] [--out bench_out/round.json]``;
+Usage: ``fl-sim bench round`` or ``python -m fl_sim.bench.bench_round [--quick] [--profile] [--scale]
+[--out bench_out/round.json]``; ``--smoke``: quickstart, 2 clients a round, 3 rounds, plain and inline, one
+repeat (no Ray): for the test suite, figures meaningless;
 the vectorized backend's comparison: ``--workloads quickstart,digits --per-round 100,1000 --modes inline,vectorized``.
 """
 
@@ -559,12 +561,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "both (each mode idle and busy, side by side)")
     p.add_argument("--busy-per-cores", type=int, default=2, help="contention: one busy process per this many cores")
     p.add_argument("--quick", action="store_true", help="quickstart only, 1 repeat")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny sizes for the test suite: quickstart, 2 a round, 3 rounds, plain and inline, 1 repeat")
     p.add_argument("--timeout", type=float, default=400.0, help="seconds per measurement")
     p.add_argument("--out", type=Path, default=Path("bench_out/round.json"))
     add_worker_options(p)
     a = p.parse_args(argv)
     if (res := serve_worker(a, measure)) is not None:
         return res
+    if a.smoke:
+        a.workloads, a.per_round, a.modes, a.rounds, a.repeats = "quickstart", "2", "plain,inline", 3, 1
     workloads = ["quickstart"] if a.quick else [w for w in a.workloads.split(",") if w]
     if a.busy_per_cores < 1:
         p.error("--busy-per-cores must be >= 1")

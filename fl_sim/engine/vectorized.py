@@ -39,6 +39,7 @@ import torch
 from flwr.app import Message, MessageType
 
 from fl_sim.wire import keys
+from fl_sim.clients.broadcast import receive_model
 from fl_sim.clients.app import client_id, local_train_generator, precomputed, precomputed_key
 from fl_sim.clients.cohort import CohortClient, auto_chunk, evaluate_cohort, train_cohort, vectorizable
 from fl_sim.clients import cohort_encode
@@ -120,6 +121,17 @@ class VectorizedGrid(InMemoryGrid):
             self._noticed.add(why)
             log.warning("simulation.backend=vectorized: %s; those clients train one by one (the inline path)", why)
 
+    def _rebuild_sparse_models(self) -> None:
+        """Rebuild sparse model broadcasts (fl_sim.clients.broadcast) before batching, as the nodes'
+        compression_mod would, so their clients train in the batch like the others (the per-message path
+        rounds differently). A message that cannot be rebuilt is left to the mod, whose error is the reply."""
+        for msg in self.sent:
+            node = msg.metadata.dst_node_id
+            if (msg.metadata.message_type == MessageType.TRAIN and keys.SPARSE_MODEL in msg.content
+                    and node in self.contexts and node not in self.drop_nodes and node not in self.fail_nodes):
+                with contextlib.suppress(ValueError):
+                    receive_model(msg, self.contexts[node])
+
     # ------------------------------------------------------------------ batching
     def _batchable(self, msg: Message, runtime_of) -> bool:
         node = msg.metadata.dst_node_id
@@ -152,6 +164,7 @@ class VectorizedGrid(InMemoryGrid):
         if runtime_of is None:
             self._notice("the ClientApp is not fl-sim's built-in one")
             return [r for r in map(self.deliver, self.sent) if r is not None]
+        self._rebuild_sparse_models()
         # group: (message type, runtime, train spec) -> messages, in message order
         groups: dict[tuple, list[int]] = defaultdict(list)
         runtimes = {}

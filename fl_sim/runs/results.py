@@ -28,6 +28,7 @@ STANDARD_COLUMNS = [
     "test_accuracy",
     "uplink_bits",
     "downlink_bits",
+    "total_bits",
     "wall_s",
 ]
 
@@ -123,6 +124,7 @@ class RunRecorder:
             "best_test_accuracy": max((r["test_accuracy"] for r in evaluated), default=None),
             "total_uplink_bits": int(sum(r.get("uplink_bits") or 0 for r in self.rows)),
             "total_downlink_bits": int(sum(r.get("downlink_bits") or 0 for r in self.rows)),
+            "total_bits": int(sum((r.get("uplink_bits") or 0) + (r.get("downlink_bits") or 0) for r in self.rows)),
             "wall_s": _clean(last.get("wall_s")),
             **{k: _clean(v) for k, v in extra.items()},
         }

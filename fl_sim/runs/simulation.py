@@ -145,7 +145,7 @@ def server_loop(
         if server_round > 0:
             row.update(getattr(strategy, "last_metrics", {}))
         else:
-            row.update(uplink_bits=0, downlink_bits=0)
+            row.update(uplink_bits=0, downlink_bits=0, total_bits=0)
         out = None
         if due:
             loss, acc = exp.evaluate(arrays)
@@ -309,6 +309,10 @@ def _run_experiment(cfg: RunConfig, run_dir: Path, progress: ProgressFn | None, 
         if not errors:
             raise  # else the run's own error is the one to report
     if errors:
+        from fl_sim.strategies.base import ClientSetupError
+
+        if isinstance(errors[0], ClientSetupError):  # the ClientApp cannot work with the method: exit 1, one line
+            errors[0] = RunFailed(str(errors[0]))
         if isinstance(errors[0], RunFailed):
             recorder.finish({"strategy": cfg.strategy.name, "failed": str(errors[0]), **failure_totals(recorder.rows)})
         raise errors[0]
