@@ -34,13 +34,16 @@ def test_a_nan_reply_is_still_rejected():
     from fl_sim.wire.records import ndarray_to_array
     from fl_sim.strategies.base import ReplyError, UpdateStrategy
 
-    strategy = UpdateStrategy.__new__(UpdateStrategy)
+    from fl_sim.wire.records import model_spec
+
+    strategy = UpdateStrategy.__new__(UpdateStrategy)  # the decode step alone: the global model it compares with
     strategy._global_vector = torch.zeros(6)
     bad = torch.zeros(6)
     bad[3] = math.nan
     msg = type("Reply", (), {})()
     record = ArrayRecord()
     record["w"] = ndarray_to_array(bad.numpy())
+    strategy._model_spec = model_spec(record)
     strategy.reply_arrays = lambda m: record
     with pytest.raises(ReplyError, match="NaN or inf"):
         strategy.decode_reply(1, msg, 0)
