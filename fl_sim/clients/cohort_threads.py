@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Hashable
@@ -105,7 +106,8 @@ class ThreadChooser:
     _last: CpuSample | None = None
     _last_t: float = 0.0
     _others: float | None = None  # the last estimate of the other processes' cores
-    history: list[tuple[int, float | None]] = field(default_factory=list)  # (threads, others' cores) per call
+    # (threads, others' cores) of the last calls (tests, benchmarks); bounded, so a long run keeps no per-call list
+    history: deque[tuple[int, float | None]] = field(default_factory=lambda: deque(maxlen=1024))
 
     def __post_init__(self) -> None:
         self.mark()
