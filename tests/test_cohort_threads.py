@@ -64,7 +64,7 @@ def test_a_busy_machine_gets_one_thread_whatever_the_timings():
         n = c.threads("train")
         c.record("train", n, 0.1, 100)
     assert [n for n, _ in c.history] == [1] * 20
-    assert all(o == pytest.approx(1.0) for _, o in c.history[1:])
+    assert all(o == pytest.approx(1.0) for _, o in list(c.history)[1:])
 
 
 def test_idle_cores_get_all_threads_after_a_one_thread_reference_while_faster():
