@@ -357,6 +357,19 @@ def bench_pfl(
     _run_bench("bench_pfl", argv + ["--smoke"] * smoke)
 
 
+@bench_app.command("poisoning")
+def bench_poisoning(
+    table: str = typer.Option("all", "--table", help="zero (one all-zero client a round), inner (inner strategies "
+                              "under sign-flipping attackers) or all."),
+    rounds: int = typer.Option(None, "--rounds", help="Default: 40 (zero), 30 (inner), 3 with --smoke."),
+    smoke: bool = typer.Option(False, "--smoke", help=SMOKE_HELP),
+    out_path: Path = typer.Option(Path("bench_out/poisoning.json"), "--out"),
+) -> None:
+    """The README's poisoning figures (final accuracy under attack, not speed): what the guards catch."""
+    argv = ["--table", table, "--out", str(out_path)] + (["--rounds", str(rounds)] if rounds is not None else [])
+    _run_bench("bench_poisoning", argv + ["--smoke"] * smoke)
+
+
 @bench_app.command("plain-loop")
 def bench_plain_loop(
     config: Optional[str] = typer.Argument(None, help="A FedAvg config (default: quickstart)."),
