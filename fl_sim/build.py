@@ -15,7 +15,7 @@ import torch
 from flwr.app import ArrayRecord, MetricRecord
 
 from .clients.training import evaluate_model
-from .config import ConfigError, RunConfig
+from .config import AUTO_SUPERNODES, ConfigError, RunConfig
 from .data import FederatedData, load_federated
 from .models import build_model, count_parameters
 from .records import state_dict_to_arrays
@@ -72,11 +72,52 @@ def build_experiment(cfg: RunConfig) -> Experiment:
     return Experiment(cfg, data, model, state_dict_to_arrays(model.state_dict()))
 
 
+# Flower's sampling options (FedAvg and the strategies built on it): fractions of the connected nodes, and
+# counts of nodes a round waits for. Flower waits, without a timeout, until that many nodes are connected.
+_FRACTIONS = {"fraction_train": (False, "(0, 1]"), "fraction_evaluate": (True, "[0, 1]")}
+_NODE_COUNTS = ("min_available_nodes", "min_train_nodes", "min_evaluate_nodes")
+
+
+def check_sampling_options(cfg: RunConfig, nodes: int | None = None) -> None:
+    """Refuse the strategy options that make Flower wait forever for nodes: a fraction above 1 (Flower
+    samples ``int(fraction * nodes)`` nodes and waits until that many are connected) and, in a simulation
+    of ``nodes`` SuperNodes, a ``min_*_nodes`` above ``nodes``. Values of the wrong type are left to
+    :func:`typed_options`."""
+    from .config import _coerce
+
+    options = cfg.strategy.options
+    for key, (zero_ok, allowed) in _FRACTIONS.items():
+        if key not in options:
+            continue
+        try:
+            v = _coerce(options[key], float, f"strategy.{key}")
+        except ConfigError:
+            continue
+        if not (0 <= v <= 1 if zero_ok else 0 < v <= 1):
+            raise ConfigError(f"strategy.{key}={options[key]!r} is not allowed: a fraction of the nodes in {allowed} "
+                              "(Flower would wait forever for more nodes than exist)")
+    if nodes is None:
+        return
+    for key in _NODE_COUNTS:
+        if key not in options:
+            continue
+        try:
+            v = _coerce(options[key], int, f"strategy.{key}")
+        except ConfigError:
+            continue
+        if v > nodes:
+            raise ConfigError(f"strategy.{key}={v} but this run has {nodes} SuperNodes (simulation.supernodes; "
+                              f"automatic: one per client up to {AUTO_SUPERNODES:,}); Flower would wait "
+                              f"forever for the missing ones: use strategy.{key} <= {nodes} or leave it out")
+
+
 def build_strategy(exp: Experiment, **extra: Any):
     """The configured strategy over the experiment's eligible clients."""
     from .memory import check_strategy
+    from .strategies import guards as reply_guards
 
     cfg = exp.cfg
+    check_sampling_options(cfg)
     cls = strategy_class(cfg.strategy.name)
     check_strategy(cfg, exp.dim)  # before the codec's structures are allocated
     kwargs: dict[str, Any] = dict(
@@ -133,7 +174,11 @@ def build_strategy(exp: Experiment, **extra: Any):
             )
     kwargs.update(typed_options(_signature_types(cls), options, "strategy"))
     # reply guards: a simulation's server knows each client's partition size (a larger num-examples is a lie)
-    kwargs["guards"] = {"client_sizes": exp.data.client_sizes.tolist(), **dict(kwargs.get("guards") or {})}
+    guard_options = kwargs.get("guards") or {}
+    if not isinstance(guard_options, dict):
+        raise ConfigError(f"strategy.guards={guard_options!r}: expected a mapping of guard options "
+                          f"({', '.join(reply_guards.DEFAULTS)}), e.g. --set strategy.guards.norm_bound=5")
+    kwargs["guards"] = {"client_sizes": exp.data.client_sizes.tolist(), **guard_options}
     try:
         strategy = cls(**kwargs)
     except (ValueError, TypeError) as exc:

@@ -27,6 +27,7 @@ Files are loaded with ``torch.load(weights_only=True)``: tensors, numbers, strin
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import re
@@ -112,10 +113,17 @@ def _tensors(arrays: ArrayRecord) -> list[tuple[str, torch.Tensor]]:
 def _torch_save_atomic(obj: Any, path: Path) -> Path:
     """torch.save ``obj`` to ``path`` atomically: a temporary file in the same directory, flushed and
     fsynced, then renamed over ``path`` (and the directory fsynced); the temporary is removed on failure."""
+    # Serialized in memory first: torch.save writing straight to a full disk fails inside its zip writer with
+    # "[enforce fail at inline_container.cc] unexpected pos" (a RuntimeError naming neither the disk nor the
+    # file); one plain write raises the OSError (ENOSPC, EDQUOT, EIO) that says what happened.
+    buf = io.BytesIO()
+    torch.save(obj, buf)
     tmp = _tmp(path.parent, path.stem)
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            data = buf.getbuffer()
+            while data:  # a raw file may write part of it (a nearly full disk); the next write raises
+                data = data[f.write(data) or 0:]
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results are ordinary files (as atomic_write)

@@ -47,6 +47,24 @@ def _fail(exc: BaseException, debug: bool, code: int = 2) -> None:
     raise typer.Exit(code=code)
 
 
+def _fail_unexpected(exc: Exception, debug: bool) -> None:
+    """An exception no check anticipated: one line naming it, exit 1; ``--debug`` shows the traceback."""
+    import click
+
+    if debug or isinstance(exc, (click.exceptions.Exit, click.exceptions.Abort, click.ClickException)):
+        raise exc
+    console.print(f"[bold red]error:[/] {_escape(type(exc).__name__)}: {_escape(error_line(exc))} (an unexpected "
+                  "failure: rerun with --debug for the traceback and report it)", highlight=False, markup=True,
+                  soft_wrap=True)
+    raise typer.Exit(code=1)
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
 @app.command()
 def run(
     config: Optional[str] = typer.Argument(None, help="YAML config (default: configs/quickstart.yaml)."),
@@ -105,6 +123,9 @@ def run(
         return
     except USER_ERRORS as exc:
         _fail(exc, debug)
+        return
+    except Exception as exc:  # noqa: BLE001 - never a traceback without --debug
+        _fail_unexpected(exc, debug)
         return
     acc = summary.get("final_test_accuracy")
     out.print(f"model {cfg.model.name}: {summary.get('parameters', 0):,} parameters; "
@@ -169,6 +190,9 @@ def sweep(
                          on_point=lambda name, what: console.print(f"[bold]{name}[/] {what}"))
     except USER_ERRORS as exc:
         _fail(exc, debug)
+        return
+    except Exception as exc:  # noqa: BLE001 - never a traceback without --debug
+        _fail_unexpected(exc, debug)
         return
     out.print(f"{len(rows)} runs -> {out_dir / 'sweep.csv'}")
 
@@ -267,6 +291,9 @@ def reproduce(
     except USER_ERRORS as exc:
         _fail(exc, debug)
         return
+    except Exception as exc:  # noqa: BLE001 - never a traceback without --debug
+        _fail_unexpected(exc, debug)
+        return
     where = out_dir or Path("runs") / "reproduce" / (summary["experiment"] + ("-full" if full else ""))
     out.print(f"{summary['experiment']} ({summary['version']}) done in {summary['wall_s']:.1f} s -> {where}")
 
@@ -305,6 +332,9 @@ def compare(
                              progress=lambda msg: console.print(msg, highlight=False))
     except USER_ERRORS as exc:
         _fail(exc, debug)
+        return
+    except Exception as exc:  # noqa: BLE001 - never a traceback without --debug
+        _fail_unexpected(exc, debug)
         return
     for f in result["failures"]:
         console.print(f"[bold red]failed:[/] {f}", highlight=False)

@@ -28,7 +28,7 @@ from typing import Any
 from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from .build import Experiment, build_experiment, build_strategy
+from .build import Experiment, build_experiment, build_strategy, check_sampling_options
 from .checkpoint import (config_differences, config_hash, latest_checkpoint, remove_checkpoints, save_checkpoint,
                          save_model)
 from .config import ConfigError, RunConfig, config_to_dict
@@ -251,6 +251,44 @@ def check_engine_resources(cfg: RunConfig) -> None:
             f"simulation.ray_address={sim.ray_address!r}: no Ray cluster answers at {host}:{port} within "
             f"{RAY_CONNECT_TIMEOUT_S:g} s ({exc.strerror or exc}); check the address or leave it empty"
         ) from None
+    why = ray_endpoint_problem(host, int(port), client=address.startswith("ray://"))
+    if why:
+        raise ConfigError(
+            f"simulation.ray_address={sim.ray_address!r}: {host}:{port} accepts connections but is not a Ray "
+            f"{'client server' if address.startswith('ray://') else 'cluster (GCS)'} ({why}); ray.init would retry "
+            "it without end: check the address and port (ray status prints them) or leave it empty"
+        )
+
+
+RAY_PROBE_TIMEOUT_S = 5.0
+
+
+def ray_endpoint_problem(host: str, port: int, *, client: bool = False) -> str | None:
+    """Why ``host:port`` is not a Ray endpoint, or None when it answers as one, within RAY_PROBE_TIMEOUT_S.
+
+    A cluster address is Ray's GCS: it must answer the GCS's own ``NodeInfoGcsService.GetClusterId`` call
+    (Ray's generated gRPC stub). A ``ray://`` address is a Ray Client server: it must at least complete a
+    gRPC (HTTP/2) handshake. Anything else listening there (a web server, a database) fails either check,
+    where ``ray.init`` would retry it for minutes."""
+    import grpc
+
+    channel = grpc.insecure_channel(f"{host}:{port}")
+    try:
+        if client:
+            grpc.channel_ready_future(channel).result(timeout=RAY_PROBE_TIMEOUT_S)
+            return None
+        from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+        gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(
+            gcs_service_pb2.GetClusterIdRequest(), timeout=RAY_PROBE_TIMEOUT_S)
+        return None
+    except grpc.FutureTimeoutError:
+        return f"no gRPC handshake within {RAY_PROBE_TIMEOUT_S:g} s"
+    except grpc.RpcError as exc:
+        code = exc.code()
+        return f"no answer to Ray's GetClusterId call: {code.name if code else 'error'}"
+    finally:
+        channel.close()
 
 
 def run_flower_simulation(server_app: ServerApp, client_app, cfg: RunConfig, num_supernodes: int, *,
@@ -359,8 +397,9 @@ def _run_experiment(cfg: RunConfig, run_dir: Path, progress: ProgressFn | None, 
 
     config = config_to_dict(cfg)
     ckpt = _checkpoint_to_resume(run_dir, config, cfg) if resume else None
-    exp = build_experiment(cfg)
     nodes = cfg.num_supernodes()
+    check_sampling_options(cfg, nodes)  # before the data are built: a wait for missing nodes never ends
+    exp = build_experiment(cfg)
     strategy = build_strategy(exp, min_available_nodes=nodes)
     recorder = RunRecorder(run_dir, config)
     store = residual_store(cfg, exp, strategy, run_dir)

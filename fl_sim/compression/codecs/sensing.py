@@ -208,6 +208,9 @@ class CSFIHTCodec(Codec):
 
 
 # ------------------------------------------------------------------------------------------------
+ONEBIT_RECOVERIES = ("none", "lp", "biht")  # 1-bit CS decoders: none (Φᵀy), LP, BIHT
+
+
 @register_codec
 class OneBitCSCodec(Codec):
     """1-bit quantized compressive sampling (Mitra & Khisti eq. 9) with an unbiased dithered quantizer.
@@ -278,7 +281,7 @@ class OneBitCSCodec(Codec):
         measurements = _pos_int("measurements", measurements, self.name)
         if phi not in ("per_worker", "common"):
             raise CodecError(f"{self.name}: phi must be 'per_worker' or 'common', got {phi!r}")
-        if recovery not in ("none", "lp", "biht"):
+        if recovery not in ONEBIT_RECOVERIES:
             raise CodecError(f"{self.name}: recovery must be 'none', 'lp' or 'biht', got {recovery!r}")
         block = _pos_int("block", block, self.name, allow_none=True)
         if block is not None and block & (block - 1):

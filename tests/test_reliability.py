@@ -1,0 +1,276 @@
+"""Careless users, faulty machines, malicious files: each case ends in one line and a non-zero exit, in
+seconds, never a traceback or a hang.
+
+* configs that made Flower wait forever (a sampling fraction above 1, more nodes required than exist,
+  a billion clients, a ray_address that answers TCP but is not Ray): exit 2, one line;
+* values that raised deep inside (a zero compression ratio, guards given a number), a disk that fills
+  during a checkpoint, a truncated MNIST .gz, a pickle that asks for gigabytes: one line naming them.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import pickle
+import socket
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from fl_sim.cli import app
+
+runner = CliRunner()
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = ["--set", "rounds=2", "--set", "clients=8", "--set", "clients_per_round=3", "--set", "model.hidden=[8]",
+         "--set", "simulation.backend=inline"]
+
+
+def one_line_error(res, *words, code=2):
+    """Exit ``code``, no traceback, the error on one line (the last) that names every word."""
+    assert res.exit_code == code, res.output
+    assert "Traceback" not in res.output and res.exception is None or isinstance(res.exception, SystemExit)
+    last = res.output.strip().splitlines()[-1]
+    assert last.startswith("error:"), res.output
+    for w in words:
+        assert w in last, (w, res.output)
+
+
+def run_cli(tmp_path, *sets, config=None):
+    args = ["run"] + ([config] if config else []) + SMALL + [x for s in sets for x in ("--set", s)]
+    return runner.invoke(app, args + ["--out", str(tmp_path / "o")])
+
+
+# ------------------------------------------------------------------ waits that never ended
+@pytest.mark.parametrize("sets, words", [
+    (["strategy.fraction_train=2.0"], ["strategy.fraction_train=2.0", "(0, 1]"]),
+    (["strategy.fraction_train=1.5"], ["strategy.fraction_train=1.5", "(0, 1]"]),
+    (["strategy.fraction_evaluate=1.5"], ["strategy.fraction_evaluate=1.5", "[0, 1]"]),
+    (["strategy.min_available_nodes=9"], ["strategy.min_available_nodes=9", "8 SuperNodes"]),
+    (["strategy.min_train_nodes=100"], ["strategy.min_train_nodes=100", "8 SuperNodes"]),
+    (["simulation.supernodes=4", "strategy.min_train_nodes=5"], ["strategy.min_train_nodes=5", "4 SuperNodes"]),
+    (["clients=1000000000"], ["clients=1000000000", "100,000,000"]),
+])
+def test_endless_waits_refused(sets, words, tmp_path):
+    one_line_error(run_cli(tmp_path, *sets), *words)
+
+
+def test_node_options_within_bounds_still_run(tmp_path):
+    res = run_cli(tmp_path, "strategy.fraction_train=1.0", "strategy.min_available_nodes=8",
+                  "strategy.min_train_nodes=3")
+    assert res.exit_code == 0, res.output
+
+
+def test_memory_precheck_bounds_clients_before_drawing_them(monkeypatch):
+    """10^8 synthetic clients: the pre-check refuses from n_k >= 50 without drawing one size per client."""
+    import fl_sim.data.synthetic as synthetic
+    import fl_sim.memory as memory
+    from fl_sim.config import config_from_dict
+
+    def per_client(*_):
+        raise AssertionError("client sizes drawn before the bound was checked")
+
+    monkeypatch.setattr(synthetic, "client_sizes", per_client)
+    monkeypatch.setattr(memory, "available_bytes", lambda: 2**36)  # a 64 GiB machine
+    cfg = config_from_dict({"clients": 10**8})
+    with pytest.raises(MemoryError, match="100,000,000 clients"):
+        memory.check_experiment(cfg)
+
+
+@pytest.fixture
+def not_ray():
+    """A TCP server that accepts and answers like a web server: the port is open, Ray is not there."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve():
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                continue
+            with conn:
+                try:
+                    conn.recv(1024)
+                    conn.sendall(b"HTTP/1.0 400 Bad Request\r\n\r\n")
+                except OSError:
+                    pass
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    yield srv.getsockname()[1]
+    stop.set()
+    t.join(5)
+    srv.close()
+
+
+def test_ray_address_that_is_not_ray(not_ray, tmp_path):
+    address = f"127.0.0.1:{not_ray}"
+    res = runner.invoke(app, ["run", *SMALL, "--set", "simulation.backend=ray", "--set",
+                              f"simulation.ray_address={address}", "--out", str(tmp_path / "o")])
+    one_line_error(res, address, "not a Ray cluster")
+
+
+# ------------------------------------------------------------------ tracebacks
+@pytest.mark.parametrize("sets, words", [
+    (["strategy.compression=0"], ["compression=0", "> 0"]),
+    (["strategy.compression=-2"], ["compression=-2", "> 0"]),
+    (["strategy.guards=5"], ["strategy.guards=5", "mapping"]),
+    (["strategy.recovery=zzz"], ["recovery='zzz'", "'biht'"]),
+])
+def test_onebit_bad_options_one_line(sets, words, tmp_path):
+    one_line_error(run_cli(tmp_path, *sets, config="onebit_cs"), *words)
+
+
+def test_fiht_max_iter_zero_one_line(tmp_path):
+    one_line_error(run_cli(tmp_path, "strategy.max_iter=0", config="fiht_cs"), "max_iter=0")
+
+
+def test_disk_full_during_a_checkpoint(tmp_path, monkeypatch):
+    """A disk with 600 bytes left when the checkpoint is written: the file takes what fits, then ENOSPC (as
+    write(2) does). torch.save wrote straight to the file and failed with "[enforce fail at
+    inline_container.cc] unexpected pos" (a traceback; measured the same on a full 256 KiB tmpfs); now
+    one line with the path and the cause, and no temporary left behind."""
+    import fl_sim.checkpoint as checkpoint
+
+    class NearlyFullDisk(io.FileIO):
+        free = 600
+
+        def write(self, b):
+            if NearlyFullDisk.free <= 0:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            n = min(len(b), NearlyFullDisk.free)
+            NearlyFullDisk.free -= n
+            return super().write(bytes(b)[:n])
+
+    def full_open(path, mode="r", *args, **kwargs):
+        if "w" in mode and Path(path).parent.name == "checkpoint":
+            return NearlyFullDisk(path, "w")  # unbuffered, as the disk sees the writes
+        return open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "open", full_open, raising=False)
+    res = run_cli(tmp_path, "rounds=3", "checkpoint_every=1")
+    one_line_error(res, "No space left", "checkpoint")
+    assert not [p for p in (tmp_path / "o" / "checkpoint").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_truncated_mnist_gz_one_line(tmp_path):
+    from fl_sim.data.files import write_idx
+
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    y = (np.arange(40) % 10).astype(np.uint8)
+    for split in ("train", "t10k"):
+        write_idx(raw / f"{split}-images-idx3-ubyte", np.zeros((40, 28, 28), np.uint8), gz=True)
+        write_idx(raw / f"{split}-labels-idx1-ubyte", y, gz=True)
+    gz = raw / "train-images-idx3-ubyte.gz"
+    gz.write_bytes(gz.read_bytes()[: gz.stat().st_size // 2])
+    res = run_cli(tmp_path, "data.name=mnist", f"data.root={tmp_path / 'data'}")
+    one_line_error(res, "train-images-idx3-ubyte.gz", "truncated")
+    assert "Aborted" not in res.output
+
+
+def test_unexpected_exception_is_one_line_exit_1(tmp_path, monkeypatch):
+    """Whatever no check anticipated: one line naming the exception and --debug, exit 1."""
+    import fl_sim.simulation as simulation
+
+    def broken(*_a, **_k):
+        raise ZeroDivisionError("float division by zero")
+
+    monkeypatch.setattr(simulation, "build_experiment", broken)
+    res = run_cli(tmp_path)
+    one_line_error(res, "ZeroDivisionError", "--debug", code=1)
+    with pytest.raises(ZeroDivisionError):
+        runner.invoke(app, ["run", *SMALL, "--out", str(tmp_path / "d"), "--debug"], catch_exceptions=False)
+
+
+# ------------------------------------------------------------------ pickle bombs in data files
+CIFAR = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+
+
+def cifar_dir(tmp_path, first: bytes) -> Path:
+    base = tmp_path / "cifar-10-batches-py"
+    base.mkdir()
+    rng = np.random.default_rng(0)
+    for name in CIFAR:
+        batch = {"labels": rng.integers(0, 10, 4).tolist(), "data": rng.integers(0, 256, (4, 3072), dtype=np.uint8)}
+        (base / name).write_bytes(pickle.dumps(batch, protocol=2))
+    (base / "data_batch_1").write_bytes(first)
+    return tmp_path
+
+
+def reconstruct_bomb(n: int) -> bytes:
+    """65 bytes: numpy's ``_reconstruct(ndarray, (n,), b'b')``, which allocates n bytes at once."""
+    return (b"\x80\x02cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nJ" + n.to_bytes(4, "little")
+            + b"\x85C\x01b\x87R.")
+
+
+def shared_list_bomb(depth: int) -> bytes:
+    """A dict whose 'data' is a list of 10 references to a list of 10 references ... (10^depth numbers):
+    a few hundred bytes that np.asarray would expand element by element."""
+    inner: list = [0]
+    for _ in range(depth):
+        inner = [inner] * 10
+    return pickle.dumps({"data": inner, "labels": [0]}, protocol=2)
+
+
+def void_dtype_bomb() -> bytes:
+    """A 2 GiB void dtype and an array of it: the dtype is refused before any array has it."""
+    class Big:
+        def __reduce__(self):
+            return np.dtype, ("V2000000000", False, True)
+
+    return pickle.dumps({"data": Big(), "labels": [0]}, protocol=2)
+
+
+@pytest.mark.parametrize("bomb, words", [
+    (lambda: reconstruct_bomb(2**31 - 1), ["_reconstruct", "2147483647"]),
+    (lambda: shared_list_bomb(9), ["'data'", "uint8"]),
+    (void_dtype_bomb, ["dtype", "V2000000000"]),
+])
+def test_pickle_bombs_refused_before_allocating(bomb, words, tmp_path, monkeypatch):
+    """The restricted unpickler builds nothing larger than its file: the bomb is refused with one line
+    while the process's address space is capped at 1 GiB above what it uses (an allocation of the bomb's
+    size would raise MemoryError instead of the refusal)."""
+    import resource
+
+    from fl_sim.config import DataConfig
+    from fl_sim.data import load_federated
+    from fl_sim.data.errors import DataError
+
+    data = bomb()
+    assert len(data) < 400
+    root = cifar_dir(tmp_path, data)
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    with open("/proc/self/statm") as f:
+        used = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    resource.setrlimit(resource.RLIMIT_AS, (used + 2**30, hard))
+    try:
+        with pytest.raises(DataError) as err:
+            load_federated(DataConfig(name="cifar10", root=str(root), partition="iid"), 4, 0)
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    msg = str(err.value)
+    assert "\n" not in msg and "data_batch_1" in msg
+    for w in words:
+        assert w in msg, (w, msg)
+
+
+def test_genuine_protocol_5_batches_with_numpy_labels_still_load(tmp_path):
+    """Arrays pickled by NumPy itself (protocol 2 and 5) pass the bounded reconstruction."""
+    from fl_sim.config import DataConfig
+    from fl_sim.data import load_federated
+
+    base = tmp_path / "cifar-10-batches-py"
+    base.mkdir()
+    rng = np.random.default_rng(1)
+    for i, name in enumerate(CIFAR):
+        batch = {"batch_label": "b", "labels": rng.integers(0, 10, 6).tolist(),
+                 "data": rng.integers(0, 256, (6, 3072), dtype=np.uint8), "filenames": [b"x.png"] * 6}
+        (base / name).write_bytes(pickle.dumps(batch, protocol=5 if i % 2 else 2))
+    fd = load_federated(DataConfig(name="cifar10", root=str(tmp_path), partition="iid"), 3, 0)
+    assert fd.client_sizes.sum() == 30
