@@ -274,3 +274,61 @@ def test_genuine_protocol_5_batches_with_numpy_labels_still_load(tmp_path):
         (base / name).write_bytes(pickle.dumps(batch, protocol=5 if i % 2 else 2))
     fd = load_federated(DataConfig(name="cifar10", root=str(tmp_path), partition="iid"), 3, 0)
     assert fd.client_sizes.sum() == 30
+
+
+# ------------------------------------------------------------------ sweep grid keys
+def _grid_values(name: str, default):
+    """Two valid values of a top-level key, both unlike its default."""
+    special = {"clients": ("7", "9"), "clients_per_round": ("2", "3"), "rounds": ("1", "2"),
+               "checkpoint_every": ("0", "1"), "eval_every": ("2", "3")}
+    if name in special:
+        return special[name]
+    if isinstance(default, bool):
+        return ("true", "false")
+    if isinstance(default, (int, float)):
+        return (str(default + 1), str(default + 2))
+    return ("alpha", "beta")
+
+
+def _top_level_scalars():
+    import dataclasses
+
+    from fl_sim.config import RunConfig
+
+    cfg = RunConfig()
+    return [(f.name, getattr(cfg, f.name)) for f in dataclasses.fields(RunConfig)
+            if not dataclasses.is_dataclass(getattr(cfg, f.name)) and not isinstance(getattr(cfg, f.name), dict)]
+
+
+@pytest.mark.parametrize("key, default", _top_level_scalars())
+def test_every_top_level_key_works_as_a_grid_key(key, default, tmp_path):
+    """The grid's value reaches the run's config (``--grid seed=1,2`` ran seed 0 twice: the repeat seed
+    override came after the grid's and won)."""
+    from fl_sim.results import RunRecorder
+    from fl_sim.sweep import run_sweep
+
+    seen = []
+
+    def fake_run(cfg, run_dir, **_):
+        from fl_sim.checkpoint import config_hash
+        from fl_sim.config import config_to_dict
+
+        seen.append(cfg)
+        rec = RunRecorder(Path(run_dir), config_to_dict(cfg))
+        rec.add({"round": 0, "test_accuracy": 0.5, "test_loss": 1.0, "wall_s": 0.0})
+        rec.finish({"config_hash": config_hash(config_to_dict(cfg))})
+
+    from fl_sim.config import load_config
+
+    values = _grid_values(key, default)
+    fixed = ["model.hidden=[8]"] + [f"{k}={v}" for k, v in (("clients", 10), ("clients_per_round", 1)) if k != key]
+    rows = run_sweep(None, [f"{key}={','.join(values)}"], tmp_path / "sw", repeats=2, runner=fake_run, overrides=fixed)
+    assert len(seen) == 4 and len(rows) == 4
+    for cfg, want in zip(seen, [v for v in values for _ in range(2)]):
+        if key != "seed":
+            assert getattr(cfg, key) == getattr(load_config(None, fixed + [f"{key}={want}"]), key) != default
+            assert all(r[key] in values for r in rows)
+    if key == "seed":  # repeats count up from the point's seed: 1, 2 and 2, 3
+        assert [c.seed for c in seen] == [1, 2, 2, 3]
+        assert [r["seed"] for r in rows] == [1, 2, 2, 3]
+        assert [Path(r["run_dir"]).name for r in rows] == ["seed1", "seed2", "seed2", "seed3"]
