@@ -273,6 +273,9 @@ def reproduce(
     full: bool = typer.Option(False, "--full", help="The full version (real data, more rounds) instead of the reduced one."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Output directory (default: runs/reproduce/NAME[-full])."),
     list_: bool = typer.Option(False, "--list", help="List the experiments and exit."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace other results already in --out DIR (without it such a DIR is refused)."
+    ),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Reproduce a paper experiment: CSV + PNG per part and summary.json (docs/reproductions.md)."""
@@ -287,7 +290,8 @@ def reproduce(
         out.print(table)
         return
     try:
-        summary = run_reproduction(name, full=full, out=out_dir, progress=lambda msg: console.print(msg))
+        summary = run_reproduction(name, full=full, out=out_dir, overwrite=overwrite,
+                                   progress=lambda msg: console.print(msg))
     except USER_ERRORS as exc:
         _fail(exc, debug)
         return

@@ -332,3 +332,32 @@ def test_every_top_level_key_works_as_a_grid_key(key, default, tmp_path):
         assert [c.seed for c in seen] == [1, 2, 2, 3]
         assert [r["seed"] for r in rows] == [1, 2, 2, 3]
         assert [Path(r["run_dir"]).name for r in rows] == ["seed1", "seed2", "seed2", "seed3"]
+
+
+# ------------------------------------------------------------------ reproduce --out
+def test_reproduce_refuses_a_dir_holding_a_run(tmp_path):
+    """``fl-sim reproduce X --out DIR`` replaced the summary.json of a finished run in DIR silently; now the
+    rule of ``fl-sim run --out``: refused with one line unless --overwrite. Its own earlier output is
+    replaced (a rerun), another experiment's is refused."""
+    import json
+
+    import yaml
+
+    from test_reproduce import TINY
+
+    d = tmp_path / "r"
+    assert runner.invoke(app, ["run", *SMALL, "--out", str(d)]).exit_code == 0
+    before = (d / "summary.json").read_bytes()
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(yaml.safe_dump(TINY))
+    res = runner.invoke(app, ["reproduce", str(spec), "--out", str(d)])
+    one_line_error(res, str(d), "--overwrite", "summary.json")
+    assert (d / "summary.json").read_bytes() == before
+    res = runner.invoke(app, ["reproduce", str(spec), "--out", str(d), "--overwrite"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((d / "summary.json").read_text())["experiment"] == "tiny_qcs"
+    assert not (d / "metrics.csv").exists() and not (d / "config.yaml").exists()  # the run's files went
+    assert runner.invoke(app, ["reproduce", str(spec), "--out", str(d)]).exit_code == 0  # its own output
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump({**TINY, "name": "tiny_other"}))
+    one_line_error(runner.invoke(app, ["reproduce", str(other), "--out", str(d)]), str(d), "--overwrite")
