@@ -87,6 +87,7 @@ def run(
 
     from .simulation import RunFailed
 
+    run_dir = cfg = None
     try:
         from .config import load_config
 
@@ -118,6 +119,11 @@ def run(
                 progress.update(task, completed=rnd, status=status)
 
             summary = run_experiment(cfg, run_dir, on_round, resume=resume is not None, overwrite=overwrite)
+    except KeyboardInterrupt:
+        if run_dir is not None and cfg is not None and cfg.checkpoint_every:
+            console.print(f"interrupted: the checkpoints in {run_dir} are kept; continue with fl-sim run --resume "
+                          f"{run_dir}", highlight=False, soft_wrap=True)
+        raise
     except RunFailed as exc:  # a dead Ray worker, or no round changed the model (NothingAggregated): exit 1, not 0
         _fail(exc, debug, code=1)
         return
@@ -346,17 +352,40 @@ def compare(
               + ", ".join(f"{t} {v:.3f}" for t, v in result["targets"].items()) + f" -> {docs}")
 
 
+def _lingering_threads() -> list:
+    """Threads other than this one that the interpreter would wait for at exit (Flower's ServerApp thread)."""
+    import threading
+
+    return [t for t in threading.enumerate() if t is not threading.current_thread() and t.is_alive() and not t.daemon]
+
+
 def main() -> None:
+    """The ``fl-sim`` entry point. Ctrl-C exits with 130 within seconds, on every backend.
+
+    Typer turns a KeyboardInterrupt into ``SystemExit(130)``; a normal exit then waits for every non-daemon
+    thread, and on the Ray backend Flower's ServerApp thread waits without end for replies that never come
+    (the run went on for minutes after Ctrl-C). So an exit that leaves such a thread behind stops Ray
+    (bounded) and leaves at once with its code; checkpoints are atomic files and stay.
+    """
     try:
         app()
+        code: int | str | None = 0
     except KeyboardInterrupt:
-        # Flower's ServerApp thread (not a daemon) would keep the interpreter alive waiting for replies
-        # that never come: stop Ray, then leave without waiting for threads.
+        code = 130
+    except SystemExit as exc:
+        code = exc.code
+    if code == 130:
         console.print("interrupted")
-        _shutdown_ray()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(130)
+    if not _lingering_threads():
+        sys.exit(code)
+    if not isinstance(code, int):  # sys.exit("message"): print it, exit 1
+        if code is not None:
+            console.print(str(code))
+        code = 1 if code is not None else 0
+    _shutdown_ray()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
