@@ -13,6 +13,10 @@ A pickle can call any importable function while it loads, so a crafted ``data_ba
 the globals the real format holds (NumPy's array reconstruction: ``_reconstruct``, ``ndarray``,
 ``dtype``, ``scalar``, and ``_frombuffer`` of protocol-5 pickles; and ``_codecs.encode`` to latin-1, which Python 3 uses for bytes in protocol-2
 pickles); dicts, lists, strings, bytes and ints need no global. Anything else is refused with one line.
+Nothing it builds is larger than a few times the file: arrays start empty and get only the bytes the file
+carries, dtypes are numbers of at most 16 bytes, and ``data``/``labels`` must have the real format's types
+before NumPy converts them (a 65-byte pickle asked ``_reconstruct`` for 2 GiB; a list of shared references
+expands without bound).
 
 Normalisation x ← (x/255 − mean)/std with the usual per-dataset statistics of the training sets:
 MNIST 0.1307 / 0.3081, Fashion-MNIST 0.2860 / 0.3530, CIFAR-10 per channel
