@@ -86,26 +86,23 @@ def check_sampling_options(cfg: RunConfig, nodes: int | None = None) -> None:
     from .config import _coerce
 
     options = cfg.strategy.options
-    for key, (zero_ok, allowed) in _FRACTIONS.items():
-        if key not in options:
-            continue
+
+    def given(key: str, tp: type):
         try:
-            v = _coerce(options[key], float, f"strategy.{key}")
+            return _coerce(options[key], tp, f"strategy.{key}") if key in options else None
         except ConfigError:
-            continue
-        if not (0 <= v <= 1 if zero_ok else 0 < v <= 1):
+            return None
+
+    for key, (zero_ok, allowed) in _FRACTIONS.items():
+        v = given(key, float)
+        if v is not None and not (0 <= v <= 1 if zero_ok else 0 < v <= 1):
             raise ConfigError(f"strategy.{key}={options[key]!r} is not allowed: a fraction of the nodes in {allowed} "
                               "(Flower would wait forever for more nodes than exist)")
     if nodes is None:
         return
     for key in _NODE_COUNTS:
-        if key not in options:
-            continue
-        try:
-            v = _coerce(options[key], int, f"strategy.{key}")
-        except ConfigError:
-            continue
-        if v > nodes:
+        v = given(key, int)
+        if v is not None and v > nodes:
             raise ConfigError(f"strategy.{key}={v} but this run has {nodes} SuperNodes (simulation.supernodes; "
                               f"automatic: one per client up to {AUTO_SUPERNODES:,}); Flower would wait "
                               f"forever for the missing ones: use strategy.{key} <= {nodes} or leave it out")

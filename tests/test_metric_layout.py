@@ -11,13 +11,13 @@ from __future__ import annotations
 import math
 
 import pytest
-from flwr.app import Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from fl_sim import keys
 from fl_sim.strategies import FedAvgBaseline
 from fl_sim.strategies.metric_keys import agreed_layout, conform, layout
 from fl_sim.testing import InMemoryGrid
-from test_reply_checks import K, cfg_for, run_tampered, server_part, toy_app
+from test_reply_checks import K, cfg_for, initial, run_tampered, server_part, toy_app
 
 
 def extra_key(reply, *_):
@@ -35,11 +35,6 @@ def renamed_record(reply, *_):
     return reply
 
 
-def list_train_loss_kind(reply, *_):
-    reply.content[keys.METRICS]["extra"] = [1.0, 2.0]
-    return reply
-
-
 def reported_norm(reply, *_):
     reply.content[keys.METRICS][keys.UPDATE_NORM] = 1.0
     return reply
@@ -53,9 +48,6 @@ CASES = {"extra key": (extra_key, "normalized"), "train-loss missing": (no_train
 def toy_round(strategy, tamper):
     grid = InMemoryGrid(toy_app(), 5)
     grid.tamper = lambda r: tamper(r) if int(r.content[keys.METRICS][keys.M_CID]) == 2 else r
-    from test_reply_checks import initial
-    from flwr.app import ConfigRecord
-
     msgs = list(strategy.configure_train(1, initial(), ConfigRecord(), grid))
     return strategy.aggregate_train(1, grid.send_and_receive(msgs))
 
@@ -91,10 +83,6 @@ def test_a_list_where_peers_send_a_number_is_rejected():
     s = FedAvgBaseline(clients_per_round=5, client_ids=range(5), seed=0)
     grid = InMemoryGrid(toy_app(), 5)
     grid.tamper = lambda r: (a_list if int(r.content[keys.METRICS][keys.M_CID]) == 2 else number)(r)
-    from flwr.app import ConfigRecord
-
-    from test_reply_checks import initial
-
     msgs = list(s.configure_train(1, initial(), ConfigRecord(), grid))
     _, metrics = s.aggregate_train(1, grid.send_and_receive(msgs))
     assert server_part(metrics)["clients_rejected"] == 1 and metrics["acc"] == pytest.approx(0.5)
