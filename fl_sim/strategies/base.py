@@ -19,8 +19,9 @@ rounds, so its logs, evaluation and options stay Flower's. One round (:class:`Up
 3. the inner strategy gets replies it aggregates as usual: ordinary model arrays ``w + Δ_i`` (or
    ``w + Δ̄`` for an aggregate-domain method, when fl-sim's own server step is on, or when the inner
    is a plain FedAvg, whose weighted mean of the ``w + Δ_i`` is ``w + Δ̄``) under its
-   ``arrayrecord_key``, with the client's *original* MetricRecord plus the server-counted
-   ``uplink-bits``. FedAdam's optimizer, FedProx, ``weighted_by_key``, ``train_metrics_aggr_fn``
+   ``arrayrecord_key``, with the client's own MetricRecord (under ``metrics``, given the round's agreed
+   metric layout: :meth:`UpdateStrategy.conform_metrics`, fl_sim.strategies.metric_keys) plus the
+   server-counted ``uplink-bits``. FedAdam's optimizer, FedProx, ``weighted_by_key``, ``train_metrics_aggr_fn``
    and evaluation are the inner's, unchanged.
 
 Returned MetricRecord: the inner's aggregate of the client metrics (names untouched) and fl-sim's
