@@ -272,15 +272,19 @@ def ray_endpoint_problem(host: str, port: int, *, client: bool = False) -> str |
     where ``ray.init`` would retry it for minutes."""
     import grpc
 
+    try:  # Ray's own generated stubs; a Ray without them gets the handshake check only
+        from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+        stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub
+        request = gcs_service_pb2.GetClusterIdRequest
+    except (ImportError, AttributeError):
+        client = True
     channel = grpc.insecure_channel(f"{host}:{port}")
     try:
         if client:
             grpc.channel_ready_future(channel).result(timeout=RAY_PROBE_TIMEOUT_S)
             return None
-        from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
-
-        gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(
-            gcs_service_pb2.GetClusterIdRequest(), timeout=RAY_PROBE_TIMEOUT_S)
+        stub(channel).GetClusterId(request(), timeout=RAY_PROBE_TIMEOUT_S)
         return None
     except grpc.FutureTimeoutError:
         return f"no gRPC handshake within {RAY_PROBE_TIMEOUT_S:g} s"
