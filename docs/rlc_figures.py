@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from fl_sim.channels import capacity_bits_per_use, digital_channel_uses
-from fl_sim.results import load_run
+from fl_sim.runs.results import load_run
 
 
 def mean(values) -> float:

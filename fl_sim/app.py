@@ -19,12 +19,12 @@ from functools import lru_cache
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from .build import build_experiment, build_strategy
-from .clients.app import make_client_app
-from .config import RunConfig, load_config
-from .results import RunRecorder
-from .config import config_to_dict
-from .simulation import default_run_dir, server_loop
+from fl_sim.runs.build import build_experiment, build_strategy
+from fl_sim.clients.app import make_client_app
+from fl_sim.config import RunConfig, load_config
+from fl_sim.runs.results import RunRecorder
+from fl_sim.config import config_to_dict
+from fl_sim.runs.simulation import default_run_dir, server_loop
 
 __all__ = ["server_app", "client_app", "config_from_run_config"]
 

@@ -85,11 +85,11 @@ def run(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .simulation import RunFailed
+    from fl_sim.runs.simulation import RunFailed
 
     run_dir = cfg = None
     try:
-        from .config import load_config
+        from fl_sim.config import load_config
 
         if resume is not None:
             if not (resume / "config.yaml").is_file():
@@ -99,7 +99,7 @@ def run(
             if overwrite:
                 raise ValueError("--overwrite and --resume: a resumed run continues its directory, it replaces nothing")
         cfg = load_config(config if config is not None or resume is None else resume / "config.yaml", set_)
-        from .simulation import default_run_dir, run_experiment
+        from fl_sim.runs.simulation import default_run_dir, run_experiment
 
         run_dir = resume or out_dir or default_run_dir(cfg)
         with Progress(
@@ -152,7 +152,7 @@ def report(
     debug: bool = typer.Option(False, "--debug"),
 ) -> None:
     """Table of runs and PNG plots (accuracy vs round, vs cumulative uplink bits)."""
-    from .results import report as make_report
+    from fl_sim.runs.results import report as make_report
 
     try:
         rows, plots = make_report(run_dirs, out_dir, baseline=baseline)
@@ -189,7 +189,7 @@ def sweep(
     debug: bool = typer.Option(False, "--debug"),
 ) -> None:
     """Run a grid of configs (resuming finished points); writes sweep.csv and PNG plots."""
-    from .sweep import run_sweep
+    from fl_sim.experiments.sweep import run_sweep
 
     try:
         rows = run_sweep(config, grid, out_dir, repeats=repeats, overrides=set_,
@@ -203,19 +203,11 @@ def sweep(
     out.print(f"{len(rows)} runs -> {out_dir / 'sweep.csv'}")
 
 
-bench_app = typer.Typer(help="Benchmarks (figures measured side by side in one run).")
+bench_app = typer.Typer(help="Benchmarks (figures measured side by side in one run); each module in fl_sim/bench. "
+                        "--smoke: tiny sizes, what the test suite runs (figures meaningless).")
 app.add_typer(bench_app, name="bench")
 
-
-@bench_app.command("codecs")
-def bench_codecs(
-    quick: bool = typer.Option(False, "--quick", help="Fewer sizes."),
-    targets: bool = typer.Option(False, "--targets", help="Only the speed targets (fwht, count sketch, FIHT), ~30 s."),
-    out_path: Path = typer.Option(Path("bench_out/codecs.json"), "--out"),
-) -> None:
-    """Encode/decode times of every codec and their ratio to an FFT of the same length."""
-    argv = ["--out", str(out_path)] + ["--quick"] * quick + ["--targets"] * targets
-    _bench_module("bench_codecs").main(argv)
+SMOKE_HELP = "Tiny sizes (what the test suite runs): checks the benchmark end to end; figures meaningless."
 
 
 def _bench_module(name: str):
@@ -223,6 +215,112 @@ def _bench_module(name: str):
     import importlib
 
     return importlib.import_module(f"fl_sim.bench.{name}")
+
+
+_BENCH_OPTIONS = {"debug": False}
+
+
+@bench_app.callback()
+def bench_options(debug: bool = typer.Option(False, "--debug", help="Show tracebacks (fl-sim bench --debug NAME ...).")) -> None:
+    _BENCH_OPTIONS["debug"] = debug
+
+
+def _run_bench(name: str, argv: list[str]) -> None:
+    """fl_sim.bench.<name>.main(argv); a user error (bad config, unwritable --out) is one line and exit code 2."""
+    try:
+        _bench_module(name).main(argv)
+    except (ValueError, OSError) as exc:
+        _fail(exc, debug=_BENCH_OPTIONS["debug"])
+
+
+@bench_app.command("codecs")
+def bench_codecs(
+    quick: bool = typer.Option(False, "--quick", help="Fewer sizes."),
+    targets: bool = typer.Option(False, "--targets", help="Only the speed targets (fwht, count sketch, FIHT), ~30 s."),
+    no_others: bool = typer.Option(False, "--no-others", help="Skip the transforms and recovery benchmarks."),
+    smoke: bool = typer.Option(False, "--smoke", help=SMOKE_HELP),
+    out_path: Path = typer.Option(Path("bench_out/codecs.json"), "--out"),
+) -> None:
+    """Encode/decode times of every codec and their ratio to an FFT of the same length."""
+    argv = ["--out", str(out_path)] + ["--quick"] * quick + ["--targets"] * targets + ["--no-others"] * no_others
+    _run_bench("bench_codecs", argv + ["--smoke"] * smoke)
+
+
+@bench_app.command("transforms")
+def bench_transforms(
+    quick: bool = typer.Option(False, "--quick", help="Fewer sizes and repeats."),
+    smoke: bool = typer.Option(False, "--smoke", help=SMOKE_HELP),
+    out_path: Path = typer.Option(Path("bench_out/transforms.json"), "--out"),
+) -> None:
+    """FWHT against torch.fft.rfft, the DCT at d = 668,426, and the projection operators' forward/adjoint."""
+    _run_bench("bench_transforms", ["--out", str(out_path)] + ["--quick"] * quick + ["--smoke"] * smoke)
+
+
+@bench_app.command("recovery")
+def bench_recovery(
+    quick: bool = typer.Option(False, "--quick", help="Sizes 10x smaller, one repeat."),
+    only: str = typer.Option("all", "--only", help="all, count_sketch or fiht."),
+    smoke: bool = typer.Option(False, "--smoke", help=SMOKE_HELP),
+    out_path: Path = typer.Option(Path("bench_out/recovery.json"), "--out"),
+) -> None:
+    """Count Sketch at FetchSGD's size and FIHT at Tang et al.'s, each against an FFT of the same length."""
+    argv = ["--only", only, "--out", str(out_path)] + ["--quick"] * quick + ["--smoke"] * smoke
+    _run_bench("bench_recovery", argv)
+
+
+@bench_app.command("fidelity")
+def bench_fidelity(
+    trials: int = typer.Option(200, "--trials", help="Encode seeds per relative MSE."),
+    smoke: bool = typer.Option(False, "--smoke", help=SMOKE_HELP),
+    out_path: Path = typer.Option(Path("bench_out/fidelity.json"), "--out"),
+) -> None:
+    """Codec fidelity (no timing): per-tensor vs whole-vector scales, QSGD's Elias bits, TernGrad's clipping."""
+    _run_bench("bench_codec_fidelity", ["--trials", str(trials), "--out", str(out_path)] + ["--smoke"] * smoke)
+
+
+@bench_app.command("encoding")
+def bench_encoding(
+    methods: str = typer.Option("topk_ef,qcs", "--methods", help="Shipped configs, comma-separated."),
+    per_round: str = typer.Option("100,1000", "--per-round", help="Clients per round, comma-separated."),
+    store: str = typer.Option("disk,context", "--store", help="Residual stores: disk and/or context."),
+    rounds: int = typer.Option(3, "--rounds", help="Rounds per point; the first is not timed."),
+    threads: int = typer.Option(0, "--threads", help="Torch threads (0: torch's default)."),
+    smoke: bool = typer.Option(False, "--smoke", help=SMOKE_HELP),
+    out_path: Path = typer.Option(Path("bench_out/encoding.json"), "--out"),
+) -> None:
+    """The client-side encoding stage of a round: per reply (compression_mod) against one block (cohort_encode)."""
+    argv = ["--methods", methods, "--per-round", per_round, "--store", store, "--rounds", str(rounds),
+            "--threads", str(threads), "--out", str(out_path)]
+    _run_bench("bench_encoding", argv + ["--smoke"] * smoke)
+
+
+@bench_app.command("memory-flat")
+def bench_memory_flat(
+    backend: str = typer.Option("ray", "--backend", help="ray and/or inline, comma-separated (each in its own process)."),
+    rounds: int = typer.Option(200, "--rounds"),
+    clients: int = typer.Option(200, "--clients"),
+    per_round: int = typer.Option(20, "--per-round"),
+    set_: List[str] = typer.Option([], "--set", help="Config override (repeatable)."),
+    smoke: bool = typer.Option(False, "--smoke", help=SMOKE_HELP),
+    out_path: Path = typer.Option(Path("bench_out/memory_flat.json"), "--out"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write the per-round memory PNG here."),
+) -> None:
+    """Process-tree memory at every round of a long run of top-k + error feedback (flat after warm-up)."""
+    argv = ["--backend", backend, "--rounds", str(rounds), "--clients", str(clients), "--per-round", str(per_round),
+            "--out", str(out_path)] + [x for s in set_ for x in ("--set", s)]
+    argv += (["--plot", str(plot)] if plot else []) + ["--smoke"] * smoke
+    _run_bench("bench_memory_flat", argv)
+
+
+@bench_app.command("fiht-vs-sketch")
+def bench_fiht_vs_sketch(
+    steps: int = typer.Option(60, "--steps", help="Update vectors in the stream."),
+    smoke: bool = typer.Option(False, "--smoke", help=SMOKE_HELP),
+    out_path: Optional[Path] = typer.Option(None, "--out", help="Also write the rows as JSON here."),
+) -> None:
+    """How much of a stream of updates reaches the model through FIHT-CS and Count Sketch with each residual rule."""
+    argv = ["--steps", str(steps)] + (["--out", str(out_path)] if out_path else []) + ["--smoke"] * smoke
+    _run_bench("fiht_vs_sketch_ef", argv)
 
 
 @bench_app.command("round")
@@ -240,14 +338,29 @@ def bench_round(
     quick: bool = typer.Option(False, "--quick", help="quickstart only, one repeat."),
     scale: bool = typer.Option(False, "--scale", help="Also 10,000 quickstart clients, 10% a round, 50 rounds, "
                                "vectorized (time, peak memory)."),
+    smoke: bool = typer.Option(False, "--smoke", help=SMOKE_HELP + " Plain and inline, no Ray."),
     out_path: Path = typer.Option(Path("bench_out/round.json"), "--out"),
 ) -> None:
     """R rounds of FedAvg through fl-sim (ray, inline, vectorized) against the same computation as a plain PyTorch loop."""
     argv = ["--workloads", workloads, "--per-round", per_round, "--modes", modes, "--rounds", str(rounds),
             "--repeats", str(repeats), "--num-cpus", num_cpus, "--out", str(out_path)]
     argv += ["--profile"] * profile + ["--what-if"] * what_if + ["--tune"] * tune + ["--quick"] * quick
-    argv += ["--scale"] * scale
-    _bench_module("bench_round").main(argv)
+    argv += ["--scale"] * scale + ["--smoke"] * smoke
+    _run_bench("bench_round", argv)
+
+
+@bench_app.command("plain-loop")
+def bench_plain_loop(
+    config: Optional[str] = typer.Argument(None, help="A FedAvg config (default: quickstart)."),
+    set_: List[str] = typer.Option([], "--set", help="Override a key (repeatable)."),
+    threads: int = typer.Option(1, "--threads", help="Torch threads (1: as one fl-sim client process)."),
+    smoke: bool = typer.Option(False, "--smoke", help=SMOKE_HELP),
+    out_path: Path = typer.Option(Path("bench_out/plain_loop.json"), "--out"),
+) -> None:
+    """FedAvg as a plain sequential PyTorch loop (bench round's reference): round times and test metrics."""
+    argv = [config or "quickstart", "--threads", str(threads), "--out", str(out_path)]
+    argv += [x for s in set_ for x in ("--set", s)] + ["--smoke"] * smoke
+    _run_bench("plain_loop", argv)
 
 
 @bench_app.command("scale")
@@ -260,8 +373,11 @@ def bench_scale(
     set_: List[str] = typer.Option([], "--set", help="Override for --config (repeatable)."),
     fabricate: Optional[str] = typer.Option(None, "--fabricate", help="cifar10 | mnist: fake data of the real size for --config."),
     timeout: float = typer.Option(300.0, "--timeout", help="Seconds per measurement."),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Where the curve's fabricated MNIST goes (default: temp dir)."),
+    smoke: bool = typer.Option(False, "--smoke", help=SMOKE_HELP + " Inline, 4 clients."),
     out_path: Path = typer.Option(Path("bench_out/scale.json"), "--out"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write the per-round time/memory curves PNG here."),
+    plot_only: bool = typer.Option(False, "--plot-only", help="Only redraw --plot from --out."),
 ) -> None:
     """Per-round time and peak memory (whole process tree) from 100 to 100,000 clients, or of one config."""
     argv = ["--clients", clients, "--nodes", nodes, "--backend", backend, "--rounds", str(rounds),
@@ -270,7 +386,33 @@ def bench_scale(
         argv += ["--config", config] + [x for s in set_ for x in ("--set", s)]
         argv += ["--fabricate", fabricate] if fabricate else []
     argv += ["--plot", str(plot)] if plot else []
-    _bench_module("bench_scale").main(argv)
+    argv += (["--data-root", str(data_root)] if data_root else []) + ["--smoke"] * smoke + ["--plot-only"] * plot_only
+    _run_bench("bench_scale", argv)
+
+
+@bench_app.command("ray-profile")
+def bench_ray_profile(
+    workload: str = typer.Option("lenet", "--workload", help="A bench round workload: quickstart, lenet or digits."),
+    per_round: int = typer.Option(100, "--per-round"),
+    rounds: int = typer.Option(4, "--rounds"),
+    num_cpus: float = typer.Option(1.0, "--num-cpus", help="simulation.num_cpus (CPUs per actor)."),
+    env: List[str] = typer.Option([], "--env", help="K=V,... for one run; repeat for an A/B (runs alternate)."),
+    repeats: int = typer.Option(1, "--repeats"),
+    py_spy: float = typer.Option(0.0, "--py-spy", help="Seconds of py-spy on one process from round 2."),
+    py_spy_target: str = typer.Option("actor", "--py-spy-target", help="actor, driver or raylet."),
+    poll_micro: Optional[str] = typer.Option(None, "--poll-micro", help="Only time Flower's message extractor, "
+                                             "NODESxMESSAGES,... e.g. 100x100,1000x100."),
+    timeout: float = typer.Option(600.0, "--timeout", help="Seconds per measurement."),
+    smoke: bool = typer.Option(False, "--smoke", help="The test suite's run: --poll-micro 10x10 only (the profile "
+                               "itself starts a Ray cluster)."),
+    out_path: Optional[Path] = typer.Option(None, "--out", help="Also write the results as JSON here."),
+) -> None:
+    """Where the CPU of a Ray round goes, per process and per thread (Flower's Ray backend, /proc)."""
+    argv = ["--workload", workload, "--per-round", str(per_round), "--rounds", str(rounds), "--num-cpus", str(num_cpus),
+            "--repeats", str(repeats), "--py-spy", str(py_spy), "--py-spy-target", py_spy_target,
+            "--timeout", str(timeout)] + [x for e in env for x in ("--env", e)]
+    argv += (["--poll-micro", poll_micro] if poll_micro else []) + (["--out", str(out_path)] if out_path else [])
+    _run_bench("ray_profile", argv + ["--smoke"] * smoke)
 
 
 @app.command()
@@ -285,7 +427,7 @@ def reproduce(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Reproduce a paper experiment: CSV + PNG per part and summary.json (docs/reproductions.md)."""
-    from .reproduce import list_experiments, reproduce as run_reproduction
+    from fl_sim.experiments.reproduce import list_experiments, reproduce as run_reproduction
 
     if list_ or name is None:
         table = Table(title="fl-sim reproduce NAME [--full]")
@@ -332,8 +474,8 @@ def compare(
     report_only: bool = typer.Option(False, "--report-only", help="Aggregate the finished runs only; run nothing."),
     debug: bool = typer.Option(False, "--debug"),
 ) -> None:
-    """Tune every method on validation data (equal budget), run the chosen settings over seeds, tabulate (fl_sim/compare.py)."""
-    from .compare import run_compare
+    """Tune every method on validation data (equal budget), run the chosen settings over seeds, tabulate (fl_sim/experiments/compare/)."""
+    from fl_sim.experiments.compare import run_compare
 
     try:
         result = run_compare(suite, tasks=[t.strip() for t in task.split(",") if t.strip()],

@@ -1,4 +1,4 @@
-"""Batched client-side encoding (issue 15): Codec.encode_batch / decode_batch, residual blocks, the grid path.
+"""Batched client-side encoding: Codec.encode_batch / decode_batch, residual blocks, the grid path.
 
 Every override must give ``encode_seeded``'s payloads bitwise (same tensors, dtypes, bits, meta) row by row,
 and decode_batch ``decode_seeded``'s vectors; the vectorized grid's block encoding must give the replies the
@@ -170,7 +170,7 @@ SETS = ["rounds=2", "clients=12", "clients_per_round=4", "data.name=synthetic", 
 
 
 def _rows(config, backend, monkeypatch=None, batched=True, extra=()):
-    import fl_sim.vectorized as fv
+    import fl_sim.engine.vectorized as fv
 
     encoded = []
     send = fv.VectorizedGrid.send_and_receive
@@ -205,9 +205,9 @@ def test_block_encoding_with_the_disk_residual_store(tmp_path):
     import csv
 
     from fl_sim.clients.residuals import DiskResidualStore
-    from fl_sim.simulation import run_experiment
+    from fl_sim.runs.simulation import run_experiment
 
-    import fl_sim.vectorized as fv
+    import fl_sim.engine.vectorized as fv
 
     def run(out, batched):
         calls = []

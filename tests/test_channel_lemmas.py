@@ -1,4 +1,4 @@
-"""Abdi's RLC over the MAC checked against the thesis' Lemmas (shared/papers/002_…, Ch. 5; NOTES.md §3.2).
+"""Abdi's RLC over the MAC checked against the thesis' Lemmas ([Abdi-thesis] Ch. 5; docs/notes.md#rlc).
 
 Encoder A = H R / sqrt(m) (eq. 5.3). Lemma 13 uses fl_sim.compression.projections.PartialHadamard, one
 seed per trial. The other Monte-Carlo tests use a batched dense copy (_RandomA): H = the first m rows
@@ -123,7 +123,7 @@ def test_lemma14_power_control_unbiased_bounded_and_within_budget():
     y = ch.transmit(x, h, round=0)
     g_hat = a.decode(y.real) / plan.c
     err = ((g_hat - g) ** 2).sum(1)
-    # Assert: unbiased; MSE = exact value (NOTES §3.2) <= bound (5.9); E‖x_i‖² = (5.8) <= P_i
+    # Assert: unbiased; MSE = exact value (docs/notes.md#rlc-lemma14) <= bound (5.9); E‖x_i‖² = (5.8) <= P_i
     _assert_z(g_hat, g, "Lemma 14 mean")
     mask = plan.mask.to(torch.float64)
     overlap = mask @ mask.T  # |S_i ∩ S_j|
@@ -154,7 +154,7 @@ def test_participation_with_inverse_probability_scaling_is_unbiased():
     y = ch.transmit(x, torch.ones(k, M, dtype=torch.complex128), round=0)
     g_hat = a.decode(y.real)
     err = ((g_hat - g) ** 2).sum(1)
-    # Assert: NOTES §3.2 [derived] MSE = (d/m)[‖g‖² + Σ(1/π_i − 1)α_i²‖g_i‖²] − ‖g‖² + d σ_R²
+    # Assert: docs/notes.md#rlc-participation (derived) MSE = (d/m)[‖g‖² + Σ(1/π_i − 1)α_i²‖g_i‖²] − ‖g‖² + d σ_R²
     spread = ((1 / pi - 1) * alpha**2 * g_i.pow(2).sum(1)).sum()
     formula = D / M * (g.pow(2).sum() + spread) - g.pow(2).sum() + D * REAL_NOISE_FRACTION * ch.noise_var
     _assert_z(g_hat, g, "participation mean")

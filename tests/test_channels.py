@@ -1,5 +1,5 @@
 """fl_sim.channels: fading laws, noise conventions, CSI, participation, power control, MACChannel,
-channel-use accounting and config errors (Abdi thesis Ch. 5, NOTES.md §3.2).
+channel-use accounting and config errors ([Abdi-thesis] Ch. 5, docs/notes.md#rlc).
 
 Monte-Carlo tolerances are derived in comments: standard error of the estimate x 5 (a fixed seed
 makes each test deterministic; 5 sigma keeps the test valid for any seed with probability ~1 - 6e-7).
@@ -330,7 +330,7 @@ def test_channel_use_arithmetic_reproduces_the_thesis():
     assert out["digital_bits"] == pytest.approx(53.3e6, rel=1e-3)  # "approximately 53e6"
     assert round(out["digital_channel_uses"] / 1e5) / 10 == 17.8  # "17.8e6 channel uses"
     assert out["analog_channel_uses"] == 50_000  # "only 50e3 channel uses"
-    assert 350 <= out["ratio"] < 356  # "a factor of at least 350" (NOTES: 355.6)
+    assert 350 <= out["ratio"] < 356  # "a factor of at least 350" (docs/notes.md#rlc-channel-uses: 355.6)
     assert analog_channel_uses(50_000, n_nodes=1000) == 50_000  # independent of the node count
     assert digital_channel_uses([3, 4, 0], 18.0) == 1 + 2 + 0  # ⌈bits/C⌉ per node, C = 3.001
     assert latency_s(50_000, 1e6, compute_s=0.5) == pytest.approx(0.55)

@@ -1,4 +1,4 @@
-"""CIFAR-10 batches are pickles: a crafted data_batch_1 must not run code (issue 16, item 9)."""
+"""CIFAR-10 batches are pickles: a crafted data_batch_1 must not run code."""
 
 from __future__ import annotations
 

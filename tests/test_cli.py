@@ -47,7 +47,7 @@ def test_run_report_inline(tmp_path):
     import torch
     from flwr.app import ArrayRecord
 
-    from fl_sim.build import build_experiment
+    from fl_sim.runs.build import build_experiment
     from fl_sim.config import load_config
 
     exp = build_experiment(load_config(tmp_path / "topk" / "config.yaml"))
@@ -81,16 +81,17 @@ def test_console_script_exits_2_without_traceback():
 
 
 def test_run_that_never_aggregates_exits_1(tmp_path, monkeypatch):
-    """Issue 14 item 6: with the ClientApp's compression_mod gone, every reply of a compressed method is
-    rejected; the run used to exit 0 (and save the initial model). Now: one error line, exit code 1,
-    no model.pt."""
+    """With the ClientApp's compression_mod gone, every reply of a compressed method is rejected; the run
+    used to exit 0 (and save the initial model). Now round 1 stops it: one error line naming the mod,
+    exit code 1, no model.pt, summary.json marked failed."""
     import fl_sim.clients.app as client_app
 
     monkeypatch.setattr(client_app, "compression_mod", lambda msg, ctx, call_next: call_next(msg, ctx))
     res = runner.invoke(app, ["run", "configs/topk_ef.yaml", *SMALL, "--out", str(tmp_path / "r")])
     assert res.exit_code == 1, res.output
-    assert "Traceback" not in res.output and "no round aggregated" in res.output
+    assert "Traceback" not in res.output and "lacks compression_mod" in res.output
     assert not (tmp_path / "r" / "model.pt").exists()
+    assert "compression_mod" in json.loads((tmp_path / "r" / "summary.json").read_text())["failed"]
 
 
 def _one_line_error(res, *words):
@@ -104,7 +105,7 @@ def _one_line_error(res, *words):
 
 
 def test_run_refuses_an_occupied_dir(tmp_path):
-    """Issue 16 item 1: a second `run --out DIR` on a finished run no longer replaces it silently."""
+    """A second `run --out DIR` on a finished run no longer replaces it silently."""
     d = tmp_path / "r"
     assert runner.invoke(app, ["run", *SMALL, "--out", str(d)]).exit_code == 0
     before = (d / "summary.json").read_bytes()
@@ -117,7 +118,7 @@ def test_run_refuses_an_occupied_dir(tmp_path):
 
 
 def test_run_refuses_a_locked_dir(tmp_path):
-    """Issue 16 item 1: while one run holds DIR/.lock, another run on DIR fails at once with one line."""
+    """While one run holds DIR/.lock, another run on DIR fails at once with one line."""
     import fcntl
 
     d = tmp_path / "r"
@@ -130,7 +131,7 @@ def test_run_refuses_a_locked_dir(tmp_path):
 
 
 def test_sweep_reruns_points_whose_config_changed(tmp_path):
-    """Issue 16 item 2: changed fixed settings are not 'done'; unchanged engine settings are."""
+    """Changed fixed settings are not 'done'; unchanged engine settings are."""
     args = ["sweep", "--grid", "train.lr=0.05", *SMALL, "--out", str(tmp_path / "sw")]
     assert runner.invoke(app, args).exit_code == 0
     res = runner.invoke(app, args + ["--set", "rounds=3"])
@@ -143,8 +144,8 @@ def test_sweep_reruns_points_whose_config_changed(tmp_path):
 
 
 def test_sweep_point_names_are_injective(tmp_path):
-    """Issue 16 item 3: hf:/a/b.parquet and hf:/a_b.parquet used to share one directory."""
-    from fl_sim.sweep import _point_name, run_sweep
+    """Sweep point names are injective: hf:/a/b.parquet and hf:/a_b.parquet used to share one directory."""
+    from fl_sim.experiments.sweep import _point_name, run_sweep
 
     seen = []
 
@@ -177,9 +178,9 @@ def _mnist_with_label(root: Path, label: int) -> None:
         write_idx(raw / f"{split}-labels-idx1-ubyte", y)
 
 
-# Issue 16 items 10-13, 15: each bad value ends in one line naming it, exit 2, no traceback.
+# Each bad value ends in one line naming it, exit 2, no traceback.
 BAD_VALUES = {
-    # item 11: sizes that cannot fit (estimate and the machine's memory, before allocating)
+    # sizes that cannot fit (estimate and the machine's memory, before allocating)
     "hidden_1e8": (["model.hidden=[100000000]"], ["model.hidden", "GiB", "available"]),
     "synthetic_classes_1e7": (["data.synthetic_classes=10000000"], ["synthetic_classes", "GiB", "available"]),
     "qcs_block_2_40": (["strategy.name=qcs", "strategy.block=1099511627776"], ["strategy.block", "GiB"]),
@@ -187,7 +188,7 @@ BAD_VALUES = {
     "count_sketch_rows_1e6": (["strategy.name=compressed", "codec.name=count_sketch", "codec.rows=1000000"],
                               ["codec.rows", "GiB"]),
     "fetchsgd_cols_1e9": (["strategy.name=fetchsgd", "strategy.cols=1000000000"], ["strategy.cols", "GiB"]),
-    # item 12: values that make nothing learn
+    # values that make nothing learn
     "lr_inf": (["train.lr=inf"], ["train.lr", "finite"]),
     "lr_1e308": (["train.lr=1e308"], ["train.lr", "1000"]),
     "weight_decay_inf": (["train.weight_decay=inf"], ["train.weight_decay", "finite"]),
@@ -204,25 +205,25 @@ BAD_VALUES = {
 
 @pytest.mark.parametrize("case", list(BAD_VALUES))
 def test_bad_values_one_line(case, tmp_path, monkeypatch):
-    import fl_sim.memory
+    import fl_sim.engine.memory
 
-    real = fl_sim.memory.available_bytes()
+    real = fl_sim.engine.memory.available_bytes()
     assert real is None or real > 0
     # the size cases need 89 GiB and more: as on a 16 GiB machine, whatever this one has
-    monkeypatch.setattr(fl_sim.memory, "available_bytes", lambda: min(real or 2**34, 2**34))
+    monkeypatch.setattr(fl_sim.engine.memory, "available_bytes", lambda: min(real or 2**34, 2**34))
     sets, words = BAD_VALUES[case]
     args = ["run", *SMALL] + [x for s in sets for x in ("--set", s)] + ["--out", str(tmp_path / "o")]
     _one_line_error(runner.invoke(app, args), *words)
 
 
 def test_diverged_model_stops_the_run():
-    """Item 12: a global model that became inf/NaN (model.pt all NaN before) stops the run with one line."""
+    """A global model that became inf/NaN (model.pt all NaN before) stops the run with one line."""
     import numpy as np
     from flwr.app import Array, ArrayRecord
 
-    from fl_sim.build import build_experiment
+    from fl_sim.runs.build import build_experiment
     from fl_sim.config import load_config
-    from fl_sim.simulation import server_loop
+    from fl_sim.runs.simulation import server_loop
 
     exp = build_experiment(load_config(None, [s for s in SMALL if s != "--set"]))
 
@@ -239,8 +240,8 @@ def test_diverged_model_stops_the_run():
 
 
 def test_bad_files_one_line(tmp_path):
-    """Item 12 (files): duplicate YAML keys, non-UTF-8 YAML, MNIST labels outside 0..9, corrupt
-    metrics.csv / summary.json in report; item 10: --out that is a file, a full disk."""
+    """Bad files: duplicate YAML keys, non-UTF-8 YAML, MNIST labels outside 0..9, corrupt
+    metrics.csv / summary.json in report; bad outputs: --out that is a file, a full disk."""
     dup = tmp_path / "dup.yaml"
     dup.write_text("rounds: 2\ntrain:\n  lr: 0.1\n  lr: 5\n")
     _one_line_error(runner.invoke(app, ["run", str(dup)]), "dup.yaml", "line 4", "'lr'", "twice")
@@ -266,7 +267,7 @@ def test_disk_full_names_the_path(tmp_path, monkeypatch):
     import errno
     import os as _os
 
-    import fl_sim.results
+    import fl_sim.runs.results
 
     real = _os.replace
 
@@ -275,7 +276,7 @@ def test_disk_full_names_the_path(tmp_path, monkeypatch):
             raise OSError(errno.ENOSPC, _os.strerror(errno.ENOSPC))  # as a write on a full disk: no file name
         return real(src, dst)
 
-    monkeypatch.setattr(fl_sim.results.os, "replace", full)
+    monkeypatch.setattr(fl_sim.runs.results.os, "replace", full)
     res = runner.invoke(app, ["run", *SMALL, "--out", str(tmp_path / "o")])
     _one_line_error(res, str(tmp_path / "o" / "metrics.csv"), "No space left")
 
@@ -287,7 +288,7 @@ def test_typer_shows_no_locals():
 @pytest.mark.parametrize("name, params", [("count_sketch", {}), ("cs_fiht", {"measurements": 50}),
                                           ("onebit_cs", {"measurements": 50})])
 def test_codec_rejects_overflow_at_encode(name, params):
-    """Item 15: a finite x whose measurements overflow float32 is refused by encode, not at decode."""
+    """A finite x whose measurements overflow float32 is refused by encode, not at decode."""
     import torch
 
     from fl_sim.compression.base import CodecError, make_codec
@@ -315,7 +316,7 @@ def _cli(*args, timeout=60):
     (["simulation.ray_address=127.0.0.1:1"], ["simulation.ray_address", "127.0.0.1:1"]),  # retried forever
 ])
 def test_engine_waits_are_bounded(sets, words, tmp_path):
-    """Issue 16 item 13: refused before Ray starts, within seconds, one line."""
+    """Engine waits that cannot end are refused before Ray starts, within seconds, one line."""
     args = ["run", "--set", "rounds=1", "--set", "simulation.backend=ray", "--out", str(tmp_path / "o")]
     p = _cli(*args, *[x for s in sets for x in ("--set", s)])
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
@@ -324,7 +325,7 @@ def test_engine_waits_are_bounded(sets, words, tmp_path):
 
 
 def test_ctrl_c_exits_despite_a_waiting_thread(tmp_path):
-    """Issue 16 item 13: Ctrl-C while Flower's ServerApp thread (not a daemon) waits for replies used to keep
+    """Ctrl-C while Flower's ServerApp thread (not a daemon) waits for replies used to keep
     the process alive; main() now leaves at once with exit code 130."""
     import os
     import signal

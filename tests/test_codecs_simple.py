@@ -234,7 +234,7 @@ def test_qsgd_and_terngrad_codecs_unbiased_over_seeds():
 @pytest.mark.parametrize("name", ["identity", "fp16", "topk", "randk", "qsgd", "sign", "terngrad", "qcs", "rlc",
                                   "cs_fiht", "onebit_cs", "count_sketch"])
 def test_declared_payload_spec_matches_what_encode_sends(name):
-    """Each codec declares its payload (issue 14: the server validates replies against the declaration
+    """Each codec declares its payload (the server validates replies against the declaration
     instead of encoding a zero vector every round): names, shapes and dtypes equal a real payload's, for
     two seeds, and validate_payload accepts it and rejects a tensor of the wrong shape or an extra one."""
     from fl_sim.compression import PayloadError, make_codec

@@ -1,8 +1,8 @@
-"""Issue 12 item 4: QSGD's Elias Code_s (Alistarh et al. 2017, Section 3.2) on a real bit stream.
+"""QSGD's Elias Code_s ([Alistarh-2017], Section 3.2) on a real bit stream.
 
 decode(encode(x)) == x on many random inputs (hypothesis), the stream length equals the codec's
 ``bits``, the Elias omega code words are the textbook ones, and the bit counts at d = 10,000 match the
-figures of the issue (1,206 / 3,673 / 9,784 for s = 1 / 4 / 16) and stay under Theorem 3.2's bound.
+reference figures (1,206 / 3,673 / 9,784 for s = 1 / 4 / 16, measured on Gaussian vectors) and stay under Theorem 3.2's bound.
 """
 
 from __future__ import annotations
@@ -110,13 +110,13 @@ def test_malformed_streams_raise():
         decode_elias_omega(*gap_encode_stream(torch.tensor([1, 5])), 1)  # trailing bits
 
 
-def test_bits_at_d_10000_match_the_issue_figures_and_theorem_3_2():
+def test_bits_at_d_10000_match_the_reference_figures_and_theorem_3_2():
     # Gaussian x, one norm (Section 3.2 codes the whole vector). Mean of 20 vectors: its SE is ~2% of
     # the mean (per-vector std / mean ~ 7% for s = 1, less for larger s), so 6% is a 3-SE band around the
-    # issue's figures, which were themselves measured on random vectors.
+    # reference figures, which were themselves measured on random Gaussian vectors.
     d = 10_000
-    issue = {1: 1206, 4: 3673, 16: 9784}
-    for s, target in issue.items():
+    reference = {1: 1206, 4: 3673, 16: 9784}
+    for s, target in reference.items():
         codec = make_codec("qsgd", dim=d, levels=s)
         bits = [codec.encode(torch.randn(d, generator=torch_generator(t, "g")), seed=t).bits for t in range(20)]
         mean = float(np.mean(bits))

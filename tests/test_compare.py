@@ -1,4 +1,4 @@
-"""fl-sim compare (issue 13): the validation split, the suite spec, tuning choice on validation data only,
+"""fl-sim compare: the validation split, the suite spec, tuning choice on validation data only,
 aggregation on fabricated run directories against hand-computed numbers, resume by config hash, and a
 tiny smoke run of the command."""
 
@@ -11,7 +11,7 @@ import yaml
 from typer.testing import CliRunner
 
 from fl_sim.cli import app
-from fl_sim.compare import (
+from fl_sim.experiments.compare import (
     DONE_FILE,
     PlannedRun,
     aggregate,
@@ -301,8 +301,8 @@ def test_rlc_suite_keeps_each_methods_channel(tmp_path):
 def test_worker_runs_batched_calls_on_one_thread(tmp_path, monkeypatch):
     """A suite worker keeps its one-thread contract: automatic cohort_threads (one per core) becomes 1, so
     --jobs N vectorized workers do not each take every core; an explicit value is kept."""
-    import fl_sim.compare as fc
-    import fl_sim.simulation as fsim
+    import fl_sim.experiments.compare.runner as fc
+    import fl_sim.runs.simulation as fsim
 
     seen = []
     monkeypatch.setattr(fsim, "run_experiment", lambda cfg, d: seen.append(cfg.simulation.cohort_threads) or {})

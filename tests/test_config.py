@@ -82,13 +82,13 @@ def test_yaml_errors(tmp_path):
 
 
 def test_validation_reads_the_registries(monkeypatch):
-    """One source of truth (issue 14): a strategy added to fl_sim.strategies.STRATEGIES is a valid
+    """One source of truth: a strategy added to fl_sim.strategies.STRATEGIES is a valid
     strategy.name without editing config.py (which kept its own tuple of names), and codec.name is
     checked against the codec registry at load time (it was not checked before round 1)."""
     from fl_sim import strategies
     from fl_sim.config import ConfigError, config_from_dict
 
-    monkeypatch.setitem(strategies.STRATEGIES, "my_method", ".compressed:CompressedFedAvg")
+    monkeypatch.setitem(strategies.STRATEGIES, "my_method", "fl_sim.strategies.compressed:CompressedFedAvg")
     assert config_from_dict({"strategy": {"name": "my_method"}}).strategy.name == "my_method"
     with pytest.raises(ConfigError, match="codec.name='nope'.*topk"):
         config_from_dict({"codec": {"name": "nope"}})

@@ -1,4 +1,4 @@
-"""DaQuSGD (issue 12 item 6): Theorem 3's 1/N over considered samples, Algorithm 1's unbiased version
+"""DaQuSGD ([Hanna-DaQuSGD]): Theorem 3's 1/N over considered samples, Algorithm 1's unbiased version
 (exact DataQ + GradCorrQ) end to end, and the per-round sample budget."""
 
 import json
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from fl_sim import keys
+from fl_sim.wire import keys
 from fl_sim.compression.dataq import dataq_bits, dequantize_normalized, dequantize_selection
 from fl_sim.config import config_from_dict
 from fl_sim.testing import run_in_memory
@@ -26,9 +26,9 @@ def _cfg(strategy, **over):
 
 def _one_round(cfg, threshold):
     """Drive one DaQuSGD round by hand; return (strategy, replies, applied update)."""
-    from fl_sim.build import build_experiment, build_strategy
+    from fl_sim.runs.build import build_experiment, build_strategy
     from fl_sim.clients.app import make_client_app
-    from fl_sim.records import flatten_arrays
+    from fl_sim.wire.records import flatten_arrays
     from fl_sim.testing import InMemoryGrid
 
     exp = build_experiment(cfg)

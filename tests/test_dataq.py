@@ -1,4 +1,4 @@
-"""DataQ / GradCorrQ (Hanna et al., Alg. 2 and 3, Theorem 1; NOTES §5) and the ``dataq`` codec."""
+"""DataQ / GradCorrQ ([Hanna-DaQuSGD] Alg. 2 and 3, Theorem 1; docs/notes.md#daqusgd) and the ``dataq`` codec."""
 
 import dataclasses
 import itertools
@@ -35,12 +35,12 @@ def test_set_size_matches_brute_force(d, m):
     assert dataq_set_size(d, m) == size  # hockey-stick: C(2d + (m-1)^2, 2d)
     assert dataq_bits(d, m) == math.ceil(math.log2(size))
     if (d, m) == (2, 3):
-        assert size == 70  # NOTES §5
+        assert size == 70  # docs/notes.md#dataq-size
 
 
 def test_bits_for_paper_sizes_and_large_arguments():
-    assert dataq_bits(3072, 8) == 409  # NOTES §6: exact log2|S| = 408.4 (CIFAR-10, m = 8)
-    assert dataq_bits(150528, 8) == 684  # NOTES §6: 683.2 (ImageNet)
+    assert dataq_bits(3072, 8) == 409  # docs/notes.md#dataq-size: exact log2|S| = 408.4 (CIFAR-10, m = 8)
+    assert dataq_bits(150528, 8) == 684  # 683.2 (ImageNet)
     # the log-sum path (min(2d, (m-1)^2) > 4096) agrees with exact big-integer arithmetic
     for d, m in ((3000, 100), (2100, 70), (5000, 66)):
         n, k = 2 * d + (m - 1) ** 2, 2 * d
@@ -68,7 +68,7 @@ def test_dataq_in_s_and_error_bound():
     zq = dataq_dequantize(a, b, m, bound)
     err = (z - zq).abs().max()
     assert err <= bound / (m - 1) + 1e-6  # Theorem 1 (iii): 0.142857
-    assert float(err) > 0.9 * bound / (m - 1)  # and the bound is nearly attained (NOTES: max 0.142857)
+    assert float(err) > 0.9 * bound / (m - 1)  # the bound is nearly attained (notes: max 0.142857)
     assert (zq[1] == 0).all() and zq[2, 7] == -1.0
     assert (zq.norm(dim=1) <= (1 + math.sqrt(d) / (m - 1)) * bound + 1e-5).all()
 

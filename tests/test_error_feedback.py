@@ -64,7 +64,7 @@ def test_remark_3_optimal_beta_and_lemma_9_eta():
     assert optimal_beta(gamma, "mmse") == 1.0  # eq. 4.18
     eta_u = residual_bound(gamma, 1 / 3, "unbiased")
     eta_m = residual_bound(gamma, 1.0, "mmse")
-    assert eta_u == pytest.approx(gamma * (gamma + 1))  # = 6 (NOTES §6)
+    assert eta_u == pytest.approx(gamma * (gamma + 1))  # = 6 (docs/notes.md#weighted-ef)
     assert eta_m == pytest.approx(gamma / (math.sqrt(gamma + 1) - math.sqrt(gamma)) ** 2)
     assert eta_m == pytest.approx(19.798, abs=1e-3)
     assert eta_u < eta_m < 4 * gamma * (gamma + 1)  # Remark 4: below Karimireddy's 4 gamma (gamma + 1) = 24
@@ -138,7 +138,7 @@ def test_server_ef_telescopes_and_checkpoints():
         assert torch.allclose(e, p - delta)
         total_delta += delta
         total_g += g
-    # sum_t Delta_t = eta sum_t g_t - e_T  (NOTES §4 [ext] telescoping)
+    # sum_t Delta_t = eta sum_t g_t - e_T  (docs/notes.md#tang-fiht: telescoping)
     assert torch.allclose(total_delta, eta * total_g - sef.error, atol=1e-5)
     state = sef.state_dict()
     other = ServerErrorFeedback(lr=1.0)

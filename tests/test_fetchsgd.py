@@ -1,4 +1,4 @@
-"""FetchSGD (issue 12 item 7): the paper's sketch shape by default, Algorithm 1's error accumulation
+"""FetchSGD ([Rothchild-2020]): the paper's sketch shape by default, Algorithm 1's error accumulation
 (η_s on the momentum sketch; zeroing or linear removal), and the true / local top-k ablations."""
 
 import json
@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fl_sim import keys
+from fl_sim.wire import keys
 from fl_sim.config import config_from_dict, load_config
-from fl_sim.records import flatten_arrays, payload_from_records
+from fl_sim.wire.records import flatten_arrays, payload_from_records
 
 ROOT = Path(__file__).resolve().parents[1]
 K = 4
@@ -27,7 +27,7 @@ def _rounds(cfg, n):
     """Drive n rounds by hand; per round (payloads, weights, applied update, strategy state copies)."""
     from flwr.app import ConfigRecord
 
-    from fl_sim.build import build_experiment, build_strategy
+    from fl_sim.runs.build import build_experiment, build_strategy
     from fl_sim.clients.app import make_client_app
     from fl_sim.testing import InMemoryGrid
 
@@ -55,8 +55,15 @@ def test_default_configs_use_the_papers_sketch_shape():
         assert s["rows"] == 5 and s["k"] <= s["rows"] * s["cols"] // 5, (name, s)  # k well below the cells
     from fl_sim.strategies import FetchSGD
 
-    f = FetchSGD()
-    assert f.rows == 5 and f.k <= f.cols // 5
+    f = FetchSGD()  # README's row: rows=5, compression=10, k_ratio=0.02, momentum=0.9
+    d = 61_706
+    p = f.codec_params_for(d)
+    assert f.rows == 5 and f.rho == 0.9 and f.compression == 10 and f.k_ratio == 0.02
+    assert p["cols"] == round(d / 50) and p["k"] == round(0.02 * d) <= p["rows"] * p["cols"] // 5
+    explicit = FetchSGD(cols=100, k=7)
+    assert explicit.codec_params_for(d) == {"rows": 5, "cols": 100, "k": 7}
+    with pytest.raises(ValueError, match="give one"):
+        FetchSGD(cols=100, compression=10)
 
 
 @pytest.mark.parametrize("removal", ["zero", "subtract"])
@@ -121,7 +128,7 @@ def test_local_topk_sends_client_topk_with_error_feedback_and_global_momentum():
 
 
 def test_bad_mode_is_a_config_error():
-    from fl_sim.build import build_experiment, build_strategy
+    from fl_sim.runs.build import build_experiment, build_strategy
     from fl_sim.config import ConfigError
 
     with pytest.raises(ConfigError, match="mode"):

@@ -1,4 +1,4 @@
-"""Issue 12 items 3 and 5: per-tensor scales (granularity / segments) for qsgd, terngrad, sign, topk,
+"""Per-tensor scales (granularity / segments) for qsgd, terngrad, sign, topk,
 TernGrad's 2.5-sigma clipping, the codecs' check_values, and the server filling in ``segments``.
 
 Closed forms used (x fixed, randomness over the codec's seed):
@@ -20,14 +20,14 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fl_sim import keys
+from fl_sim.wire import keys
 from fl_sim.clients.mods import compression_mod
 from fl_sim.compression import Codec, Payload, PayloadError, make_codec
 from fl_sim.compression.base import CodecError
 from fl_sim.compression.quantizers import qsgd_quantize, sigma_clip, split_k, terngrad_quantize
 from fl_sim.compression.segments import Segments
-from fl_sim.protocol import load_params
-from fl_sim.records import flatten_arrays
+from fl_sim.wire.protocol import load_params
+from fl_sim.wire.records import flatten_arrays
 from fl_sim.rng import torch_generator
 from fl_sim.strategies import CompressedFedAvg
 from fl_sim.testing import InMemoryGrid
@@ -76,7 +76,7 @@ def test_segments_reductions_and_buckets():
 
 
 def test_qsgd_per_tensor_mse_is_lower_and_matches_the_closed_form():
-    # issue 12 item 3: one norm per tensor instead of one for the whole vector (issue: 8.38 vs 5.69)
+    # one norm per tensor instead of one for the whole vector (the figures that motivated it: 8.38 vs 5.69)
     x, s, trials = layered(), 4, 300
     d = x.numel()
     exact = {g: _qsgd_exact_mse(x, s, Segments(SIZES, d) if g == "tensor" else Segments.whole(d))
@@ -92,7 +92,7 @@ def test_qsgd_per_tensor_mse_is_lower_and_matches_the_closed_form():
 
 
 def test_terngrad_per_layer_mse_is_lower_and_matches_the_closed_form():
-    # issue 12 item 3 (issue: 3.30 vs 1.98), clipping off to isolate the scale granularity
+    # one scale per layer (the figures that motivated it: 3.30 vs 1.98), clipping off to isolate the scale granularity
     x, trials = layered(1), 300
     d = x.numel()
     for clip in (None, 2.5):
@@ -164,14 +164,14 @@ def test_topk_per_tensor_matches_a_per_tensor_reference(seed):
 
 
 def test_terngrad_clipping_cuts_the_mse_on_heavy_tails():
-    # issue 12 item 5: Student-t (3 dof) input; without clipping the one scale max|x| is huge
+    # TernGrad's clipping: Student-t (3 dof) input; without clipping the one scale max|x| is huge
     g = torch_generator(5, "student")
     z = torch.randn(10_000, generator=g)
     chi = (torch.randn(3, 10_000, generator=g) ** 2).sum(0)
     x = z / (chi / 3).sqrt()  # Student-t with 3 degrees of freedom
     seg = Segments.whole(x.numel())
     exact = {c: _terngrad_exact_mse(x, seg, c) for c in (None, 2.5)}
-    assert exact[2.5] < exact[None] / 5  # about 10x here (issue: ~20x)
+    assert exact[2.5] < exact[None] / 5  # about 10x here (~20x in the figures that motivated it)
     for c in (None, 2.5):
         codec = make_codec("terngrad", dim=x.numel(), clip_sigma=c)
         _, mse = _mc(codec, x, 100)

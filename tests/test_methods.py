@@ -76,7 +76,7 @@ def test_fetchsgd_bits_and_sketch_state(momentum):
 def test_qcs_bits(granularity):
     rows, s = rows_after(cfg_for({"name": "qcs", "block": 64, "k": 16, "levels": 2, "granularity": granularity}))
     d = d_of(s)
-    if granularity == "tensor":  # each tensor padded to whole blocks of 64 on its own (issue 12)
+    if granularity == "tensor":  # each tensor padded to whole blocks of 64 on its own
         lengths = [p.numel() for p in torch.nn.Linear(60, 32).parameters()] + [32 * 10, 10]
         assert s.codec_params_for(d)["segments"] == lengths and sum(lengths) == d
         blocks = sum(math.ceil(n / 64) for n in lengths)
@@ -125,10 +125,10 @@ def test_digital_baseline_channel_uses():
 def test_malformed_payload_rejected(caplog):
     from flwr.app import Array
 
-    from fl_sim import keys
-    from fl_sim.build import build_experiment, build_strategy
+    from fl_sim.wire import keys
+    from fl_sim.runs.build import build_experiment, build_strategy
     from fl_sim.clients.app import make_client_app
-    from fl_sim.simulation import server_loop
+    from fl_sim.runs.simulation import server_loop
     from fl_sim.testing import InMemoryGrid
 
     cfg = cfg_for({"name": "fiht_cs", "compression": 4}, rounds=2)

@@ -13,7 +13,7 @@ import math
 import pytest
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
-from fl_sim import keys
+from fl_sim.wire import keys
 from fl_sim.strategies import FedAvgBaseline
 from fl_sim.strategies.metric_keys import agreed_layout, conform, layout
 from fl_sim.testing import InMemoryGrid

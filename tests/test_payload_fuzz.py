@@ -1,4 +1,4 @@
-"""Payload fuzz: random malformed and extreme replies through every strategy (issue 16, acceptance).
+"""Payload fuzz: random malformed and extreme replies through every strategy.
 
 For each strategy, the honest replies of round 1 are computed once on the in-memory grid (real
 ClientApp and mods); every hypothesis example then tampers some of them (metrics, arrays, payload
@@ -30,12 +30,12 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fl_sim import keys
-from fl_sim.build import build_experiment, build_strategy
+from fl_sim.wire import keys
+from fl_sim.runs.build import build_experiment, build_strategy
 from fl_sim.clients.app import make_client_app
 from fl_sim.compression import Codec, PayloadError
 from fl_sim.config import config_from_dict
-from fl_sim.records import flatten_arrays, read_array
+from fl_sim.wire.records import flatten_arrays, read_array
 from fl_sim.strategies.base import SERVER_PREFIX
 from fl_sim.testing import InMemoryGrid
 
@@ -179,7 +179,7 @@ def test_fuzzed_replies_never_abort_or_poison(name, edits):
             bad.add(which)
     replies = [Message(content=contents[n], reply_to=m) for n, m in zip(nodes, msgs)]
     arrays, metrics = s.aggregate_train(1, replies)  # the round completes: no exception
-    metrics = {k[len(SERVER_PREFIX):]: v for k, v in metrics.items() if k.startswith(SERVER_PREFIX)}  # issue 14
+    metrics = {k[len(SERVER_PREFIX):]: v for k, v in metrics.items() if k.startswith(SERVER_PREFIX)}  # server.<name>
 
     assert metrics["clients_ok"] + metrics["clients_failed"] == K
     assert metrics["clients_rejected"] >= len(bad)

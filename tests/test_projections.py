@@ -121,14 +121,14 @@ def test_batched_forward_equals_row_by_row(name: str) -> None:
 # ---------------------------------------------------------------- Lemma 6 and unbiasedness
 @pytest.mark.parametrize(("d", "k", "block"), [(256, 32, None), (512, 16, 128), (64, 64, None)])
 def test_lemma6_T_Tt_equals_n_over_k_identity(d: int, k: int, block: int | None) -> None:
-    # Abdi eq. (4.3): T T^T = (n/k) I_k per block (d a multiple of n, so no column is cut by padding).
+    # [Abdi-thesis] eq. (4.3): T T^T = (n/k) I_k per block (d a multiple of n, so no column is cut by padding).
     op = PartialHadamard(d, k, seed=11, block=block)
     T = op.dense()
     torch.testing.assert_close(T @ T.T, (op.n / k) * torch.eye(op.m, dtype=F64), rtol=0, atol=1e-12)
 
 
 def test_rlc_encoder_rows_are_orthogonal() -> None:
-    # Abdi eq. (5.3): A = H R / sqrt(m), H an m x d partial Hadamard with H H^T = d I  =>  A A^T = (d/m) I.
+    # [Abdi-thesis] eq. (5.3): A = H R / sqrt(m), H an m x d partial Hadamard with H H^T = d I  =>  A A^T = (d/m) I.
     d, m = 128, 24
     A = PartialHadamard(d, m, seed=12).dense()
     torch.testing.assert_close(A @ A.T, (d / m) * torch.eye(m, dtype=F64), rtol=0, atol=1e-12)

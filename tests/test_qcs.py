@@ -1,9 +1,9 @@
-"""QCS (Abdi Ch. 4: Theorem 7, Lemma 8, eq. 4.11, 1-bit erratum) and RLC (Ch. 5: Lemma 13).
+"""QCS ([Abdi-thesis] Ch. 4: Theorem 7, Lemma 8, eq. 4.11, 1-bit erratum) and RLC (Ch. 5: Lemma 13).
 
 Monte-Carlo trick: QCS is blockwise and every block draws its own signs, rows and dither, so a vector
 of B blocks is B independent trials in one encode/decode. Tolerances: 5 standard errors of the MC mean
-(sample std / sqrt(trials)); NOTES §6 reference values get 5 SE of ours plus 1.5% for their own MC noise
-and test-vector choice (NOTES does not state either).
+(sample std / sqrt(trials)); the reference values of docs/notes.md#qcs-numbers get 5 SE of ours plus 1.5%
+for their own MC noise and test-vector choice (the notes state neither).
 """
 
 import math
@@ -92,7 +92,8 @@ def test_one_bit_variant_unbiased_and_printed_formula_biased_by_two():
     g_hat, _, codec = _blocks_trial(n, k, 0.5, g, seed=9)
     se = g_hat.std(0) / math.sqrt(b)
     assert ((g_hat.mean(0) - g[0]).abs() <= 5 * se).all()
-    # printed eq. 4.6 with rho = 2||v||_inf: v_hat = rho (q - u) (NOTES §3.3), rebuilt from the payload
+    # printed eq. 4.6 with rho = 2||v||_inf: v_hat = rho (q - u) (docs/notes.md#qcs-1bit-erratum),
+    # rebuilt from the payload
     p = codec.encode(g.reshape(-1), seed=9)
     rho = p.tensors["scale"].double() / 0.5
     v_printed = (p.tensors["q"].double() - codec._dither(9).double()) * rho.unsqueeze(1)
@@ -107,7 +108,7 @@ def test_mmse_scaling_lowers_the_error_below_lemma_8():
     _, r_unb, cu = _blocks_trial(n, k, 1, g)
     _, r_mmse, cm = _blocks_trial(n, k, 1, g, alpha="mmse")
     mean, se = _mean_se(r_mmse)
-    bound = cu.gamma / (cu.gamma + 1)  # Lemma 8: (1 - alpha) = gamma/(gamma+1) = 0.9340 (NOTES: emp 0.9195)
+    bound = cu.gamma / (cu.gamma + 1)  # Lemma 8: (1 - alpha) = gamma/(gamma+1) = 0.9340 (notes' Monte-Carlo: 0.9195)
     assert cm.mse_bound == pytest.approx(bound)
     assert mean + 5 * se < bound
     assert abs(mean - 0.9195) < 5 * se + 0.015

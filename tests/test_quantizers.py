@@ -1,4 +1,5 @@
-"""Quantizer kernels: dithered (Abdi eqs. 4.4-4.7, 1-bit erratum NOTES §3.3), QSGD, TernGrad, sign, top-k.
+"""Quantizer kernels: dithered ([Abdi-thesis] eqs. 4.4-4.7; the 1-bit erratum of docs/notes.md#qcs-1bit-erratum),
+QSGD, TernGrad, sign, top-k.
 
 Statistical tests: fixed seeds, T independent trials batched as rows; tolerances are 5 standard errors
 of the Monte-Carlo mean (two-sided normal tail 5.7e-7 per check), derived in each test.
@@ -66,7 +67,7 @@ def test_one_bit_erratum_fixed_form_unbiased_printed_form_biased_by_two():
     # fixed v_hat = rho (q/2 - u): error rho U(-1/2,1/2), SE per coordinate rho sqrt(1/(12 T))
     se = rho * math.sqrt(1 / (12 * T))
     assert (v_hat.mean(0) - v).abs().max() < 5 * se
-    # printed v_hat = rho (q - u): E = 2 v (NOTES §3.3). Var <= rho^2 (1 + 1/12) per entry.
+    # printed v_hat = rho (q - u): E = 2 v (docs/notes.md#qcs-1bit-erratum). Var <= rho^2 (1 + 1/12) per entry.
     printed = rho * (q.to(torch.float32) - u)
     se_p = rho * math.sqrt((1 + 1 / 12) / T)
     assert (printed.mean(0) - 2 * v).abs().max() < 5 * se_p

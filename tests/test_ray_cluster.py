@@ -111,7 +111,7 @@ def _kill(pids: set[int], sig: int) -> None:
 def test_simulation_on_an_existing_ray_cluster(tmp_path):
     import ray
 
-    from fl_sim.simulation import run_experiment
+    from fl_sim.runs.simulation import run_experiment
 
     port = _free_port()
     temp = tempfile.mkdtemp(prefix="flsim-ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes

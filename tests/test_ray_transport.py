@@ -1,11 +1,11 @@
 """What fl-sim changes in how Flower 1.41's Ray backend moves messages: the indexed get_message_ins
-returns what Flower's own method returns (fl_sim.flower_poll); the ClientApp pickles as its recipe."""
+returns what Flower's own method returns (fl_sim.engine.flower_poll); the ClientApp pickles as its recipe."""
 
 from __future__ import annotations
 
 import pytest
 
-from fl_sim import flower_poll
+from fl_sim.engine import flower_poll
 
 pytest.importorskip("flwr.server.superlink.linkstate.in_memory_linkstate")
 
@@ -16,7 +16,7 @@ def _positions(state, msgs) -> list[int]:
 
 
 def test_patch_applies_to_this_flower():
-    assert flower_poll.patchable(), "flwr's InMemoryLinkState.get_message_ins changed: re-check fl_sim/flower_poll.py"
+    assert flower_poll.patchable(), "flwr's InMemoryLinkState.get_message_ins changed: re-check fl_sim/engine/flower_poll.py"
 
 
 def test_same_messages_as_flower():

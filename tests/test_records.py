@@ -1,4 +1,4 @@
-"""fl_sim.records: the faster readers and writers give exactly Flower's bytes and arrays."""
+"""fl_sim.wire.records: the faster readers and writers give exactly Flower's bytes and arrays."""
 
 import numpy as np
 import pytest
@@ -6,7 +6,7 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAvg
 
-from fl_sim.records import (ParsedArray, _fast_view, array_bits, flatten_arrays, flatten_with_bits, ndarray_to_array,
+from fl_sim.wire.records import (ParsedArray, _fast_view, array_bits, flatten_arrays, flatten_with_bits, ndarray_to_array,
                             read_array, unflatten_into)
 from fl_sim.testing import InMemoryGrid
 

@@ -87,7 +87,7 @@ def test_fiht_recovers_exactly_sparse(transform, start):
 
 @pytest.mark.parametrize("transform", ["dct", "wht"])
 def test_fiht_default_tolerance_matches_reference_precision(transform):
-    # Issue 12 item 8: with the library defaults, exactly K-sparse vectors must come back with the
+    # With the library defaults, exactly K-sparse vectors must come back with the
     # precision of the authors' FIHT.py (relative error 1e-7..1e-5). The old default tol = 1e-4 stopped
     # at relative errors of 3e-5..1.6e-4 on these draws (measured); tol = 1e-6 gives 4e-7..1.7e-6.
     # Bound 1e-5: the top of the reference's range, 6x above the worst measured draw.

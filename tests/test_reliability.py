@@ -67,7 +67,7 @@ def test_node_options_within_bounds_still_run(tmp_path):
 def test_memory_precheck_bounds_clients_before_drawing_them(monkeypatch):
     """10^8 synthetic clients: the pre-check refuses from n_k >= 50 without drawing one size per client."""
     import fl_sim.data.synthetic as synthetic
-    import fl_sim.memory as memory
+    import fl_sim.engine.memory as memory
     from fl_sim.config import config_from_dict
 
     def per_client(*_):
@@ -135,7 +135,7 @@ def test_disk_full_during_a_checkpoint(tmp_path, monkeypatch):
     write(2) does). torch.save wrote straight to the file and failed with "[enforce fail at
     inline_container.cc] unexpected pos" (a traceback; measured the same on a full 256 KiB tmpfs); now
     one line with the path and the cause, and no temporary left behind."""
-    import fl_sim.checkpoint as checkpoint
+    import fl_sim.runs.checkpoint as checkpoint
 
     class NearlyFullDisk(io.FileIO):
         free = 600
@@ -176,7 +176,7 @@ def test_truncated_mnist_gz_one_line(tmp_path):
 
 def test_unexpected_exception_is_one_line_exit_1(tmp_path, monkeypatch):
     """Whatever no check anticipated: one line naming the exception and --debug, exit 1."""
-    import fl_sim.simulation as simulation
+    import fl_sim.runs.simulation as simulation
 
     def broken(*_a, **_k):
         raise ZeroDivisionError("float division by zero")
@@ -304,13 +304,13 @@ def _top_level_scalars():
 def test_every_top_level_key_works_as_a_grid_key(key, default, tmp_path):
     """The grid's value reaches the run's config (``--grid seed=1,2`` ran seed 0 twice: the repeat seed
     override came after the grid's and won)."""
-    from fl_sim.results import RunRecorder
-    from fl_sim.sweep import run_sweep
+    from fl_sim.runs.results import RunRecorder
+    from fl_sim.experiments.sweep import run_sweep
 
     seen = []
 
     def fake_run(cfg, run_dir, **_):
-        from fl_sim.checkpoint import config_hash
+        from fl_sim.runs.checkpoint import config_hash
         from fl_sim.config import config_to_dict
 
         seen.append(cfg)

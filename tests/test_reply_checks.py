@@ -1,4 +1,4 @@
-"""One client must never abort a run or poison the model (issue 16, items 5-7).
+"""One client must never abort a run or poison the model.
 
 Each test sends one bad reply through a real strategy on the in-memory grid (real ClientApp and mods)
 and checks that the round completes, the reply is rejected or bounded, logged with its node, and
@@ -19,13 +19,14 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fl_sim import keys
-from fl_sim.build import build_experiment, build_strategy
+from fl_sim.wire import keys
+from fl_sim.runs.build import build_experiment, build_strategy
+from fl_sim.clients import compression_mod
 from fl_sim.clients.app import make_client_app
 from fl_sim.compression import PayloadError
 from fl_sim.config import config_from_dict
-from fl_sim.records import flatten_arrays, read_array
-from fl_sim.simulation import server_loop
+from fl_sim.wire.records import flatten_arrays, read_array
+from fl_sim.runs.simulation import server_loop
 from fl_sim.strategies import FedAvgBaseline, guards
 from fl_sim.strategies.base import SERVER_PREFIX
 from fl_sim.testing import InMemoryGrid
@@ -136,13 +137,17 @@ def test_rlc_client_id_out_of_range_rejected(caplog):
     assert all(r["clients_rejected"] == 1 for r in rows[1:])
 
 
-def test_duplicate_client_id_rejected(caplog):
-    cfg = cfg_for({"name": "fedavg"})
+def round_one(cfg):
+    """(strategy, grid, the honest replies of round 1) of ``cfg`` on the in-memory grid (real ClientApp)."""
     exp = build_experiment(cfg)
     s = build_strategy(exp)
     grid = InMemoryGrid(make_client_app(cfg), cfg.clients)
     msgs = list(s.configure_train(1, exp.initial_arrays, ConfigRecord(), grid))
-    replies = list(grid.send_and_receive(msgs))
+    return s, grid, list(grid.send_and_receive(msgs))
+
+
+def test_duplicate_client_id_rejected(caplog):
+    s, _, replies = round_one(cfg_for({"name": "fedavg"}))
     replies.append(replies[0])
     with caplog.at_level("ERROR", logger="fl_sim"):
         _, metrics = s.aggregate_train(1, replies)
@@ -180,12 +185,12 @@ def test_daqusgd_huge_sent_loss_does_not_stop_sending(caplog):
     assert s.threshold < 100.0 and rows[2]["received_samples"] > 0
 
 
-# ---------------------------------------------------------------- guards (item 6), toy client: w + (cid+1)
+# ---------------------------------------------------------------- guards, toy client: w + (cid+1)
 D = 7
 
 
 def toy_app():
-    app = ClientApp()
+    app = ClientApp(mods=[compression_mod])
 
     @app.train()
     def _train(msg: Message, ctx):
@@ -202,7 +207,7 @@ def initial():
 
 
 def server_part(metrics):
-    """fl-sim's server figures of a returned MetricRecord (issue 14's wrapper names them ``server.<name>``)."""
+    """fl-sim's server figures of a returned MetricRecord (the wrapper names them ``server.<name>``)."""
     return {k[len(SERVER_PREFIX):]: v for k, v in metrics.items() if k.startswith(SERVER_PREFIX)}
 
 
@@ -364,7 +369,7 @@ def test_rlc_huge_reported_norm_rejected(caplog):
     assert any("update-norm" in r.getMessage() for r in caplog.records if r.levelname == "ERROR")
 
 
-# ---------------------------------------------------------------- item 7: bits counted by the server
+# ---------------------------------------------------------------- bits counted by the server
 def test_declared_bits_never_trusted_and_logged_once(caplog):
     def lie(reply, rnd):
         reply.content[keys.PAYLOAD_META][keys.P_BITS] = 2**62
@@ -394,16 +399,12 @@ def test_fedavg_bits_are_the_arrays_that_arrived():
 
 
 def test_variable_length_codec_bits_come_from_its_own_count(monkeypatch, caplog):
-    """A codec whose size depends on the data counts each payload (Codec.payload_bits); the claim is ignored."""
+    """A codec whose size depends on the data counts each payload (Codec.payload_bits, its coding's own count,
+    which the encoder also claims); a claim other than that count is refused (tests/test_reply_round.py)."""
     from fl_sim.compression.codecs.simple import TopKCodec
 
-    monkeypatch.setattr(TopKCodec, "payload_bits", lambda self, payload: 1000 + int(payload.tensors["indices"][0]))
-    cfg = cfg_for({"name": "compressed"}, {"name": "topk", "k": 20}, rounds=1)
-    exp = build_experiment(cfg)
-    s = build_strategy(exp)
-    grid = InMemoryGrid(make_client_app(cfg), cfg.clients)
-    msgs = list(s.configure_train(1, exp.initial_arrays, ConfigRecord(), grid))
-    replies = list(grid.send_and_receive(msgs))
+    monkeypatch.setattr(TopKCodec, "_bits", lambda self, idx: 1000 + int(idx.reshape(-1)[0]))
+    s, _, replies = round_one(cfg_for({"name": "compressed"}, {"name": "topk", "k": 20}, rounds=1))
     expected = sum(1000 + int(r.content[keys.ARRAYS]["indices"].numpy()[0]) for r in replies)
     _, metrics = s.aggregate_train(1, replies)
     metrics = server_part(metrics)

@@ -1,4 +1,4 @@
-"""fl-sim reproduce: spec loading, the codec-level Abdi Ch. 4 experiment on a tiny grid (its numbers
+"""fl-sim reproduce: spec loading, the codec-level [Abdi-thesis] Ch. 4 experiment on a tiny grid (its numbers
 checked against Theorem 7, Lemma 8, Lemma 9 and the exact rand-k variance), and the generic 'runs'
 kind on a 2-round in-process config (report, Pareto figure, resume)."""
 
@@ -12,7 +12,7 @@ import yaml
 from typer.testing import CliRunner
 
 from fl_sim.cli import app
-from fl_sim.reproduce import (
+from fl_sim.experiments.reproduce import (
     best_qcs_parameters,
     codec_block_errors,
     list_experiments,
@@ -41,7 +41,7 @@ def test_every_runs_experiment_config_validates_reduced_and_full():
     # Every run of every 'runs' experiment must be a valid fl-sim config with its overrides (a typo in a
     # paper YAML would otherwise surface only minutes into a reproduction).
     from fl_sim.config import load_config
-    from fl_sim.reproduce import _resolve_config
+    from fl_sim.experiments.reproduce.runner import _resolve_config
 
     for name, kind, _ in list_experiments():
         if kind != "runs":
@@ -64,7 +64,7 @@ def test_unknown_experiment_and_bad_kind_are_one_line_errors(tmp_path):
 
 
 def test_best_parameters_match_notes_table():
-    # NOTES §6: best (k, Q) for gain ~ 32 at n = 256 is k = 110, Q = 2, gamma = 2.017; gain 100: k = 35, Q = 2, 7.99.
+    # docs/notes.md#qcs-numbers: best (k, Q) for gain ~ 32 at n = 256 is k = 110, Q = 2, gamma = 2.017; gain 100: k = 35, Q = 2, 7.99.
     b = best_qcs_parameters(256, 32)
     assert (b["k"], b["levels"], round(b["gamma"], 3)) == (110, 2, 2.017)
     b = best_qcs_parameters(256, 100)
@@ -192,7 +192,7 @@ def test_runs_kind_cumulative_channel_uses_and_sparsity_plot(tmp_path):
     # A FedAvg run with a digital channel section counts sum_i ceil(bits_i / C) channel uses per round;
     # 'cumulative' sums them into report.csv and a plot; 'metric_plots' draws update_sparsity vs round.
     from fl_sim.channels.accounting import digital_channel_uses
-    from fl_sim.results import load_run
+    from fl_sim.runs.results import load_run
 
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(TINY_RUN))
     spec = {

@@ -12,7 +12,7 @@ from flwr.app import Context, RecordDict
 from fl_sim.clients.residuals import ContextResidualStore, DiskResidualStore
 from fl_sim.config import load_config
 from fl_sim.rng import torch_generator
-from fl_sim.simulation import run_experiment
+from fl_sim.runs.simulation import run_experiment
 
 
 def context() -> Context:
@@ -163,9 +163,9 @@ def test_topk_ef_run_disk_equals_context(dtype, tmp_path):
 
 def test_disk_store_keeps_residuals_out_of_the_contexts(tmp_path):
     """Through the real ClientApp: residuals land in the store's rows, node contexts stay empty."""
-    from fl_sim.build import build_experiment, build_strategy
+    from fl_sim.runs.build import build_experiment, build_strategy
     from fl_sim.clients.app import make_client_app
-    from fl_sim.simulation import residual_store, server_loop
+    from fl_sim.runs.simulation import residual_store, server_loop
     from fl_sim.testing import InMemoryGrid
 
     cfg = load_config("configs/topk_ef.yaml", ["rounds=3", "clients=20", "clients_per_round=5",

@@ -1,4 +1,4 @@
-"""RLCOverTheAir (Abdi Ch. 5, eqs. 5.3-5.11, Lemmas 13-14) driven through the real Flower message
+"""RLCOverTheAir ([Abdi-thesis] Ch. 5, eqs. 5.3-5.11, Lemmas 13-14) driven through the real Flower message
 path (configure_train -> ClientApp with compression_mod -> aggregate_train) on an InMemoryGrid.
 
 The test ClientApp "trains" by returning received + Δ_cid with fixed updates Δ_cid, so the exact
@@ -16,10 +16,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.clientapp import ClientApp
 
 from fl_sim.strategies.base import SERVER_PREFIX
-from fl_sim import keys
+from fl_sim.wire import keys
 from fl_sim.clients.mods import compression_mod
-from fl_sim.protocol import get_codec
-from fl_sim.records import flatten_arrays
+from fl_sim.wire.protocol import get_codec
+from fl_sim.wire.records import flatten_arrays
 from fl_sim.strategies.rlc import M_UPDATE_NORM, REPORT_NORM, RLCOverTheAir
 from fl_sim.testing import InMemoryGrid
 
@@ -112,7 +112,7 @@ def test_noiseless_decode_is_exact_projection_of_weighted_sum():
 )
 def test_decode_unbiased_and_mse_matches_lemma(channel):
     """Over T rounds (fresh A, fading, b_i, noise each round) E[ĝ] = g = Σ α_i Δ_i, and for no fading
-    with all subchannels the MSE is the formula of NOTES §3.2 (5.10, derived):
+    with all subchannels the MSE is the formula of docs/notes.md#rlc-participation (5.10, derived):
         (d/m)[‖g‖² + (1/π − 1) Σ α_i² ‖Δ_i‖²] − ‖g‖² + d σ_R²/c²   (σ_R²/c² reported per round)
     True norms are reported (norm_mod), so c and S_i do not depend on A and the decode is exactly
     unbiased (Lemma 14)."""

@@ -1,4 +1,4 @@
-"""Flower's robust aggregators as inner strategies of fl-sim's methods (issue 16, item 6).
+"""Flower's robust aggregators as inner strategies of fl-sim's methods.
 
 With methods that decode each reply, the wrapper hands the inner strategy one model per client, so
 FedMedian, FedTrimmedAvg and Krum aggregate them as they would plain FedAvg replies: one client far
@@ -19,7 +19,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedMedian, FedTrimmedAvg, Krum
 
 from fl_sim.clients import compression_mod
-from fl_sim.records import flatten_arrays
+from fl_sim.wire.records import flatten_arrays
 from fl_sim.strategies import QCS, CompressedFedAvg
 from fl_sim.testing import InMemoryGrid
 

@@ -1,8 +1,8 @@
-"""Work that is the same for every client of a round is done once per round (issue 7, "Scale").
+"""Work that is the same for every client of a round is done once per round.
 
 Common randomness (the run's one Φ of FIHTCS, the Count Sketch hashes of FetchSGD, and every operator
 under ``seed_mode=shared``) is built from its seed once per process and reused by every client's encode
-and the server's decode (``SeedCache``). QCS's operators are each client's own (issue 12).
+and the server's decode (``SeedCache``). QCS's operators are each client's own (per-client seeds).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def test_shared_operators_are_built_once_per_round_not_per_client(monkeypatch, c
 
 
 def test_per_client_qcs_builds_one_operator_per_client_and_side(monkeypatch):
-    # QCS's R and S are each client's own (issue 12): per round, one operator per client on the client
+    # QCS's R and S are each client's own (per-client seeds): per round, one operator per client on the client
     # side (its EF decode reuses it), at most one per client at the server's decode (the in-process cache
     # holds 4 of the 6 clients' operators; which hit depends on the reply order), one for the reference.
     built = _count(monkeypatch, projections.PartialHadamard)

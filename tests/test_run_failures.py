@@ -1,4 +1,4 @@
-"""A run whose clients all fail, or whose Ray worker died, must not end as a success (issue 16, item 8)."""
+"""A run whose clients all fail, or whose Ray worker died, must not end as a success."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def failing_app(cfg, **_):
 
 def test_run_where_every_client_failed_exits_with_totals(tmp_path, monkeypatch):
     import fl_sim.clients.app
-    from fl_sim.simulation import RunFailed, run_experiment
+    from fl_sim.runs.simulation import RunFailed, run_experiment
 
     monkeypatch.setattr(fl_sim.clients.app, "make_client_app", failing_app)
     with pytest.raises(RunFailed, match="every client failed in every round"):
@@ -42,7 +42,7 @@ def test_run_where_every_client_failed_exits_with_totals(tmp_path, monkeypatch):
 
 
 def test_summary_carries_failure_totals(tmp_path):
-    from fl_sim.simulation import run_experiment
+    from fl_sim.runs.simulation import run_experiment
 
     summary = run_experiment(small(), tmp_path / "run")
     assert summary["clients_ok_total"] == 9 and summary["clients_failed_total"] == 0
@@ -65,9 +65,9 @@ class DyingWorkerGrid(InMemoryGrid):
 
 
 def test_dead_ray_worker_stops_the_run_loudly():
-    from fl_sim.build import build_experiment, build_strategy
+    from fl_sim.runs.build import build_experiment, build_strategy
     from fl_sim.clients.app import make_client_app
-    from fl_sim.simulation import RunFailed, server_loop
+    from fl_sim.runs.simulation import RunFailed, server_loop
 
     cfg = small(clients_per_round=6)
     exp = build_experiment(cfg)
@@ -81,7 +81,7 @@ def test_dead_ray_worker_stops_the_run_loudly():
 
 
 def _dies_in_round_2(msg, context, call_next):  # a ClientApp mod: the worker process exits hard
-    from fl_sim import keys
+    from fl_sim.wire import keys
 
     config = msg.content.get(keys.CONFIG)
     if config is not None and int(config.get(keys.ROUND, 0)) == 2 and int(config.get(keys.CID, -1)) == 0:
@@ -94,7 +94,7 @@ def test_ray_worker_killed_hard_fails_the_run(tmp_path, monkeypatch):
     """One Ray worker exits hard (os._exit) in round 2: the run stops with RunFailed, not exit 0."""
     import fl_sim.clients.app
     from fl_sim.clients.mods import compression_mod
-    from fl_sim.simulation import RunFailed, run_experiment
+    from fl_sim.runs.simulation import RunFailed, run_experiment
 
     real = fl_sim.clients.app.make_client_app
     monkeypatch.setattr(fl_sim.clients.app, "make_client_app",

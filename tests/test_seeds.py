@@ -1,7 +1,7 @@
-"""Issue 12, items 1-3: common vs per-client codec randomness, OneBitCS (Mitra & Khisti) fidelity, QCS blocks.
+"""Common vs per-client codec randomness, OneBitCS ([Mitra-Khisti-2020]) fidelity, QCS blocks.
 
 Statistical tests use fixed seeds and tolerances derived from the Monte-Carlo standard error (stated
-at each test). Each test fails on the code before issue 12 (one seed per round for every client, one
+at each test). Each test fails on the earlier codecs (one seed per round for every client, one
 shared dither with a common Phi, one scale for the whole vector, Phi redrawn every round, QCS blocks
 across tensor boundaries).
 """
@@ -15,12 +15,12 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fl_sim import keys
+from fl_sim.wire import keys
 from fl_sim.clients.mods import compression_mod
 from fl_sim.compression import Payload, PayloadError, Seeds, make_codec
 from fl_sim.compression.base import CodecError, check_seed, client_round_seed
-from fl_sim.protocol import codec_seeds
-from fl_sim.records import flatten_arrays
+from fl_sim.wire.protocol import codec_seeds
+from fl_sim.wire.records import flatten_arrays
 from fl_sim.strategies import strategy_class
 from fl_sim.strategies.compressed import CompressedFedAvg
 from fl_sim.strategies.onebit import OneBitCS
@@ -76,7 +76,7 @@ def test_per_client_is_the_default_everywhere_and_shared_is_an_option():
         CompressedFedAvg(seed_mode="per_round")
 
 
-# ------------------------------------------------------------------------------------------------ item 1
+# ------------------------------------------------------------------------ per-client randomness
 @pytest.mark.parametrize("mode", ["per_client", "shared"])
 def test_qcs_aggregate_mse_falls_as_one_over_k_only_with_per_client_randomness(mode):
     # K clients encode the same x; the server averages their decodes. Unbiased QCS with independent
@@ -142,7 +142,7 @@ def test_strategy_and_client_mod_derive_the_same_seeds_and_errors_average_out(mo
         assert mean > 2.0, mean
 
 
-# ------------------------------------------------------------------------------------------------ item 2
+# ------------------------------------------------------------------------ OneBitCS fidelity
 def test_onebit_common_phi_has_each_workers_own_dither():
     # phi="common": one Phi for all, but u_i is client i's own. The aggregate's dequantized measurements
     # v_bar = sum_i w_i v_hat_i have error sum_i w_i rho_i eps_i, eps_i ~ U(-1/2, 1/2) independent: with
@@ -202,7 +202,7 @@ def test_onebit_phi_fixed_a_priori_per_worker_or_redrawn_per_round():
     # Mitra & Khisti eq. (10) text: the PS knows Phi^(k) a priori. phi_seed fixes it for the run:
     # per worker it is the same in every round and differs between workers; the dither is new each round.
     fixed = make_codec("onebit_cs", dim=300, measurements=256, block=64, phi_seed=11)
-    rnd = make_codec("onebit_cs", dim=300, measurements=256, block=64)
+    rnd = make_codec("onebit_cs", dim=300, measurements=256, block=64, phi_schedule="round")
     r1, r2 = 101, 202  # two rounds' common seeds
     assert torch.equal(fixed.operator(r1, 3).rows, fixed.operator(r2, 3).rows)
     assert torch.equal(fixed.operator(r1, 3).signs, fixed.operator(r2, 3).signs)
@@ -216,8 +216,29 @@ def test_onebit_phi_fixed_a_priori_per_worker_or_redrawn_per_round():
     assert "phi_seed" in OneBitCS(seed=1).codec_params
     assert OneBitCS(seed=1).codec_params["phi_seed"] != OneBitCS(seed=2).codec_params["phi_seed"]
     assert "phi_seed" not in OneBitCS(phi_schedule="round").codec_params
+    assert OneBitCS(phi_schedule="round").codec_params["phi_schedule"] == "round"
     with pytest.raises(ValueError, match="phi_schedule"):
         OneBitCS(phi_schedule="never")
+
+
+def test_onebit_codec_default_fixes_phi_a_priori_as_the_strategy():
+    # One default, the paper's (Mitra & Khisti eq. 10 text, "Phi^(k) known a priori"): a bare
+    # make_codec("onebit_cs") keeps Phi over rounds, and it is the Phi of OneBitCS(seed=0).
+    from fl_sim.compression.codecs.sensing import PHI_SEED_DEFAULT
+
+    bare = make_codec("onebit_cs", dim=300, measurements=256, block=64)
+    assert bare.phi_schedule == "fixed" and bare.phi_seed == PHI_SEED_DEFAULT
+    for phi in ("per_worker", "common"):
+        c = make_codec("onebit_cs", dim=300, measurements=256, block=64, phi=phi)
+        assert torch.equal(c.operator(101, 3).signs, c.operator(202, 3).signs)
+        assert torch.equal(c.operator(101, 3).rows, c.operator(202, 3).rows)
+    strat = OneBitCS(seed=0, block=64)
+    assert strat.codec_params["phi_seed"] == PHI_SEED_DEFAULT
+    assert strat.codec_params["phi_schedule"] == "fixed"
+    with pytest.raises(CodecError, match="phi_schedule"):
+        make_codec("onebit_cs", dim=300, measurements=256, phi_schedule="every")
+    with pytest.raises(CodecError, match="phi_seed"):
+        make_codec("onebit_cs", dim=300, measurements=256, phi_schedule="round", phi_seed=3)
 
 
 def test_onebit_compressive_regime_beats_m_equals_d_on_sparse_updates():
@@ -255,7 +276,7 @@ def test_onebit_check_values():
         codec.check_values(Payload(p.codec, 300, {**p.tensors, "rho": p.tensors["rho"][:-1]}, p.bits))
 
 
-# ------------------------------------------------------------------------------------------------ item 3
+# ------------------------------------------------------------------------ QCS blocks inside tensors
 def test_qcs_tensor_granularity_blocks_stay_inside_tensors():
     # segments 100 + 30 + 200 with n = 64: tensor-aligned blocks 2 + 1 + 4 = 7 (vector: ceil(330/64) = 6).
     segs = [100, 30, 200]

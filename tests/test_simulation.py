@@ -50,12 +50,12 @@ def test_different_seed_differs():
 
 @pytest.mark.e2e
 def test_ray_simulation_two_rounds(tmp_path):
-    from fl_sim.simulation import run_experiment
+    from fl_sim.runs.simulation import run_experiment
 
     cfg = small(rounds=2)
     summary = run_experiment(cfg, tmp_path / "run")
     lines = (tmp_path / "run" / "metrics.csv").read_text().strip().splitlines()
-    assert lines[0].startswith("round,train_loss,test_loss,test_accuracy,uplink_bits,downlink_bits,wall_s")
+    assert lines[0].startswith("round,train_loss,test_loss,test_accuracy,uplink_bits,downlink_bits,total_bits,wall_s")
     assert len(lines) == 4  # header + rounds 0, 1, 2
     assert summary["rounds"] == 2 and summary["total_uplink_bits"] > 0
     assert (tmp_path / "run" / "config.yaml").is_file() and (tmp_path / "run" / "summary.json").is_file()
@@ -71,7 +71,7 @@ def test_routing_clients_onto_fewer_supernodes_changes_no_number(tmp_path, confi
     """simulation.supernodes only chooses how many Flower nodes carry the clients (cid -> node cid % n):
     data, randomness and the disk residual store all follow the client id, so the metrics are the same."""
     from fl_sim.config import load_config
-    from fl_sim.simulation import run_experiment
+    from fl_sim.runs.simulation import run_experiment
 
     sets = ["rounds=3", "clients=12", "clients_per_round=5", "model.hidden=[8]", "eval_every=1",
             "simulation.backend=inline"]

@@ -12,8 +12,9 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fl_sim import keys
-from fl_sim.records import flatten_arrays
+from fl_sim.wire import keys
+from fl_sim.clients import compression_mod
+from fl_sim.wire.records import flatten_arrays
 from fl_sim.strategies import FedAvgBaseline, FedSGD
 from fl_sim.strategies.base import SERVER_PREFIX, update_sparsity
 from fl_sim.testing import InMemoryGrid
@@ -22,7 +23,7 @@ D = 7
 
 
 def toy_app(mods=None):
-    app = ClientApp(mods=mods or [])
+    app = ClientApp(mods=[compression_mod] if mods is None else mods)
 
     @app.train()
     def _train(msg: Message, ctx):
@@ -142,7 +143,7 @@ def test_strategy_argument_errors():
 
 
 def test_defaults_are_flowers_fedavg_defaults():
-    """Issue 14 item 3: "instead of FedAvg(...)" must not change the run. The old wrapper defaulted to
+    """Wrapping a method "instead of FedAvg(...)" must not change the run. The old wrapper defaulted to
     fraction_evaluate 0.0 and min nodes 1; the inner FedAvg now has Flower's own defaults."""
     from flwr.serverapp.strategy import FedAvg
 
@@ -175,10 +176,10 @@ def test_clients_sharing_a_node_with_context_residuals_are_sent_in_waves():
     """Client EF with residuals in node contexts and fewer nodes than clients: no send_and_receive call
     carries two messages to one node (Flower's engine would run them at once and keep one context), and
     the run equals the one-node-per-client run."""
-    from fl_sim.build import build_experiment, build_strategy
+    from fl_sim.runs.build import build_experiment, build_strategy
     from fl_sim.clients.app import make_client_app
     from fl_sim.config import load_config
-    from fl_sim.simulation import server_loop
+    from fl_sim.runs.simulation import server_loop
     from fl_sim.testing import InMemoryGrid
 
     class RecordingGrid(InMemoryGrid):
@@ -209,10 +210,10 @@ def test_clients_sharing_a_node_with_context_residuals_are_sent_in_waves():
 
 @pytest.mark.parametrize("weight", ["cid", "zero"])
 def test_new_global_model_holds_plain_flower_arrays(weight):
-    """The model the wrapper hands its inner K times is kept parsed (fl_sim.records.ParsedArray); the global
+    """The model the wrapper hands its inner K times is kept parsed (fl_sim.wire.records.ParsedArray); the global
     model it returns must hold plain Arrays (a deflated ParsedArray names a class a receiver cannot inflate),
     also when every weight is 0 and the inner is skipped."""
-    app = ClientApp()
+    app = ClientApp(mods=[compression_mod])
 
     @app.train()
     def _train(msg: Message, ctx):

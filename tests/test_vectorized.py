@@ -1,4 +1,4 @@
-"""The vectorized backend (fl_sim.vectorized, fl_sim.clients.cohort): batched clients give the inline numbers.
+"""The vectorized backend (fl_sim.engine.vectorized, fl_sim.clients.cohort): batched clients give the inline numbers.
 
 Tolerances: the batched and the per-client computations do the same float32 operations in another order
 (batched matmuls, one backward of the summed losses), so parameters agree to a few float32 ulps per step
@@ -17,8 +17,8 @@ from flwr.app import Array, Message
 from flwr.clientapp import ClientApp
 from torch import nn
 
-from fl_sim import keys
-from fl_sim.build import build_experiment, build_strategy
+from fl_sim.wire import keys
+from fl_sim.runs.build import build_experiment, build_strategy
 from fl_sim.clients.app import make_client_app
 from fl_sim.clients.cohort import (
     CohortClient,
@@ -31,11 +31,11 @@ from fl_sim.clients.cohort import (
 from fl_sim.clients.training import LocalTrainSpec, batch_indices, batch_matrix, evaluate_model, train_local
 from fl_sim.config import ConfigError, config_from_dict, load_config
 from fl_sim.models import build_model
-from fl_sim.records import flatten_arrays, ndarray_to_array, read_array
-from fl_sim.simulation import server_loop
+from fl_sim.wire.records import flatten_arrays, ndarray_to_array, read_array
+from fl_sim.runs.simulation import server_loop
 from fl_sim.testing import InMemoryGrid, run_in_memory
 from fl_sim.clients.stacked import cohort_forward, layerwise
-from fl_sim.vectorized import VectorizedGrid, cpu_cores, intra_op_threads, resolve_device
+from fl_sim.engine.vectorized import VectorizedGrid, cpu_cores, intra_op_threads, resolve_device
 
 RTOL, ATOL = 1e-5, 1e-6
 
@@ -183,7 +183,7 @@ def test_auto_chunk_follows_the_memory_budget():
     assert each > 5 * 4 * d  # parameters, gradient, momentum, temporaries + activations
     assert auto_chunk(model, sample, 32, 10 * each) == 10
     assert auto_chunk(model, sample, 32, 1) == 1
-    # the issue's bound: 1,000 LeNet-5 clients of batch 32 in a few GB
+    # the backend's memory goal: 1,000 LeNet-5 clients of batch 32 in a few GB
     assert 1000 * each < 3 * 2**30
 
 
@@ -320,12 +320,12 @@ def test_device_and_config_errors():
 
 
 def test_sweep_runs_vectorized_unless_told_otherwise(tmp_path):
-    from fl_sim.simulation import run_experiment
-    from fl_sim.sweep import run_sweep
+    from fl_sim.runs.simulation import run_experiment
+    from fl_sim.experiments.sweep import run_sweep
 
     seen = []
 
-    def runner(cfg, run_dir, **kw):  # run_sweep passes overwrite=/resume= (fl_sim.rundir's occupancy rules)
+    def runner(cfg, run_dir, **kw):  # run_sweep passes overwrite=/resume= (fl_sim.runs.rundir's occupancy rules)
         seen.append(cfg.simulation.backend)
         return run_experiment(cfg, run_dir, **kw)
 
@@ -352,7 +352,7 @@ def test_npy_fast_paths_match_flower(a):
 
 def test_a_failing_chunk_falls_back_to_per_client_replies(caplog, monkeypatch):
     """A batched call that raises never aborts the round: its clients are served one by one, as inline."""
-    import fl_sim.vectorized as fv
+    import fl_sim.engine.vectorized as fv
 
     def broken(*args, **kwargs):
         raise RuntimeError("out of memory")

@@ -12,11 +12,13 @@ d in 2^16 .. 2^23 (quick: 2^16, 2^20) and d = 668,426 (Tang et al.'s ResNet):
 
 A codec whose encode + decode at one size exceeds the time budget is skipped at larger sizes.
 The sibling benchmarks ``bench_transforms.run`` and ``bench_recovery.run`` are included when present,
-and the issue-4 targets are summarised from their rows (:func:`target_rows`): fwht <= 0.5x rfft at
+and the library's speed targets are summarised from their rows (:func:`target_rows`): fwht <= 0.5x rfft at
 2^20 and 2^23; FIHT at d = 668,426, d/Q = 10 < 0.3 s with rel. error <= 0.12; count sketch r = 5,
 c = 500,000, d = 6,570,000: sketch < 0.25 s, top-k unsketch < 0.6 s.
 
-Usage: ``python -m fl_sim.bench.bench_codecs [--quick] [--targets] [--out bench_out/codecs.json] [--no-others]``;
+Usage: ``fl-sim bench codecs`` or ``python -m fl_sim.bench.bench_codecs [--quick] [--targets]
+[--out bench_out/codecs.json] [--no-others] [--smoke]`` (``--smoke``: d = 2^10, one repeat, the siblings
+at their smoke sizes: for the test suite, figures meaningless);
 ``--targets`` measures only what the targets need (fwht vs rfft at 2^20 and 2^23, count sketch, FIHT),
 full size, in one process (a few minutes instead of the whole codec grid).
 Library: ``run(quick=False) -> dict``, ``run_targets() -> dict``.
@@ -41,6 +43,7 @@ from fl_sim.rng import torch_generator
 TANG_D = 668_426
 FULL_SIZES = [2**e for e in range(16, 24)] + [TANG_D]
 QUICK_SIZES = [2**16, 2**20, TANG_D]
+SMOKE_SIZES = [2**10]
 
 
 def default_params(name: str, d: int) -> dict[str, Any]:
@@ -49,7 +52,7 @@ def default_params(name: str, d: int) -> dict[str, Any]:
         "topk": {"k": max(1, d // 100)},
         "randk": {"k": max(1, d // 100)},
         "qsgd": {"levels": 4},
-        "qcs": {"block": 256, "k": 110, "levels": 2},  # NOTES §6: gain ~ 32 optimum at n = 256
+        "qcs": {"block": 256, "k": 110, "levels": 2},  # gain ~ 32 optimum at n = 256 (docs/notes.md#qcs-numbers)
         "rlc": {"m": max(1, d // 20)},  # thesis Fig. 5.3: gain 20
         "dataq": {"levels": 8, "mode": "per_feature"},
         "cs_fiht": {"measurements": max(1, d // 10), "sparsity": max(1, d // 100)},
@@ -127,12 +130,14 @@ def _sibling(module: str):
     return importlib.import_module(f"fl_sim.bench.{module}")
 
 
-def run(quick: bool = False, *, include_others: bool = True) -> dict[str, Any]:
-    """All measurements: {"codecs": rows, "transforms": rows, "recovery": rows, ...} (times in ms)."""
-    repeats = 2 if quick else 5
-    sizes = QUICK_SIZES if quick else FULL_SIZES
+def run(quick: bool = False, *, include_others: bool = True, smoke: bool = False) -> dict[str, Any]:
+    """All measurements: {"codecs": rows, "transforms": rows, "recovery": rows, ...} (times in ms).
+    ``smoke``: tiny sizes, one repeat (checks that everything runs; the figures mean nothing)."""
+    repeats = 1 if smoke else 2 if quick else 5
+    sizes = SMOKE_SIZES if smoke else QUICK_SIZES if quick else FULL_SIZES
     result: dict[str, Any] = {
         "quick": quick,
+        "smoke": smoke,
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "sizes": sizes,
@@ -142,17 +147,17 @@ def run(quick: bool = False, *, include_others: bool = True) -> dict[str, Any]:
         for key, module in (("transforms", "bench_transforms"), ("recovery", "bench_recovery")):
             mod = _sibling(module)
             if mod is None:
-                result[key] = {"absent": f"benchmarks/{module}.py not found"}
+                result[key] = {"absent": f"fl_sim.bench.{module} not found"}
                 continue
             try:
-                result[key] = mod.run(quick=quick)
+                result[key] = mod.run(quick=quick, smoke=smoke)
             except Exception as exc:
                 result[key] = {"error": f"{type(exc).__name__}: {exc}"}
     return result
 
 
 def run_targets() -> dict[str, Any]:
-    """Only the measurements behind the issue-4 targets, full size, one process."""
+    """Only the measurements behind the speed targets, full size, one process."""
     bt, br = _sibling("bench_transforms"), _sibling("bench_recovery")
     load = os.getloadavg()
     transforms = bt._fwht_rows([2**20, 2**23], 7, True) if bt is not None else {"absent": "bench_transforms"}
@@ -162,7 +167,7 @@ def run_targets() -> dict[str, Any]:
 
 
 def target_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
-    """The issue-4 targets as rows {target, measured, goal, reference, met} from run() / run_targets() output."""
+    """The speed targets as rows {target, measured, goal, reference, met} from run() / run_targets() output."""
     rows: list[dict[str, Any]] = []
     tr = data.get("transforms") if isinstance(data.get("transforms"), list) else []
     for r in tr:
@@ -193,7 +198,7 @@ def print_targets(rows: list[dict[str, Any]]) -> None:
     cols = ["target", "measured", "goal", "reference", "met"]
     cells = [[str(r[c]) if r[c] is not None else "" for c in cols] for r in rows]
     widths = [max(len(c), *(len(line[i]) for line in cells)) if cells else len(c) for i, c in enumerate(cols)]
-    print("issue-4 targets")
+    print("speed targets")
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
     for line in cells:
         print("  ".join(v.ljust(w) for v, w in zip(line, widths)))
@@ -235,17 +240,18 @@ def print_table(rows: list[dict], title: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="bench_codecs", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="d = 2^16, 2^20, 668426 and fewer repeats")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes for the test suite (figures meaningless)")
     parser.add_argument("--out", type=Path, default=Path("bench_out/codecs.json"))
     parser.add_argument("--no-others", action="store_true", help="skip bench_transforms / bench_recovery")
     parser.add_argument("--targets", action="store_true",
-                        help="only the issue-4 targets (fwht vs rfft, count sketch, FIHT), full size")
+                        help="only the speed targets (fwht vs rfft, count sketch, FIHT), full size")
     args = parser.parse_args(argv)
     if args.targets:
         data = run_targets()
     else:
-        data = run(quick=args.quick, include_others=not args.no_others)
+        data = run(quick=args.quick, include_others=not args.no_others, smoke=args.smoke)
         print_table(data["codecs"], f"codecs (torch {data['torch']}, {data['torch_threads']} threads; times in ms)")
     if isinstance(data.get("recovery"), list):
         _sibling("bench_recovery")._print_table(data["recovery"])

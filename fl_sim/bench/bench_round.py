@@ -8,7 +8,7 @@ Workloads (``--workloads``):
   28x28 images (iid), one local epoch of batch 32 (25 steps): about 60 ms of training per client on
   one core here (200 images took 17 ms: below the 50 ms the overhead target is stated for);
 * ``digits``: LeNet-5 on the embedded 8x8 digits (1,437 training images), 100 clients (iid, about 14
-  images each), one local epoch of batch 8 (2 steps): the small-client regime of issue 15.
+  images each), one local epoch of batch 8 (2 steps): the small-client regime of the vectorized backend.
 
 ``quickstart`` with more clients per round than its 100 clients uses ``clients`` = clients per round
 (the same Synthetic(1, 1) generator and MLP, every client sampled).
@@ -17,7 +17,7 @@ For each workload and clients-per-round value (``--per-round 10,100``) the same 
 ``plain`` (fl_sim.bench.plain_loop: same clients, data, sampling, local steps and weighted average,
 no Flower), ``inline`` (``fl-sim run`` with ``simulation.backend: inline``: the strategy and
 ClientApp with messages as function calls), ``vectorized`` (``simulation.backend: vectorized``: the
-same, a round's clients trained in batched calls, fl_sim.vectorized, with one torch thread per core;
+same, a round's clients trained in batched calls, fl_sim.engine.vectorized, with one torch thread per core;
 ``vectorized-1t``: the same on one thread, ``simulation.cohort_threads: 1``) and ``ray`` (``fl-sim
 run``: Flower's simulation engine
 with Ray actors, ``simulation.num_cpus`` CPUs per actor; ``--num-cpus 0.5,1,2`` tries several).
@@ -35,11 +35,13 @@ and an instrumented Ray run (bench_scale.instrumented_run) whose ClientApp repor
 so that Flower's transport cost per client is the time messages were out x workers minus the
 ClientApps' time.
 
-``--scale`` adds issue 15's population run: the quickstart model and data generator with 10,000 clients,
+``--scale`` adds the population run: the quickstart model and data generator with 10,000 clients,
 10% (1,000) per round, 50 rounds, vectorized backend, its round times and the process tree's peak memory.
 
-Usage: ``python -m fl_sim.bench.bench_round [--quick] [--profile] [--scale] [--out bench_out/round.json]``;
-issue 15's comparison: ``--workloads quickstart,digits --per-round 100,1000 --modes inline,vectorized``.
+Usage: ``fl-sim bench round`` or ``python -m fl_sim.bench.bench_round [--quick] [--profile] [--scale]
+[--out bench_out/round.json]``; ``--smoke``: quickstart, 2 clients a round, 3 rounds, plain and inline, one
+repeat (no Ray): for the test suite, figures meaningless;
+the vectorized backend's comparison: ``--workloads quickstart,digits --per-round 100,1000 --modes inline,vectorized``.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ __all__ = ["workload_config", "measure", "run", "main"]
 LENET_CLIENTS = 100
 LENET_SAMPLES = 800  # per client: LeNet-5, one epoch of 25 batches, about 60 ms on one core
 DEFAULT_ROUNDS = {"quickstart": 6, "lenet": 4, "digits": 6}
-SCALE = {"clients": 10_000, "clients_per_round": 0.1, "rounds": 50}  # --scale (issue 15)
+SCALE = {"clients": 10_000, "clients_per_round": 0.1, "rounds": 50}  # --scale (the population run)
 
 
 def lenet_root() -> Path:
@@ -149,7 +151,7 @@ def _measure_plain(cfg, threads: int, mem: TreeMemory) -> dict[str, Any]:
 
 
 def _measure_fl_sim(cfg, mem: TreeMemory) -> dict[str, Any]:
-    from fl_sim.simulation import run_experiment
+    from fl_sim.runs.simulation import run_experiment
 
     marks: dict[int, float] = {}
     rows: list[dict] = []
@@ -173,12 +175,12 @@ def _timed_inline(cfg, mem: TreeMemory) -> dict[str, Any]:
     """The inline run with timers around our functions; per-round totals over rounds 2..R."""
     from flwr.clientapp import ClientApp
 
-    import fl_sim.build as fb
+    import fl_sim.runs.build as fb
     import fl_sim.clients.app as capp
     import fl_sim.clients.runtime as crt
     import fl_sim.data as fdata
     import fl_sim.strategies.base as sb
-    import fl_sim.testing as ft
+    import fl_sim.engine.inline as ft
 
     acc: dict[str, float] = defaultdict(float)
     calls: dict[str, int] = defaultdict(int)
@@ -216,7 +218,7 @@ def _timed_inline(cfg, mem: TreeMemory) -> dict[str, Any]:
         mem.mark(f"round-{r}")
         on["count"] = r >= 1  # round 1 builds the client runtime: leave it out
 
-    from fl_sim.simulation import run_experiment
+    from fl_sim.runs.simulation import run_experiment
 
     run_dir = Path(tempfile.mkdtemp(prefix="bench-round-"))
     try:
@@ -262,7 +264,7 @@ def apply_proposed_fixes() -> list[str]:
 
     import numpy as np
 
-    import fl_sim.build as fb
+    import fl_sim.runs.build as fb
     import fl_sim.clients.app as capp
     import fl_sim.clients.runtime as crt
     import fl_sim.strategies.base as sb
@@ -491,12 +493,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--scale", action="store_true",
                    help="also 10,000 quickstart clients, 10%% a round, 50 rounds, vectorized (time and peak memory)")
     p.add_argument("--quick", action="store_true", help="quickstart only, 1 repeat")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny sizes for the test suite: quickstart, 2 a round, 3 rounds, plain and inline, 1 repeat")
     p.add_argument("--timeout", type=float, default=400.0, help="seconds per measurement")
     p.add_argument("--out", type=Path, default=Path("bench_out/round.json"))
     add_worker_options(p)
     a = p.parse_args(argv)
     if (res := serve_worker(a, measure)) is not None:
         return res
+    if a.smoke:
+        a.workloads, a.per_round, a.modes, a.rounds, a.repeats = "quickstart", "2", "plain,inline", 3, 1
     workloads = ["quickstart"] if a.quick else [w for w in a.workloads.split(",") if w]
     data = run(workloads, [int(k) for k in a.per_round.split(",") if k], [m for m in a.modes.split(",") if m],
                rounds=a.rounds, repeats=1 if a.quick else a.repeats,

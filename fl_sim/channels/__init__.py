@@ -1,7 +1,7 @@
-"""Wireless multiple-access channel for over-the-air FL (Abdi thesis, Chapter 5). No flwr import.
+"""Wireless multiple-access channel for over-the-air FL ([Abdi-thesis] Chapter 5). No flwr import.
 
-Source: shared/papers/002_5a8bb245d2c84ca1.txt, Chapter 5, eqs. (5.1)-(5.11), Lemmas 13-14;
-NOTES.md §3.2. Generate (draw h) then apply (y = Σ h_i ⊙ x_i + η); power control reads ĥ before apply.
+Source: [Abdi-thesis], Chapter 5, eqs. (5.1)-(5.11), Lemmas 13-14;
+docs/notes.md#rlc. Generate (draw h) then apply (y = Σ h_i ⊙ x_i + η); power control reads ĥ before apply.
 
 Modules, one job each:
   noise          complex / real AWGN, SNR conventions (σ² per complex dimension)
@@ -11,9 +11,11 @@ Modules, one job each:
   participation  b_i ~ Bernoulli(π_i), 1/π_i scaling (5.10), α_i = n_i/n
   mac            MACChannel: transmit (5.1), over_the_air (5.10 + decode), downlink
   accounting     analog vs digital channel uses, latency
+
+Layer: kernels. May import ``fl_sim.rng``, torch, numpy; never Flower or any other fl_sim layer.
 """
 
-from .accounting import (
+from fl_sim.channels.accounting import (
     analog_channel_uses,
     capacity_bits_per_use,
     compare_analog_digital,
@@ -21,10 +23,10 @@ from .accounting import (
     digital_channel_uses,
     latency_s,
 )
-from .csi import CSI_MODES, estimate_csi
-from .fading import FADING_KINDS, PathLoss, draw_fading
-from .mac import REAL_NOISE_FRACTION, MACChannel
-from .noise import (
+from fl_sim.channels.csi import CSI_MODES, estimate_csi
+from fl_sim.channels.fading import FADING_KINDS, PathLoss, draw_fading
+from fl_sim.channels.mac import REAL_NOISE_FRACTION, MACChannel
+from fl_sim.channels.noise import (
     ChannelError,
     complex_awgn,
     linear_to_db,
@@ -33,8 +35,8 @@ from .noise import (
     real_awgn,
     snr_db_to_linear,
 )
-from .participation import data_weights, draw_participation, participation_scale
-from .power import POWER_POLICIES, PowerPlan, form_signals, power_control
+from fl_sim.channels.participation import data_weights, draw_participation, participation_scale
+from fl_sim.channels.power import POWER_POLICIES, PowerPlan, form_signals, power_control
 
 __all__ = [
     "MACChannel",

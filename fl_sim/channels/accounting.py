@@ -1,9 +1,9 @@
 """Channel uses and latency: analog over-the-air (RLC) against digital one-node-at-a-time uplinks.
 
-Source: shared/papers/002_5a8bb245d2c84ca1.txt, Chapter 5, §5.5 (Fig. 5.3 text): 50 nodes, CifarNet
+Source: [Abdi-thesis], Chapter 5, §5.5 (Fig. 5.3 text): 50 nodes, CifarNet
 (≈1e6 parameters), SNR 18 dB ⇒ P/σ² ≈ 63 and C = 3 bits per channel use; digital QCS at gain 30
 needs ≈ 53e6 bits ⇒ 17.8e6 channel uses, RLC at gain 20 needs 50e3, "a factor of at least 350".
-NOTES.md §3.2 ([derived] arithmetic: ratio 355.6).
+The arithmetic (ratio 355.6): docs/notes.md#rlc-channel-uses.
 
 * Analog: every node transmits its m symbols at the same time, so a round costs m channel uses
   whatever the number of nodes.
@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-from .noise import ChannelError, snr_db_to_linear
+from fl_sim.channels.noise import ChannelError, snr_db_to_linear
 
 __all__ = [
     "capacity_bits_per_use",

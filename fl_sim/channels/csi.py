@@ -1,6 +1,6 @@
 """Channel state information at the nodes: what node i believes its gains h_i are.
 
-Source: shared/papers/002_5a8bb245d2c84ca1.txt, Chapter 5, §5.3 ("we assume that the channel state
+Source: [Abdi-thesis], Chapter 5, §5.3 ("we assume that the channel state
 information and hence h_i is known at node i"); eq. (5.6) inverts h_i on the used subchannels.
 
 * ``"perfect"``:   ĥ_i = h_i (the thesis' assumption).
@@ -20,9 +20,9 @@ from typing import Sequence
 
 import torch
 
-from ..rng import torch_generator
-from .fading import node_list
-from .noise import ChannelError, complex_awgn
+from fl_sim.rng import torch_generator
+from fl_sim.channels.fading import node_list
+from fl_sim.channels.noise import ChannelError, complex_awgn
 
 __all__ = ["CSI_MODES", "estimate_csi"]
 

@@ -1,6 +1,6 @@
 """Subchannel gains h_i ∈ ℂ^m of the MAC (generate step; the MAC applies them).
 
-Source: shared/papers/002_5a8bb245d2c84ca1.txt, Chapter 5, eq. (5.1): y = Σ_i h_i ⊙ x_i + η with
+Source: [Abdi-thesis], Chapter 5, eq. (5.1): y = Σ_i h_i ⊙ x_i + η with
 h_i the gains of node i's m subchannels. The thesis fixes no fading law; this module offers the
 usual ones, all normalised to E|h|² = 1 before large-scale path loss:
 
@@ -28,8 +28,8 @@ from typing import Sequence
 
 import torch
 
-from ..rng import torch_generator
-from .noise import ChannelError
+from fl_sim.rng import torch_generator
+from fl_sim.channels.noise import ChannelError
 
 __all__ = ["FADING_KINDS", "PathLoss", "draw_fading", "node_list"]
 

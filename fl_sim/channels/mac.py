@@ -1,8 +1,8 @@
 """MACChannel: the wireless multiple-access channel of Abdi's RLC, generate (h) then apply (y).
 
-Source: shared/papers/002_5a8bb245d2c84ca1.txt, Chapter 5: eq. (5.1) y = Σ_i h_i ⊙ x_i + η,
+Source: [Abdi-thesis], Chapter 5: eq. (5.1) y = Σ_i h_i ⊙ x_i + η,
 η ~ CN(0, σ² I); downlink ŷ_i = y + η'_i, η'_i ~ N(0, σ_i² I); eqs. (5.6)-(5.10) power control and
-participation; Lemmas 13-14 (decoder (1/c) Aᵀ y). NOTES.md §3.2.
+participation; Lemmas 13-14 (decoder (1/c) Aᵀ y). docs/notes.md#rlc.
 
 Real codewords on complex channel uses. The codewords v_i = A g_i are real; node i sends the complex
 x_i = c α_i (b_i/π_i)(m/m_i)(q_i ⊙ v_i) with q_i = 1/ĥ_i on its used subchannels (eq. 5.10). With
@@ -32,12 +32,12 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..rng import torch_generator
-from .csi import CSI_MODES, estimate_csi
-from .fading import FADING_KINDS, PathLoss, draw_fading, node_list
-from .noise import ChannelError, complex_awgn, noise_var_from_snr, real_awgn, snr_db_to_linear
-from .participation import check_probabilities, draw_participation
-from .power import POWER_POLICIES, form_signals, power_control
+from fl_sim.rng import torch_generator
+from fl_sim.channels.csi import CSI_MODES, estimate_csi
+from fl_sim.channels.fading import FADING_KINDS, PathLoss, draw_fading, node_list
+from fl_sim.channels.noise import ChannelError, complex_awgn, noise_var_from_snr, real_awgn, snr_db_to_linear
+from fl_sim.channels.participation import check_probabilities, draw_participation
+from fl_sim.channels.power import POWER_POLICIES, form_signals, power_control
 
 __all__ = ["MACChannel", "REAL_NOISE_FRACTION"]
 

@@ -1,7 +1,7 @@
 """Additive white Gaussian noise of the MAC uplink and the broadcast downlink.
 
-Source: shared/papers/002_5a8bb245d2c84ca1.txt, Chapter 5, eq. (5.1) (uplink noise η ~ CN(0, σ² I))
-and the sentence after it (downlink noise η'_i ~ N(0, σ_i² I)); NOTES.md §3.2.
+Source: [Abdi-thesis], Chapter 5, eq. (5.1) (uplink noise η ~ CN(0, σ² I))
+and the sentence after it (downlink noise η'_i ~ N(0, σ_i² I)); docs/notes.md#rlc.
 
 Conventions (used everywhere in fl_sim.channels):
 

@@ -1,6 +1,6 @@
 """Random participation b_i ~ Bernoulli(π_i) with 1/π_i compensation, and data weights α_i = n_i/n.
 
-Source: shared/papers/002_5a8bb245d2c84ca1.txt, Chapter 5: §5.2 (F(θ) = Σ_i α_i f_i(θ), α_i = n_i/n
+Source: [Abdi-thesis], Chapter 5: §5.2 (F(θ) = Σ_i α_i f_i(θ), α_i = n_i/n
 for unbalanced data) and §5.4.2, eq. (5.10): x_i = c α_i (b_i/π_i)(m/m_i)(q_i ⊙ (A g_i)). Because
 E[b_i/π_i] = 1 the decoder (1/c) Aᵀ y stays unbiased; the power of a transmitting node grows by
 1/π_i² (1/π_i on average over b_i).
@@ -15,9 +15,9 @@ from typing import Sequence
 
 import torch
 
-from ..rng import torch_generator
-from .fading import node_list
-from .noise import ChannelError
+from fl_sim.rng import torch_generator
+from fl_sim.channels.fading import node_list
+from fl_sim.channels.noise import ChannelError
 
 __all__ = ["draw_participation", "participation_scale", "data_weights", "check_probabilities"]
 

@@ -1,7 +1,7 @@
 """Power control for RLC over the MAC: subchannel selection, channel inversion, global scale c.
 
-Source: shared/papers/002_5a8bb245d2c84ca1.txt, Chapter 5, §5.4.1, eqs. (5.6)-(5.9) and (5.10);
-NOTES.md §3.2.
+Source: [Abdi-thesis], Chapter 5, §5.4.1, eqs. (5.6)-(5.9) and (5.10);
+docs/notes.md#rlc-lemma14.
 
 Node i sends, on the subchannel set S_i it selects (m_i = |S_i| = ‖q_i‖₀),
 
@@ -40,7 +40,7 @@ from typing import NamedTuple
 
 import torch
 
-from .noise import ChannelError
+from fl_sim.channels.noise import ChannelError
 
 __all__ = ["POWER_POLICIES", "PowerPlan", "power_control", "form_signals"]
 

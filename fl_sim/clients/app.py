@@ -5,7 +5,7 @@ data partition) and the round; the reply carries the locally trained model and i
 Flower PyTorch ClientApp. Compression is not done here: ``compression_mod`` wraps this app and turns
 the reply into an encoded update, exactly as it would wrap a user's own ClientApp.
 
-Vectorized backend (``simulation.backend: vectorized``, fl_sim.vectorized): the grid trains a round's
+Vectorized backend (``simulation.backend: vectorized``, fl_sim.engine.vectorized): the grid trains a round's
 clients in one batched call (fl_sim.clients.cohort) and hands each client's result to this app through
 :func:`precomputed`; the app then builds the same reply it would have trained for, and its mods
 (``compression_mod``: encoding, error-feedback residuals) run on it as on any reply (with the grid's
@@ -21,15 +21,15 @@ from typing import Callable
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from .. import keys
-from ..config import RunConfig
-from ..records import state_dict_to_arrays
-from ..rng import torch_generator
-from .daqusgd import daqusgd_reply
-from .mods import compression_mod, mod_client_id
-from .precomputed import precomputed, precomputed_key, take
-from .runtime import ClientRuntime, runtime_for
-from .training import evaluate_model, train_local
+from fl_sim.wire import keys
+from fl_sim.config import RunConfig
+from fl_sim.wire.records import state_dict_to_arrays
+from fl_sim.rng import torch_generator
+from fl_sim.clients.daqusgd import daqusgd_reply
+from fl_sim.clients.mods import compression_mod, mod_client_id
+from fl_sim.clients.precomputed import precomputed, precomputed_key, take
+from fl_sim.clients.runtime import ClientRuntime, runtime_for
+from fl_sim.clients.training import evaluate_model, train_local
 
 __all__ = ["make_client_app", "FlSimClientApp", "client_id", "train_reply", "evaluate_reply", "precomputed", "precomputed_key"]
 
@@ -46,7 +46,7 @@ def train_reply(rt: ClientRuntime, message: Message, context: Context) -> Messag
     config = message.content[keys.CONFIG]
     rnd = int(config.get(keys.ROUND, 0))
     done = take("train", message, cid)
-    if done is not None:  # trained in a batch (fl_sim.vectorized): the same numbers up to float rounding
+    if done is not None:  # trained in a batch (fl_sim.engine.vectorized): the same numbers up to float rounding
         state, loss, n = done
         arrays = state_dict_to_arrays(state)
     else:

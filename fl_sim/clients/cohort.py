@@ -39,8 +39,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .stacked import cohort_forward
-from .training import LocalTrainSpec, batch_matrix
+from fl_sim.clients.stacked import cohort_forward
+from fl_sim.clients.training import LocalTrainSpec, batch_matrix
 
 __all__ = ["CohortClient", "vectorizable", "train_cohort", "evaluate_cohort", "auto_chunk", "per_client_bytes"]
 

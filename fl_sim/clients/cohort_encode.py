@@ -1,4 +1,4 @@
-"""Client-side encoding of a chunk of clients as one block (``simulation.backend: vectorized``, issue 15).
+"""Client-side encoding of a chunk of clients as one block (``simulation.backend: vectorized``).
 
 After :func:`fl_sim.clients.cohort.train_cohort` the vectorized grid holds a chunk's trained parameters
 as one tensor per model parameter. ``compression_mod`` would then encode each reply on its own (steps 3-5
@@ -39,13 +39,13 @@ from dataclasses import dataclass
 import torch
 from flwr.app import Context, Message
 
-from .. import keys
-from ..compression import Payload
-from ..protocol import DEFAULT_SEED_MODE, codec_seeds, get_codec, load_params
-from ..records import flatten_arrays
-from .mods import _arrays_key, _find_config, compression_mod, make_error_feedback, mod_client_id
-from .precomputed import precomputed_key
-from .residuals import ContextResidualStore, store_for
+from fl_sim.wire import keys
+from fl_sim.compression import Payload
+from fl_sim.wire.protocol import DEFAULT_SEED_MODE, codec_seeds, get_codec, load_params
+from fl_sim.wire.records import flatten_arrays
+from fl_sim.clients.mods import _arrays_key, _find_config, compression_mod, make_error_feedback, mod_client_id
+from fl_sim.clients.precomputed import precomputed_key
+from fl_sim.clients.residuals import ContextResidualStore, store_for
 
 __all__ = ["EncodedUpdate", "applies", "encode_cohort"]
 

@@ -1,9 +1,9 @@
 """DaQuSGD client piece: loss-based sample selection, data quantization and GradCorrQ (Hanna et al.).
 
-Source: shared/papers/004_8a6bcfc5f528e1f3.txt Algorithm 1 (DaQuSGD), Algorithm 2 (DataQ), Algorithm 3
+Source: [Hanna-DaQuSGD] Algorithm 1 (DaQuSGD), Algorithm 2 (DataQ), Algorithm 3
 (GradCorrQ), Remark 1, §V (sample selection) and §VI (implementation: batch-max scaling, 3+ bits per
-feature, no GradCorrQ); NOTES.md §5. The server half is fl_sim.strategies.daqusgd; they share only the
-wire keys of fl_sim.keys.
+feature, no GradCorrQ); docs/notes.md#daqusgd. The server half is fl_sim.strategies.daqusgd; they share only the
+wire keys of fl_sim.wire.keys.
 
 Per round a node:
 
@@ -35,8 +35,8 @@ import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from torch import nn
 
-from .. import keys
-from ..compression.dataq import (
+from fl_sim.wire import keys
+from fl_sim.compression.dataq import (
     batch_bits,
     dataq_bits,
     dequantize_normalized,
@@ -46,13 +46,13 @@ from ..compression.dataq import (
     quantize_batch,
     quantize_normalized,
 )
-from ..rng import torch_generator
-from .training import per_sample_loss
+from fl_sim.rng import torch_generator
+from fl_sim.clients.training import per_sample_loss
 
 __all__ = ["DaQuSelection", "select_and_quantize", "daqusgd_reply", "per_sample_grad_diff", "gradcorrq_index",
            "THRESHOLD", "BITS_PER_FEATURE", "GRADCORRQ"]
 
-# Former names of the wire keys (now in fl_sim.keys, shared with the strategy)
+# Former names of the wire keys (now in fl_sim.wire.keys, shared with the strategy)
 THRESHOLD = keys.DAQU_THRESHOLD
 BITS_PER_FEATURE = keys.DAQU_BITS
 METHOD = keys.METHOD

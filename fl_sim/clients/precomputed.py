@@ -1,4 +1,4 @@
-"""Results computed for a message ahead of the ClientApp (fl_sim.vectorized), looked up by the app and its mods.
+"""Results computed for a message ahead of the ClientApp (fl_sim.engine.vectorized), looked up by the app and its mods.
 
 The vectorized grid trains a chunk of clients in one batched call and, where fl-sim's own
 ``compression_mod`` would encode the replies, encodes them as one block too
@@ -17,7 +17,7 @@ from typing import Any
 
 from flwr.app import Message
 
-from .. import keys
+from fl_sim.wire import keys
 
 __all__ = ["precomputed", "precomputed_key", "take"]
 

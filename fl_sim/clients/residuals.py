@@ -1,7 +1,7 @@
 """Where a client's error-feedback residual r_i lives between its rounds (QCS, top-k + EF, sign + EF, OneBitCS).
 
 Client error feedback (``compression_mod``: z = Δ + r, r ← z − decode(encode(z)); Karimireddy et al.
-2019, Abdi eq. 4.14) needs one d-vector per client that has participated, kept until the client is
+2019, [Abdi-thesis] eq. 4.14) needs one d-vector per client that has participated, kept until the client is
 sampled again. Two stores, one interface (``load(cid) -> tensor | None``, ``save(cid, r)``):
 
 * :class:`ContextResidualStore` (default outside fl-sim's own runs, e.g. a Flower deployment): the
@@ -28,7 +28,7 @@ dtype, in an LRU cache whose total never exceeds ``budget_bytes``. A cached row 
 token equals the one on disk (one 8-byte ``pread``); a write by another process renews the token, so a
 stale copy is never used. Writes go through to the file, so the cache changes speed, never results.
 
-Checkpoints (fl_sim.checkpoint): :meth:`DiskResidualStore.snapshot` streams the present rows to a
+Checkpoints (fl_sim.runs.checkpoint): :meth:`DiskResidualStore.snapshot` streams the present rows to a
 file, one row at a time; :meth:`DiskResidualStore.restore` puts them back and forgets every other row
 (clients first sampled after the checkpoint start again from no residual).
 """
@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 
-from .. import keys
+from fl_sim.wire import keys
 
 __all__ = [
     "ResidualStore",

@@ -16,11 +16,11 @@ import torch
 import yaml
 from flwr.app import ArrayRecord, ConfigRecord
 
-from .. import keys
-from ..config import RunConfig, config_to_dict
-from ..data import FederatedData, load_federated
-from ..models import build_model
-from .training import LocalTrainSpec
+from fl_sim.wire import keys
+from fl_sim.config import RunConfig, config_to_dict
+from fl_sim.data import FederatedData, load_federated
+from fl_sim.models import build_model
+from fl_sim.clients.training import LocalTrainSpec
 
 __all__ = ["ClientRuntime", "runtime_for"]
 

@@ -1,7 +1,7 @@
 """Local training and evaluation of a torch model on one client's tensors (no Flower here).
 
 Minibatch SGD (optionally with momentum / weight decay) on cross-entropy, the FedAvg client update
-of McMahan et al. (2017), Algorithm 1 ClientUpdate: E local epochs of B-sized batches, or a fixed
+of [McMahan-2017], Algorithm 1 ClientUpdate: E local epochs of B-sized batches, or a fixed
 number of steps. Shuffling comes from a seeded ``torch.Generator`` so a round is reproducible.
 """
 

@@ -5,6 +5,8 @@ Pure tensor math (torch, numpy, scipy); never imports flwr. Public API::
     from fl_sim.compression import fwht, make_codec, Payload
     codec = make_codec("qcs", dim=d, k=32, levels=2)
     p = codec.encode(x, seed=s); x_hat = codec.decode(p, seed=s); p.bits
+
+Layer: kernels. May import ``fl_sim.rng``, torch, numpy, scipy; never Flower or any other fl_sim layer.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .base import (
+from fl_sim.compression.base import (
     Codec,
     CodecError,
     DenseOperator,

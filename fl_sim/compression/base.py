@@ -5,7 +5,7 @@ exact content that would cross the wire, and back. ``Payload.bits`` is an exact 
 every bit sent: values, indices, norms and scales alike. Randomness (signs, row subsets, hashes,
 dither) is rebuilt from seeds on both sides and never sent.
 
-Seeds: common and per-client randomness (issue 12). In a round of federated learning some random parts
+Seeds: common and per-client randomness. In a round of federated learning some random parts
 must be the same on every client (a sensing matrix or hash family that is summed in the compressed
 domain: :attr:`Codec.linear` codecs) and the rest is each client's own, independent of the others (the
 papers' workers quantize independently; a shared dither makes the clients' errors identical, so
@@ -45,7 +45,7 @@ from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 
-from ..rng import derive_seed
+from fl_sim.rng import derive_seed
 
 __all__ = [
     "Seeds",
@@ -447,7 +447,7 @@ def make_codec(name: str, *, dim: int, **params: Any) -> Codec:
 
 def _load_builtin_codecs() -> None:
     # Import for the side effect of registration (kept lazy to avoid import cycles).
-    from . import codecs  # noqa: F401
+    from fl_sim.compression import codecs  # noqa: F401
 
 
 def bits_for_index(n: int) -> int:

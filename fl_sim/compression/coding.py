@@ -1,6 +1,6 @@
 """Integer codes on a real bit stream: Elias omega, QSGD's Code_s, delta-coded sorted indices.
 
-QSGD (Alistarh, Grubic, Li, Tomioka, Vojnovic, NeurIPS 2017; not in shared/papers), Section 3.2
+QSGD ([Alistarh-2017]: Alistarh, Grubic, Li, Tomioka, Vojnovic, NeurIPS 2017), Section 3.2
 "Efficient Coding of Gradients": Q_s(v) is the tuple (||v||_2, sigma, zeta) of the norm, the signs and
 the integer levels zeta_i = s xi_i in {0..s}. Elias(k) is Elias' recursive (omega) code of a positive
 integer k: write k in binary, then recursively prepend the binary form of (length - 1) until that

@@ -1,8 +1,8 @@
 """DataQ and GradCorrQ: quantizing data samples instead of gradients (DaQuSGD, Hanna et al.).
 
-Source: shared/papers/004_8a6bcfc5f528e1f3.txt, Algorithm 2 (DataQ, eqs. 6-7, Theorem 1), Algorithm 3
+Source: [Hanna-DaQuSGD], Algorithm 2 (DataQ, eqs. 6-7, Theorem 1), Algorithm 3
 (GradCorrQ, eqs. 8-10) and §VI (practical variant: batch scaled by max_i ||Z_i||_inf, 3+ bits per
-feature, no GradCorrQ); papers/NOTES.md §5 (exact |S| = C(2d + (m-1)^2, 2d), hockey-stick identity).
+feature, no GradCorrQ); docs/notes.md#dataq-size (exact |S| = C(2d + (m-1)^2, 2d), hockey-stick identity).
 
 Shapes: samples are rows, Z is (N, d) (or (d,) for one sample); levels are integer tensors.
 """
@@ -14,7 +14,7 @@ import math
 import numpy as np
 import torch
 
-from .base import CodecError
+from fl_sim.compression.base import CodecError
 
 __all__ = [
     "dataq_quantize",

@@ -1,11 +1,11 @@
 """Error-feedback memories, kept apart from the codecs (compensate before encoding, update after).
 
 Sources:
-  * Classic EF: Karimireddy et al. 2019 ("Error feedback fixes SignSGD"), Abdi thesis ref. [28].
-  * Weighted EF: Abdi thesis (shared/papers/002_5a8bb245d2c84ca1.txt) Ch. 4 eq. (4.14), Lemma 9
-    eqs. (4.15)-(4.16), Remark 3 eqs. (4.17)-(4.18); papers/NOTES.md §3.1 (the (4.16) form is the one
-    NOTES re-derived from D.15-D.16).
-  * Server-side EF: Tang et al. (shared/papers/003_0f8b3e65132592f6.txt), NOTES §4(a):
+  * Classic EF: [Karimireddy-2019] ("Error feedback fixes SignSGD"), [Abdi-thesis] ref. [28].
+  * Weighted EF: [Abdi-thesis] Ch. 4 eq. (4.14), Lemma 9 eqs. (4.15)-(4.16), Remark 3 eqs. (4.17)-(4.18);
+    docs/notes.md#weighted-ef (the (4.16) form is the one re-derived from the proof's D.15-D.16, not the
+    extracted text's).
+  * Server-side EF: [Tang-FIHT] (docs/notes.md#tang-fiht):
     p = eta g + e, Delta = A(Phi p), e <- p - Delta.
 
 The client memories are pure functions of tensors (``compensate(g, residual)``, ``update(residual, z,
@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from .base import CodecError
+from fl_sim.compression.base import CodecError
 
 __all__ = [
     "ErrorFeedback",
@@ -43,7 +43,7 @@ def _as_float(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 class ErrorFeedback:
-    """Classic error feedback (Karimireddy et al. 2019).
+    """Classic error feedback ([Karimireddy-2019]).
 
         z_t = g_t + r_t,   z_hat_t = DECODE(ENCODE(z_t)),   r_{t+1} = z_t - z_hat_t,   r_0 = 0.
 

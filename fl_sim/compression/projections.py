@@ -1,12 +1,12 @@
 """Structured random projections built from a seed: partial Hadamard, subsampled DCT/WHT, dense Gaussian.
 
-Papers (shared/papers, see papers/NOTES.md for the equations and errata):
-  * Abdi thesis Ch. 4 eq. (4.1): ``T = (1/sqrt(k)) H R`` (QCS), Lemma 6 eq. (4.3): ``T T^T = (n/k) I``,
+Papers (keys of docs/references.md; equations and errata in docs/notes.md):
+  * [Abdi-thesis] Ch. 4 eq. (4.1): ``T = (1/sqrt(k)) H R`` (QCS), Lemma 6 eq. (4.3): ``T T^T = (n/k) I``,
     ``E[T^T T] = I``; applied blockwise to partitions of the gradient (Ch. 4 experiments). Ch. 5 eq. (5.3):
     the RLC encoder ``A = (1/sqrt(m)) H R`` is the same operator with k = m.
-  * Tang et al. (slides, Sec. 4(a)): ``Phi = sqrt(d/Q) Phi~``, Phi~ = Q random rows of the orthonormal
+  * [Tang-FIHT] (slides; docs/notes.md#tang-fiht): ``Phi = sqrt(d/Q) Phi~``, Phi~ = Q random rows of the orthonormal
     d x d DCT or WHT; ``Phi Phi^T = (d/Q) I``, ``E[Phi^T Phi] = I``.
-  * Mitra & Khisti: a dense i.i.d. Gaussian sensing matrix, entries N(0, 1/m).
+  * [Mitra-Khisti-2020]: a dense i.i.d. Gaussian sensing matrix, entries N(0, 1/m).
 
 Every operator is rebuilt from ``seed`` in O(d) memory (index and sign tensors, never a dense matrix, except
 :class:`GaussianOperator`), and its forward / adjoint are batched over leading dims: (C, d) -> (C, m) encodes
@@ -20,9 +20,9 @@ import math
 
 import torch
 
-from ..rng import torch_generator
-from .base import CodecError, LinearOperator, check_seed
-from .transforms import dct, fwht, idct, next_pow2
+from fl_sim.rng import torch_generator
+from fl_sim.compression.base import CodecError, LinearOperator, check_seed
+from fl_sim.compression.transforms import dct, fwht, idct, next_pow2
 
 __all__ = ["PartialHadamard", "BlockwiseOperator", "SubsampledOrthogonal", "GaussianOperator", "stacked_forward",
            "stacked_adjoint"]
@@ -86,7 +86,7 @@ class _ProjectionBase(LinearOperator):
 
 
 class PartialHadamard(_ProjectionBase):
-    """Partial Hadamard projection (Abdi Ch. 4 eq. 4.1; Ch. 5 eq. 5.3 with k = m), optionally blockwise.
+    """Partial Hadamard projection ([Abdi-thesis] Ch. 4 eq. 4.1; Ch. 5 eq. 5.3 with k = m), optionally blockwise.
 
     Per block b of length n (x zero-padded to B*n and cut into B blocks x_b):
 

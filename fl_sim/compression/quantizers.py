@@ -1,13 +1,13 @@
 """Quantizer and sparsifier kernels: tensors in, tensors out, randomness from a ``torch.Generator``.
 
-Papers (shared/papers; equations as digested in papers/NOTES.md):
-  * Abdi thesis (002_*.txt) Ch. 4 eqs. (4.4)-(4.7) and App. A (Thm 18, Remark 11): subtractive dithered
-    uniform quantization, NOTES §3.1 and §3.3, with the ERRATUM of the 1-bit case (NOTES §3.3): as printed,
-    ``v_hat = rho (q - u)`` with ``rho = 2 ||v||_inf`` has ``E[v_hat] = 2 v``; the unbiased form is
+Papers (keys of docs/references.md; formulas and errata in docs/notes.md):
+  * [Abdi-thesis] Ch. 4 eqs. (4.4)-(4.7) and App. A (Thm 18, Remark 11): subtractive dithered
+    uniform quantization (docs/notes.md#qcs), with the ERRATUM of the 1-bit case (docs/notes.md#qcs-1bit-erratum):
+    as printed, ``v_hat = rho (q - u)`` with ``rho = 2 ||v||_inf`` has ``E[v_hat] = 2 v``; the unbiased form is
     ``v_hat = rho (q/2 - u)``.
-  * QSGD (Alistarh et al. 2017, "QSGD", Lemma 3.1), referenced by the thesis as [15] (NOTES §3.1, §3.3 Lemma 19).
-  * TernGrad (Wen et al. 2017); scaled sign (Karimireddy et al. 2019, "Error feedback fixes SignSGD").
-  * Top-k / random-k sparsification (Stich et al. 2018; Wangni et al. 2018, thesis ref. [25]).
+  * QSGD ([Alistarh-2017], Lemma 3.1), the thesis's ref. [15] (docs/notes.md#qsgd-as-dither, App. A Lemma 19).
+  * TernGrad ([Wen-2017]); scaled sign ([Karimireddy-2019], "Error feedback fixes SignSGD").
+  * Top-k / random-k sparsification ([Stich-2018]; [Wangni-2018], thesis ref. [25]).
 
 Conventions: every kernel works along the last dimension and is batched over leading dimensions.
 Scales are computed in float64 from a unit-max copy of the input, so tiny (subnormal) or huge
@@ -26,8 +26,8 @@ import math
 
 import torch
 
-from .base import CodecError, bits_for_index
-from .segments import Segments
+from fl_sim.compression.base import CodecError, bits_for_index
+from fl_sim.compression.segments import Segments
 
 __all__ = [
     "FLOAT_BITS",
@@ -114,7 +114,7 @@ def to_wire_float(t: torch.Tensor, who: str, what: str) -> torch.Tensor:
     return t.to(torch.float32)
 
 
-# -- dithered uniform quantizer (Abdi eqs. 4.4-4.7) ---------------------------------------------------
+# -- dithered uniform quantizer ([Abdi-thesis] eqs. 4.4-4.7) ---------------------------------------------------
 def uniform_dither(shape: tuple[int, ...], *, generator: torch.Generator) -> torch.Tensor:
     """u ~ U(-1/2, 1/2) i.i.d., float32, shape ``shape`` (shared randomness, rebuilt from the seed)."""
     return torch.rand(shape, generator=generator, dtype=torch.float32).sub_(0.5)
@@ -143,7 +143,7 @@ def dithered_quantize(v: torch.Tensor, levels: float, u: torch.Tensor) -> tuple[
 
 
 def dithered_dequantize(q: torch.Tensor, s: torch.Tensor, levels: float, u: torch.Tensor) -> torch.Tensor:
-    """v_hat = rho (q - u) (eq. 4.6) for Q >= 1, v_hat = rho (q/2 - u) for Q = 1/2 (erratum, NOTES §3.3).
+    """v_hat = rho (q - u) (eq. 4.6) for Q >= 1, v_hat = rho (q/2 - u) for Q = 1/2 (docs/notes.md#qcs-1bit-erratum).
 
     rho = s / Q. Error v_hat - v ~ U(-rho/2, rho/2), independent of v (eq. 4.7, Thm 18): variance rho^2/12.
     Returns float32 (..., k), computed in float64 (a value beyond float32 range becomes inf, never NaN;
@@ -234,7 +234,7 @@ def qsgd_variance_bound(d: int, levels: int) -> float:
 
 # -- TernGrad (Wen et al.) ---------------------------------------------------------------------------------
 def sigma_clip(x: torch.Tensor, c: float, seg: Segments | None = None) -> torch.Tensor:
-    """TernGrad's gradient clipping (Wen et al. 2017, Section 3.3): x_i clipped to [-c sigma, c sigma],
+    """TernGrad's gradient clipping ([Wen-2017], Section 3.3): x_i clipped to [-c sigma, c sigma],
     sigma the standard deviation of the elements of each segment (population std about the mean, as the
     authors' ``clip_gradients_by_stddev`` and GRACE). Computed in float64 from a unit-max copy.
     Departure: a segment with sigma = 0 (constant, or one element) is not clipped; the paper's rule would

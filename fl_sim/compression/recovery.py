@@ -1,11 +1,11 @@
 """Sparse recovery from linear measurements: FIHT, binary IHT and the l1 linear program.
 
-* :func:`fiht` - Fast Iterative Hard Thresholding (Wei 2014), the decoder of Tang et al.
-  (shared/papers/003_0f8b3e65132592f6.txt, slides; NOTES.md §4(a) and the §4 "[ext] gap-fill" for
-  the steps, which the slides do not give).
-* :func:`biht` - Binary Iterative Hard Thresholding (Jacques, Laska, Boufounos & Baraniuk 2013) for
-  1-bit measurements y = sign(Phi x), in its normalized form (Friedlander et al. 2021); used by the
-  1-bit QCS codec of Mitra & Khisti (shared/papers/000_2a9201d51a7b29c4.txt, eqs. 4, 9).
+* :func:`fiht` - Fast Iterative Hard Thresholding ([Wei-FIHT]), the decoder of [Tang-FIHT]
+  (slides; docs/notes.md#tang-fiht, and docs/notes.md#tang-fiht-steps for the steps, which the slides
+  do not give).
+* :func:`biht` - Binary Iterative Hard Thresholding ([Jacques-2013]: Jacques, Laska, Boufounos & Baraniuk
+  2013) for 1-bit measurements y = sign(Phi x), in its normalized form ([Friedlander-2021]); used by the
+  1-bit QCS codec of [Mitra-Khisti-2020] (eqs. 4, 9).
 * :func:`l1_recovery_lp` - Mitra & Khisti eq. (3) (equality constraints) and eq. (6) (noisy
   measurements) solved as a linear program, with the l2 ball of eq. (6) replaced by a per-measurement
   box (see the function).
@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..rng import torch_generator
-from .base import CodecError, LinearOperator
-from .recovery_ops import array_calls, fast_operator
-from .sketch import topk_abs
+from fl_sim.rng import torch_generator
+from fl_sim.compression.base import CodecError, LinearOperator
+from fl_sim.compression.recovery_ops import array_calls, fast_operator
+from fl_sim.compression.sketch import topk_abs
 
 __all__ = ["fiht", "biht", "l1_recovery_lp", "fast_operator", "sparsity_schedule", "LP_MAX_ENTRIES"]
 
@@ -110,9 +110,10 @@ def fiht(
     start: float | None = 1 / 128,
     return_info: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, Any]]:
-    """Modified FIHT: fast IHT (Wei 2014) with a sparsity continuation: approximately solve min_z 0.5 ||y - Phi z||^2 s.t.
-    ||z||_0 <= K. FIHT is the decoder of Tang et al. (slides; NOTES.md §4(a), steps from the authors' FIHT.py in
-    §4 [ext]): K.Wei, "Fast iterative hard thresholding for compressed sensing", IEEE SPL 22(5), 2015 (arXiv 2014).
+    """Modified FIHT: fast IHT ([Wei-FIHT]) with a sparsity continuation: approximately solve
+    min_z 0.5 ||y - Phi z||^2 s.t. ||z||_0 <= K. FIHT is the decoder of [Tang-FIHT] (slides; steps from the
+    authors' FIHT.py, docs/notes.md#tang-fiht-steps); [Wei-FIHT]: K. Wei, "Fast iterative hard thresholding
+    for compressed sensing", IEEE SPL 22(5), 2015 (arXiv 2014).
 
     r(z) = Phi^T (y - Phi z); P_S restricts to S; H_k keeps the k largest |entries|; k_s are the levels of
     :func:`sparsity_schedule` (k_s = K for every s once the schedule is exhausted, and from the start if
@@ -138,7 +139,7 @@ def fiht(
     and the plain iteration then needs 25 iterations to reach a relative error of 0.10 on a power-law vector
     x_i ~ +-i^-1.2 (best K-term error 0.0005). Starting from k_0 = Q/128, where recovery is easy, and doubling
     up to K picks the large entries first: 0.003 after 9 iterations, and better than the reference for every
-    exponent 0.8-1.2 and d/Q in 2-10 measured (benchmarks/bench_recovery.py, docs/performance.md; a faster
+    exponent 0.8-1.2 and d/Q in 2-10 measured (`fl-sim bench recovery`, docs/performance.md; a faster
     growth, e.g. from Q/32, is markedly worse). For compressible (not exactly sparse)
     vectors the residual keeps falling by a few per cent per iteration long after the error has levelled
     off, so the reference's 1 % std/mean rule rarely fires; rule 8 stops there, and on exactly sparse vectors

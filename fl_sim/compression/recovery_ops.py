@@ -31,7 +31,7 @@ import weakref
 import numpy as np
 import torch
 
-from .base import LinearOperator
+from fl_sim.compression.base import LinearOperator
 
 __all__ = ["fast_operator", "array_calls"]
 
@@ -88,7 +88,7 @@ class _FastSubsampled(LinearOperator):
     # -------------------------------------------------------------------------------------------- forward
     def forward_np(self, x: np.ndarray) -> np.ndarray:
         """(..., d) array -> (..., Q): sqrt(n/Q) [B (D x)]_rows."""
-        from .transforms import _dft, dct, fwht
+        from fl_sim.compression.transforms import _dft, dct, fwht
 
         x = x.astype(self.np_dtype, copy=False)
         if self.signs is not None:
@@ -109,7 +109,7 @@ class _FastSubsampled(LinearOperator):
 
     # -------------------------------------------------------------------------------------------- adjoint
     def _adjoint_pruned_1d(self, y: np.ndarray) -> np.ndarray:
-        from .transforms import _dft
+        from fl_sim.compression.transforms import _dft
 
         w = self.coef_conj_g * np.concatenate((y, y))
         cg = np.zeros(self.h, dtype=self.cdtype)  # conj(G)
@@ -126,7 +126,7 @@ class _FastSubsampled(LinearOperator):
 
     def adjoint_np(self, y: np.ndarray) -> np.ndarray:
         """(..., Q) array -> (..., d): sqrt(n/Q) D B^T S^T y."""
-        from .transforms import fwht, idct
+        from fl_sim.compression.transforms import fwht, idct
 
         y = y.astype(self.np_dtype, copy=False)
         if self.pruned:
@@ -159,7 +159,7 @@ def fast_operator(op: LinearOperator, dtype: torch.dtype = torch.float32) -> Lin
     per (op, dtype) for as long as ``op`` lives (building the pruned DCT's tables takes ~10 ms at d = 668,426, a
     third of an FIHT iteration; operators are not mutated after construction).
     """
-    from .projections import SubsampledOrthogonal
+    from fl_sim.compression.projections import SubsampledOrthogonal
 
     if not (isinstance(op, SubsampledOrthogonal) and op.d >= 2):
         return op

@@ -1,6 +1,6 @@
 """Tensor segments of a flat update: the scale granularity of the quantizers.
 
-A model update Δ is the concatenation of the model's tensors (``fl_sim.records.flatten_arrays``). GRACE
+A model update Δ is the concatenation of the model's tensors (``fl_sim.wire.records.flatten_arrays``). GRACE
 and the QSGD / TernGrad papers quantize each tensor with its own scale (TernGrad: "layer-wise
 ternarizing"; QSGD's experiments: buckets), not the whole flattened vector with one scale. A
 :class:`Segments` holds the tensor lengths in flatten order and does the per-segment reductions with
@@ -20,7 +20,7 @@ from typing import Sequence
 
 import torch
 
-from .base import CodecError
+from fl_sim.compression.base import CodecError
 
 __all__ = ["GRANULARITIES", "Segments", "RowSegments", "check_granularity", "segments_for"]
 

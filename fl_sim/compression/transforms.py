@@ -1,9 +1,9 @@
 """Fast orthogonal transforms: Walsh-Hadamard (fwht) and orthonormal DCT-II / DCT-III (dct, idct).
 
-Papers (shared/papers, see papers/NOTES.md):
-  * Abdi thesis Ch. 4 eq. (4.1)-(4.2): ``v = (1/sqrt(k)) H (r * g)`` needs ``H g`` for the n x n Sylvester Hadamard
+Papers (keys of docs/references.md; equations in docs/notes.md):
+  * [Abdi-thesis] Ch. 4 eq. (4.1)-(4.2): ``v = (1/sqrt(k)) H (r * g)`` needs ``H g`` for the n x n Sylvester Hadamard
     matrix H_n (entries +-1), computed here in O(n log n) by :func:`fwht`; Ch. 5 eq. (5.3) uses the same transform.
-  * Tang et al. (slides, Sec. 4(a)): the sensing matrix is Q random rows of the d x d orthonormal DCT or WHT;
+  * [Tang-FIHT] (slides; docs/notes.md#tang-fiht): the sensing matrix is Q random rows of the d x d orthonormal DCT or WHT;
     :func:`dct` / :func:`idct` are that DCT and its inverse (= transpose).
 
 ``fwht(x)`` equals ``scipy.linalg.hadamard(n) @ x`` along the last dimension (natural / Sylvester order,
@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from .base import CodecError
+from fl_sim.compression.base import CodecError
 
 __all__ = ["fwht", "dct", "idct", "next_pow2"]
 

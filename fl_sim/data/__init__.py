@@ -6,6 +6,9 @@ Clients hold int64 index arrays into the shared (X, Y); a client's tensors are s
 sampled (``client_data``), so 100,000 clients cost their index lists and nothing else. Clients left
 without data (Dirichlet with small α) are reported by ``describe()`` and left out of
 ``eligible_clients``; the simulation samples only those. Everything is reproducible from the seed.
+
+Layer: kernels. May import ``fl_sim.rng``, torch, numpy, scikit-learn, flwr-datasets' partitioners; never
+Flower's runtime or any other fl_sim layer (its config section, ``DataConfig``, lives here in ``spec``).
 """
 
 from __future__ import annotations
@@ -16,11 +19,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..config import DataConfig
-from .errors import DataError
-from .partition import partition_indices
-from .sources import Source, load_source
-from .validation import hold_out_validation
+from fl_sim.data.spec import DataConfig
+from fl_sim.data.errors import DataError
+from fl_sim.data.partition import partition_indices
+from fl_sim.data.sources import Source, load_source
+from fl_sim.data.validation import hold_out_validation
 
 __all__ = ["FederatedData", "DataError", "Source", "load_federated"]
 

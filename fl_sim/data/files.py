@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import DataError
+from fl_sim.data.errors import DataError
 
 __all__ = ["load_mnist_like", "load_cifar10", "read_idx", "write_idx", "MNIST_STATS", "CIFAR_MEAN", "CIFAR_STD"]
 

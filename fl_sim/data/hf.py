@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..rng import numpy_generator
-from .errors import DataError
+from fl_sim.rng import numpy_generator
+from fl_sim.data.errors import DataError
 
 __all__ = ["load_hf"]
 

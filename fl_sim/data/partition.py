@@ -4,7 +4,7 @@ A ``datasets.Dataset`` with just two columns, ``idx`` (row of the shared array) 
 built from the source, the partitioner splits it, and its whole assignment (the partitioners' own
 ``_partition_id_to_indices``, rows of the partitioner's dataset) is read once and mapped back through
 that dataset's ``idx`` column. No per-client Dataset is ever built: ``load_partition`` for 10,000
-clients costs about 7.5 s (FLOWER_NOTES), reading the assignment once costs nothing. The ``idx``
+clients costs about 7.5 s (flwr-datasets 0.6.1, 50,000 samples, 2 cores), reading the assignment once costs nothing. The ``idx``
 column is read after partitioning because ShardPartitioner sorts its dataset by label first. The
 dataset is handed over in Arrow format, which makes the partitioners' ``np.array(dataset["label"])``
 a column conversion instead of a row-by-row iteration (6.7 s per 200,000 rows with datasets 4).
@@ -37,10 +37,10 @@ import warnings
 
 import numpy as np
 
-from ..config import DataConfig
-from ..rng import numpy_generator
-from .errors import DataError
-from .sources import Source
+from fl_sim.data.spec import DataConfig
+from fl_sim.rng import numpy_generator
+from fl_sim.data.errors import DataError
+from fl_sim.data.sources import Source
 
 __all__ = ["partition_indices", "natural_partition", "power_law_sizes", "PARTITIONS", "SIZE_DISTRIBUTIONS"]
 

@@ -19,11 +19,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..config import DataConfig
-from ..rng import numpy_generator
-from .errors import DataError
-from .files import MNIST_STATS, load_cifar10, load_mnist_like
-from .synthetic import feature_bytes, generate_synthetic
+from fl_sim.data.spec import DataConfig
+from fl_sim.rng import numpy_generator
+from fl_sim.data.errors import DataError
+from fl_sim.data.files import MNIST_STATS, load_cifar10, load_mnist_like
+from fl_sim.data.synthetic import feature_bytes, generate_synthetic
 
 __all__ = ["Source", "DataError", "load_source", "SOURCES"]
 
@@ -101,7 +101,7 @@ def _cifar10(cfg: DataConfig, num_clients: int, seed: int) -> Source:
 
 
 def _huggingface(cfg: DataConfig, num_clients: int, seed: int) -> Source:
-    from .hf import load_hf
+    from fl_sim.data.hf import load_hf
 
     return Source(cfg.name, *load_hf(cfg, seed))
 

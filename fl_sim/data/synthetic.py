@@ -1,7 +1,7 @@
 """Synthetic(α, β): the federated data of Li et al., "Federated Optimization in Heterogeneous Networks"
 (FedProx, MLSys 2020), §5.1, as produced by the authors' ``generate_synthetic.py`` (the LEAF-style
-synthetic benchmark). Not among /work/shared/papers; the formulas are the paper's, the constants
-its code's.
+synthetic benchmark; [Li-FedProx-2020], [Caldas-LEAF-2018] in docs/references.md). The formulas are the
+paper's, the constants its code's.
 
 Client k (of K):
     u_k ~ N(0, α²),  W_k ~ N(u_k, 1) ∈ R^{d×C},  b_k ~ N(u_k, 1) ∈ R^C     (model heterogeneity)
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..rng import numpy_generator, torch_generator
+from fl_sim.rng import numpy_generator, torch_generator
 
 __all__ = ["SyntheticData", "generate_synthetic", "client_sizes", "feature_bytes", "SIZE_CAP", "BLOCK"]
 

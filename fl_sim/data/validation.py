@@ -14,9 +14,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..rng import numpy_generator
-from .errors import DataError
-from .sources import Source
+from fl_sim.rng import numpy_generator
+from fl_sim.data.errors import DataError
+from fl_sim.data.sources import Source
 
 __all__ = ["hold_out_validation"]
 

@@ -5,8 +5,10 @@ torch RNG (``torch.random.fork_rng``) seeded with ``seed``: the same seed gives 
 weights, and building a model never moves the caller's global torch RNG.
 
 Parameter counts for 10 classes: logreg 610 on (60,); mlp [200] 14,210 on (60,); lenet5 61,706 on
-(1, 28, 28) and (1, 8, 8), 62,006 on (3, 32, 32); cifarnet 1,068,298 on (3, 32, 32) (Abdi's thesis,
-002_*.txt §3.5: "CifarNet ... 1.07 million parameters"); resnet18 11,173,962 on (3, 32, 32).
+(1, 28, 28) and (1, 8, 8), 62,006 on (3, 32, 32); cifarnet 1,068,298 on (3, 32, 32) ([Abdi-thesis]
+Ch. 3: "CifarNet ... 1.07 million parameters"); resnet18 11,173,962 on (3, 32, 32).
+
+Layer: kernels. May import torch only; never Flower or any other fl_sim layer.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ class CifarNet(nn.Module):
     pool 3x3/2, LRN, conv64-5x5 'same', ReLU, LRN, pool 3x3/2, fc384, fc192, fc C.
 
     The tutorial trains on 24x24 crops, which leave a 6x6x64 map before fc384: 1,068,298 parameters
-    for 10 classes, the 1.07M of Abdi's thesis. Here the full 32x32 image (or any size) is used and an
+    for 10 classes, the 1.07M of [Abdi-thesis]. Here the full 32x32 image (or any size) is used and an
     adaptive average pool fixes that map at 6x6, keeping the 1.07M. LRN: size 4 window, α = 0.001/9,
     β = 0.75, k = 1 (the tutorial's ``depth_radius=4``, bias 1).
     """

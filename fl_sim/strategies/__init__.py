@@ -2,7 +2,10 @@
 (FedAvg when none is given), ``QCS(FedAdam(...), k=128, levels=4)``.
 
 ``build_strategy(cfg, ...)`` maps ``strategy.name`` of a run config onto a class through the
-registry ``STRATEGIES``; ``strategy.options`` become keyword arguments, so a typo is an error.
+registry ``STRATEGIES`` (the name table of ``fl_sim.config.registry``); ``strategy.options`` become keyword arguments, so a typo is an error.
+
+Layer: the server half of Flower. May import the kernels, ``fl_sim.config`` and ``fl_sim.wire``;
+never ``clients``, ``engine``, ``runs`` or above.
 """
 
 from __future__ import annotations
@@ -10,26 +13,14 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .base import ClientReply, ReplyError, UpdateStrategy
-from .compressed import CompressedFedAvg
-from .fedavg import FedAvgBaseline, FedSGD
-from .waves import WaveGrid
+from fl_sim.config.registry import STRATEGIES
+from fl_sim.strategies.base import ClientReply, ReplyError, UpdateStrategy
+from fl_sim.strategies.compressed import CompressedFedAvg
+from fl_sim.strategies.fedavg import FedAvgBaseline, FedSGD
+from fl_sim.strategies.waves import WaveGrid
 
 __all__ = ["UpdateStrategy", "ClientReply", "ReplyError", "CompressedFedAvg", "FedAvgBaseline", "FedSGD", "STRATEGIES",
            "WaveGrid", "QCS", "OneBitCS", "FetchSGD", "FIHTCS", "DaQuSGD", "RLCOverTheAir", "strategy_class"]
-
-# config name -> "module:Class" (imported lazily so one method's module never breaks another)
-STRATEGIES: dict[str, str] = {
-    "fedavg": ".fedavg:FedAvgBaseline",
-    "fedsgd": ".fedavg:FedSGD",
-    "compressed": ".compressed:CompressedFedAvg",
-    "qcs": ".qcs:QCS",
-    "onebit_cs": ".onebit:OneBitCS",
-    "fetchsgd": ".fetchsgd:FetchSGD",
-    "fiht_cs": ".fihtcs:FIHTCS",
-    "daqusgd": ".daqusgd:DaQuSGD",
-    "rlc": ".rlc:RLCOverTheAir",
-}
 
 # class name -> config name, for `from fl_sim.strategies import QCS` (derived: one line per method above)
 _PUBLIC = {target.partition(":")[2]: name for name, target in STRATEGIES.items()}
@@ -39,7 +30,7 @@ def strategy_class(name: str) -> type:
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}; choose one of: {', '.join(STRATEGIES)}")
     mod, _, cls = STRATEGIES[name].partition(":")
-    return getattr(importlib.import_module(mod, __name__), cls)
+    return getattr(importlib.import_module(mod), cls)
 
 
 def __getattr__(name: str) -> Any:

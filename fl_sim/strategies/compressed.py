@@ -17,7 +17,7 @@ Round (see fl_sim.clients.mods for the client half):
 4. the inner strategy aggregates (FedAvg: the weighted mean; FedAdam: its server optimizer).
 
 Baselines top-k + EF, QSGD, scaled sign and TernGrad are this strategy with the codec named in the
-config. Client error feedback ("classic", Karimireddy et al. 2019; "weighted", Abdi eq. 4.14) is
+config. Client error feedback ("classic", [Karimireddy-2019]; "weighted", [Abdi-thesis] eq. 4.14) is
 kept by ``compression_mod`` in the client's context.state.
 """
 
@@ -30,12 +30,12 @@ import torch
 from flwr.app import ConfigRecord, Message
 from flwr.serverapp.strategy import Strategy
 
-from .. import keys
-from ..compression import Codec, Payload, Seeds
-from ..protocol import DEFAULT_SEED_MODE, check_seed_mode, codec_seeds, dump_params, get_codec
-from ..records import float_sizes, payload_from_records
-from . import guards
-from .base import ClientReply, ReplyError, UpdateStrategy, payload_meta
+from fl_sim.wire import keys
+from fl_sim.compression import Codec, Payload, Seeds
+from fl_sim.wire.protocol import DEFAULT_SEED_MODE, check_seed_mode, codec_seeds, dump_params, get_codec
+from fl_sim.wire.records import float_sizes, payload_from_records
+from fl_sim.strategies import guards
+from fl_sim.strategies.base import ClientReply, ReplyError, UpdateStrategy, payload_meta
 
 __all__ = ["CompressedFedAvg", "EF_KINDS"]
 
@@ -50,15 +50,17 @@ class CompressedFedAvg(UpdateStrategy):
         codec: registry name (``fl_sim.compression.codec_names()``).
         codec_params: the codec's parameters (``make_codec(codec, dim=d, **codec_params)``).
         error_feedback: client memory: "none", "classic" (z = Δ + r, r ← z − ẑ) or "weighted"
-            (Abdi eq. 4.14, forgetting factor ``ef_beta``).
+            ([Abdi-thesis] eq. 4.14, forgetting factor ``ef_beta``).
         seed_mode: "per_client" (default): each client's own randomness (QCS rotations, rows and dither,
             QSGD/TernGrad rounding, random-k indices, 1-bit CS dither) is independent of the other
             clients', as the papers' workers are; only what a linear codec sums in the compressed
             domain (sensing matrix, hashes) is common. "shared": every client of a round uses the same
-            randomness (fl-sim before issue 12; correlated errors that averaging does not shrink).
+            randomness (fl-sim's earlier rule; correlated errors that averaging does not shrink).
         aggregate_compressed: sum linear codecs' payloads before one decode (default True).
         **kwargs: UpdateStrategy arguments (and FedAvg's, without an inner strategy).
     """
+
+    USES_COMPRESSION_MOD = True
 
     def __init__(
         self,
@@ -145,21 +147,26 @@ class CompressedFedAvg(UpdateStrategy):
         codec = self.codec
         codec.validate_payload(payload)
         codec.check_values(payload)  # value checks of this one reply, before any aggregation
-        data: Any = payload
-        if self.decodes_each():  # decoded here, once: the last per-reply check, and what combine averages
-            vector = codec.decode_seeded(payload, self.client_seeds(cid)).to(torch.float32)
-            if not torch.isfinite(vector).all():
-                raise ReplyError("the payload decodes to NaN or inf")
-            data = _Decoded(payload, vector)
         # Bits counted by the server, never the client's claim: the codec's count of this payload's content
         # (variable-length codes), else those of the codec's own reference payload, whose structure
-        # (names, shapes, dtypes: payload_spec) every accepted payload of a fixed-size codec has.
+        # (names, shapes, dtypes: payload_spec) every accepted payload of a fixed-size codec has. The claim
+        # is part of the payload, which a well-formed client computes exactly: one that differs is refused.
         counted = codec.payload_bits(payload)
         seeds = self.client_seeds(cid)  # the seed this reply is decoded with: its operator is built anyway
         bits = codec.reference_bits(seeds.seed if codec.seed_scope != "client" else seeds.own) \
             if counted is None else int(counted)
-        self._declared_bits.check(cid, msg.metadata.src_node_id, payload.bits, bits, "payload bits")
+        if payload.bits != bits:
+            raise ReplyError(f"payload claims {payload.bits} bits, its content takes {bits} (the server's count)")
+        data: Any = payload
+        if self.decodes_each():  # decoded here, once: the last per-reply check, and what combine averages
+            vector = codec.decode_seeded(payload, seeds).to(torch.float32)
+            if not torch.isfinite(vector).all():
+                raise ReplyError("the payload decodes to NaN or inf")
+            data = _Decoded(payload, vector)
         return data, bits
+
+    def decodes_each_client(self) -> bool:
+        return self.decodes_each()
 
     def decodes_each(self) -> bool:
         """Whether ``combine`` decodes every reply (else it sums the payloads in the compressed domain)."""

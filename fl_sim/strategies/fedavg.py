@@ -1,15 +1,15 @@
-"""Baselines: FedAvg (McMahan et al. 2017) and FedSGD-style update averaging with a server optimizer.
+"""Baselines: FedAvg ([McMahan-2017]) and FedSGD-style update averaging with a server optimizer.
 
 Both send the full float32 model down and up (uplink bits = 32 d per client). ``FedAvgBaseline``
 averages the client models weighted by sample count (η_s = 1, μ = 0 in :class:`UpdateStrategy`);
 ``FedSGD`` averages the updates and takes a server step ``w ← w + η_s m``, ``m ← μ m + Δ̄``
-(Reddi et al. 2021 "Adaptive Federated Optimization", FedAvgM of Hsu et al. 2019). With one local
+(Reddi et al. 2021 "Adaptive Federated Optimization", FedAvgM of [Hsu-2019]). With one local
 step per client it is FedSGD.
 """
 
 from __future__ import annotations
 
-from .base import UpdateStrategy
+from fl_sim.strategies.base import UpdateStrategy
 
 __all__ = ["FedAvgBaseline", "FedSGD"]
 

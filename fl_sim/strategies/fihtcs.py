@@ -1,7 +1,7 @@
 """FIHTCS: compressed-sensing uplink with FIHT recovery and server error feedback (Tang et al.).
 
-Source: shared/papers/003_0f8b3e65132592f6.txt (slides) and NOTES.md §4(a); FIHT steps from the
-authors' public code (NOTES §4 [ext]).
+Source: [Tang-FIHT] (slides; docs/notes.md#tang-fiht); FIHT's steps from the authors' public code
+(docs/notes.md#tang-fiht-steps).
 
 One "for-all" sensing matrix Φ = sqrt(d/Q)·(Q random rows of the DCT or WHT) is drawn once from the
 run seed and used by every client in every round (clients hold no state). Round t:
@@ -27,11 +27,11 @@ import torch
 from flwr.app import ConfigRecord
 from flwr.serverapp.strategy import Strategy
 
-from .. import keys
-from ..compression import make_codec
-from ..rng import derive_seed
-from .base import ClientReply
-from .compressed import CompressedFedAvg
+from fl_sim.wire import keys
+from fl_sim.compression import make_codec
+from fl_sim.rng import derive_seed
+from fl_sim.strategies.base import ClientReply
+from fl_sim.strategies.compressed import CompressedFedAvg
 
 __all__ = ["FIHTCS", "TANG_SPARSITY_RATIO"]
 

@@ -1,6 +1,6 @@
-"""QCS: quantized compressive sampling of the update with weighted error feedback (Abdi, Ch. 4).
+"""QCS: quantized compressive sampling of the update with weighted error feedback ([Abdi-thesis] Ch. 4).
 
-Source: shared/papers/002_5a8bb245d2c84ca1.txt Chapter 4; NOTES.md §3.1.
+Source: [Abdi-thesis] Chapter 4; docs/notes.md#qcs.
 
 Per block of n coordinates (Abdi's partitions), client i computes v = T z with the partial Hadamard
 T = H R / sqrt(k) (eq. 4.1-4.2), dither-quantizes it to Q levels, q = ⌊v/ϱ + u⌉ with
@@ -11,8 +11,8 @@ seed, dequantizes v̂ = ϱ(q − u) (eq. 4.6) and reconstructs ĝ = α Tᵀ v̂ 
 Client memory is Abdi's weighted error feedback (eq. 4.14): z = Δ + β r, r ← (1 − β) r + (z − ẑ),
 with β defaulting to Remark 3's optimum: β* = 1/(γ+1) for unbiased QCS (eq. 4.17), β* = 1 for MMSE
 QCS (eq. 4.18). Randomness (R, row subsets, dither) changes every round and is each
-client's own (independent across clients, ``seed_mode="per_client"``, fl_sim.protocol);
-``seed_mode="shared"`` gives all clients of a round the same R, S and u (fl-sim before issue 12:
+client's own (independent across clients, ``seed_mode="per_client"``, fl_sim.wire.protocol);
+``seed_mode="shared"`` gives all clients of a round the same R, S and u (fl-sim's earlier rule:
 their errors are then correlated and averaging does not shrink them).
 
 Blocks follow the model's tensors (``granularity="tensor"``, Abdi's per-layer partitions): the strategy
@@ -25,9 +25,9 @@ from typing import Any
 
 from flwr.serverapp.strategy import Strategy
 
-from ..compression import make_codec
-from ..compression.error_feedback import optimal_beta
-from .compressed import CompressedFedAvg
+from fl_sim.compression import make_codec
+from fl_sim.compression.error_feedback import optimal_beta
+from fl_sim.strategies.compressed import CompressedFedAvg
 
 __all__ = ["QCS"]
 
@@ -36,7 +36,7 @@ class QCS(CompressedFedAvg):
     """Abdi's QCS around ``inner``: ``QCS(FedAdam(...), k=128, levels=4)``.
 
     The codec's parameters default to the ``qcs`` codec's own (one place: fl_sim.compression.codecs.qcs:
-    block = min(256, d padded to a power of 2), k = 110 rows per 256-block, Q = 2; NOTES §6).
+    block = min(256, d padded to a power of 2), k = 110 rows per 256-block, Q = 2; docs/notes.md#qcs-numbers).
 
     Args:
         inner: the aggregating strategy (None: FedAvg with ``**kwargs``).

@@ -1,7 +1,6 @@
-"""RLCOverTheAir: random linear coding with analog over-the-air aggregation (Abdi, Ch. 5).
+"""RLCOverTheAir: random linear coding with analog over-the-air aggregation ([Abdi-thesis] Ch. 5).
 
-Source: shared/papers/002_5a8bb245d2c84ca1.txt Chapter 5 (eqs. 5.1-5.11, Lemmas 12-14, Remark 6);
-NOTES.md §3.2.
+Source: [Abdi-thesis] Chapter 5 (eqs. 5.1-5.11, Lemmas 12-14, Remark 6); docs/notes.md#rlc.
 
 Every sampled client encodes its update Δ_i with the common A = H R / sqrt(m) (eq. 5.3; A drawn
 from a seed of the round block, changed every ``refresh`` rounds) and transmits
@@ -20,7 +19,7 @@ by nothing but the channel simulation and, for diagnostics only, the channel-ind
 ‖Δ̂ − Aᵀ Σ_i α_i (b_i/π_i) v_i‖², i.e. against Aᵀ A Σ α_i (b_i/π_i) Δ_i, the decode of a perfect MAC
 with the same transmitting nodes: fading, CSI error, subchannel selection, noise (and Remark 6
 clipping). Not in it: the projection part (d/m − 1)‖g‖² of Lemma 13 (the server never holds Δ_i)
-and the participation part (known in closed form, NOTES §3.2); fl_sim.channels' tests check both.
+and the participation part (known in closed form, docs/notes.md#rlc-participation); fl_sim.channels' tests check both.
 
 Power control needs each node's ‖Δ_i‖ (a_i of eq. 5.8); a real node knows it. By default the
 simulation uses ‖A Δ_i‖ (E‖AΔ‖² = ‖Δ‖²). With ``diagnostics=True`` the round config asks clients to
@@ -37,7 +36,7 @@ memory e_i = z_i − (1/c) Aᵀ x_i. Node i picks s_i = ρ_i · c α_i (b_i/π_i
 ρ_i = min(1, sqrt(P_i)/‖x_i^unbiased‖): it sends the unbiased amount when its budget allows and
 otherwise scales down so that its *realized* power is exactly P_i (the unbiased rule meets P_i only
 in expectation over A). The memory is split in two parts that add up to e_i:
-  * compression part z_i − Aᵀ A z_i: the client's weighted error feedback (Abdi eq. 4.14, the "local
+  * compression part z_i − Aᵀ A z_i: the client's weighted error feedback ([Abdi-thesis] eq. 4.14, the "local
     weighted error feedback" of [53] that Remark 6 cites) in ``compression_mod``, β = m/n by default
     (Remark 3's β* = 1/(γ+1) with γ = n/m − 1, n = d padded to a power of 2). Classic EF (β = 1) is
     not used: Aᵀ A expands by n/m on average, so r ← z − Aᵀ A z grows without bound for n/m > 2;
@@ -62,13 +61,13 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp.strategy import Strategy
 
-from .. import keys
-from ..channels import REAL_NOISE_FRACTION, MACChannel, draw_participation, form_signals
-from ..compression.error_feedback import optimal_beta
-from ..records import unflatten_into
-from ..rng import derive_seed
-from .base import ClientReply, ReplyError
-from .compressed import CompressedFedAvg
+from fl_sim.wire import keys
+from fl_sim.channels import REAL_NOISE_FRACTION, MACChannel, draw_participation, form_signals
+from fl_sim.compression.error_feedback import optimal_beta
+from fl_sim.wire.records import unflatten_into
+from fl_sim.rng import derive_seed
+from fl_sim.strategies.base import ClientReply, ReplyError
+from fl_sim.strategies.compressed import CompressedFedAvg
 
 __all__ = ["RLCOverTheAir", "REPORT_NORM", "M_UPDATE_NORM", "VARIANTS"]
 

@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from flwr.app import ConfigRecord, Message
 from flwr.serverapp import Grid
 
-from .. import keys
+from fl_sim.wire import keys
 
 __all__ = ["WaveGrid", "needs_waves"]
 

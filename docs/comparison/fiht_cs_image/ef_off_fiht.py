@@ -3,8 +3,8 @@
 import sys
 from pathlib import Path
 import torch
-from fl_sim.compare import load_suite, compose_config
-from fl_sim.simulation import run_experiment
+from fl_sim.experiments.compare import load_suite, compose_config
+from fl_sim.runs.simulation import run_experiment
 from fl_sim.strategies import fihtcs
 
 mode, task = sys.argv[1], sys.argv[2]

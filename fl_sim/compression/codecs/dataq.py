@@ -1,7 +1,7 @@
 """Codec ``dataq``: DataQ on a batch of data samples (Hanna et al., DaQuSGD).
 
-Source: shared/papers/004_8a6bcfc5f528e1f3.txt Algorithm 2 (DataQ), Theorem 1, Remark 1, §VI;
-papers/NOTES.md §5. Kernels in :mod:`fl_sim.compression.dataq`.
+Source: [Hanna-DaQuSGD] Algorithm 2 (DataQ), Theorem 1, Remark 1, §VI;
+docs/notes.md#daqusgd. Kernels in :mod:`fl_sim.compression.dataq`.
 
 Convention: the codec's vector is a batch of N samples of ``features`` = d values each, flattened
 row-major: x = Z.reshape(-1) with Z of shape (N, d), dim = N d. The codec is deterministic (no seed use).
@@ -13,9 +13,9 @@ import math
 
 import torch
 
-from ..base import Codec, CodecError, Payload, PayloadError, register_codec
-from ..dataq import _split_floor, dataq_bits, norm_tolerance
-from ..quantizers import FLOAT_BITS, bits_for_index, level_dtype, to_wire_float
+from fl_sim.compression.base import Codec, CodecError, Payload, PayloadError, register_codec
+from fl_sim.compression.dataq import _split_floor, dataq_bits, norm_tolerance
+from fl_sim.compression.quantizers import FLOAT_BITS, bits_for_index, level_dtype, to_wire_float
 
 __all__ = ["DataQCodec"]
 

@@ -1,7 +1,7 @@
 """Codecs ``qcs`` (quantized compressive sampling) and ``rlc`` (random linear coding) of the Abdi thesis.
 
-Source: shared/papers/002_5a8bb245d2c84ca1.txt, Ch. 4 (QCS: eqs. 4.1-4.12, Algorithm 2, Theorem 7,
-Lemma 8) and Ch. 5 (RLC: eqs. 5.3-5.4, Lemma 13); papers/NOTES.md §3.1, §3.2, §3.3 (errata).
+Source: [Abdi-thesis], Ch. 4 (QCS: eqs. 4.1-4.12, Algorithm 2, Theorem 7,
+Lemma 8) and Ch. 5 (RLC: eqs. 5.3-5.4, Lemma 13); docs/notes.md#qcs, #rlc and #qcs-1bit-erratum.
 
 Both use the partial Hadamard operator of :mod:`fl_sim.compression.projections` (eq. 4.1 / 5.3),
 rebuilt from the seed on both sides (signs R, row subset, dither u are never sent).
@@ -19,10 +19,10 @@ from typing import Sequence
 
 import torch
 
-from ...rng import torch_generator
-from ..base import Codec, CodecError, Payload, PayloadError, SeedCache, Seeds, check_seed, register_codec
-from ..projections import PartialHadamard, stacked_adjoint, stacked_forward
-from ..quantizers import (
+from fl_sim.rng import torch_generator
+from fl_sim.compression.base import Codec, CodecError, Payload, PayloadError, SeedCache, Seeds, check_seed, register_codec
+from fl_sim.compression.projections import PartialHadamard, stacked_adjoint, stacked_forward
+from fl_sim.compression.quantizers import (
     FLOAT_BITS,
     check_levels,
     dithered_bits,
@@ -31,20 +31,21 @@ from ..quantizers import (
     to_wire_float,
     uniform_dither,
 )
-from ..transforms import next_pow2
+from fl_sim.compression.transforms import next_pow2
 
 __all__ = ["QCSCodec", "RLCCodec", "qcs_gamma", "GRANULARITIES"]
 
 GRANULARITIES = ("tensor", "vector")
 
-_THESIS_BLOCK = 256  # NOTES §6: "best (k,Q) for gain ~ 32, partition n = 256": k = 110, Q = 2 (gamma = 2.017)
+_THESIS_BLOCK = 256  # docs/notes.md#qcs-numbers: gain >= 32 at partition n = 256: k = 110, Q = 2 (gamma = 2.017)
 
 
 
 def qcs_gamma(n: int, k: int, levels: float) -> float:
     """Theorem 7 eq. (4.10): gamma = n/k - 1 + (n / (4 Q^2)) ln(k)/(k - 1) for k >= 2; n - 1 for k = 1.
 
-    n: block length, k: rows kept per block, Q = ``levels`` (Q = 1/2 for the 1-bit variant, NOTES §3.3).
+    n: block length, k: rows kept per block, Q = ``levels`` (Q = 1/2 for the 1-bit variant,
+    docs/notes.md#qcs-1bit-erratum).
     Unbiased QCS has E||g - g_hat||^2 <= gamma ||g||^2. For k = 1 the thesis sends |v| and its sign
     exactly (proof of Thm 7, "v_hat = v and e_d = 0"), so only the projection error n - 1 remains.
     """
@@ -90,16 +91,16 @@ def _unit_rows(X: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
 
 @register_codec
 class QCSCodec(Codec):
-    """Quantized compressive sampling, blockwise (Abdi Ch. 4, Algorithm 2).
+    """Quantized compressive sampling, blockwise ([Abdi-thesis] Ch. 4, Algorithm 2).
 
     The vector g (length d) is cut into B blocks g_b of length n (zero-padded), by ``granularity``:
 
     * "tensor" (default): every tensor of the model (``segments``: their lengths in flatten order) is
       zero-padded to whole blocks on its own, so no block straddles two tensors and each block's scale
       belongs to one layer: B = sum_i ceil(L_i / n). Abdi partitions the gradient "depending on the size
-      of each layer's parameters" (thesis Ch. 4 experiments, 002_*.txt; the partitions of QSGD's [15]
+      of each layer's parameters" ([Abdi-thesis] Ch. 4 experiments; the partitions of QSGD's [15]
       buckets), i.e. per layer; with one segment (or without ``segments``) this is "vector".
-    * "vector": the flattened update is zero-padded once, B = ceil(d / n) (fl-sim before issue 12).
+    * "vector": the flattened update is zero-padded once, B = ceil(d / n) (fl-sim's earlier rule).
 
     Per block:
 
@@ -114,7 +115,7 @@ class QCSCodec(Codec):
       (``Codec.encode_seeded`` does: derive_seed(round seed, "client", client id));
     * Q = ``levels``; Q = 0.5 selects the 1-bit variant (eq. 4.5): rho_b = 2 ||v_b||_inf,
       q_b = sign(v_b/rho_b + u_b) in {-1, +1}, and the unbiased v_hat_b = rho_b (q_b/2 - u_b)
-      (ERRATUM, NOTES §3.3: the printed rho (q - u) is biased by a factor 2);
+      (ERRATUM, docs/notes.md#qcs-1bit-erratum: the printed rho (q - u) is biased by a factor 2);
     * k = 1: v_b is a scalar; its magnitude (the scale) and sign are sent, v_hat_b = v_b exactly
       (proof of Theorem 7), so no dither is subtracted;
     * alpha = 1 ("unbiased", eq. 4.9: E[g_hat] = g, E||g - g_hat||^2 <= gamma ||g||^2, Theorem 7) or
@@ -128,7 +129,7 @@ class QCSCodec(Codec):
 
     Args:
         dim: d. block: n, a power of 2 (default min(next_pow2(d), 256)). k: rows per block, 1 <= k <= n
-        (default round(110 n / 256), the gain-32 optimum of NOTES §6 at n = 256). levels: Q (default 2).
+        (default round(110 n / 256), the gain-32 optimum at n = 256, docs/notes.md#qcs-numbers). levels: Q (default 2).
         alpha: "unbiased" or "mmse". granularity: "tensor" or "vector". segments: tensor lengths (sum = d;
         None: one tensor).
     """
@@ -358,7 +359,7 @@ class QCSCodec(Codec):
 
 @register_codec
 class RLCCodec(Codec):
-    """Random linear coding for over-the-air aggregation, projection part (Abdi Ch. 5).
+    """Random linear coding for over-the-air aggregation, projection part ([Abdi-thesis] Ch. 5).
 
         y = A g,  A = (1/sqrt(m)) S H_n R                                    (eq. 5.3)
         g_hat = A^T y                                                        (eq. 5.4)

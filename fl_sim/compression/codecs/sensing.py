@@ -1,10 +1,10 @@
 """Compressed-sensing codecs: ``cs_fiht`` (Tang et al.) and ``onebit_cs`` (Mitra & Khisti).
 
-* ``cs_fiht``: shared/papers/003_0f8b3e65132592f6.txt (slides), NOTES.md §4(a): y = Phi x with
+* ``cs_fiht``: [Tang-FIHT] (slides; docs/notes.md#tang-fiht): y = Phi x with
   Phi = sqrt(d/Q) (Q random rows of the DCT or WHT), recovery by FIHT (K-sparse).
-* ``onebit_cs``: shared/papers/000_2a9201d51a7b29c4.txt eqs. (4), (6), (9), (10) and the "same Phi"
-  note (NOTES.md §1), with the 1-bit dithered quantizer of Abdi's thesis (002_*.txt eq. 4.5) in its
-  unbiased form (NOTES.md §3.1 / App. A erratum): v_hat = rho_b (q/2 - u), rho_b = 2 ||v_b||_inf per block.
+* ``onebit_cs``: [Mitra-Khisti-2020] eqs. (4), (6), (9), (10) and the "same Phi"
+  note (docs/notes.md#mitra-khisti), with the 1-bit dithered quantizer of [Abdi-thesis] eq. (4.5) in its
+  unbiased form (App. A erratum, docs/notes.md#qcs-1bit-erratum): v_hat = rho_b (q/2 - u), rho_b = 2 ||v_b||_inf per block.
 
 Randomness (fl_sim.compression.base, "Seeds"): cs_fiht's Phi is common (``seeding = "common"``, the
 default of a linear codec); onebit_cs is "mixed": its Phi is common or per worker, its dither u is
@@ -18,8 +18,8 @@ from typing import Any, Sequence
 
 import torch
 
-from ...rng import derive_seed, torch_generator
-from ..base import (
+from fl_sim.rng import derive_seed, torch_generator
+from fl_sim.compression.base import (
     Codec,
     CodecError,
     LinearOperator,
@@ -31,10 +31,13 @@ from ..base import (
     client_round_seed,
     register_codec,
 )
-from ..projections import PartialHadamard, SubsampledOrthogonal
-from ..recovery import LP_MAX_ENTRIES, biht, fast_operator, fiht, l1_recovery_lp
+from fl_sim.compression.projections import PartialHadamard, SubsampledOrthogonal
+from fl_sim.compression.recovery import LP_MAX_ENTRIES, biht, fast_operator, fiht, l1_recovery_lp
 
-__all__ = ["CSFIHTCodec", "OneBitCSCodec"]
+__all__ = ["CSFIHTCodec", "OneBitCSCodec", "PHI_SCHEDULES", "PHI_SEED_DEFAULT"]
+
+PHI_SCHEDULES = ("fixed", "round")  # OneBitCS: Phi drawn once a priori (the paper) or redrawn every round
+PHI_SEED_DEFAULT = derive_seed(0, "onebit_cs", "phi-a-priori")  # = OneBitCS(seed=0)'s fixed Phi
 
 
 def _pos_int(name: str, value: Any, who: str, *, allow_none: bool = False) -> int | None:
@@ -217,18 +220,18 @@ class OneBitCSCodec(Codec):
 
     Encode (Phi and u from the seeds below):
 
-        v = Phi x                 Phi = (1/sqrt(k)) S H_n R per block (PartialHadamard, Abdi eq. 4.1), m = B k rows
-        rho_b = 2 ||v_b||_inf     one scale per block b = 1..B (Abdi eq. 4.5 applied per partition)
+        v = Phi x                 Phi = (1/sqrt(k)) S H_n R per block (PartialHadamard, [Abdi-thesis] eq. 4.1), m = B k rows
+        rho_b = 2 ||v_b||_inf     one scale per block b = 1..B ([Abdi-thesis] eq. 4.5 applied per partition)
         q = sign(v_b / rho_b + u_b),  u ~ U(-1/2, 1/2)^m,  sign(t) = +1 if t > 0 else -1
         sent: q (m bits) and rho (32 bits per block)
 
-    Dequantize (NOTES §3.1 erratum: the printed v_hat = rho (q - u) is biased by a factor 2):
+    Dequantize (docs/notes.md#qcs-1bit-erratum: the printed v_hat = rho (q - u) is biased by a factor 2):
 
         v_hat_b = rho_b (q_b/2 - u_b),  v_hat - v uniform on [-rho_b/2, rho_b/2], independent of v:
         E[v_hat] = v,  Var[v_hat_i] = rho_b^2 / 12,  |v_hat_i - v_i| <= rho_b/2.
 
     Recover (``recovery``):
-      * "none": x_hat = Phi^T v_hat, unbiased since E[Phi^T Phi] = I (Abdi Lemma 6, eq. 4.3); meant for
+      * "none": x_hat = Phi^T v_hat, unbiased since E[Phi^T Phi] = I ([Abdi-thesis] Lemma 6, eq. 4.3); meant for
                 M = d (one block row per coordinate); below d it is unbiased but noisy (n/k - 1 of Lemma 13);
       * "lp":   eq. (6) blockwise: min ||x_b||_1 s.t. |v_hat_b - Phi_b x_b| <= rho_b/2 per measurement
                 (:func:`~fl_sim.compression.recovery.l1_recovery_lp`; the box is exact for this quantizer);
@@ -242,14 +245,16 @@ class OneBitCSCodec(Codec):
     name, None for a single client):
       * the dither u is always the client's own, drawn anew every round: ``client_round_seed(seed,
         client_seed)``; with ``phi="common"`` too, so K clients' dither errors are independent and their
-        average shrinks as 1/K (a shared u made them identical: issue 12);
+        average shrinks as 1/K (a shared u, fl-sim's earlier rule, made them identical);
       * Phi, ``phi="per_worker"`` (eqs. 9-10): Phi^(k) is worker k's own; ``phi="common"`` (the paper's
         "same Phi for all workers" note): one Phi for everybody, so the codec is linear in the
         dequantized domain (:meth:`aggregate`, one recovery);
-      * Phi, ``phi_seed`` set: fixed a priori for the whole run ("Phi^(k) known a priori", eq. 10 text):
-        common Phi from ``phi_seed``, Phi^(k) from ``client_round_seed(phi_seed, client_seed)``;
-        ``phi_seed=None``: redrawn every round, from ``seed`` (common) or ``client_round_seed(seed,
-        client_seed)`` (per worker) (fl-sim before issue 12; an option, not the paper's rule).
+      * Phi, ``phi_schedule="fixed"`` (the default, the paper's rule): fixed a priori for the whole run
+        ("Phi^(k) known a priori", eq. 10 text): common Phi from ``phi_seed``, Phi^(k) from
+        ``client_round_seed(phi_seed, client_seed)``; ``phi_seed`` None means :data:`PHI_SEED_DEFAULT`
+        (the seed ``OneBitCS`` derives from run seed 0, so a bare codec and the strategy agree);
+      * Phi, ``phi_schedule="round"`` (an option, not the paper's rule): redrawn every round, from
+        ``seed`` (common) or ``client_round_seed(seed, client_seed)`` (per worker).
 
     Bits: m + 32 B (one bit per measurement, one float32 rho_b per block).
 
@@ -259,7 +264,9 @@ class OneBitCSCodec(Codec):
         phi: "per_worker" or "common".  recovery: "none", "lp" or "biht".
         block: power-of-2 block length n of the partial Hadamard (None: one block of next_pow2(d)).
         sparsity: K for BIHT / FIHT (default m // 4).  biht_iter: BIHT iterations.
-        phi_seed: int: Phi fixed a priori from it (the paper); None: Phi redrawn every round.
+        phi_schedule: "fixed" (Phi drawn once, from ``phi_seed``: the paper) or "round" (redrawn from each
+            round's seed).
+        phi_seed: the seed of the fixed Phi (None: :data:`PHI_SEED_DEFAULT`); only with "fixed".
     """
 
     name = "onebit_cs"
@@ -275,10 +282,17 @@ class OneBitCSCodec(Codec):
         block: int | None = None,
         sparsity: int | None = None,
         biht_iter: int = 50,
+        phi_schedule: str = "fixed",
         phi_seed: int | None = None,
     ) -> None:
         super().__init__(dim=dim)
         measurements = _pos_int("measurements", measurements, self.name)
+        if phi_schedule not in PHI_SCHEDULES:
+            raise CodecError(f"{self.name}: phi_schedule must be 'fixed' (the paper: Phi known a priori) or "
+                             f"'round' (redrawn each round), got {phi_schedule!r}")
+        if phi_schedule == "round" and phi_seed is not None:
+            raise CodecError(f"{self.name}: phi_seed={phi_seed} fixes Phi, but phi_schedule='round' redraws it each "
+                             "round; drop phi_seed or use phi_schedule='fixed'")
         if phi not in ("per_worker", "common"):
             raise CodecError(f"{self.name}: phi must be 'per_worker' or 'common', got {phi!r}")
         if recovery not in ONEBIT_RECOVERIES:
@@ -286,8 +300,8 @@ class OneBitCSCodec(Codec):
         block = _pos_int("block", block, self.name, allow_none=True)
         if block is not None and block & (block - 1):
             raise CodecError(f"{self.name}: block must be a power of 2, got {block}")
-        if phi_seed is not None:
-            check_seed(phi_seed, f"{self.name} (phi_seed)")
+        if phi_schedule == "fixed":
+            phi_seed = PHI_SEED_DEFAULT if phi_seed is None else check_seed(phi_seed, f"{self.name} (phi_seed)")
         n = block if block is not None else 1 << (dim - 1).bit_length()
         blocks = -(-dim // n)
         k = max(1, measurements // blocks)
@@ -301,13 +315,13 @@ class OneBitCSCodec(Codec):
         self.n, self.blocks, self.k, self.m = n, blocks, k, blocks * k
         self.sparsity = _pos_int("sparsity", sparsity, self.name, allow_none=True) or max(1, self.m // 4)
         self.biht_iter = _pos_int("biht_iter", biht_iter, self.name)
-        self.phi_seed = phi_seed
+        self.phi_schedule, self.phi_seed = phi_schedule, phi_seed
         self.linear = phi == "common"  # instance attribute: shadows the class default False
         self._ops = SeedCache(self._build, size=16)
 
     def params(self) -> dict[str, Any]:
         return {"dim": self.dim, "measurements": self.measurements, "phi": self.phi, "recovery": self.recovery,
-                "block": self.block, "sparsity": self.sparsity, "biht_iter": self.biht_iter, "phi_seed": self.phi_seed}
+                "block": self.block, "sparsity": self.sparsity, "biht_iter": self.biht_iter, "phi_schedule": self.phi_schedule, "phi_seed": self.phi_seed}
 
     def nominal_bits(self) -> int:
         return self.m + 32 * self.blocks

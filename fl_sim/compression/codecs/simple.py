@@ -2,11 +2,11 @@
 
 Sources (kernels and bit formulas in :mod:`fl_sim.compression.quantizers` and
 :mod:`fl_sim.compression.coding`; the table of every codec's coding is docs/codecs.md):
-  * QSGD: Alistarh et al. 2017 (Section 3.1 Q_s, Lemma 3.1 variance bound, Section 3.2 Elias Code_s;
-    thesis ref. [15]; NOTES §3.3 Lemma 19).
-  * TernGrad: Wen et al. 2017 (stochastic ternarization, layer-wise scaling, gradient clipping at 2.5 sigma).
-  * Scaled sign: Karimireddy et al. 2019 (signSGD with scale, used with EF).
-  * Top-k: Stich et al. 2018 (sparsified SGD with memory); random-k: Wangni et al. 2018 (thesis ref. [25]).
+  * QSGD: [Alistarh-2017] (Section 3.1 Q_s, Lemma 3.1 variance bound, Section 3.2 Elias Code_s;
+    [Abdi-thesis] ref. [15]; App. A Lemma 19, docs/notes.md#qsgd-as-dither).
+  * TernGrad: [Wen-2017] (stochastic ternarization, layer-wise scaling, gradient clipping at 2.5 sigma).
+  * Scaled sign: [Karimireddy-2019] (signSGD with scale, used with EF).
+  * Top-k: [Stich-2018] (sparsified SGD with memory); random-k: [Wangni-2018] (thesis ref. [25]).
 
 Scale granularity (``granularity: tensor | vector`` with ``segments``, :mod:`fl_sim.compression.segments`):
 with "tensor" each model tensor gets its own norm / scale / top-k share; ``segments`` (the tensor
@@ -29,10 +29,10 @@ from typing import Sequence
 
 import torch
 
-from ...rng import torch_generator
-from ..base import Codec, CodecError, Payload, PayloadError, Seeds, check_seed, register_codec
-from ..coding import gap_stream_bits, qsgd_stream_bits
-from ..quantizers import (
+from fl_sim.rng import torch_generator
+from fl_sim.compression.base import Codec, CodecError, Payload, PayloadError, Seeds, check_seed, register_codec
+from fl_sim.compression.coding import gap_stream_bits, qsgd_stream_bits
+from fl_sim.compression.quantizers import (
     FLOAT_BITS,
     level_dtype,
     qsgd_bits,
@@ -54,7 +54,7 @@ from ..quantizers import (
     topk_rows,
     topk_segments,
 )
-from ..segments import RowSegments, Segments, check_granularity, segments_for
+from fl_sim.compression.segments import RowSegments, Segments, check_granularity, segments_for
 
 __all__ = ["IdentityCodec", "FP16Codec", "TopKCodec", "RandKCodec", "QSGDCodec", "SignCodec", "TernGradCodec"]
 
@@ -171,7 +171,7 @@ def _check_k(k: object, dim: int, who: str) -> int:
 
 @register_codec
 class TopKCodec(_Granular):
-    """Top-k (Stich et al. 2018): the k largest |x_i| with their indices (biased; pair with error feedback).
+    """Top-k ([Stich-2018]): the k largest |x_i| with their indices (biased; pair with error feedback).
 
     Args:
         k: coordinates sent (default max(1, d // 100)).
@@ -307,7 +307,7 @@ class RandKCodec(Codec):
 
 @register_codec
 class QSGDCodec(_Granular):
-    """QSGD with s = ``levels`` (Alistarh et al. 2017, Section 3.1): x_hat_i = ||x||_2 sign(x_i) l_i / s.
+    """QSGD with s = ``levels`` ([Alistarh-2017], Section 3.1): x_hat_i = ||x||_2 sign(x_i) l_i / s.
 
     l_i = floor(s|x_i|/||x||_2) + Bernoulli(frac) in {0..s}: unbiased, and per scaled piece of n
     coordinates E||x_hat - x||^2 <= min(n/s^2, sqrt(n)/s) ||x||^2 (Lemma 3.1, :attr:`variance_bound`
@@ -411,7 +411,7 @@ class QSGDCodec(_Granular):
 
 @register_codec
 class SignCodec(_Granular):
-    """Scaled sign (Karimireddy et al. 2019): x_hat = (||x||_1 / n) sign(x) per piece of n coordinates,
+    """Scaled sign ([Karimireddy-2019]): x_hat = (||x||_1 / n) sign(x) per piece of n coordinates,
     sign(0) = +1. Biased (use error feedback).
 
     ``granularity``: "tensor" (default, one l1 scale per model tensor, as GRACE's EF-signSGD) or "vector"
@@ -467,7 +467,7 @@ class SignCodec(_Granular):
 
 @register_codec
 class TernGradCodec(_Granular):
-    """TernGrad (Wen et al. 2017): x_hat_i = s_t sign(x_i) b_i, s_t = max |x| over the layer t,
+    """TernGrad ([Wen-2017]): x_hat_i = s_t sign(x_i) b_i, s_t = max |x| over the layer t,
     b_i ~ Bernoulli(|x_i|/s_t), after clipping x to [-c sigma_t, c sigma_t].
 
     Args:

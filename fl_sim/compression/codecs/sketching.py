@@ -1,4 +1,4 @@
-"""Count Sketch codec (FetchSGD, Rothchild et al. 2020; summarised in shared/papers/README.md).
+"""Count Sketch codec (FetchSGD, [Rothchild-2020]; summary in docs/notes.md#fetchsgd).
 
 The client sends the r x c table S(x) of :class:`~fl_sim.compression.sketch.CountSketch`; tables are
 linear in x, so the server sums them (weighted) and unsketches once: the k coordinates of largest
@@ -11,8 +11,8 @@ from typing import Any, Sequence
 
 import torch
 
-from ..base import Codec, CodecError, Payload, SeedCache, Seeds, register_codec
-from ..sketch import CountSketch
+from fl_sim.compression.base import Codec, CodecError, Payload, SeedCache, Seeds, register_codec
+from fl_sim.compression.sketch import CountSketch
 
 __all__ = ["CountSketchCodec"]
 

@@ -1,0 +1,181 @@
+"""The comparison suite's runner: execute planned runs in worker processes (resumable), then tune, run and report.
+
+``execute_plan`` skips a run whose ``suite_run.json`` holds the same config hash, so an interrupted suite
+resumes; each worker keeps one torch thread. ``run_compare`` is the whole protocol (see the package docstring).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from pathlib import Path
+from typing import Any
+
+from fl_sim.config import ConfigError, config_from_dict, config_to_dict
+from fl_sim.experiments.compare.report import aggregate, choose, write_outputs
+from fl_sim.experiments.compare.spec import (
+    DONE_FILE,
+    PlannedRun,
+    ProgressFn,
+    _repo_root,
+    config_hash,
+    load_suite,
+    plan_reported,
+    plan_tuning,
+    point_name,
+)
+from fl_sim.runs.results import atomic_write
+
+
+# ---------------------------------------------------------------------------------------------------
+# Running (resumable, parallel)
+# ---------------------------------------------------------------------------------------------------
+def is_done(run_dir: Path, digest: str) -> bool:
+    """A run is done when its summary.json and suite_run.json exist and the stored config hash matches."""
+    marker = Path(run_dir) / DONE_FILE
+    if not (marker.is_file() and (Path(run_dir) / "summary.json").is_file()):
+        return False
+    try:
+        return json.loads(marker.read_text()).get("config_hash") == digest
+    except (OSError, ValueError):
+        return False
+
+def code_version() -> str:
+    """``git describe --always --dirty`` of the fl_sim source tree, or "unknown"."""
+    try:
+        r = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], cwd=_repo_root(),
+                           capture_output=True, text=True, timeout=10)
+        return r.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+def _execute(cfg_dict: dict[str, Any], run_dir: str, digest: str, version: str) -> dict[str, Any]:
+    """Worker: run one config into run_dir (replacing an unfinished or stale earlier attempt), then mark it done."""
+    import torch
+
+    torch.set_num_threads(1)
+    from fl_sim.runs.simulation import run_experiment
+
+    sim = cfg_dict.setdefault("simulation", {})
+    if not sim.get("cohort_threads"):  # automatic = one per core: jobs x cores threads would contend
+        sim["cohort_threads"] = 1
+
+    d = Path(run_dir)
+    if d.exists():  # this suite's own directory: an interrupted or outdated run of the same slot
+        stale = d.with_name(f".{d.name}.replaced-{int(time.time())}")
+        d.rename(stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    t0 = time.perf_counter()
+    summary = run_experiment(config_from_dict(cfg_dict), d)
+    atomic_write(d / DONE_FILE, json.dumps({"config_hash": digest, "code_version": version,
+                                            "wall_s": round(time.perf_counter() - t0, 2)}, indent=2) + "\n")
+    return {"final_test_accuracy": summary.get("final_test_accuracy")}
+
+def execute_plan(plan: list[PlannedRun], *, jobs: int = 1, progress: ProgressFn = lambda s: None,
+                 runner: Callable[..., Any] | None = None) -> list[str]:
+    """Run every planned run that is not done (``jobs`` worker processes); returns failure messages."""
+    version = code_version()
+    todo = []
+    for r in plan:
+        digest = config_hash(r.cfg)
+        if is_done(r.run_dir, digest):
+            progress(f"{r.task}/{r.method} {point_name(r.point)} seed {r.seed}: done, skipped")
+        else:
+            todo.append((r, digest))
+    failures: list[str] = []
+    if not todo:
+        return failures
+    fn = runner or _execute
+    label = {id(r): f"{r.task}/{r.method} {point_name(r.point)} seed {r.seed}" for r, _ in todo}
+    if jobs <= 1:
+        for r, digest in todo:
+            progress(f"{label[id(r)]}: running")
+            try:
+                fn(config_to_dict(r.cfg), str(r.run_dir), digest, version)
+            except Exception as exc:  # one failed run must not lose the others
+                failures.append(f"{label[id(r)]}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+                progress(f"{label[id(r)]}: FAILED ({failures[-1]})")
+        return failures
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        pending: dict[Future, PlannedRun] = {}
+        for r, digest in todo:
+            pending[pool.submit(fn, config_to_dict(r.cfg), str(r.run_dir), digest, version)] = r
+        progress(f"{len(todo)} runs on {jobs} workers")
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for f in done:
+                r = pending.pop(f)
+                exc = f.exception()
+                if exc is not None:
+                    failures.append(f"{label[id(r)]}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+                    progress(f"{label[id(r)]}: FAILED ({failures[-1]})")
+                else:
+                    progress(f"{label[id(r)]}: finished ({len(pending)} left)")
+    return failures
+
+# ---------------------------------------------------------------------------------------------------
+# The command
+# ---------------------------------------------------------------------------------------------------
+def run_compare(
+    suite_path: str | Path | None = None,
+    *,
+    tasks: list[str] | None = None,
+    methods: list[str] | None = None,
+    seeds: int | None = None,
+    jobs: int = 1,
+    out: str | Path = "runs/compare",
+    docs: str | Path | None = "docs/comparison",
+    extra: list[str] | None = None,
+    backend: str | None = None,
+    report_only: bool = False,
+    progress: ProgressFn = lambda s: None,
+    runner: Callable[..., Any] | None = None,
+) -> dict[str, Any]:
+    """Tune, run and aggregate (see the module docstring); returns the summary rows, targets and failures."""
+    suite = load_suite(suite_path)
+    tasks = list(suite.tasks) if not tasks or tasks == ["all"] else tasks
+    for t in tasks:
+        if t not in suite.tasks:
+            raise ConfigError(f"--task {t}: not in the suite (tasks: {', '.join(suite.tasks)}, or all)")
+    names = [m.name for m in suite.methods]
+    methods = methods or names
+    for m in methods:
+        if m not in names:
+            raise ConfigError(f"--methods {m}: not in the suite (methods: {', '.join(names)})")
+    if suite.baseline not in methods:
+        raise ConfigError(f"--methods must include the baseline {suite.baseline!r} (the target is defined by it)")
+    if jobs < 1:
+        raise ConfigError(f"--jobs {jobs}: must be >= 1")
+    if seeds is not None and seeds < 1:
+        raise ConfigError(f"--seeds {seeds}: must be >= 1")
+    seed_list = suite.seeds[:seeds] if seeds is not None and seeds <= len(suite.seeds) else (
+        suite.seeds + [max(suite.seeds + [suite.tuning_seed]) + i + 1 for i in range((seeds or 0) - len(suite.seeds))])
+    out = Path(out)
+    extra = list(extra or [])
+    t0 = time.perf_counter()
+    tuning = plan_tuning(suite, tasks, methods, out, extra=extra, backend=backend)  # validates every config first
+    failures = [] if report_only else execute_plan(tuning, jobs=jobs, progress=progress, runner=runner)
+    choices, tuning_rows = choose(tuning, suite.tuning_window)
+    missing = [f"{t}/{m}" for t in tasks for m in methods if (t, m) not in choices]
+    if missing and not report_only:
+        raise ValueError(f"no tuning run finished for {', '.join(missing)}; see the failures above")
+    reported = plan_reported(suite, choices, seed_list, out, extra=extra, backend=backend)
+    if not report_only:
+        failures += execute_plan(reported, jobs=jobs, progress=progress, runner=runner)
+    finished = [{"task": r.task, "method": r.method, "seed": r.seed, "run_dir": r.run_dir, "point": point_name(r.point)}
+                for r in reported if (r.run_dir / "summary.json").is_file()]
+    run_rows, summary_rows, targets = aggregate(finished, baseline=suite.baseline, target_fraction=suite.target_fraction)
+    versions = sorted({json.loads((Path(r["run_dir"]) / DONE_FILE).read_text()).get("code_version", "unknown")
+                       for r in finished if (Path(r["run_dir"]) / DONE_FILE).is_file()})
+    meta = {"suite": str(suite.path), "tasks": tasks, "methods": methods, "seeds": seed_list,
+            "tuning_seed": suite.tuning_seed, "budget": suite.budget, "backend": backend or suite.backend,
+            "extra_overrides": extra, "code_versions": versions, "failures": failures,
+            "wall_s": round(time.perf_counter() - t0, 1)}
+    if docs is not None:
+        write_outputs(suite, Path(docs), run_rows, summary_rows, targets, tuning_rows, meta)
+    return {"summary": summary_rows, "runs": run_rows, "targets": targets, "failures": failures,
+            "code_versions": versions, "tuning": tuning_rows}

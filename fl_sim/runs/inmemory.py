@@ -1,0 +1,37 @@
+"""The in-memory run: a RunConfig through the real strategy and ClientApp, transport by function calls.
+
+The same code path as ``fl-sim run`` (build -> server_loop -> RunRecorder) on the engine's
+InMemoryGrid, or its batched VectorizedGrid with ``simulation.backend=vectorized``. Tests and
+notebooks use it through ``fl_sim.testing.run_in_memory``.
+"""
+
+from __future__ import annotations
+
+from fl_sim.clients.app import make_client_app
+from fl_sim.config import config_to_dict
+from fl_sim.engine.inline import InMemoryGrid
+from fl_sim.engine.vectorized import VectorizedGrid
+from fl_sim.runs.build import build_experiment, build_strategy
+from fl_sim.runs.results import RunRecorder
+from fl_sim.runs.simulation import server_loop
+
+__all__ = ["run_in_memory"]
+
+
+def run_in_memory(cfg, run_dir=None, *, num_nodes: int | None = None):
+    """Run a RunConfig through the real strategy and ClientApp on an InMemoryGrid (no Ray).
+
+    Returns (summary or None, recorder rows, strategy). Same code path as ``fl-sim run`` except the
+    transport: messages are function calls in this process (batched ones with
+    ``simulation.backend=vectorized``).
+    """
+
+    exp = build_experiment(cfg)
+    strategy = build_strategy(exp)
+    grid_class = VectorizedGrid if cfg.simulation.backend == "vectorized" else InMemoryGrid
+    grid = grid_class(make_client_app(cfg), num_nodes or cfg.clients)
+    recorder = RunRecorder(run_dir, config_to_dict(cfg)) if run_dir is not None else None
+    rows: list[dict] = []
+    server_loop(grid, exp, strategy, recorder, lambda rnd, row: rows.append(dict(row)))
+    summary = recorder.finish({"strategy": cfg.strategy.name}) if recorder is not None else None
+    return summary, rows, strategy
