@@ -174,6 +174,44 @@ def test_truncated_mnist_gz_one_line(tmp_path):
     assert "Aborted" not in res.output
 
 
+def _with_memory_cap(extra_bytes: int, fn):
+    """``fn()`` with the address space capped at ``extra_bytes`` above what the process uses now."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    with open("/proc/self/statm") as f:
+        used = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    resource.setrlimit(resource.RLIMIT_AS, (used + extra_bytes, hard))
+    try:
+        return fn()
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def test_idx_gz_reads_stop_at_the_declared_size(tmp_path):
+    """A 150 KB .gz that inflates to 160 MB behind a header declaring 20 images: the read stops after the
+    declared 15,680 bytes (f.read() inflated all of it; capped at 64 MB more, that was a MemoryError), and
+    a header declaring 2^40 bytes is refused before any data is read."""
+    import gzip
+
+    from fl_sim.data.errors import DataError
+    from fl_sim.data.files import read_idx
+
+    bomb = tmp_path / "train-images-idx3-ubyte.gz"
+    with gzip.open(bomb, "wb") as f:
+        f.write(bytes([0, 0, 8, 3]) + b"".join(int(x).to_bytes(4, "big") for x in (20, 28, 28)))
+        zeros = bytes(1 << 20)
+        for _ in range(160):
+            f.write(zeros)
+    assert bomb.stat().st_size < 400_000
+    with pytest.raises(DataError, match="found more data bytes"):
+        _with_memory_cap(64 << 20, lambda: read_idx(bomb))
+    huge = tmp_path / "t10k-images-idx3-ubyte"
+    huge.write_bytes(bytes([0, 0, 8, 3]) + b"".join(int(x).to_bytes(4, "big") for x in (2**20, 2**10, 2**10)))
+    with pytest.raises(DataError, match="declares shape"):
+        read_idx(huge)
+
+
 def test_unexpected_exception_is_one_line_exit_1(tmp_path, monkeypatch):
     """Whatever no check anticipated: one line naming the exception and --debug, exit 1."""
     import fl_sim.runs.simulation as simulation
@@ -236,8 +274,6 @@ def test_pickle_bombs_refused_before_allocating(bomb, words, tmp_path, monkeypat
     """The restricted unpickler builds nothing larger than its file: the bomb is refused with one line
     while the process's address space is capped at 1 GiB above what it uses (an allocation of the bomb's
     size would raise MemoryError instead of the refusal)."""
-    import resource
-
     from fl_sim.config import DataConfig
     from fl_sim.data import load_federated
     from fl_sim.data.errors import DataError
@@ -245,15 +281,9 @@ def test_pickle_bombs_refused_before_allocating(bomb, words, tmp_path, monkeypat
     data = bomb()
     assert len(data) < 400
     root = cifar_dir(tmp_path, data)
-    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    with open("/proc/self/statm") as f:
-        used = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
-    resource.setrlimit(resource.RLIMIT_AS, (used + 2**30, hard))
-    try:
-        with pytest.raises(DataError) as err:
-            load_federated(DataConfig(name="cifar10", root=str(root), partition="iid"), 4, 0)
-    finally:
-        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    with pytest.raises(DataError) as err:
+        _with_memory_cap(1 << 30, lambda: load_federated(DataConfig(name="cifar10", root=str(root),
+                                                                    partition="iid"), 4, 0))
     msg = str(err.value)
     assert "\n" not in msg and "data_batch_1" in msg
     for w in words:

@@ -26,6 +26,7 @@ mean (0.4914, 0.4822, 0.4465), std (0.2470, 0.2435, 0.2616).
 from __future__ import annotations
 
 import gzip
+import math
 import pickle
 import zlib
 from pathlib import Path
@@ -45,24 +46,51 @@ _IDX_STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images
 _CIFAR_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
 
 
+# Largest idx payload read: no MNIST-format set comes near it (EMNIST's largest split is 0.6 GB); a header
+# declaring more is corrupt, and a small .gz can decompress to any size, so reads stop at the declared size.
+MAX_IDX_BYTES = 2**32
+_CHUNK = 1 << 24
+
+
+def _read_upto(f, n: int) -> bytes:
+    """At most ``n`` bytes of ``f``, read in chunks (one ``read(n)`` preallocates n bytes)."""
+    parts, got = [], 0
+    while got < n:
+        chunk = f.read(min(_CHUNK, n - got))
+        if not chunk:
+            break
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
+
+
 def read_idx(path: Path) -> np.ndarray:
-    """An idx-ubyte file (optionally gzipped): magic 0x0000 08 ndim, ndim big-endian int32 sizes, uint8 data."""
+    """An idx-ubyte file (optionally gzipped): magic 0x0000 08 ndim, ndim big-endian int32 sizes, uint8 data.
+
+    Reads the header, then at most the size it declares plus one byte: memory stays bounded by the declared
+    size (at most MAX_IDX_BYTES) whatever the (decompressed) file holds."""
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
-            raw = f.read()
+            head = _read_upto(f, 4)
+            if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] != 0x08 or head[3] == 0:
+                raise DataError(f"{path} is not an idx file of unsigned bytes (magic 0x00 0x00 0x08 ndim); "
+                                "re-extract it")
+            ndim = head[3]
+            dims = _read_upto(f, 4 * ndim)
+            shape = tuple(int.from_bytes(dims[4 * i: 4 * i + 4], "big") for i in range(len(dims) // 4))
+            n = math.prod(shape)
+            if len(shape) != ndim or n > MAX_IDX_BYTES:
+                raise DataError(f"{path} is corrupt: its header declares shape {shape} ({n:,} bytes); re-extract it")
+            raw = _read_upto(f, n + 1)
     except EOFError:  # gzip: the stream ends before its end marker (a truncated download)
         raise DataError(f"{path} is truncated (the gzip stream ends early); re-extract or re-download it") from None
     except (OSError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
         raise DataError(f"cannot read {path}: {exc}") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or raw[3] == 0:
-        raise DataError(f"{path} is not an idx file of unsigned bytes (magic 0x00 0x00 0x08 ndim); re-extract it")
-    ndim = raw[3]
-    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    start = 4 + 4 * ndim
-    if len(raw) - start != int(np.prod(shape)):
-        raise DataError(f"{path} is truncated or corrupt: header says {shape}, found {len(raw) - start} data bytes")
-    return np.frombuffer(raw, dtype=np.uint8, offset=start).reshape(shape)
+    if len(raw) != n:
+        found = f"{len(raw)}" if len(raw) < n else "more"
+        raise DataError(f"{path} is truncated or corrupt: header says {shape}, found {found} data bytes")
+    return np.frombuffer(raw, dtype=np.uint8).reshape(shape)
 
 
 def write_idx(path: Path, array: np.ndarray, *, gz: bool = False) -> Path:
