@@ -40,10 +40,8 @@ def error_line(exc: BaseException) -> str:
 def _fail(exc: BaseException, debug: bool, code: int = 2) -> None:
     if debug:
         raise exc
-    from rich.markup import escape
-
     # soft_wrap: one line even when stderr is not a terminal (rich would wrap it at 80 columns)
-    console.print(f"[bold red]error:[/] {escape(error_line(exc))}", highlight=False, markup=True, soft_wrap=True)
+    console.print(f"[bold red]error:[/] {_escape(error_line(exc))}", highlight=False, markup=True, soft_wrap=True)
     raise typer.Exit(code=code)
 
 
@@ -158,6 +156,9 @@ def report(
         rows, plots = make_report(run_dirs, out_dir, baseline=baseline)
     except USER_ERRORS as exc:
         _fail(exc, debug)
+        return
+    except Exception as exc:  # noqa: BLE001 - never a traceback without --debug
+        _fail_unexpected(exc, debug)
         return
     table = Table(title="fl-sim runs")
     for col in rows[0]:
