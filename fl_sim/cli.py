@@ -40,11 +40,27 @@ def error_line(exc: BaseException) -> str:
 def _fail(exc: BaseException, debug: bool, code: int = 2) -> None:
     if debug:
         raise exc
+    # soft_wrap: one line even when stderr is not a terminal (rich would wrap it at 80 columns)
+    console.print(f"[bold red]error:[/] {_escape(error_line(exc))}", highlight=False, markup=True, soft_wrap=True)
+    raise typer.Exit(code=code)
+
+
+def _fail_unexpected(exc: Exception, debug: bool) -> None:
+    """An exception no check anticipated: one line naming it, exit 1; ``--debug`` shows the traceback."""
+    import click
+
+    if debug or isinstance(exc, (click.exceptions.Exit, click.exceptions.Abort, click.ClickException)):
+        raise exc
+    console.print(f"[bold red]error:[/] {_escape(type(exc).__name__)}: {_escape(error_line(exc))} (an unexpected "
+                  "failure: rerun with --debug for the traceback and report it)", highlight=False, markup=True,
+                  soft_wrap=True)
+    raise typer.Exit(code=1)
+
+
+def _escape(text: str) -> str:
     from rich.markup import escape
 
-    # soft_wrap: one line even when stderr is not a terminal (rich would wrap it at 80 columns)
-    console.print(f"[bold red]error:[/] {escape(error_line(exc))}", highlight=False, markup=True, soft_wrap=True)
-    raise typer.Exit(code=code)
+    return escape(text)
 
 
 @app.command()
@@ -69,6 +85,7 @@ def run(
 
     from fl_sim.runs.simulation import RunFailed
 
+    run_dir = cfg = None
     try:
         from fl_sim.config import load_config
 
@@ -92,7 +109,9 @@ def run(
             console=console,
             transient=False,
         ) as progress:
-            task = progress.add_task(cfg.name or cfg.strategy.name, total=cfg.rounds, status="starting Flower")
+            starting = {"ray": "starting Flower's engine (Ray)", "inline": "starting (inline)",
+                        "vectorized": "starting (vectorized)"}.get(cfg.simulation.backend, "starting")
+            task = progress.add_task(cfg.name or cfg.strategy.name, total=cfg.rounds, status=starting)
 
             def on_round(rnd: int, row: dict) -> None:
                 acc = row.get("test_accuracy")
@@ -100,11 +119,19 @@ def run(
                 progress.update(task, completed=rnd, status=status)
 
             summary = run_experiment(cfg, run_dir, on_round, resume=resume is not None, overwrite=overwrite)
+    except KeyboardInterrupt:
+        if run_dir is not None and cfg is not None and cfg.checkpoint_every:
+            console.print(f"interrupted: the checkpoints in {run_dir} are kept; continue with fl-sim run --resume "
+                          f"{run_dir}", highlight=False, soft_wrap=True)
+        raise
     except RunFailed as exc:  # a dead Ray worker, or no round changed the model (NothingAggregated): exit 1, not 0
         _fail(exc, debug, code=1)
         return
     except USER_ERRORS as exc:
         _fail(exc, debug)
+        return
+    except Exception as exc:  # noqa: BLE001 - never a traceback without --debug
+        _fail_unexpected(exc, debug)
         return
     acc = summary.get("final_test_accuracy")
     out.print(f"model {cfg.model.name}: {summary.get('parameters', 0):,} parameters; "
@@ -131,6 +158,9 @@ def report(
         rows, plots = make_report(run_dirs, out_dir, baseline=baseline)
     except USER_ERRORS as exc:
         _fail(exc, debug)
+        return
+    except Exception as exc:  # noqa: BLE001 - never a traceback without --debug
+        _fail_unexpected(exc, debug)
         return
     table = Table(title="fl-sim runs")
     for col in rows[0]:
@@ -169,6 +199,9 @@ def sweep(
                          on_point=lambda name, what: console.print(f"[bold]{name}[/] {what}"))
     except USER_ERRORS as exc:
         _fail(exc, debug)
+        return
+    except Exception as exc:  # noqa: BLE001 - never a traceback without --debug
+        _fail_unexpected(exc, debug)
         return
     out.print(f"{len(rows)} runs -> {out_dir / 'sweep.csv'}")
 
@@ -311,7 +344,8 @@ def bench_round(
     workloads: str = typer.Option("quickstart,lenet", "--workloads", help="quickstart, lenet and/or digits."),
     per_round: str = typer.Option("10,100", "--per-round", help="Clients per round, comma-separated."),
     modes: str = typer.Option("plain,inline,ray", "--modes",
-                              help="plain (PyTorch loop), inline, vectorized, vectorized-1t (one thread), ray."),
+                              help="plain (PyTorch loop), inline, auto (what `fl-sim run` picks), vectorized, "
+                                   "vectorized-1t (one thread), vectorized-nt (one thread per core), ray."),
     rounds: int = typer.Option(0, "--rounds", help="Rounds per run (0: 6 quickstart, 4 lenet)."),
     repeats: int = typer.Option(2, "--repeats", help="Side-by-side repeats (modes alternate who goes first)."),
     num_cpus: str = typer.Option("1", "--num-cpus", help="simulation.num_cpus values for ray, e.g. 0.5,1,2."),
@@ -321,6 +355,9 @@ def bench_round(
     quick: bool = typer.Option(False, "--quick", help="quickstart only, one repeat."),
     scale: bool = typer.Option(False, "--scale", help="Also 10,000 quickstart clients, 10% a round, 50 rounds, "
                                "vectorized (time, peak memory)."),
+    contention: str = typer.Option("off", "--contention", help="CPU-bound processes beside each run: off, on, or "
+                                   "both (idle and busy side by side)."),
+    busy_per_cores: int = typer.Option(2, "--busy-per-cores", help="Contention: one busy process per this many cores."),
     smoke: bool = typer.Option(False, "--smoke", help=SMOKE_HELP + " Plain and inline, no Ray."),
     out_path: Path = typer.Option(Path("bench_out/round.json"), "--out"),
 ) -> None:
@@ -329,7 +366,52 @@ def bench_round(
             "--repeats", str(repeats), "--num-cpus", num_cpus, "--out", str(out_path)]
     argv += ["--profile"] * profile + ["--what-if"] * what_if + ["--tune"] * tune + ["--quick"] * quick
     argv += ["--scale"] * scale + ["--smoke"] * smoke
+    argv += ["--contention", contention, "--busy-per-cores", str(busy_per_cores)]
     _run_bench("bench_round", argv)
+
+
+@bench_app.command("messages")
+def bench_messages(
+    workload: str = typer.Option("quickstart", "--workload", help="quickstart (MLP) or lenet (LeNet-5)."),
+    number: int = typer.Option(2000, "--number", help="Calls per timing."),
+    repeat: int = typer.Option(5, "--repeat", help="Timings per step (the minimum is reported)."),
+    smoke: bool = typer.Option(False, "--smoke", help=SMOKE_HELP),
+    out_path: Path = typer.Option(Path("bench_out/messages.json"), "--out"),
+) -> None:
+    """One reply's record building and checks, step by step, labelled fl-sim or Flower (us per reply)."""
+    argv = ["--workload", workload, "--number", str(number), "--repeat", str(repeat), "--out", str(out_path)]
+    _run_bench("bench_messages", argv + ["--smoke"] * smoke)
+
+
+@bench_app.command("pfl")
+def bench_pfl(
+    per_round: str = typer.Option("10,100", "--per-round", help="Clients per round, comma-separated."),
+    rounds: int = typer.Option(12, "--rounds"),
+    processes: str = typer.Option("1,2", "--processes", help="pfl worker processes, e.g. 1,2."),
+    fl_sim_modes: str = typer.Option("vectorized,inline", "--fl-sim-modes", help="fl-sim backends run beside pfl."),
+    contention: str = typer.Option("off", "--contention", help="off, on or both (a busy process beside each run)."),
+    repeats: int = typer.Option(2, "--repeats"),
+    timeout: float = typer.Option(600.0, "--timeout", help="Seconds per measurement."),
+    smoke: bool = typer.Option(False, "--smoke", help=SMOKE_HELP),
+    out_path: Path = typer.Option(Path("bench_out/pfl.json"), "--out"),
+) -> None:
+    """pfl-research (a peer, in this Python's environment) beside fl-sim on the quickstart; skips without pfl."""
+    argv = ["--per-round", per_round, "--rounds", str(rounds), "--processes", processes, "--fl-sim-modes", fl_sim_modes,
+            "--contention", contention, "--repeats", str(repeats), "--timeout", str(timeout), "--out", str(out_path)]
+    _run_bench("bench_pfl", argv + ["--smoke"] * smoke)
+
+
+@bench_app.command("poisoning")
+def bench_poisoning(
+    table: str = typer.Option("all", "--table", help="zero (one all-zero client a round), inner (inner strategies "
+                              "under sign-flipping attackers) or all."),
+    rounds: int = typer.Option(None, "--rounds", help="Default: 40 (zero), 30 (inner), 3 with --smoke."),
+    smoke: bool = typer.Option(False, "--smoke", help=SMOKE_HELP),
+    out_path: Path = typer.Option(Path("bench_out/poisoning.json"), "--out"),
+) -> None:
+    """The README's poisoning figures (final accuracy under attack, not speed): what the guards catch."""
+    argv = ["--table", table, "--out", str(out_path)] + (["--rounds", str(rounds)] if rounds is not None else [])
+    _run_bench("bench_poisoning", argv + ["--smoke"] * smoke)
 
 
 @bench_app.command("plain-loop")
@@ -404,6 +486,9 @@ def reproduce(
     full: bool = typer.Option(False, "--full", help="The full version (real data, more rounds) instead of the reduced one."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Output directory (default: runs/reproduce/NAME[-full])."),
     list_: bool = typer.Option(False, "--list", help="List the experiments and exit."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace other results already in --out DIR (without it such a DIR is refused)."
+    ),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Reproduce a paper experiment: CSV + PNG per part and summary.json (docs/reproductions.md)."""
@@ -418,9 +503,13 @@ def reproduce(
         out.print(table)
         return
     try:
-        summary = run_reproduction(name, full=full, out=out_dir, progress=lambda msg: console.print(msg))
+        summary = run_reproduction(name, full=full, out=out_dir, overwrite=overwrite,
+                                   progress=lambda msg: console.print(msg))
     except USER_ERRORS as exc:
         _fail(exc, debug)
+        return
+    except Exception as exc:  # noqa: BLE001 - never a traceback without --debug
+        _fail_unexpected(exc, debug)
         return
     where = out_dir or Path("runs") / "reproduce" / (summary["experiment"] + ("-full" if full else ""))
     out.print(f"{summary['experiment']} ({summary['version']}) done in {summary['wall_s']:.1f} s -> {where}")
@@ -461,23 +550,49 @@ def compare(
     except USER_ERRORS as exc:
         _fail(exc, debug)
         return
+    except Exception as exc:  # noqa: BLE001 - never a traceback without --debug
+        _fail_unexpected(exc, debug)
+        return
     for f in result["failures"]:
         console.print(f"[bold red]failed:[/] {f}", highlight=False)
     out.print(f"{len(result['runs'])} reported runs, targets "
               + ", ".join(f"{t} {v:.3f}" for t, v in result["targets"].items()) + f" -> {docs}")
 
 
+def _lingering_threads() -> list:
+    """Threads other than this one that the interpreter would wait for at exit (Flower's ServerApp thread)."""
+    import threading
+
+    return [t for t in threading.enumerate() if t is not threading.current_thread() and t.is_alive() and not t.daemon]
+
+
 def main() -> None:
+    """The ``fl-sim`` entry point. Ctrl-C exits with 130 within seconds, on every backend.
+
+    Typer turns a KeyboardInterrupt into ``SystemExit(130)``; a normal exit then waits for every non-daemon
+    thread, and on the Ray backend Flower's ServerApp thread waits without end for replies that never come
+    (the run went on for minutes after Ctrl-C). So an exit that leaves such a thread behind stops Ray
+    (bounded) and leaves at once with its code; checkpoints are atomic files and stay.
+    """
     try:
         app()
+        code: int | str | None = 0
     except KeyboardInterrupt:
-        # Flower's ServerApp thread (not a daemon) would keep the interpreter alive waiting for replies
-        # that never come: stop Ray, then leave without waiting for threads.
+        code = 130
+    except SystemExit as exc:
+        code = exc.code
+    if code == 130:
         console.print("interrupted")
-        _shutdown_ray()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(130)
+    if not _lingering_threads():
+        sys.exit(code)
+    if not isinstance(code, int):  # sys.exit("message"): print it, exit 1
+        if code is not None:
+            console.print(str(code))
+        code = 1 if code is not None else 0
+    _shutdown_ray()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -313,3 +313,32 @@ def test_ray_profile_aggregation_on_synthetic_snapshots(tmp_path):
 
     me = snapshot(os.getpid())  # this process as the driver: its own CPU and named threads
     assert me[os.getpid()]["role"] == "driver" and me[os.getpid()]["cpu_s"] > 0
+
+
+# ------------------------------------------------------------------ per-message costs; the pfl peer
+def test_messages_smoke(tmp_path):
+    data = bench(tmp_path, "messages")
+    owners = {r["owner"] for r in data["steps"]}
+    assert owners == {"fl-sim", "Flower", "(was)"} and data["smoke"] is True
+    assert all(r["us_per_reply"] > 0 for r in data["steps"])
+    assert_finite(data)
+
+
+def test_pfl_smoke_runs_the_fl_sim_side_and_says_when_pfl_is_missing(tmp_path, child_path):
+    """Without pfl (this environment) the smoke run measures fl-sim in the peer's harness and names what is
+    missing; with pfl it also runs one pfl process on fl-sim's sampling."""
+    from fl_sim.bench.bench_pfl import pfl_missing
+
+    data = bench(tmp_path, "pfl")
+    assert data["pfl_missing"] == pfl_missing() and data["smoke"] is True
+    labels = {r["engine"] for r in data["summary"]}
+    assert "fl-sim vectorized" in labels and (("pfl-1p" in labels) == (not pfl_missing()))
+    for r in data["runs"]:
+        assert "error" not in r, r
+        assert r["steady_round_s"] > 0 and r["steady_cpu_s"] >= 0 and 0 <= r["final_test_accuracy"] <= 1
+        assert r.get("same_sampling", True)
+    if pfl_missing():
+        skipped = runner.invoke(cli.app, ["bench", "pfl", "--out", str(tmp_path / "skip.json")])
+        assert skipped.exit_code == 0 and "pfl skipped" in skipped.output
+        assert json.loads((tmp_path / "skip.json").read_text()) == {"skipped": pfl_missing()}
+    assert_finite(data, skip=("pfl_best_over_this",))

@@ -52,11 +52,21 @@ def test_fl_sim_logs_through_flowers_console_format():
     assert console_handler in logger.handlers
     stream = io.StringIO()
     old = console_handler.stream
+    # the format is under test, not the levels other tests (and runs' quiet settings) leave behind
+    saved = (logger.level, logger.disabled, console_handler.level, logging.root.manager.disable)
     console_handler.setStream(stream)
+    logger.setLevel(logging.INFO)
+    logger.disabled = False
+    console_handler.setLevel(logging.INFO)
+    logging.disable(logging.NOTSET)
     try:
         logger.error("round 3: a test line")
     finally:
         console_handler.setStream(old)
+        logger.setLevel(saved[0])
+        logger.disabled = saved[1]
+        console_handler.setLevel(saved[2])
+        logging.disable(saved[3])
     plain = re.sub(r"\x1b\[[0-9;]*m", "", stream.getvalue())  # Flower colours the level on a terminal
     assert re.fullmatch(r"ERROR\s*:\s+round 3: a test line\n", plain), plain
 

@@ -52,8 +52,9 @@ def test_different_seed_differs():
 def test_ray_simulation_two_rounds(tmp_path):
     from fl_sim.runs.simulation import run_experiment
 
-    cfg = small(rounds=2)
+    cfg = small(rounds=2, **{"simulation.backend": "ray"})  # the default (auto) would run it vectorized
     summary = run_experiment(cfg, tmp_path / "run")
+    assert summary["backend"] == "ray"
     lines = (tmp_path / "run" / "metrics.csv").read_text().strip().splitlines()
     assert lines[0].startswith("round,train_loss,test_loss,test_accuracy,uplink_bits,downlink_bits,total_bits,wall_s")
     assert len(lines) == 4  # header + rounds 0, 1, 2

@@ -140,7 +140,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--table", choices=("zero", "inner", "all"), default="all")
     parser.add_argument("--rounds", type=int, default=None, help="default: 40 (zero), 30 (inner), 3 with --quick")
-    parser.add_argument("--quick", action="store_true", help="3 rounds of 20 clients and a smaller model (a smoke run)")
+    parser.add_argument("--smoke", "--quick", dest="quick", action="store_true",
+                        help="3 rounds of 20 clients and a smaller model (a smoke run)")
     parser.add_argument("--out", type=Path, default=Path("bench_out/poisoning.json"))
     args = parser.parse_args(argv)
     results = []

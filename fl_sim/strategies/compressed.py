@@ -162,7 +162,7 @@ class CompressedFedAvg(UpdateStrategy):
         data: Any = payload
         if self.decodes_each():  # decoded here, once: the last per-reply check, and what combine averages
             vector = codec.decode_seeded(payload, seeds).to(torch.float32)
-            if not torch.isfinite(vector).all():
+            if not guards.all_finite(vector):
                 raise ReplyError("the payload decodes to NaN or inf")
             data = _Decoded(payload, vector)
         return data, bits

@@ -247,7 +247,7 @@ class DaQuSGD(UpdateStrategy):
             steps = self.levels - 1
             if a.shape != b.shape or r.numel() != n:
                 raise ReplyError(f"a {tuple(a.shape)}, b {tuple(b.shape)} and {r.numel()} norms disagree")
-            if not torch.isfinite(r).all() or bool((r < 0).any()):
+            if not guards.all_finite(r) or bool((r < 0).any()):
                 raise ReplyError("norms must be finite and >= 0")
             if n and (int(a.min()) < 0 or int(b.min()) < 0 or int(a.max()) > steps or int(b.max()) > steps
                       or int((a + b).reshape(n, -1).sum(1).max()) > steps**2):
