@@ -59,7 +59,7 @@ from fl_sim.wire.secagg import (
     MASKED, RECORD, SecAggKey as K, Stage, field_bits, from_field, neighbours, prg_mask, resolve_counts,
 )
 
-__all__ = ["SecAggPlusGrid", "SecAggError", "SUMMABLE_CODECS", "check_summable", "SECAGG_DEFAULTS"]
+__all__ = ["SecAggPlusGrid", "SecAggError", "SUMMABLE_CODECS", "check_summable", "check_strategy", "SECAGG_DEFAULTS"]
 
 log = logging.getLogger("fl_sim")
 
@@ -92,6 +92,19 @@ def check_summable(codec: str | None, method: str = "this method") -> None:
         f"secure aggregation cannot run {method} (codec {codec!r}): its server decodes each client's payload "
         f"({why}), but SecAgg+ reveals only the sum; use a linear method (FedAvg/FedSGD, FetchSGD, Count "
         f"Sketch + EF, FIHT-CS) or turn secagg off")
+
+
+def check_strategy(strategy: Any) -> None:
+    """Refuse, in one line, an fl-sim method whose aggregate is not the sum of what its clients send."""
+    name = type(strategy).__name__
+    if getattr(strategy, "channel", None) is not None or name in ("DaQuSGD", "RLCOverTheAir"):
+        raise ValueError(f"secure aggregation cannot run {name}: its server reads each client's reply (samples, "
+                         "codewords over the channel); SecAgg+ reveals only the sum")
+    codec = getattr(strategy, "codec_name", None)
+    if codec is not None and codec != "identity" and not getattr(strategy, "aggregate_compressed", True):
+        raise ValueError(f"secure aggregation cannot run {name} with aggregate_compressed=false: it decodes "
+                         "each client")
+    check_summable(codec, name)
 
 
 @dataclass
