@@ -45,7 +45,7 @@ from flwr.supercore.primitives.asymmetric import (
 
 from fl_sim.rng import torch_generator
 from fl_sim.wire import keys
-from fl_sim.wire.records import flatten_arrays
+from fl_sim.wire.records import array_bits, flatten_arrays
 from fl_sim.wire.secagg import MASKED, RECORD, STATE_PREFIX, SecAggKey as K, Stage, field_dtype, prg_mask, to_field
 
 __all__ = ["secagg_mod"]
@@ -136,7 +136,8 @@ def _receive_shares(st: ConfigRecord, cfg: ConfigRecord) -> list[int]:
 
 
 def _plain_vector(reply: Message, train_cfg: ConfigRecord, received: torch.Tensor | None):
-    """(entries x, tensor names, shapes, dtypes, payload meta or None) of what the client would send."""
+    """(entries x, tensor names, shapes, dtypes, payload meta, or the plain model's bits without a codec) of
+    what the client would send."""
     meta = reply.content.get(keys.PAYLOAD_META)
     wanted = str(train_cfg.get(keys.ARRAYRECORD_KEY, keys.ARRAYS))
     arrays = reply.content.get(wanted)
@@ -155,7 +156,7 @@ def _plain_vector(reply: Message, train_cfg: ConfigRecord, received: torch.Tenso
     if keys.CODEC in train_cfg:
         raise ValueError(ORDER_ERROR.format(codec=str(train_cfg[keys.CODEC])))
     local = flatten_arrays(arrays).to(torch.float64)
-    return local - received.to(torch.float64), [], [], [], None
+    return local - received.to(torch.float64), [], [], [], array_bits(arrays)
 
 
 def _collect(st: ConfigRecord, cfg: ConfigRecord, message: Message, context: Context, call_next) -> Message:
@@ -201,11 +202,10 @@ def _collect(st: ConfigRecord, cfg: ConfigRecord, message: Message, context: Con
         mask = prg_mask(s_ij, M, y.size)
         y = (y + mask) % M if sid > other else (y - mask) % M
     out = ConfigRecord({K.NAMES: names, K.SHAPES: json.dumps(shapes), K.DTYPES: dtypes, K.HAS_LOSS: has_loss})
-    masked_metrics = MetricRecord({keys.M_CID: cid, K.CLIPPED: clipped})
-    if meta is not None:
-        masked_metrics[keys.UPLINK_BITS] = int(meta[keys.P_BITS])
+    plain_bits = int(meta[keys.P_BITS]) if isinstance(meta, ConfigRecord) else int(meta)
+    masked_metrics = MetricRecord({keys.M_CID: cid, K.CLIPPED: clipped, keys.UPLINK_BITS: plain_bits})
     extra = {MASKED: ArrayRecord({"y": Array(y.astype(field_dtype(M)))}), keys.METRICS: masked_metrics}
-    if meta is not None:
+    if isinstance(meta, ConfigRecord):
         extra[keys.PAYLOAD_META] = meta
     return _reply(message, out, extra)
 
