@@ -195,6 +195,20 @@ def _bench_module(name: str):
     return importlib.import_module(f"fl_sim.bench.{name}")
 
 
+@bench_app.command("secagg")
+def bench_secagg(
+    clients: str = typer.Option("10,100,1000", "--clients", help="Clients per round, comma-separated."),
+    dim: int = typer.Option(10_000, "--dim", help="Float32 payload entries per client."),
+    full_up_to: int = typer.Option(30, "--full-up-to", help="Also the complete graph up to this many clients."),
+    drop: float = typer.Option(0.0, "--drop", help="Fraction of clients dropping after sharing keys."),
+    out_path: Path = typer.Option(Path("bench_out/secagg.json"), "--out"),
+) -> None:
+    """SecAgg+ protocol bits and wall time per round at growing numbers of clients (log n neighbours)."""
+    argv = ["--clients", clients, "--dim", str(dim), "--full-up-to", str(full_up_to), "--drop", str(drop),
+            "--out", str(out_path)]
+    _bench_module("bench_secagg").main(argv)
+
+
 @bench_app.command("round")
 def bench_round(
     workloads: str = typer.Option("quickstart,lenet", "--workloads", help="quickstart, lenet and/or digits."),

@@ -42,7 +42,7 @@ import logging
 import random
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -115,6 +115,7 @@ class _Round:
     pks: dict[int, tuple[bytes, bytes]]
     up_bits: dict[int, int]  # protocol bits each client sent (keys, shares, field expansion)
     down_bits: dict[int, int]
+    parts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(("keys", "shares", "expansion", "unmask"), 0))
 
 
 class SecAggPlusGrid(Grid):
@@ -250,6 +251,7 @@ class SecAggPlusGrid(Grid):
             rec = r.content[RECORD]
             rd.pks[s] = (bytes(rec[K.PK1]), bytes(rec[K.PK2]))
             rd.up_bits[s] += 8 * (len(rd.pks[s][0]) + len(rd.pks[s][1]))
+            rd.parts["keys"] += 8 * (len(rd.pks[s][0]) + len(rd.pks[s][1]))
         u1 = set(got)
         self._need(u1, rd, t, "setup")
         timing["secagg_setup_s"] = time.perf_counter() - t1
@@ -269,6 +271,7 @@ class SecAggPlusGrid(Grid):
             rec = r.content[RECORD]
             for dst, ct in zip(rec[K.DSTS], rec[K.CTXTS], strict=True):
                 rd.up_bits[s] += 8 * len(ct)
+                rd.parts["shares"] += 8 * len(ct)
                 if int(dst) in fwd and int(dst) in rd.nbrs[s]:
                     fwd[int(dst)][0].append(s)
                     fwd[int(dst)][1].append(bytes(ct))
@@ -301,6 +304,7 @@ class SecAggPlusGrid(Grid):
             total = y if total is None else (total + y) % M
             payload_bits[s] = int(r.content[keys.METRICS].get(keys.UPLINK_BITS, 0))
             rd.up_bits[s] += field_bits(M) * y.size - payload_bits[s]
+            rd.parts["expansion"] += field_bits(M) * y.size - payload_bits[s]
         u3 = set(got)
         got_masked = got
         self._need(u3, rd, t, "collect_masked_vectors")
@@ -319,6 +323,7 @@ class SecAggPlusGrid(Grid):
             for owner, share in zip(rec[K.SHARE_OWNERS], rec[K.SHARES], strict=True):
                 collected.setdefault(int(owner), []).append(bytes(share))
                 rd.up_bits[s] += 8 * len(share)
+                rd.parts["unmask"] += 8 * len(share)
         for j in sorted(u3 | dead):
             have = collected.get(j, [])
             if len(have) < t:
@@ -343,6 +348,7 @@ class SecAggPlusGrid(Grid):
             "secagg_bits": sum(rd.up_bits.values()),
             "secagg_bits_per_client": sum(rd.up_bits[s] for s in u3) / k,
             "secagg_down_bits": sum(rd.down_bits.values()),
+            **{f"secagg_{name}_bits": float(v) for name, v in rd.parts.items()},
             "secagg_dropped": n - k, "secagg_neighbours": shares, "secagg_threshold": t,
             **timing, "secagg_s": time.perf_counter() - t0,
         })
