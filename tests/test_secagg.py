@@ -121,6 +121,30 @@ def test_unmasked_sum_equals_the_plaintext_sum_within_the_quantization_bound(str
         assert bool(secure_update.any())
 
 
+def test_onebit_cs_with_a_common_phi_sums_its_dequantized_measurements():
+    """1-bit CS, common Φ: each client masks aggregate_seeded([p_i]) (its own dither removed); the unmasked
+    mean is the server's plaintext aggregate Σ (n_i/n) of them within the bound, and the round decodes."""
+    from fl_sim.wire.records import payload_from_records
+
+    cfg = _cfg({"name": "onebit_cs", "phi": "common", "compression": 4})
+    exp = build_experiment(cfg)
+    plain = build_strategy(exp)
+    grid = InMemoryGrid(make_client_app(cfg, mods=[compression_mod]), cfg.clients)
+    msgs = list(plain.configure_train(1, exp.initial_arrays, ConfigRecord(), grid))
+    replies = list(grid.send_and_receive(msgs))
+    cids = [int(r.content[keys.METRICS][keys.M_CID]) for r in replies]
+    n = torch.tensor([float(r.content[keys.METRICS][keys.NUM_EXAMPLES]) for r in replies], dtype=torch.float64)
+    payloads = [payload_from_records(r.content[keys.ARRAYS], r.content[keys.PAYLOAD_META]) for r in replies]
+    expected = plain.codec.aggregate_seeded(payloads, (n / n.sum()).tolist(), [plain.client_seeds(c) for c in cids])
+    sec, _, secure_replies, _, _ = _secure_round(cfg, num_shares=3, reconstruction_threshold=2)
+    got = secure_replies[0].content[keys.ARRAYS]
+    for name, t in expected.tensors.items():
+        err = float((torch.from_numpy(got[name].numpy()).double() - t.double()).abs().max())
+        assert err <= _bound(len(cids), float(n.sum())), (name, err)
+    new, _ = sec.aggregate_train(1, secure_replies)
+    assert new is not None and sec.last_metrics["clients_ok"] == len(cids)
+
+
 def test_one_clients_masked_vector_is_uniform_over_the_field():
     """Chi-square over 64 equal bins of Z_M, significance 0.001: the masked vector passes; the same
     client's unmasked field vector (the power check) is rejected. The keys are the protocol's own
@@ -195,6 +219,7 @@ def test_methods_whose_server_decodes_each_client_are_refused_in_one_line(strate
 
 def test_linear_methods_are_accepted():
     for strategy in ({"name": "fedavg"}, {"name": "fedsgd"}, {"name": "fetchsgd"}, {"name": "fiht_cs"},
+                     {"name": "onebit_cs", "phi": "common"},
                      {"name": "fetchsgd", "mode": "true_topk"}):
         build_strategy(build_experiment(_cfg(strategy, secagg={"enabled": True})))
 

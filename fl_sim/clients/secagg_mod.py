@@ -45,7 +45,8 @@ from flwr.supercore.primitives.asymmetric import (
 
 from fl_sim.rng import torch_generator
 from fl_sim.wire import keys
-from fl_sim.wire.records import array_bits, flatten_arrays
+from fl_sim.wire.protocol import DEFAULT_SEED_MODE, codec_seeds, get_codec, load_params
+from fl_sim.wire.records import array_bits, flatten_arrays, payload_from_records, payload_to_records
 from fl_sim.wire.secagg import MASKED, RECORD, STATE_PREFIX, SecAggKey as K, Stage, field_dtype, prg_mask, to_field
 
 __all__ = ["secagg_mod"]
@@ -135,6 +136,23 @@ def _receive_shares(st: ConfigRecord, cfg: ConfigRecord) -> list[int]:
     return srcs
 
 
+def _summable_form(arrays: ArrayRecord, meta: ConfigRecord, train_cfg: ConfigRecord):
+    """(arrays, meta) of the form the server sums: the payload itself, or for a codec with per-client
+    randomness removed in the sum ("mixed" seeding: 1-bit CS with a common Φ) its one-client aggregate
+    ``aggregate_seeded([p], [1], [seeds])`` (dequantized measurements with the client's own dither
+    removed, and its scales): linear in the weights, so the masked sum is the server's aggregate."""
+    codec = get_codec(str(meta[keys.P_CODEC]), int(meta[keys.P_DIM]), load_params(str(train_cfg.get(keys.CODEC_PARAMS, ""))))
+    if codec.seed_scope != "mixed":
+        return arrays, meta
+    cid = int(meta.get(keys.P_CID, train_cfg.get(keys.CID, 0)))
+    seeds = codec_seeds(int(train_cfg[keys.SEED]), str(train_cfg.get(keys.SEED_MODE, DEFAULT_SEED_MODE)), cid)
+    summed = codec.aggregate_seeded([payload_from_records(arrays, meta)], [1.0], [seeds])
+    out, summed_meta = payload_to_records(summed)
+    summed_meta[keys.P_BITS] = int(meta[keys.P_BITS])  # what the client would have sent in plaintext
+    summed_meta[keys.P_CID] = cid
+    return out, summed_meta
+
+
 def _plain_vector(reply: Message, train_cfg: ConfigRecord, received: torch.Tensor | None):
     """(entries x, tensor names, shapes, dtypes, payload meta, or the plain model's bits without a codec) of
     what the client would send."""
@@ -144,6 +162,7 @@ def _plain_vector(reply: Message, train_cfg: ConfigRecord, received: torch.Tenso
     if not isinstance(arrays, ArrayRecord):
         arrays = next(v for v in reply.content.values() if isinstance(v, ArrayRecord))
     if isinstance(meta, ConfigRecord):
+        arrays, meta = _summable_form(arrays, meta, train_cfg)
         names, shapes, dtypes, parts = [], [], [], []
         for name, arr in arrays.items():
             nd = arr.numpy()

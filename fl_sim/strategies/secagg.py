@@ -54,6 +54,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 
 from fl_sim.wire import keys
+from fl_sim.wire.protocol import load_params
 from fl_sim.wire.records import flatten_arrays, unflatten_into
 from fl_sim.wire.secagg import (
     MASKED, RECORD, SecAggKey as K, Stage, field_bits, from_field, neighbours, prg_mask, resolve_counts,
@@ -64,7 +65,7 @@ __all__ = ["SecAggPlusGrid", "SecAggError", "SUMMABLE_CODECS", "check_summable",
 log = logging.getLogger("fl_sim")
 
 # Codecs whose server-side aggregate is the weighted sum of the float tensors the clients send.
-SUMMABLE_CODECS = ("identity", "count_sketch", "cs_fiht")
+SUMMABLE_CODECS = ("identity", "count_sketch", "cs_fiht")  # and onebit_cs with a common Φ (check_summable)
 
 # Flower's SecAggPlusWorkflow defaults (max_weight, clipping_range, quantization_range, modulus_range).
 SECAGG_DEFAULTS: dict[str, Any] = {"max_weight": 1000.0, "clipping_range": 8.0, "quantization_range": 4194304,
@@ -74,7 +75,7 @@ _WHY = {
     "qsgd": "stochastic quantization with per-client norms", "topk": "per-client sparse indices",
     "randk": "per-client random indices", "sign": "per-client signs and scales",
     "terngrad": "per-client ternary levels and scales", "qcs": "per-client quantized measurements",
-    "onebit_cs": "1-bit measurements with per-client dither and scales", "fp16": "half-precision values",
+"fp16": "half-precision values",
     "rlc": "per-client codewords of the analog/digital channel", "dataq": "quantized data samples",
 }
 
@@ -83,15 +84,22 @@ class SecAggError(RuntimeError):
     """A SecAgg+ round that cannot complete (too few clients or shares)."""
 
 
-def check_summable(codec: str | None, method: str = "this method") -> None:
-    """Raise a one-line ValueError when ``codec``'s server must decode each client's payload."""
+def check_summable(codec: str | None, method: str = "this method", params: dict | None = None) -> None:
+    """Raise a one-line ValueError when ``codec``'s server must decode each client's payload (``params``:
+    the codec's parameters; 1-bit CS is summable with a common Φ only)."""
     if codec is None or codec in SUMMABLE_CODECS:
         return
+    if codec == "onebit_cs":
+        if (params or {}).get("phi") == "common":
+            return
+        raise ValueError(f"secure aggregation cannot run {method} (codec 'onebit_cs') with phi='per_worker': its "
+                         "server decodes each client's payload (one Φ per worker, one recovery each), but SecAgg+ "
+                         "reveals only the sum; set phi: common")
     why = _WHY.get(codec, "a payload that is not summed as it is sent")
     raise ValueError(
         f"secure aggregation cannot run {method} (codec {codec!r}): its server decodes each client's payload "
         f"({why}), but SecAgg+ reveals only the sum; use a linear method (FedAvg/FedSGD, FetchSGD, Count "
-        f"Sketch + EF, FIHT-CS) or turn secagg off")
+        f"Sketch + EF, FIHT-CS, OneBitCS with phi: common) or turn secagg off")
 
 
 def check_strategy(strategy: Any) -> None:
@@ -104,7 +112,7 @@ def check_strategy(strategy: Any) -> None:
     if codec is not None and codec != "identity" and not getattr(strategy, "aggregate_compressed", True):
         raise ValueError(f"secure aggregation cannot run {name} with aggregate_compressed=false: it decodes "
                          "each client")
-    check_summable(codec, name)
+    check_summable(codec, name, getattr(strategy, "codec_params", None))
 
 
 @dataclass
@@ -221,7 +229,8 @@ class SecAggPlusGrid(Grid):
         configs = [_train_config(m) for m in messages]
         codec = configs[0].get(keys.CODEC) if configs[0] is not None else None
         check_summable(None if codec is None else str(codec), type(self.strategy).__name__
-                       if self.strategy is not None else "this method")
+                       if self.strategy is not None else "this method",
+                       load_params(str(configs[0].get(keys.CODEC_PARAMS, ""))) if configs[0] is not None else None)
         n = len(messages)
         if n < 2:
             raise SecAggError(f"{n} client sampled; secure aggregation needs at least 2")
