@@ -53,6 +53,7 @@ from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_
 from flwr.serverapp import Grid
 from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 
+from fl_sim.strategies.gridproxy import GridProxy
 from fl_sim.wire import keys
 from fl_sim.wire.protocol import load_params
 from fl_sim.wire.records import flatten_arrays, unflatten_into
@@ -125,8 +126,13 @@ class _Round:
     down_bits: dict[int, int]
     parts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(("keys", "shares", "expansion", "unmask"), 0))
 
+    def sent(self, sid: int, part: str, bits: int) -> None:
+        """Count ``bits`` of protocol traffic client ``sid`` sent, under ``part``."""
+        self.up_bits[sid] += bits
+        self.parts[part] += bits
 
-class SecAggPlusGrid(Grid):
+
+class SecAggPlusGrid(GridProxy):
     """A Grid proxy: train messages go through SecAgg+; everything else is passed on unchanged.
 
     Args (Flower's names and meanings, SecAggPlusWorkflow):
@@ -148,7 +154,7 @@ class SecAggPlusGrid(Grid):
                  reconstruction_threshold: int | float = 0.5, max_weight: float = 1000.0,
                  clipping_range: float = 8.0, quantization_range: int = 4194304,
                  modulus_range: int = 4294967296, timeout: float | None = None, on_failure: str = "raise") -> None:
-        self.grid = grid
+        super().__init__(grid)
         self.strategy = strategy
         check_params(num_shares, reconstruction_threshold, max_weight, clipping_range, quantization_range,
                      modulus_range, timeout, on_failure)
@@ -158,31 +164,6 @@ class SecAggPlusGrid(Grid):
         self.timeout, self.on_failure = timeout, on_failure
         self.rng = random.Random(0 if strategy is None else getattr(strategy, "seed", 0))
         self.last: dict[str, float] = {}
-
-    # ---- the Grid API, delegated ---------------------------------------------------------------------
-    def set_run(self, run) -> None:
-        self.grid.set_run(run)
-
-    @property
-    def run(self):
-        return self.grid.run
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
-        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self.grid.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self.grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self.grid.pull_messages(message_ids)
-
-    def __getattr__(self, name: str):
-        if name == "grid":
-            raise AttributeError(name)
-        return getattr(self.grid, name)
 
     # ---- the protocol ----------------------------------------------------------------------------------
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
@@ -259,8 +240,7 @@ class SecAggPlusGrid(Grid):
         for s, r in got.items():
             rec = r.content[RECORD]
             rd.pks[s] = (bytes(rec[K.PK1]), bytes(rec[K.PK2]))
-            rd.up_bits[s] += 8 * (len(rd.pks[s][0]) + len(rd.pks[s][1]))
-            rd.parts["keys"] += 8 * (len(rd.pks[s][0]) + len(rd.pks[s][1]))
+            rd.sent(s, "keys", 8 * (len(rd.pks[s][0]) + len(rd.pks[s][1])))
         u1 = set(got)
         self._need(u1, rd, t, "setup")
         timing["secagg_setup_s"] = time.perf_counter() - t1
@@ -279,8 +259,7 @@ class SecAggPlusGrid(Grid):
         for s, r in got.items():
             rec = r.content[RECORD]
             for dst, ct in zip(rec[K.DSTS], rec[K.CTXTS], strict=True):
-                rd.up_bits[s] += 8 * len(ct)
-                rd.parts["shares"] += 8 * len(ct)
+                rd.sent(s, "shares", 8 * len(ct))
                 if int(dst) in fwd and int(dst) in rd.nbrs[s]:
                     fwd[int(dst)][0].append(s)
                     fwd[int(dst)][1].append(bytes(ct))
@@ -312,8 +291,7 @@ class SecAggPlusGrid(Grid):
                                   f"{rd.cids[meta_sid]}")
             total = y if total is None else (total + y) % M
             payload_bits[s] = int(r.content[keys.METRICS].get(keys.UPLINK_BITS, 0))
-            rd.up_bits[s] += field_bits(M) * y.size - payload_bits[s]
-            rd.parts["expansion"] += field_bits(M) * y.size - payload_bits[s]
+            rd.sent(s, "expansion", field_bits(M) * y.size - payload_bits[s])
         u3 = set(got)
         got_masked = got
         self._need(u3, rd, t, "collect_masked_vectors")
@@ -331,8 +309,7 @@ class SecAggPlusGrid(Grid):
             rec = r.content[RECORD]
             for owner, share in zip(rec[K.SHARE_OWNERS], rec[K.SHARES], strict=True):
                 collected.setdefault(int(owner), []).append(bytes(share))
-                rd.up_bits[s] += 8 * len(share)
-                rd.parts["unmask"] += 8 * len(share)
+                rd.sent(s, "unmask", 8 * len(share))
         for j in sorted(u3 | dead):
             have = collected.get(j, [])
             if len(have) < t:
