@@ -68,6 +68,7 @@ def run(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from fl_sim.runs.simulation import RunFailed
+    from fl_sim.strategies.secagg import SecAggError
 
     try:
         from fl_sim.config import load_config
@@ -100,7 +101,8 @@ def run(
                 progress.update(task, completed=rnd, status=status)
 
             summary = run_experiment(cfg, run_dir, on_round, resume=resume is not None, overwrite=overwrite)
-    except RunFailed as exc:  # a dead Ray worker, or no round changed the model (NothingAggregated): exit 1, not 0
+    except (RunFailed, SecAggError) as exc:  # a dead Ray worker, no round changed the model, a SecAgg+ round
+        # below its threshold (secagg.on_failure: raise): exit 1, not 0
         _fail(exc, debug, code=1)
         return
     except USER_ERRORS as exc:

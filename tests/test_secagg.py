@@ -261,3 +261,30 @@ def test_fetchsgd_under_secagg_learns_as_the_plaintext_run():
     assert secure[-1]["secagg_bits_per_client"] > 0
     assert abs(secure[-1]["test_accuracy"] - plain[-1]["test_accuracy"]) <= 0.03
     assert secure[-1]["test_accuracy"] > plain[0]["test_accuracy"] + 0.05  # it learned
+
+
+@pytest.mark.parametrize("on_failure", ["skip", "raise"])
+def test_a_run_below_the_threshold_goes_on_or_stops_as_configured(on_failure):
+    from fl_sim.runs.simulation import server_loop
+
+    cfg = load_config(None, ["rounds=2", "clients=6", "clients_per_round=3", "model.hidden=[8]",
+                             "data.name=synthetic", "strategy.name=fetchsgd", "secagg.enabled=true",
+                             "secagg.num_shares=3", "secagg.reconstruction_threshold=3",
+                             f"secagg.on_failure={on_failure}"])
+    exp = build_experiment(cfg)
+    strategy = build_strategy(exp)
+    app = _Dropper(make_client_app(cfg), cids=[0], stage=Stage.COLLECT_MASKED_VECTORS)  # t = 3 of 3: one is too many
+    rows: list[dict] = []
+    run = lambda: server_loop(InMemoryGrid(app, cfg.clients), exp, strategy, None,  # noqa: E731
+                              lambda rnd, row: rows.append(dict(row)))
+    sampled = {c for r in (1, 2) for c, _ in strategy.sample(r, list(range(cfg.clients)))}
+    assert 0 in sampled  # client 0 is in some round (else the test would not test anything)
+    if on_failure == "raise":
+        with pytest.raises(SecAggError, match="fewer than the threshold t=3"):
+            run()
+        return
+    run()
+    assert len(rows) == 3  # rounds 0, 1, 2: the run went on
+    failed = [r for r in rows[1:] if r.get("secagg_failed") == 1]
+    assert failed and all(r["clients_ok"] == 0 for r in failed)
+    assert any(r.get("secagg_failed") is None and r["clients_ok"] == 3 for r in rows[1:]) or len(failed) == 2

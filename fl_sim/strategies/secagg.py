@@ -331,6 +331,9 @@ class SecAggPlusGrid(GridProxy):
         k = len(u3)
         self._report({
             "clients_ok": k, "uplink_bits": sum(payload_bits[s] for s in u3),
+            # the num-examples cap of the reply guards saw the one aggregate reply (Σ n_i against one client's
+            # size); one reply's weight is normalised away, so nothing was capped
+            "weights_capped": 0.0,
             "secagg_bits": sum(rd.up_bits.values()),
             "secagg_bits_per_client": sum(rd.up_bits[s] for s in u3) / k,
             "secagg_down_bits": sum(rd.down_bits.values()),
