@@ -288,3 +288,16 @@ def test_a_run_below_the_threshold_goes_on_or_stops_as_configured(on_failure):
     failed = [r for r in rows[1:] if r.get("secagg_failed") == 1]
     assert failed and all(r["clients_ok"] == 0 for r in failed)
     assert any(r.get("secagg_failed") is None and r["clients_ok"] == 3 for r in rows[1:]) or len(failed) == 2
+
+
+def test_the_cost_benchmark_runs_end_to_end(tmp_path):
+    from typer.testing import CliRunner
+
+    from fl_sim import cli
+
+    out = tmp_path / "secagg.json"
+    result = CliRunner().invoke(cli.app, ["bench", "secagg", "--smoke", "--drop", "0.25", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["clients"], r["num_shares"]) for r in rows] == [(4, 4), (6, 6)]  # log n neighbourhood = all here
+    assert all(r["dropped"] >= 1 and r["extra_bits_per_client"] > 0 and r["round_s"] >= 0 for r in rows)

@@ -80,8 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dim", type=int, default=10_000)
     parser.add_argument("--full-up-to", type=int, default=30, help="also the complete graph up to this many clients")
     parser.add_argument("--drop", type=float, default=0.0, help="fraction dropping after sharing keys")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny sizes (4 and 6 clients, 64 entries): checks the benchmark end to end")
     parser.add_argument("--out", type=Path, default=Path("bench_out/secagg.json"))
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.clients, args.dim, args.full_up_to = "4,6", 64, 6
     rows = []
     for n in (int(c) for c in args.clients.split(",")):
         graphs = [log_neighbours(n)] + ([n] if n <= args.full_up_to and n != log_neighbours(n) else [])
