@@ -301,3 +301,35 @@ def test_the_cost_benchmark_runs_end_to_end(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [(r["clients"], r["num_shares"]) for r in rows] == [(4, 4), (6, 6)]  # log n neighbourhood = all here
     assert all(r["dropped"] >= 1 and r["extra_bits_per_client"] > 0 and r["round_s"] >= 0 for r in rows)
+
+
+def test_a_plain_flower_fedavg_with_its_own_clientapp_runs_under_secagg():
+    """Flower's own Message-API FedAvg and a user's train function (no fl-sim strategy, no codec): the
+    aggregate model is the plaintext FedAvg's within the bound, and the train_loss metric is averaged."""
+    from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+    from flwr.serverapp.strategy import FedAvg
+
+    d = 300
+
+    def train(msg, context):
+        w = msg.content["arrays"]["w"].numpy()
+        pid = int(context.node_config["partition-id"])
+        delta = np.random.default_rng(pid).standard_normal(d).astype(np.float32) * 0.1
+        return Message(RecordDict({"arrays": ArrayRecord({"w": Array(w + delta)}),
+                                   "metrics": MetricRecord({"num-examples": 10 + 5 * pid, "train_loss": 1.0 + pid})}),
+                       reply_to=msg)
+
+    arrays = ArrayRecord({"w": Array(np.zeros(d, dtype=np.float32))})
+
+    def run(secure: bool):
+        strategy = FedAvg()
+        inner = InMemoryGrid((lambda m, c: secagg_mod(m, c, train)) if secure else train, 5)
+        grid = SecAggPlusGrid(inner, strategy, num_shares=3, reconstruction_threshold=2) if secure else inner
+        msgs = list(strategy.configure_train(1, arrays, ConfigRecord(), grid))
+        return strategy.aggregate_train(1, grid.send_and_receive(msgs))
+
+    (plain, plain_metrics), (secure, secure_metrics) = run(False), run(True)
+    n_sum = sum(10 + 5 * p for p in range(5))
+    err = float(np.abs(plain["w"].numpy() - secure["w"].numpy()).max())
+    assert 0 < err <= _bound(5, n_sum)
+    assert secure_metrics["train_loss"] == pytest.approx(plain_metrics["train_loss"], abs=_bound(5, n_sum))

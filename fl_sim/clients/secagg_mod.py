@@ -55,9 +55,17 @@ ORDER_ERROR = ("secagg_mod: the reply carries no encoded payload although the co
                "secagg_mod must come before compression_mod: ClientApp(mods=[secagg_mod, compression_mod])")
 
 
-def _train_config(content: RecordDict) -> ConfigRecord | None:
-    return next((v for k, v in content.items() if isinstance(v, ConfigRecord) and k != RECORD
-                 and keys.SEED in v), None)
+def _train_config(content: RecordDict) -> ConfigRecord:
+    """The train message's ConfigRecord: fl-sim's (it holds the round seed), else "config", else the first
+    one (a plain Flower strategy's), else an empty one."""
+    records = [(k, v) for k, v in content.items() if isinstance(v, ConfigRecord) and k != RECORD]
+    for k, v in records:
+        if keys.SEED in v:
+            return v
+    return dict(records).get(keys.CONFIG) or (records[0][1] if records else ConfigRecord())
+
+
+LOSS_KEYS = (keys.TRAIN_LOSS, "train_loss")  # fl-sim's name, and Flower's examples'
 
 
 def _state(context: Context, cid: int) -> ConfigRecord:
@@ -181,8 +189,6 @@ def _plain_vector(reply: Message, train_cfg: ConfigRecord, received: torch.Tenso
 def _collect(st: ConfigRecord, cfg: ConfigRecord, message: Message, context: Context, call_next) -> Message:
     srcs = _receive_shares(st, cfg)
     train_cfg = _train_config(message.content)
-    if train_cfg is None:
-        raise ValueError("secagg_mod: the masked-vector stage carries no train config")
     content = RecordDict({k: v for k, v in message.content.items() if k != RECORD})
     inner = copy.copy(message)  # same metadata, the train content without the stage record
     inner.content = content
@@ -205,11 +211,13 @@ def _collect(st: ConfigRecord, cfg: ConfigRecord, message: Message, context: Con
     if n_i < 0 or not float(n_i).is_integer():
         raise ValueError(f"secagg_mod: weight {wkey}={n_i} must be a whole number >= 0 (it is summed exactly)")
     c, T, M, W = float(st[K.CLIPPING_RANGE]), int(st[K.TARGET_RANGE]), int(st[K.MOD_RANGE]), float(st[K.MAX_WEIGHT])
-    has_loss = keys.TRAIN_LOSS in metrics
-    entries = torch.cat([x, torch.tensor([float(metrics[keys.TRAIN_LOSS])] if has_loss else [],
+    loss_key = next((k for k in LOSS_KEYS if k in metrics), "")
+    entries = torch.cat([x, torch.tensor([float(metrics[loss_key])] if loss_key else [],
                                          dtype=torch.float64)]) * (n_i / W)
     cid = int(train_cfg.get(keys.CID, context.node_config.get("partition-id", 0)))
-    gen = torch_generator(int(train_cfg[keys.SEED]), "secagg-rounding", cid)
+    # the rounding's randomness: reproducible from the round seed of an fl-sim strategy, else fresh
+    seed = int(train_cfg[keys.SEED]) if keys.SEED in train_cfg else int.from_bytes(os.urandom(7), "little")
+    gen = torch_generator(seed, "secagg-rounding", cid)
     q, clipped = to_field(entries, c, T, gen)
     y = np.concatenate([q, np.array([int(n_i)], dtype=np.int64)]) % M
     sid = int(st[K.SID])
@@ -220,7 +228,7 @@ def _collect(st: ConfigRecord, cfg: ConfigRecord, message: Message, context: Con
         s_ij = generate_shared_key(sk1, bytes_to_public_key(pk1s[sids.index(other)]))
         mask = prg_mask(s_ij, M, y.size)
         y = (y + mask) % M if sid > other else (y - mask) % M
-    out = ConfigRecord({K.NAMES: names, K.SHAPES: json.dumps(shapes), K.DTYPES: dtypes, K.HAS_LOSS: has_loss})
+    out = ConfigRecord({K.NAMES: names, K.SHAPES: json.dumps(shapes), K.DTYPES: dtypes, K.HAS_LOSS: loss_key})
     plain_bits = int(meta[keys.P_BITS]) if isinstance(meta, ConfigRecord) else int(meta)
     masked_metrics = MetricRecord({keys.M_CID: cid, K.CLIPPED: clipped, keys.UPLINK_BITS: plain_bits})
     extra = {MASKED: ArrayRecord({"y": Array(y.astype(field_dtype(M)))}), keys.METRICS: masked_metrics}

@@ -283,7 +283,7 @@ class SecAggPlusGrid(GridProxy):
         for s, r in got.items():
             y = r.content[MASKED]["y"].numpy().astype(np.int64)
             rec = r.content[RECORD]
-            this = (list(rec[K.NAMES]), str(rec[K.SHAPES]), list(rec[K.DTYPES]), bool(rec[K.HAS_LOSS]), y.size)
+            this = (list(rec[K.NAMES]), str(rec[K.SHAPES]), list(rec[K.DTYPES]), str(rec[K.HAS_LOSS]), y.size)
             if layout is None:
                 layout, meta_sid = this, s
             elif this != layout:
@@ -349,20 +349,21 @@ class SecAggPlusGrid(GridProxy):
                               f"threshold t={t}")
 
     def _aggregate_reply(self, rd: _Round, total: np.ndarray, layout, meta_msg: Message, sid: int, k: int) -> Message:
-        names, shapes_json, dtypes, has_loss, size = layout
+        names, shapes_json, dtypes, loss_key, size = layout
         weight_sum = int(total[-1])  # Σ n_i, exact
         sums = from_field(total[:-1], k, self.clipping_range, self.quantization_range)
         scale = self.max_weight / weight_sum if weight_sum > 0 else 0.0
         mean = sums * scale  # W Σ v̂_i / Σ n_i
-        loss = float(mean[-1]) if has_loss else None
-        values = mean[:-1] if has_loss else mean
+        loss = float(mean[-1]) if loss_key else None
+        values = mean[:-1] if loss_key else mean
         base = rd.msgs[sid]
         cfg = _train_config(base)
-        wanted = str(cfg.get(keys.ARRAYRECORD_KEY, keys.ARRAYS)) if cfg is not None else keys.ARRAYS
+        default = getattr(self.strategy, "arrayrecord_key", keys.ARRAYS)
+        wanted = str(cfg.get(keys.ARRAYRECORD_KEY, default)) if cfg is not None else default
         metrics = MetricRecord({getattr(self.strategy, "weighted_by_key", keys.NUM_EXAMPLES): weight_sum,
                                 keys.M_CID: rd.cids[sid]})
         if loss is not None:
-            metrics[keys.TRAIN_LOSS] = loss
+            metrics[loss_key] = loss
         content = RecordDict()
         if names:  # the payload tensors' weighted mean, in their own dtypes
             shapes = json.loads(shapes_json)

@@ -78,7 +78,7 @@ class SecAggKey:
     NAMES = "names"  # masked reply: payload tensor names, shapes (JSON), dtypes; empty = a model update Δ
     SHAPES = "shapes"
     DTYPES = "dtypes"
-    HAS_LOSS = "has_loss"
+    HAS_LOSS = "loss_key"  # the name of the train-loss metric summed as an extra entry; "" = none
     CLIPPED = "secagg-clipped"  # metric: entries clipped to ±c
 
 
