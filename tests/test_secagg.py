@@ -333,3 +333,17 @@ def test_a_plain_flower_fedavg_with_its_own_clientapp_runs_under_secagg():
     err = float(np.abs(plain["w"].numpy() - secure["w"].numpy()).max())
     assert 0 < err <= _bound(5, n_sum)
     assert secure_metrics["train_loss"] == pytest.approx(plain_metrics["train_loss"], abs=_bound(5, n_sum))
+
+
+def test_server_side_dp_is_refused_under_secagg():
+    from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg
+
+    from fl_sim.strategies.fedavg import FedAvgBaseline
+    from fl_sim.strategies.secagg import check_strategy
+
+    dp = DifferentialPrivacyServerSideFixedClipping(FedAvg(), noise_multiplier=1.0, clipping_norm=1.0,
+                                                   num_sampled_clients=5)
+    for strategy in (dp, FedAvgBaseline(dp)):
+        with pytest.raises(ValueError, match="server-side DP clips each client's update"):
+            check_strategy(strategy)
+    check_strategy(FedAvgBaseline(FedAvg()))  # plain FedAvg: fine

@@ -103,8 +103,20 @@ def check_summable(codec: str | None, method: str = "this method", params: dict 
         f"Sketch + EF, FIHT-CS, OneBitCS with phi: common) or turn secagg off")
 
 
+def check_server_dp(strategy: Any) -> None:
+    """Refuse server-side DP (Flower's ``DifferentialPrivacyServerSide*``) around or inside ``strategy``: it
+    clips each client's update, and under SecAgg+ the server holds only their sum."""
+    for s in (strategy, getattr(strategy, "inner", None)):
+        name = type(s).__name__
+        if s is not None and name.startswith("DifferentialPrivacyServerSide"):
+            raise ValueError(f"secure aggregation cannot run under {name}: server-side DP clips each client's update "
+                             "and SecAgg+ gives the server only their sum; clip on the clients "
+                             "(DifferentialPrivacyClientSide*FixedClipping with its client mod) instead")
+
+
 def check_strategy(strategy: Any) -> None:
     """Refuse, in one line, an fl-sim method whose aggregate is not the sum of what its clients send."""
+    check_server_dp(strategy)
     name = type(strategy).__name__
     if getattr(strategy, "channel", None) is not None or name in ("DaQuSGD", "RLCOverTheAir"):
         raise ValueError(f"secure aggregation cannot run {name}: its server reads each client's reply (samples, "
@@ -212,6 +224,7 @@ class SecAggPlusGrid(GridProxy):
         check_summable(None if codec is None else str(codec), type(self.strategy).__name__
                        if self.strategy is not None else "this method",
                        load_params(str(configs[0].get(keys.CODEC_PARAMS, ""))) if configs[0] is not None else None)
+        check_server_dp(self.strategy)
         n = len(messages)
         if n < 2:
             raise SecAggError(f"{n} client sampled; secure aggregation needs at least 2")
