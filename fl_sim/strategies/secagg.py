@@ -110,8 +110,7 @@ def check_server_dp(strategy: Any) -> None:
         name = type(s).__name__
         if s is not None and name.startswith("DifferentialPrivacyServerSide"):
             raise ValueError(f"secure aggregation cannot run under {name}: server-side DP clips each client's update "
-                             "and SecAgg+ gives the server only their sum; clip on the clients "
-                             "(DifferentialPrivacyClientSide*FixedClipping with its client mod) instead")
+                             "and SecAgg+ gives the server only their sum; clip on the clients instead")
 
 
 def check_strategy(strategy: Any) -> None:
