@@ -145,18 +145,38 @@ def test_onebit_cs_with_a_common_phi_sums_its_dequantized_measurements():
     assert new is not None and sec.last_metrics["clients_ok"] == len(cids)
 
 
-def test_one_clients_masked_vector_is_uniform_over_the_field():
-    """Chi-square over 64 equal bins of Z_M, significance 0.001: the masked vector passes; the same
-    client's unmasked field vector (the power check) is rejected. The keys are the protocol's own
-    (os.urandom), so the pass has probability 0.999 by construction of the test."""
+def _seeded_crypto(monkeypatch, seed: int) -> None:
+    """The protocol's randomness (key pairs, self-mask seeds) from a fixed seed, so a statistical test has
+    one fixed outcome: keys derived from seeded integers on Flower's curve (cryptography's
+    ``derive_private_key``), and ``os.urandom`` of the mod from a seeded generator."""
+    import random
+
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    import fl_sim.clients.secagg_mod as mod
+
+    rng = random.Random(seed)
+
+    def key_pair():
+        sk = ec.derive_private_key(rng.getrandbits(380) + 1, ec.SECP384R1())
+        return sk, sk.public_key()
+
+    monkeypatch.setattr(mod, "generate_key_pairs", key_pair)
+    monkeypatch.setattr(mod.os, "urandom", lambda n: rng.getrandbits(8 * n).to_bytes(n, "little"))
+
+
+def test_one_clients_masked_vector_is_uniform_over_the_field(monkeypatch):
+    """Chi-square over 64 equal bins of Z_M at significance 0.001 (fixed seed): one client's masked vector as
+    the server receives it passes; the same test rejects that client's unmasked field vector (its power)."""
+    _seeded_crypto(monkeypatch, seed=7)
     cfg = _cfg({"name": "fetchsgd", "rows": 5, "cols": 1000, "k": 20})
     _, _, _, app, _ = _secure_round(cfg, num_shares=3, reconstruction_threshold=2)
-    y = next(iter(app.masked.values()))
+    y = app.masked[min(app.masked)]
     M = 2**32
-    assert y.size > 4000
+    assert y.size > 4000  # 5,000 table entries + 2: about 78 per bin, well above chi-square's 5
     bins = np.bincount((y * 64 // M).astype(np.int64), minlength=64)
     assert chisquare(bins).pvalue > 1e-3
-    # power: without masks the field values sit around (c + v)·T/2c, i.e. in one bin
+    # power: without masks the field values sit around (c + v)·T/2c < T = M / 1024, all in the first bin
     from fl_sim.wire.secagg import to_field
 
     q, _ = to_field(torch.randn(y.size) * 1e-3, C, T, torch.Generator().manual_seed(0))
