@@ -203,7 +203,6 @@ def test_dropouts_at_every_stage_are_recovered(stage, clients, dropped, shares):
 
 def test_below_the_threshold_the_round_fails_cleanly_or_is_skipped(caplog):
     cfg = _cfg({"name": "fetchsgd", "rows": 3, "cols": 100, "k": 10}, clients=5, per_round=5)
-    exp = build_experiment(cfg)
     _, per_client = _plain_round(cfg)
     drop = sorted(per_client)[:2]
     with pytest.raises(SecAggError, match="fewer than the threshold t=4"):

@@ -31,8 +31,10 @@ A round with fewer than t shares for a secret it needs, or with fewer than 2 cli
 ``SecAggError``, or, with ``on_failure="skip"``, no reply (the strategy keeps the global model and
 logs the round as empty).
 
-Refused (one-line error): codecs whose server must decode each client (QSGD, top-k, sign, TernGrad,
-QCS, OneBitCS, DaQuSGD's samples...): their aggregate is not a sum of what clients send.
+1-bit CS with a common Φ is summed in its one-client aggregate form (each client's own dither removed
+before masking: fl_sim.clients.secagg_mod). Refused (one-line error): codecs whose server must decode
+each client (QSGD, top-k, sign, TernGrad, QCS, 1-bit CS with per-worker Φ, DaQuSGD's samples...): their
+aggregate is not a sum of what clients send; and server-side DP, which clips each client's update.
 """
 
 from __future__ import annotations
