@@ -294,6 +294,7 @@ class SecAggPlusGrid(GridProxy):
         total = None
         layout = None
         payload_bits: dict[int, int] = {}
+        clipped = 0  # entries the clients clipped to ±c (a bias the bound does not cover)
         for s, r in got.items():
             y = r.content[MASKED]["y"].numpy().astype(np.int64)
             rec = r.content[RECORD]
@@ -305,6 +306,7 @@ class SecAggPlusGrid(GridProxy):
                                   f"{rd.cids[meta_sid]}")
             total = y if total is None else (total + y) % M
             payload_bits[s] = int(r.content[keys.METRICS].get(keys.UPLINK_BITS, 0))
+            clipped += int(r.content[keys.METRICS].get(K.CLIPPED, 0))
             rd.sent(s, "expansion", field_bits(M) * y.size - payload_bits[s])
         u3 = set(got)
         got_masked = got
@@ -352,7 +354,7 @@ class SecAggPlusGrid(GridProxy):
             "secagg_bits_per_client": sum(rd.up_bits[s] for s in u3) / k,
             "secagg_down_bits": sum(rd.down_bits.values()),
             **{f"secagg_{name}_bits": float(v) for name, v in rd.parts.items()},
-            "secagg_dropped": n - k, "secagg_neighbours": shares, "secagg_threshold": t,
+            "secagg_dropped": n - k, "secagg_clipped": clipped, "secagg_neighbours": shares, "secagg_threshold": t,
             **timing, "secagg_s": time.perf_counter() - t0,
         })
         return [reply]
