@@ -366,3 +366,32 @@ def test_server_side_dp_is_refused_under_secagg():
         with pytest.raises(ValueError, match="server-side DP clips each client's update"):
             check_strategy(strategy)
     check_strategy(FedAvgBaseline(FedAvg()))  # plain FedAvg: fine
+
+
+def test_the_size_table_bounds_the_weight_sum_not_the_one_aggregate_reply(caplog):
+    """The reply guards' per-client size table would cap the aggregate reply as one client; under SecAgg+ it
+    checks Σ n_i against the survivors' sizes instead, and a client overstating its weight is logged."""
+    cfg = _cfg({"name": "fetchsgd", "rows": 3, "cols": 100, "k": 10})
+    with caplog.at_level(logging.WARNING, logger="fl_sim"):
+        sec, _, replies, _, _ = _secure_round(cfg, num_shares=3, reconstruction_threshold=2)
+        sec.aggregate_train(1, replies)
+    assert "capped the num-examples" not in caplog.text and "overstates" not in caplog.text
+    assert sec.last_metrics["weights_capped"] == 0
+
+    exp = build_experiment(cfg)
+    strategy = build_strategy(exp)
+
+    def liar(msg, context):
+        reply = app(msg, context)
+        metrics = reply.content.get(keys.METRICS) if not reply.has_error() else None
+        if metrics is not None and keys.NUM_EXAMPLES in metrics:
+            metrics[keys.NUM_EXAMPLES] = 10**6  # every client claims a million examples
+        return reply
+
+    app = make_client_app(cfg, mods=[compression_mod])
+    grid = SecAggPlusGrid(InMemoryGrid(lambda m, c: secagg_mod(m, c, liar), cfg.clients), strategy,
+                          num_shares=3, reconstruction_threshold=2, max_weight=1e7)
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger="fl_sim"):
+        grid.send_and_receive(list(strategy.configure_train(1, exp.initial_arrays, ConfigRecord(), grid)))
+    assert "overstates its num-examples" in caplog.text

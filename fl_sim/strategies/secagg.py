@@ -176,6 +176,12 @@ class SecAggPlusGrid(GridProxy):
         self.quantization_range, self.modulus_range = int(quantization_range), int(modulus_range)
         self.timeout, self.on_failure = timeout, on_failure
         self.rng = random.Random(0 if strategy is None else getattr(strategy, "seed", 0))
+        # The strategy's per-client size table (reply guards) would cap the round's one aggregate reply as if
+        # it were one client's; under SecAgg+ the table bounds the sum instead (_check_weight_sum).
+        guards = getattr(strategy, "guards", None)
+        self.client_sizes = guards.get("client_sizes") if isinstance(guards, dict) else None
+        if self.client_sizes is not None:
+            strategy.guards = {**guards, "client_sizes": None}
         self.last: dict[str, float] = {}
 
     # ---- the protocol ----------------------------------------------------------------------------------
@@ -309,6 +315,7 @@ class SecAggPlusGrid(GridProxy):
             clipped += int(r.content[keys.METRICS].get(K.CLIPPED, 0))
             rd.sent(s, "expansion", field_bits(M) * y.size - payload_bits[s])
         u3 = set(got)
+        self._summed = u3
         got_masked = got
         self._need(u3, rd, t, "collect_masked_vectors")
         timing["secagg_collect_s"] = time.perf_counter() - t1
@@ -347,9 +354,6 @@ class SecAggPlusGrid(GridProxy):
         k = len(u3)
         self._report({
             "clients_ok": k, "uplink_bits": sum(payload_bits[s] for s in u3),
-            # the num-examples cap of the reply guards saw the one aggregate reply (Σ n_i against one client's
-            # size); one reply's weight is normalised away, so nothing was capped
-            "weights_capped": 0.0,
             "secagg_bits": sum(rd.up_bits.values()),
             "secagg_bits_per_client": sum(rd.up_bits[s] for s in u3) / k,
             "secagg_down_bits": sum(rd.down_bits.values()),
@@ -359,6 +363,17 @@ class SecAggPlusGrid(GridProxy):
         })
         return [reply]
 
+    def _check_weight_sum(self, weight_sum: int, cids: list[int]) -> None:
+        """Σ n_i against the clients' known sizes (simulation): a larger sum means some client overstated its
+        weight; SecAgg+ cannot tell which, so it is logged, not corrected."""
+        if self.client_sizes is None:
+            return
+        sizes = self.client_sizes
+        known = sum(float(sizes[c]) for c in cids if 0 <= c < len(sizes))
+        if weight_sum > known:
+            log.error("SecAgg+: the clients' weights sum to %d, more than their known sizes (%d): a client "
+                      "overstates its num-examples; secure aggregation cannot tell which", weight_sum, int(known))
+
     def _need(self, alive: set[int], rd: _Round, t: int, stage: str) -> None:
         if len(alive) < max(t, 2):
             raise SecAggError(f"after {stage}, {len(alive)} of {len(rd.msgs)} clients remain, fewer than the "
@@ -367,6 +382,7 @@ class SecAggPlusGrid(GridProxy):
     def _aggregate_reply(self, rd: _Round, total: np.ndarray, layout, meta_msg: Message, sid: int, k: int) -> Message:
         names, shapes_json, dtypes, loss_key, size = layout
         weight_sum = int(total[-1])  # Σ n_i, exact
+        self._check_weight_sum(weight_sum, [rd.cids[s] for s in rd.msgs if s in self._summed])
         sums = from_field(total[:-1], k, self.clipping_range, self.quantization_range)
         scale = self.max_weight / weight_sum if weight_sum > 0 else 0.0
         mean = sums * scale  # W Σ v̂_i / Σ n_i
