@@ -234,6 +234,11 @@ def _collect(st: ConfigRecord, cfg: ConfigRecord, message: Message, context: Con
     extra = {MASKED: ArrayRecord({"y": Array(y.astype(field_dtype(M)))}), keys.METRICS: masked_metrics}
     if isinstance(meta, ConfigRecord):
         extra[keys.PAYLOAD_META] = meta
+    # the reply's other ConfigRecords (what compression_mod adds beside the payload, e.g. the round it
+    # answers) travel as they are: they say nothing about the update
+    for name, record in reply.content.items():
+        if isinstance(record, ConfigRecord) and name not in (keys.PAYLOAD_META, RECORD):
+            extra[name] = record
     return _reply(message, out, extra)
 
 

@@ -304,12 +304,15 @@ class SecAggPlusGrid(GridProxy):
         for s, r in got.items():
             y = r.content[MASKED]["y"].numpy().astype(np.int64)
             rec = r.content[RECORD]
-            this = (list(rec[K.NAMES]), str(rec[K.SHAPES]), list(rec[K.DTYPES]), str(rec[K.HAS_LOSS]), y.size)
+            others = {k: dict(v) for k, v in r.content.items()
+                      if isinstance(v, ConfigRecord) and k not in (RECORD, keys.PAYLOAD_META)}
+            this = (list(rec[K.NAMES]), str(rec[K.SHAPES]), list(rec[K.DTYPES]), str(rec[K.HAS_LOSS]), y.size,
+                    json.dumps(others, sort_keys=True, default=str))
             if layout is None:
                 layout, meta_sid = this, s
             elif this != layout:
-                raise SecAggError(f"client {rd.cids[s]} sent a masked vector of another layout than client "
-                                  f"{rd.cids[meta_sid]}")
+                raise SecAggError(f"client {rd.cids[s]} sent a masked vector of another layout (or other reply "
+                                  f"records) than client {rd.cids[meta_sid]}")
             total = y if total is None else (total + y) % M
             payload_bits[s] = int(r.content[keys.METRICS].get(keys.UPLINK_BITS, 0))
             clipped += int(r.content[keys.METRICS].get(K.CLIPPED, 0))
@@ -380,7 +383,7 @@ class SecAggPlusGrid(GridProxy):
                               f"threshold t={t}")
 
     def _aggregate_reply(self, rd: _Round, total: np.ndarray, layout, meta_msg: Message, sid: int, k: int) -> Message:
-        names, shapes_json, dtypes, loss_key, size = layout
+        names, shapes_json, dtypes, loss_key, size, _ = layout
         weight_sum = int(total[-1])  # Σ n_i, exact
         self._check_weight_sum(weight_sum, [rd.cids[s] for s in rd.msgs if s in self._summed])
         sums = from_field(total[:-1], k, self.clipping_range, self.quantization_range)
@@ -414,6 +417,9 @@ class SecAggPlusGrid(GridProxy):
                 next(v for v in base.content.values() if isinstance(v, ArrayRecord))
             content[wanted] = unflatten_into(model, flatten_arrays(model) + values.to(torch.float32))
         content[keys.METRICS] = metrics
+        for name, record in meta_msg.content.items():  # the clients' other reply records (all equal: checked)
+            if isinstance(record, ConfigRecord) and name not in (RECORD, keys.PAYLOAD_META):
+                content[name] = record
         return Message(content, reply_to=base)
 
     def _report(self, figures: dict[str, float]) -> None:
