@@ -93,7 +93,9 @@ def run(
             console=console,
             transient=False,
         ) as progress:
-            task = progress.add_task(cfg.name or cfg.strategy.name, total=cfg.rounds, status="starting Flower")
+            starting = {"ray": "starting Flower's engine (Ray)", "inline": "starting (inline)",
+                        "vectorized": "starting (vectorized)"}.get(cfg.simulation.backend, "starting")
+            task = progress.add_task(cfg.name or cfg.strategy.name, total=cfg.rounds, status=starting)
 
             def on_round(rnd: int, row: dict) -> None:
                 acc = row.get("test_accuracy")
@@ -175,19 +177,11 @@ def sweep(
     out.print(f"{len(rows)} runs -> {out_dir / 'sweep.csv'}")
 
 
-bench_app = typer.Typer(help="Benchmarks (figures measured side by side in one run).")
+bench_app = typer.Typer(help="Benchmarks (figures measured side by side in one run); each module in fl_sim/bench. "
+                        "--smoke: tiny sizes, what the test suite runs (figures meaningless).")
 app.add_typer(bench_app, name="bench")
 
-
-@bench_app.command("codecs")
-def bench_codecs(
-    quick: bool = typer.Option(False, "--quick", help="Fewer sizes."),
-    targets: bool = typer.Option(False, "--targets", help="Only the speed targets (fwht, count sketch, FIHT), ~30 s."),
-    out_path: Path = typer.Option(Path("bench_out/codecs.json"), "--out"),
-) -> None:
-    """Encode/decode times of every codec and their ratio to an FFT of the same length."""
-    argv = ["--out", str(out_path)] + ["--quick"] * quick + ["--targets"] * targets
-    _bench_module("bench_codecs").main(argv)
+SMOKE_HELP = "Tiny sizes (what the test suite runs): checks the benchmark end to end; figures meaningless."
 
 
 def _bench_module(name: str):
@@ -195,6 +189,112 @@ def _bench_module(name: str):
     import importlib
 
     return importlib.import_module(f"fl_sim.bench.{name}")
+
+
+_BENCH_OPTIONS = {"debug": False}
+
+
+@bench_app.callback()
+def bench_options(debug: bool = typer.Option(False, "--debug", help="Show tracebacks (fl-sim bench --debug NAME ...).")) -> None:
+    _BENCH_OPTIONS["debug"] = debug
+
+
+def _run_bench(name: str, argv: list[str]) -> None:
+    """fl_sim.bench.<name>.main(argv); a user error (bad config, unwritable --out) is one line and exit code 2."""
+    try:
+        _bench_module(name).main(argv)
+    except (ValueError, OSError) as exc:
+        _fail(exc, debug=_BENCH_OPTIONS["debug"])
+
+
+@bench_app.command("codecs")
+def bench_codecs(
+    quick: bool = typer.Option(False, "--quick", help="Fewer sizes."),
+    targets: bool = typer.Option(False, "--targets", help="Only the speed targets (fwht, count sketch, FIHT), ~30 s."),
+    no_others: bool = typer.Option(False, "--no-others", help="Skip the transforms and recovery benchmarks."),
+    smoke: bool = typer.Option(False, "--smoke", help=SMOKE_HELP),
+    out_path: Path = typer.Option(Path("bench_out/codecs.json"), "--out"),
+) -> None:
+    """Encode/decode times of every codec and their ratio to an FFT of the same length."""
+    argv = ["--out", str(out_path)] + ["--quick"] * quick + ["--targets"] * targets + ["--no-others"] * no_others
+    _run_bench("bench_codecs", argv + ["--smoke"] * smoke)
+
+
+@bench_app.command("transforms")
+def bench_transforms(
+    quick: bool = typer.Option(False, "--quick", help="Fewer sizes and repeats."),
+    smoke: bool = typer.Option(False, "--smoke", help=SMOKE_HELP),
+    out_path: Path = typer.Option(Path("bench_out/transforms.json"), "--out"),
+) -> None:
+    """FWHT against torch.fft.rfft, the DCT at d = 668,426, and the projection operators' forward/adjoint."""
+    _run_bench("bench_transforms", ["--out", str(out_path)] + ["--quick"] * quick + ["--smoke"] * smoke)
+
+
+@bench_app.command("recovery")
+def bench_recovery(
+    quick: bool = typer.Option(False, "--quick", help="Sizes 10x smaller, one repeat."),
+    only: str = typer.Option("all", "--only", help="all, count_sketch or fiht."),
+    smoke: bool = typer.Option(False, "--smoke", help=SMOKE_HELP),
+    out_path: Path = typer.Option(Path("bench_out/recovery.json"), "--out"),
+) -> None:
+    """Count Sketch at FetchSGD's size and FIHT at Tang et al.'s, each against an FFT of the same length."""
+    argv = ["--only", only, "--out", str(out_path)] + ["--quick"] * quick + ["--smoke"] * smoke
+    _run_bench("bench_recovery", argv)
+
+
+@bench_app.command("fidelity")
+def bench_fidelity(
+    trials: int = typer.Option(200, "--trials", help="Encode seeds per relative MSE."),
+    smoke: bool = typer.Option(False, "--smoke", help=SMOKE_HELP),
+    out_path: Path = typer.Option(Path("bench_out/fidelity.json"), "--out"),
+) -> None:
+    """Codec fidelity (no timing): per-tensor vs whole-vector scales, QSGD's Elias bits, TernGrad's clipping."""
+    _run_bench("bench_codec_fidelity", ["--trials", str(trials), "--out", str(out_path)] + ["--smoke"] * smoke)
+
+
+@bench_app.command("encoding")
+def bench_encoding(
+    methods: str = typer.Option("topk_ef,qcs", "--methods", help="Shipped configs, comma-separated."),
+    per_round: str = typer.Option("100,1000", "--per-round", help="Clients per round, comma-separated."),
+    store: str = typer.Option("disk,context", "--store", help="Residual stores: disk and/or context."),
+    rounds: int = typer.Option(3, "--rounds", help="Rounds per point; the first is not timed."),
+    threads: int = typer.Option(0, "--threads", help="Torch threads (0: torch's default)."),
+    smoke: bool = typer.Option(False, "--smoke", help=SMOKE_HELP),
+    out_path: Path = typer.Option(Path("bench_out/encoding.json"), "--out"),
+) -> None:
+    """The client-side encoding stage of a round: per reply (compression_mod) against one block (cohort_encode)."""
+    argv = ["--methods", methods, "--per-round", per_round, "--store", store, "--rounds", str(rounds),
+            "--threads", str(threads), "--out", str(out_path)]
+    _run_bench("bench_encoding", argv + ["--smoke"] * smoke)
+
+
+@bench_app.command("memory-flat")
+def bench_memory_flat(
+    backend: str = typer.Option("ray", "--backend", help="ray and/or inline, comma-separated (each in its own process)."),
+    rounds: int = typer.Option(200, "--rounds"),
+    clients: int = typer.Option(200, "--clients"),
+    per_round: int = typer.Option(20, "--per-round"),
+    set_: List[str] = typer.Option([], "--set", help="Config override (repeatable)."),
+    smoke: bool = typer.Option(False, "--smoke", help=SMOKE_HELP),
+    out_path: Path = typer.Option(Path("bench_out/memory_flat.json"), "--out"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write the per-round memory PNG here."),
+) -> None:
+    """Process-tree memory at every round of a long run of top-k + error feedback (flat after warm-up)."""
+    argv = ["--backend", backend, "--rounds", str(rounds), "--clients", str(clients), "--per-round", str(per_round),
+            "--out", str(out_path)] + [x for s in set_ for x in ("--set", s)]
+    argv += (["--plot", str(plot)] if plot else []) + ["--smoke"] * smoke
+    _run_bench("bench_memory_flat", argv)
+
+
+@bench_app.command("fiht-vs-sketch")
+def bench_fiht_vs_sketch(
+    steps: int = typer.Option(60, "--steps", help="Update vectors in the stream."),
+    smoke: bool = typer.Option(False, "--smoke", help=SMOKE_HELP),
+    out_path: Optional[Path] = typer.Option(None, "--out", help="Also write the rows as JSON here."),
+) -> None:
+    """How much of a stream of updates reaches the model through FIHT-CS and Count Sketch with each residual rule."""
+    argv = ["--steps", str(steps)] + (["--out", str(out_path)] if out_path else []) + ["--smoke"] * smoke
+    _run_bench("fiht_vs_sketch_ef", argv)
 
 
 @bench_app.command("secagg")
@@ -209,7 +309,7 @@ def bench_secagg(
     """SecAgg+ protocol bits and wall time per round at growing numbers of clients (log n neighbours)."""
     argv = ["--clients", clients, "--dim", str(dim), "--full-up-to", str(full_up_to), "--drop", str(drop),
             "--out", str(out_path)] + ["--smoke"] * smoke
-    _bench_module("bench_secagg").main(argv)
+    _run_bench("bench_secagg", argv)
 
 
 @bench_app.command("round")
@@ -217,7 +317,8 @@ def bench_round(
     workloads: str = typer.Option("quickstart,lenet", "--workloads", help="quickstart, lenet and/or digits."),
     per_round: str = typer.Option("10,100", "--per-round", help="Clients per round, comma-separated."),
     modes: str = typer.Option("plain,inline,ray", "--modes",
-                              help="plain (PyTorch loop), inline, vectorized, vectorized-1t (one thread), ray."),
+                              help="plain (PyTorch loop), inline, auto (what `fl-sim run` picks), vectorized, "
+                                   "vectorized-1t (one thread), vectorized-nt (one thread per core), ray."),
     rounds: int = typer.Option(0, "--rounds", help="Rounds per run (0: 6 quickstart, 4 lenet)."),
     repeats: int = typer.Option(2, "--repeats", help="Side-by-side repeats (modes alternate who goes first)."),
     num_cpus: str = typer.Option("1", "--num-cpus", help="simulation.num_cpus values for ray, e.g. 0.5,1,2."),
@@ -227,14 +328,77 @@ def bench_round(
     quick: bool = typer.Option(False, "--quick", help="quickstart only, one repeat."),
     scale: bool = typer.Option(False, "--scale", help="Also 10,000 quickstart clients, 10% a round, 50 rounds, "
                                "vectorized (time, peak memory)."),
+    contention: str = typer.Option("off", "--contention", help="CPU-bound processes beside each run: off, on, or "
+                                   "both (idle and busy side by side)."),
+    busy_per_cores: int = typer.Option(2, "--busy-per-cores", help="Contention: one busy process per this many cores."),
+    smoke: bool = typer.Option(False, "--smoke", help=SMOKE_HELP + " Plain and inline, no Ray."),
     out_path: Path = typer.Option(Path("bench_out/round.json"), "--out"),
 ) -> None:
     """R rounds of FedAvg through fl-sim (ray, inline, vectorized) against the same computation as a plain PyTorch loop."""
     argv = ["--workloads", workloads, "--per-round", per_round, "--modes", modes, "--rounds", str(rounds),
             "--repeats", str(repeats), "--num-cpus", num_cpus, "--out", str(out_path)]
     argv += ["--profile"] * profile + ["--what-if"] * what_if + ["--tune"] * tune + ["--quick"] * quick
-    argv += ["--scale"] * scale
-    _bench_module("bench_round").main(argv)
+    argv += ["--scale"] * scale + ["--smoke"] * smoke
+    argv += ["--contention", contention, "--busy-per-cores", str(busy_per_cores)]
+    _run_bench("bench_round", argv)
+
+
+@bench_app.command("messages")
+def bench_messages(
+    workload: str = typer.Option("quickstart", "--workload", help="quickstart (MLP) or lenet (LeNet-5)."),
+    number: int = typer.Option(2000, "--number", help="Calls per timing."),
+    repeat: int = typer.Option(5, "--repeat", help="Timings per step (the minimum is reported)."),
+    smoke: bool = typer.Option(False, "--smoke", help=SMOKE_HELP),
+    out_path: Path = typer.Option(Path("bench_out/messages.json"), "--out"),
+) -> None:
+    """One reply's record building and checks, step by step, labelled fl-sim or Flower (us per reply)."""
+    argv = ["--workload", workload, "--number", str(number), "--repeat", str(repeat), "--out", str(out_path)]
+    _run_bench("bench_messages", argv + ["--smoke"] * smoke)
+
+
+@bench_app.command("pfl")
+def bench_pfl(
+    per_round: str = typer.Option("10,100", "--per-round", help="Clients per round, comma-separated."),
+    rounds: int = typer.Option(12, "--rounds"),
+    processes: str = typer.Option("1,2", "--processes", help="pfl worker processes, e.g. 1,2."),
+    fl_sim_modes: str = typer.Option("vectorized,inline", "--fl-sim-modes", help="fl-sim backends run beside pfl."),
+    contention: str = typer.Option("off", "--contention", help="off, on or both (a busy process beside each run)."),
+    repeats: int = typer.Option(2, "--repeats"),
+    timeout: float = typer.Option(600.0, "--timeout", help="Seconds per measurement."),
+    smoke: bool = typer.Option(False, "--smoke", help=SMOKE_HELP),
+    out_path: Path = typer.Option(Path("bench_out/pfl.json"), "--out"),
+) -> None:
+    """pfl-research (a peer, in this Python's environment) beside fl-sim on the quickstart; skips without pfl."""
+    argv = ["--per-round", per_round, "--rounds", str(rounds), "--processes", processes, "--fl-sim-modes", fl_sim_modes,
+            "--contention", contention, "--repeats", str(repeats), "--timeout", str(timeout), "--out", str(out_path)]
+    _run_bench("bench_pfl", argv + ["--smoke"] * smoke)
+
+
+@bench_app.command("poisoning")
+def bench_poisoning(
+    table: str = typer.Option("all", "--table", help="zero (one all-zero client a round), inner (inner strategies "
+                              "under sign-flipping attackers) or all."),
+    rounds: int = typer.Option(None, "--rounds", help="Default: 40 (zero), 30 (inner), 3 with --smoke."),
+    smoke: bool = typer.Option(False, "--smoke", help=SMOKE_HELP),
+    out_path: Path = typer.Option(Path("bench_out/poisoning.json"), "--out"),
+) -> None:
+    """The README's poisoning figures (final accuracy under attack, not speed): what the guards catch."""
+    argv = ["--table", table, "--out", str(out_path)] + (["--rounds", str(rounds)] if rounds is not None else [])
+    _run_bench("bench_poisoning", argv + ["--smoke"] * smoke)
+
+
+@bench_app.command("plain-loop")
+def bench_plain_loop(
+    config: Optional[str] = typer.Argument(None, help="A FedAvg config (default: quickstart)."),
+    set_: List[str] = typer.Option([], "--set", help="Override a key (repeatable)."),
+    threads: int = typer.Option(1, "--threads", help="Torch threads (1: as one fl-sim client process)."),
+    smoke: bool = typer.Option(False, "--smoke", help=SMOKE_HELP),
+    out_path: Path = typer.Option(Path("bench_out/plain_loop.json"), "--out"),
+) -> None:
+    """FedAvg as a plain sequential PyTorch loop (bench round's reference): round times and test metrics."""
+    argv = [config or "quickstart", "--threads", str(threads), "--out", str(out_path)]
+    argv += [x for s in set_ for x in ("--set", s)] + ["--smoke"] * smoke
+    _run_bench("plain_loop", argv)
 
 
 @bench_app.command("scale")
@@ -247,8 +411,11 @@ def bench_scale(
     set_: List[str] = typer.Option([], "--set", help="Override for --config (repeatable)."),
     fabricate: Optional[str] = typer.Option(None, "--fabricate", help="cifar10 | mnist: fake data of the real size for --config."),
     timeout: float = typer.Option(300.0, "--timeout", help="Seconds per measurement."),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Where the curve's fabricated MNIST goes (default: temp dir)."),
+    smoke: bool = typer.Option(False, "--smoke", help=SMOKE_HELP + " Inline, 4 clients."),
     out_path: Path = typer.Option(Path("bench_out/scale.json"), "--out"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write the per-round time/memory curves PNG here."),
+    plot_only: bool = typer.Option(False, "--plot-only", help="Only redraw --plot from --out."),
 ) -> None:
     """Per-round time and peak memory (whole process tree) from 100 to 100,000 clients, or of one config."""
     argv = ["--clients", clients, "--nodes", nodes, "--backend", backend, "--rounds", str(rounds),
@@ -257,7 +424,33 @@ def bench_scale(
         argv += ["--config", config] + [x for s in set_ for x in ("--set", s)]
         argv += ["--fabricate", fabricate] if fabricate else []
     argv += ["--plot", str(plot)] if plot else []
-    _bench_module("bench_scale").main(argv)
+    argv += (["--data-root", str(data_root)] if data_root else []) + ["--smoke"] * smoke + ["--plot-only"] * plot_only
+    _run_bench("bench_scale", argv)
+
+
+@bench_app.command("ray-profile")
+def bench_ray_profile(
+    workload: str = typer.Option("lenet", "--workload", help="A bench round workload: quickstart, lenet or digits."),
+    per_round: int = typer.Option(100, "--per-round"),
+    rounds: int = typer.Option(4, "--rounds"),
+    num_cpus: float = typer.Option(1.0, "--num-cpus", help="simulation.num_cpus (CPUs per actor)."),
+    env: List[str] = typer.Option([], "--env", help="K=V,... for one run; repeat for an A/B (runs alternate)."),
+    repeats: int = typer.Option(1, "--repeats"),
+    py_spy: float = typer.Option(0.0, "--py-spy", help="Seconds of py-spy on one process from round 2."),
+    py_spy_target: str = typer.Option("actor", "--py-spy-target", help="actor, driver or raylet."),
+    poll_micro: Optional[str] = typer.Option(None, "--poll-micro", help="Only time Flower's message extractor, "
+                                             "NODESxMESSAGES,... e.g. 100x100,1000x100."),
+    timeout: float = typer.Option(600.0, "--timeout", help="Seconds per measurement."),
+    smoke: bool = typer.Option(False, "--smoke", help="The test suite's run: --poll-micro 10x10 only (the profile "
+                               "itself starts a Ray cluster)."),
+    out_path: Optional[Path] = typer.Option(None, "--out", help="Also write the results as JSON here."),
+) -> None:
+    """Where the CPU of a Ray round goes, per process and per thread (Flower's Ray backend, /proc)."""
+    argv = ["--workload", workload, "--per-round", str(per_round), "--rounds", str(rounds), "--num-cpus", str(num_cpus),
+            "--repeats", str(repeats), "--py-spy", str(py_spy), "--py-spy-target", py_spy_target,
+            "--timeout", str(timeout)] + [x for e in env for x in ("--env", e)]
+    argv += (["--poll-micro", poll_micro] if poll_micro else []) + (["--out", str(out_path)] if out_path else [])
+    _run_bench("ray_profile", argv + ["--smoke"] * smoke)
 
 
 @app.command()

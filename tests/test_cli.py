@@ -81,16 +81,17 @@ def test_console_script_exits_2_without_traceback():
 
 
 def test_run_that_never_aggregates_exits_1(tmp_path, monkeypatch):
-    """With the ClientApp's compression_mod gone, every reply of a compressed method is
-    rejected; the run used to exit 0 (and save the initial model). Now: one error line, exit code 1,
-    no model.pt."""
+    """With the ClientApp's compression_mod gone, every reply of a compressed method is rejected; the run
+    used to exit 0 (and save the initial model). Now round 1 stops it: one error line naming the mod,
+    exit code 1, no model.pt, summary.json marked failed."""
     import fl_sim.clients.app as client_app
 
     monkeypatch.setattr(client_app, "compression_mod", lambda msg, ctx, call_next: call_next(msg, ctx))
     res = runner.invoke(app, ["run", "configs/topk_ef.yaml", *SMALL, "--out", str(tmp_path / "r")])
     assert res.exit_code == 1, res.output
-    assert "Traceback" not in res.output and "no round aggregated" in res.output
+    assert "Traceback" not in res.output and "lacks compression_mod" in res.output
     assert not (tmp_path / "r" / "model.pt").exists()
+    assert "compression_mod" in json.loads((tmp_path / "r" / "summary.json").read_text())["failed"]
 
 
 def _one_line_error(res, *words):

@@ -55,8 +55,15 @@ def test_default_configs_use_the_papers_sketch_shape():
         assert s["rows"] == 5 and s["k"] <= s["rows"] * s["cols"] // 5, (name, s)  # k well below the cells
     from fl_sim.strategies import FetchSGD
 
-    f = FetchSGD()
-    assert f.rows == 5 and f.k <= f.cols // 5
+    f = FetchSGD()  # README's row: rows=5, compression=10, k_ratio=0.02, momentum=0.9
+    d = 61_706
+    p = f.codec_params_for(d)
+    assert f.rows == 5 and f.rho == 0.9 and f.compression == 10 and f.k_ratio == 0.02
+    assert p["cols"] == round(d / 50) and p["k"] == round(0.02 * d) <= p["rows"] * p["cols"] // 5
+    explicit = FetchSGD(cols=100, k=7)
+    assert explicit.codec_params_for(d) == {"rows": 5, "cols": 100, "k": 7}
+    with pytest.raises(ValueError, match="give one"):
+        FetchSGD(cols=100, compression=10)
 
 
 @pytest.mark.parametrize("removal", ["zero", "subtract"])

@@ -21,6 +21,7 @@ from flwr.clientapp import ClientApp
 
 from fl_sim.wire import keys
 from fl_sim.runs.build import build_experiment, build_strategy
+from fl_sim.clients import compression_mod
 from fl_sim.clients.app import make_client_app
 from fl_sim.compression import PayloadError
 from fl_sim.config import config_from_dict
@@ -136,13 +137,17 @@ def test_rlc_client_id_out_of_range_rejected(caplog):
     assert all(r["clients_rejected"] == 1 for r in rows[1:])
 
 
-def test_duplicate_client_id_rejected(caplog):
-    cfg = cfg_for({"name": "fedavg"})
+def round_one(cfg):
+    """(strategy, grid, the honest replies of round 1) of ``cfg`` on the in-memory grid (real ClientApp)."""
     exp = build_experiment(cfg)
     s = build_strategy(exp)
     grid = InMemoryGrid(make_client_app(cfg), cfg.clients)
     msgs = list(s.configure_train(1, exp.initial_arrays, ConfigRecord(), grid))
-    replies = list(grid.send_and_receive(msgs))
+    return s, grid, list(grid.send_and_receive(msgs))
+
+
+def test_duplicate_client_id_rejected(caplog):
+    s, _, replies = round_one(cfg_for({"name": "fedavg"}))
     replies.append(replies[0])
     with caplog.at_level("ERROR", logger="fl_sim"):
         _, metrics = s.aggregate_train(1, replies)
@@ -185,7 +190,7 @@ D = 7
 
 
 def toy_app():
-    app = ClientApp()
+    app = ClientApp(mods=[compression_mod])
 
     @app.train()
     def _train(msg: Message, ctx):
@@ -394,16 +399,12 @@ def test_fedavg_bits_are_the_arrays_that_arrived():
 
 
 def test_variable_length_codec_bits_come_from_its_own_count(monkeypatch, caplog):
-    """A codec whose size depends on the data counts each payload (Codec.payload_bits); the claim is ignored."""
+    """A codec whose size depends on the data counts each payload (Codec.payload_bits, its coding's own count,
+    which the encoder also claims); a claim other than that count is refused (tests/test_reply_round.py)."""
     from fl_sim.compression.codecs.simple import TopKCodec
 
-    monkeypatch.setattr(TopKCodec, "payload_bits", lambda self, payload: 1000 + int(payload.tensors["indices"][0]))
-    cfg = cfg_for({"name": "compressed"}, {"name": "topk", "k": 20}, rounds=1)
-    exp = build_experiment(cfg)
-    s = build_strategy(exp)
-    grid = InMemoryGrid(make_client_app(cfg), cfg.clients)
-    msgs = list(s.configure_train(1, exp.initial_arrays, ConfigRecord(), grid))
-    replies = list(grid.send_and_receive(msgs))
+    monkeypatch.setattr(TopKCodec, "_bits", lambda self, idx: 1000 + int(idx.reshape(-1)[0]))
+    s, _, replies = round_one(cfg_for({"name": "compressed"}, {"name": "topk", "k": 20}, rounds=1))
     expected = sum(1000 + int(r.content[keys.ARRAYS]["indices"].numpy()[0]) for r in replies)
     _, metrics = s.aggregate_train(1, replies)
     metrics = server_part(metrics)

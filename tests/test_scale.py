@@ -1,6 +1,7 @@
 """Scale and benchmark plumbing: process-tree memory, the plain FedAvg reference, fabricated data, scale configs.
 
-Small and fast: the benchmarks themselves (minutes, Ray) are in benchmarks/ and docs/performance.md.
+Small and fast: the benchmarks themselves (minutes, Ray) are ``fl-sim bench ...`` (fl_sim/bench) and
+docs/performance.md; each has a smoke test in test_bench_smoke.py.
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ lives beside fl_sim/, not installed
 
 from fl_sim.bench.bench_scale import TreeMemory, tree_memory, tree_pids
 from fl_sim.bench.plain_loop import fabricate_cifar10, fabricate_mnist, plain_fedavg
@@ -135,7 +134,7 @@ def test_a_hundred_thousand_clients_cost_their_index_lists_only(tmp_path):
 
 def test_memory_flat_benchmark_records_every_round(tmp_path, monkeypatch):
     """bench_memory_flat's measurement: one row per round 0..R with the tree's memory, peaks non-decreasing."""
-    from benchmarks.bench_memory_flat import measure, report
+    from fl_sim.bench.bench_memory_flat import measure, report
 
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
     res = measure("inline", rounds=4, clients=20, per_round=4, sets=[])

@@ -202,7 +202,7 @@ def test_onebit_phi_fixed_a_priori_per_worker_or_redrawn_per_round():
     # Mitra & Khisti eq. (10) text: the PS knows Phi^(k) a priori. phi_seed fixes it for the run:
     # per worker it is the same in every round and differs between workers; the dither is new each round.
     fixed = make_codec("onebit_cs", dim=300, measurements=256, block=64, phi_seed=11)
-    rnd = make_codec("onebit_cs", dim=300, measurements=256, block=64)
+    rnd = make_codec("onebit_cs", dim=300, measurements=256, block=64, phi_schedule="round")
     r1, r2 = 101, 202  # two rounds' common seeds
     assert torch.equal(fixed.operator(r1, 3).rows, fixed.operator(r2, 3).rows)
     assert torch.equal(fixed.operator(r1, 3).signs, fixed.operator(r2, 3).signs)
@@ -216,8 +216,29 @@ def test_onebit_phi_fixed_a_priori_per_worker_or_redrawn_per_round():
     assert "phi_seed" in OneBitCS(seed=1).codec_params
     assert OneBitCS(seed=1).codec_params["phi_seed"] != OneBitCS(seed=2).codec_params["phi_seed"]
     assert "phi_seed" not in OneBitCS(phi_schedule="round").codec_params
+    assert OneBitCS(phi_schedule="round").codec_params["phi_schedule"] == "round"
     with pytest.raises(ValueError, match="phi_schedule"):
         OneBitCS(phi_schedule="never")
+
+
+def test_onebit_codec_default_fixes_phi_a_priori_as_the_strategy():
+    # One default, the paper's (Mitra & Khisti eq. 10 text, "Phi^(k) known a priori"): a bare
+    # make_codec("onebit_cs") keeps Phi over rounds, and it is the Phi of OneBitCS(seed=0).
+    from fl_sim.compression.codecs.sensing import PHI_SEED_DEFAULT
+
+    bare = make_codec("onebit_cs", dim=300, measurements=256, block=64)
+    assert bare.phi_schedule == "fixed" and bare.phi_seed == PHI_SEED_DEFAULT
+    for phi in ("per_worker", "common"):
+        c = make_codec("onebit_cs", dim=300, measurements=256, block=64, phi=phi)
+        assert torch.equal(c.operator(101, 3).signs, c.operator(202, 3).signs)
+        assert torch.equal(c.operator(101, 3).rows, c.operator(202, 3).rows)
+    strat = OneBitCS(seed=0, block=64)
+    assert strat.codec_params["phi_seed"] == PHI_SEED_DEFAULT
+    assert strat.codec_params["phi_schedule"] == "fixed"
+    with pytest.raises(CodecError, match="phi_schedule"):
+        make_codec("onebit_cs", dim=300, measurements=256, phi_schedule="every")
+    with pytest.raises(CodecError, match="phi_seed"):
+        make_codec("onebit_cs", dim=300, measurements=256, phi_schedule="round", phi_seed=3)
 
 
 def test_onebit_compressive_regime_beats_m_equals_d_on_sparse_updates():

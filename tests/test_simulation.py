@@ -52,10 +52,11 @@ def test_different_seed_differs():
 def test_ray_simulation_two_rounds(tmp_path):
     from fl_sim.runs.simulation import run_experiment
 
-    cfg = small(rounds=2)
+    cfg = small(rounds=2, **{"simulation.backend": "ray"})  # the default (auto) would run it vectorized
     summary = run_experiment(cfg, tmp_path / "run")
+    assert summary["backend"] == "ray"
     lines = (tmp_path / "run" / "metrics.csv").read_text().strip().splitlines()
-    assert lines[0].startswith("round,train_loss,test_loss,test_accuracy,uplink_bits,downlink_bits,wall_s")
+    assert lines[0].startswith("round,train_loss,test_loss,test_accuracy,uplink_bits,downlink_bits,total_bits,wall_s")
     assert len(lines) == 4  # header + rounds 0, 1, 2
     assert summary["rounds"] == 2 and summary["total_uplink_bits"] > 0
     assert (tmp_path / "run" / "config.yaml").is_file() and (tmp_path / "run" / "summary.json").is_file()

@@ -131,6 +131,27 @@ def test_topk_abs_exact_on_large_vectors():
     assert topk_abs(v[:10], 20).tolist() == list(range(10))
 
 
+def test_topk_breaks_exact_ties_as_fetchsgds_code():
+    # FetchSGD's csvec unsketches with torch.topk(est**2, k, sorted=False) over all d estimates. With exact
+    # ties across the k-th value (sketch estimates repeat: a bucket's value is shared by the coordinates
+    # it collides), the candidate shortcut must return that selection's set, not its own pick among the
+    # tied entries. 2,000 entries tie at 0.5; 990 larger ones; k = 1,000 takes 10 of the tied entries.
+    g = torch.Generator().manual_seed(3)
+    d, k = 400_000, 1000
+    v = torch.randn(d, generator=g) * 0.01
+    perm = torch.randperm(d, generator=g)
+    v[perm[:990]] = 1.0 + torch.rand(990, generator=g)
+    v[perm[990:2990]] = 0.5 * torch.sign(torch.randn(2000, generator=g))  # +-0.5: equal squares
+    ref = set(torch.topk(v**2, k, sorted=False).indices.tolist())
+    assert set(torch.topk(v.abs(), k, sorted=False).indices.tolist()) == ref  # |v| and v^2: same comparisons
+    assert set(topk_abs(v, k).tolist()) == ref
+    cs = CountSketch(d, 1, 2 * d, seed=0)
+    table = cs.sketch(v)
+    est = cs.estimate(table)
+    _, idx = cs.unsketch_topk(table, k)
+    assert set(idx.tolist()) == set(torch.topk(est**2, k, sorted=False).indices.tolist())
+
+
 def test_degenerate_inputs():
     cs = CountSketch(37, 5, 8, seed=0)  # d not a power of 2, d smaller than the table
     zero = cs.sketch(torch.zeros(37))
@@ -179,3 +200,33 @@ def test_sketch_kernels_use_numba_workqueue_threads_not_a_second_openmp():
 
     CountSketch(1000, 3, 50, seed=0).sketch(torch.randn(1000))  # launches a parallel kernel
     assert numba.threading_layer() == "workqueue"
+
+
+def test_fetchsgd_server_loop_follows_the_authors_selection_over_rounds():
+    # FetchSGD's server (momentum and error sketches, top-k unsketch, zeroing of the applied buckets) run
+    # 8 rounds, twice on the same random sketched gradients: once with CountSketch.unsketch_topk, once selecting as
+    # csvec does (torch.topk(est**2, k, sorted=False) over all d estimates). A Count Sketch estimate is a
+    # bucket value, shared by the coordinates that land in that bucket of the median row, so exact ties at
+    # the k-th value are common; with d >= 200,000 the candidate shortcut runs, and the two trajectories
+    # must stay bitwise equal.
+    d, rows, cols, k, rho = 250_000, 5, 4_000, 2_000, 0.9
+    cs = CountSketch(d, rows, cols, seed=1)
+    g = torch.Generator().manual_seed(2)
+    state = {name: (torch.zeros(rows, cols), torch.zeros(rows, cols)) for name in ("ours", "authors")}
+    for _ in range(8):  # the shortcut parted from the authors by round 5 (seeded)
+        s_t = cs.sketch(torch.randn(d, generator=g) * torch.rand(d, generator=g) ** 4)
+        deltas = {}
+        for name, (s_u, s_e) in state.items():
+            s_u.mul_(rho).add_(s_t)
+            s_e.add_(s_u)
+            if name == "ours":
+                delta, idx = cs.unsketch_topk(s_e, k)
+            else:
+                est = cs.estimate(s_e)
+                idx = torch.topk(est**2, k, sorted=False).indices
+                delta = torch.zeros(d)
+                delta[idx] = est[idx]
+            cs.zero_coordinates(s_u, idx)
+            cs.zero_coordinates(s_e, idx)
+            deltas[name] = delta
+        assert torch.equal(deltas["ours"], deltas["authors"])

@@ -13,6 +13,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.clientapp import ClientApp
 
 from fl_sim.wire import keys
+from fl_sim.clients import compression_mod
 from fl_sim.wire.records import flatten_arrays
 from fl_sim.strategies import FedAvgBaseline, FedSGD
 from fl_sim.strategies.base import SERVER_PREFIX, update_sparsity
@@ -22,7 +23,7 @@ D = 7
 
 
 def toy_app(mods=None):
-    app = ClientApp(mods=mods or [])
+    app = ClientApp(mods=[compression_mod] if mods is None else mods)
 
     @app.train()
     def _train(msg: Message, ctx):
@@ -212,7 +213,7 @@ def test_new_global_model_holds_plain_flower_arrays(weight):
     """The model the wrapper hands its inner K times is kept parsed (fl_sim.wire.records.ParsedArray); the global
     model it returns must hold plain Arrays (a deflated ParsedArray names a class a receiver cannot inflate),
     also when every weight is 0 and the inner is skipped."""
-    app = ClientApp()
+    app = ClientApp(mods=[compression_mod])
 
     @app.train()
     def _train(msg: Message, ctx):

@@ -18,7 +18,7 @@ from flwr.clientapp import ClientApp
 from torch import nn
 
 from fl_sim.wire import keys
-from fl_sim.runs.build import build_experiment, build_strategy
+from fl_sim.runs.build import build_experiment
 from fl_sim.clients.app import make_client_app
 from fl_sim.clients.cohort import (
     CohortClient,
@@ -32,8 +32,7 @@ from fl_sim.clients.training import LocalTrainSpec, batch_indices, batch_matrix,
 from fl_sim.config import ConfigError, config_from_dict, load_config
 from fl_sim.models import build_model
 from fl_sim.wire.records import flatten_arrays, ndarray_to_array, read_array
-from fl_sim.runs.simulation import server_loop
-from fl_sim.testing import InMemoryGrid, run_in_memory
+from fl_sim.testing import InMemoryGrid, round_replies, run_in_memory
 from fl_sim.clients.stacked import cohort_forward, layerwise
 from fl_sim.engine.vectorized import VectorizedGrid, cpu_cores, intra_op_threads, resolve_device
 
@@ -204,24 +203,6 @@ def small(backend, **over):
     raw.update(over)
     raw["simulation"] = {**raw.get("simulation", {}), "backend": backend}
     return config_from_dict(raw)
-
-
-def round_replies(cfg, grid_factory):
-    """The replies of every round's send_and_receive, by client id (through the real strategy)."""
-    exp = build_experiment(cfg)
-    strategy = build_strategy(exp)
-    grid = grid_factory(make_client_app(cfg), cfg.clients)
-    replies: list[dict[int, Message]] = []
-    send = grid.send_and_receive
-
-    def recording(messages, *, timeout=None):
-        out = list(send(messages, timeout=timeout))
-        replies.append({int(r.content[keys.METRICS][keys.M_CID]): r for r in out})
-        return out
-
-    grid.send_and_receive = recording
-    server_loop(grid, exp, strategy, None)
-    return replies, grid
 
 
 def assert_same_replies(a: dict[int, Message], b: dict[int, Message]):

@@ -16,7 +16,9 @@ and the library's speed targets are summarised from their rows (:func:`target_ro
 2^20 and 2^23; FIHT at d = 668,426, d/Q = 10 < 0.3 s with rel. error <= 0.12; count sketch r = 5,
 c = 500,000, d = 6,570,000: sketch < 0.25 s, top-k unsketch < 0.6 s.
 
-Usage: ``python -m fl_sim.bench.bench_codecs [--quick] [--targets] [--out bench_out/codecs.json] [--no-others]``;
+Usage: ``fl-sim bench codecs`` or ``python -m fl_sim.bench.bench_codecs [--quick] [--targets]
+[--out bench_out/codecs.json] [--no-others] [--smoke]`` (``--smoke``: d = 2^10, one repeat, the siblings
+at their smoke sizes: for the test suite, figures meaningless);
 ``--targets`` measures only what the targets need (fwht vs rfft at 2^20 and 2^23, count sketch, FIHT),
 full size, in one process (a few minutes instead of the whole codec grid).
 Library: ``run(quick=False) -> dict``, ``run_targets() -> dict``.
@@ -41,6 +43,7 @@ from fl_sim.rng import torch_generator
 TANG_D = 668_426
 FULL_SIZES = [2**e for e in range(16, 24)] + [TANG_D]
 QUICK_SIZES = [2**16, 2**20, TANG_D]
+SMOKE_SIZES = [2**10]
 
 
 def default_params(name: str, d: int) -> dict[str, Any]:
@@ -127,12 +130,14 @@ def _sibling(module: str):
     return importlib.import_module(f"fl_sim.bench.{module}")
 
 
-def run(quick: bool = False, *, include_others: bool = True) -> dict[str, Any]:
-    """All measurements: {"codecs": rows, "transforms": rows, "recovery": rows, ...} (times in ms)."""
-    repeats = 2 if quick else 5
-    sizes = QUICK_SIZES if quick else FULL_SIZES
+def run(quick: bool = False, *, include_others: bool = True, smoke: bool = False) -> dict[str, Any]:
+    """All measurements: {"codecs": rows, "transforms": rows, "recovery": rows, ...} (times in ms).
+    ``smoke``: tiny sizes, one repeat (checks that everything runs; the figures mean nothing)."""
+    repeats = 1 if smoke else 2 if quick else 5
+    sizes = SMOKE_SIZES if smoke else QUICK_SIZES if quick else FULL_SIZES
     result: dict[str, Any] = {
         "quick": quick,
+        "smoke": smoke,
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "sizes": sizes,
@@ -142,10 +147,10 @@ def run(quick: bool = False, *, include_others: bool = True) -> dict[str, Any]:
         for key, module in (("transforms", "bench_transforms"), ("recovery", "bench_recovery")):
             mod = _sibling(module)
             if mod is None:
-                result[key] = {"absent": f"benchmarks/{module}.py not found"}
+                result[key] = {"absent": f"fl_sim.bench.{module} not found"}
                 continue
             try:
-                result[key] = mod.run(quick=quick)
+                result[key] = mod.run(quick=quick, smoke=smoke)
             except Exception as exc:
                 result[key] = {"error": f"{type(exc).__name__}: {exc}"}
     return result
@@ -235,8 +240,9 @@ def print_table(rows: list[dict], title: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="bench_codecs", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="d = 2^16, 2^20, 668426 and fewer repeats")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes for the test suite (figures meaningless)")
     parser.add_argument("--out", type=Path, default=Path("bench_out/codecs.json"))
     parser.add_argument("--no-others", action="store_true", help="skip bench_transforms / bench_recovery")
     parser.add_argument("--targets", action="store_true",
@@ -245,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.targets:
         data = run_targets()
     else:
-        data = run(quick=args.quick, include_others=not args.no_others)
+        data = run(quick=args.quick, include_others=not args.no_others, smoke=args.smoke)
         print_table(data["codecs"], f"codecs (torch {data['torch']}, {data['torch_threads']} threads; times in ms)")
     if isinstance(data.get("recovery"), list):
         _sibling("bench_recovery")._print_table(data["recovery"])

@@ -16,14 +16,14 @@ to ``torch.fft.rfft`` of the same length, timed in the same run, so figures from
 compare; each row also records the 1-minute load average when it was measured. ``run(quick=True)``
 uses sizes 10x smaller.
 
-Usage: ``python benchmarks/bench_recovery.py [--quick] [--only {all,count_sketch,fiht}]
-[--out bench_out/recovery.json]``.
+Usage: ``fl-sim bench recovery [--quick] [--only {all,count_sketch,fiht}] [--out bench_out/recovery.json]``
+(or ``python -m fl_sim.bench.bench_recovery``). ``--smoke``: tiny sizes (Count Sketch d = 6,570, FIHT
+d = 668) for the test suite; its figures mean nothing.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -77,8 +77,10 @@ def _row(name: str, d: int, t: float, rfft_s: float, target: float | None = None
     return row
 
 
-def bench_count_sketch(quick: bool, repeats: int) -> list[dict]:
-    d, rows, cols, k = (657_000, 5, 50_000, 5_000) if quick else (6_570_000, 5, 500_000, 50_000)
+def bench_count_sketch(quick: bool, repeats: int, smoke: bool = False) -> list[dict]:
+    d, rows, cols, k = ((6_570, 5, 500, 50) if smoke else (657_000, 5, 50_000, 5_000) if quick
+                        else (6_570_000, 5, 500_000, 50_000))
+    quick = quick or smoke
     rfft_s = _rfft_time(d, repeats)
     t_build, cs = _best_time(lambda: CountSketch(d, rows, cols, seed=1), 1)
     x = torch.randn(d, generator=torch.Generator().manual_seed(1))
@@ -96,8 +98,9 @@ def bench_count_sketch(quick: bool, repeats: int) -> list[dict]:
     ]
 
 
-def bench_fiht(quick: bool, repeats: int) -> list[dict]:
-    d = TANG_D // 10 if quick else TANG_D
+def bench_fiht(quick: bool, repeats: int, smoke: bool = False) -> list[dict]:
+    d = TANG_D // 1000 if smoke else TANG_D // 10 if quick else TANG_D
+    quick = quick or smoke
     K = max(1, round(TANG_K / TANG_D * d))
     rfft_s = _rfft_time(d, repeats)
     x = _power_law(d, POWER_LAW_EXPONENT)
@@ -130,14 +133,15 @@ def bench_fiht(quick: bool, repeats: int) -> list[dict]:
     return rows
 
 
-def run(quick: bool = False, only: str = "all") -> list[dict]:
-    """All rows (dicts with name, d, time_s, rfft_s, ratio_to_rfft, load_1min and benchmark-specific fields)."""
-    repeats = 1 if quick else 3
+def run(quick: bool = False, only: str = "all", *, smoke: bool = False) -> list[dict]:
+    """All rows (dicts with name, d, time_s, rfft_s, ratio_to_rfft, load_1min and benchmark-specific fields);
+    ``smoke``: tiny sizes, one run (checks that everything runs; the figures mean nothing)."""
+    repeats = 1 if quick or smoke else 3
     rows = []
     if only in ("all", "count_sketch"):
-        rows += bench_count_sketch(quick, repeats)
+        rows += bench_count_sketch(quick, repeats, smoke)
     if only in ("all", "fiht"):
-        rows += bench_fiht(quick, repeats)
+        rows += bench_fiht(quick, repeats, smoke)
     return rows
 
 
@@ -151,15 +155,17 @@ def _print_table(rows: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="bench_recovery", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="sizes 10x smaller, one repeat")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes for the test suite (figures meaningless)")
     parser.add_argument("--only", choices=["all", "count_sketch", "fiht"], default="all")
     parser.add_argument("--out", type=Path, default=Path("bench_out/recovery.json"))
     args = parser.parse_args(argv)
-    rows = run(quick=args.quick, only=args.only)
+    rows = run(quick=args.quick, only=args.only, smoke=args.smoke)
     _print_table(rows)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"torch_threads": torch.get_num_threads(), "rows": rows}, indent=2))
+    from fl_sim.bench.bench_codecs import write_json
+
+    write_json({"torch_threads": torch.get_num_threads(), "rows": rows}, args.out)
     print(f"-> {args.out}")
     return rows
 

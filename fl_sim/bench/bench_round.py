@@ -17,9 +17,10 @@ For each workload and clients-per-round value (``--per-round 10,100``) the same 
 ``plain`` (fl_sim.bench.plain_loop: same clients, data, sampling, local steps and weighted average,
 no Flower), ``inline`` (``fl-sim run`` with ``simulation.backend: inline``: the strategy and
 ClientApp with messages as function calls), ``vectorized`` (``simulation.backend: vectorized``: the
-same, a round's clients trained in batched calls, fl_sim.engine.vectorized, with one torch thread per core;
-``vectorized-1t``: the same on one thread, ``simulation.cohort_threads: 1``) and ``ray`` (``fl-sim
-run``: Flower's simulation engine
+same, a round's clients trained in batched calls, fl_sim.engine.vectorized, with the automatic thread rule of
+fl_sim.clients.cohort_threads; ``vectorized-1t``: the same on one thread, ``simulation.cohort_threads: 1``;
+``vectorized-nt``: one thread per core always), ``auto`` (``fl-sim run``'s default engine choice,
+fl_sim.engine.auto) and ``ray`` (``simulation.backend: ray``: Flower's simulation engine
 with Ray actors, ``simulation.num_cpus`` CPUs per actor; ``--num-cpus 0.5,1,2`` tries several).
 Every measurement runs in its own process; repeats alternate the modes so that they see the same
 machine load. Reported per run (seconds): ``setup`` (until round 0 is evaluated: data, model,
@@ -35,10 +36,16 @@ and an instrumented Ray run (bench_scale.instrumented_run) whose ClientApp repor
 so that Flower's transport cost per client is the time messages were out x workers minus the
 ClientApps' time.
 
+``--contention on`` runs one CPU-bound process (a Python spin loop) beside each measurement per
+``--busy-per-cores`` cores (default 2): the machine of a user running a second job; ``--contention both``
+measures every mode idle and busy, alternating, and prints the two side by side.
+
 ``--scale`` adds the population run: the quickstart model and data generator with 10,000 clients,
 10% (1,000) per round, 50 rounds, vectorized backend, its round times and the process tree's peak memory.
 
-Usage: ``python -m fl_sim.bench.bench_round [--quick] [--profile] [--scale] [--out bench_out/round.json]``;
+Usage: ``fl-sim bench round`` or ``python -m fl_sim.bench.bench_round [--quick] [--profile] [--scale]
+[--out bench_out/round.json]``; ``--smoke``: quickstart, 2 clients a round, 3 rounds, plain and inline, one
+repeat (no Ray): for the test suite, figures meaningless;
 the vectorized backend's comparison: ``--workloads quickstart,digits --per-round 100,1000 --modes inline,vectorized``.
 """
 
@@ -50,6 +57,7 @@ import logging
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -303,14 +311,19 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     if spec.get("what_if"):
         apply_proposed_fixes()
     mode = spec["mode"]
-    backend = "ray" if mode.startswith("ray") else "vectorized" if mode.startswith("vectorized") else "inline"
+    backend = ("ray" if mode.startswith("ray") else "vectorized" if mode.startswith("vectorized")
+               else "auto" if mode == "auto" else "inline")
     cfg = workload_config(spec["workload"], spec["per_round"], spec["rounds"], backend, spec.get("num_cpus", 1.0))
     if mode == "vectorized-1t":  # the batched calls on one torch thread (simulation.cohort_threads=1)
         cfg.simulation.cohort_threads = 1
+    if mode == "vectorized-nt":  # one thread per core always (the default before the automatic rule)
+        from fl_sim.engine.vectorized import cpu_cores
+
+        cfg.simulation.cohort_threads = cpu_cores()
     with TreeMemory(0.25) as mem:
         if mode == "plain":
             out = _measure_plain(cfg, spec.get("threads", 1), mem)
-        elif mode in ("inline", "ray", "vectorized", "vectorized-1t"):
+        elif mode in ("inline", "ray", "auto", "vectorized", "vectorized-1t", "vectorized-nt"):
             out = _measure_fl_sim(cfg, mem)
         elif mode == "timed-inline":
             out = _timed_inline(cfg, mem)
@@ -339,11 +352,44 @@ def _label(res: dict[str, Any]) -> str:
     return m
 
 
+def busy_processes(n: int) -> list[subprocess.Popen]:
+    """``n`` CPU-bound processes (a Python spin loop each) beside the measurement: the contention mode."""
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True)
+            for _ in range(n)]
+
+
+def stop_busy(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:  # only the processes started by busy_processes, by their own id
+        proc.kill()
+        proc.wait()
+
+
+def busy_count(per_cores: int) -> int:
+    """One busy process per ``per_cores`` cores (at least one)."""
+    from fl_sim.engine.vectorized import cpu_cores
+
+    return max(1, -(-cpu_cores() // per_cores))
+
+
+def measure_point(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """One measurement in a child process, with ``spec["busy"]`` CPU-bound processes running beside it."""
+    procs = busy_processes(spec.get("busy", 0))
+    try:
+        if procs:
+            time.sleep(0.5)  # let the spinners take their cores before the run starts
+        return run_point_cmd("fl_sim.bench.bench_round", spec, timeout)
+    finally:
+        stop_busy(procs)
+
+
 def run(workloads: list[str], per_round: list[int], modes: list[str], *, rounds: int = 0, repeats: int = 2,
         num_cpus: list[float] | None = None, profile: bool = False, timeout: float = 400.0,
-        what_if: bool = False, tune: bool = False, scale: bool = False, log=print) -> dict[str, Any]:
-    """All measurements; returns {"machine", "runs": [...], "profile": [...]}."""
+        what_if: bool = False, tune: bool = False, scale: bool = False, contention: list[int] | None = None,
+        log=print) -> dict[str, Any]:
+    """All measurements; returns {"machine", "runs": [...], "profile": [...]}. ``contention``: the numbers
+    of CPU-bound processes to run beside each measurement (0 = none), alternated like the modes."""
     num_cpus = num_cpus or [1.0]
+    contention = contention or [0]
     if "lenet" in workloads:
         lenet_root()  # fabricate once, before the children race for it
     runs: list[dict[str, Any]] = []
@@ -352,12 +398,15 @@ def run(workloads: list[str], per_round: list[int], modes: list[str], *, rounds:
             r = rounds or DEFAULT_ROUNDS[w]
             for k in per_round:
                 order = modes if rep % 2 == 0 else list(reversed(modes))  # alternate who goes first
+                busy_order = contention if rep % 2 == 0 else list(reversed(contention))
                 for mode in order:
-                    for c in (num_cpus if mode == "ray" else [1.0]):
-                        spec = {"workload": w, "per_round": k, "rounds": r, "mode": mode, "num_cpus": c, "repeat": rep}
-                        res = run_point_cmd("fl_sim.bench.bench_round", spec, timeout)
-                        runs.append(res)
-                        log(_line(res))
+                    for busy in busy_order:  # idle and busy side by side for each mode: the same load drift
+                        for c in (num_cpus if mode == "ray" else [1.0]):
+                            spec = {"workload": w, "per_round": k, "rounds": r, "mode": mode, "num_cpus": c,
+                                    "repeat": rep, "busy": busy}
+                            res = measure_point(spec, timeout)
+                            runs.append(res)
+                            log(_line(res))
                         if what_if and mode == "inline":
                             res = run_point_cmd("fl_sim.bench.bench_round", {**spec, "what_if": True}, timeout)
                             runs.append(res)
@@ -399,7 +448,7 @@ def run(workloads: list[str], per_round: list[int], modes: list[str], *, rounds:
 
 def _line(res: dict[str, Any]) -> str:
     s = res["spec"]
-    head = f"{s['workload']:>10} k={s['per_round']:<4} {_label(res):<14} rep {s.get('repeat', 0)}"
+    head = f"{s['workload']:>10} k={s['per_round']:<4} {_label(res):<14} busy {s.get('busy', 0)} rep {s.get('repeat', 0)}"
     if "error" in res:
         return f"{head}: {res['error']}"
     pk = res["memory_peak"]
@@ -437,18 +486,18 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in runs:
         if "error" not in r:
-            groups[(r["spec"]["workload"], r["spec"]["per_round"], _label(r))].append(r)
+            groups[(r["spec"]["workload"], r["spec"]["per_round"], r["spec"].get("busy", 0), _label(r))].append(r)
     rows = []
-    for (w, k, label), rs in sorted(groups.items()):
-        plain = groups.get((w, k, "plain"))
-        inline = groups.get((w, k, "inline"))
+    for (w, k, busy, label), rs in sorted(groups.items()):
+        plain = groups.get((w, k, busy, "plain"))
+        inline = groups.get((w, k, busy, "inline"))
         base_inline = statistics.median(r["steady_round_s"] for r in inline) if inline else float("nan")
         steady = statistics.median(r["steady_round_s"] for r in rs)
         base = statistics.median(r["steady_round_s"] for r in plain) if plain else float("nan")
         cpu = statistics.median(r["steady_cpu_s"] for r in rs)
         base_cpu = statistics.median(r["steady_cpu_s"] for r in plain) if plain else float("nan")
         rows.append({
-            "workload": w, "per_round": k, "mode": label, "repeats": len(rs),
+            "workload": w, "per_round": k, "busy": busy, "mode": label, "repeats": len(rs),
             "setup_s": statistics.median(r["setup_s"] for r in rs),
             "first_round_s": statistics.median(r["first_round_s"] for r in rs),
             "steady_round_s": steady, "steady_all": [round(r["steady_round_s"], 4) for r in rs],
@@ -464,11 +513,28 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def print_side_by_side(rows: list[dict[str, Any]], log=print) -> None:
+    """Per workload, k and mode: steady s/round and the speed-up over inline, idle and busy columns."""
+    busies = sorted({r["busy"] for r in rows})
+    if len(busies) < 2:
+        return
+    cell = {(r["workload"], r["per_round"], r["mode"], r["busy"]): r for r in rows}
+    head = "".join(f" {'s/round b' + str(b):>12} {'x inline':>8} {'load':>10}" for b in busies)
+    log(f"{'workload':>10} {'k':>5} {'mode':<14}{head}")
+    for w, k, m in sorted({(r["workload"], r["per_round"], r["mode"]) for r in rows}):
+        line = f"{w:>10} {k:>5} {m:<14}"
+        for b in busies:
+            r = cell.get((w, k, m, b))
+            line += (f" {r['steady_round_s']:12.4f} {r['speedup_over_inline']:8.2f} {str(r['loadavg']):>10}" if r
+                     else f" {'-':>12} {'-':>8} {'':>10}")
+        log(line)
+
+
 def print_summary(rows: list[dict[str, Any]], log=print) -> None:
-    log(f"{'workload':>10} {'k':>4} {'mode':<14} {'setup s':>8} {'round1 s':>9} {'steady s':>9} {'ms/client':>9} "
+    log(f"{'workload':>10} {'k':>4} {'busy':>4} {'mode':<14} {'setup s':>8} {'round1 s':>9} {'steady s':>9} {'ms/client':>9} "
         f"{'x plain':>7} {'inline/':>7} {'CPU s':>7} {'x plain':>7} {'RSS GiB':>7} {'PSS GiB':>7}  final loss   load")
     for r in rows:
-        log(f"{r['workload']:>10} {r['per_round']:>4} {r['mode']:<14} {r['setup_s']:8.2f} {r['first_round_s']:9.2f} "
+        log(f"{r['workload']:>10} {r['per_round']:>4} {r['busy']:>4} {r['mode']:<14} {r['setup_s']:8.2f} {r['first_round_s']:9.2f} "
             f"{r['steady_round_s']:9.3f} {r['ms_per_client']:9.2f} {r['ratio_to_plain']:7.2f} "
             f"{r['speedup_over_inline']:7.2f} "
             f"{r['steady_cpu_s']:7.3f} {r['cpu_ratio_to_plain']:7.2f} "
@@ -490,20 +556,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    help="also Ray with num_cpus 0.5/1/2 per actor (instrumented runs)")
     p.add_argument("--scale", action="store_true",
                    help="also 10,000 quickstart clients, 10%% a round, 50 rounds, vectorized (time and peak memory)")
+    p.add_argument("--contention", default="off", choices=("off", "on", "both"),
+                   help="CPU-bound processes beside each measurement: off, on (one per --busy-per-cores cores), or "
+                        "both (each mode idle and busy, side by side)")
+    p.add_argument("--busy-per-cores", type=int, default=2, help="contention: one busy process per this many cores")
     p.add_argument("--quick", action="store_true", help="quickstart only, 1 repeat")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny sizes for the test suite: quickstart, 2 a round, 3 rounds, plain and inline, 1 repeat")
     p.add_argument("--timeout", type=float, default=400.0, help="seconds per measurement")
     p.add_argument("--out", type=Path, default=Path("bench_out/round.json"))
     add_worker_options(p)
     a = p.parse_args(argv)
     if (res := serve_worker(a, measure)) is not None:
         return res
+    if a.smoke:
+        a.workloads, a.per_round, a.modes, a.rounds, a.repeats = "quickstart", "2", "plain,inline", 3, 1
     workloads = ["quickstart"] if a.quick else [w for w in a.workloads.split(",") if w]
+    if a.busy_per_cores < 1:
+        p.error("--busy-per-cores must be >= 1")
+    nb = busy_count(a.busy_per_cores)
     data = run(workloads, [int(k) for k in a.per_round.split(",") if k], [m for m in a.modes.split(",") if m],
                rounds=a.rounds, repeats=1 if a.quick else a.repeats,
                num_cpus=[float(c) for c in a.num_cpus.split(",") if c], profile=a.profile, timeout=a.timeout,
-               what_if=a.what_if, tune=a.tune, scale=a.scale, log=lambda s: print(s, flush=True))
+               what_if=a.what_if, tune=a.tune, scale=a.scale,
+               contention={"off": [0], "on": [nb], "both": [0, nb]}[a.contention],
+               log=lambda s: print(s, flush=True))
     print()
     print_summary(data["summary"])
+    print()
+    print_side_by_side(data["summary"])
     a.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = a.out.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=1, default=float))

@@ -1,6 +1,6 @@
 """Scale benchmark: per-round time and memory of fl-sim with 100 ... 100,000 clients, and the 10k configs.
 
-Three jobs (``python -m fl_sim.bench.bench_scale --help``; also ``fl-sim bench scale``):
+Three jobs (``fl-sim bench scale --help``; also ``python -m fl_sim.bench.bench_scale``):
 
 * ``--clients 100,1000,10000,100000`` (the curve): a stateless method (FIHT-CS, server-side error
   feedback, clients hold nothing) on one fabricated MNIST-format dataset of 200,000 28x28 images,
@@ -11,6 +11,8 @@ Three jobs (``python -m fl_sim.bench.bench_scale --help``; also ``fl-sim bench s
 * ``--config configs/scale_10k.yaml``: one config through the same instrumented run (``--fabricate
   cifar10`` writes a fake CIFAR-10 of the real size to a temporary ``data.root`` first).
 * ``--plot-only``: redraw ``--plot`` from ``--out``.
+* ``--smoke``: the curve at tiny sizes for the test suite (4 clients, 2 a round, 2 rounds, inline,
+  2,000 fabricated images under ``--data-root``); its figures mean nothing.
 
 Measured per run (in a child process whose whole process tree is sampled, Ray workers included):
 setup (data + partition + model in the driver), Ray start-up (until the first round's messages go
@@ -300,7 +302,8 @@ def instrumented_run(cfg, *, nodes: int | None = None, mem: TreeMemory | None = 
     from fl_sim.runs.build import build_experiment, build_strategy
     from fl_sim.clients.app import make_client_app
     from fl_sim.clients.mods import compression_mod
-    from fl_sim.runs.simulation import _quiet_flower, run_flower_simulation, server_loop
+    from fl_sim.engine.ray import quiet_flower, run_flower_simulation
+    from fl_sim.runs.simulation import server_loop
 
     t_call = time.perf_counter()
     exp = build_experiment(cfg)
@@ -328,7 +331,7 @@ def instrumented_run(cfg, *, nodes: int | None = None, mem: TreeMemory | None = 
         except BaseException as exc:  # noqa: BLE001 - re-raised below
             errors.append(exc)
 
-    _quiet_flower(cfg.simulation.log_level)
+    quiet_flower(cfg.simulation.log_level)
     if cfg.simulation.backend == "inline":
         from fl_sim.engine.inline import InMemoryGrid
 
@@ -665,8 +668,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out", type=Path, default=Path("bench_out/scale.json"))
     p.add_argument("--plot", type=Path, default=None, help="write the curves PNG here (e.g. docs/scale.png)")
     p.add_argument("--plot-only", action="store_true")
+    p.add_argument("--data-root", type=Path, default=None,
+                   help="where the curve's fabricated MNIST is written (default: a folder in the temp dir)")
+    p.add_argument("--train-samples", type=int, default=CURVE_TRAIN_SAMPLES, help="the curve's fabricated images")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny sizes for the test suite: 4 clients, 2 a round, 2 rounds, inline, 2,000 images")
     add_worker_options(p)
     a = p.parse_args(argv)
+    if a.smoke:
+        a.clients, a.per_round, a.rounds, a.backend, a.train_samples = "4", 2, 2, "inline", 2_000
 
     if (res := serve_worker(a, _worker)) is not None:
         return res
@@ -684,8 +694,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         from fl_sim.bench.plain_loop import fabricate_mnist
 
-        root = bench_root() / "mnist-200k"
-        fabricate_mnist(root, CURVE_TRAIN_SAMPLES, 1000)
+        root = (a.data_root or bench_root()) / f"mnist-{a.train_samples // 1000}k"
+        fabricate_mnist(root, a.train_samples, 1000)
         for n in [int(c) for c in a.clients.split(",") if c]:
             spec = {"clients": n, "per_round": a.per_round, "rounds": a.rounds, "root": str(root),
                     "backend": a.backend, "num_cpus": a.num_cpus, "method": a.method, "nodes": a.nodes}

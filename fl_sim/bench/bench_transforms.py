@@ -8,14 +8,14 @@
 * forward + adjoint of PartialHadamard (one block, and Abdi's blockwise partitions) and SubsampledOrthogonal
   (DCT, WHT) at d = 668,426, and the time to rebuild each operator from its seed.
 
-Usage: python benchmarks/bench_transforms.py [--quick] [--out bench_out/transforms.json]
-Library use: ``run(quick=False) -> list[dict]`` (one dict per measurement).
+Usage: ``fl-sim bench transforms [--quick] [--out bench_out/transforms.json]`` (or ``python -m
+fl_sim.bench.bench_transforms``); ``--smoke``: tiny sizes (n = 2^10, d = 1,000) for the test suite, figures
+meaningless. Library use: ``run(quick=False, smoke=False) -> list[dict]`` (one dict per measurement).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from pathlib import Path
@@ -29,6 +29,7 @@ from fl_sim.compression.transforms import dct, fwht, idct, next_pow2
 from fl_sim.rng import torch_generator
 
 TANG_D = 668426
+SMOKE_D = 1000
 
 
 def best_of(fn: Callable[[], object], repeats: int) -> float:
@@ -82,8 +83,7 @@ def _fwht_rows(sizes: list[int], repeats: int, single_thread_too: bool) -> list[
     return rows
 
 
-def _dct_rows(repeats: int) -> list[dict]:
-    d = TANG_D
+def _dct_rows(repeats: int, d: int = TANG_D) -> list[dict]:
     fast = scipy.fft.next_fast_len(d, real=True)
     x, xf = _randn(d), _randn(fast)
     t_dct, t_idct = best_of(lambda: dct(x), repeats), best_of(lambda: idct(x), repeats)
@@ -98,8 +98,7 @@ def _dct_rows(repeats: int) -> list[dict]:
     ]
 
 
-def _operator_rows(repeats: int) -> list[dict]:
-    d = TANG_D
+def _operator_rows(repeats: int, d: int = TANG_D) -> list[dict]:
     builders: dict[str, Callable[[int], object]] = {
         "PartialHadamard(k=d/32)": lambda s: PartialHadamard(d, d // 32, seed=s),
         "PartialHadamard(block=256,k=32)": lambda s: PartialHadamard(d, 32, seed=s, block=256),
@@ -124,8 +123,14 @@ def _operator_rows(repeats: int) -> list[dict]:
     return rows
 
 
-def run(quick: bool = False) -> list[dict]:
-    """All measurements as dicts (times in milliseconds, best of several runs); ``quick`` = fewer sizes/runs."""
+def run(quick: bool = False, *, smoke: bool = False) -> list[dict]:
+    """All measurements as dicts (times in milliseconds, best of several runs); ``quick`` = fewer sizes/runs,
+    ``smoke`` = tiny sizes, one run (checks that everything runs; the figures mean nothing)."""
+    if smoke:
+        rows = _fwht_rows([2**10, SMOKE_D], 1, True) + _dct_rows(1, SMOKE_D) + _operator_rows(1, SMOKE_D)
+        for r in rows:
+            r["threads"] = torch.get_num_threads()
+        return rows
     repeats = 3 if quick else 7
     sizes = [2**16, 2**20, TANG_D] if quick else [2**e for e in range(16, 24)] + [TANG_D]
     rows = _fwht_rows(sizes, repeats, not quick) + _dct_rows(repeats) + _operator_rows(repeats)
@@ -158,17 +163,19 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(prog="bench_transforms", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes for the test suite (figures meaningless)")
     parser.add_argument("--out", default="bench_out/transforms.json", help="JSON output path")
-    args = parser.parse_args()
-    rows = run(quick=args.quick)
+    args = parser.parse_args(argv)
+    rows = run(quick=args.quick, smoke=args.smoke)
     print(format_table(rows))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=2))
-    print(f"wrote {out}")
+    from fl_sim.bench.bench_codecs import write_json
+
+    write_json(rows, Path(args.out))
+    print(f"wrote {args.out}")
+    return rows
 
 
 if __name__ == "__main__":

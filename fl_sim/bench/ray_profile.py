@@ -13,14 +13,15 @@ poll, the ClientApp pickled by value, the driver on torch's default thread count
 that long from the start of round 2 and prints the heaviest stacks; ``--env K=V,...`` sets
 environment variables before Ray starts (the actors inherit them), for A/B runs.
 
-Usage: ``python -m fl_sim.bench.ray_profile [--workload lenet] [--per-round 100] [--rounds 4]
-[--env OMP_NUM_THREADS=1] [--py-spy 6] [--out bench_out/ray_profile.json]``
+Usage: ``fl-sim bench ray-profile`` or ``python -m fl_sim.bench.ray_profile [--workload lenet]
+[--per-round 100] [--rounds 4] [--env OMP_NUM_THREADS=1] [--py-spy 6] [--out bench_out/ray_profile.json]``.
+``--smoke`` (the test suite) runs only the poll micro-benchmark at 10 nodes x 10 messages: the profile
+itself needs a Ray cluster (seconds to start, a process per actor), which the suite does not start.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import statistics
@@ -30,6 +31,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
+from fl_sim.bench.bench_codecs import write_json
 from fl_sim.bench.bench_scale import (TreeMemory, _proc_table, add_worker_options, parse_stat, run_point_cmd,
                                      serve_worker, tree_pids)
 
@@ -299,10 +301,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                    help="only time one pass of Flower's message extractor, e.g. 100x100,1000x100")
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--smoke", action="store_true",
+                   help="the test suite's run: --poll-micro 10x10 only (the Ray profile needs a Ray cluster)")
     add_worker_options(p)
     a = p.parse_args(argv)
     if (res := serve_worker(a, measure)) is not None:
         return [res]
+    if a.smoke:
+        print("smoke: the poll micro-benchmark only; the Ray profile is skipped (it starts a Ray cluster)")
+        a.poll_micro = "10x10"
     if a.poll_micro:
         rows = []
         for spec in a.poll_micro.split(","):
@@ -312,6 +319,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             print(f"{n:>7} nodes {k:>5} messages: Flower {1e3 * r['flower']:9.2f} ms/pass, fl-sim {1e3 * r['fl-sim']:8.3f} "
                   f"ms/pass ({r['flower'] / max(r['fl-sim'], 1e-9):.0f}x); returned {r['flower returned']}/{r['fl-sim returned']}",
                   flush=True)
+        if a.out:
+            write_json(rows, a.out)
         return rows
     envs = [dict(kv.split("=", 1) for kv in e.split(",") if kv) for e in (a.env or [""])]
     results = []
@@ -324,8 +333,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             results.append(res)
             report(res, log=lambda s: print(s, flush=True))
     if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps(results, indent=1, default=float))
+        write_json(results, a.out)
     return results
 
 

@@ -139,7 +139,7 @@ def fiht(
     and the plain iteration then needs 25 iterations to reach a relative error of 0.10 on a power-law vector
     x_i ~ +-i^-1.2 (best K-term error 0.0005). Starting from k_0 = Q/128, where recovery is easy, and doubling
     up to K picks the large entries first: 0.003 after 9 iterations, and better than the reference for every
-    exponent 0.8-1.2 and d/Q in 2-10 measured (benchmarks/bench_recovery.py, docs/performance.md; a faster
+    exponent 0.8-1.2 and d/Q in 2-10 measured (`fl-sim bench recovery`, docs/performance.md; a faster
     growth, e.g. from Q/32, is markedly worse). For compressible (not exactly sparse)
     vectors the residual keeps falling by a few per cent per iteration long after the error has levelled
     off, so the reference's 1 % std/mean rule rarely fires; rule 8 stops there, and on exactly sparse vectors

@@ -111,16 +111,17 @@ def _zero_buckets(table, h, idx):  # pragma: no cover - compiled
             table[j, h[j, i]] = 0.0
 
 
-def topk_abs(v: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k entries of largest |v| (1-D ``v``), unsorted; exact.
+def _topk_of(a: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest entries of ``a`` (1-D, >= 0), unsorted: the set ``torch.topk(a, k)`` over the
+    whole vector returns, ties included.
 
     ``torch.topk`` over millions of entries is a full selection (0.2 s for d = 6.57M, k = 50,000).
-    Here a strided sample of |v| gives a threshold a little below the k-th largest value, a single
-    pass keeps the entries above it, and ``torch.topk`` runs on those candidates only. If fewer than k
-    entries pass (an adversarial layout), the full ``torch.topk`` runs instead: the result is always
-    the exact top-k (ties broken by ``torch.topk``).
+    Here a strided sample of ``a`` gives a threshold a little below the k-th largest value, a single
+    pass keeps the entries above it, and ``torch.topk`` runs on those candidates only. That is the full
+    selection's set unless entries equal to the k-th largest value t lie both inside and outside it (an
+    exact tie across the boundary), where the two break the tie differently: then, and when fewer than
+    k entries pass (an adversarial layout), the full ``torch.topk`` runs instead.
     """
-    a = v.abs()
     d = a.numel()
     if k >= d:
         return torch.arange(d)
@@ -135,7 +136,24 @@ def topk_abs(v: torch.Tensor, k: int) -> torch.Tensor:
     cand = torch.nonzero(a >= thr).squeeze(1)
     if cand.numel() < k:
         return torch.topk(a, k, sorted=False).indices
-    return cand[torch.topk(a[cand], k, sorted=False).indices]
+    picked = cand[torch.topk(a[cand], k, sorted=False).indices]
+    t = a[picked].min()
+    if int((a[cand] == t).sum()) != int((a[picked] == t).sum()):  # a tie at t straddles the boundary
+        return torch.topk(a, k, sorted=False).indices
+    return picked
+
+
+def topk_abs(v: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k entries of largest |v| (1-D ``v``), unsorted; exact, with the ties of
+    ``torch.topk(v.abs(), k)`` on the whole vector (:func:`_topk_of`).
+
+    FetchSGD's code ([Rothchild-2020]) selects with ``torch.topk(v**2, k, sorted=False)`` (csvec ``_findHHK``, CommEfficient
+    ``_topk``). ``torch.topk`` on CPU is comparison-based, and |a| < |b| exactly when a^2 < b^2 while the
+    float32 squares neither underflow nor overflow (1e-19 < |v| < 1e19; distinct normal |v| have distinct
+    squares), so the two select the same set, ties included (tests/test_sketch.py). Outside that range the
+    authors' squares merge values (a 1e-30 estimate squares to 0, tied with every zero); |v| keeps them apart.
+    """
+    return _topk_of(v.abs(), k)
 
 
 class CountSketch:
@@ -210,7 +228,7 @@ class CountSketch:
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.d:
             raise CodecError(f"CountSketch.unsketch_topk: k must be an int in [1, d={self.d}], got {k!r}")
         est = self.estimate(table)
-        idx = topk_abs(est, k)
+        idx = topk_abs(est, k)  # FetchSGD's selection and ties (csvec: topk of est**2; see topk_abs)
         values = torch.zeros(self.d, dtype=torch.float32)
         values[idx] = est[idx]
         return values, idx

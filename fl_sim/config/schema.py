@@ -92,14 +92,16 @@ class CodecConfig:
 class SimulationConfig:
     """Flower simulation engine settings.
 
-    backend: "ray" (Flower's simulation engine, Ray actors; the default) or "inline" (the same
-    strategy and ClientApp code with messages delivered by function calls in this process: no
-    engine start-up, sequential clients; for quick sweeps, debugging and tests) or "vectorized"
-    (as inline, but fl-sim's built-in ClientApp trains a round's clients in batched torch.func calls:
-    fl_sim.engine.vectorized; the same replies up to float rounding).
+    backend: "auto" (the default: the fastest engine that applies, fl_sim.engine.auto: "ray" when
+    ray_address, ray_num_cpus or num_gpus ask for Ray, else "vectorized" where the built-in ClientApp
+    can batch the model, else "inline"), "ray" (Flower's simulation engine, Ray actors), "inline" (the
+    same strategy and ClientApp code with messages delivered by function calls in this process: no
+    engine start-up, sequential clients) or "vectorized" (as inline, but fl-sim's built-in ClientApp
+    trains a round's clients in batched torch.func calls: fl_sim.engine.vectorized; the same replies up to
+    float rounding).
     """
 
-    backend: str = "ray"
+    backend: str = "auto"
     num_cpus: float = 1.0  # per client (Flower's default of 2 gives one actor on a 2-core machine)
     num_gpus: float = 0.0
     ray_address: str = ""  # connect to an existing Ray cluster ("auto" or "ip:port"); "" = start a local one
@@ -120,9 +122,10 @@ class SimulationConfig:
     cohort_chunk: int = 0  # clients per batched call; 0 = automatic from cohort_memory_mb
     cohort_memory_mb: float = 1024.0  # working-memory budget of one batched call (automatic chunk size)
     device: str = "cpu"  # where batched training runs: cpu, cuda, or auto (cuda when present)
-    # torch intra-op threads of a batched call on the CPU; 0 = one per core this process may use. A cohort's
-    # matrix products are large enough to split across cores, one client's are not (the client runtime
-    # keeps 1 thread for the per-client paths); the count is restored after each call
+    # torch intra-op threads of a batched call on the CPU; 0 = automatic (fl_sim.clients.cohort_threads): one
+    # thread unless the machine's cores are idle, then one per core while that measures faster (a core taken by
+    # another process makes a multi-thread call wait for it: 2x-8x slower). k > 0 = k threads always. The
+    # count does not change the numbers and is restored after each call
     cohort_threads: int = 0
 
 
@@ -407,7 +410,7 @@ def _require(cond: bool, key: str, value: Any, allowed: str) -> None:
 
 
 RESIDUAL_STORES = ("auto", "context", "disk")
-BACKENDS = ("ray", "inline", "vectorized")
+BACKENDS = ("auto", "ray", "inline", "vectorized")
 DEVICES = ("cpu", "cuda", "auto")  # simulation.device (backend vectorized)
 AUTO_SUPERNODES = 1_000  # simulation.supernodes=0: one SuperNode per client up to this many clients
 
@@ -477,7 +480,7 @@ def validate(cfg: RunConfig) -> None:
     _require(sim.backend in BACKENDS, "simulation.backend", sim.backend, ", ".join(BACKENDS))
     _require(sim.cohort_chunk >= 0, "simulation.cohort_chunk", sim.cohort_chunk, "must be >= 0 (0 = automatic)")
     _require(sim.cohort_memory_mb > 0, "simulation.cohort_memory_mb", sim.cohort_memory_mb, "must be > 0")
-    _require(sim.cohort_threads >= 0, "simulation.cohort_threads", sim.cohort_threads, "must be >= 0 (0 = one per core)")
+    _require(sim.cohort_threads >= 0, "simulation.cohort_threads", sim.cohort_threads, "must be >= 0 (0 = automatic)")
     _require(sim.device in DEVICES, "simulation.device", sim.device, ", ".join(DEVICES))
     _require(sim.num_cpus > 0, "simulation.num_cpus", sim.num_cpus, "CPUs per client must be > 0")
     _require(sim.num_gpus >= 0, "simulation.num_gpus", sim.num_gpus, "must be >= 0")

@@ -1,4 +1,4 @@
-"""A cheaper message lookup for Flower 1.41's simulation engine (its driver-side polling thread).
+"""A cheaper message lookup for Flower's simulation engine (1.41, 1.42) (its driver-side polling thread).
 
 Flower's simulation engine (``flwr.server.superlink.fleet.vce.vce_api.add_messages_to_queue``) asks
 the in-memory LinkState, every 0.1 s, for one message for *every* SuperNode
@@ -16,22 +16,26 @@ the same check on them only. What a call returns is unchanged: the first stored,
 undelivered message(s) for the node, in store order, marked delivered. What changes is only which *other* nodes' messages a call also validates
 (and deletes when expired): those are validated by their own node's call in the same polling pass,
 and by the grid's ``get_message_res``. The patch applies only to the exact Flower source it was
-written against (a hash of ``get_message_ins``); on any other Flower version, or with
-``FL_SIM_FLOWER_POLL=flower`` in the environment, Flower's method is left alone.
+written against (a hash of ``get_message_ins``: the same in flwr 1.41.0 and 1.42.0); on a Flower whose
+method differs, Flower's method is left alone and one line is logged saying so; with
+``FL_SIM_FLOWER_POLL=flower`` in the environment it is left alone silently.
 """
 
 from __future__ import annotations
 
 import hashlib
 import inspect
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 __all__ = ["fast_message_poll", "patchable"]
 
-# sha256[:16] of inspect.getsource(InMemoryLinkState.get_message_ins) in flwr 1.41.0
+# sha256[:16] of inspect.getsource(InMemoryLinkState.get_message_ins): flwr 1.41.0 and 1.42.0 (unchanged)
 _KNOWN_SOURCE = {"6547c8dcbc62e12f"}
+log = logging.getLogger("fl_sim")
+_told = False  # the step-aside line is logged once per process
 ENV = "FL_SIM_FLOWER_POLL"  # "flower": keep Flower's own method (A/B runs)
 
 
@@ -92,13 +96,27 @@ def patchable() -> bool:
     return hashlib.sha256(src.encode()).hexdigest()[:16] in _KNOWN_SOURCE
 
 
+def _flower_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("flwr")
+    except Exception:  # noqa: BLE001 - only for the log line
+        return "(unknown version)"
+
+
 @contextmanager
 def fast_message_poll() -> Iterator[bool]:
     """Within the block, Flower's in-memory LinkState looks up a node's messages by destination first.
 
     Yields whether the patch is in place (False: unknown Flower source or ``FL_SIM_FLOWER_POLL=flower``).
     """
+    global _told
     if not patchable():
+        if not _told and os.environ.get(ENV, "").lower() != "flower":
+            _told = True
+            log.warning("Flower %s's in-memory LinkState is not the one fl-sim's faster message poll was written for; "
+                        "Flower's own polling is used (correct, more driver CPU with many nodes)", _flower_version())
         yield False
         return
     from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState

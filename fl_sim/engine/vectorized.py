@@ -10,8 +10,10 @@ InMemoryGrid) returns, up to float rounding. What changes is the transport's ins
    (``simulation.cohort_chunk``, or automatic from ``simulation.cohort_memory_mb``, the parameter count and
    one batch's activations: fl_sim.clients.cohort.auto_chunk);
 2. each chunk is trained in one batched call (fl_sim.clients.cohort.train_cohort), on the CPU with
-   ``simulation.cohort_threads`` torch threads (0 = one per core: a cohort's products split across cores, one
-   client's do not, so the per-client paths keep one thread) or on CUDA (``simulation.device``);
+   ``simulation.cohort_threads`` torch threads (0 = automatic, fl_sim.clients.cohort_threads: one thread
+   unless the machine's cores are idle, then one per core while that is faster; a cohort's products split
+   across free cores, one client's do not, so the per-client paths keep one thread) or on CUDA
+   (``simulation.device``);
 3. where the app is fl-sim's own with ``compression_mod`` as its one mod and the round names a codec, the
    chunk's updates are encoded as one block too (fl_sim.clients.cohort_encode: Δ for the chunk, error
    feedback residuals read and written as one block, the codec's ``encode_batch``);
@@ -29,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 
@@ -36,9 +39,11 @@ import torch
 from flwr.app import Message, MessageType
 
 from fl_sim.wire import keys
+from fl_sim.clients.broadcast import receive_model
 from fl_sim.clients.app import client_id, local_train_generator, precomputed, precomputed_key
 from fl_sim.clients.cohort import CohortClient, auto_chunk, evaluate_cohort, train_cohort, vectorizable
 from fl_sim.clients import cohort_encode
+from fl_sim.clients.cohort_threads import ThreadChooser
 from fl_sim.clients.daqusgd import METHOD
 from fl_sim.engine.inline import InMemoryGrid
 
@@ -86,7 +91,8 @@ class VectorizedGrid(InMemoryGrid):
     """An InMemoryGrid whose built-in-app clients train in batched chunks (module docstring).
 
     ``chunk`` (clients per batched call; 0 = automatic), ``memory_mb`` (the automatic chunk's budget),
-    ``device`` and ``threads`` (torch intra-op threads of a batched CPU call; 0 = one per core) default to the
+    ``device`` and ``threads`` (torch intra-op threads of a batched CPU call; 0 = automatic,
+    fl_sim.clients.cohort_threads) default to the
     run config's ``simulation`` keys when the app is fl-sim's own.
     ``batch_encode=False`` leaves every reply's encoding to ``compression_mod`` (the same numbers; tests
     and benchmarks compare the two).
@@ -106,11 +112,25 @@ class VectorizedGrid(InMemoryGrid):
         self._noticed: set[str] = set()
         self._why: dict[int, str] = {}  # runtime id -> why its model is not vectorized ('' = it is)
         self.last_chunks: list[int] = []  # chunk sizes of the last call that had messages (tests, benchmarks)
+        # torch threads of each batched CPU call (fl_sim.clients.cohort_threads: one unless the cores are idle);
+        # built here so that its first look at the machine's load covers the run's set-up
+        self.thread_chooser = ThreadChooser(fixed=threads or 0, cores=cpu_cores())
 
     def _notice(self, why: str) -> None:
         if why not in self._noticed:
             self._noticed.add(why)
             log.warning("simulation.backend=vectorized: %s; those clients train one by one (the inline path)", why)
+
+    def _rebuild_sparse_models(self) -> None:
+        """Rebuild sparse model broadcasts (fl_sim.clients.broadcast) before batching, as the nodes'
+        compression_mod would, so their clients train in the batch like the others (the per-message path
+        rounds differently). A message that cannot be rebuilt is left to the mod, whose error is the reply."""
+        for msg in self.sent:
+            node = msg.metadata.dst_node_id
+            if (msg.metadata.message_type == MessageType.TRAIN and keys.SPARSE_MODEL in msg.content
+                    and node in self.contexts and node not in self.drop_nodes and node not in self.fail_nodes):
+                with contextlib.suppress(ValueError):
+                    receive_model(msg, self.contexts[node])
 
     # ------------------------------------------------------------------ batching
     def _batchable(self, msg: Message, runtime_of) -> bool:
@@ -144,6 +164,7 @@ class VectorizedGrid(InMemoryGrid):
         if runtime_of is None:
             self._notice("the ClientApp is not fl-sim's built-in one")
             return [r for r in map(self.deliver, self.sent) if r is not None]
+        self._rebuild_sparse_models()
         # group: (message type, runtime, train spec) -> messages, in message order
         groups: dict[tuple, list[int]] = defaultdict(list)
         runtimes = {}
@@ -189,9 +210,14 @@ class VectorizedGrid(InMemoryGrid):
                 c = chunk_of.get(i)
                 if c is not None and c not in done:
                     results.clear()  # the previous chunk's results were all used: keep one chunk in memory
+                    rt = runtimes[c[0][1]]
+                    self.thread_chooser.fixed = self._threads(rt)
+                    threads = self.thread_chooser.threads(c[0])
                     try:
-                        with intra_op_threads(self._threads(runtimes[c[0][1]])):
-                            results.update(self._run_chunk(c[0], [self.sent[j] for j in chunks[c]], runtimes[c[0][1]]))
+                        t0 = time.perf_counter()
+                        with intra_op_threads(threads):
+                            results.update(self._run_chunk(c[0], [self.sent[j] for j in chunks[c]], rt))
+                        self.thread_chooser.record(c[0], threads, time.perf_counter() - t0, len(chunks[c]))
                     except Exception as exc:  # noqa: BLE001 - its clients go the inline way (a crash = error reply)
                         log.warning("simulation.backend=vectorized: a batched chunk failed (%s: %s); its %d clients "
                                     "train one by one", type(exc).__name__, exc, len(chunks[c]))

@@ -17,16 +17,24 @@ RNG positions: every random draw is keyed by (seed, round, purpose, id) (fl_sim.
 sampling, codec seeds, local-training shuffles, channel draws; models have no dropout and nothing
 reads torch's or NumPy's global generators, so the round number is the whole RNG state.
 
-Atomicity: each file is written under a temporary name, fsynced and renamed into place, the
-residual snapshot before the .pt that names it; the two newest checkpoints are kept (older ones are
-deleted only after the new .pt is in place), and loading falls back to the older one with a warning
-when the newest is unreadable, incomplete or holds a non-finite model. A run killed at any instant
-leaves a complete checkpoint; its stale temporaries are removed by the next writer.
+Integrity: every checkpoint has a manifest, round-NNNNNN.sha256, holding the SHA-256 of each of its
+files (the .pt and the residual snapshot) in ``sha256sum`` format (``sha256sum -c`` checks it by
+hand). Loading verifies every file against it before reading anything, so a 0-byte, truncated or
+bit-flipped .pt and a damaged snapshot (short rows, garbage ids) are all found before they can be
+used; a checkpoint without its manifest is incomplete. A run directory written before manifests
+existed (no .sha256 at all) is loaded unverified, with a warning.
+
+Atomicity: each file is written under a temporary name, fsynced and renamed into place, in the order
+residual snapshot, .pt, manifest: the manifest is the commit point. The two newest checkpoints are kept
+(older ones are deleted only after the new manifest is in place), and loading falls back to the older
+one with a one-line warning when the newest is damaged, incomplete or holds a non-finite model. A run
+killed at any instant leaves a complete checkpoint; its stale temporaries are removed by the next writer.
 Files are loaded with ``torch.load(weights_only=True)``: tensors, numbers, strings, lists and dicts.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -48,6 +56,7 @@ CKPT_DIR = "checkpoint"
 FORMAT = 2  # 2: strategy state holds the inner strategy's (FedOpt moments, FedAvgM momentum)
 KEEP = 2  # checkpoints kept: the newest and the one before it (fallback)
 _NAME = re.compile(r"^round-(\d{6})\.pt$")
+MANIFEST = "round-{:06d}.sha256"  # SHA-256 of each file of a checkpoint, sha256sum format
 
 # Keys that choose how a run executes, not what it computes: a run may resume under other values.
 ENGINE_KEYS = frozenset(
@@ -109,13 +118,13 @@ def _tensors(arrays: ArrayRecord) -> list[tuple[str, torch.Tensor]]:
     return [(name, torch.from_numpy(np.array(a.numpy(), copy=True))) for name, a in arrays.items()]
 
 
-def _torch_save_atomic(obj: Any, path: Path) -> Path:
-    """torch.save ``obj`` to ``path`` atomically: a temporary file in the same directory, flushed and
-    fsynced, then renamed over ``path`` (and the directory fsynced); the temporary is removed on failure."""
+def _write_atomic(path: Path, write) -> Path:
+    """``write(f)`` to ``path`` atomically: a temporary file in the same directory, flushed and fsynced,
+    then renamed over ``path`` (and the directory fsynced); the temporary is removed on failure."""
     tmp = _tmp(path.parent, path.stem)
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results are ordinary files (as atomic_write)
@@ -130,6 +139,43 @@ def _torch_save_atomic(obj: Any, path: Path) -> Path:
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def _torch_save_atomic(obj: Any, path: Path) -> Path:
+    """torch.save ``obj`` to ``path`` atomically (:func:`_write_atomic`)."""
+    return _write_atomic(path, lambda f: torch.save(obj, f))
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _write_manifest(path: Path, files: list[Path]) -> Path:
+    """The manifest of a checkpoint: ``<sha256>  <name>`` per file (``sha256sum`` format), atomically."""
+    text = "".join(f"{_sha256(p)}  {p.name}\n" for p in files)
+    return _write_atomic(path, lambda f: f.write(text.encode()))
+
+
+def _verify_manifest(manifest: Path, pt: Path) -> set[str]:
+    """Check every file a manifest lists against its SHA-256 (ValueError naming the first damaged one);
+    returns the names listed, which must include the .pt."""
+    listed: dict[str, str] = {}
+    for line in manifest.read_text(errors="replace").splitlines():
+        digest, sep, name = line.partition("  ")
+        if not sep or len(digest) != 64 or "/" in name or name in ("", ".", ".."):
+            raise ValueError(f"{pt}: damaged checkpoint (its manifest {manifest.name} is not sha256sum lines)")
+        listed[name] = digest.lower()
+    if pt.name not in listed:
+        raise ValueError(f"{pt}: damaged checkpoint (its manifest {manifest.name} does not list it)")
+    for name, digest in listed.items():
+        f = pt.parent / name
+        if not f.is_file():
+            raise ValueError(f"{pt}: incomplete checkpoint ({name}, listed in {manifest.name}, is missing)")
+        if _sha256(f) != digest:
+            raise ValueError(f"{pt}: damaged checkpoint ({name}: {f.stat().st_size} bytes whose SHA-256 differs "
+                             f"from {manifest.name})")
+    return set(listed)
 
 
 def save_checkpoint(
@@ -165,7 +211,9 @@ def save_checkpoint(
             "config": config,
             "residuals": residuals,
         }
-        _torch_save_atomic(state, d / f"{stem}.pt")
+        pt = _torch_save_atomic(state, d / f"{stem}.pt")
+        files = [pt] + ([d / residuals["ids"], d / residuals["rows"]] if residuals else [])
+        _write_manifest(d / MANIFEST.format(server_round), files)  # the commit point
     except BaseException:
         for t in temps:
             if t.exists():
@@ -174,7 +222,8 @@ def save_checkpoint(
     # Keep this checkpoint and the one before it (the fallback should this one turn out unreadable);
     # delete older ones and their snapshots, and temporaries a killed writer left behind.
     kept = sorted((int(m.group(1)) for p in d.iterdir() if (m := _NAME.match(p.name))), reverse=True)[:KEEP]
-    keep = {n for r in kept for n in (f"round-{r:06d}.pt", f"residuals-{r:06d}.ids.npy", f"residuals-{r:06d}.rows")}
+    keep = {n for r in kept for n in (f"round-{r:06d}.pt", MANIFEST.format(r), f"residuals-{r:06d}.ids.npy",
+                                       f"residuals-{r:06d}.rows")}
     for p in d.iterdir():
         if p.name not in keep and p.is_file():
             p.unlink()
@@ -189,13 +238,26 @@ def save_model(run_dir: str | Path, arrays: ArrayRecord) -> Path:
     return _torch_save_atomic(dict(_tensors(arrays)), d / "model.pt")
 
 
-def _load(path: Path) -> Checkpoint:
-    """One checkpoint file, checked: readable, this format, its residual snapshot present, a finite model."""
+def _first_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` (120 characters at most; an empty message gives the type alone)."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:120]}" if lines else type(exc).__name__
+
+
+def _load(path: Path, verify: bool = True) -> Checkpoint:
+    """One checkpoint, checked: every file against its manifest (``verify``), readable, this format, its
+    residual snapshot present and listed in the manifest, a finite model."""
     d = path.parent
+    listed: set[str] | None = None
+    if verify:
+        manifest = d / MANIFEST.format(int(_NAME.match(path.name).group(1)))
+        if not manifest.is_file():
+            raise ValueError(f"{path}: incomplete checkpoint (no manifest {manifest.name}: the write was interrupted)")
+        listed = _verify_manifest(manifest, path)
     try:
         state = torch.load(path, weights_only=True)
     except Exception as exc:  # truncated or corrupt: torch/pickle raise many types
-        raise ValueError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from None
+        raise ValueError(f"{path}: unreadable checkpoint ({_first_line(exc)})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         fmt = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"{path}: checkpoint format {fmt!r}, this fl-sim reads {FORMAT}")
@@ -207,6 +269,8 @@ def _load(path: Path) -> Checkpoint:
             for p in residuals:
                 if not p.is_file():
                     raise ValueError(f"{path} names the residual snapshot {p.name}, which is missing")
+                if listed is not None and p.name not in listed:
+                    raise ValueError(f"{path}: damaged checkpoint (its manifest does not list {p.name})")
         for name, t in state["arrays"]:
             if torch.is_floating_point(t) and not bool(torch.isfinite(t).all()):
                 raise ValueError(f"{path}: the model array {name!r} holds non-finite values")
@@ -223,8 +287,9 @@ def _load(path: Path) -> Checkpoint:
 def latest_checkpoint(run_dir: str | Path) -> Checkpoint | None:
     """The newest usable checkpoint of a run directory, or None when there is none.
 
-    A checkpoint that cannot be read, lacks its residual snapshot or holds a non-finite model is
-    skipped with a warning for the one before it; when every one is unusable, ValueError names the newest.
+    A checkpoint whose files do not match their manifest's SHA-256 (or that has no manifest), that
+    cannot be read, lacks its residual snapshot or holds a non-finite model is skipped with a one-line
+    warning for the one before it; when every one is unusable, ValueError names the newest.
     """
     d = Path(run_dir) / CKPT_DIR
     if not d.is_dir():
@@ -232,10 +297,14 @@ def latest_checkpoint(run_dir: str | Path) -> Checkpoint | None:
     found = sorted(((int(m.group(1)), p) for p in d.iterdir() if (m := _NAME.match(p.name))), reverse=True)
     if not found:
         return None
+    verify = any(d.glob("round-*.sha256"))
+    if not verify:
+        log.warning("%s: the checkpoints have no SHA-256 manifests (written by an older fl-sim); loading them "
+                    "unverified", d)
     errors = []
     for _, path in found:
         try:
-            ckpt = _load(path)
+            ckpt = _load(path, verify)
         except ValueError as exc:
             errors.append(str(exc))
             continue

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -27,6 +28,7 @@ STANDARD_COLUMNS = [
     "test_accuracy",
     "uplink_bits",
     "downlink_bits",
+    "total_bits",
     "wall_s",
 ]
 
@@ -65,18 +67,33 @@ def _clean(v: Any) -> Any:
 
 
 class RunRecorder:
-    """Collects per-round rows and rewrites metrics.csv / summary.json after each round."""
+    """Collects per-round rows, rewrites metrics.csv as they come and writes summary.json at the end.
 
-    def __init__(self, run_dir: Path, config: dict[str, Any]) -> None:
+    metrics.csv is rewritten (atomically) after a round when ``csv_interval_s`` seconds have passed since
+    the last rewrite, and always by :meth:`flush` and :meth:`finish`: a rewrite costs ~3 ms (a temporary
+    file and a rename), a tenth of a 10-client quickstart round, and a file that lags a live run by at
+    most a second loses nothing (checkpoints carry their own rows; the run flushes on every exit).
+    """
+
+    def __init__(self, run_dir: Path, config: dict[str, Any], *, csv_interval_s: float = 1.0) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.rows: list[dict[str, Any]] = []
         self.config = config
+        self.csv_interval_s = float(csv_interval_s)
+        self._written = 0  # rows in metrics.csv
+        self._last_write = -float("inf")
         atomic_write(self.run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
 
     def add(self, row: dict[str, Any]) -> None:
         self.rows.append(dict(row))
-        self._write_csv()
+        if time.monotonic() - self._last_write >= self.csv_interval_s:
+            self._write_csv()
+
+    def flush(self) -> None:
+        """metrics.csv with every row added so far (a no-op when it has them)."""
+        if self._written != len(self.rows):
+            self._write_csv()
 
     def columns(self) -> list[str]:
         cols = list(STANDARD_COLUMNS)
@@ -93,8 +110,10 @@ class RunRecorder:
         for row in self.rows:
             w.writerow({k: ("" if _clean(v) is None else v) for k, v in row.items()})
         atomic_write(self.run_dir / "metrics.csv", buf.getvalue())
+        self._written, self._last_write = len(self.rows), time.monotonic()
 
     def finish(self, extra: dict[str, Any]) -> dict[str, Any]:
+        self.flush()
         last = self.rows[-1] if self.rows else {}
         evaluated = [r for r in self.rows if r.get("test_accuracy") is not None and _clean(r.get("test_accuracy")) is not None]
         summary = {
@@ -105,6 +124,7 @@ class RunRecorder:
             "best_test_accuracy": max((r["test_accuracy"] for r in evaluated), default=None),
             "total_uplink_bits": int(sum(r.get("uplink_bits") or 0 for r in self.rows)),
             "total_downlink_bits": int(sum(r.get("downlink_bits") or 0 for r in self.rows)),
+            "total_bits": int(sum((r.get("uplink_bits") or 0) + (r.get("downlink_bits") or 0) for r in self.rows)),
             "wall_s": _clean(last.get("wall_s")),
             **{k: _clean(v) for k, v in extra.items()},
         }

@@ -1,4 +1,5 @@
-"""Run a config end to end: build it, pick the engine's grid (Ray, inline or vectorized), record rounds.
+"""Run a config end to end: build it, pick the engine's grid (Ray, inline or vectorized; ``simulation.backend:
+auto``, the default, picks the fastest that applies: fl_sim.engine.auto), record rounds.
 
 The Ray engine is called through :func:`fl_sim.engine.ray.run_flower_simulation` (the one call into
 Flower's deprecated ``run_simulation``); the inline and vectorized grids run in this process.
@@ -27,6 +28,7 @@ from typing import Any
 from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
+from fl_sim.engine.auto import resolve_backend
 from fl_sim.runs.build import Experiment, build_experiment, build_strategy
 from fl_sim.runs.checkpoint import (config_differences, config_hash, latest_checkpoint, remove_checkpoints, save_checkpoint,
                          save_model)
@@ -156,7 +158,7 @@ def server_loop(
         if server_round > 0:
             row.update(getattr(strategy, "last_metrics", {}))
         else:
-            row.update(uplink_bits=0, downlink_bits=0)
+            row.update(uplink_bits=0, downlink_bits=0, total_bits=0)
         out = None
         if due:
             loss, acc = exp.evaluate(arrays)
@@ -258,6 +260,11 @@ def _run_experiment(cfg: RunConfig, run_dir: Path, progress: ProgressFn | None, 
     config = config_to_dict(cfg)
     ckpt = _checkpoint_to_resume(run_dir, config, cfg) if resume else None
     exp = build_experiment(cfg)
+    asked = cfg.simulation.backend
+    cfg, why = resolve_backend(cfg, exp.model)  # simulation.backend=auto: the fastest engine that applies
+    exp.cfg = cfg
+    if asked == "auto":
+        log.info("simulation.backend=auto: %s (%s)", cfg.simulation.backend, why)
     nodes = cfg.num_supernodes()
     strategy = build_strategy(exp, min_available_nodes=nodes)
     recorder = RunRecorder(run_dir, config)
@@ -309,7 +316,16 @@ def _run_experiment(cfg: RunConfig, run_dir: Path, progress: ProgressFn | None, 
         server_app = ServerApp()
         server_app.main()(lambda grid, context: serve(grid))
         run_flower_simulation(server_app, make_client_app(cfg), cfg, num_supernodes=nodes)
+    try:
+        recorder.flush()  # metrics.csv with every round recorded, whatever happens next
+    except OSError:
+        if not errors:
+            raise  # else the run's own error is the one to report
     if errors:
+        from fl_sim.strategies.base import ClientSetupError
+
+        if isinstance(errors[0], ClientSetupError):  # the ClientApp cannot work with the method: exit 1, one line
+            errors[0] = RunFailed(str(errors[0]))
         if isinstance(errors[0], RunFailed):
             recorder.finish({"strategy": cfg.strategy.name, "failed": str(errors[0]), **failure_totals(recorder.rows)})
         raise errors[0]
@@ -320,6 +336,7 @@ def _run_experiment(cfg: RunConfig, run_dir: Path, progress: ProgressFn | None, 
     totals = failure_totals(recorder.rows)
     info = {
         "strategy": cfg.strategy.name,
+        "backend": cfg.simulation.backend,  # the engine that ran it (simulation.backend=auto resolved)
         "codec": cfg.codec.name if cfg.strategy.name == "compressed" else cfg.strategy.name,
         "parameters": exp.dim,
         "clients": cfg.clients,

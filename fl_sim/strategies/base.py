@@ -52,17 +52,24 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
+from flwr.common.logger import console_handler as flwr_console_handler
 from flwr.supercore import log as flwr_log
 
+from fl_sim.compression import PayloadError
 from fl_sim.wire import keys
 from fl_sim.wire.protocol import round_seed
-from fl_sim.wire.records import array_bits, flatten_arrays, flatten_with_bits, unflatten_into
+from fl_sim.wire.records import flatten_arrays, flatten_checked, model_spec, unflatten_into
 from fl_sim.rng import numpy_generator
 from fl_sim.strategies import guards as reply_guards
+from fl_sim.strategies import privacy
+from fl_sim.strategies.broadcast import SparseBroadcast, message_bits
+from fl_sim.strategies.delegation import driver_for, overrides_start
 
-__all__ = ["UpdateStrategy", "ClientReply", "ReplyError", "update_sparsity", "SERVER_PREFIX"]
+__all__ = ["UpdateStrategy", "ClientReply", "ReplyError", "ClientSetupError", "update_sparsity", "SERVER_PREFIX"]
 
 log = logging.getLogger("fl_sim")
+if flwr_console_handler not in log.handlers:  # fl-sim's lines in Flower's format, where Flower's own go
+    log.addHandler(flwr_console_handler)
 
 SERVER_PREFIX = "server."  # server-side figures in the MetricRecord returned to Flower
 
@@ -83,6 +90,11 @@ def update_sparsity(g: torch.Tensor) -> float:
 
 class ReplyError(ValueError):
     """A reply that cannot be used (malformed payload, wrong shape, non-finite values)."""
+
+
+class ClientSetupError(RuntimeError):
+    """The first round shows the ClientApp cannot work with the method (compression_mod missing or
+    misplaced): raised from ``aggregate_train``, so the ServerApp fails instead of running every round."""
 
 
 @dataclass
@@ -153,10 +165,16 @@ class UpdateStrategy(Strategy):
         guards: server-side bounds on what one reply can do (update norm relative to the round's
             median, num-examples cap, method scalars); see fl_sim.strategies.guards for the keys
             and their defaults (on by default).
+        sparse_broadcast: send a node that holds last round's model only the entries that changed
+            (indices + values; it rebuilds the new model bitwise), where that is fewer bits: for methods
+            whose server update is K-sparse (FetchSGD, FIHT-CS). Off by default; needs fl-sim's
+            ``compression_mod`` on the clients (fl_sim.strategies.broadcast).
         **fedavg_kwargs: FedAvg's arguments, only when ``inner`` is None.
     """
 
     STATE_ATTRS: tuple[str, ...] = ("momentum_buffer", "history", "rounds_aggregated")
+    # Whether replies carry fl-sim's payload (compression_mod on the ClientApp); the first round checks it.
+    USES_COMPRESSION_MOD = False
 
     def __init__(
         self,
@@ -170,6 +188,7 @@ class UpdateStrategy(Strategy):
         train_config: dict[str, Any] | None = None,
         digital_link: dict[str, float] | None = None,
         guards: dict[str, Any] | None = None,
+        sparse_broadcast: bool = False,
         **fedavg_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -202,6 +221,10 @@ class UpdateStrategy(Strategy):
         self.digital_link = _check_link(digital_link)
         self.round_offset = 0  # resume hook: Flower's round r is the method's round round_offset + r
         self.guards = reply_guards.check_guards(guards)
+        if not isinstance(sparse_broadcast, bool):
+            raise TypeError(f"sparse_broadcast={sparse_broadcast!r} must be true or false")
+        self.sparse_broadcast = sparse_broadcast
+        self._sparse_model = SparseBroadcast() if sparse_broadcast else None
         self._declared_bits = reply_guards.DeclaredBits()
         self._rejected = 0  # replies of this round rejected by a check or a guard
         self.last_errors: list[tuple[int, str]] = []  # (node, reason) of this round's error replies
@@ -210,25 +233,51 @@ class UpdateStrategy(Strategy):
         self.rounds_aggregated = 0
         self._global_arrays: ArrayRecord | None = None
         self._global_vector: torch.Tensor | None = None
+        self._model_spec: dict[str, tuple[tuple[int, ...], str]] = {}
         self.sent: dict[int, int] = {}  # cid -> node of this round's train messages (configure_train)
         self._round_seed = 0
-        self._downlink_bits_each = 0
+        self._downlink_bits = 0  # this round's train messages: the bits of their arrays (broadcast.message_bits)
         self._t0 = 0.0
         self.last_metrics: dict[str, float] = {}
         self.history: dict[int, dict[str, float]] = {}
+        self._rounds_seen = 0  # aggregate_train calls of this object (the first one checks the client setup)
+        self._outer_dp: Strategy | None = None  # a Flower DP wrapper around this method (fl_sim.strategies.privacy)
+        self._dp_clip: float | None = None  # the round's client-side DP clipping norm (re-applied after decoding)
+
+    # ------------------------------------------------------------------ what the inner's class adds
+    def __getattr__(self, name: str) -> Any:
+        """An attribute the wrapper lacks is the inner strategy's (its own methods and attributes:
+        ``wrapper.set_save_path_and_run_dir(...)``, ``wrapper.best_acc_so_far``). Only reached when normal
+        lookup fails; dunder names and a wrapper still being built (no ``inner`` yet) are not forwarded."""
+        inner = self.__dict__.get("inner")
+        if inner is None or (name.startswith("__") and name.endswith("__")):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        try:
+            return getattr(inner, name)
+        except AttributeError:
+            raise AttributeError(f"{type(self).__name__!r} object (around {type(inner).__name__}) has no attribute "
+                                 f"{name!r}, nor has its inner strategy") from None
+
+    def start(self, *args: Any, **kwargs: Any):
+        """Flower's loop over the rounds: the inner strategy's own ``start`` when its class has one (its
+        logging, result files and checkpoints run, with this wrapper's round methods; see
+        fl_sim.strategies.delegation), else Flower's ``Strategy.start``. Same arguments and Result."""
+        if overrides_start(self.inner):
+            return driver_for(self.inner, self).start(*args, **kwargs)
+        return super().start(*args, **kwargs)
 
     # ------------------------------------------------------------------ the inner strategy's keys
     @property
     def arrayrecord_key(self) -> str:
-        return getattr(self.inner, "arrayrecord_key", keys.ARRAYS)
+        return getattr(privacy.unwrap_dp(self.inner), "arrayrecord_key", keys.ARRAYS)
 
     @property
     def configrecord_key(self) -> str:
-        return getattr(self.inner, "configrecord_key", keys.CONFIG)
+        return getattr(privacy.unwrap_dp(self.inner), "configrecord_key", keys.CONFIG)
 
     @property
     def weighted_by_key(self) -> str:
-        return getattr(self.inner, "weighted_by_key", keys.NUM_EXAMPLES)
+        return getattr(privacy.unwrap_dp(self.inner), "weighted_by_key", keys.NUM_EXAMPLES)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -275,16 +324,17 @@ class UpdateStrategy(Strategy):
     def decode_reply(self, server_round: int, msg: Message, cid: int) -> tuple[Any, int]:
         """(method data, uplink bits) of one reply; raise ReplyError when malformed.
 
-        Default: the reply carries a full model; data = Δ_i = w_i − w.
+        Default: the reply carries a full model, whose arrays must be the global model's (names, shapes,
+        dtypes; nothing more: :func:`~fl_sim.wire.records.flatten_checked`); data = Δ_i = w_i − w.
         """
         arrays = self.reply_arrays(msg)
         try:
-            local, bits = flatten_with_bits(arrays)
+            local, bits = flatten_checked(arrays, self._model_spec)
+        except PayloadError as exc:
+            raise ReplyError(str(exc)) from None
         except Exception as exc:  # noqa: BLE001 - any decoding failure is a malformed reply
             raise ReplyError(f"arrays cannot be read ({exc})") from None
-        if local.shape != self._global_vector.shape:
-            raise ReplyError(f"model has {local.numel()} parameters, expected {self._global_vector.numel()}")
-        if not torch.isfinite(local).all():
+        if not reply_guards.all_finite(local):
             raise ReplyError("model contains NaN or inf")
         return local - self._global_vector, bits
 
@@ -313,6 +363,11 @@ class UpdateStrategy(Strategy):
     def empty_round_metrics(self, server_round: int) -> dict[str, float]:
         """Method-specific server metrics of a round with no usable reply."""
         return {}
+
+    def decodes_each_client(self) -> bool:
+        """Whether the server decodes every client's update on its own (else it aggregates in the
+        compressed domain and never sees one: no DP wrapper can clip per client; fl_sim.strategies.privacy)."""
+        return True
 
     def settings(self) -> dict[str, Any]:
         """The method's options, logged by :meth:`summary`."""
@@ -353,9 +408,12 @@ class UpdateStrategy(Strategy):
         self._t0 = time.perf_counter()
         self._global_arrays = arrays
         self._global_vector = flatten_arrays(arrays)
+        self._model_spec = model_spec(arrays)  # what a full-model reply must hold (decode_reply)
         self._round_seed = int(self.round_seed_for(rnd))
-        self._downlink_bits_each = array_bits(arrays)
+        self._downlink_bits = 0
+        outer_dp = privacy.enclosing_dp(self)  # DP(method): Flower's wrapper calling us
         inner_msgs = list(self.inner.configure_train(rnd, arrays, config, grid))
+        self._compose_privacy(outer_dp, config, inner_msgs)
         self.sent = {}
         if not inner_msgs:
             return []
@@ -384,7 +442,29 @@ class UpdateStrategy(Strategy):
             record[ckey] = cfg
             messages.append(Message(content=record, message_type=MessageType.TRAIN, dst_node_id=node))
             self.sent[cid] = node
-        return self.finish_messages(rnd, arrays, messages)
+        messages = self.finish_messages(rnd, arrays, messages)
+        if self._sparse_model is not None:
+            messages = self._sparse_model.apply(rnd, arrays, self.arrayrecord_key, ckey, messages)
+        self._downlink_bits = sum(message_bits(m) for m in messages)
+        return messages
+
+    def _compose_privacy(self, outer_dp: Strategy | None, config: ConfigRecord, inner_msgs: list[Message]) -> None:
+        """Check and wire a DP wrapper around (``outer_dp``) or inside this method, before anything is sent;
+        note the round's client-side clipping norm (the config a client-side wrapper filled)."""
+        ckey = self.configrecord_key
+        sent_cfg = inner_msgs[0].content.get(ckey) if inner_msgs else None
+        clip = config.get(privacy.KEY_CLIPPING_NORM)
+        if clip is None and isinstance(sent_cfg, ConfigRecord):
+            clip = sent_cfg.get(privacy.KEY_CLIPPING_NORM)
+        self._dp_clip = None if clip is None else float(clip)
+        for dp, where in ((outer_dp, "around"), (privacy.inner_dp(self.inner), "inside")):
+            if dp is not None:
+                privacy.check_composition(self, dp, where)
+        if self._dp_clip is not None and not self.decodes_each_client():  # a client-side wrapper of another make
+            privacy.check_composition(self, f"a client-side clipping_norm ({clip})", "in the train config of")
+        if outer_dp is not None:
+            privacy.adopt(outer_dp, self)
+        self._outer_dp = outer_dp
 
     def finish_messages(self, server_round: int, arrays: ArrayRecord, messages: list[Message]) -> list[Message]:
         """Last look at a round's train messages, in the order of ``sent`` (a method may drop some,
@@ -440,10 +520,24 @@ class UpdateStrategy(Strategy):
                 return cid
         raise ReplyError(f"node {src} was sent no client this round")
 
+    @staticmethod
+    def check_reply_round(server_round: int, msg: Message) -> None:
+        """A reply must answer this round: its ``fl-sim.reply`` record (added by compression_mod) holds the
+        round of the train message it answers. A reply of an earlier round (stale, or replayed by its node)
+        or one that names no round is a ReplyError."""
+        meta = msg.content.get(keys.REPLY_META)
+        if not isinstance(meta, ConfigRecord) or keys.R_ROUND not in meta:
+            raise ReplyError(f"reply does not say which round it answers (no {keys.REPLY_META!r} record: is "
+                             "compression_mod installed on the ClientApp?)")
+        answered = int(reply_guards.finite_number(meta[keys.R_ROUND], "the reply's round", integer=True))
+        if answered != server_round:
+            raise ReplyError(f"reply answers round {answered}, this is round {server_round} (a stale or replayed reply)")
+
     def read_reply(self, server_round: int, msg: Message) -> ClientReply:
         """One reply -> a validated :class:`ClientReply`, or :class:`ReplyError` (the per-reply seam).
 
-        Every check that depends on one reply runs here: metrics (client id, the weight, train-loss),
+        Every check that depends on one reply runs here: the round it answers (:meth:`check_reply_round`),
+        metrics (client id, the weight, train-loss),
         the payload's structure and values (``decode_reply``, which calls the codec's ``check_values``).
         Uplink bits are the server's own count (``decode_reply``); a client's declared ``uplink-bits``
         that disagrees is logged once per client, never used.
@@ -457,6 +551,7 @@ class UpdateStrategy(Strategy):
         except (ReplyError, ValueError, TypeError, OverflowError) as exc:
             raise ReplyError(str(exc)) from None
         try:
+            self.check_reply_round(server_round, msg)
             if metrics is None:
                 raise ReplyError("reply has no MetricRecord")
             key = self.weighted_by_key
@@ -613,18 +708,28 @@ class UpdateStrategy(Strategy):
         if self._global_vector is None:
             raise RuntimeError("aggregate_train called before configure_train: no global model for this round")
         replies = list(replies)
+        if self._sparse_model is not None:
+            self._sparse_model.observe_replies(rnd, replies)
         usable, errors, rejected = self.collect(rnd, replies)
+        self._rounds_seen += 1
+        if self._rounds_seen == 1 and not usable and replies:
+            self.check_client_setup(rnd, replies)
         self._rejected = rejected
         usable, guard_counts = self.apply_guards(rnd, usable)  # reply guards (adds its drops to _rejected)
         guard_counts.pop("rejected_by_guards")
+        if self._dp_clip is not None and usable:  # client-side DP: a codec may enlarge the clipped update
+            guard_counts["dp_reclipped"] = float(privacy.clip_decoded(self, usable, self._dp_clip))
         metrics: dict[str, float] = {
             "clients_ok": len(usable),
             "clients_failed": len(errors) + self._rejected,
             "clients_rejected": self._rejected,
             **guard_counts,
             "uplink_bits": sum(r.uplink_bits for r in usable),
-            "downlink_bits": self._downlink_bits_each * len(self.sent),
+            "downlink_bits": self._downlink_bits,
         }
+        metrics["total_bits"] = metrics["uplink_bits"] + metrics["downlink_bits"]
+        if self._sparse_model is not None:
+            metrics["sparse_broadcasts"] = self._sparse_model.sparse_messages
         if self.digital_link is not None:
             from fl_sim.channels import digital_channel_uses, latency_s
 
@@ -651,25 +756,44 @@ class UpdateStrategy(Strategy):
             log.error("round %d: the replies passed the per-reply checks but could not be aggregated (%s); the "
                       "global model is unchanged (a codec's check_values misses this case)", rnd, exc)
             return None, self._finish(rnd, metrics, None)
+        if update.dim() != 2 and (self._outer_dp is not None or privacy.inner_dp(self.inner) is not None):
+            raise privacy.PrivacyCompositionError(  # a method that did not declare it (decodes_each_client)
+                f"{type(self).__name__} returned an aggregate, not one update per client: a DP wrapper cannot clip "
+                f"per client; declare decodes_each_client() False so it is refused before round 1")
         delta = weights.to(update.dtype) @ update if update.dim() == 2 else update
-        if not torch.isfinite(delta).all():
+        if not reply_guards.all_finite(delta):
             log.error("round %d: the aggregate update is not finite; the global model is unchanged", rnd)
             return None, self._finish(rnd, metrics, None)
         delta = delta.to(torch.float32)
         step = self.server_update(rnd, delta)
-        if update.dim() == 2 and step is delta and type(self.inner) is not FedAvg:
-            # no server step: each client's model goes to the inner (FedMedian, Krum... see every client).
-            # A plain FedAvg's weighted mean of the w + Δ_i is w + Δ̄: it gets that one model instead of K copies.
+        if update.dim() == 2 and step is delta and (type(self.inner) is not FedAvg or self._outer_dp is not None):
+            # no server step: each client's model goes to the inner (FedMedian, Krum, a DP wrapper's per-client
+            # clipping... see every client). A plain FedAvg's weighted mean of the w + Δ_i is w + Δ̄: it gets that
+            # one model instead of K copies.
             models = [unflatten_into(self._global_arrays, self._global_vector + u.to(torch.float32)) for u in update]
         else:
             one = unflatten_into(self._global_arrays, self._global_vector + step, parsed=True)  # read K times
             models = [one] * len(usable)
-        if float(w.sum()) <= 0:  # nothing to weigh (e.g. DaQuSGD nodes that sent no sample): apply Δ' directly
+        if float(w.sum()) <= 0 and (self._outer_dp is not None or privacy.inner_dp(self.inner) is not None):
+            # skipping the inner would skip the DP wrapper's clipping and noise: release nothing instead
+            log.error("round %d: the replies' %r sum to 0 and a DP wrapper must see them; the global model is "
+                      "unchanged", rnd, self.weighted_by_key)
+            new_arrays, client_metrics = None, None
+        elif float(w.sum()) <= 0:  # nothing to weigh (e.g. DaQuSGD nodes that sent no sample): apply Δ' directly
             new_arrays, client_metrics = self._global_dtypes(models[0]), None  # plain Arrays (see there)
             log.warning("round %d: the replies' %r sum to 0; the inner strategy is skipped", rnd, self.weighted_by_key)
         else:
             inner_replies = [self.inner_reply(r, m) for r, m in zip(usable, models)] + errors
-            new_arrays, client_metrics = self.inner.aggregate_train(rnd, inner_replies)
+            if self._outer_dp is not None:  # DP(method): the wrapper's clipping and noise over the decoded models
+                new_arrays, client_metrics = privacy.outer_dp_aggregate(self._outer_dp, self.inner, server_round,
+                                                                        inner_replies)
+            else:
+                new_arrays, client_metrics = self.inner.aggregate_train(rnd, inner_replies)
+                if new_arrays is not None and type(self.inner) is FedAvg and all(m is models[0] for m in models):
+                    # the weighted mean of K copies of one model is that model; Flower's FedAvg accumulates
+                    # Σ (n_i/n) w in float32 and moves ~14% of the entries by an ulp (measured on an MLP), which
+                    # would make a K-sparse server update (FetchSGD, FIHT-CS) dense on the next broadcast
+                    new_arrays = models[0]
             new_arrays = self._global_dtypes(new_arrays)
         dense_bits = 32 * self._global_vector.numel() * len(usable)
         metrics["compression_ratio"] = dense_bits / metrics["uplink_bits"] if metrics["uplink_bits"] else float("nan")
@@ -680,10 +804,46 @@ class UpdateStrategy(Strategy):
             self.rounds_aggregated += 1
         return new_arrays, self._finish(rnd, metrics, client_metrics)
 
+    def check_client_setup(self, server_round: int, replies: list[Message]) -> None:
+        """First round, no usable reply: raise :class:`ClientSetupError` when every reply shows the ClientApp
+        lacks compression_mod (a plain model: no payload, or for the uncompressed baseline no round record)
+        or compression_mod refused its place (an error
+        reply from it). Other failures (client crashes, bad values) keep the per-round handling."""
+        def lacks_mod(m: Message) -> bool:  # a compressed method needs the payload; every method the round record
+            if self.USES_COMPRESSION_MOD:
+                return payload_meta(m) is None
+            return not isinstance(m.content.get(keys.REPLY_META), ConfigRecord)
+
+        plain = [m for m in replies if not m.has_error() and lacks_mod(m)]
+        refused = [m for m in replies if m.has_error() and str(m.error.reason).startswith("compression_mod")]
+        if len(plain) + len(refused) < len(replies):
+            return
+        if refused:
+            raise ClientSetupError(f"round {server_round}: every reply failed in compression_mod: "
+                                   f"{refused[0].error.reason}")
+        what = "fl-sim's compressed payload" if self.USES_COMPRESSION_MOD else f"the {keys.REPLY_META!r} round record"
+        raise ClientSetupError(
+            f"round {server_round}: none of the {len(replies)} replies carries {what}: the "
+            f"ClientApp lacks compression_mod; add it (from fl_sim.clients import compression_mod; "
+            f"ClientApp(mods=[compression_mod])) so {type(self).__name__} receives encoded updates"
+        )
+
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        return self.inner.configure_evaluate(server_round + self.round_offset, arrays, config, grid)
+        """The inner's evaluate messages; their arrays join the round's downlink (Flower configures the
+        evaluation after ``aggregate_train`` and before the row is recorded: ``downlink_eval_bits`` is
+        added to ``downlink_bits`` and ``total_bits`` of ``last_metrics`` / ``history``; the train
+        MetricRecord already returned to Flower counts the train messages only)."""
+        rnd = server_round + self.round_offset
+        messages = list(self.inner.configure_evaluate(rnd, arrays, config, grid))
+        bits = sum(message_bits(m) for m in messages)
+        if bits:
+            for row in {id(r): r for r in (self.last_metrics, self.history.get(rnd)) if r}.values():
+                row["downlink_eval_bits"] = bits
+                row["downlink_bits"] = row.get("downlink_bits", 0) + bits
+                row["total_bits"] = row.get("total_bits", 0) + bits
+        return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         return self.inner.aggregate_evaluate(server_round + self.round_offset, replies)
@@ -700,6 +860,8 @@ class UpdateStrategy(Strategy):
         self.last_metrics = row
         self.history[server_round] = dict(row)
         out = MetricRecord(dict(client) if client is not None else {})
+        if isinstance(out.get(keys.UPLINK_BITS), float):  # the inner's weighted mean of whole bit counts
+            out[keys.UPLINK_BITS] = int(round(out[keys.UPLINK_BITS]))
         for k, v in metrics.items():
             out[SERVER_PREFIX + k] = int(v) if isinstance(v, (int, np.integer)) and not isinstance(v, bool) else float(v)
         return out

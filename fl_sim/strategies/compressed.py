@@ -60,6 +60,8 @@ class CompressedFedAvg(UpdateStrategy):
         **kwargs: UpdateStrategy arguments (and FedAvg's, without an inner strategy).
     """
 
+    USES_COMPRESSION_MOD = True
+
     def __init__(
         self,
         inner: Strategy | None = None,
@@ -145,21 +147,26 @@ class CompressedFedAvg(UpdateStrategy):
         codec = self.codec
         codec.validate_payload(payload)
         codec.check_values(payload)  # value checks of this one reply, before any aggregation
-        data: Any = payload
-        if self.decodes_each():  # decoded here, once: the last per-reply check, and what combine averages
-            vector = codec.decode_seeded(payload, self.client_seeds(cid)).to(torch.float32)
-            if not torch.isfinite(vector).all():
-                raise ReplyError("the payload decodes to NaN or inf")
-            data = _Decoded(payload, vector)
         # Bits counted by the server, never the client's claim: the codec's count of this payload's content
         # (variable-length codes), else those of the codec's own reference payload, whose structure
-        # (names, shapes, dtypes: payload_spec) every accepted payload of a fixed-size codec has.
+        # (names, shapes, dtypes: payload_spec) every accepted payload of a fixed-size codec has. The claim
+        # is part of the payload, which a well-formed client computes exactly: one that differs is refused.
         counted = codec.payload_bits(payload)
         seeds = self.client_seeds(cid)  # the seed this reply is decoded with: its operator is built anyway
         bits = codec.reference_bits(seeds.seed if codec.seed_scope != "client" else seeds.own) \
             if counted is None else int(counted)
-        self._declared_bits.check(cid, msg.metadata.src_node_id, payload.bits, bits, "payload bits")
+        if payload.bits != bits:
+            raise ReplyError(f"payload claims {payload.bits} bits, its content takes {bits} (the server's count)")
+        data: Any = payload
+        if self.decodes_each():  # decoded here, once: the last per-reply check, and what combine averages
+            vector = codec.decode_seeded(payload, seeds).to(torch.float32)
+            if not guards.all_finite(vector):
+                raise ReplyError("the payload decodes to NaN or inf")
+            data = _Decoded(payload, vector)
         return data, bits
+
+    def decodes_each_client(self) -> bool:
+        return self.decodes_each()
 
     def decodes_each(self) -> bool:
         """Whether ``combine`` decodes every reply (else it sums the payloads in the compressed domain)."""

@@ -17,7 +17,8 @@ Round t (the learning agent is the server):
    else eq. (10): (2 e_g − 1) C_z B_i h √d/(m−1) at the shared coordinate i*_i. The option
    ``loss_average="sent"`` divides by the number sent instead (fl-sim's earlier rule: the step then
    grows by considered/sent as the threshold rises);
-4. SGD with momentum: m ← μ m + ĝ, W ← W − η m (the paper's optimizer: SGD, momentum 0.9);
+4. SGD with momentum: m ← μ m + ĝ, W ← W − η m (the paper's optimizer: SGD, momentum 0.9); with
+   GradCorrQ the step is η ρ (``gradcorrq_step``, below);
 5. threshold rule (§VI): at the start of each epoch, ℓ_th = factor × (average loss of the samples
    sent during the previous epoch), factor = 0.2; the first epoch sends everything (ℓ_th = 0).
    An epoch is ``epoch_rounds`` rounds (default: one expected pass over the clients).
@@ -31,6 +32,25 @@ Quantizer (``quantizer``): "per_feature" (§VI, the paper's experiments: batch s
 bits per feature) or "exact" (Algorithm 2 per sample with Remark 1: the sample's norm + the index of
 (a, b) in S, ⌈log2 |S|⌉ bits, m = ``levels``). Algorithm 1's unbiased version is
 ``quantizer="exact", gradcorrq=True``; §VI runs without GradCorrQ, so it is off by default.
+
+GradCorrQ's step (``gradcorrq_step="theorem2"``, the default with ``gradcorrq``). Eq. (10) is unbiased,
+E[Δ̂] = Δ, but each sample's Δ̂ is a one-hot of size h b (b = C_z B √d/(m−1), eq. 8), so its second
+moment is E‖Δ̂‖² = h² b² against ‖Δ‖² ≤ b²: [Hanna-DaQuSGD] Lemma 1 bounds the estimator's deviation by
+σ̂_GC = C_z B (2 + (h+1)√d/(m−1)), where the DataQ gradient alone deviates by at most
+σ̂_Q = C_z B (2 + √d/(m−1)) (‖g_{Z_Q} − ∇L‖ ≤ ‖g_{Z_Q} − g_Z‖ + ‖g_Z − ∇L‖ ≤ C_z B √d/(m−1) + 2 C_z B).
+Theorem 2 takes the step γ = (1/σ̂) √(2 D₀/(n C_w)), inversely proportional to the deviation bound.
+Reading the user's η as the step for σ̂_Q (the setting the paper's experiments tuned), the same D₀, C_w,
+n give for Algorithm 1 the step
+
+    η_GC = η ρ,   ρ = σ̂_Q / σ̂_GC = (2 + √d/(m−1)) / (2 + (h+1)√d/(m−1))   (≈ 1/h for large h).
+
+A step scale leaves ĝ unbiased (E[η ρ ĝ] = η ρ ∇L); it shrinks the correction's noise per step to
+about η b per sample, the size of the DataQ step. ``gradcorrq_step="none"`` keeps η: with h = 14,210
+(configs/daqusgd.yaml's MLP, d = 60, 3 bits: ρ = 1.25e-4) one sample's correction moves a weight by
+η h b / N ≈ 17 and the run diverges (test loss 2.34 → 708 → 3128 → 7486 in 3 rounds). The price of one
+bit per sample is the step: at ρ ≈ 1/h the model moves h times slower, which is why the paper's
+experiments leave GradCorrQ off (§VI: it helped only below 3 bits per feature). Derivation:
+docs/notes.md#gradcorrq-step.
 """
 
 from __future__ import annotations
@@ -57,11 +77,19 @@ from fl_sim.rng import torch_generator
 from fl_sim.strategies import guards
 from fl_sim.strategies.base import ClientReply, ReplyError, UpdateStrategy
 
-__all__ = ["DaQuSGD"]
+__all__ = ["DaQuSGD", "gradcorrq_step_scale", "GRADCORRQ_STEPS"]
 
 LOSS_AVERAGES = ("considered", "sent")
 BUDGETS = ("round", "client")
 QUANTIZERS = ("per_feature", "exact")
+GRADCORRQ_STEPS = ("theorem2", "none")
+
+
+def gradcorrq_step_scale(h: int, d: int, steps: int) -> float:
+    """ρ = σ̂_Q / σ̂_GC = (2 + √d/(m−1)) / (2 + (h+1)√d/(m−1)): Theorem 2's step for Algorithm 1 relative to
+    the DataQ gradient's (module docstring); h model parameters, d features, m−1 = ``steps``."""
+    r = math.sqrt(d) / steps
+    return (2.0 + r) / (2.0 + (h + 1) * r)
 
 
 class DaQuSGD(UpdateStrategy):
@@ -79,6 +107,8 @@ class DaQuSGD(UpdateStrategy):
         quantizer: "per_feature" (§VI) or "exact" (Algorithm 2 + Remark 1). levels: m of "exact".
         gradcorrq: send Algorithm 3's bit per sample and add its correction (Algorithm 1).
         c_z: C_z of eq. (4) in GradCorrQ's bound (App. A: empirically ≤ 1).
+        gradcorrq_step: "theorem2" (default: the step η ρ of the module doc, stable and unbiased) or
+            "none" (η as given; diverges for any model of more than a few hundred parameters).
     """
 
     # threshold rule (running epoch sums) and the server's SGD momentum
@@ -101,6 +131,7 @@ class DaQuSGD(UpdateStrategy):
         levels: int = 32,
         gradcorrq: bool = False,
         c_z: float = 1.0,
+        gradcorrq_step: str = "theorem2",
         num_classes: int | None = None,
         input_shape: tuple[int, ...] | None = None,
         **kwargs: Any,
@@ -122,6 +153,10 @@ class DaQuSGD(UpdateStrategy):
             raise ValueError(f"levels={levels!r}: m of the exact DataQ must be an int in 2..32768 (int16 on the wire)")
         if not c_z > 0:
             raise ValueError(f"c_z={c_z}: the Lipschitz constant C_z must be > 0")
+        if gradcorrq_step not in GRADCORRQ_STEPS:
+            raise ValueError(f"gradcorrq_step={gradcorrq_step!r}: use 'theorem2' (the step scaled by Theorem 2's "
+                             "deviation bounds) or 'none' (the step as given)")
+        self.gradcorrq_step = gradcorrq_step
         self.model = model
         self.lr, self.mu = float(lr), float(momentum)
         self.bits = int(bits_per_feature)
@@ -212,7 +247,7 @@ class DaQuSGD(UpdateStrategy):
             steps = self.levels - 1
             if a.shape != b.shape or r.numel() != n:
                 raise ReplyError(f"a {tuple(a.shape)}, b {tuple(b.shape)} and {r.numel()} norms disagree")
-            if not torch.isfinite(r).all() or bool((r < 0).any()):
+            if not guards.all_finite(r) or bool((r < 0).any()):
                 raise ReplyError("norms must be finite and >= 0")
             if n and (int(a.min()) < 0 or int(b.min()) < 0 or int(a.max()) > steps or int(b.max()) > steps
                       or int((a + b).reshape(n, -1).sum(1).max()) > steps**2):
@@ -267,6 +302,9 @@ class DaQuSGD(UpdateStrategy):
         n = reply.data["y"].numel()
         return {f"mean sent loss ({keys.DAQU_LOSS_SUM!r} / samples)": reply.data["loss_sum"] / n} if n else {}
 
+    def decodes_each_client(self) -> bool:
+        return False  # nodes send data samples; the server computes one gradient from them
+
     # ------------------------------------------------------------------ server gradient
     def combine(self, server_round: int, replies: list[ClientReply], weights: torch.Tensor) -> torch.Tensor:
         for r in replies:  # the threshold rule reads only replies that passed every check and guard
@@ -289,6 +327,11 @@ class DaQuSGD(UpdateStrategy):
         if self.gradcorrq:
             g += self._correction(got, g.numel()) / denom
             self._last["gradcorrq_clipped"] = sum(d["clipped"] for d in got)
+            if self.gradcorrq_step == "theorem2":
+                steps = per_feature_levels(self.bits) - 1 if self.quantizer == "per_feature" else self.levels - 1
+                rho = gradcorrq_step_scale(g.numel(), int(x[0].numel()), steps)
+                g *= rho
+                self._last["gradcorrq_step_scale"] = rho
         g = self._to_flat(g)
         if self.grad_momentum is None:
             self.grad_momentum = torch.zeros_like(g)

@@ -13,14 +13,16 @@ so sketches of different rounds can be added). Round t (``mode="sketch"``, Algor
 3. momentum:  S_u ← ρ S_u + S^t
 4. error:     S_e ← S_e + η_s S_u      (the learning rate scales the momentum sketch before it enters
                                         the error sketch, as Algorithm 1's "error feedback" line)
-5. Δ = Top-k(U(S_e)): unsketch the k heavy coordinates of S_e (median estimates over the r rows)
+5. Δ = Top-k(U(S_e)): unsketch the k heavy coordinates of S_e (median estimates over the r rows),
+   selected as the authors' csvec does, ``torch.topk(est**2, k)`` over all d estimates, exact ties broken
+   the same way (:func:`~fl_sim.compression.sketch.topk_abs`)
 6. error removal (``error_removal``):
    * "zero" (default; the authors' code): S_e is zeroed at the buckets of nz(Δ). Their code notes
      that the linear removal "should work but doesn't (model diverges)";
    * "subtract": S_e ← S_e − S(Δ), Algorithm 1's "error accumulation" line as printed;
-   S_u is zeroed at the buckets of nz(Δ) either way (momentum factor masking; in the authors' code
-   that line, ``Vvelocity[nz[:,0], nz[:,1]].zero_()``, zeroes a copy made by advanced indexing and so
-   does nothing);
+   S_u is zeroed at the buckets of nz(Δ) either way (momentum factor masking, as the authors' code:
+   ``Vvelocity[nz[:,0], nz[:,1]] = 0``, an indexed assignment, zeroes those buckets in place; their
+   nz is the nonzero buckets of S(Δ), which leaves out a bucket whose entries of Δ cancel exactly);
 7. the inner strategy gets w + Δ from every client (FedAvg: w ← w + Δ; FedAdam: its step on Δ).
 
 Where the learning rate goes: Algorithm 1 accumulates η_s S_u into S_e (step 4). The authors' code
@@ -63,6 +65,7 @@ from fl_sim.strategies.compressed import CompressedFedAvg
 __all__ = ["FetchSGD"]
 
 MODES = ("sketch", "true_topk", "local_topk")
+DEFAULT_COMPRESSION, DEFAULT_K_RATIO = 10.0, 0.02  # README's row: d/10 floats up, k = 2% of d
 ERROR_REMOVALS = ("zero", "subtract")
 
 
@@ -74,8 +77,10 @@ class FetchSGD(CompressedFedAvg):
         rows, cols: sketch size r × c (uplink 32·r·c bits per client); paper shape: 5 rows.
         k: coordinates unsketched and applied per round (well below c in the paper).
         compression: sized by the model instead: cols = round(d / (compression · rows)), so the uplink
-            is d / compression floats (overrides ``cols``).
-        k_ratio: k = round(k_ratio · d) (overrides ``k``).
+            is d / compression floats. Give ``cols`` or ``compression``; with neither, compression = 10.
+        k_ratio: k = round(k_ratio · d). Give ``k`` or ``k_ratio``; with neither, k_ratio = 0.02.
+        The defaults are README's row: ``FetchSGD(inner)`` is ``FetchSGD(inner, rows=5, compression=10,
+        k_ratio=0.02, momentum=0.9)`` (d/10 floats up, 2% of the coordinates applied per round).
         momentum: ρ (0 = Count Sketch + error feedback).
         mode: "sketch" (FetchSGD), "true_topk" or "local_topk" (the paper's ablations; module doc).
         error_removal: "zero" (authors' code, default) or "subtract" (Algorithm 1 as printed).
@@ -84,9 +89,17 @@ class FetchSGD(CompressedFedAvg):
 
     STATE_ATTRS = CompressedFedAvg.STATE_ATTRS + ("s_u", "s_e")  # momentum and error (sketches or dense)
 
-    def __init__(self, inner: Strategy | None = None, *, rows: int = 5, cols: int = 1000, k: int = 100,
+    def __init__(self, inner: Strategy | None = None, *, rows: int = 5, cols: int | None = None, k: int | None = None,
                  compression: float | None = None, k_ratio: float | None = None, momentum: float = 0.9,
                  mode: str = "sketch", error_removal: str = "zero", **kwargs: Any) -> None:
+        if cols is not None and compression is not None:
+            raise ValueError(f"cols={cols} and compression={compression}: give one (the sketch width, or d / uplink)")
+        if k is not None and k_ratio is not None:
+            raise ValueError(f"k={k} and k_ratio={k_ratio}: give one")
+        if cols is None and compression is None:
+            compression = DEFAULT_COMPRESSION
+        if k is None and k_ratio is None:
+            k_ratio = DEFAULT_K_RATIO
         kwargs.pop("codec", None)
         kwargs.pop("codec_params", None)
         if mode not in MODES:
@@ -95,13 +108,13 @@ class FetchSGD(CompressedFedAvg):
             raise ValueError(f"error_removal={error_removal!r}: use 'zero' (authors' code) or 'subtract' (Alg. 1)")
         if mode == "local_topk":
             kwargs.setdefault("error_feedback", "classic")  # the clients' own error accumulation
-            codec, params = "topk", {"k": k}
+            codec, params = "topk", {"k": k or 1}  # sized per round by codec_params_for
         else:
             kwargs.setdefault("error_feedback", "none")  # error accumulation is at the server
-            codec, params = ("count_sketch", {"rows": rows, "cols": cols, "k": k}) if mode == "sketch" \
+            codec, params = ("count_sketch", {"rows": rows, "cols": cols or 1, "k": k or 1}) if mode == "sketch" \
                 else ("identity", {})
         super().__init__(inner, codec=codec, codec_params=params, **kwargs)
-        if rows < 1 or cols < 1 or k < 1:
+        if rows < 1 or (cols is not None and cols < 1) or (k is not None and k < 1):
             raise ValueError(f"rows={rows}, cols={cols}, k={k}: all must be >= 1")
         if not 0 <= momentum < 1:
             raise ValueError(f"momentum={momentum}: ρ must be in [0, 1)")
@@ -109,7 +122,9 @@ class FetchSGD(CompressedFedAvg):
             raise ValueError(f"compression={compression}: d / (rows · cols) must be > 0")
         if k_ratio is not None and not 0 < k_ratio <= 1:
             raise ValueError(f"k_ratio={k_ratio}: k/d must be in (0, 1]")
-        self.rows, self.cols, self.k, self.rho = int(rows), int(cols), int(k), float(momentum)
+        self.rows, self.rho = int(rows), float(momentum)
+        self.cols = None if cols is None else int(cols)
+        self.k = None if k is None else int(k)
         self.mode, self.error_removal = mode, error_removal
         self.compression, self.k_ratio = compression, k_ratio
         self.sketch_seed = derive_seed(self.seed, "fetchsgd-hashes")
@@ -178,7 +193,7 @@ class FetchSGD(CompressedFedAvg):
         self.s_u.mul_(self.rho).add_(g)
         self.s_e.add_(self.server_lr * self.s_u)
         before = float(self.s_e.norm())
-        idx = topk_abs(self.s_e, min(self.k_for(g.numel()), g.numel()))
+        idx = topk_abs(self.s_e, min(self.k_for(g.numel()), g.numel()))  # CommEfficient's _topk (topk of e**2)
         delta = torch.zeros_like(g)
         delta[idx] = self.s_e[idx]
         self.s_e[idx] = 0.0

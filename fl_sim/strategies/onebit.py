@@ -17,6 +17,16 @@ PS), or redrawn every round (``"round"``, an option). The dither u is every clie
 every round in both variants (``seed_mode="per_client"``, fl_sim.wire.protocol); ``seed_mode="shared"``
 reproduces fl-sim's earlier rule (one u, and one Φ^(k), for all clients of a round).
 
+Error feedback: off by default, as the paper ([Mitra-Khisti-2020] uses none). With ``recovery="none"`` the
+decoded update is unbiased with relative variance ω = E‖x̂ − x‖²/‖x‖² = n/k − 1 plus the 1-bit
+dither's m ρ²/12 / ‖v‖² (ρ = 2‖v‖∞ per block), which is well above 1 for any model update (measured
+on LeNet-5's d = 61,706 at the default M = d/4: ω ≈ 24 with one block, 12 with blocks of 256). Classic
+error feedback r ← z − ẑ then grows as E‖r_{t+1}‖² = ω‖z_t‖² ≥ ω‖r_t‖²: the residual is multiplied by
+about √ω every round (×5-7 measured; loss 10³ by round 4 and NaN by round 5 in Flower's CNN examples),
+so ``error_feedback="classic"`` with ``recovery="none"`` is refused. Error feedback needs a contractive
+compressor (ω < 1, [Stich-2018], [Karimireddy-2019]); the sparse recoveries ("biht", "lp") are used with it
+(configs/onebit_cs_compressive.yaml).
+
 Regimes: M = d measurements with the adjoint recovery Φᵀv̂ (``recovery="none"``, unbiased), or the
 paper's compressive regime M < d with sparse recovery (``recovery="biht"``, or ``"lp"`` = eq. (6)
 for small blocks) and error feedback to carry what the K-sparse recovery drops
@@ -33,6 +43,7 @@ from flwr.app import Message
 from flwr.serverapp.strategy import Strategy
 
 from fl_sim.compression import PayloadError, Seeds
+from fl_sim.compression.codecs.sensing import PHI_SCHEDULES
 from fl_sim.rng import derive_seed
 from fl_sim.strategies.base import ClientReply, ReplyError, payload_meta
 from fl_sim.strategies.compressed import CompressedFedAvg
@@ -41,7 +52,6 @@ from fl_sim.wire.records import payload_from_records
 
 __all__ = ["OneBitCS", "PHI_SCHEDULES"]
 
-PHI_SCHEDULES = ("fixed", "round")
 SUMMED = "secagg-sum"  # marks a reply's data that is already the round's weighted sum
 
 
@@ -58,7 +68,8 @@ class OneBitCS(CompressedFedAvg):
             scale ϱ_b per block.
         sparsity: K of BIHT / FIHT recovery.
         biht_iter: recovery iterations.
-        error_feedback: "none" or "classic".
+        error_feedback: "none" (default, the paper) or "classic" (only with a sparse recovery; refused with
+            ``recovery="none"``, whose unbiased decode makes it diverge: module docstring).
         **kwargs: UpdateStrategy / CompressedFedAvg arguments (``seed_mode``).
     """
 
@@ -74,7 +85,7 @@ class OneBitCS(CompressedFedAvg):
         block: int | None = None,
         sparsity: int | None = None,
         biht_iter: int | None = None,
-        error_feedback: str = "classic",
+        error_feedback: str = "none",
         **kwargs: Any,
     ) -> None:
         kwargs.pop("codec", None)
@@ -83,6 +94,11 @@ class OneBitCS(CompressedFedAvg):
             raise ValueError(f"phi={phi!r}: use 'per_worker' or 'common'")
         if phi_schedule not in PHI_SCHEDULES:
             raise ValueError(f"phi_schedule={phi_schedule!r}: use 'fixed' (the paper: Φ known a priori) or 'round'")
+        if recovery == "none" and error_feedback == "classic":
+            raise ValueError(
+                "error_feedback='classic' with recovery='none' diverges: the unbiased 1-bit decode has relative "
+                "variance well above 1 (about 24 at M = d/4), so the residual grows by its square root every round; "
+                "use error_feedback='none' (the paper) or a sparse recovery ('biht', 'lp')")
         params: dict[str, Any] = {"phi": phi, "recovery": recovery}
         if block is not None:
             params["block"] = block
@@ -91,6 +107,7 @@ class OneBitCS(CompressedFedAvg):
         if biht_iter is not None:
             params["biht_iter"] = biht_iter
         super().__init__(inner, codec="onebit_cs", codec_params=params, error_feedback=error_feedback, **kwargs)
+        self.codec_params["phi_schedule"] = phi_schedule
         if phi_schedule == "fixed":
             self.codec_params["phi_seed"] = derive_seed(self.seed, "onebit_cs", "phi-a-priori")
         self.measurements = measurements

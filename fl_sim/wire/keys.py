@@ -9,6 +9,7 @@ ARRAYS = "arrays"  # the global model (down) / the trained model or the payload 
 CONFIG = "config"
 METRICS = "metrics"
 PAYLOAD_META = "fl-sim.payload"  # ConfigRecord describing an encoded payload in ARRAYS
+REPLY_META = "fl-sim.reply"  # ConfigRecord of every train reply (compression_mod): the round it answers
 
 # ConfigRecord keys (server -> client)
 ROUND = "server-round"
@@ -47,6 +48,9 @@ P_BITS = "bits"
 P_META = "meta"  # JSON of Payload.meta
 P_CID = "cid"  # the client id the payload was encoded for (its per-client seed)
 
+# Reply meta keys (ConfigRecord REPLY_META, client -> server)
+R_ROUND = "round"  # the ROUND of the train message the reply answers (a stale or replayed reply differs)
+
 # MetricRecord keys (client -> server)
 NUM_EXAMPLES = "num-examples"
 TRAIN_LOSS = "train-loss"
@@ -57,3 +61,10 @@ DAQU_LOSS_SUM = "sent-loss-sum"  # DaQuSGD: sum of the sent samples' losses (thr
 DAQU_SENT = "sent-samples"  # DaQuSGD: samples sent
 DAQU_CONSIDERED = "candidates"  # DaQuSGD: samples considered (the N of Theorem 3's 1/N)
 DAQU_CLIPPED = "gradcorrq-clipped"  # DaQuSGD: samples whose GradCorrQ probability was clamped (biased)
+
+# Sparse broadcast of the global model (fl_sim.strategies.broadcast, fl_sim.clients.broadcast)
+SPARSE_MODEL = "fl-sim.sparse-model"  # ArrayRecord (down): <name>.idx, <name>.val of the changed entries
+MODEL_VERSION = "fl-sim.model-version"  # config (down): the model's version (its round); reply record: held
+MODEL_BASE = "fl-sim.model-base"  # config (down): the version the sparse record changes
+MODEL_HELD = "fl-sim.model-held"  # ConfigRecord (up): MODEL_VERSION of the model the node now holds
+SPARSE_IDX, SPARSE_VAL = ".idx", ".val"  # suffixes of an array's indices / values in SPARSE_MODEL

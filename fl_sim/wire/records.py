@@ -37,6 +37,8 @@ __all__ = [
     "state_dict_to_arrays",
     "array_record",
     "flatten_with_bits",
+    "model_spec",
+    "flatten_checked",
     "ParsedArray",
     "ndarray_to_array",
 ]
@@ -130,6 +132,36 @@ def flatten_with_bits(arrays: ArrayRecord) -> tuple[torch.Tensor, int]:
     parts, bits = [], 0
     for name, arr in arrays.items():
         nd = read_array(arr, name)
+        bits += nd.size * nd.dtype.itemsize * 8
+        if np.issubdtype(nd.dtype, np.floating):
+            parts.append(nd.reshape(-1).astype(np.float32, copy=False))
+    return (torch.from_numpy(np.concatenate(parts)) if parts else torch.zeros(0)), int(bits)
+
+
+def model_spec(arrays: ArrayRecord) -> dict[str, tuple[tuple[int, ...], str]]:
+    """name -> (shape, dtype name) of every array of a model record, in record order (its entries' own
+    fields: nothing is read). What a full-model reply must hold (:func:`flatten_checked`)."""
+    return {name: (tuple(int(s) for s in arr.shape), str(arr.dtype)) for name, arr in arrays.items()}
+
+
+def flatten_checked(arrays: ArrayRecord, spec: dict[str, tuple[tuple[int, ...], str]]) -> tuple[torch.Tensor, int]:
+    """:func:`flatten_with_bits` of a full-model reply that must hold exactly the arrays of ``spec``
+    (:func:`model_spec` of the global model): the same names, and for each the same shape and dtype as
+    read from its bytes; an array missing, added (of any dtype) or of another shape or dtype raises
+    PayloadError. Flattened in ``spec``'s order, so a reply listing its arrays in another order reads the
+    same. Bits: those of the arrays checked (numel x dtype width)."""
+    names = list(arrays.keys())
+    extra = [n for n in names if n not in spec]
+    if extra:
+        raise PayloadError(f"model has arrays the global model lacks: {extra[:5]}{' ...' if len(extra) > 5 else ''}")
+    missing = [n for n in spec if n not in arrays]
+    if missing:
+        raise PayloadError(f"model lacks the arrays {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    parts, bits = [], 0
+    for name, (shape, dtype) in spec.items():
+        nd = read_array(arrays[name], name)
+        if nd.shape != shape or str(nd.dtype) != dtype:
+            raise PayloadError(f"array {name!r} is {nd.dtype}{list(nd.shape)}, the global model's is {dtype}{list(shape)}")
         bits += nd.size * nd.dtype.itemsize * 8
         if np.issubdtype(nd.dtype, np.floating):
             parts.append(nd.reshape(-1).astype(np.float32, copy=False))

@@ -34,7 +34,10 @@ from fl_sim.compression.base import (
 from fl_sim.compression.projections import PartialHadamard, SubsampledOrthogonal
 from fl_sim.compression.recovery import LP_MAX_ENTRIES, biht, fast_operator, fiht, l1_recovery_lp
 
-__all__ = ["CSFIHTCodec", "OneBitCSCodec"]
+__all__ = ["CSFIHTCodec", "OneBitCSCodec", "PHI_SCHEDULES", "PHI_SEED_DEFAULT"]
+
+PHI_SCHEDULES = ("fixed", "round")  # OneBitCS: Phi drawn once a priori (the paper) or redrawn every round
+PHI_SEED_DEFAULT = derive_seed(0, "onebit_cs", "phi-a-priori")  # = OneBitCS(seed=0)'s fixed Phi
 
 
 def _pos_int(name: str, value: Any, who: str, *, allow_none: bool = False) -> int | None:
@@ -243,10 +246,12 @@ class OneBitCSCodec(Codec):
       * Phi, ``phi="per_worker"`` (eqs. 9-10): Phi^(k) is worker k's own; ``phi="common"`` (the paper's
         "same Phi for all workers" note): one Phi for everybody, so the codec is linear in the
         dequantized domain (:meth:`aggregate`, one recovery);
-      * Phi, ``phi_seed`` set: fixed a priori for the whole run ("Phi^(k) known a priori", eq. 10 text):
-        common Phi from ``phi_seed``, Phi^(k) from ``client_round_seed(phi_seed, client_seed)``;
-        ``phi_seed=None``: redrawn every round, from ``seed`` (common) or ``client_round_seed(seed,
-        client_seed)`` (per worker) (fl-sim's earlier rule; an option, not the paper's rule).
+      * Phi, ``phi_schedule="fixed"`` (the default, the paper's rule): fixed a priori for the whole run
+        ("Phi^(k) known a priori", eq. 10 text): common Phi from ``phi_seed``, Phi^(k) from
+        ``client_round_seed(phi_seed, client_seed)``; ``phi_seed`` None means :data:`PHI_SEED_DEFAULT`
+        (the seed ``OneBitCS`` derives from run seed 0, so a bare codec and the strategy agree);
+      * Phi, ``phi_schedule="round"`` (an option, not the paper's rule): redrawn every round, from
+        ``seed`` (common) or ``client_round_seed(seed, client_seed)`` (per worker).
 
     Bits: m + 32 B (one bit per measurement, one float32 rho_b per block).
 
@@ -256,7 +261,9 @@ class OneBitCSCodec(Codec):
         phi: "per_worker" or "common".  recovery: "none", "lp" or "biht".
         block: power-of-2 block length n of the partial Hadamard (None: one block of next_pow2(d)).
         sparsity: K for BIHT / FIHT (default m // 4).  biht_iter: BIHT iterations.
-        phi_seed: int: Phi fixed a priori from it (the paper); None: Phi redrawn every round.
+        phi_schedule: "fixed" (Phi drawn once, from ``phi_seed``: the paper) or "round" (redrawn from each
+            round's seed).
+        phi_seed: the seed of the fixed Phi (None: :data:`PHI_SEED_DEFAULT`); only with "fixed".
     """
 
     name = "onebit_cs"
@@ -272,10 +279,17 @@ class OneBitCSCodec(Codec):
         block: int | None = None,
         sparsity: int | None = None,
         biht_iter: int = 50,
+        phi_schedule: str = "fixed",
         phi_seed: int | None = None,
     ) -> None:
         super().__init__(dim=dim)
         measurements = _pos_int("measurements", measurements, self.name)
+        if phi_schedule not in PHI_SCHEDULES:
+            raise CodecError(f"{self.name}: phi_schedule must be 'fixed' (the paper: Phi known a priori) or "
+                             f"'round' (redrawn each round), got {phi_schedule!r}")
+        if phi_schedule == "round" and phi_seed is not None:
+            raise CodecError(f"{self.name}: phi_seed={phi_seed} fixes Phi, but phi_schedule='round' redraws it each "
+                             "round; drop phi_seed or use phi_schedule='fixed'")
         if phi not in ("per_worker", "common"):
             raise CodecError(f"{self.name}: phi must be 'per_worker' or 'common', got {phi!r}")
         if recovery not in ("none", "lp", "biht"):
@@ -283,8 +297,8 @@ class OneBitCSCodec(Codec):
         block = _pos_int("block", block, self.name, allow_none=True)
         if block is not None and block & (block - 1):
             raise CodecError(f"{self.name}: block must be a power of 2, got {block}")
-        if phi_seed is not None:
-            check_seed(phi_seed, f"{self.name} (phi_seed)")
+        if phi_schedule == "fixed":
+            phi_seed = PHI_SEED_DEFAULT if phi_seed is None else check_seed(phi_seed, f"{self.name} (phi_seed)")
         n = block if block is not None else 1 << (dim - 1).bit_length()
         blocks = -(-dim // n)
         k = max(1, measurements // blocks)
@@ -298,13 +312,13 @@ class OneBitCSCodec(Codec):
         self.n, self.blocks, self.k, self.m = n, blocks, k, blocks * k
         self.sparsity = _pos_int("sparsity", sparsity, self.name, allow_none=True) or max(1, self.m // 4)
         self.biht_iter = _pos_int("biht_iter", biht_iter, self.name)
-        self.phi_seed = phi_seed
+        self.phi_schedule, self.phi_seed = phi_schedule, phi_seed
         self.linear = phi == "common"  # instance attribute: shadows the class default False
         self._ops = SeedCache(self._build, size=16)
 
     def params(self) -> dict[str, Any]:
         return {"dim": self.dim, "measurements": self.measurements, "phi": self.phi, "recovery": self.recovery,
-                "block": self.block, "sparsity": self.sparsity, "biht_iter": self.biht_iter, "phi_seed": self.phi_seed}
+                "block": self.block, "sparsity": self.sparsity, "biht_iter": self.biht_iter, "phi_schedule": self.phi_schedule, "phi_seed": self.phi_seed}
 
     def nominal_bits(self) -> int:
         return self.m + 32 * self.blocks

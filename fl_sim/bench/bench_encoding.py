@@ -9,8 +9,10 @@ quickstart task: Synthetic(1, 1), MLP of 14,210 parameters) and the same trained
 random update). Round 1 (no residuals yet, JIT warm-up) is not timed; rounds 2.. are, each client then
 holding a residual. The payloads of the two paths are checked equal (bits, tensors).
 
-Usage: ``python benchmarks/bench_encoding.py [--methods topk_ef,qcs] [--per-round 100,1000]
-[--store disk,context] [--rounds 3] [--threads 1]``. Prints one line per point and the ratio per-reply / block.
+Usage: ``fl-sim bench encoding [--methods topk_ef,qcs] [--per-round 100,1000] [--store disk,context]
+[--rounds 3] [--threads 1] [--out bench_out/encoding.json]`` (or ``python -m fl_sim.bench.bench_encoding``).
+Prints one line per point and the ratio per-reply / block, and writes the points as JSON. ``--smoke``:
+tiny sizes (top-k + EF, 3 clients, 2 rounds) for the test suite; its figures mean nothing.
 """
 
 from __future__ import annotations
@@ -29,10 +31,11 @@ from fl_sim.runs.build import build_experiment, build_strategy
 from fl_sim.clients.app import client_id, make_client_app
 from fl_sim.clients.cohort_encode import encode_cohort
 from fl_sim.clients.mods import _encode_reply, _find_config
+from fl_sim.bench.bench_codecs import write_json
 from fl_sim.clients.residuals import DiskResidualStore
 from fl_sim.config import load_config
 from fl_sim.wire.records import flatten_arrays
-from fl_sim.testing import InMemoryGrid
+from fl_sim.engine.inline import InMemoryGrid
 
 
 def _setup(method: str, n: int, store: str, tmp: Path):
@@ -94,24 +97,35 @@ def point(method: str, n: int, store: str, rounds: int) -> dict:
     return {"method": method, "per_round": n, "store": store, **mean, "ratio": mean["per-reply"] / mean["block"]}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> list[dict]:
+    ap = argparse.ArgumentParser(prog="bench_encoding", description=__doc__.splitlines()[0])
     ap.add_argument("--methods", default="topk_ef,qcs")
     ap.add_argument("--per-round", default="100,1000")
     ap.add_argument("--store", default="disk,context")
     ap.add_argument("--rounds", type=int, default=3, help="rounds per point; the first is not timed")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    args = ap.parse_args()
+    ap.add_argument("--out", type=Path, default=Path("bench_out/encoding.json"))
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes for the test suite (figures meaningless)")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.methods, args.per_round, args.rounds = "topk_ef", "3", 2
+    if args.rounds < 2:
+        ap.error("--rounds must be at least 2 (round 1 is not timed)")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"torch threads: {torch.get_num_threads()}")
     print(f"{'method':8} {'clients':>7} {'store':7} {'per-reply s':>12} {'block s':>9} {'ratio':>6}")
+    rows = []
     for method in args.methods.split(","):
         for n in (int(v) for v in args.per_round.split(",")):
             for store in args.store.split(","):
                 r = point(method, n, store, args.rounds)
+                rows.append(r)
                 print(f"{method:8} {n:7d} {store:7} {r['per-reply']:12.3f} {r['block']:9.3f} {r['ratio']:6.1f}", flush=True)
+    write_json({"torch_threads": torch.get_num_threads(), "points": rows}, args.out)
+    print(f"wrote {args.out}")
+    return rows
 
 
 if __name__ == "__main__":

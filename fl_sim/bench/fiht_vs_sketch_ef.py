@@ -16,7 +16,9 @@ The 2 x 3 design isolates the decoder from the residual rule and from K:
     residual rule: subtract (r <- y - A Delta, FIHT-CS's rule) | zero (FetchSGD's: zero the cells the applied
                    coordinates hash to; sketch only) | none (r <- 0, no error feedback)
     K:             Tang's K/d (638) | Q (1,421, what configs/cs_ef.yaml unsketches)
-Q = d/10 throughout (equal uplink bits). Run: ``python -m benchmarks.fiht_vs_sketch_ef [--steps 60]``.
+Q = d/10 throughout (equal uplink bits). Run: ``fl-sim bench fiht-vs-sketch [--steps 60] [--out FILE]`` (or
+``python -m fl_sim.bench.fiht_vs_sketch_ef``); figures in docs/comparison/README.md. ``--smoke``: tiny sizes
+(d = 1,421, 2 steps) for the test suite; its figures mean nothing.
 """
 
 from __future__ import annotations
@@ -25,31 +27,40 @@ import argparse
 import json
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from fl_sim.bench.bench_codecs import write_json
 from fl_sim.compression import codecs as _register  # noqa: F401 (registers the codecs)
 from fl_sim.compression.base import make_codec
 from fl_sim.compression.sketch import CountSketch
 from fl_sim.rng import torch_generator
 
 D = 14_210
-Q = D // 10
-K_TANG = round(30_000 / 668_426 * D)
+SMOKE_D = 1_421
 
 
-def stream(kind: str, steps: int, seed: int = 0) -> list[torch.Tensor]:
+def sizes(d: int) -> tuple[int, int]:
+    """(Q, K_Tang) at dimension d: Q = d/10 measurements or cells, K = Tang's 30,000 / 668,426 of d."""
+    return d // 10, round(30_000 / 668_426 * d)
+
+
+Q, K_TANG = sizes(D)
+
+
+def stream(kind: str, steps: int, seed: int = 0, d: int = D) -> list[torch.Tensor]:
     g = torch_generator(seed, "fiht-vs-sketch", kind)
     if kind == "dense":
         sp = 0.3
         sigma = math.sqrt(math.log(2 / (math.pi * sp)))
-        s = torch.exp(sigma * torch.randn(D, generator=g))
+        s = torch.exp(sigma * torch.randn(d, generator=g))
     else:
-        s = torch.zeros(D)
-        s[torch.randperm(D, generator=g)[: int(0.02 * D)]] = 1.0
-    mu = torch.randn(D, generator=g)
-    return [s * (mu + torch.randn(D, generator=g)) for _ in range(steps)]
+        s = torch.zeros(d)
+        s[torch.randperm(d, generator=g)[: int(0.02 * d)]] = 1.0
+    mu = torch.randn(d, generator=g)
+    return [s * (mu + torch.randn(d, generator=g)) for _ in range(steps)]
 
 
 def sparsity(x: torch.Tensor) -> float:
@@ -57,21 +68,23 @@ def sparsity(x: torch.Tensor) -> float:
 
 
 def run(decoder: str, rule: str, k: int, gs: list[torch.Tensor]) -> dict:
-    total_g, total_d = torch.zeros(D), torch.zeros(D)
+    d = gs[0].numel()
+    q = sizes(d)[0]
+    total_g, total_d = torch.zeros(d), torch.zeros(d)
     resid_norms, t0 = [], time.perf_counter()
     if decoder == "fiht":
-        codec = make_codec("cs_fiht", dim=D, measurements=Q, sparsity=k, transform="dct", max_iter=25)
-        r = torch.zeros(Q)
+        codec = make_codec("cs_fiht", dim=d, measurements=q, sparsity=k, transform="dct", max_iter=25)
+        r = torch.zeros(q)
         for g in gs:
             y = codec.measure(g, seed=1) + r
             delta = codec.recover(y, seed=1)
-            r = y - codec.measure(delta, seed=1) if rule == "subtract" else torch.zeros(Q)
+            r = y - codec.measure(delta, seed=1) if rule == "subtract" else torch.zeros(q)
             total_g += g
             total_d += delta
             resid_norms.append(float(r.norm() / y.norm()))
     else:
-        cs = CountSketch(D, 1, Q, seed=1)
-        r = torch.zeros(1, Q)
+        cs = CountSketch(d, 1, q, seed=1)
+        r = torch.zeros(1, q)
         for g in gs:
             table = cs.sketch(g) + r
             delta, idx = cs.unsketch_topk(table, k)
@@ -92,24 +105,28 @@ def run(decoder: str, rule: str, k: int, gs: list[torch.Tensor]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="fiht_vs_sketch_ef", description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--out", default="")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes for the test suite (figures meaningless)")
     a = ap.parse_args(argv)
+    if a.steps < 1:
+        ap.error("--steps must be at least 1")
+    d, steps = (SMOKE_D, 2) if a.smoke else (D, a.steps)
+    q, k_tang = sizes(d)
     torch.set_num_threads(1)
     rows = []
     for kind in ("dense", "sparse"):
-        gs = stream(kind, a.steps)
+        gs = stream(kind, steps, d=d)
         sp = float(np.mean([sparsity(g) for g in gs]))
-        for decoder, rule, k in [("fiht", "subtract", K_TANG), ("fiht", "none", K_TANG), ("fiht", "subtract", Q),
-                                 ("sketch", "zero", K_TANG), ("sketch", "subtract", K_TANG), ("sketch", "none", K_TANG),
-                                 ("sketch", "zero", Q), ("sketch", "subtract", Q)]:
+        for decoder, rule, k in [("fiht", "subtract", k_tang), ("fiht", "none", k_tang), ("fiht", "subtract", q),
+                                 ("sketch", "zero", k_tang), ("sketch", "subtract", k_tang), ("sketch", "none", k_tang),
+                                 ("sketch", "zero", q), ("sketch", "subtract", q)]:
             row = {"stream": kind, "sp": round(sp, 3), **run(decoder, rule, k, gs)}
             rows.append(row)
             print(json.dumps(row), flush=True)
     if a.out:
-        with open(a.out, "w") as f:
-            json.dump(rows, f, indent=1)
+        write_json(rows, Path(a.out))
     return rows
 
 

@@ -16,8 +16,11 @@ writes the per-round series as JSON (``--out``) and a PNG (``--plot``).
 
 Usage::
 
-    python -m benchmarks.bench_memory_flat --backend ray --plot docs/memory_flat.png \
+    fl-sim bench memory-flat --backend ray --plot docs/memory_flat.png \
         --out docs/perf/memory_flat.json [--set simulation.residual_store=disk]
+
+(or ``python -m fl_sim.bench.bench_memory_flat``). ``--smoke``: tiny sizes (inline backend, 4 clients,
+2 per round, 3 rounds) for the test suite; its figures mean nothing.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fl_sim.bench.bench_codecs import write_json
 from fl_sim.bench.bench_scale import TreeMemory, machine
 
 __all__ = ["measure", "main"]
@@ -124,9 +128,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--set", dest="set_", action="append", default=[], help="config override (repeatable)")
     p.add_argument("--out", type=Path, default=Path("bench_out/memory_flat.json"))
     p.add_argument("--plot", type=Path, default=None)
+    p.add_argument("--smoke", action="store_true", help="tiny sizes for the test suite (figures meaningless)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.smoke:
+        a.backend, a.rounds, a.clients, a.per_round = "inline", 3, 4, 2
     if a.worker:  # one measurement, alone in its process tree
         res = measure(a.worker, a.rounds, a.clients, a.per_round, a.set_)
         Path(a.result).write_text(json.dumps(res))
@@ -134,7 +141,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     results = []
     for backend in [b for b in a.backend.split(",") if b]:
         result = Path(tempfile.mkstemp(prefix="memflat-", suffix=".json")[1])
-        cmd = [sys.executable, "-m", "benchmarks.bench_memory_flat", "--worker", backend, "--rounds", str(a.rounds),
+        cmd = [sys.executable, "-m", "fl_sim.bench.bench_memory_flat", "--worker", backend, "--rounds", str(a.rounds),
                "--clients", str(a.clients), "--per-round", str(a.per_round), "--result", str(result)]
         for s in a.set_:
             cmd += ["--set", s]
@@ -145,12 +152,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         result.unlink()
         print("\n".join(report(res)), flush=True)
         results.append(res)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
     old = json.loads(a.out.read_text()) if a.out.exists() else {}
     for res in results:
         old[f"{res['backend']} {' '.join(res['set'])}".strip()] = res
     old["_machine"] = machine()
-    a.out.write_text(json.dumps(old, indent=1))
+    write_json(old, a.out)
     if a.plot:
         print(f"wrote {plot([v for k, v in old.items() if not k.startswith('_')], a.plot)}")
     return results

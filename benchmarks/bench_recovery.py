@@ -1,7 +1,0 @@
-"""Moved to fl_sim.bench.bench_recovery (installed with fl-sim, part of `fl-sim bench codecs`)."""
-
-from fl_sim.bench.bench_recovery import *  # noqa: F401,F403
-from fl_sim.bench.bench_recovery import main as _main
-
-if __name__ == "__main__":
-    _main()

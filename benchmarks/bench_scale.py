@@ -1,7 +1,0 @@
-"""Moved to fl_sim.bench.bench_scale (installed with fl-sim, for `fl-sim bench`); kept so `python -m benchmarks.bench_scale` works."""
-
-from fl_sim.bench.bench_scale import *  # noqa: F401,F403
-from fl_sim.bench.bench_scale import main as _main
-
-if __name__ == "__main__":
-    _main()
