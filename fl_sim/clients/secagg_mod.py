@@ -196,8 +196,9 @@ def _collect(st: ConfigRecord, cfg: ConfigRecord, message: Message, context: Con
     if keys.CODEC not in train_cfg:
         wanted = str(train_cfg.get(keys.ARRAYRECORD_KEY, keys.ARRAYS))
         arrays = content.get(wanted)
-        arrays = arrays if isinstance(arrays, ArrayRecord) else next(v for v in content.values()
-                                                                     if isinstance(v, ArrayRecord))
+        if not isinstance(arrays, ArrayRecord):
+            raise ValueError(f"secagg_mod: the train message has no model under {wanted!r} to form Δ = w_i − w "
+                             "against (a sparse model broadcast suits the K-sparse methods, not a full-model one)")
         received = flatten_arrays(arrays)
     reply = call_next(inner, context)
     if reply.has_error():

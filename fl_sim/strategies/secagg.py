@@ -413,8 +413,9 @@ class SecAggPlusGrid(GridProxy):
             content[keys.PAYLOAD_META] = meta
             metrics[keys.UPLINK_BITS] = int(meta[keys.P_BITS])
         else:  # a model update: w + Δ̄
-            model = base.content[wanted] if wanted in base.content else \
-                next(v for v in base.content.values() if isinstance(v, ArrayRecord))
+            model = base.content.get(wanted)
+            if not isinstance(model, ArrayRecord):
+                raise SecAggError(f"the train message has no model under {wanted!r} to add the mean update to")
             content[wanted] = unflatten_into(model, flatten_arrays(model) + values.to(torch.float32))
         content[keys.METRICS] = metrics
         for name, record in meta_msg.content.items():  # the clients' other reply records (all equal: checked)
