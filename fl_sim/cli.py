@@ -40,11 +40,27 @@ def error_line(exc: BaseException) -> str:
 def _fail(exc: BaseException, debug: bool, code: int = 2) -> None:
     if debug:
         raise exc
+    # soft_wrap: one line even when stderr is not a terminal (rich would wrap it at 80 columns)
+    console.print(f"[bold red]error:[/] {_escape(error_line(exc))}", highlight=False, markup=True, soft_wrap=True)
+    raise typer.Exit(code=code)
+
+
+def _fail_unexpected(exc: Exception, debug: bool) -> None:
+    """An exception no check anticipated: one line naming it, exit 1; ``--debug`` shows the traceback."""
+    import click
+
+    if debug or isinstance(exc, (click.exceptions.Exit, click.exceptions.Abort, click.ClickException)):
+        raise exc
+    console.print(f"[bold red]error:[/] {_escape(type(exc).__name__)}: {_escape(error_line(exc))} (an unexpected "
+                  "failure: rerun with --debug for the traceback and report it)", highlight=False, markup=True,
+                  soft_wrap=True)
+    raise typer.Exit(code=1)
+
+
+def _escape(text: str) -> str:
     from rich.markup import escape
 
-    # soft_wrap: one line even when stderr is not a terminal (rich would wrap it at 80 columns)
-    console.print(f"[bold red]error:[/] {escape(error_line(exc))}", highlight=False, markup=True, soft_wrap=True)
-    raise typer.Exit(code=code)
+    return escape(text)
 
 
 @app.command()
@@ -70,6 +86,7 @@ def run(
     from fl_sim.runs.simulation import RunFailed
     from fl_sim.strategies.secagg import SecAggError
 
+    run_dir = cfg = None
     try:
         from fl_sim.config import load_config
 
@@ -103,12 +120,20 @@ def run(
                 progress.update(task, completed=rnd, status=status)
 
             summary = run_experiment(cfg, run_dir, on_round, resume=resume is not None, overwrite=overwrite)
+    except KeyboardInterrupt:
+        if run_dir is not None and cfg is not None and cfg.checkpoint_every:
+            console.print(f"interrupted: the checkpoints in {run_dir} are kept; continue with fl-sim run --resume "
+                          f"{run_dir}", highlight=False, soft_wrap=True)
+        raise
     except (RunFailed, SecAggError) as exc:  # a dead Ray worker, no round changed the model, a SecAgg+ round
         # below its threshold (secagg.on_failure: raise): exit 1, not 0
         _fail(exc, debug, code=1)
         return
     except USER_ERRORS as exc:
         _fail(exc, debug)
+        return
+    except Exception as exc:  # noqa: BLE001 - never a traceback without --debug
+        _fail_unexpected(exc, debug)
         return
     acc = summary.get("final_test_accuracy")
     out.print(f"model {cfg.model.name}: {summary.get('parameters', 0):,} parameters; "
@@ -135,6 +160,9 @@ def report(
         rows, plots = make_report(run_dirs, out_dir, baseline=baseline)
     except USER_ERRORS as exc:
         _fail(exc, debug)
+        return
+    except Exception as exc:  # noqa: BLE001 - never a traceback without --debug
+        _fail_unexpected(exc, debug)
         return
     table = Table(title="fl-sim runs")
     for col in rows[0]:
@@ -173,6 +201,9 @@ def sweep(
                          on_point=lambda name, what: console.print(f"[bold]{name}[/] {what}"))
     except USER_ERRORS as exc:
         _fail(exc, debug)
+        return
+    except Exception as exc:  # noqa: BLE001 - never a traceback without --debug
+        _fail_unexpected(exc, debug)
         return
     out.print(f"{len(rows)} runs -> {out_dir / 'sweep.csv'}")
 
@@ -459,6 +490,9 @@ def reproduce(
     full: bool = typer.Option(False, "--full", help="The full version (real data, more rounds) instead of the reduced one."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Output directory (default: runs/reproduce/NAME[-full])."),
     list_: bool = typer.Option(False, "--list", help="List the experiments and exit."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace other results already in --out DIR (without it such a DIR is refused)."
+    ),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Reproduce a paper experiment: CSV + PNG per part and summary.json (docs/reproductions.md)."""
@@ -473,9 +507,13 @@ def reproduce(
         out.print(table)
         return
     try:
-        summary = run_reproduction(name, full=full, out=out_dir, progress=lambda msg: console.print(msg))
+        summary = run_reproduction(name, full=full, out=out_dir, overwrite=overwrite,
+                                   progress=lambda msg: console.print(msg))
     except USER_ERRORS as exc:
         _fail(exc, debug)
+        return
+    except Exception as exc:  # noqa: BLE001 - never a traceback without --debug
+        _fail_unexpected(exc, debug)
         return
     where = out_dir or Path("runs") / "reproduce" / (summary["experiment"] + ("-full" if full else ""))
     out.print(f"{summary['experiment']} ({summary['version']}) done in {summary['wall_s']:.1f} s -> {where}")
@@ -516,23 +554,49 @@ def compare(
     except USER_ERRORS as exc:
         _fail(exc, debug)
         return
+    except Exception as exc:  # noqa: BLE001 - never a traceback without --debug
+        _fail_unexpected(exc, debug)
+        return
     for f in result["failures"]:
         console.print(f"[bold red]failed:[/] {f}", highlight=False)
     out.print(f"{len(result['runs'])} reported runs, targets "
               + ", ".join(f"{t} {v:.3f}" for t, v in result["targets"].items()) + f" -> {docs}")
 
 
+def _lingering_threads() -> list:
+    """Threads other than this one that the interpreter would wait for at exit (Flower's ServerApp thread)."""
+    import threading
+
+    return [t for t in threading.enumerate() if t is not threading.current_thread() and t.is_alive() and not t.daemon]
+
+
 def main() -> None:
+    """The ``fl-sim`` entry point. Ctrl-C exits with 130 within seconds, on every backend.
+
+    Typer turns a KeyboardInterrupt into ``SystemExit(130)``; a normal exit then waits for every non-daemon
+    thread, and on the Ray backend Flower's ServerApp thread waits without end for replies that never come
+    (the run went on for minutes after Ctrl-C). So an exit that leaves such a thread behind stops Ray
+    (bounded) and leaves at once with its code; checkpoints are atomic files and stay.
+    """
     try:
         app()
+        code: int | str | None = 0
     except KeyboardInterrupt:
-        # Flower's ServerApp thread (not a daemon) would keep the interpreter alive waiting for replies
-        # that never come: stop Ray, then leave without waiting for threads.
+        code = 130
+    except SystemExit as exc:
+        code = exc.code
+    if code == 130:
         console.print("interrupted")
-        _shutdown_ray()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(130)
+    if not _lingering_threads():
+        sys.exit(code)
+    if not isinstance(code, int):  # sys.exit("message"): print it, exit 1
+        if code is not None:
+            console.print(str(code))
+        code = 1 if code is not None else 0
+    _shutdown_ray()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

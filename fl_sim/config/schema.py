@@ -412,6 +412,9 @@ def _require(cond: bool, key: str, value: Any, allowed: str) -> None:
 RESIDUAL_STORES = ("auto", "context", "disk")
 BACKENDS = ("auto", "ray", "inline", "vectorized")
 DEVICES = ("cpu", "cuda", "auto")  # simulation.device (backend vectorized)
+# Largest population: each client costs its partition indices and bookkeeping in this one process, so
+# 10^8 clients are already tens of GB before any data; the benchmarks measure up to 10^5.
+MAX_CLIENTS = 100_000_000
 AUTO_SUPERNODES = 1_000  # simulation.supernodes=0: one SuperNode per client up to this many clients
 
 
@@ -432,7 +435,8 @@ def validate(cfg: RunConfig) -> None:
     """Impossible values -> ConfigError naming key, value and what is allowed."""
     names = _registries()
     _require(cfg.rounds >= 1, "rounds", cfg.rounds, "must be >= 1")
-    _require(cfg.clients >= 1, "clients", cfg.clients, "must be >= 1")
+    _require(1 <= cfg.clients <= MAX_CLIENTS, "clients", cfg.clients,
+             f"must be in [1, {MAX_CLIENTS:,}] (one process keeps every client's partition and bookkeeping)")
     c = cfg.clients_per_round
     _require(c > 0, "clients_per_round", c, "a count >= 1 or a fraction in (0, 1)")
     _require(

@@ -13,6 +13,10 @@ A pickle can call any importable function while it loads, so a crafted ``data_ba
 the globals the real format holds (NumPy's array reconstruction: ``_reconstruct``, ``ndarray``,
 ``dtype``, ``scalar``, and ``_frombuffer`` of protocol-5 pickles; and ``_codecs.encode`` to latin-1, which Python 3 uses for bytes in protocol-2
 pickles); dicts, lists, strings, bytes and ints need no global. Anything else is refused with one line.
+Nothing it builds is larger than a few times the file: arrays start empty and get only the bytes the file
+carries, dtypes are numbers of at most 16 bytes, and ``data``/``labels`` must have the real format's types
+before NumPy converts them (a 65-byte pickle asked ``_reconstruct`` for 2 GiB; a list of shared references
+expands without bound).
 
 Normalisation x ← (x/255 − mean)/std with the usual per-dataset statistics of the training sets:
 MNIST 0.1307 / 0.3081, Fashion-MNIST 0.2860 / 0.3530, CIFAR-10 per channel
@@ -22,7 +26,9 @@ mean (0.4914, 0.4822, 0.4465), std (0.2470, 0.2435, 0.2616).
 from __future__ import annotations
 
 import gzip
+import math
 import pickle
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -40,22 +46,51 @@ _IDX_STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images
 _CIFAR_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
 
 
+# Largest idx payload read: no MNIST-format set comes near it (EMNIST's largest split is 0.6 GB); a header
+# declaring more is corrupt, and a small .gz can decompress to any size, so reads stop at the declared size.
+MAX_IDX_BYTES = 2**32
+_CHUNK = 1 << 24
+
+
+def _read_upto(f, n: int) -> bytes:
+    """At most ``n`` bytes of ``f``, read in chunks (one ``read(n)`` preallocates n bytes)."""
+    parts, got = [], 0
+    while got < n:
+        chunk = f.read(min(_CHUNK, n - got))
+        if not chunk:
+            break
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
+
+
 def read_idx(path: Path) -> np.ndarray:
-    """An idx-ubyte file (optionally gzipped): magic 0x0000 08 ndim, ndim big-endian int32 sizes, uint8 data."""
+    """An idx-ubyte file (optionally gzipped): magic 0x0000 08 ndim, ndim big-endian int32 sizes, uint8 data.
+
+    Reads the header, then at most the size it declares plus one byte: memory stays bounded by the declared
+    size (at most MAX_IDX_BYTES) whatever the (decompressed) file holds."""
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
-            raw = f.read()
-    except OSError as exc:
+            head = _read_upto(f, 4)
+            if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] != 0x08 or head[3] == 0:
+                raise DataError(f"{path} is not an idx file of unsigned bytes (magic 0x00 0x00 0x08 ndim); "
+                                "re-extract it")
+            ndim = head[3]
+            dims = _read_upto(f, 4 * ndim)
+            shape = tuple(int.from_bytes(dims[4 * i: 4 * i + 4], "big") for i in range(len(dims) // 4))
+            n = math.prod(shape)
+            if len(shape) != ndim or n > MAX_IDX_BYTES:
+                raise DataError(f"{path} is corrupt: its header declares shape {shape} ({n:,} bytes); re-extract it")
+            raw = _read_upto(f, n + 1)
+    except EOFError:  # gzip: the stream ends before its end marker (a truncated download)
+        raise DataError(f"{path} is truncated (the gzip stream ends early); re-extract or re-download it") from None
+    except (OSError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
         raise DataError(f"cannot read {path}: {exc}") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or raw[3] == 0:
-        raise DataError(f"{path} is not an idx file of unsigned bytes (magic 0x00 0x00 0x08 ndim); re-extract it")
-    ndim = raw[3]
-    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    start = 4 + 4 * ndim
-    if len(raw) - start != int(np.prod(shape)):
-        raise DataError(f"{path} is truncated or corrupt: header says {shape}, found {len(raw) - start} data bytes")
-    return np.frombuffer(raw, dtype=np.uint8, offset=start).reshape(shape)
+    if len(raw) != n:
+        found = f"{len(raw)}" if len(raw) < n else "more"
+        raise DataError(f"{path} is truncated or corrupt: header says {shape}, found {found} data bytes")
+    return np.frombuffer(raw, dtype=np.uint8).reshape(shape)
 
 
 def write_idx(path: Path, array: np.ndarray, *, gz: bool = False) -> Path:
@@ -125,12 +160,65 @@ def _latin1_encode(obj, encoding="utf-8", errors="strict"):
     return obj.encode("latin1", errors)
 
 
+# Allocation bound: every object the unpickler builds is at most a few times the file's bytes. NumPy's own
+# pickles create an array empty (``_reconstruct(ndarray, (0,), b'b')``) and give it its shape and bytes in
+# BUILD (``__setstate__``), where NumPy checks the bytes against the shape; ``_reconstruct`` with any
+# other shape allocates that shape at once (a 65-byte pickle asked for 2 GiB), and a dtype of a flexible
+# kind (void, bytes, str) or object can declare any item size, or take a list of shared references
+# whose expansion has no bound. So: arrays start empty, and dtypes are numbers of at most 16 bytes.
+_MAX_ITEMSIZE = 16
+
+
+class _BoundedArray(np.ndarray):
+    """The array ``_reconstruct`` gives the unpickler: its ``__setstate__`` (BUILD) admits a shape only with
+    the bytes that fill it (no object dtype, whose state is a list); read back as a plain ndarray."""
+
+    def __setstate__(self, state):
+        if not isinstance(state, tuple) or len(state) not in (4, 5):
+            raise pickle.UnpicklingError("an ndarray state that NumPy never writes")
+        shape, dtype, data = state[-4], state[-3], state[-1]
+        if not isinstance(dtype, np.dtype) or not isinstance(data, (bytes, bytearray)):
+            raise pickle.UnpicklingError("an ndarray whose state is not (shape, numeric dtype, bytes)")
+        n = 1
+        for dim in shape:
+            if not isinstance(dim, int) or dim < 0:
+                raise pickle.UnpicklingError(f"an ndarray of shape {shape!r}")
+            n *= dim
+        if n * dtype.itemsize != len(data):
+            raise pickle.UnpicklingError(f"an ndarray of shape {tuple(shape)} ({n * dtype.itemsize} bytes) that "
+                                         f"carries {len(data)} bytes")
+        super().__setstate__(state)
+
+
+def _bounded_reconstruct(subtype, shape, dtype):
+    """``numpy._core.multiarray._reconstruct`` for an empty ndarray only (module note above)."""
+    if subtype is not _BoundedArray or tuple(shape) != (0,):
+        raise pickle.UnpicklingError(f"_reconstruct of shape {shape!r}: NumPy pickles an empty array and fills "
+                                     "it in BUILD")
+    return _BoundedArray((0,), dtype)
+
+
+def _bounded_dtype(*args):
+    """``numpy.dtype`` of numbers only (bool, integers, floats, complex) of at most ``_MAX_ITEMSIZE`` bytes."""
+    dt = np.dtype(*args)
+    if dt.kind not in "biufc" or dt.itemsize > _MAX_ITEMSIZE:
+        raise pickle.UnpicklingError(f"dtype {dt} is not a number type a CIFAR-10 batch holds")
+    return dt
+
+
+def _bounded_scalar(dtype, *args):
+    if not isinstance(dtype, np.dtype) or dtype.kind not in "biufc":
+        raise pickle.UnpicklingError(f"a numpy scalar of dtype {dtype!r}")
+    return _numpy_global("multiarray", "scalar")(dtype, *args)
+
+
 _CIFAR_GLOBALS = {
-    **{(f"{pkg}.{mod}", name): (lambda m=mod, n=name: _numpy_global(m, n))
-       for pkg in ("numpy.core", "numpy._core")
-       for mod, name in (("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer"))},
-    ("numpy", "ndarray"): lambda: np.ndarray,
-    ("numpy", "dtype"): lambda: np.dtype,
+    **{(f"{pkg}.multiarray", "_reconstruct"): (lambda: _bounded_reconstruct) for pkg in ("numpy.core", "numpy._core")},
+    **{(f"{pkg}.multiarray", "scalar"): (lambda: _bounded_scalar) for pkg in ("numpy.core", "numpy._core")},
+    **{(f"{pkg}.numeric", "_frombuffer"): (lambda: _numpy_global("numeric", "_frombuffer"))
+       for pkg in ("numpy.core", "numpy._core")},
+    ("numpy", "ndarray"): lambda: _BoundedArray,
+    ("numpy", "dtype"): lambda: _bounded_dtype,
     ("_codecs", "encode"): lambda: _latin1_encode,
 }
 
@@ -158,8 +246,17 @@ def _cifar_batches(base: Path, names: tuple[str, ...]) -> tuple[torch.Tensor, to
     for n in names:
         try:
             d = _load_cifar_pickle(base / n)
-            x = np.asarray(d["data"], np.uint8).reshape(-1, 3, 32, 32)
-            y = np.asarray(d["labels"], np.int64)
+            x, y = d["data"], d["labels"]
+            # the real format only: converting anything else (a list of shared references) could expand
+            # without bound
+            if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3 * 32 * 32:
+                raise DataError(f"{base / n}: 'data' is not an (n, 3072) uint8 array; re-extract the real file")
+            if not isinstance(y, list) or not all(type(v) is int for v in y):
+                raise DataError(f"{base / n}: 'labels' is not a list of integers; re-extract the real file")
+            x = np.asarray(x).reshape(-1, 3, 32, 32)
+            y = np.asarray(y, np.int64)
+        except DataError:
+            raise
         except pickle.UnpicklingError as exc:
             raise DataError(f"{base / n} is not a CIFAR-10 python batch and was not loaded: {exc}; "
                             "re-extract the real file") from None

@@ -35,6 +35,7 @@ from fl_sim.rng import numpy_generator, torch_generator
 
 __all__ = ["SyntheticData", "generate_synthetic", "client_sizes", "feature_bytes", "SIZE_CAP", "BLOCK"]
 
+MIN_SIZE = 50  # n_k = ⌊lognormal⌋ + MIN_SIZE: every client has at least this many samples
 SIZE_CAP = 1000  # FedProx's uncapped lognormal(4, 2) tail reaches 10^5 samples on one client
 BLOCK = 256  # clients per generator block (a partial last block draws at most 255 clients' noise in vain)
 
@@ -62,7 +63,7 @@ def client_sizes(num_clients: int, seed: int) -> np.ndarray:
     blocks = -(-num_clients // BLOCK)
     draws = [numpy_generator(seed, "synthetic", "sizes", i).lognormal(4.0, 2.0, BLOCK) for i in range(blocks)]
     raw = np.concatenate(draws)[:num_clients] if draws else np.zeros(0)
-    return np.minimum(raw.astype(np.int64) + 50, SIZE_CAP)
+    return np.minimum(raw.astype(np.int64) + MIN_SIZE, SIZE_CAP)
 
 
 def feature_bytes(num_clients: int, seed: int, dim: int) -> int:

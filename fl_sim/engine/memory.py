@@ -21,6 +21,8 @@ F32, F64, I32 = 4, 8, 4
 # Copies of the model's float parameters alive at once: the global model, a client's model, its gradients
 # and optimizer momentum, the flattened update, and the server's aggregate.
 MODEL_COPIES = 6
+# Per-client bookkeeping every source keeps (partition sizes, offsets, client ids, node routing: int64 each).
+PER_CLIENT_BYTES = 4 * 8
 # Input shapes and classes of the built-in sources (hf:* is known only after loading).
 _SHAPES = {"digits": ((64,), 10), "mnist": ((1, 28, 28), 10), "fashion_mnist": ((1, 28, 28), 10),
            "cifar10": ((3, 32, 32), 10)}
@@ -69,14 +71,20 @@ def model_parameters(name: str, input_shape, num_classes: int, hidden) -> int:
 def check_experiment(cfg) -> None:
     """Data generation and model, before either is allocated."""
     d = cfg.data
+    # per-client bookkeeping of any source (sizes, partition indices, client ids: int64 each), before anything
+    # is drawn per client: an absurd client count is refused here, not by a per-client allocation
+    require(f"clients={cfg.clients:,}", cfg.clients * PER_CLIENT_BYTES, "use fewer clients")
     if d.name == "synthetic":
-        from fl_sim.data.synthetic import BLOCK, feature_bytes
+        from fl_sim.data.synthetic import BLOCK, MIN_SIZE, feature_bytes
 
         # features (Σ n_k · dim floats) and the generator's per-block weights w (BLOCK, dim, classes) float64,
-        # drawn and offset (two arrays alive at once)
-        need = feature_bytes(cfg.clients, cfg.seed, d.synthetic_dim) + 2 * BLOCK * d.synthetic_dim * d.synthetic_classes * F64
-        require(f"data.synthetic_dim={d.synthetic_dim}, data.synthetic_classes={d.synthetic_classes} "
-                f"({cfg.clients} clients)", need, "use fewer classes, features or clients")
+        # drawn and offset (two arrays alive at once); n_k >= MIN_SIZE gives a lower bound without drawing n_k
+        fixed = 2 * BLOCK * d.synthetic_dim * d.synthetic_classes * F64
+        what = (f"data.synthetic_dim={d.synthetic_dim}, data.synthetic_classes={d.synthetic_classes} "
+                f"({cfg.clients:,} clients)")
+        require(what, cfg.clients * MIN_SIZE * d.synthetic_dim * F32 + fixed, "use fewer classes, features or clients")
+        need = feature_bytes(cfg.clients, cfg.seed, d.synthetic_dim) + fixed
+        require(what, need, "use fewer classes, features or clients")
         shape, classes = (d.synthetic_dim,), d.synthetic_classes
     elif d.name in _SHAPES:
         shape, classes = _SHAPES[d.name]

@@ -82,6 +82,48 @@ def check_engine_resources(cfg: RunConfig) -> None:
             f"simulation.ray_address={sim.ray_address!r}: no Ray cluster answers at {host}:{port} within "
             f"{RAY_CONNECT_TIMEOUT_S:g} s ({exc.strerror or exc}); check the address or leave it empty"
         ) from None
+    why = ray_endpoint_problem(host, int(port), client=address.startswith("ray://"))
+    if why:
+        raise ConfigError(
+            f"simulation.ray_address={sim.ray_address!r}: {host}:{port} accepts connections but is not a Ray "
+            f"{'client server' if address.startswith('ray://') else 'cluster (GCS)'} ({why}); ray.init would retry "
+            "it without end: check the address and port (ray status prints them) or leave it empty"
+        )
+
+
+RAY_PROBE_TIMEOUT_S = 5.0
+
+
+def ray_endpoint_problem(host: str, port: int, *, client: bool = False) -> str | None:
+    """Why ``host:port`` is not a Ray endpoint, or None when it answers as one, within RAY_PROBE_TIMEOUT_S.
+
+    A cluster address is Ray's GCS: it must answer the GCS's own ``NodeInfoGcsService.GetClusterId`` call
+    (Ray's generated gRPC stub). A ``ray://`` address is a Ray Client server: it must at least complete a
+    gRPC (HTTP/2) handshake. Anything else listening there (a web server, a database) fails either check,
+    where ``ray.init`` would retry it for minutes."""
+    import grpc
+
+    try:  # Ray's own generated stubs; a Ray without them gets the handshake check only
+        from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+        stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub
+        request = gcs_service_pb2.GetClusterIdRequest
+    except (ImportError, AttributeError):
+        client = True
+    channel = grpc.insecure_channel(f"{host}:{port}")
+    try:
+        if client:
+            grpc.channel_ready_future(channel).result(timeout=RAY_PROBE_TIMEOUT_S)
+            return None
+        stub(channel).GetClusterId(request(), timeout=RAY_PROBE_TIMEOUT_S)
+        return None
+    except grpc.FutureTimeoutError:
+        return f"no gRPC handshake within {RAY_PROBE_TIMEOUT_S:g} s"
+    except grpc.RpcError as exc:
+        code = exc.code()
+        return f"no answer to Ray's GetClusterId call: {code.name if code else 'error'}"
+    finally:
+        channel.close()
 
 
 def run_flower_simulation(server_app: ServerApp, client_app, cfg: RunConfig, num_supernodes: int, *,

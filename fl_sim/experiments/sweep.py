@@ -1,7 +1,8 @@
 """Parameter sweeps: a grid of ``--set`` overrides × repeats, resumable, with sweep.csv and plots.
 
 ``fl-sim sweep CONFIG --grid channel.snr_db=0,5,10 --grid strategy.name=rlc,qcs --repeats 3`` runs
-every combination for seeds seed, seed+1, ... into ``OUT/<key=value,...>/seed<s>/`` (keys and values
+every combination for seeds seed, seed+1, ... (the point's seed: ``--grid seed=1,2 --repeats 2`` runs
+seeds 1, 2 and 2, 3) into ``OUT/<key=value,...>/seed<s>/`` (keys and values
 percent-encoded, so ``hf:/a/b`` and ``hf:/a_b`` get distinct directories). A point whose summary.json
 carries the requested config's hash (:func:`fl_sim.runs.checkpoint.config_hash`) is not rerun; one that was
 interrupted resumes from its checkpoint; one finished under other settings is rerun. ``sweep.csv`` has one row per run
@@ -111,9 +112,10 @@ def run_sweep(
     points = [tuple(zip([k for k, _ in grid], combo)) for combo in itertools.product(*[v for _, v in grid])]
     cfgs = []
     for point in points:
+        sets = list(overrides or []) + [f"{k}={v}" for k, v in point]
+        first = load_config(config, sets).seed  # the point's own seed: a grid over seed sets it
         for r in range(repeats):
-            sets = list(overrides or []) + [f"{k}={v}" for k, v in point] + [f"seed={base.seed + r}"]
-            cfgs.append((point, base.seed + r, load_config(config, sets)))
+            cfgs.append((point, first + r, load_config(config, sets + [f"seed={first + r}"])))
     rows = []
     for point, seed, cfg in cfgs:
         run_dir = Path(out_dir) / _point_name(point) / f"seed{seed}"

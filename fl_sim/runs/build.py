@@ -15,7 +15,7 @@ import torch
 from flwr.app import ArrayRecord, MetricRecord
 
 from fl_sim.clients.training import evaluate_model
-from fl_sim.config import ConfigError, RunConfig
+from fl_sim.config import AUTO_SUPERNODES, ConfigError, RunConfig
 from fl_sim.config.schema import _coerce
 from fl_sim.data import FederatedData, load_federated
 from fl_sim.models import build_model, count_parameters
@@ -73,11 +73,47 @@ def build_experiment(cfg: RunConfig) -> Experiment:
     return Experiment(cfg, data, model, state_dict_to_arrays(model.state_dict()))
 
 
+# Flower's sampling options (FedAvg and the strategies built on it): fractions of the connected nodes, and
+# counts of nodes a round waits for. Flower waits, without a timeout, until that many nodes are connected.
+_FRACTIONS = {"fraction_train": (False, "(0, 1]"), "fraction_evaluate": (True, "[0, 1]")}
+_NODE_COUNTS = ("min_available_nodes", "min_train_nodes", "min_evaluate_nodes")
+
+
+def check_sampling_options(cfg: RunConfig, nodes: int | None = None) -> None:
+    """Refuse the strategy options that make Flower wait forever for nodes: a fraction above 1 (Flower
+    samples ``int(fraction * nodes)`` nodes and waits until that many are connected) and, in a simulation
+    of ``nodes`` SuperNodes, a ``min_*_nodes`` above ``nodes``. Values of the wrong type are left to
+    :func:`typed_options`."""
+    options = cfg.strategy.options
+
+    def given(key: str, tp: type):
+        try:
+            return _coerce(options[key], tp, f"strategy.{key}") if key in options else None
+        except ConfigError:
+            return None
+
+    for key, (zero_ok, allowed) in _FRACTIONS.items():
+        v = given(key, float)
+        if v is not None and not (0 <= v <= 1 if zero_ok else 0 < v <= 1):
+            raise ConfigError(f"strategy.{key}={options[key]!r} is not allowed: a fraction of the nodes in {allowed} "
+                              "(Flower would wait forever for more nodes than exist)")
+    if nodes is None:
+        return
+    for key in _NODE_COUNTS:
+        v = given(key, int)
+        if v is not None and v > nodes:
+            raise ConfigError(f"strategy.{key}={v} but this run has {nodes} SuperNodes (simulation.supernodes; "
+                              f"automatic: one per client up to {AUTO_SUPERNODES:,}); Flower would wait "
+                              f"forever for the missing ones: use strategy.{key} <= {nodes} or leave it out")
+
+
 def build_strategy(exp: Experiment, **extra: Any):
     """The configured strategy over the experiment's eligible clients."""
     from fl_sim.engine.memory import check_strategy
+    from fl_sim.strategies import guards as reply_guards
 
     cfg = exp.cfg
+    check_sampling_options(cfg)
     cls = strategy_class(cfg.strategy.name)
     check_strategy(cfg, exp.dim)  # before the codec's structures are allocated
     kwargs: dict[str, Any] = dict(
@@ -134,7 +170,11 @@ def build_strategy(exp: Experiment, **extra: Any):
             )
     kwargs.update(typed_options(_signature_types(cls), options, "strategy"))
     # reply guards: a simulation's server knows each client's partition size (a larger num-examples is a lie)
-    kwargs["guards"] = {"client_sizes": exp.data.client_sizes.tolist(), **dict(kwargs.get("guards") or {})}
+    guard_options = kwargs.get("guards") or {}
+    if not isinstance(guard_options, dict):
+        raise ConfigError(f"strategy.guards={guard_options!r}: expected a mapping of guard options "
+                          f"({', '.join(reply_guards.DEFAULTS)}), e.g. --set strategy.guards.norm_bound=5")
+    kwargs["guards"] = {"client_sizes": exp.data.client_sizes.tolist(), **guard_options}
     try:
         strategy = cls(**kwargs)
     except (ValueError, TypeError) as exc:

@@ -35,6 +35,7 @@ Files are loaded with ``torch.load(weights_only=True)``: tensors, numbers, strin
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 import re
@@ -118,13 +119,15 @@ def _tensors(arrays: ArrayRecord) -> list[tuple[str, torch.Tensor]]:
     return [(name, torch.from_numpy(np.array(a.numpy(), copy=True))) for name, a in arrays.items()]
 
 
-def _write_atomic(path: Path, write) -> Path:
-    """``write(f)`` to ``path`` atomically: a temporary file in the same directory, flushed and fsynced,
-    then renamed over ``path`` (and the directory fsynced); the temporary is removed on failure."""
+def _write_atomic(path: Path, data) -> Path:
+    """``data`` (bytes or a buffer) to ``path`` atomically: a temporary file in the same directory, flushed
+    and fsynced, then renamed over ``path`` (and the directory fsynced); the temporary is removed on failure."""
     tmp = _tmp(path.parent, path.stem)
     try:
         with open(tmp, "wb") as f:
-            write(f)
+            data = memoryview(data)
+            while data:  # a raw file may write part of it (a nearly full disk); the next write raises
+                data = data[f.write(data) or 0:]
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results are ordinary files (as atomic_write)
@@ -142,8 +145,14 @@ def _write_atomic(path: Path, write) -> Path:
 
 
 def _torch_save_atomic(obj: Any, path: Path) -> Path:
-    """torch.save ``obj`` to ``path`` atomically (:func:`_write_atomic`)."""
-    return _write_atomic(path, lambda f: torch.save(obj, f))
+    """torch.save ``obj`` to ``path`` atomically (:func:`_write_atomic`).
+
+    Serialized in memory first: torch.save writing straight to a full disk fails inside its zip writer with
+    "[enforce fail at inline_container.cc] unexpected pos" (a RuntimeError naming neither the disk nor the
+    file); one plain write raises the OSError (ENOSPC, EDQUOT, EIO) that says what happened."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return _write_atomic(path, buf.getbuffer())
 
 
 def _sha256(path: Path) -> str:
@@ -154,7 +163,7 @@ def _sha256(path: Path) -> str:
 def _write_manifest(path: Path, files: list[Path]) -> Path:
     """The manifest of a checkpoint: ``<sha256>  <name>`` per file (``sha256sum`` format), atomically."""
     text = "".join(f"{_sha256(p)}  {p.name}\n" for p in files)
-    return _write_atomic(path, lambda f: f.write(text.encode()))
+    return _write_atomic(path, text.encode())
 
 
 def _verify_manifest(manifest: Path, pt: Path) -> set[str]:

@@ -29,7 +29,7 @@ from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from fl_sim.engine.auto import resolve_backend
-from fl_sim.runs.build import Experiment, build_experiment, build_strategy
+from fl_sim.runs.build import Experiment, build_experiment, build_strategy, check_sampling_options
 from fl_sim.runs.checkpoint import (config_differences, config_hash, latest_checkpoint, remove_checkpoints, save_checkpoint,
                          save_model)
 from fl_sim.config import ConfigError, RunConfig, config_to_dict
@@ -259,6 +259,7 @@ def _run_experiment(cfg: RunConfig, run_dir: Path, progress: ProgressFn | None, 
 
     config = config_to_dict(cfg)
     ckpt = _checkpoint_to_resume(run_dir, config, cfg) if resume else None
+    check_sampling_options(cfg, cfg.num_supernodes())  # before the data are built: a wait for missing nodes never ends
     exp = build_experiment(cfg)
     asked = cfg.simulation.backend
     cfg, why = resolve_backend(cfg, exp.model)  # simulation.backend=auto: the fastest engine that applies

@@ -19,8 +19,9 @@ rounds, so its logs, evaluation and options stay Flower's. One round (:class:`Up
 3. the inner strategy gets replies it aggregates as usual: ordinary model arrays ``w + Δ_i`` (or
    ``w + Δ̄`` for an aggregate-domain method, when fl-sim's own server step is on, or when the inner
    is a plain FedAvg, whose weighted mean of the ``w + Δ_i`` is ``w + Δ̄``) under its
-   ``arrayrecord_key``, with the client's *original* MetricRecord plus the server-counted
-   ``uplink-bits``. FedAdam's optimizer, FedProx, ``weighted_by_key``, ``train_metrics_aggr_fn``
+   ``arrayrecord_key``, with the client's own MetricRecord (under ``metrics``, given the round's agreed
+   metric layout: :meth:`UpdateStrategy.conform_metrics`, fl_sim.strategies.metric_keys) plus the
+   server-counted ``uplink-bits``. FedAdam's optimizer, FedProx, ``weighted_by_key``, ``train_metrics_aggr_fn``
    and evaluation are the inner's, unchanged.
 
 Returned MetricRecord: the inner's aggregate of the client metrics (names untouched) and fl-sim's
@@ -61,6 +62,7 @@ from fl_sim.wire.protocol import round_seed
 from fl_sim.wire.records import flatten_arrays, flatten_checked, model_spec, unflatten_into
 from fl_sim.rng import numpy_generator
 from fl_sim.strategies import guards as reply_guards
+from fl_sim.strategies import metric_keys
 from fl_sim.strategies import privacy
 from fl_sim.strategies.broadcast import SparseBroadcast, message_bits
 from fl_sim.strategies.delegation import driver_for, overrides_start
@@ -226,6 +228,7 @@ class UpdateStrategy(Strategy):
         self.sparse_broadcast = sparse_broadcast
         self._sparse_model = SparseBroadcast() if sparse_broadcast else None
         self._declared_bits = reply_guards.DeclaredBits()
+        self._metrics_told: set[tuple[int, str]] = set()  # (client, reason) of metric layouts already logged
         self._rejected = 0  # replies of this round rejected by a check or a guard
         self.last_errors: list[tuple[int, str]] = []  # (node, reason) of this round's error replies
         # Server state (set lazily, checkpointable)
@@ -625,14 +628,46 @@ class UpdateStrategy(Strategy):
 
     def inner_reply(self, reply: ClientReply, model: ArrayRecord) -> Message:
         """The reply the inner strategy aggregates: ``model`` under its arrayrecord_key and the client's
-        own MetricRecord plus the server-counted ``uplink-bits``. A shallow copy of the client's message
+        own MetricRecord (made consistent with the round's, :meth:`conform_metrics`) plus the server-counted
+        ``uplink-bits``, under the name ``metrics``. A shallow copy of the client's message
         (same metadata): the caller's reply keeps what the client sent."""
         msg = copy.copy(reply.message)
-        name, _ = self.reply_metrics(msg)
         metrics = MetricRecord(dict(reply.metrics))
         metrics[keys.UPLINK_BITS] = int(reply.uplink_bits)
-        msg.content = RecordDict({self.arrayrecord_key: model, name: metrics})
+        msg.content = RecordDict({self.arrayrecord_key: model, keys.METRICS: metrics})
         return msg
+
+    def _tell_once(self, cid: int, reason: str, level: int, text: str, *args: Any) -> None:
+        """Log a metric-layout finding once per (client, reason); later rounds count it silently."""
+        if (cid, reason) not in self._metrics_told:
+            self._metrics_told.add((cid, reason))
+            log.log(level, text + " (logged once per client)", *args)
+
+    def conform_metrics(self, server_round: int, usable: list[ClientReply]) -> tuple[list[ClientReply], int]:
+        """The replies whose MetricRecords can be given the round's agreed layout (fl_sim.strategies.metric_keys),
+        normalized to it, and how many had keys dropped. A reply that lacks an agreed key or sends one in
+        another kind is rejected (counted in ``_rejected``): Flower's inner strategies aggregate metrics
+        only when every reply has the same keys, and one odd client must not end the run."""
+        if len(usable) < 2:
+            return usable, 0
+        ignore = (keys.UPLINK_BITS,)  # the server's own count replaces it in every reply (inner_reply)
+        agreed = metric_keys.agreed_layout([metric_keys.layout(r.metrics, ignore) for r in usable])
+        kept: list[ClientReply] = []
+        normalized = 0
+        for r in usable:
+            record, note = metric_keys.conform(r.metrics, agreed, ignore)
+            if record is None:
+                self._rejected += 1
+                self._tell_once(r.cid, note, logging.ERROR, "round %d: rejected reply from node %d (client %d): %s",
+                                server_round, r.node_id, r.cid, note)
+                continue
+            if note:
+                normalized += 1
+                self._tell_once(r.cid, note, logging.WARNING, "round %d: client %d (node %d) %s", server_round,
+                                r.cid, r.node_id, note)
+                r.metrics = record
+            kept.append(r)
+        return kept, normalized
 
     # ---- reply guards (fl_sim.strategies.guards): hooks, and their use in aggregate_train -------------
     def reply_norm(self, reply: ClientReply) -> float | None:
@@ -717,6 +752,7 @@ class UpdateStrategy(Strategy):
         self._rejected = rejected
         usable, guard_counts = self.apply_guards(rnd, usable)  # reply guards (adds its drops to _rejected)
         guard_counts.pop("rejected_by_guards")
+        usable, normalized = self.conform_metrics(rnd, usable)  # one metric layout for the inner strategy
         if self._dp_clip is not None and usable:  # client-side DP: a codec may enlarge the clipped update
             guard_counts["dp_reclipped"] = float(privacy.clip_decoded(self, usable, self._dp_clip))
         metrics: dict[str, float] = {
@@ -724,6 +760,7 @@ class UpdateStrategy(Strategy):
             "clients_failed": len(errors) + self._rejected,
             "clients_rejected": self._rejected,
             **guard_counts,
+            "metrics_normalized": normalized,
             "uplink_bits": sum(r.uplink_bits for r in usable),
             "downlink_bits": self._downlink_bits,
         }
@@ -846,7 +883,44 @@ class UpdateStrategy(Strategy):
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return self.inner.aggregate_evaluate(server_round + self.round_offset, replies)
+        rnd = server_round + self.round_offset
+        return self.inner.aggregate_evaluate(rnd, self.conform_evaluate(rnd, list(replies)))
+
+    def conform_evaluate(self, server_round: int, replies: list[Message]) -> list[Message]:
+        """Evaluate replies with one metric layout (as :meth:`conform_metrics` for train replies): a reply
+        with no single MetricRecord, without the weight key, or that cannot be given the round's agreed
+        layout is left out (logged once per node); error replies pass through to the inner."""
+        records: list[tuple[Message, MetricRecord]] = []
+        out = [m for m in replies if m.has_error()]
+        for msg in replies:
+            if msg.has_error():
+                continue
+            node = msg.metadata.src_node_id
+            try:
+                _, record = self.reply_metrics(msg)
+                if self.weighted_by_key not in record:
+                    raise ReplyError(f"lacks the metric {self.weighted_by_key!r}")
+            except ReplyError as exc:
+                self._tell_once(node, f"evaluate: {exc}", logging.ERROR,
+                                "round %d: left out the evaluate reply of node %d: %s", server_round, node, exc)
+                continue
+            records.append((msg, record))
+        if not records:
+            return out
+        agreed = metric_keys.agreed_layout([metric_keys.layout(r) for _, r in records])
+        for msg, record in records:
+            node = msg.metadata.src_node_id
+            kept, note = metric_keys.conform(record, agreed)
+            if note:
+                self._tell_once(node, f"evaluate: {note}", logging.ERROR if kept is None else logging.WARNING,
+                                "round %d: evaluate reply of node %d %s", server_round, node,
+                                note if kept is not None else f"left out: it {note}")
+            if kept is None:
+                continue
+            reply = copy.copy(msg)
+            reply.content = RecordDict({keys.METRICS: kept})
+            out.append(reply)
+        return out
 
     def _finish(self, server_round: int, metrics: dict[str, float], client: MetricRecord | None) -> MetricRecord:
         """Record the round (``last_metrics``/``history``) and build the MetricRecord returned to Flower."""

@@ -81,6 +81,8 @@ class FIHTCS(CompressedFedAvg):
         super().__init__(inner, codec="cs_fiht", codec_params={}, **kwargs)
         if compression <= 1 and measurements is None:
             raise ValueError(f"compression={compression}: d/Q must be > 1")
+        if not max_iter >= 1:
+            raise ValueError(f"max_iter={max_iter}: FIHT needs at least 1 iteration")
         if transform not in ("dct", "wht"):
             raise ValueError(f"transform={transform!r}: use 'dct' or 'wht'")
         if not 0 < sparsity_ratio <= 1:

@@ -102,6 +102,9 @@ def all_finite(t: torch.Tensor) -> bool:
 def check_guards(options: Mapping[str, Any] | None) -> dict[str, Any]:
     """:data:`DEFAULTS` updated with ``options``, validated (unknown key or bad value: ValueError)."""
     out = dict(DEFAULTS)
+    if options is not None and not isinstance(options, Mapping):
+        raise ValueError(f"guards={options!r}: expected a mapping of guard options ({', '.join(DEFAULTS)}), "
+                         "e.g. strategy.guards.norm_bound=5")
     options = dict(options or {})
     unknown = sorted(set(options) - set(DEFAULTS))
     if unknown:

@@ -36,6 +36,7 @@ for small blocks) and error feedback to carry what the K-sparse recovery drops
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import torch
@@ -43,7 +44,7 @@ from flwr.app import Message
 from flwr.serverapp.strategy import Strategy
 
 from fl_sim.compression import PayloadError, Seeds
-from fl_sim.compression.codecs.sensing import PHI_SCHEDULES
+from fl_sim.compression.codecs.sensing import ONEBIT_RECOVERIES, PHI_SCHEDULES
 from fl_sim.rng import derive_seed
 from fl_sim.strategies.base import ClientReply, ReplyError, payload_meta
 from fl_sim.strategies.compressed import CompressedFedAvg
@@ -90,8 +91,14 @@ class OneBitCS(CompressedFedAvg):
     ) -> None:
         kwargs.pop("codec", None)
         kwargs.pop("codec_params", None)
+        if measurements is None and not (isinstance(compression, (int, float)) and math.isfinite(compression)
+                                         and compression > 0):
+            raise ValueError(f"compression={compression!r}: the ratio d/M must be a finite number > 0 "
+                             "(or give measurements)")
         if phi not in ("per_worker", "common"):
             raise ValueError(f"phi={phi!r}: use 'per_worker' or 'common'")
+        if recovery not in ONEBIT_RECOVERIES:
+            raise ValueError(f"recovery={recovery!r}: use {', '.join(map(repr, ONEBIT_RECOVERIES))}")
         if phi_schedule not in PHI_SCHEDULES:
             raise ValueError(f"phi_schedule={phi_schedule!r}: use 'fixed' (the paper: Φ known a priori) or 'round'")
         if recovery == "none" and error_feedback == "classic":

@@ -211,6 +211,9 @@ class CSFIHTCodec(Codec):
 
 
 # ------------------------------------------------------------------------------------------------
+ONEBIT_RECOVERIES = ("none", "lp", "biht")  # 1-bit CS decoders: none (Φᵀy), LP, BIHT
+
+
 @register_codec
 class OneBitCSCodec(Codec):
     """1-bit quantized compressive sampling (Mitra & Khisti eq. 9) with an unbiased dithered quantizer.
@@ -292,7 +295,7 @@ class OneBitCSCodec(Codec):
                              "round; drop phi_seed or use phi_schedule='fixed'")
         if phi not in ("per_worker", "common"):
             raise CodecError(f"{self.name}: phi must be 'per_worker' or 'common', got {phi!r}")
-        if recovery not in ("none", "lp", "biht"):
+        if recovery not in ONEBIT_RECOVERIES:
             raise CodecError(f"{self.name}: recovery must be 'none', 'lp' or 'biht', got {recovery!r}")
         block = _pos_int("block", block, self.name, allow_none=True)
         if block is not None and block & (block - 1):

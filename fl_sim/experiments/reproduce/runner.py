@@ -28,14 +28,47 @@ from fl_sim.experiments.reproduce.spec import (
 from fl_sim.runs.results import atomic_write
 
 
+def _own_output(out_dir: Path, spec: dict[str, Any], full: bool) -> bool:
+    """Whether ``out_dir`` holds only this experiment's (and version's) earlier output, which a rerun replaces."""
+    from fl_sim.runs.rundir import holds_run
+
+    if set(holds_run(out_dir)) - {"summary.json"}:
+        return False  # an fl-sim run's config/metrics/model/checkpoints
+    try:
+        earlier = json.loads((out_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (isinstance(earlier, dict) and earlier.get("experiment") == spec["name"]
+            and earlier.get("version") == ("full" if full else "reduced"))
+
+
 def reproduce(
-    name: str | Path, *, full: bool = False, out: str | Path | None = None, progress: ProgressFn | None = None, **kw
+    name: str | Path, *, full: bool = False, out: str | Path | None = None, progress: ProgressFn | None = None,
+    overwrite: bool = False, **kw
 ) -> dict[str, Any]:
-    """Run one experiment (reduced unless ``full``); returns and writes OUT/summary.json."""
+    """Run one experiment (reduced unless ``full``); returns and writes OUT/summary.json.
+
+    OUT is refused, as ``fl-sim run --out`` refuses it, when it holds something else's results (an fl-sim
+    run, another experiment's or version's reproduction) unless ``overwrite``, which deletes that run's
+    files first; this experiment's own earlier output is replaced (its runs resume). OUT is locked while
+    the reproduction writes it (:func:`fl_sim.runs.rundir.claim`)."""
+    from fl_sim.runs.rundir import RunDirOccupied, claim, holds_run
+
     spec = load_spec(name)
     settings = merged_settings(spec, full)
     out_dir = Path(out) if out else Path("runs") / "reproduce" / (spec["name"] + ("-full" if full else ""))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    present = holds_run(out_dir) if out_dir.is_dir() else []
+    if present and not overwrite and not _own_output(out_dir, spec, full):
+        raise RunDirOccupied(
+            f"{out_dir} already holds other results ({', '.join(present)}): choose a fresh --out, or pass "
+            "--overwrite to replace them"
+        )
+    with claim(out_dir, overwrite=True):
+        return _reproduce(spec, settings, full, out_dir, progress, **kw)
+
+
+def _reproduce(spec: dict[str, Any], settings: dict[str, Any], full: bool, out_dir: Path,
+               progress: ProgressFn | None, **kw) -> dict[str, Any]:
     t0 = time.perf_counter()
     result = EXPERIMENT_KINDS[spec["kind"]](spec, settings, out_dir, progress=progress or (lambda s: None), **kw)
     summary = {
