@@ -84,6 +84,7 @@ def run(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from fl_sim.runs.simulation import RunFailed
+    from fl_sim.strategies.secagg import SecAggError
 
     run_dir = cfg = None
     try:
@@ -124,7 +125,8 @@ def run(
             console.print(f"interrupted: the checkpoints in {run_dir} are kept; continue with fl-sim run --resume "
                           f"{run_dir}", highlight=False, soft_wrap=True)
         raise
-    except RunFailed as exc:  # a dead Ray worker, or no round changed the model (NothingAggregated): exit 1, not 0
+    except (RunFailed, SecAggError) as exc:  # a dead Ray worker, no round changed the model, a SecAgg+ round
+        # below its threshold (secagg.on_failure: raise): exit 1, not 0
         _fail(exc, debug, code=1)
         return
     except USER_ERRORS as exc:
@@ -337,6 +339,21 @@ def bench_fiht_vs_sketch(
     """How much of a stream of updates reaches the model through FIHT-CS and Count Sketch with each residual rule."""
     argv = ["--steps", str(steps)] + (["--out", str(out_path)] if out_path else []) + ["--smoke"] * smoke
     _run_bench("fiht_vs_sketch_ef", argv)
+
+
+@bench_app.command("secagg")
+def bench_secagg(
+    clients: str = typer.Option("10,100,1000", "--clients", help="Clients per round, comma-separated."),
+    dim: int = typer.Option(10_000, "--dim", help="Float32 payload entries per client."),
+    full_up_to: int = typer.Option(30, "--full-up-to", help="Also the complete graph up to this many clients."),
+    drop: float = typer.Option(0.0, "--drop", help="Fraction of clients dropping after sharing keys."),
+    smoke: bool = typer.Option(False, "--smoke", help="Tiny sizes: checks the benchmark end to end."),
+    out_path: Path = typer.Option(Path("bench_out/secagg.json"), "--out"),
+) -> None:
+    """SecAgg+ protocol bits and wall time per round at growing numbers of clients (log n neighbours)."""
+    argv = ["--clients", clients, "--dim", str(dim), "--full-up-to", str(full_up_to), "--drop", str(drop),
+            "--out", str(out_path)] + ["--smoke"] * smoke
+    _run_bench("bench_secagg", argv)
 
 
 @bench_app.command("round")

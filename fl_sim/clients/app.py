@@ -27,6 +27,7 @@ from fl_sim.wire.records import state_dict_to_arrays
 from fl_sim.rng import torch_generator
 from fl_sim.clients.daqusgd import daqusgd_reply
 from fl_sim.clients.mods import compression_mod, mod_client_id
+from fl_sim.clients.secagg_mod import secagg_mod
 from fl_sim.clients.precomputed import precomputed, precomputed_key, take
 from fl_sim.clients.runtime import ClientRuntime, runtime_for
 from fl_sim.clients.training import evaluate_model, train_local
@@ -97,13 +98,17 @@ def _rebuild_client_app(cfg_source, mods) -> ClientApp:
 def make_client_app(cfg_source: RunConfig | Callable[[Context], RunConfig], *, mods=None) -> ClientApp:
     """A ClientApp for a config (or a function that builds it from the node's Context).
 
-    ``mods`` defaults to ``[compression_mod]``; it passes plain models through when the strategy
+    ``mods`` defaults to ``[compression_mod]`` (``[secagg_mod, compression_mod]`` with ``secagg.enabled``
+    or a config built per node); it passes plain models through when the strategy
     asks for no codec. The app carries ``fl_sim_runtime`` (Context -> ClientRuntime): the vectorized
     grid recognizes fl-sim's own app by it and trains its clients in batches; and ``fl_sim_mods`` (its
     mods): with exactly ``(compression_mod,)`` the grid also encodes a chunk's updates as one block.
     Pickled, the app is its recipe (:class:`FlSimClientApp`), so handlers added to it afterwards do not travel.
     """
-    mods = [compression_mod] if mods is None else list(mods)
+    if mods is None:  # SecAgg+'s mod sits outside compression_mod, to mask the encoded payload
+        secure = callable(cfg_source) or cfg_source.secagg.enabled
+        mods = [secagg_mod, compression_mod] if secure else [compression_mod]
+    mods = list(mods)
     app = FlSimClientApp(mods=mods)
     app._fl_sim_recipe = (cfg_source, mods)  # type: ignore[attr-defined]
     # the vectorized grid encodes a chunk's replies as one block only when compression_mod is the app's

@@ -36,6 +36,7 @@ __all__ = [
     "TrainConfig",
     "StrategyConfig",
     "SimulationConfig",
+    "SecAggConfig",
     "load_config",
     "apply_overrides",
     "config_from_dict",
@@ -129,6 +130,29 @@ class SimulationConfig:
 
 
 @dataclass
+class SecAggConfig:
+    """Secure aggregation (SecAgg+, [Bell-2020]) of the linear methods' payloads; off by default.
+
+    Flower's SecAggPlusWorkflow names and meanings: ``num_shares`` neighbours per client including itself
+    (an int count, or a float fraction of the sampled clients), ``reconstruction_threshold`` t (an int, or a
+    fraction of num_shares), ``max_weight`` W (weights travel as n_i / W), ``clipping_range`` c,
+    ``quantization_range`` T, ``modulus_range`` M (the field), ``timeout`` seconds per stage (0 = the
+    grid's own). ``on_failure``: "raise" stops the run when a round cannot be unmasked, "skip" keeps the
+    global model and goes on. docs/secure_aggregation.md.
+    """
+
+    enabled: bool = False
+    num_shares: Any = 1.0
+    reconstruction_threshold: Any = 0.5
+    max_weight: float = 1000.0
+    clipping_range: float = 8.0
+    quantization_range: int = 4194304
+    modulus_range: int = 4294967296
+    timeout: float = 0.0
+    on_failure: str = "raise"
+
+
+@dataclass
 class RunConfig:
     """A whole run. ``clients_per_round`` is a count (int >= 1) or a fraction in (0, 1)."""
 
@@ -147,6 +171,7 @@ class RunConfig:
     codec: CodecConfig = field(default_factory=CodecConfig)
     channel: dict[str, Any] = field(default_factory=dict)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
 
     def num_supernodes(self) -> int:
         """SuperNodes the run starts (``simulation.supernodes``, or its automatic value)."""
@@ -473,4 +498,33 @@ def validate(cfg: RunConfig) -> None:
     _require(sim.residual_store != "context" or sim.supernodes in (0, cfg.clients), "simulation.supernodes",
              sim.supernodes, "must equal clients with residual_store=context (two clients on one node would "
              "race on its context)")
+    _validate_secagg(cfg)
     _require(cfg.checkpoint_every >= 0, "checkpoint_every", cfg.checkpoint_every, "must be >= 0 (0 = no checkpoints)")
+
+
+def _validate_secagg(cfg: RunConfig) -> None:
+    sa = cfg.secagg
+    for name in ("num_shares", "reconstruction_threshold"):
+        v = getattr(sa, name)
+        ok = not isinstance(v, bool) and (isinstance(v, int) and v >= 2 or isinstance(v, float) and 0 < v <= 1)
+        _require(ok, f"secagg.{name}", v, "an integer count >= 2 or a fraction in (0, 1] (Flower's meaning)")
+    _require(sa.max_weight > 0, "secagg.max_weight", sa.max_weight, "must be > 0")
+    _require(sa.clipping_range > 0, "secagg.clipping_range", sa.clipping_range, "must be > 0")
+    _require(2 <= sa.quantization_range < sa.modulus_range, "secagg.quantization_range", sa.quantization_range,
+             f"must be >= 2 and below modulus_range ({sa.modulus_range})")
+    _require(sa.modulus_range & (sa.modulus_range - 1) == 0 and sa.modulus_range <= 2**62, "secagg.modulus_range",
+             sa.modulus_range, "a power of 2 up to 2**62")
+    _require(sa.timeout >= 0, "secagg.timeout", sa.timeout, "seconds >= 0 (0 = the grid's own)")
+    _require(sa.on_failure in ("raise", "skip"), "secagg.on_failure", sa.on_failure, "raise or skip")
+    if not sa.enabled:
+        return
+    _require(cfg.simulation.backend != "vectorized", "simulation.backend", cfg.simulation.backend,
+             "secagg runs on the inline or ray backend (the vectorized grid batches training outside the mods)")
+    _require(cfg.num_supernodes() == cfg.clients, "simulation.supernodes", cfg.simulation.supernodes,
+             f"secagg keeps each client's keys in its node's context: one node per client (supernodes = "
+             f"{cfg.clients} or 0)")
+    _require(cfg.sampled_per_round() >= 2, "clients_per_round", cfg.clients_per_round,
+             "secagg needs at least 2 clients per round")
+    _require(cfg.sampled_per_round() * sa.quantization_range < sa.modulus_range, "secagg.quantization_range",
+             sa.quantization_range, f"clients per round x quantization_range must stay below modulus_range "
+             f"({sa.modulus_range}) or the masked sum wraps")

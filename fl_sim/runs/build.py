@@ -184,6 +184,13 @@ def build_strategy(exp: Experiment, **extra: Any):
         # default is 1.0. Set after construction, as FedAvg's constructor warns about 0.0 on every run.
         strategy.inner.fraction_evaluate = 0.0
         strategy.inner.min_evaluate_nodes = 0
+    if cfg.secagg.enabled:
+        from fl_sim.strategies.secagg import check_strategy as check_secagg
+
+        try:
+            check_secagg(strategy)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     return strategy
 
 

@@ -100,6 +100,19 @@ def default_run_dir(cfg: RunConfig) -> Path:
     return path
 
 
+def secure_grid(grid: Grid, cfg: RunConfig, strategy) -> Grid:
+    """``grid`` behind SecAgg+ (fl_sim.strategies.secagg) when the config's ``secagg.enabled``, else itself."""
+    sa = cfg.secagg
+    if not sa.enabled:
+        return grid
+    from fl_sim.strategies.secagg import SecAggPlusGrid
+
+    return SecAggPlusGrid(grid, strategy, num_shares=sa.num_shares, reconstruction_threshold=sa.reconstruction_threshold,
+                          max_weight=sa.max_weight, clipping_range=sa.clipping_range,
+                          quantization_range=sa.quantization_range, modulus_range=sa.modulus_range,
+                          timeout=sa.timeout or None, on_failure=sa.on_failure)
+
+
 def server_loop(
     grid: Grid,
     exp: Experiment,
@@ -176,7 +189,7 @@ def server_loop(
                     serial_torch_in_driver()
 
     arrays = exp.initial_arrays if initial_arrays is None else initial_arrays
-    return strategy.start(grid=WaveGrid(grid), initial_arrays=arrays, num_rounds=cfg.rounds - offset,
+    return strategy.start(grid=secure_grid(WaveGrid(grid), cfg, strategy), initial_arrays=arrays, num_rounds=cfg.rounds - offset,
                           evaluate_fn=evaluate)
 
 

@@ -924,6 +924,7 @@ class UpdateStrategy(Strategy):
 
     def _finish(self, server_round: int, metrics: dict[str, float], client: MetricRecord | None) -> MetricRecord:
         """Record the round (``last_metrics``/``history``) and build the MetricRecord returned to Flower."""
+        metrics.update(self.__dict__.pop("round_extras", None) or {})  # a grid proxy's figures (SecAgg+)
         metrics["round_s"] = time.perf_counter() - self._t0
         row = dict(metrics)
         loss = None

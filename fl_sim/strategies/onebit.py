@@ -35,17 +35,25 @@ for small blocks) and error feedback to carry what the K-sparse recovery drops
 
 from __future__ import annotations
 
+import json
 import math
-
 from typing import Any
 
+import torch
+from flwr.app import Message
 from flwr.serverapp.strategy import Strategy
 
+from fl_sim.compression import PayloadError, Seeds
 from fl_sim.compression.codecs.sensing import ONEBIT_RECOVERIES, PHI_SCHEDULES
 from fl_sim.rng import derive_seed
+from fl_sim.strategies.base import ClientReply, ReplyError, payload_meta
 from fl_sim.strategies.compressed import CompressedFedAvg
+from fl_sim.wire import keys
+from fl_sim.wire.records import payload_from_records
 
 __all__ = ["OneBitCS", "PHI_SCHEDULES"]
+
+SUMMED = "secagg-sum"  # marks a reply's data that is already the round's weighted sum
 
 
 class OneBitCS(CompressedFedAvg):
@@ -120,3 +128,25 @@ class OneBitCS(CompressedFedAvg):
 
     def decodes_each(self) -> bool:
         return self.phi != "common"  # "common": one recovery from the averaged measurements
+
+    # Secure aggregation (fl_sim.strategies.secagg): with a common Φ the round's one reply may carry the
+    # already-summed form Σ_i (n_i/n) aggregate_seeded([p_i]) (the clients' own dither removed before
+    # masking); it is decoded as the sum it is.
+    def decode_reply(self, server_round: int, msg: Message, cid: int) -> tuple[Any, int]:
+        meta = payload_meta(msg)
+        if self.phi != "common" or meta is None or "aggregated" not in json.loads(str(meta.get(keys.P_META, "{}"))):
+            return super().decode_reply(server_round, msg, cid)
+        try:
+            payload = payload_from_records(self.reply_arrays(msg), meta)
+            self.codec.dequantize(payload, seed=self.round_seed)  # the summed form's shapes and finiteness
+        except (PayloadError, ValueError) as exc:
+            raise ReplyError(f"summed payload: {exc}") from None
+        return (payload, SUMMED), int(payload.bits)
+
+    def combine(self, server_round: int, replies: list[ClientReply], weights: torch.Tensor) -> torch.Tensor:
+        summed = [r for r in replies if isinstance(r.data, tuple) and r.data[1:] == (SUMMED,)]
+        if not summed:
+            return super().combine(server_round, replies, weights)
+        if len(replies) != 1:
+            raise ValueError("a summed 1-bit CS payload (secure aggregation) must be the round's only reply")
+        return self.codec.decode_seeded(summed[0].data[0], Seeds(self.round_seed)).to(torch.float32)

@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from flwr.app import ConfigRecord, Message
 from flwr.serverapp import Grid
 
+from fl_sim.strategies.gridproxy import GridProxy
 from fl_sim.wire import keys
 
 __all__ = ["WaveGrid", "needs_waves"]
@@ -42,32 +43,13 @@ def needs_waves(messages: list[Message]) -> bool:
         str(config.get(keys.EF_STORE, "context")) == "context"
 
 
-class WaveGrid(Grid):
+class WaveGrid(GridProxy):
     """Delegates everything to ``grid``; ``send_and_receive`` sends one message per node at a time when
     :func:`needs_waves` says so."""
 
     def __init__(self, grid: Grid) -> None:
-        self.grid = grid
+        super().__init__(grid)
         self._told = False
-
-    def set_run(self, run) -> None:
-        self.grid.set_run(run)
-
-    @property
-    def run(self):
-        return self.grid.run
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
-        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self.grid.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self.grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self.grid.pull_messages(message_ids)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
@@ -90,8 +72,3 @@ class WaveGrid(Grid):
         for wave in waves:
             replies.extend(self.grid.send_and_receive(wave, timeout=timeout))
         return replies
-
-    def __getattr__(self, name: str):  # a concrete grid's extras (InMemoryGrid.fail_nodes, ...)
-        if name == "grid":
-            raise AttributeError(name)
-        return getattr(self.grid, name)
