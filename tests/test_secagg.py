@@ -134,7 +134,7 @@ def test_onebit_cs_with_a_common_phi_sums_its_dequantized_measurements():
     replies = list(grid.send_and_receive(msgs))
     cids = [int(r.content[keys.METRICS][keys.M_CID]) for r in replies]
     n = torch.tensor([float(r.content[keys.METRICS][keys.NUM_EXAMPLES]) for r in replies], dtype=torch.float64)
-    payloads = [payload_from_records(r.content[keys.ARRAYS], r.content[keys.PAYLOAD_META]) for r in replies]
+    payloads = [payload_from_records(r.content[keys.ARRAYS], r.content[keys.PAYLOAD_META], plain.codec) for r in replies]
     expected = plain.codec.aggregate_seeded(payloads, (n / n.sum()).tolist(), [plain.client_seeds(c) for c in cids])
     sec, _, secure_replies, _, _ = _secure_round(cfg, num_shares=3, reconstruction_threshold=2)
     got = secure_replies[0].content[keys.ARRAYS]

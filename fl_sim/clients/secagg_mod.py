@@ -46,7 +46,7 @@ from flwr.supercore.primitives.asymmetric import (
 from fl_sim.rng import torch_generator
 from fl_sim.wire import keys
 from fl_sim.wire.protocol import DEFAULT_SEED_MODE, codec_seeds, get_codec, load_params
-from fl_sim.wire.records import array_bits, flatten_arrays, payload_from_records, payload_to_records
+from fl_sim.wire.records import array_bits, flatten_arrays, payload_from_records, summed_payload_to_records
 from fl_sim.wire.secagg import MASKED, RECORD, STATE_PREFIX, SecAggKey as K, Stage, field_dtype, prg_mask, to_field
 
 __all__ = ["secagg_mod"]
@@ -154,8 +154,8 @@ def _summable_form(arrays: ArrayRecord, meta: ConfigRecord, train_cfg: ConfigRec
         return arrays, meta
     cid = int(meta.get(keys.P_CID, train_cfg.get(keys.CID, 0)))
     seeds = codec_seeds(int(train_cfg[keys.SEED]), str(train_cfg.get(keys.SEED_MODE, DEFAULT_SEED_MODE)), cid)
-    summed = codec.aggregate_seeded([payload_from_records(arrays, meta)], [1.0], [seeds])
-    out, summed_meta = payload_to_records(summed)
+    summed = codec.aggregate_seeded([payload_from_records(arrays, meta, codec)], [1.0], [seeds])
+    out, summed_meta = summed_payload_to_records(summed)
     summed_meta[keys.P_BITS] = int(meta[keys.P_BITS])  # what the client would have sent in plaintext
     summed_meta[keys.P_CID] = cid
     return out, summed_meta

@@ -49,7 +49,7 @@ from fl_sim.rng import derive_seed
 from fl_sim.strategies.base import ClientReply, ReplyError, payload_meta
 from fl_sim.strategies.compressed import CompressedFedAvg
 from fl_sim.wire import keys
-from fl_sim.wire.records import payload_from_records
+from fl_sim.wire.records import summed_payload_from_records
 
 __all__ = ["OneBitCS", "PHI_SCHEDULES"]
 
@@ -137,7 +137,7 @@ class OneBitCS(CompressedFedAvg):
         if self.phi != "common" or meta is None or "aggregated" not in json.loads(str(meta.get(keys.P_META, "{}"))):
             return super().decode_reply(server_round, msg, cid)
         try:
-            payload = payload_from_records(self.reply_arrays(msg), meta)
+            payload = summed_payload_from_records(self.reply_arrays(msg), meta)
             self.codec.dequantize(payload, seed=self.round_seed)  # the summed form's shapes and finiteness
         except (PayloadError, ValueError) as exc:
             raise ReplyError(f"summed payload: {exc}") from None

@@ -37,6 +37,8 @@ __all__ = [
     "array_bits",
     "payload_to_records",
     "payload_from_records",
+    "summed_payload_to_records",
+    "summed_payload_from_records",
     "read_payload",
     "state_dict_to_arrays",
     "array_record",
@@ -282,6 +284,34 @@ def payload_to_records(payload: Payload, codec: Codec) -> tuple[ArrayRecord, Con
         }
     )
     return arrays, meta
+
+
+def summed_payload_to_records(payload: Payload) -> tuple[ArrayRecord, ConfigRecord]:
+    """Records of a payload sent as its tensors themselves, unpacked: a codec's already-summed form (the
+    dequantized one-client aggregate a client masks under secure aggregation), which is float data, not
+    the codec's packed codes. The meta says ``summed``; :func:`summed_payload_from_records` reads it."""
+    arrays = array_record((k, ndarray_to_array(np.ascontiguousarray(t.detach().cpu().numpy())))
+                          for k, t in payload.tensors.items())
+    meta = ConfigRecord({keys.P_CODEC: payload.codec, keys.P_DIM: int(payload.dim), keys.P_BITS: int(payload.bits),
+                         keys.P_META: json.dumps({**payload.meta, "summed": True})})
+    return arrays, meta
+
+
+def summed_payload_from_records(arrays: ArrayRecord, meta: ConfigRecord) -> Payload:
+    """The Payload of :func:`summed_payload_to_records` (finite float tensors; PayloadError otherwise)."""
+    try:
+        extra = json.loads(str(meta.get(keys.P_META, "{}")))
+        name, dim, bits = str(meta[keys.P_CODEC]), int(meta[keys.P_DIM]), int(meta[keys.P_BITS])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PayloadError(f"payload meta record is malformed ({exc})") from None
+    tensors = {}
+    for k, a in arrays.items():
+        x = read_array(a, k)
+        if not np.issubdtype(x.dtype, np.floating) or not np.isfinite(x).all():
+            raise PayloadError(f"summed payload array {k!r}: finite floats expected, got {x.dtype}")
+        tensors[k] = torch.from_numpy(np.array(x))
+    extra.pop("summed", None)
+    return Payload(codec=name, dim=dim, tensors=tensors, bits=bits, meta=extra)
 
 
 def payload_from_records(arrays: ArrayRecord, meta: ConfigRecord, codec: Codec) -> Payload:
