@@ -253,6 +253,6 @@ def test_synthetic_generation_is_vectorised():
 def test_synthetic_too_large_for_memory_is_refused(monkeypatch):
     import fl_sim.data.sources as sources
 
-    monkeypatch.setattr(sources, "_available_bytes", lambda: 10 * 2**20)  # 10 MiB
+    monkeypatch.setattr(sources, "meminfo_available_bytes", lambda: 10 * 2**20)  # 10 MiB
     with pytest.raises(DataError, match="use fewer clients or a smaller data.synthetic_dim"):
         load_federated(DataConfig(name="synthetic"), 1000, 0)

@@ -52,7 +52,7 @@ class Source:
         return tuple(int(s) for s in self.x.shape[1:])
 
 
-def _available_bytes() -> int | None:
+def meminfo_available_bytes() -> int | None:
     """MemAvailable from /proc/meminfo (Linux), else None."""
     try:
         with open("/proc/meminfo") as f:
@@ -66,7 +66,7 @@ def _available_bytes() -> int | None:
 
 def _synthetic(cfg: DataConfig, num_clients: int, seed: int) -> Source:
     need = feature_bytes(num_clients, seed, cfg.synthetic_dim)
-    avail = _available_bytes()
+    avail = meminfo_available_bytes()
     if avail is not None and need > 0.8 * avail:
         raise DataError(
             f"synthetic data for {num_clients} clients x dim {cfg.synthetic_dim} needs about {need / 2**30:.1f} GiB, "

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from fl_sim.data.sources import meminfo_available_bytes
+
 __all__ = ["available_bytes", "require", "check_experiment", "check_strategy", "model_parameters"]
 
 F32, F64, I32 = 4, 8, 4
@@ -36,14 +38,7 @@ def available_bytes() -> int | None:
         return int(psutil.virtual_memory().available)
     except Exception:  # not installed, or no support on this platform
         pass
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return meminfo_available_bytes()
 
 
 def _gib(n: float) -> str:
