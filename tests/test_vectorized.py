@@ -22,6 +22,7 @@ from fl_sim.runs.build import build_experiment
 from fl_sim.clients.app import make_client_app
 from fl_sim.clients.cohort import (
     CohortClient,
+    AUTO_CHUNK_MAX,
     auto_chunk,
     evaluate_cohort,
     per_client_bytes,
@@ -182,6 +183,8 @@ def test_auto_chunk_follows_the_memory_budget():
     assert each > 5 * 4 * d  # parameters, gradient, momentum, temporaries + activations
     assert auto_chunk(model, sample, 32, 10 * each) == 10
     assert auto_chunk(model, sample, 32, 1) == 1
+    # a budget for thousands of clients still gives cache-sized chunks (the cap's measurement: cohort.py)
+    assert auto_chunk(model, sample, 32, 10_000 * each) == AUTO_CHUNK_MAX
     # the backend's memory goal: 1,000 LeNet-5 clients of batch 32 in a few GB
     assert 1000 * each < 3 * 2**30
 

@@ -90,9 +90,17 @@ def per_client_bytes(model: nn.Module, sample: torch.Tensor, batch_size: int) ->
     return 4 * (5 * d + 2 * batch_size * _activation_numel(model, sample))
 
 
+# Largest automatic chunk. Beyond a few hundred clients the stacked parameters, gradients and momentum of a
+# chunk leave the CPU caches: at 1,000 quickstart clients a round, chunks of 100-250 took 0.71-0.74 s a round
+# against 0.79-0.80 s for one chunk of 1,000 with idle cores, 0.93-0.95 s against 1.13-1.17 s with one busy
+# process beside the run (docs/performance.md, "Busy machines").
+AUTO_CHUNK_MAX = 256
+
+
 def auto_chunk(model: nn.Module, sample: torch.Tensor, batch_size: int, budget_bytes: int) -> int:
-    """Clients per chunk so that a chunk's working memory stays within ``budget_bytes`` (at least 1)."""
-    return max(1, int(budget_bytes // per_client_bytes(model, sample, batch_size)))
+    """Clients per chunk so that a chunk's working memory stays within ``budget_bytes`` (at least 1, at most
+    :data:`AUTO_CHUNK_MAX`)."""
+    return max(1, min(AUTO_CHUNK_MAX, int(budget_bytes // per_client_bytes(model, sample, batch_size))))
 
 
 def _plan(clients: Sequence[CohortClient], spec: LocalTrainSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
