@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from fl_sim.wire import keys
+from fl_sim.wire.daqusgd import unpack_samples
 from fl_sim.compression.dataq import dataq_bits, dequantize_normalized, dequantize_selection
 from fl_sim.config import config_from_dict
 from fl_sim.testing import run_in_memory
@@ -52,12 +53,13 @@ def test_server_gradient_divides_by_considered_samples(rule):
     strategy, _, replies, update, exp = _one_round(cfg, threshold=2.3)
     xs, ys, considered = [], [], 0
     for r in replies:
-        a = r.content[keys.ARRAYS]
+        a = unpack_samples({k: v.numpy() for k, v in r.content[keys.ARRAYS].items()}, quantizer="per_feature",
+                           bits_per_feature=3, levels=32, gradcorrq=False)
         considered += int(r.content[keys.METRICS][keys.DAQU_CONSIDERED])
-        lv = torch.from_numpy(a["levels"].numpy().astype("int64"))
+        lv = a["levels"]
         if lv.shape[0]:
-            xs.append(dequantize_selection(lv, float(a["scale"].numpy()[0]), 3))
-            ys.append(torch.from_numpy(a["labels"].numpy()))
+            xs.append(dequantize_selection(lv, float(a["scale"][0]), 3))
+            ys.append(a["labels"])
     x, y = torch.cat(xs), torch.cat(ys)
     assert considered == 40 and 0 < len(y) < considered  # the threshold held some samples back
     model = exp.model
@@ -87,9 +89,14 @@ def test_unbiased_version_runs_end_to_end_with_exact_bits():
     m = 32
     _, rows, s = run_in_memory(_cfg({"quantizer": "exact", "levels": m, "gradcorrq": True, "lr": 0.01,
                                      "batch_size": 16, "epoch_rounds": 1}))
-    per_sample = 32 + dataq_bits(60, m) + math.ceil(math.log2(10)) + 1
+    # on the wire (fl_sim.wire.daqusgd): a norm, (a, b) at log2 m bits each per feature (the per-feature code,
+    # not Theorem 1's index into S), a 4-bit label and GradCorrQ's bit per sample; per reply an int32 header
+    # [n, C, 60] and at most 7 padding bits in each of its 4 packed arrays
+    per_sample = 32 + 2 * 60 * int(math.log2(m)) + math.ceil(math.log2(10)) + 1
+    assert per_sample > 32 + dataq_bits(60, m) + 5  # the index code would be smaller: a documented departure
     for r in rows[1:]:
-        assert r["uplink_bits"] == r["received_samples"] * per_sample
+        n = r["received_samples"]
+        assert n * per_sample + K * 96 <= r["uplink_bits"] <= n * per_sample + K * (96 + 4 * 7)
         assert r["gradcorrq_clipped"] == 0
         assert math.isfinite(r["test_accuracy"])
     assert "gradcorrq_clipped" in s.last_metrics
@@ -170,3 +177,17 @@ def test_strategy_does_not_import_the_client():
     src = (Path(__file__).resolve().parents[1] / "fl_sim" / "strategies" / "daqusgd.py").read_text()
     imported = [n.module or "" for n in ast.walk(ast.parse(src)) if isinstance(n, ast.ImportFrom)]
     assert not any("clients" in m for m in imported)
+
+
+def test_the_wire_carries_the_bits_counted():
+    """A node's reply arrays are packed at the bits DaQuSGD counts (b bits per feature, ceil(log2 C) per
+    label): the server's uplink count is 8 x the bytes that arrived, and those bytes exceed the per-sample
+    bits only by the header, the scale and byte padding (they were int16 levels and int64 labels: ~5x)."""
+    cfg = _cfg({"batch_size": 40})
+    strategy, _, replies, _, _ = _one_round(cfg, threshold=-1.0)
+    wire = sum(8 * a.numpy().nbytes for r in replies for a in r.content[keys.ARRAYS].values())
+    assert strategy.last_metrics["uplink_bits"] == wire
+    n = strategy.last_metrics["received_samples"]
+    assert n == 40
+    payload_bits = n * (60 * 3 + math.ceil(math.log2(10)))
+    assert payload_bits + K * (96 + 32) <= wire <= payload_bits + K * (96 + 32 + 2 * 7)

@@ -102,8 +102,10 @@ def test_daqusgd_bits_and_threshold():
     label_bits = math.ceil(math.log2(10))
     for r in rows:
         n = r["received_samples"]
-        assert r["uplink_bits"] <= K * 32 + n * (dim * 3 + label_bits)
-        assert r["uplink_bits"] >= n * (dim * 3 + label_bits)
+        # per reply on the wire: an int32 header [n, C, 60], the float32 scale, and at most 7 padding bits in
+        # each of the two packed arrays (levels, labels)
+        assert r["uplink_bits"] <= K * (96 + 32 + 2 * 7) + n * (dim * 3 + label_bits)
+        assert r["uplink_bits"] >= K * (96 + 32) + n * (dim * 3 + label_bits)
     assert rows[0]["threshold"] == 0.0 and rows[1]["threshold"] > 0.0
 
 

@@ -164,11 +164,11 @@ def daqusgd_cfg():
 def test_daqusgd_value_checks(case, caplog):
     def tamper(reply, rnd):
         arrays = reply.content[keys.ARRAYS]
-        lv = arrays["levels"].numpy()
+        lv = arrays["levels"].numpy()  # packed 3-bit codes (fl_sim.wire.daqusgd)
         if case == "width":
-            arrays["levels"] = Array(np.zeros((lv.shape[0], lv.shape[1] + 3), np.int16))
-        elif case == "levels":
-            arrays["levels"] = Array(np.full(lv.shape, 200, np.int16))
+            arrays["levels"] = Array(np.concatenate([lv, np.zeros(3, np.uint8)]))
+        elif case == "levels":  # code 7 (bits 111) is outside the 7 values -3..3
+            arrays["levels"] = Array(np.full(lv.shape, 0xFF, np.uint8))
         else:
             reply.content[keys.METRICS]["sent-loss-sum"] = [1.0]
         return reply

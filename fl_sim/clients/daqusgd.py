@@ -30,12 +30,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from torch import nn
 
-from fl_sim.wire import keys
+from fl_sim.clients.training import per_sample_loss
 from fl_sim.compression.dataq import (
     batch_bits,
     dataq_bits,
@@ -47,7 +46,8 @@ from fl_sim.compression.dataq import (
     quantize_normalized,
 )
 from fl_sim.rng import torch_generator
-from fl_sim.clients.training import per_sample_loss
+from fl_sim.wire import keys
+from fl_sim.wire.daqusgd import pack_samples, wire_bits
 
 __all__ = ["DaQuSelection", "select_and_quantize", "daqusgd_reply", "per_sample_grad_diff", "gradcorrq_index",
            "THRESHOLD", "BITS_PER_FEATURE", "GRADCORRQ"]
@@ -186,39 +186,39 @@ def select_and_quantize(
     )
 
 
-_WIRE_DTYPES = {"levels": np.int16, "a": np.int16, "b": np.int16, "gc_bits": np.int8, "scale": np.float32,
-                "norms": np.float32}
-
-
 def daqusgd_reply(rt, message: Message, context: Context, cid: int) -> Message:
     """The DaQuSGD train handler of the fl-sim ClientApp (runtime ``rt`` gives data and model)."""
     config = message.content[keys.CONFIG]
     rnd = int(config.get(keys.ROUND, 0))
     x, y = rt.data.client_data(cid)
     model = rt.load_model(message.content[keys.ARRAYS])
+    bits_per_feature = int(config[keys.DAQU_BITS])
+    quantizer = str(config.get(keys.DAQU_QUANTIZER, "per_feature"))
+    levels = int(config.get(keys.DAQU_LEVELS, 32))
     sel = select_and_quantize(
         model,
         x,
         y,
         threshold=float(config[keys.DAQU_THRESHOLD]),
-        bits_per_feature=int(config[keys.DAQU_BITS]),
+        bits_per_feature=bits_per_feature,
         num_classes=rt.data.num_classes,
         batch_size=int(config.get(keys.BATCH_SIZE, rt.cfg.train.batch_size)),
         generator=torch_generator(rt.cfg.seed, rnd, "daqusgd-batch", cid),
-        quantizer=str(config.get(keys.DAQU_QUANTIZER, "per_feature")),
-        levels=int(config.get(keys.DAQU_LEVELS, 32)),
+        quantizer=quantizer,
+        levels=levels,
         gradcorrq=bool(config.get(keys.DAQU_GRADCORRQ, False)),
         c_z=float(config.get(keys.DAQU_CZ, 1.0)),
         round_seed=int(config.get(keys.SEED, 0)),
         cid=cid,
     )
-    record = {name: Array(t.numpy().astype(_WIRE_DTYPES[name])) for name, t in sel.arrays.items()}
-    record["labels"] = Array(sel.labels.numpy().astype(np.int64))
+    wire = pack_samples(sel.arrays, sel.labels, quantizer=quantizer, bits_per_feature=bits_per_feature, levels=levels,
+                        num_classes=rt.data.num_classes)  # packed at the bits counted (fl_sim.wire.daqusgd)
+    record = {name: Array(a) for name, a in wire.items()}
     metrics = MetricRecord(
         {
             keys.NUM_EXAMPLES: int(len(sel.labels)),
             keys.M_CID: cid,
-            keys.UPLINK_BITS: sel.bits,
+            keys.UPLINK_BITS: wire_bits(wire),
             keys.DAQU_LOSS_SUM: sel.loss_sum,
             keys.DAQU_SENT: int(len(sel.labels)),
             keys.DAQU_CONSIDERED: sel.candidates,

@@ -71,7 +71,8 @@ from fl_sim.compression.dataq import (
     gradcorrq_values,
     per_feature_levels,
 )
-from fl_sim.compression.dataq import batch_bits, dataq_bits
+from fl_sim.compression.errors import PayloadError
+from fl_sim.wire.daqusgd import unpack_samples, wire_bits
 from fl_sim.wire.records import read_array
 from fl_sim.rng import torch_generator
 from fl_sim.strategies import guards
@@ -211,25 +212,20 @@ class DaQuSGD(UpdateStrategy):
         return messages
 
     # ------------------------------------------------------------------ replies
-    def _features(self, arrays, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
-        try:
-            return {n: torch.from_numpy(read_array(arrays[n], n).copy()) for n in names}
-        except (KeyError, TypeError, IndexError, AttributeError) as exc:
-            raise ReplyError(f"DaQuSGD reply lacks {', '.join(names)} ({exc})") from None
-
     def decode_reply(self, server_round: int, msg: Message, cid: int) -> tuple[Any, int]:
-        """One reply's samples (features, labels, GradCorrQ bits), every value checked; bits counted by the
-        server from what arrived: the DataQ batch (per-feature: 32 + N d b; exact: N (32 + ⌈log2 |S|⌉)),
-        ⌈log2 C⌉ per label and GradCorrQ's bit per sample (the client's ``uplink-bits`` is only compared).
-        """
+        """One reply's samples (features, labels, GradCorrQ bits), unpacked (fl_sim.wire.daqusgd) and every
+        value checked; bits counted by the server from the bytes that arrived (the client's ``uplink-bits`` is
+        only compared)."""
         arrays, (_, metrics) = self.reply_arrays(msg), self.reply_metrics(msg)
-        base = {"levels", "labels", "scale"} if self.quantizer == "per_feature" else {"a", "b", "norms", "labels"}
-        allowed = base | ({"gc_bits"} if self.gradcorrq else set())
-        if not base <= set(arrays.keys()) <= allowed:
-            raise ReplyError(f"DaQuSGD reply carries {sorted(arrays.keys())}; expected {sorted(base)}"
-                             + (" and gc_bits" if self.gradcorrq else ""))
+        try:
+            received = {k: read_array(arr, k) for k, arr in arrays.items()}
+            t = unpack_samples(received, quantizer=self.quantizer, bits_per_feature=self.bits, levels=self.levels,
+                               gradcorrq=self.gradcorrq)
+        except (PayloadError, TypeError, ValueError) as exc:
+            raise ReplyError(f"DaQuSGD reply: {exc}") from None
+        if self.num_classes and int(t["classes"]) != self.num_classes:
+            raise ReplyError(f"labels coded for {int(t['classes'])} classes; the task has {self.num_classes}")
         if self.quantizer == "per_feature":
-            t = self._features(arrays, ("levels", "labels", "scale"))
             levels, scale_t = t["levels"].to(torch.int64), t["scale"].reshape(-1)
             n = levels.shape[0]
             steps = per_feature_levels(self.bits) - 1
@@ -241,7 +237,6 @@ class DaQuSGD(UpdateStrategy):
             x = dequantize_selection(levels, scale, self.bits) if n else None
             sample_scale = torch.full((n,), scale, dtype=torch.float64)
         else:
-            t = self._features(arrays, ("a", "b", "norms", "labels"))
             a, b, r = t["a"].to(torch.int64), t["b"].to(torch.int64), t["norms"].to(torch.float32).reshape(-1)
             n = a.shape[0]
             steps = self.levels - 1
@@ -265,7 +260,7 @@ class DaQuSGD(UpdateStrategy):
         features = int(x[0].numel()) if n else 0
         correction = None
         if self.gradcorrq and n:
-            bits = self._features(arrays, ("gc_bits",))["gc_bits"].reshape(-1)
+            bits = t["gc_bits"].reshape(-1)
             if bits.numel() != n or bool(((bits != 0) & (bits != 1)).any()):
                 raise ReplyError("gc_bits must hold one bit (0 or 1) per sent sample")
             bound = self.c_z * sample_scale * math.sqrt(features) / steps  # eq. (8), as the node computed it
@@ -277,11 +272,10 @@ class DaQuSGD(UpdateStrategy):
                                            lo=0, hi=n, integer=True))
         self._declared_bits.check(cid, msg.metadata.src_node_id, metrics.get(keys.DAQU_SENT), n,
                                   f"metric {keys.DAQU_SENT!r} (samples)")
-        # bits counted by the server from what arrived (the node's uplink-bits is only compared)
-        label_bits = math.ceil(math.log2(self.num_classes)) if self.num_classes and self.num_classes > 1 else 0
-        d = int(math.prod(shape))
-        bits = batch_bits(n, d, self.bits) if self.quantizer == "per_feature" else n * (32 + dataq_bits(d, self.levels))
-        bits += n * label_bits + (n if correction is not None else 0)
+        # bits counted by the server: 8 x the bytes that arrived, packed as fl_sim.wire.daqusgd says (the DataQ
+        # batch at b bits per feature or the per-feature (a, b) code, ceil(log2 C) per label, GradCorrQ's bit per
+        # sample, the float scales and the small header); the node's uplink-bits is only compared
+        bits = wire_bits(received)
         return {"x": x, "y": labels, "cid": cid, "considered": considered, "correction": correction,
                 "clipped": clipped, "loss_sum": loss_sum}, int(bits)
 
