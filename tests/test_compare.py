@@ -16,6 +16,8 @@ from fl_sim.experiments.compare import (
     PlannedRun,
     aggregate,
     choose,
+    bits_to_held,
+    held_from,
     config_hash,
     execute_plan,
     load_suite,
@@ -23,6 +25,7 @@ from fl_sim.experiments.compare import (
     write_outputs,
 )
 from fl_sim.config import ConfigError, load_config
+from fl_sim.runs.simulation import eval_due
 from fl_sim.data import load_federated
 from fl_sim.data.sources import load_source
 from fl_sim.data.validation import hold_out_validation
@@ -32,21 +35,24 @@ SUITE = REPO / "fl_sim" / "configs" / "compare" / "suite.yaml"
 
 
 # --------------------------------------------------------------------------------------------- helpers
-def fabricate(run_dir: Path, accs, bits, *, val=None, val_loss=None, name="r") -> Path:
+def fabricate(run_dir: Path, accs, bits, *, val=None, val_loss=None, name="r", down=None) -> Path:
     """A run directory: metrics.csv rows for rounds 0..len(accs)-1 (acc None = not evaluated that round),
-    uplink bits per round (round 0 sends nothing), and summary.json as RunRecorder.finish writes it."""
+    uplink bits per round (round 0 sends nothing), downlink bits per round (``down``, default = uplink),
+    and summary.json as RunRecorder.finish writes it."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    down = bits if down is None else down
     lines = ["round,train_loss,test_loss,test_accuracy,uplink_bits,downlink_bits,wall_s,val_loss,val_accuracy"]
     for rnd, acc in enumerate(accs):
-        b = 0 if rnd == 0 else bits
+        b, dn = (0, 0) if rnd == 0 else (bits, down)
         v = "" if val is None or val[rnd] is None else val[rnd]
         vl = "" if v == "" else (1.0 if val_loss is None else val_loss[rnd])
-        lines.append(f"{rnd},,{'' if acc is None else 1.0},{'' if acc is None else acc},{b},{b},0.1,{vl},{v}")
+        lines.append(f"{rnd},,{'' if acc is None else 1.0},{'' if acc is None else acc},{b},{dn},0.1,{vl},{v}")
     (run_dir / "metrics.csv").write_text("\n".join(lines) + "\n")
     final = [a for a in accs if a is not None][-1]
     (run_dir / "summary.json").write_text(json.dumps({
         "name": name, "rounds": len(accs) - 1, "final_test_accuracy": final,
-        "total_uplink_bits": bits * (len(accs) - 1)}))
+        "total_uplink_bits": bits * (len(accs) - 1), "total_downlink_bits": down * (len(accs) - 1),
+        "total_bits": (bits + down) * (len(accs) - 1)}))
     return run_dir
 
 
@@ -54,41 +60,75 @@ def fabricate(run_dir: Path, accs, bits, *, val=None, val_loss=None, name="r") -
 def test_aggregate_hand_computed(tmp_path):
     """Two seeds of FedAvg and of a compressed method m; every figure below is computed by hand.
 
-    FedAvg finals 0.8 and 1.0 -> mean 0.9 -> target 0.9 x 0.9 = 0.81.
-    FedAvg s1 accuracies 0.5, 0.8, 0.8 never reach 0.81 -> no bits to target; s2 reaches at round 2 -> 200 bits.
-    m s1 reaches at round 1 (0.82) -> 10 bits; m s2 is not evaluated at round 2 (its 10 bits still count)
-    and reaches at round 3 (0.85) -> 30 bits. Savings are paired by seed: s1 has no FedAvg figure, s2 200/30.
+    FedAvg finals 0.8 and 1.0 -> mean 0.9 -> target 0.9 x 0.9 = 0.81. A run reaches the target only when
+    its accuracy stays >= 0.81 from one evaluation to the end; bits are counted to the start of that stretch.
+    FedAvg s1 0.5, 0.8, 0.8 never reaches it; s2 holds it from round 2 -> 200 uplink, 200 downlink bits.
+    m s1 touches it at round 1 (0.82), falls back (0.7) and holds it from round 3 (0.83) -> 30 uplink bits
+    (the first-touch rule said 10); m s2 is not evaluated at round 2 (its bits still count) and holds it
+    from round 3 -> 30. m downloads 100 bits a round: 300 downlink, 330 total bits to target.
+    n touches the target at round 1 and ends below it: not reached. Savings are paired by seed: s1 has
+    no FedAvg figure; s2 uplink 200/30, downlink 200/300, total 400/330.
+    95% t-interval of m's final accuracy (0.83, 0.85): s = 0.01 sqrt(2), t_{0.975,1} = 12.7062,
+    half-width = 12.7062 x 0.01 sqrt(2) / sqrt(2) = 0.127062.
     """
     runs = [
         {"task": "t", "method": "fedavg", "seed": 1, "run_dir": fabricate(tmp_path / "f1", [0.1, 0.5, 0.8, 0.8], 100)},
         {"task": "t", "method": "fedavg", "seed": 2, "run_dir": fabricate(tmp_path / "f2", [0.1, 0.6, 0.9, 1.0], 100)},
-        {"task": "t", "method": "m", "seed": 1, "run_dir": fabricate(tmp_path / "m1", [0.1, 0.82, 0.7, 0.75], 10)},
-        {"task": "t", "method": "m", "seed": 2, "run_dir": fabricate(tmp_path / "m2", [0.1, 0.3, None, 0.85], 10)},
+        {"task": "t", "method": "m", "seed": 1, "run_dir": fabricate(tmp_path / "m1", [0.1, 0.82, 0.7, 0.83], 10, down=100)},
+        {"task": "t", "method": "m", "seed": 2, "run_dir": fabricate(tmp_path / "m2", [0.1, 0.3, None, 0.85], 10, down=100)},
+        {"task": "t", "method": "n", "seed": 2, "run_dir": fabricate(tmp_path / "n2", [0.1, 0.9, 0.7], 10)},
         # a second task with its own baseline and target: 0.9 x 0.5 = 0.45, reached by its m at round 2
         {"task": "u", "method": "fedavg", "seed": 1, "run_dir": fabricate(tmp_path / "u1", [0.1, 0.3, 0.5], 50)},
         {"task": "u", "method": "m", "seed": 1, "run_dir": fabricate(tmp_path / "u2", [0.1, 0.2, 0.46], 5)},
     ]
-    run_rows, summary, targets = aggregate(runs, baseline="fedavg", target_fraction=0.9)
+    run_rows, summary, targets = aggregate(runs, baseline="fedavg", target_fraction=0.9, root=tmp_path)
     assert targets["t"] == pytest.approx(0.81)
     assert targets["u"] == pytest.approx(0.45)
     by = {(r["task"], r["method"], r["seed"]): r for r in run_rows}
-    assert by["t", "fedavg", 1]["bits_to_target"] is None
-    assert by["t", "fedavg", 2]["bits_to_target"] == 200
-    assert by["t", "m", 1]["bits_to_target"] == 10
-    assert by["t", "m", 2]["bits_to_target"] == 30
-    assert by["t", "m", 1]["savings_vs_baseline"] is None
-    assert by["t", "m", 2]["savings_vs_baseline"] == pytest.approx(200 / 30)
-    assert by["u", "m", 1]["bits_to_target"] == 10 and by["u", "fedavg", 1]["bits_to_target"] == 100
+    assert by["t", "fedavg", 1]["uplink_bits_to_target"] is None and by["t", "fedavg", 1]["held_from_round"] is None
+    assert by["t", "fedavg", 2]["uplink_bits_to_target"] == 200 and by["t", "fedavg", 2]["held_from_round"] == 2
+    assert by["t", "m", 1]["uplink_bits_to_target"] == 30 and by["t", "m", 1]["held_from_round"] == 3
+    assert by["t", "m", 2]["uplink_bits_to_target"] == 30
+    assert (by["t", "m", 2]["downlink_bits_to_target"], by["t", "m", 2]["total_bits_to_target"]) == (300, 330)
+    assert by["t", "n", 2]["uplink_bits_to_target"] is None and by["t", "n", 2]["uplink_savings"] is None
+    assert by["t", "m", 1]["uplink_savings"] is None
+    assert by["t", "m", 2]["uplink_savings"] == pytest.approx(200 / 30)
+    assert by["t", "m", 2]["downlink_savings"] == pytest.approx(200 / 300)
+    assert by["t", "m", 2]["total_savings"] == pytest.approx(400 / 330)
+    assert by["t", "m", 2]["total_downlink_bits"] == 300 and by["t", "m", 2]["total_bits"] == 330
+    assert by["u", "m", 1]["uplink_bits_to_target"] == 10 and by["u", "fedavg", 1]["uplink_bits_to_target"] == 100
+    assert by["t", "m", 1]["run_dir"] == "m1"  # relative to the output directory
     s = {(r["task"], r["method"]): r for r in summary}
     f, m = s["t", "fedavg"], s["t", "m"]
     assert (f["final_accuracy_mean"], f["final_accuracy_min"], f["final_accuracy_max"]) == pytest.approx((0.9, 0.8, 1.0))
-    assert (f["bits_to_target_mean"], f["reached"], f["seeds"]) == (200, 1, 2)
-    assert (m["final_accuracy_mean"], m["final_accuracy_min"], m["final_accuracy_max"]) == pytest.approx((0.8, 0.75, 0.85))
+    assert (f["uplink_bits_to_target_mean"], f["reached"], f["seeds"]) == (200, 1, 2)
+    assert f["uplink_bits_to_target_ci95"] is None  # one seed held it: no interval
+    assert (m["final_accuracy_mean"], m["final_accuracy_min"], m["final_accuracy_max"]) == pytest.approx((0.84, 0.83, 0.85))
+    assert m["final_accuracy_ci95"] == pytest.approx(0.127062, rel=1e-4)
     assert (m["total_uplink_bits_mean"], m["total_uplink_bits_min"], m["total_uplink_bits_max"]) == (30, 30, 30)
-    assert (m["bits_to_target_mean"], m["bits_to_target_min"], m["bits_to_target_max"]) == (20, 10, 30)
-    assert m["reached"] == 2
-    assert (m["savings_mean"], m["savings_min"], m["savings_max"]) == pytest.approx((200 / 30,) * 3)
-    assert s["u", "m"]["savings_mean"] == pytest.approx(10.0)
+    assert m["total_uplink_bits_ci95"] == 0.0
+    assert (m["uplink_bits_to_target_mean"], m["uplink_bits_to_target_min"], m["uplink_bits_to_target_max"]) == (30, 30, 30)
+    assert m["reached"] == 2 and s["t", "n"]["reached"] == 0
+    assert (m["uplink_savings_mean"], m["uplink_savings_min"], m["uplink_savings_max"]) == pytest.approx((200 / 30,) * 3)
+    assert s["u", "m"]["uplink_savings_mean"] == pytest.approx(10.0)
+
+
+def test_held_rule_counts_bits_to_the_start_of_the_held_stretch():
+    """Skipped (None) evaluations neither start nor break a stretch; a NaN accuracy breaks it."""
+    rows = [{"round": i, "test_accuracy": a, "uplink_bits": 0 if i == 0 else 7}
+            for i, a in enumerate([0.0, 0.9, float("nan"), 0.9, None, 0.95])]
+    assert held_from(rows, 0.9) == 3 and bits_to_held(rows, 0.9) == 21
+    assert held_from(rows, 0.96) is None and bits_to_held(rows, 0.96) is None
+    assert held_from(rows[:2], 0.9) == 1
+
+
+def test_eval_tail_evaluates_every_round_at_the_end():
+    cfg = load_config("quickstart", ["rounds=100", "eval_every=5", "eval_tail=0.2"])
+    due = [r for r in range(101) if eval_due(r, cfg)]
+    assert due == [0, *range(5, 80, 5), *range(80, 101)]  # rounds 81..100 (the last 20) every round
+    assert [r for r in range(11) if eval_due(r, load_config("quickstart", ["rounds=10", "eval_every=0"]))] == [0, 10]
+    with pytest.raises(ConfigError, match="eval_tail"):
+        load_config("quickstart", ["eval_tail=1.5"])
 
 
 def test_aggregate_needs_the_baseline(tmp_path):
@@ -108,9 +148,12 @@ def test_runs_csv_columns_and_blank_when_not_reached(tmp_path):
     import csv
 
     rows = list(csv.DictReader((tmp_path / "docs" / "runs.csv").open()))
-    for col in ("task", "method", "seed", "final_accuracy", "total_uplink_bits", "bits_to_target"):
+    for col in ("task", "method", "seed", "final_accuracy", "total_uplink_bits", "total_downlink_bits", "total_bits",
+                "uplink_bits_to_target", "downlink_bits_to_target", "total_bits_to_target", "uplink_savings",
+                "downlink_savings", "total_savings", "held_from_round"):
         assert col in rows[0]
-    assert rows[0]["bits_to_target"] == "100" and rows[1]["bits_to_target"] == ""
+    assert rows[0]["uplink_bits_to_target"] == "100" and rows[1]["uplink_bits_to_target"] == ""
+    assert rows[0]["total_bits_to_target"] == "200"
     assert (tmp_path / "docs" / "pareto.png").stat().st_size > 1000
     assert "not reached (0/1)" in (tmp_path / "docs" / "summary.md").read_text()
 
@@ -270,13 +313,37 @@ def test_compare_command_smoke(tmp_path):
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     lines = (tmp_path / "docs" / "runs.csv").read_text().splitlines()
-    assert len(lines) == 3 and lines[0].startswith("task,method,seed,final_accuracy,total_uplink_bits,bits_to_target")
+    assert len(lines) == 3 and lines[0].startswith(
+        "task,method,seed,final_accuracy,total_uplink_bits,total_downlink_bits,total_bits,uplink_bits_to_target")
+    assert lines[1].endswith(",dense/runs/fedavg/seed1") and str(tmp_path) not in "".join(lines)
     tuning = (tmp_path / "docs" / "tuning.csv").read_text().splitlines()
     assert len(tuning) == 1 + 2 and sum(l.endswith("True") for l in tuning) == 2
     for f in ("summary.md", "summary.csv", "tuning.md", "pareto.png", "suite.json"):
         assert (tmp_path / "docs" / f).is_file(), f
     meta = json.loads((tmp_path / "docs" / "suite.json").read_text())
     assert meta["seeds"] == [1] and meta["failures"] == []
+    env = meta["environment"]
+    assert set(env["libraries"]) >= {"flwr", "torch", "numpy"} and env["libraries"]["flwr"] and env["python"]
+    assert env["cpu_count"] >= 1 and "cpu" in env and "code_commit" in env and meta["backend"] == "inline"
+    assert str(tmp_path) not in json.dumps(meta)
+    # every round of the last 20% is evaluated (rounds=2: ceil(0.4) = 1 -> rounds 0, 1 (eval_every), 2)
+    # and one reported row rerun from its recorded config gives the same numbers
+    import csv
+
+    from fl_sim.experiments.compare.runner import _execute
+
+    row = next(csv.DictReader((tmp_path / "docs" / "runs.csv").open()))
+    src = tmp_path / "runs" / row["run_dir"]
+    cfg = yaml.safe_load((src / "config.yaml").read_text())
+    _execute(cfg, str(tmp_path / "rerun"), "digest", "v")
+
+    def numbers(d):
+        return [{k: v for k, v in r.items() if not k.endswith("_s")} for r in csv.DictReader((d / "metrics.csv").open())]
+
+    assert numbers(src) == numbers(tmp_path / "rerun") and len(numbers(src)) == 3
+    again = json.loads((tmp_path / "rerun" / "summary.json").read_text())
+    assert f"{again['final_test_accuracy']:.6g}" == row["final_accuracy"]
+    assert again["total_bits"] == int(row["total_bits"])
     res2 = CliRunner().invoke(app, args)
     assert res2.exit_code == 0 and res2.output.count("done, skipped") == 4, res2.output
 

@@ -7,6 +7,7 @@ resumes; each worker keeps one torch thread. ``run_compare`` is the whole protoc
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -52,6 +53,45 @@ def code_version() -> str:
         return r.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+def _portable(path: Path) -> str:
+    """``path`` relative to the repository when inside it (no machine-specific prefix in the record)."""
+    try:
+        return Path(path).resolve().relative_to(_repo_root()).as_posix()
+    except ValueError:
+        return Path(path).name
+
+def environment() -> dict[str, Any]:
+    """What the numbers depend on besides the config: library versions, Python, CPU, threads, code commit."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    libs = {}
+    for name in ("flwr", "torch", "numpy", "scipy"):
+        try:
+            libs[name] = version(name)
+        except PackageNotFoundError:
+            libs[name] = None
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=_repo_root(), capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"python": platform.python_version(), "libraries": libs, "platform": platform.platform(),
+            "machine": platform.machine(), "cpu": cpu, "cpu_count": os.cpu_count(),
+            "torch_threads_per_worker": 1, "cohort_threads_per_worker": "1 unless the config sets it",
+            "torch_deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+            "code_commit": commit, "code_version": code_version()}
 
 def _execute(cfg_dict: dict[str, Any], run_dir: str, digest: str, version: str) -> dict[str, Any]:
     """Worker: run one config into run_dir (replacing an unfinished or stale earlier attempt), then mark it done."""
@@ -168,12 +208,14 @@ def run_compare(
         failures += execute_plan(reported, jobs=jobs, progress=progress, runner=runner)
     finished = [{"task": r.task, "method": r.method, "seed": r.seed, "run_dir": r.run_dir, "point": point_name(r.point)}
                 for r in reported if (r.run_dir / "summary.json").is_file()]
-    run_rows, summary_rows, targets = aggregate(finished, baseline=suite.baseline, target_fraction=suite.target_fraction)
+    run_rows, summary_rows, targets = aggregate(finished, baseline=suite.baseline, target_fraction=suite.target_fraction,
+                                                root=out)
     versions = sorted({json.loads((Path(r["run_dir"]) / DONE_FILE).read_text()).get("code_version", "unknown")
                        for r in finished if (Path(r["run_dir"]) / DONE_FILE).is_file()})
-    meta = {"suite": str(suite.path), "tasks": tasks, "methods": methods, "seeds": seed_list,
+    meta = {"suite": _portable(suite.path), "tasks": tasks, "methods": methods, "seeds": seed_list,
             "tuning_seed": suite.tuning_seed, "budget": suite.budget, "backend": backend or suite.backend,
-            "extra_overrides": extra, "code_versions": versions, "failures": failures,
+            "eval_tail": suite.eval_tail, "jobs": jobs,
+            "extra_overrides": extra, "code_versions": versions, "environment": environment(), "failures": failures,
             "wall_s": round(time.perf_counter() - t0, 1)}
     if docs is not None:
         write_outputs(suite, Path(docs), run_rows, summary_rows, targets, tuning_rows, meta)

@@ -67,6 +67,7 @@ class Suite:
     backend: str = "inline"
     set: list[str] = field(default_factory=list)
     title: str = ""
+    eval_tail: float = 0.2  # the last 20% of every run's rounds are evaluated every round (the held verdict reads them)
 
     def method(self, name: str) -> Method:
         for m in self.methods:
@@ -149,7 +150,10 @@ def load_suite(path: str | Path | None = None) -> Suite:
         raise ConfigError(f"{p}: tuning_seed={tuning_seed} is one of the reported seeds {seeds}; use a distinct seed")
     suite = Suite(p, tasks, methods, seeds, tuning_seed, budget, str(raw.get("baseline", "fedavg")),
                   float(raw.get("target_fraction", 0.9)), int(raw.get("tuning_window", 3)),
-                  str(raw.get("backend", "inline")), _str_list(raw.get("set"), f"{p}: set"), str(raw.get("title", "")))
+                  str(raw.get("backend", "inline")), _str_list(raw.get("set"), f"{p}: set"), str(raw.get("title", "")),
+                  float(raw.get("eval_tail", 0.2)))
+    if not 0.0 <= suite.eval_tail <= 1.0:
+        raise ConfigError(f"{p}: eval_tail={suite.eval_tail} must be a fraction in [0, 1] (the last rounds evaluated every round)")
     if suite.baseline not in seen:
         raise ConfigError(f"{p}: baseline {suite.baseline!r} is not among the methods")
     return suite
@@ -166,7 +170,7 @@ def _yaml(path: Path) -> dict[str, Any]:
 def compose_config(suite: Suite, task: str, method: str, sets: list[str], *, extra: list[str] = (),
                    backend: str | None = None) -> RunConfig:
     """The task's config with the method's ``strategy``, ``codec`` (and ``channel``, if any) sections, then overrides in order:
-    suite ``set``, task ``set``, method ``set``, the method's per-task ``set``, ``sets`` (grid point, seed),
+    the suite's ``eval_tail``, suite ``set``, task ``set``, method ``set``, the method's per-task ``set``, ``sets`` (grid point, seed),
     ``extra`` (the command line's ``--set``) and ``simulation.backend``."""
     t, m = suite.tasks[task], suite.method(method)
     raw = copy.deepcopy(_yaml(t.config))
@@ -177,7 +181,7 @@ def compose_config(suite: Suite, task: str, method: str, sets: list[str], *, ext
     if mraw.get("channel"):  # over-the-air / digital-over-channel methods bring their channel section
         raw["channel"] = copy.deepcopy(mraw["channel"])
     raw["name"] = f"{task}-{method}"
-    order = [*suite.set, *t.set, *m.set, *m.task_set.get(task, []), *sets, *extra,
+    order = [f"eval_tail={suite.eval_tail}", *suite.set, *t.set, *m.set, *m.task_set.get(task, []), *sets, *extra,
              f"simulation.backend={backend or suite.backend}"]
     try:
         return config_from_dict(apply_overrides(raw, order))
