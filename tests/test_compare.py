@@ -18,6 +18,7 @@ from fl_sim.experiments.compare import (
     choose,
     bits_to_held,
     held_from,
+
     config_hash,
     execute_plan,
     load_suite,
@@ -26,6 +27,7 @@ from fl_sim.experiments.compare import (
 )
 from fl_sim.config import ConfigError, load_config
 from fl_sim.runs.simulation import eval_due
+from fl_sim.experiments.compare.bracket import AT_CAP, BRACKETED, EXTENDING, bracket
 from fl_sim.data import load_federated
 from fl_sim.data.sources import load_source
 from fl_sim.data.validation import hold_out_validation
@@ -192,6 +194,66 @@ def test_choice_without_validation_column_is_an_error(tmp_path):
         choose([a], window=3)
 
 
+# --------------------------------------------------------------------------------------------- bracketed tuning
+def test_bracket_rule():
+    """Interior best: bracketed. Edge best: add the next log-grid value beyond it, up to the cap."""
+    assert bracket([(0.5, 0.6), (1.0, 0.7), (2.0, 0.65)], 1.0, 2.0, 0, 3) == (BRACKETED, [])
+    assert bracket([(0.5, 0.6), (1.0, 0.7), (2.0, 0.8)], 2.0, 2.0, 0, 3) == (EXTENDING, [4.0])
+    assert bracket([(0.5, 0.8), (1.0, 0.7), (2.0, 0.6)], 0.5, 2.0, 0, 3) == (EXTENDING, [0.25])
+    assert bracket([(0.15, 0.1), (0.3, 0.2), (0.6, 0.3)], 0.6, 2.0, 0, 3) == (EXTENDING, [1.2])
+    assert bracket([(0.5, 0.6), (1.0, 0.7), (2.0, 0.8)], 2.0, 2.0, 3, 3) == (AT_CAP, [])
+    assert bracket([(1.0, 0.7)], 1.0, 2.0, 0, 1) == (EXTENDING, [0.5])  # one point: below first, cap allows one
+    assert bracket([(8, 0.7), (16, 0.9)], 16, 2.0, 0, 2) == (EXTENDING, [32])  # an integer step stays an integer
+    # a failed run (no score) bounds nothing; a diverged one (score 0) does
+    assert bracket([(1.0, 0.7), (2.0, None), (0.5, 0.1)], 1.0, 2.0, 1, 3) == (AT_CAP, [])
+    assert bracket([(1.0, 0.7), (2.0, 0.0), (0.5, 0.1)], 1.0, 2.0, 1, 3) == (BRACKETED, [])
+    with pytest.raises(ValueError, match="factor"):
+        bracket([(1.0, 0.7)], 1.0, 1.0, 0, 3)
+
+
+def test_bracketed_tuning_extends_every_method_by_the_same_rule(tmp_path):
+    """Fabricated validation scores peaking at a known step: score = 0.9 - 0.1 |log2(lr / peak)|, and a
+    diverged run (NaN loss, score 0) from lr 16 on. Grids [0.5, 1, 2], factor 2, cap 3:
+    fedavg (peak 4): 2 is on the edge -> 4 -> 8 (worse) -> bracketed at 4 after 2 added points (5 runs);
+    qcs (peak 0.01): 0.5 on the edge -> 0.25 -> 0.125 -> 0.0625, at cap after 3 added points (6 runs);
+    topk_ef (peak 1): interior from the start, bracketed with the grid's 3 runs."""
+    import math
+
+    from fl_sim.experiments.compare.runner import tune
+
+    peak = {"fedavg": 4.0, "qcs": 0.01, "topk_ef": 1.0}
+    suite = load_suite(_write_suite(tmp_path, bracket={"factor": 2, "cap": 3}))
+
+    def fake(cfg_dict, run_dir, digest, version):
+        lr, method = cfg_dict["strategy"]["server_lr"], Path(run_dir).parts[-3]
+        score = 0.9 - 0.1 * abs(math.log2(lr / peak[method]))
+        loss = float("nan") if lr >= 16 else 1.0
+        d = fabricate(Path(run_dir), [0.1, 0.5], 1, val=[0.1, score], val_loss=[1.0, loss])
+        (d / DONE_FILE).write_text(json.dumps({"config_hash": digest, "code_version": version}))
+
+    plan, failures, info = tune(suite, ["dense"], list(peak), tmp_path / "runs", runner=fake)
+    assert failures == []
+    assert info["dense", "fedavg"] == {"bracket": "bracketed", "added": 2, "tuning_runs": 5}
+    assert info["dense", "qcs"] == {"bracket": "at cap", "added": 3, "tuning_runs": 6}
+    assert info["dense", "topk_ef"] == {"bracket": "bracketed", "added": 0, "tuning_runs": 3}
+    choices, _ = choose(plan, suite.tuning_window)
+    assert choices["dense", "fedavg"] == (("strategy.server_lr", 4.0),)
+    assert choices["dense", "qcs"] == (("strategy.server_lr", 0.0625),)
+    lrs = sorted(dict(r.point)["strategy.server_lr"] for r in plan if r.method == "qcs")
+    assert lrs == [0.0625, 0.125, 0.25, 0.5, 1.0, 2.0]
+    # report-only: the added points already on disk are found again without running anything
+    again, _, info2 = tune(suite, ["dense"], list(peak), tmp_path / "runs", report_only=True,
+                           runner=lambda *a: pytest.fail("report_only ran a run"))
+    assert info2 == info and len(again) == len(plan)
+
+
+def test_bracket_settings_checked(tmp_path):
+    with pytest.raises(ConfigError, match="bracket"):
+        load_suite(_write_suite(tmp_path, bracket={"factor": 1.0, "cap": 2}))
+    with pytest.raises(ConfigError, match="bracket"):
+        load_suite(_write_suite(tmp_path, bracket={"factr": 2}))
+
+
 # --------------------------------------------------------------------------------------------- suite spec
 def test_suite_every_config_validates_with_equal_budget_and_distinct_tuning_seed(tmp_path):
     suite = load_suite(SUITE)
@@ -306,7 +368,7 @@ def test_compare_command_smoke(tmp_path):
     methods = [m for m in raw["methods"] if m["name"] in ("fedavg", "topk_ef")]
     for m in methods:
         m["grid"] = {"strategy.server_lr": [1.0]}
-    suite = _write_suite(tmp_path, methods=methods, budget=1)
+    suite = _write_suite(tmp_path, methods=methods, budget=1, bracket={"factor": 2, "cap": 1})
     args = ["compare", str(suite), "--task", "dense", "--seeds", "1", "--set", "rounds=2", "--set", "clients=20",
             "--set", "clients_per_round=4", "--set", "model.hidden=[8]", "--set", "eval_every=1",
             "--out", str(tmp_path / "runs"), "--docs", str(tmp_path / "docs")]
@@ -316,8 +378,13 @@ def test_compare_command_smoke(tmp_path):
     assert len(lines) == 3 and lines[0].startswith(
         "task,method,seed,final_accuracy,total_uplink_bits,total_downlink_bits,total_bits,uplink_bits_to_target")
     assert lines[1].endswith(",dense/runs/fedavg/seed1") and str(tmp_path) not in "".join(lines)
-    tuning = (tmp_path / "docs" / "tuning.csv").read_text().splitlines()
-    assert len(tuning) == 1 + 2 and sum(l.endswith("True") for l in tuning) == 2
+    import csv
+
+    tuning = list(csv.DictReader((tmp_path / "docs" / "tuning.csv").open()))
+    # bracket cap 1: the single grid point is on both edges, so each method adds lr 0.5 and stops at the cap
+    assert len(tuning) == 2 * 2 and sum(r["chosen"] == "True" for r in tuning) == 2
+    assert {r["point"] for r in tuning} == {"strategy.server_lr=1.0", "strategy.server_lr=0.5"}
+    assert {(r["bracket"], r["tuning_runs"]) for r in tuning} == {("at cap", "2")}
     for f in ("summary.md", "summary.csv", "tuning.md", "pareto.png", "suite.json"):
         assert (tmp_path / "docs" / f).is_file(), f
     meta = json.loads((tmp_path / "docs" / "suite.json").read_text())
@@ -327,9 +394,7 @@ def test_compare_command_smoke(tmp_path):
     assert env["cpu_count"] >= 1 and "cpu" in env and "code_commit" in env and meta["backend"] == "inline"
     assert str(tmp_path) not in json.dumps(meta)
     # every round of the last 20% is evaluated (rounds=2: ceil(0.4) = 1 -> rounds 0, 1 (eval_every), 2)
-    # and one reported row rerun from its recorded config gives the same numbers
-    import csv
-
+    # one reported row rerun from its recorded config gives the same numbers
     from fl_sim.experiments.compare.runner import _execute
 
     row = next(csv.DictReader((tmp_path / "docs" / "runs.csv").open()))
@@ -345,7 +410,7 @@ def test_compare_command_smoke(tmp_path):
     assert f"{again['final_test_accuracy']:.6g}" == row["final_accuracy"]
     assert again["total_bits"] == int(row["total_bits"])
     res2 = CliRunner().invoke(app, args)
-    assert res2.exit_code == 0 and res2.output.count("done, skipped") == 4, res2.output
+    assert res2.exit_code == 0 and res2.output.count("done, skipped") == 6, res2.output
 
 
 def test_compare_bad_task_exits_2(tmp_path):

@@ -209,7 +209,10 @@ def summary_markdown(summary_rows: list[dict[str, Any]], targets: dict[str, floa
                 continue
             sav = [_ci(r, f"{d}_savings", ".2f", "-") + ("x" if r.get(f"{d}_savings_mean") is not None else "")
                    for d, _, _ in DIRECTIONS]
-            lines.append(f"| {labels.get(r['method'], r['method'])} | {r['point']} | {_ci(r, 'final_accuracy', '.3f')} | "
+            tuned = r["point"] + (" (at cap)" if r.get("bracket") == "at cap" else "")
+            if r.get("tuning_runs"):
+                tuned += f", {r['tuning_runs']} runs"
+            lines.append(f"| {labels.get(r['method'], r['method'])} | {tuned} | {_ci(r, 'final_accuracy', '.3f')} | "
                          f"{_ci(r, 'total_uplink_bits', '.3g')} | {_ci(r, 'total_downlink_bits', '.3g')} | "
                          f"{_ci(r, 'total_bits', '.3g')} | {_ci(r, 'uplink_bits_to_target', '.3g')} "
                          f"({r['reached']}/{r['seeds']}) | {_ci(r, 'total_bits_to_target', '.3g')} | {' | '.join(sav)} |")
@@ -220,14 +223,17 @@ def summary_markdown(summary_rows: list[dict[str, Any]], targets: dict[str, floa
     return "\n".join(lines) + "\n"
 
 def tuning_markdown(suite: Suite, tuning_rows: list[dict[str, Any]]) -> str:
-    lines = [f"Budget: {suite.budget} runs per method and task, tuning seed {suite.tuning_seed} (reported seeds "
-             f"{', '.join(map(str, suite.seeds))}); score = mean validation accuracy of the last "
-             f"{suite.tuning_window} evaluations; chosen in **bold**.", "",
-             "| task | method | grid point | validation score |", "|---|---|---|---|"]
+    lines = [f"Grid: {suite.budget} points per method and task, then each method's step extended on a log grid "
+             f"(x or / {suite.bracket_factor:g}, at most {suite.bracket_cap} added points, the same for every "
+             "method) until the best point has a worse neighbour on both sides (bracketed) or the cap is hit "
+             f"(at cap). Tuning seed {suite.tuning_seed} (reported seeds {', '.join(map(str, suite.seeds))}); "
+             f"score = mean validation accuracy of the last {suite.tuning_window} evaluations; chosen in **bold**; "
+             "every run used is listed.", "",
+             "| task | method | grid point | validation score | bracket | runs used |", "|---|---|---|---|---|---|"]
     for r in tuning_rows:
         score = "missing" if r["val_score"] is None else f"{r['val_score']:.4f}"
         pt = f"**{r['point']}**" if r["chosen"] else r["point"]
-        lines.append(f"| {r['task']} | {r['method']} | {pt} | {score} |")
+        lines.append(f"| {r['task']} | {r['method']} | {pt} | {score} | {r.get('bracket', '')} | {r.get('tuning_runs', '')} |")
     return "\n".join(lines) + "\n"
 
 def plot_pareto(summary_rows: list[dict[str, Any]], targets: dict[str, float], labels: dict[str, str], path: Path) -> Path:
@@ -280,7 +286,8 @@ def write_outputs(suite: Suite, docs: Path, run_rows, summary_rows, targets, tun
     paths = [
         _write_csv(docs / "runs.csv", run_rows, RUN_COLUMNS),
         _write_csv(docs / "summary.csv", summary_rows),
-        _write_csv(docs / "tuning.csv", tuning_rows, ["task", "method", "point", "seed", "val_score", "chosen"]),
+        _write_csv(docs / "tuning.csv", tuning_rows, ["task", "method", "point", "seed", "val_score", "chosen", "bracket",
+                                                     "added", "tuning_runs"]),
     ]
     atomic_write(docs / "summary.md", summary_markdown(summary_rows, targets, labels, suite.baseline))
     atomic_write(docs / "tuning.md", tuning_markdown(suite, tuning_rows))

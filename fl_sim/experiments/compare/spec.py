@@ -47,6 +47,7 @@ class Method:
     set: list[str] = field(default_factory=list)
     task_set: dict[str, list[str]] = field(default_factory=dict)  # per-task overrides
     grid: list[tuple[str, list[Any]]] = field(default_factory=list)
+    step: str = ""  # the grid key extended on a log grid by bracketed tuning (default: the first grid key)
 
     def points(self) -> list[tuple[tuple[str, Any], ...]]:
         """The grid's points in declared order (cartesian product of the keys' values)."""
@@ -68,6 +69,8 @@ class Suite:
     set: list[str] = field(default_factory=list)
     title: str = ""
     eval_tail: float = 0.2  # the last 20% of every run's rounds are evaluated every round (the held verdict reads them)
+    bracket_factor: float = 2.0  # bracketed tuning: each added step value is the edge value x or / this factor
+    bracket_cap: int = 0  # at most this many added points per method and task (0: the fixed grid only)
 
     def method(self, name: str) -> Method:
         for m in self.methods:
@@ -137,8 +140,13 @@ def load_suite(path: str | Path | None = None) -> Suite:
             raise ConfigError(f"{p}: method {name}.grid must map keys to non-empty lists of values")
         grid = [(str(k), list(v)) for k, v in grid_raw.items()]
         task_set = {t: _str_list(m.get(t), f"{p}: method {name}.{t}") for t in tasks if t in m}
+        step = str(m.get("step", grid[0][0] if grid else ""))
+        if grid and step not in dict(grid):
+            raise ConfigError(f"{p}: method {name}.step {step!r} is not one of its grid keys ({', '.join(k for k, _ in grid)})")
+        if grid and not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in dict(grid)[step]):
+            raise ConfigError(f"{p}: method {name}: the step {step!r} needs positive numbers (it is extended on a log grid)")
         meth = Method(name, _resolve(str(m["config"]), p), str(m.get("label", name)),
-                      _str_list(m.get("set"), f"{p}: method {name}.set"), task_set, grid)
+                      _str_list(m.get("set"), f"{p}: method {name}.set"), task_set, grid, step)
         n_points = len(meth.points())
         if n_points != budget:
             raise ConfigError(f"{p}: method {name!r} has {n_points} grid points but the declared budget is {budget}; "
@@ -152,6 +160,12 @@ def load_suite(path: str | Path | None = None) -> Suite:
                   float(raw.get("target_fraction", 0.9)), int(raw.get("tuning_window", 3)),
                   str(raw.get("backend", "inline")), _str_list(raw.get("set"), f"{p}: set"), str(raw.get("title", "")),
                   float(raw.get("eval_tail", 0.2)))
+    br = raw.get("bracket") or {}
+    if not isinstance(br, dict) or set(br) - {"factor", "cap"}:
+        raise ConfigError(f"{p}: bracket must be a mapping with 'factor' (> 1) and 'cap' (added points, >= 0)")
+    suite.bracket_factor, suite.bracket_cap = float(br.get("factor", 2.0)), int(br.get("cap", 0))
+    if not (suite.bracket_factor > 1.0 and suite.bracket_cap >= 0):
+        raise ConfigError(f"{p}: bracket.factor={suite.bracket_factor} must be > 1 and bracket.cap={suite.bracket_cap} >= 0")
     if not 0.0 <= suite.eval_tail <= 1.0:
         raise ConfigError(f"{p}: eval_tail={suite.eval_tail} must be a fraction in [0, 1] (the last rounds evaluated every round)")
     if suite.baseline not in seen:
@@ -206,17 +220,18 @@ class PlannedRun:
     run_dir: Path
     phase: str  # "tune" | "report"
 
+def plan_point(suite: Suite, task: str, name: str, point: tuple[tuple[str, Any], ...], out: Path, *,
+               extra: list[str] = (), backend: str | None = None) -> PlannedRun:
+    """One tuning run: the grid point with the tuning seed, in OUT/TASK/tune/METHOD/POINT/seedS."""
+    sets = [f"{k}={_fmt_value(v)}" for k, v in point] + [f"seed={suite.tuning_seed}"]
+    cfg = compose_config(suite, task, name, sets, extra=extra, backend=backend)
+    run_dir = out / task / "tune" / name / point_name(point) / f"seed{suite.tuning_seed}"
+    return PlannedRun(task, name, suite.tuning_seed, point, cfg, run_dir, "tune")
+
 def plan_tuning(suite: Suite, tasks: list[str], methods: list[str], out: Path, *, extra: list[str] = (),
                 backend: str | None = None) -> list[PlannedRun]:
-    plan = []
-    for task in tasks:
-        for name in methods:
-            for point in suite.method(name).points():
-                sets = [f"{k}={_fmt_value(v)}" for k, v in point] + [f"seed={suite.tuning_seed}"]
-                cfg = compose_config(suite, task, name, sets, extra=extra, backend=backend)
-                run_dir = out / task / "tune" / name / point_name(point) / f"seed{suite.tuning_seed}"
-                plan.append(PlannedRun(task, name, suite.tuning_seed, point, cfg, run_dir, "tune"))
-    return plan
+    return [plan_point(suite, task, name, point, out, extra=extra, backend=backend)
+            for task in tasks for name in methods for point in suite.method(name).points()]
 
 def plan_reported(suite: Suite, choices: dict[tuple[str, str], tuple[tuple[str, Any], ...]], seeds: list[int],
                   out: Path, *, extra: list[str] = (), backend: str | None = None) -> list[PlannedRun]:
