@@ -442,3 +442,31 @@ def test_worker_runs_batched_calls_on_one_thread(tmp_path, monkeypatch):
         cfg = fc.config_to_dict(load_config("quickstart", [f"simulation.cohort_threads={threads}"]))
         fc._execute(cfg, str(tmp_path / f"run{threads}"), "digest", "v")
     assert seen == [1, 3]
+
+
+def test_rlc_at_scale_suite_builds_and_one_reduced_round_keeps_one_channel_ledger(tmp_path):
+    """The scale suite composes 5,000 clients, 1,000 a round, the same channel for RLC and digital QCS;
+    one round of it in reduced form (50 clients, 10 a round) runs for both, and the report carries
+    their channel uses beside accuracy."""
+    from fl_sim.experiments.compare.runner import _execute
+    from fl_sim.config import config_to_dict
+
+    suite = load_suite(REPO / "fl_sim" / "configs" / "compare" / "rlc_scale.yaml")
+    full = {r.method: r.cfg for r in plan_tuning(suite, list(suite.tasks), ["qcs", "rlc"], tmp_path)}
+    for cfg in full.values():
+        assert (cfg.clients, cfg.clients_per_round) == (5000, 1000)
+        assert cfg.channel["snr_db"] == 10 and cfg.channel["bandwidth_hz"] == 1e6
+    assert full["rlc"].strategy.name == "rlc" and full["rlc"].channel["participation"] == 1.0
+    assert full["qcs"].strategy.name == "qcs"
+    small = plan_tuning(suite, list(suite.tasks), ["qcs", "rlc"], tmp_path,
+                        extra=["clients=50", "clients_per_round=10", "rounds=1", "model.hidden=[16]"])[::3]
+    runs = []
+    for r in small:
+        _execute(config_to_dict(r.cfg), str(r.run_dir), "digest", "v")
+        runs.append({"task": r.task, "method": r.method, "seed": 1, "run_dir": r.run_dir})
+    run_rows, summary, targets = aggregate(runs, baseline="qcs", root=tmp_path)
+    uses = {x["method"]: x["total_channel_uses"] for x in run_rows}
+    assert uses["qcs"] > 0 and uses["rlc"] > 0
+    md = (write_outputs(suite, tmp_path / "docs", run_rows, summary, targets, [], {}) and
+          (tmp_path / "docs" / "summary.md").read_text())
+    assert "channel uses to target" in md

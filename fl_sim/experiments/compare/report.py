@@ -145,6 +145,10 @@ def aggregate(runs: list[dict[str, Any]], *, baseline: str = "fedavg", target_fr
             row[f"total_{d}_bits" if d != "total" else "total_bits"] = (
                 tot if tot is not None else sum(x.get(col) or 0.0 for x in rows))
             row[f"{d}_bits_to_target"] = bits_to_held(rows, target, col)
+        if any(x.get("channel_uses") is not None for x in rows):  # a channel ledger (analog or digital over a channel)
+            row["total_channel_uses"] = sum(x["channel_uses"] for x in rows
+                                            if x.get("channel_uses") is not None and math.isfinite(x["channel_uses"]))
+            row["channel_uses_to_target"] = bits_to_held(rows, target, "channel_uses")
         run_dir = Path(r["run_dir"])
         row.update({"rounds": summary.get("rounds"),
                     "final_val_accuracy": (_evaluated(rows, "val_accuracy") or [None])[-1],
@@ -163,6 +167,8 @@ def aggregate(runs: list[dict[str, Any]], *, baseline: str = "fedavg", target_fr
                "reached": sum(x["uplink_bits_to_target"] is not None for x in xs), "target": targets[task]}
         cols = ["final_accuracy", "total_uplink_bits", "total_downlink_bits", "total_bits",
                 *[f"{d}_bits_to_target" for d, _, _ in DIRECTIONS], *[f"{d}_savings" for d, _, _ in DIRECTIONS]]
+        if any("total_channel_uses" in x for x in xs):
+            cols += ["total_channel_uses", "channel_uses_to_target"]
         for c in cols:
             mean, lo, hi, half = _stats([x[c] for x in xs])
             out.update({f"{c}_mean": mean, f"{c}_min": lo, f"{c}_max": hi, f"{c}_ci95": half})
@@ -216,6 +222,11 @@ def summary_markdown(summary_rows: list[dict[str, Any]], targets: dict[str, floa
                          f"{_ci(r, 'total_uplink_bits', '.3g')} | {_ci(r, 'total_downlink_bits', '.3g')} | "
                          f"{_ci(r, 'total_bits', '.3g')} | {_ci(r, 'uplink_bits_to_target', '.3g')} "
                          f"({r['reached']}/{r['seeds']}) | {_ci(r, 'total_bits_to_target', '.3g')} | {' | '.join(sav)} |")
+        ledger = [r for r in summary_rows if r["task"] == task and r.get("total_channel_uses_mean") is not None]
+        if ledger:
+            lines += ["", "| method | channel uses | channel uses to target (held) |", "|---|---|---|"]
+            lines += [f"| {labels.get(r['method'], r['method'])} | {_ci(r, 'total_channel_uses', '.3g')} | "
+                      f"{_ci(r, 'channel_uses_to_target', '.3g')} ({r['reached']}/{r['seeds']}) |" for r in ledger]
         lines.append("")
     lines.append("Mean ± half-width of the 95% Student-t interval over seeds (bits to target and savings: over the "
                  "seeds that held the target). A run holds the target when its test accuracy stays at or above it "
@@ -278,7 +289,8 @@ def plot_pareto(summary_rows: list[dict[str, Any]], targets: dict[str, float], l
 
 RUN_COLUMNS = ["task", "method", "seed", "final_accuracy", "total_uplink_bits", "total_downlink_bits", "total_bits",
                "uplink_bits_to_target", "downlink_bits_to_target", "total_bits_to_target", "held_from_round", "target",
-               "uplink_savings", "downlink_savings", "total_savings", "final_val_accuracy", "rounds", "point", "run_dir"]
+               "uplink_savings", "downlink_savings", "total_savings", "total_channel_uses", "channel_uses_to_target",
+               "final_val_accuracy", "rounds", "point", "run_dir"]
 
 def write_outputs(suite: Suite, docs: Path, run_rows, summary_rows, targets, tuning_rows, meta: dict[str, Any]) -> list[Path]:
     labels = {m.name: m.label for m in suite.methods}
