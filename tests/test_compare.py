@@ -116,9 +116,11 @@ def test_aggregate_hand_computed(tmp_path):
 
 
 def test_held_rule_counts_bits_to_the_start_of_the_held_stretch():
-    """Skipped (None) evaluations neither start nor break a stretch; a NaN accuracy breaks it."""
-    rows = [{"round": i, "test_accuracy": a, "uplink_bits": 0 if i == 0 else 7}
-            for i, a in enumerate([0.0, 0.9, float("nan"), 0.9, None, 0.95])]
+    """Rounds not evaluated (None, or NaN as load_run reads a blank cell) neither start nor break a stretch;
+    an evaluation with a non-finite test loss (diverged: its argmax accuracy means nothing) breaks it."""
+    nan = float("nan")
+    rows = [{"round": i, "test_accuracy": a, "test_loss": l, "uplink_bits": 0 if i == 0 else 7}
+            for i, (a, l) in enumerate([(0.0, 1.0), (0.9, 1.0), (0.95, nan), (0.9, 1.0), (None, None), (nan, nan), (0.95, 1.0)])]
     assert held_from(rows, 0.9) == 3 and bits_to_held(rows, 0.9) == 21
     assert held_from(rows, 0.96) is None and bits_to_held(rows, 0.96) is None
     assert held_from(rows[:2], 0.9) == 1
@@ -258,7 +260,7 @@ def test_bracket_settings_checked(tmp_path):
 def test_suite_every_config_validates_with_equal_budget_and_distinct_tuning_seed(tmp_path):
     suite = load_suite(SUITE)
     assert suite.tuning_seed not in suite.seeds and len(suite.seeds) == 3
-    assert set(suite.tasks) == {"dense", "image"}
+    assert set(suite.tasks) == {"dense", "image", "mnist1d"}
     plan = plan_tuning(suite, list(suite.tasks), [m.name for m in suite.methods], tmp_path)
     assert len(plan) == len(suite.tasks) * len(suite.methods) * suite.budget
     for r in plan:
@@ -267,6 +269,9 @@ def test_suite_every_config_validates_with_equal_budget_and_distinct_tuning_seed
     image = {r.method: r.cfg for r in plan if r.task == "image"}
     assert image["fedavg"].data.name == "digits" and image["fedavg"].model.name == "lenet5"
     assert image["fedavg"].clients == 50 and image["fedavg"].data.alpha == 0.5
+    m1d = {r.method: r.cfg for r in plan if r.task == "mnist1d"}
+    assert m1d["fedavg"].data.name == "mnist1d" and m1d["fedavg"].clients == 100
+    assert m1d["topk_ef"].codec.params["k"] == 152 and (m1d["fetchsgd"].strategy.options["cols"], m1d["fetchsgd"].strategy.options["k"]) == (304, 152)
     dense = {r.method: r.cfg for r in plan if r.task == "dense"}
     assert dense["fedavg"].data.name == "synthetic" and dense["fedavg"].clients == 100
 
@@ -470,3 +475,31 @@ def test_rlc_at_scale_suite_builds_and_one_reduced_round_keeps_one_channel_ledge
     md = (write_outputs(suite, tmp_path / "docs", run_rows, summary, targets, [], {}) and
           (tmp_path / "docs" / "summary.md").read_text())
     assert "channel uses to target" in md
+
+
+def test_mnist1d_task_has_thousands_of_test_rows_or_a_clear_message(monkeypatch):
+    """The third task: 20,000 generated signals -> 4,000 stratified test rows and 1,600 validation rows;
+    the generator's seeding of the global RNGs does not leak. Without the optional package: a one-line
+    DataError naming it."""
+    import random
+    import sys
+
+    from fl_sim.data.errors import DataError
+
+    cfg = load_config(REPO / "fl_sim" / "configs" / "compare" / "mnist1d.yaml", ["data.validation=0.1"])
+    try:
+        import mnist1d  # noqa: F401
+    except ImportError:
+        with pytest.raises(DataError, match="pip install mnist1d"):
+            load_source(cfg.data, 100, 1)
+        pytest.skip("optional package mnist1d not installed: only the message is checked")
+    np.random.seed(3)
+    random.seed(3)
+    fd = load_federated(cfg.data, 100, 1)
+    assert (np.random.rand(), random.random()) == (np.random.RandomState(3).rand(), random.Random(3).random())
+    assert len(fd.source.y_test) == 4000 and len(fd.validation_data()[1]) == 1600
+    assert np.array_equal(np.bincount(fd.source.y_test.numpy()), [400] * 10)
+    assert tuple(fd.source.x.shape[1:]) == (40,)
+    monkeypatch.setitem(sys.modules, "mnist1d.data", None)  # as if not installed
+    with pytest.raises(DataError, match="pip install mnist1d"):
+        load_source(cfg.data, 100, 1)

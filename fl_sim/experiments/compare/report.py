@@ -66,14 +66,17 @@ def choose(tuning: list[PlannedRun], window: int) -> tuple[dict[tuple[str, str],
 
 def held_from(rows: list[dict[str, float]], target: float) -> int | None:
     """Index of the row that starts the held stretch: the first evaluated round from which every later
-    evaluation has test accuracy >= ``target`` (a non-finite accuracy counts as below). None: the last
-    evaluation is below the target, so the run does not end at the target however often it touched it."""
+    evaluation has test accuracy >= ``target``. A round without a test accuracy (blank in metrics.csv,
+    read as NaN) was not evaluated and is skipped; an evaluation whose test loss is not finite (a diverged
+    model still gets an argmax accuracy) counts as below. None: the last evaluation is below the target,
+    so the run does not end at the target however often it touched it."""
     start = None
     for i, r in enumerate(rows):
         acc = r.get("test_accuracy")
-        if acc is None:
+        if acc is None or not math.isfinite(acc):
             continue  # not evaluated this round
-        if math.isfinite(acc) and acc >= target:
+        loss = r.get("test_loss")
+        if acc >= target and (loss is None or math.isfinite(loss)):
             start = i if start is None else start
         else:
             start = None
