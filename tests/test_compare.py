@@ -262,7 +262,9 @@ def test_suite_every_config_validates_with_equal_budget_and_distinct_tuning_seed
     assert suite.tuning_seed not in suite.seeds and len(suite.seeds) == 3
     assert set(suite.tasks) == {"dense", "image", "mnist1d"}
     plan = plan_tuning(suite, list(suite.tasks), [m.name for m in suite.methods], tmp_path)
-    assert len(plan) == len(suite.tasks) * len(suite.methods) * suite.budget
+    # every method's grid has `budget` points; the sketch methods run it for each of their 2 knob variants
+    assert len(plan) == len(suite.tasks) * suite.budget * sum(max(1, len(m.knobs)) for m in suite.methods)
+    assert {len(m.knobs) for m in suite.methods if m.name in ("cs_ef", "fetchsgd")} == {2}
     for r in plan:
         assert r.cfg.data.validation > 0 and r.cfg.seed == suite.tuning_seed
         assert r.cfg.simulation.backend == suite.backend
@@ -271,7 +273,7 @@ def test_suite_every_config_validates_with_equal_budget_and_distinct_tuning_seed
     assert image["fedavg"].clients == 50 and image["fedavg"].data.alpha == 0.5
     m1d = {r.method: r.cfg for r in plan if r.task == "mnist1d"}
     assert m1d["fedavg"].data.name == "mnist1d" and m1d["fedavg"].clients == 100
-    assert m1d["topk_ef"].codec.params["k"] == 152 and (m1d["fetchsgd"].strategy.options["cols"], m1d["fetchsgd"].strategy.options["k"]) == (304, 152)
+    assert m1d["topk_ef"].codec.params["k"] == 152 and m1d["fetchsgd"].strategy.options["cols"] == 304
     dense = {r.method: r.cfg for r in plan if r.task == "dense"}
     assert dense["fedavg"].data.name == "synthetic" and dense["fedavg"].clients == 100
 
@@ -503,3 +505,22 @@ def test_mnist1d_task_has_thousands_of_test_rows_or_a_clear_message(monkeypatch)
     monkeypatch.setitem(sys.modules, "mnist1d.data", None)  # as if not installed
     with pytest.raises(DataError, match="pip install mnist1d"):
         load_source(cfg.data, 100, 1)
+
+
+def test_knob_variants_keep_the_uplink_budget_and_scale_per_task(tmp_path):
+    """FetchSGD's k at cols/2 and cols/10 (the authors' code) on every task, the sketch (hence the uplink
+    bits) unchanged; each variant gets the same step grid, and the point names carry the variant."""
+    suite = load_suite(SUITE)
+    plan = plan_tuning(suite, list(suite.tasks), ["fetchsgd"], tmp_path)
+    ks = {}
+    for r in plan:
+        o = r.cfg.strategy.options
+        ks.setdefault(r.task, set()).add((o["rows"], o["cols"], o["k"]))
+    assert ks == {"dense": {(5, 284, 142), (5, 284, 28)}, "image": {(5, 1234, 617), (5, 1234, 123)},
+                  "mnist1d": {(5, 304, 152), (5, 304, 30)}}
+    names = {r.run_dir.parent.name for r in plan if r.task == "dense"}
+    assert "knob=k_cols_tenth,strategy.server_lr=0.15" in names and len(names) == 6
+    bad = yaml.safe_load(SUITE.read_text())
+    bad["methods"][0]["knobs"] = {"v": {"audio": ["strategy.server_lr=1.0"]}}
+    with pytest.raises(ConfigError, match="unknown tasks"):
+        load_suite(_write_suite(tmp_path, methods=bad["methods"]))

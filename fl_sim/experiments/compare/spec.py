@@ -26,6 +26,7 @@ from fl_sim.config import (
 )
 
 DONE_FILE = "suite_run.json"
+KNOB = "knob"  # the pseudo grid key naming a method's knob variant
 
 ProgressFn = Callable[[str], None]
 
@@ -48,11 +49,22 @@ class Method:
     task_set: dict[str, list[str]] = field(default_factory=dict)  # per-task overrides
     grid: list[tuple[str, list[Any]]] = field(default_factory=list)
     step: str = ""  # the grid key extended on a log grid by bracketed tuning (default: the first grid key)
+    knobs: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # variant -> task -> sets ("*": all tasks)
 
     def points(self) -> list[tuple[tuple[str, Any], ...]]:
-        """The grid's points in declared order (cartesian product of the keys' values)."""
+        """The grid's points in declared order (cartesian product of the keys' values), for every knob
+        variant (``(KNOB, name)`` first in each point) when the method has any."""
         keys = [k for k, _ in self.grid]
-        return [tuple(zip(keys, combo)) for combo in itertools.product(*[v for _, v in self.grid])]
+        grid = [tuple(zip(keys, combo)) for combo in itertools.product(*[v for _, v in self.grid])]
+        return [((KNOB, name), *pt) for name in self.knobs for pt in grid] if self.knobs else grid
+
+    def point_sets(self, point: tuple[tuple[str, Any], ...], task: str) -> list[str]:
+        """The overrides of a point on ``task``: a knob variant's ``key=value`` list for that task (sizes
+        scale with the task's d), then the grid keys."""
+        def knob(v: str) -> list[str]:
+            per_task = self.knobs[v]
+            return per_task.get(task, per_task.get("*", []))
+        return [x for k, v in point for x in (knob(v) if k == KNOB else [f"{k}={_fmt_value(v)}"])]
 
 @dataclass
 class Suite:
@@ -145,11 +157,21 @@ def load_suite(path: str | Path | None = None) -> Suite:
             raise ConfigError(f"{p}: method {name}.step {step!r} is not one of its grid keys ({', '.join(k for k, _ in grid)})")
         if grid and not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in dict(grid)[step]):
             raise ConfigError(f"{p}: method {name}: the step {step!r} needs positive numbers (it is extended on a log grid)")
+        knobs_raw = m.get("knobs") or {}
+        if not isinstance(knobs_raw, dict):
+            raise ConfigError(f"{p}: method {name}.knobs must map variant names to lists of 'key=value' strings")
+        knobs = {}
+        for k, v in knobs_raw.items():
+            per = v if isinstance(v, dict) else {"*": v}
+            knobs[str(k)] = {str(t): _str_list(x, f"{p}: method {name}.knobs.{k}.{t}") for t, x in per.items()}
+            unknown = set(knobs[str(k)]) - set(tasks) - {"*"}
+            if unknown:
+                raise ConfigError(f"{p}: method {name}.knobs.{k} names unknown tasks {sorted(unknown)} (tasks: {', '.join(tasks)})")
         meth = Method(name, _resolve(str(m["config"]), p), str(m.get("label", name)),
-                      _str_list(m.get("set"), f"{p}: method {name}.set"), task_set, grid, step)
-        n_points = len(meth.points())
+                      _str_list(m.get("set"), f"{p}: method {name}.set"), task_set, grid, step, knobs)
+        n_points = len(meth.points()) // max(1, len(knobs))
         if n_points != budget:
-            raise ConfigError(f"{p}: method {name!r} has {n_points} grid points but the declared budget is {budget}; "
+            raise ConfigError(f"{p}: method {name!r} has {n_points} grid points (per knob variant) but the declared budget is {budget}; "
                               "every method gets the same number of tuning runs")
         methods.append(meth)
     seeds = [int(s) for s in raw.get("seeds", [1, 2, 3])]
@@ -223,7 +245,7 @@ class PlannedRun:
 def plan_point(suite: Suite, task: str, name: str, point: tuple[tuple[str, Any], ...], out: Path, *,
                extra: list[str] = (), backend: str | None = None) -> PlannedRun:
     """One tuning run: the grid point with the tuning seed, in OUT/TASK/tune/METHOD/POINT/seedS."""
-    sets = [f"{k}={_fmt_value(v)}" for k, v in point] + [f"seed={suite.tuning_seed}"]
+    sets = suite.method(name).point_sets(point, task) + [f"seed={suite.tuning_seed}"]
     cfg = compose_config(suite, task, name, sets, extra=extra, backend=backend)
     run_dir = out / task / "tune" / name / point_name(point) / f"seed{suite.tuning_seed}"
     return PlannedRun(task, name, suite.tuning_seed, point, cfg, run_dir, "tune")
@@ -238,7 +260,7 @@ def plan_reported(suite: Suite, choices: dict[tuple[str, str], tuple[tuple[str, 
     plan = []
     for (task, name), point in choices.items():
         for s in seeds:
-            sets = [f"{k}={_fmt_value(v)}" for k, v in point] + [f"seed={s}"]
+            sets = suite.method(name).point_sets(point, task) + [f"seed={s}"]
             cfg = compose_config(suite, task, name, sets, extra=extra, backend=backend)
             plan.append(PlannedRun(task, name, s, point, cfg, out / task / "runs" / name / f"seed{s}", "report"))
     return plan
