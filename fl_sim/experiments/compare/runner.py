@@ -76,21 +76,16 @@ def environment() -> dict[str, Any]:
             libs[name] = version(name)
         except PackageNotFoundError:
             libs[name] = None
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from fl_sim.engine.vectorized import cpu_cores, cpu_model
+
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=_repo_root(), capture_output=True, text=True,
                                 timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         commit = None
     return {"python": platform.python_version(), "libraries": libs, "platform": platform.platform(),
-            "machine": platform.machine(), "cpu": cpu, "cpu_count": os.cpu_count(),
+            "machine": platform.machine(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
+            "cpu_cores_usable": cpu_cores(),
             "torch_threads_per_worker": 1, "cohort_threads_per_worker": "1 unless the config sets it",
             "torch_deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
             "code_commit": commit, "code_version": code_version()}
