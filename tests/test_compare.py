@@ -399,6 +399,7 @@ def test_compare_command_smoke(tmp_path):
     env = meta["environment"]
     assert set(env["libraries"]) >= {"flwr", "torch", "numpy"} and env["libraries"]["flwr"] and env["python"]
     assert env["cpu_count"] >= 1 and "cpu" in env and "code_commit" in env and meta["backend"] == "inline"
+    assert env["threads_of_reported_runs"] == [{"torch": 1, "cohort": 1}]
     assert str(tmp_path) not in json.dumps(meta)
     # every round of the last 20% is evaluated (rounds=2: ceil(0.4) = 1 -> rounds 0, 1 (eval_every), 2)
     # one reported row rerun from its recorded config gives the same numbers

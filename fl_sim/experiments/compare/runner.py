@@ -87,6 +87,7 @@ def environment() -> dict[str, Any]:
             "machine": platform.machine(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
             "cpu_cores_usable": cpu_cores(),
             "torch_threads_per_worker": 1, "cohort_threads_per_worker": "1 unless the config sets it",
+            "torch_threads_driver": torch.get_num_threads(),
             "torch_deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
             "code_commit": commit, "code_version": code_version()}
 
@@ -109,6 +110,8 @@ def _execute(cfg_dict: dict[str, Any], run_dir: str, digest: str, version: str) 
     t0 = time.perf_counter()
     summary = run_experiment(config_from_dict(cfg_dict), d)
     atomic_write(d / DONE_FILE, json.dumps({"config_hash": digest, "code_version": version,
+                                            "torch_threads": torch.get_num_threads(),
+                                            "cohort_threads": sim["cohort_threads"],
                                             "wall_s": round(time.perf_counter() - t0, 2)}, indent=2) + "\n")
     return {"final_test_accuracy": summary.get("final_test_accuracy")}
 
@@ -259,13 +262,16 @@ def run_compare(
                                                 root=out)
     for row in summary_rows:
         row.update(bracket_info.get((row["task"], row["method"]), {}))
-    versions = sorted({json.loads((Path(r["run_dir"]) / DONE_FILE).read_text()).get("code_version", "unknown")
-                       for r in finished if (Path(r["run_dir"]) / DONE_FILE).is_file()})
+    marks = [json.loads((Path(r["run_dir"]) / DONE_FILE).read_text()) for r in finished
+             if (Path(r["run_dir"]) / DONE_FILE).is_file()]
+    versions = sorted({m.get("code_version", "unknown") for m in marks})
+    threads = sorted({(m.get("torch_threads"), m.get("cohort_threads")) for m in marks}, key=str)
     meta = {"suite": _portable(suite.path), "tasks": tasks, "methods": methods, "seeds": seed_list,
             "tuning_seed": suite.tuning_seed, "budget": suite.budget, "backend": backend or suite.backend,
             "eval_tail": suite.eval_tail, "jobs": jobs,
             "bracket": {"factor": suite.bracket_factor, "cap": suite.bracket_cap},
-            "extra_overrides": extra, "code_versions": versions, "environment": environment(), "failures": failures,
+            "extra_overrides": extra, "code_versions": versions,
+            "environment": {**environment(), "threads_of_reported_runs": [{"torch": t, "cohort": c} for t, c in threads]}, "failures": failures,
             "wall_s": round(time.perf_counter() - t0, 1)}
     if docs is not None:
         write_outputs(suite, Path(docs), run_rows, summary_rows, targets, tuning_rows, meta)
