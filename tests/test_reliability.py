@@ -310,7 +310,7 @@ def test_genuine_protocol_5_batches_with_numpy_labels_still_load(tmp_path):
 def _grid_values(name: str, default):
     """Two valid values of a top-level key, both unlike its default."""
     special = {"clients": ("7", "9"), "clients_per_round": ("2", "3"), "rounds": ("1", "2"),
-               "checkpoint_every": ("0", "1"), "eval_every": ("2", "3")}
+               "checkpoint_every": ("0", "1"), "eval_every": ("2", "3"), "eval_tail": ("0.2", "0.5")}
     if name in special:
         return special[name]
     if isinstance(default, bool):

@@ -569,14 +569,9 @@ def machine() -> dict[str, Any]:
 
     import torch
 
-    cpu = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from fl_sim.engine.vectorized import cpu_model
+
+    cpu = cpu_model()
     mem = 0
     try:
         mem = int(Path("/proc/meminfo").read_text().split()[1]) * 1024

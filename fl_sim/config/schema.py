@@ -161,6 +161,7 @@ class RunConfig:
     clients: int = 100
     clients_per_round: float = 10
     eval_every: int = 1
+    eval_tail: float = 0.0  # fraction of the rounds, at the end, evaluated every round (0 = none)
     checkpoint_every: int = 10  # rounds between checkpoints for `fl-sim run --resume` (0 = none)
     out: str = "runs"
     name: str = ""
@@ -446,6 +447,8 @@ def validate(cfg: RunConfig) -> None:
         f"a whole count <= clients ({cfg.clients}) or a fraction in (0, 1)",
     )
     _require(cfg.eval_every >= 0, "eval_every", cfg.eval_every, "must be >= 0 (0 = only at the end)")
+    _require(0.0 <= cfg.eval_tail <= 1.0, "eval_tail", cfg.eval_tail,
+             "a fraction in [0, 1] of the rounds, at the end, evaluated every round")
     d = cfg.data
     _require(d.name in names["data"] or d.name.startswith("hf:"), "data.name", d.name,
              f"{', '.join(names['data'])} or hf:<dataset>")

@@ -73,6 +73,20 @@ def cpu_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo's first ``model name``; platform.processor() elsewhere, "?" if none)."""
+    import platform
+    from pathlib import Path
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
 @contextlib.contextmanager
 def intra_op_threads(n: int) -> Iterator[None]:
     """torch's intra-op thread count set to ``n`` (0 = :func:`cpu_cores`) inside, the previous one restored."""

@@ -6,7 +6,8 @@ Flower's deprecated ``run_simulation``); the inline and vectorized grids run in 
 
 The ServerApp's main runs in a thread of this process: it drives ``strategy.start`` of Flower and
 records one row per round from ``evaluate_fn`` (called by Flower after every round), evaluating the
-global model on the held-out test set every ``eval_every`` rounds.
+global model on the held-out test set every ``eval_every`` rounds and every round of the last
+``eval_tail`` fraction of them (:func:`eval_due`).
 
 Long runs: every ``checkpoint_every`` rounds the same callback writes a checkpoint
 (fl_sim.runs.checkpoint); ``run_experiment(..., resume=True)`` (``fl-sim run --resume DIR``) loads the
@@ -18,6 +19,7 @@ Methods with client error feedback keep their residuals in the run's disk store
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import time
@@ -151,7 +153,7 @@ def server_loop(
         server_round = flower_round + offset
         if flower_round == 0 and offset:  # resumed: round `offset`'s row is in the checkpoint
             return None
-        due = server_round == 0 or server_round == cfg.rounds or (cfg.eval_every and server_round % cfg.eval_every == 0)
+        due = eval_due(server_round, cfg)
         if server_round > 0:
             _check_finite(server_round, arrays, cfg)
         row: dict[str, Any] = {"round": server_round}
@@ -230,6 +232,14 @@ def residual_store(cfg: RunConfig, exp: Experiment, strategy, run_dir: Path):
     )
     strategy.train_config.update(store.wire_config())
     return store
+
+
+def eval_due(server_round: int, cfg: Any) -> bool:
+    """Whether round ``server_round`` is evaluated: round 0, the last round, every ``eval_every``-th round,
+    and every one of the last ceil(``eval_tail`` x rounds) rounds (a held-accuracy verdict reads them all)."""
+    tail = math.ceil(round(cfg.eval_tail * cfg.rounds, 9))
+    return bool(server_round == 0 or server_round == cfg.rounds or server_round > cfg.rounds - tail
+                or (cfg.eval_every and server_round % cfg.eval_every == 0))
 
 
 def run_experiment(

@@ -14,11 +14,12 @@ protocol (docs/comparison/README.md); the package is split into ``spec`` (suite,
 2. **Reported runs**: the chosen point with every reported seed (each seed changes the data partition,
    the validation split, the model init and the client sampling); final evaluation on the test set.
 3. **Aggregation** (:func:`aggregate`): per task, target = ``target_fraction`` x the mean final test
-   accuracy of the ``baseline`` method over the seeds; per run, bits to target = cumulative uplink bits
-   up to the first evaluated round at or above the target (empty if never); per method, mean and
-   min..max over seeds of final accuracy, total uplink bits and bits to target (over the seeds that
-   reached it), and the savings vs the baseline paired by seed (baseline's bits to target at seed s /
-   the method's at seed s) with their mean and min..max.
+   accuracy of the ``baseline`` method over the seeds. A run *reaches* the target only when its test
+   accuracy stays at or above it from one evaluation to the end (:func:`held_from`; every round of the
+   last ``eval_tail`` = 20% of the rounds is evaluated, so a fall-back is seen); bits to target (uplink,
+   downlink and total) are summed to the start of that held stretch. Per method: mean, min..max and the
+   95% Student-t interval over seeds of final accuracy, total bits per direction, bits to target (over
+   the seeds that held it) and the savings vs the baseline per direction, paired by seed.
 
 Runs live in ``OUT/TASK/tune/METHOD/POINT/seedS`` and ``OUT/TASK/runs/METHOD/seedS``; each finished run
 holds ``suite_run.json`` with the SHA-256 of its resolved config, and is skipped on a rerun only when that
@@ -26,10 +27,11 @@ hash matches (so the suite resumes after an interruption, and a changed setting 
 Runs execute in ``jobs`` worker processes (one torch thread each, the vectorized backend's batched calls
 included: ``simulation.cohort_threads`` 0 becomes 1). The docs directory gets
 ``runs.csv`` (one row per reported run), ``summary.csv`` / ``summary.md``, ``tuning.csv`` / ``tuning.md``
-(grids, validation accuracies and choices), ``pareto.png`` and ``suite.json`` (settings, code version).
+(grids, validation accuracies and choices), ``pareto.png`` and ``suite.json`` (settings, library versions, Python, CPU, threads, code commit); run
+directories in runs.csv are relative to the output directory.
 """
 
-from fl_sim.experiments.compare.report import aggregate, choose, write_outputs
+from fl_sim.experiments.compare.report import aggregate, bits_to_held, choose, held_from, write_outputs
 from fl_sim.experiments.compare.runner import execute_plan, run_compare
 from fl_sim.experiments.compare.spec import (
                                             DONE_FILE,
@@ -55,6 +57,8 @@ __all__ = [
     "execute_plan",
     "choose",
     "aggregate",
+    "held_from",
+    "bits_to_held",
     "run_compare",
     "write_outputs",
     "DONE_FILE",

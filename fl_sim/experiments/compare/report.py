@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fl_sim.experiments.compare.spec import PlannedRun, Suite, point_name
-from fl_sim.runs.results import atomic_write, bits_to_reach, load_run
+from fl_sim.runs.results import atomic_write, load_run
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -64,26 +64,71 @@ def choose(tuning: list[PlannedRun], window: int) -> tuple[dict[tuple[str, str],
         row["chosen"] = chosen is not None and point_name(chosen) == row["point"]
     return choices, rows
 
-def _stats(values: list[float]) -> tuple[float | None, float | None, float | None]:
+def held_from(rows: list[dict[str, float]], target: float) -> int | None:
+    """Index of the row that starts the held stretch: the first evaluated round from which every later
+    evaluation has test accuracy >= ``target``. A round without a test accuracy (blank in metrics.csv,
+    read as NaN) was not evaluated and is skipped; an evaluation whose test loss is not finite (a diverged
+    model still gets an argmax accuracy) counts as below. None: the last evaluation is below the target,
+    so the run does not end at the target however often it touched it."""
+    start = None
+    for i, r in enumerate(rows):
+        acc = r.get("test_accuracy")
+        if acc is None or not math.isfinite(acc):
+            continue  # not evaluated this round
+        loss = r.get("test_loss")
+        if acc >= target and (loss is None or math.isfinite(loss)):
+            start = i if start is None else start
+        else:
+            start = None
+    return start
+
+def bits_to_held(rows: list[dict[str, float]], target: float, col: str = "uplink_bits") -> float | None:
+    """Sum of ``col`` over rounds 0..the start of the held stretch (:func:`held_from`); None if not held."""
+    i = held_from(rows, target)
+    if i is None:
+        return None
+    return float(sum(r[col] for r in rows[: i + 1] if r.get(col) is not None and math.isfinite(r[col])))
+
+def _stats(values: list[float]) -> tuple[float | None, float | None, float | None, float | None]:
+    """Mean, min, max and the half-width of the 95% Student-t interval of the mean,
+    t_{0.975, n-1} s / sqrt(n) with s the sample standard deviation (None for fewer than two values)."""
     vals = [v for v in values if v is not None]
     if not vals:
-        return None, None, None
-    return sum(vals) / len(vals), min(vals), max(vals)
+        return None, None, None, None
+    n, mean = len(vals), sum(vals) / len(vals)
+    half = None
+    if n >= 2:
+        from scipy.stats import t as student_t
+
+        s = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1))
+        half = float(student_t.ppf(0.975, n - 1)) * s / math.sqrt(n)
+    return mean, min(vals), max(vals), half
+
+# The bit counts compared: (run-row prefix, metrics.csv per-round column, summary.json total)
+DIRECTIONS = [("uplink", "uplink_bits", "total_uplink_bits"), ("downlink", "downlink_bits", "total_downlink_bits"),
+              ("total", "total_bits", "total_bits")]
+
+def _round_total(rows: list[dict[str, float]]) -> list[dict[str, float]]:
+    """Rows with ``total_bits`` = uplink + downlink where metrics.csv lacks the column."""
+    return [r if r.get("total_bits") is not None else {**r, "total_bits": (r.get("uplink_bits") or 0.0) + (r.get("downlink_bits") or 0.0)}
+            for r in rows]
 
 def aggregate(runs: list[dict[str, Any]], *, baseline: str = "fedavg", target_fraction: float = 0.9,
-              ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, float]]:
+              root: Path | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, float]]:
     """Per-run rows with bits to target, per-(task, method) summaries, and each task's target.
 
     ``runs``: dicts with task, method, seed, run_dir (a run directory with metrics.csv and summary.json).
-    target[task] = target_fraction x mean over seeds of the baseline's final test accuracy;
-    bits_to_target = uplink bits summed up to the first evaluated round with test accuracy >= target
-    (None if never); savings at seed s = baseline's bits_to_target at s / the method's at s (seeds where
-    both reached the target).
+    target[task] = target_fraction x mean over seeds of the baseline's final test accuracy. A run
+    *reaches* the target when its test accuracy stays >= target from some evaluation to the end
+    (:func:`held_from`); its bits to target (uplink, downlink and total) are summed over rounds up to the
+    start of that held stretch (None if not held). Savings at seed s = baseline's bits to target at s / the
+    method's at s, per direction (seeds where both held the target). Summaries give mean, min..max and the
+    95% t-interval half-width over seeds. ``run_dir`` in the rows is relative to ``root`` when given.
     """
     loaded = []
     for r in runs:
         summary, rows = load_run(r["run_dir"])
-        loaded.append((r, summary, rows))
+        loaded.append((r, summary, _round_total(rows)))
     targets: dict[str, float] = {}
     for task in dict.fromkeys(r["task"] for r in runs):
         base = [s.get("final_test_accuracy") for r, s, _ in loaded if r["task"] == task and r["method"] == baseline]
@@ -93,39 +138,45 @@ def aggregate(runs: list[dict[str, Any]], *, baseline: str = "fedavg", target_fr
         targets[task] = target_fraction * sum(base) / len(base)
     run_rows = []
     for r, summary, rows in loaded:
-        acc = summary.get("final_test_accuracy")
-        run_rows.append({
-            "task": r["task"], "method": r["method"], "seed": r["seed"],
-            "final_accuracy": acc,
-            "total_uplink_bits": summary.get("total_uplink_bits"),
-            "bits_to_target": bits_to_reach(rows, targets[r["task"]]),
-            "target": targets[r["task"]],
-            "rounds": summary.get("rounds"),
-            "final_val_accuracy": (_evaluated(rows, "val_accuracy") or [None])[-1],
-            "point": r.get("point", ""),
-            "run_dir": str(r["run_dir"]),
-        })
-    base_btt = {(x["task"], x["seed"]): x["bits_to_target"] for x in run_rows if x["method"] == baseline}
-    for x in run_rows:
-        b, m = base_btt.get((x["task"], x["seed"])), x["bits_to_target"]
-        x["savings_vs_baseline"] = (b / m) if (b and m) else None
+        target = targets[r["task"]]
+        start = held_from(rows, target)
+        row = {"task": r["task"], "method": r["method"], "seed": r["seed"],
+               "final_accuracy": summary.get("final_test_accuracy"),
+               "held_from_round": None if start is None else int(rows[start].get("round", start)), "target": target}
+        for d, col, total in DIRECTIONS:
+            tot = summary.get(total)
+            row[f"total_{d}_bits" if d != "total" else "total_bits"] = (
+                tot if tot is not None else sum(x.get(col) or 0.0 for x in rows))
+            row[f"{d}_bits_to_target"] = bits_to_held(rows, target, col)
+        if any(x.get("channel_uses") is not None for x in rows):  # a channel ledger (analog or digital over a channel)
+            row["total_channel_uses"] = sum(x["channel_uses"] for x in rows
+                                            if x.get("channel_uses") is not None and math.isfinite(x["channel_uses"]))
+            row["channel_uses_to_target"] = bits_to_held(rows, target, "channel_uses")
+        run_dir = Path(r["run_dir"])
+        row.update({"rounds": summary.get("rounds"),
+                    "final_val_accuracy": (_evaluated(rows, "val_accuracy") or [None])[-1],
+                    "point": r.get("point", ""),
+                    "run_dir": Path(os.path.relpath(run_dir, root)).as_posix() if root is not None else str(run_dir)})
+        run_rows.append(row)
+    for d, _, _ in DIRECTIONS:
+        base_btt = {(x["task"], x["seed"]): x[f"{d}_bits_to_target"] for x in run_rows if x["method"] == baseline}
+        for x in run_rows:
+            b, m = base_btt.get((x["task"], x["seed"])), x[f"{d}_bits_to_target"]
+            x[f"{d}_savings"] = (b / m) if (b and m) else None
     summary_rows = []
     for task, method in dict.fromkeys((x["task"], x["method"]) for x in run_rows):
         xs = [x for x in run_rows if x["task"] == task and x["method"] == method]
-        acc = _stats([x["final_accuracy"] for x in xs])
-        bits = _stats([x["total_uplink_bits"] for x in xs])
-        btt = _stats([x["bits_to_target"] for x in xs])
-        sav = _stats([x["savings_vs_baseline"] for x in xs])
-        summary_rows.append({
-            "task": task, "method": method, "seeds": len(xs),
-            "reached": sum(x["bits_to_target"] is not None for x in xs),
-            "target": targets[task],
-            "final_accuracy_mean": acc[0], "final_accuracy_min": acc[1], "final_accuracy_max": acc[2],
-            "total_uplink_bits_mean": bits[0], "total_uplink_bits_min": bits[1], "total_uplink_bits_max": bits[2],
-            "bits_to_target_mean": btt[0], "bits_to_target_min": btt[1], "bits_to_target_max": btt[2],
-            "savings_mean": sav[0], "savings_min": sav[1], "savings_max": sav[2],
-            "point": xs[0]["point"],
-        })
+        out = {"task": task, "method": method, "seeds": len(xs),
+               "reached": sum(x["uplink_bits_to_target"] is not None for x in xs), "target": targets[task]}
+        cols = ["final_accuracy", "total_uplink_bits", "total_downlink_bits", "total_bits",
+                *[f"{d}_bits_to_target" for d, _, _ in DIRECTIONS], *[f"{d}_savings" for d, _, _ in DIRECTIONS]]
+        if any("total_channel_uses" in x for x in xs):
+            cols += ["total_channel_uses", "channel_uses_to_target"]
+        for c in cols:
+            mean, lo, hi, half = _stats([x[c] for x in xs])
+            out.update({f"{c}_mean": mean, f"{c}_min": lo, f"{c}_max": hi, f"{c}_ci95": half})
+        out["point"] = xs[0]["point"]
+        summary_rows.append(out)
     return run_rows, summary_rows, targets
 
 # ---------------------------------------------------------------------------------------------------
@@ -144,39 +195,59 @@ def _write_csv(path: Path, rows: list[dict[str, Any]], cols: list[str] | None = 
 def _sci(v: float | None) -> str:
     return "-" if v is None else f"{v:.3g}"
 
-def _spread(mean: float | None, lo: float | None, hi: float | None, fmt: str) -> str:
+def _ci(r: dict[str, Any], col: str, fmt: str, missing: str = "not reached") -> str:
+    """``mean ± half-width`` of the 95% t-interval (``mean`` alone for one seed)."""
+    mean, half = r.get(f"{col}_mean"), r.get(f"{col}_ci95")
     if mean is None:
-        return "not reached"
-    return f"{mean:{fmt}} ({lo:{fmt}}..{hi:{fmt}})"
+        return missing
+    return f"{mean:{fmt}}" + ("" if half is None else f" ± {half:{fmt}}")
 
 def summary_markdown(summary_rows: list[dict[str, Any]], targets: dict[str, float], labels: dict[str, str],
                      baseline: str) -> str:
+    """One table per task: mean ± 95% t-interval over seeds of final accuracy, total bits per direction,
+    bits to the held target per direction (with how many seeds held it) and savings per direction."""
     lines = []
+    base = labels.get(baseline, baseline)
     for task, target in targets.items():
-        lines += [f"### {task} (target = {target:.3f})", "",
-                  "| method | tuned | final accuracy | total uplink bits | bits to target (reached) | savings vs "
-                  f"{labels.get(baseline, baseline)} |", "|---|---|---|---|---|---|"]
+        lines += [f"### {task} (target = {target:.3f}, held to the end)", "",
+                  "| method | tuned | final accuracy | uplink bits | downlink bits | total bits | uplink bits to target "
+                  f"(held) | total bits to target | savings vs {base}: uplink | downlink | total |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in summary_rows:
             if r["task"] != task:
                 continue
-            btt = _spread(r["bits_to_target_mean"], r["bits_to_target_min"], r["bits_to_target_max"], ".3g")
-            sav = _spread(r["savings_mean"], r["savings_min"], r["savings_max"], ".2f").replace("not reached", "-")
-            lines.append(f"| {labels.get(r['method'], r['method'])} | {r['point']} | "
-                         f"{_spread(r['final_accuracy_mean'], r['final_accuracy_min'], r['final_accuracy_max'], '.3f')} | "
-                         f"{_spread(r['total_uplink_bits_mean'], r['total_uplink_bits_min'], r['total_uplink_bits_max'], '.3g')} | "
-                         f"{btt} ({r['reached']}/{r['seeds']}) | {sav}{'x' if r['savings_mean'] is not None else ''} |")
+            sav = [_ci(r, f"{d}_savings", ".2f", "-") + ("x" if r.get(f"{d}_savings_mean") is not None else "")
+                   for d, _, _ in DIRECTIONS]
+            tuned = r["point"] + (" (at cap)" if r.get("bracket") == "at cap" else "")
+            if r.get("tuning_runs"):
+                tuned += f", {r['tuning_runs']} runs"
+            lines.append(f"| {labels.get(r['method'], r['method'])} | {tuned} | {_ci(r, 'final_accuracy', '.3f')} | "
+                         f"{_ci(r, 'total_uplink_bits', '.3g')} | {_ci(r, 'total_downlink_bits', '.3g')} | "
+                         f"{_ci(r, 'total_bits', '.3g')} | {_ci(r, 'uplink_bits_to_target', '.3g')} "
+                         f"({r['reached']}/{r['seeds']}) | {_ci(r, 'total_bits_to_target', '.3g')} | {' | '.join(sav)} |")
+        ledger = [r for r in summary_rows if r["task"] == task and r.get("total_channel_uses_mean") is not None]
+        if ledger:
+            lines += ["", "| method | channel uses | channel uses to target (held) |", "|---|---|---|"]
+            lines += [f"| {labels.get(r['method'], r['method'])} | {_ci(r, 'total_channel_uses', '.3g')} | "
+                      f"{_ci(r, 'channel_uses_to_target', '.3g')} ({r['reached']}/{r['seeds']}) |" for r in ledger]
         lines.append("")
-    return "\n".join(lines)
+    lines.append("Mean ± half-width of the 95% Student-t interval over seeds (bits to target and savings: over the "
+                 "seeds that held the target). A run holds the target when its test accuracy stays at or above it "
+                 "from one evaluation to the end; bits to target are counted to the start of that stretch.")
+    return "\n".join(lines) + "\n"
 
 def tuning_markdown(suite: Suite, tuning_rows: list[dict[str, Any]]) -> str:
-    lines = [f"Budget: {suite.budget} runs per method and task, tuning seed {suite.tuning_seed} (reported seeds "
-             f"{', '.join(map(str, suite.seeds))}); score = mean validation accuracy of the last "
-             f"{suite.tuning_window} evaluations; chosen in **bold**.", "",
-             "| task | method | grid point | validation score |", "|---|---|---|---|"]
+    lines = [f"Grid: {suite.budget} points per method and task, then each method's step extended on a log grid "
+             f"(x or / {suite.bracket_factor:g}, at most {suite.bracket_cap} added points, the same for every "
+             "method) until the best point has a worse neighbour on both sides (bracketed) or the cap is hit "
+             f"(at cap). Tuning seed {suite.tuning_seed} (reported seeds {', '.join(map(str, suite.seeds))}); "
+             f"score = mean validation accuracy of the last {suite.tuning_window} evaluations; chosen in **bold**; "
+             "every run used is listed.", "",
+             "| task | method | grid point | validation score | bracket | runs used |", "|---|---|---|---|---|---|"]
     for r in tuning_rows:
         score = "missing" if r["val_score"] is None else f"{r['val_score']:.4f}"
         pt = f"**{r['point']}**" if r["chosen"] else r["point"]
-        lines.append(f"| {r['task']} | {r['method']} | {pt} | {score} |")
+        lines.append(f"| {r['task']} | {r['method']} | {pt} | {score} | {r.get('bracket', '')} | {r.get('tuning_runs', '')} |")
     return "\n".join(lines) + "\n"
 
 def plot_pareto(summary_rows: list[dict[str, Any]], targets: dict[str, float], labels: dict[str, str], path: Path) -> Path:
@@ -219,8 +290,10 @@ def plot_pareto(summary_rows: list[dict[str, Any]], targets: dict[str, float], l
     plt.close(fig)
     return path
 
-RUN_COLUMNS = ["task", "method", "seed", "final_accuracy", "total_uplink_bits", "bits_to_target", "target",
-               "savings_vs_baseline", "final_val_accuracy", "rounds", "point", "run_dir"]
+RUN_COLUMNS = ["task", "method", "seed", "final_accuracy", "total_uplink_bits", "total_downlink_bits", "total_bits",
+               "uplink_bits_to_target", "downlink_bits_to_target", "total_bits_to_target", "held_from_round", "target",
+               "uplink_savings", "downlink_savings", "total_savings", "total_channel_uses", "channel_uses_to_target",
+               "final_val_accuracy", "rounds", "point", "run_dir"]
 
 def write_outputs(suite: Suite, docs: Path, run_rows, summary_rows, targets, tuning_rows, meta: dict[str, Any]) -> list[Path]:
     labels = {m.name: m.label for m in suite.methods}
@@ -228,7 +301,8 @@ def write_outputs(suite: Suite, docs: Path, run_rows, summary_rows, targets, tun
     paths = [
         _write_csv(docs / "runs.csv", run_rows, RUN_COLUMNS),
         _write_csv(docs / "summary.csv", summary_rows),
-        _write_csv(docs / "tuning.csv", tuning_rows, ["task", "method", "point", "seed", "val_score", "chosen"]),
+        _write_csv(docs / "tuning.csv", tuning_rows, ["task", "method", "point", "seed", "val_score", "chosen", "bracket",
+                                                     "added", "tuning_runs"]),
     ]
     atomic_write(docs / "summary.md", summary_markdown(summary_rows, targets, labels, suite.baseline))
     atomic_write(docs / "tuning.md", tuning_markdown(suite, tuning_rows))

@@ -7,6 +7,7 @@ resumes; each worker keeps one torch thread. ``run_compare`` is the whole protoc
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -25,9 +26,11 @@ from fl_sim.experiments.compare.spec import (
     config_hash,
     load_suite,
     plan_reported,
+    plan_point,
     plan_tuning,
     point_name,
 )
+from fl_sim.experiments.compare.bracket import AT_CAP, BRACKETED, EXTENDING, bracket
 from fl_sim.runs.results import atomic_write
 
 
@@ -53,6 +56,41 @@ def code_version() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
+def _portable(path: Path) -> str:
+    """``path`` relative to the repository when inside it (no machine-specific prefix in the record)."""
+    try:
+        return Path(path).resolve().relative_to(_repo_root()).as_posix()
+    except ValueError:
+        return Path(path).name
+
+def environment() -> dict[str, Any]:
+    """What the numbers depend on besides the config: library versions, Python, CPU, threads, code commit."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    libs = {}
+    for name in ("flwr", "torch", "numpy", "scipy"):
+        try:
+            libs[name] = version(name)
+        except PackageNotFoundError:
+            libs[name] = None
+    from fl_sim.engine.vectorized import cpu_cores, cpu_model
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=_repo_root(), capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"python": platform.python_version(), "libraries": libs, "platform": platform.platform(),
+            "machine": platform.machine(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
+            "cpu_cores_usable": cpu_cores(),
+            "torch_threads_per_worker": 1, "cohort_threads_per_worker": "1 unless the config sets it",
+            "torch_threads_driver": torch.get_num_threads(),
+            "torch_deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+            "code_commit": commit, "code_version": code_version()}
+
 def _execute(cfg_dict: dict[str, Any], run_dir: str, digest: str, version: str) -> dict[str, Any]:
     """Worker: run one config into run_dir (replacing an unfinished or stale earlier attempt), then mark it done."""
     import torch
@@ -72,6 +110,8 @@ def _execute(cfg_dict: dict[str, Any], run_dir: str, digest: str, version: str) 
     t0 = time.perf_counter()
     summary = run_experiment(config_from_dict(cfg_dict), d)
     atomic_write(d / DONE_FILE, json.dumps({"config_hash": digest, "code_version": version,
+                                            "torch_threads": torch.get_num_threads(),
+                                            "cohort_threads": sim["cohort_threads"],
                                             "wall_s": round(time.perf_counter() - t0, 2)}, indent=2) + "\n")
     return {"final_test_accuracy": summary.get("final_test_accuracy")}
 
@@ -118,6 +158,54 @@ def execute_plan(plan: list[PlannedRun], *, jobs: int = 1, progress: ProgressFn 
     return failures
 
 # ---------------------------------------------------------------------------------------------------
+# Bracketed tuning
+# ---------------------------------------------------------------------------------------------------
+def tune(suite, tasks: list[str], methods: list[str], out: Path, *, extra: list[str] = (), backend: str | None = None,
+         jobs: int = 1, progress: ProgressFn = lambda s: None, runner: Callable[..., Any] | None = None,
+         report_only: bool = False) -> tuple[list[PlannedRun], list[str], dict[tuple[str, str], dict[str, Any]]]:
+    """The fixed grids, then bracketed extension (fl_sim.experiments.compare.bracket) of every method's step
+    by the suite's ``bracket.factor`` up to ``bracket.cap`` added points, the same rule for every method.
+
+    Returns every tuning run used (grid and added points), the failures, and per (task, method) the
+    bracket status (``bracketed`` | ``at cap``), how many points were added and how many runs were used.
+    With ``report_only`` nothing runs: added points count only where their run is already on disk.
+    """
+    plan = plan_tuning(suite, tasks, methods, out, extra=extra, backend=backend)  # validates every config first
+    failures = [] if report_only else execute_plan(plan, jobs=jobs, progress=progress, runner=runner)
+    added: dict[tuple[str, str], int] = {(t, m): 0 for t in tasks for m in methods}
+    status: dict[tuple[str, str], str] = {}
+    while True:
+        choices, rows = choose(plan, suite.tuning_window)
+        score = {(r["task"], r["method"], r["point"]): r["val_score"] for r in rows}
+        new: list[PlannedRun] = []
+        for key, best in choices.items():
+            m = suite.method(key[1])
+            if not m.step:
+                status[key] = "no step"
+                continue
+            others = tuple((k, v) for k, v in best if k != m.step)
+            line = [(dict(r.point)[m.step], score[(r.task, r.method, point_name(r.point))]) for r in plan
+                    if (r.task, r.method) == key and tuple((k, v) for k, v in r.point if k != m.step) == others]
+            st, values = bracket(line, dict(best)[m.step], suite.bracket_factor, added[key], suite.bracket_cap)
+            status[key] = st
+            for v in values:
+                point = tuple((k, v if k == m.step else x) for k, x in best)
+                new.append(plan_point(suite, key[0], key[1], point, out, extra=extra, backend=backend))
+        if report_only:
+            new = [r for r in new if (r.run_dir / "metrics.csv").is_file()]
+        if not new:
+            break
+        for r in new:
+            added[(r.task, r.method)] += 1
+            progress(f"{r.task}/{r.method}: best point on the grid's edge, adding {point_name(r.point)}")
+        if not report_only:
+            failures += execute_plan(new, jobs=jobs, progress=progress, runner=runner)
+        plan += new
+    info = {key: {"bracket": AT_CAP if st == EXTENDING else st, "added": added[key],
+                  "tuning_runs": sum((r.task, r.method) == key for r in plan)} for key, st in status.items()}
+    return plan, failures, info
+
+# ---------------------------------------------------------------------------------------------------
 # The command
 # ---------------------------------------------------------------------------------------------------
 def run_compare(
@@ -157,9 +245,11 @@ def run_compare(
     out = Path(out)
     extra = list(extra or [])
     t0 = time.perf_counter()
-    tuning = plan_tuning(suite, tasks, methods, out, extra=extra, backend=backend)  # validates every config first
-    failures = [] if report_only else execute_plan(tuning, jobs=jobs, progress=progress, runner=runner)
+    tuning, failures, bracket_info = tune(suite, tasks, methods, out, extra=extra, backend=backend, jobs=jobs,
+                                          progress=progress, runner=runner, report_only=report_only)
     choices, tuning_rows = choose(tuning, suite.tuning_window)
+    for row in tuning_rows:
+        row.update(bracket_info.get((row["task"], row["method"]), {}))
     missing = [f"{t}/{m}" for t in tasks for m in methods if (t, m) not in choices]
     if missing and not report_only:
         raise ValueError(f"no tuning run finished for {', '.join(missing)}; see the failures above")
@@ -168,12 +258,20 @@ def run_compare(
         failures += execute_plan(reported, jobs=jobs, progress=progress, runner=runner)
     finished = [{"task": r.task, "method": r.method, "seed": r.seed, "run_dir": r.run_dir, "point": point_name(r.point)}
                 for r in reported if (r.run_dir / "summary.json").is_file()]
-    run_rows, summary_rows, targets = aggregate(finished, baseline=suite.baseline, target_fraction=suite.target_fraction)
-    versions = sorted({json.loads((Path(r["run_dir"]) / DONE_FILE).read_text()).get("code_version", "unknown")
-                       for r in finished if (Path(r["run_dir"]) / DONE_FILE).is_file()})
-    meta = {"suite": str(suite.path), "tasks": tasks, "methods": methods, "seeds": seed_list,
+    run_rows, summary_rows, targets = aggregate(finished, baseline=suite.baseline, target_fraction=suite.target_fraction,
+                                                root=out)
+    for row in summary_rows:
+        row.update(bracket_info.get((row["task"], row["method"]), {}))
+    marks = [json.loads((Path(r["run_dir"]) / DONE_FILE).read_text()) for r in finished
+             if (Path(r["run_dir"]) / DONE_FILE).is_file()]
+    versions = sorted({m.get("code_version", "unknown") for m in marks})
+    threads = sorted({(m.get("torch_threads"), m.get("cohort_threads")) for m in marks}, key=str)
+    meta = {"suite": _portable(suite.path), "tasks": tasks, "methods": methods, "seeds": seed_list,
             "tuning_seed": suite.tuning_seed, "budget": suite.budget, "backend": backend or suite.backend,
-            "extra_overrides": extra, "code_versions": versions, "failures": failures,
+            "eval_tail": suite.eval_tail, "jobs": jobs,
+            "bracket": {"factor": suite.bracket_factor, "cap": suite.bracket_cap},
+            "extra_overrides": extra, "code_versions": versions,
+            "environment": {**environment(), "threads_of_reported_runs": [{"torch": t, "cohort": c} for t, c in threads]}, "failures": failures,
             "wall_s": round(time.perf_counter() - t0, 1)}
     if docs is not None:
         write_outputs(suite, Path(docs), run_rows, summary_rows, targets, tuning_rows, meta)

@@ -26,6 +26,7 @@ from fl_sim.config import (
 )
 
 DONE_FILE = "suite_run.json"
+KNOB = "knob"  # the pseudo grid key naming a method's knob variant
 
 ProgressFn = Callable[[str], None]
 
@@ -47,11 +48,23 @@ class Method:
     set: list[str] = field(default_factory=list)
     task_set: dict[str, list[str]] = field(default_factory=dict)  # per-task overrides
     grid: list[tuple[str, list[Any]]] = field(default_factory=list)
+    step: str = ""  # the grid key extended on a log grid by bracketed tuning (default: the first grid key)
+    knobs: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # variant -> task -> sets ("*": all tasks)
 
     def points(self) -> list[tuple[tuple[str, Any], ...]]:
-        """The grid's points in declared order (cartesian product of the keys' values)."""
+        """The grid's points in declared order (cartesian product of the keys' values), for every knob
+        variant (``(KNOB, name)`` first in each point) when the method has any."""
         keys = [k for k, _ in self.grid]
-        return [tuple(zip(keys, combo)) for combo in itertools.product(*[v for _, v in self.grid])]
+        grid = [tuple(zip(keys, combo)) for combo in itertools.product(*[v for _, v in self.grid])]
+        return [((KNOB, name), *pt) for name in self.knobs for pt in grid] if self.knobs else grid
+
+    def point_sets(self, point: tuple[tuple[str, Any], ...], task: str) -> list[str]:
+        """The overrides of a point on ``task``: a knob variant's ``key=value`` list for that task (sizes
+        scale with the task's d), then the grid keys."""
+        def knob(v: str) -> list[str]:
+            per_task = self.knobs[v]
+            return per_task.get(task, per_task.get("*", []))
+        return [x for k, v in point for x in (knob(v) if k == KNOB else [f"{k}={_fmt_value(v)}"])]
 
 @dataclass
 class Suite:
@@ -67,6 +80,9 @@ class Suite:
     backend: str = "inline"
     set: list[str] = field(default_factory=list)
     title: str = ""
+    eval_tail: float = 0.2  # the last 20% of every run's rounds are evaluated every round (the held verdict reads them)
+    bracket_factor: float = 2.0  # bracketed tuning: each added step value is the edge value x or / this factor
+    bracket_cap: int = 0  # at most this many added points per method and task (0: the fixed grid only)
 
     def method(self, name: str) -> Method:
         for m in self.methods:
@@ -136,11 +152,26 @@ def load_suite(path: str | Path | None = None) -> Suite:
             raise ConfigError(f"{p}: method {name}.grid must map keys to non-empty lists of values")
         grid = [(str(k), list(v)) for k, v in grid_raw.items()]
         task_set = {t: _str_list(m.get(t), f"{p}: method {name}.{t}") for t in tasks if t in m}
+        step = str(m.get("step", grid[0][0] if grid else ""))
+        if grid and step not in dict(grid):
+            raise ConfigError(f"{p}: method {name}.step {step!r} is not one of its grid keys ({', '.join(k for k, _ in grid)})")
+        if grid and not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in dict(grid)[step]):
+            raise ConfigError(f"{p}: method {name}: the step {step!r} needs positive numbers (it is extended on a log grid)")
+        knobs_raw = m.get("knobs") or {}
+        if not isinstance(knobs_raw, dict):
+            raise ConfigError(f"{p}: method {name}.knobs must map variant names to lists of 'key=value' strings")
+        knobs = {}
+        for k, v in knobs_raw.items():
+            per = v if isinstance(v, dict) else {"*": v}
+            knobs[str(k)] = {str(t): _str_list(x, f"{p}: method {name}.knobs.{k}.{t}") for t, x in per.items()}
+            unknown = set(knobs[str(k)]) - set(tasks) - {"*"}
+            if unknown:
+                raise ConfigError(f"{p}: method {name}.knobs.{k} names unknown tasks {sorted(unknown)} (tasks: {', '.join(tasks)})")
         meth = Method(name, _resolve(str(m["config"]), p), str(m.get("label", name)),
-                      _str_list(m.get("set"), f"{p}: method {name}.set"), task_set, grid)
-        n_points = len(meth.points())
+                      _str_list(m.get("set"), f"{p}: method {name}.set"), task_set, grid, step, knobs)
+        n_points = len(meth.points()) // max(1, len(knobs))
         if n_points != budget:
-            raise ConfigError(f"{p}: method {name!r} has {n_points} grid points but the declared budget is {budget}; "
+            raise ConfigError(f"{p}: method {name!r} has {n_points} grid points (per knob variant) but the declared budget is {budget}; "
                               "every method gets the same number of tuning runs")
         methods.append(meth)
     seeds = [int(s) for s in raw.get("seeds", [1, 2, 3])]
@@ -149,7 +180,16 @@ def load_suite(path: str | Path | None = None) -> Suite:
         raise ConfigError(f"{p}: tuning_seed={tuning_seed} is one of the reported seeds {seeds}; use a distinct seed")
     suite = Suite(p, tasks, methods, seeds, tuning_seed, budget, str(raw.get("baseline", "fedavg")),
                   float(raw.get("target_fraction", 0.9)), int(raw.get("tuning_window", 3)),
-                  str(raw.get("backend", "inline")), _str_list(raw.get("set"), f"{p}: set"), str(raw.get("title", "")))
+                  str(raw.get("backend", "inline")), _str_list(raw.get("set"), f"{p}: set"), str(raw.get("title", "")),
+                  float(raw.get("eval_tail", 0.2)))
+    br = raw.get("bracket") or {}
+    if not isinstance(br, dict) or set(br) - {"factor", "cap"}:
+        raise ConfigError(f"{p}: bracket must be a mapping with 'factor' (> 1) and 'cap' (added points, >= 0)")
+    suite.bracket_factor, suite.bracket_cap = float(br.get("factor", 2.0)), int(br.get("cap", 0))
+    if not (suite.bracket_factor > 1.0 and suite.bracket_cap >= 0):
+        raise ConfigError(f"{p}: bracket.factor={suite.bracket_factor} must be > 1 and bracket.cap={suite.bracket_cap} >= 0")
+    if not 0.0 <= suite.eval_tail <= 1.0:
+        raise ConfigError(f"{p}: eval_tail={suite.eval_tail} must be a fraction in [0, 1] (the last rounds evaluated every round)")
     if suite.baseline not in seen:
         raise ConfigError(f"{p}: baseline {suite.baseline!r} is not among the methods")
     return suite
@@ -166,7 +206,7 @@ def _yaml(path: Path) -> dict[str, Any]:
 def compose_config(suite: Suite, task: str, method: str, sets: list[str], *, extra: list[str] = (),
                    backend: str | None = None) -> RunConfig:
     """The task's config with the method's ``strategy``, ``codec`` (and ``channel``, if any) sections, then overrides in order:
-    suite ``set``, task ``set``, method ``set``, the method's per-task ``set``, ``sets`` (grid point, seed),
+    the suite's ``eval_tail``, suite ``set``, task ``set``, method ``set``, the method's per-task ``set``, ``sets`` (grid point, seed),
     ``extra`` (the command line's ``--set``) and ``simulation.backend``."""
     t, m = suite.tasks[task], suite.method(method)
     raw = copy.deepcopy(_yaml(t.config))
@@ -177,7 +217,7 @@ def compose_config(suite: Suite, task: str, method: str, sets: list[str], *, ext
     if mraw.get("channel"):  # over-the-air / digital-over-channel methods bring their channel section
         raw["channel"] = copy.deepcopy(mraw["channel"])
     raw["name"] = f"{task}-{method}"
-    order = [*suite.set, *t.set, *m.set, *m.task_set.get(task, []), *sets, *extra,
+    order = [f"eval_tail={suite.eval_tail}", *suite.set, *t.set, *m.set, *m.task_set.get(task, []), *sets, *extra,
              f"simulation.backend={backend or suite.backend}"]
     try:
         return config_from_dict(apply_overrides(raw, order))
@@ -202,24 +242,25 @@ class PlannedRun:
     run_dir: Path
     phase: str  # "tune" | "report"
 
+def plan_point(suite: Suite, task: str, name: str, point: tuple[tuple[str, Any], ...], out: Path, *,
+               extra: list[str] = (), backend: str | None = None) -> PlannedRun:
+    """One tuning run: the grid point with the tuning seed, in OUT/TASK/tune/METHOD/POINT/seedS."""
+    sets = suite.method(name).point_sets(point, task) + [f"seed={suite.tuning_seed}"]
+    cfg = compose_config(suite, task, name, sets, extra=extra, backend=backend)
+    run_dir = out / task / "tune" / name / point_name(point) / f"seed{suite.tuning_seed}"
+    return PlannedRun(task, name, suite.tuning_seed, point, cfg, run_dir, "tune")
+
 def plan_tuning(suite: Suite, tasks: list[str], methods: list[str], out: Path, *, extra: list[str] = (),
                 backend: str | None = None) -> list[PlannedRun]:
-    plan = []
-    for task in tasks:
-        for name in methods:
-            for point in suite.method(name).points():
-                sets = [f"{k}={_fmt_value(v)}" for k, v in point] + [f"seed={suite.tuning_seed}"]
-                cfg = compose_config(suite, task, name, sets, extra=extra, backend=backend)
-                run_dir = out / task / "tune" / name / point_name(point) / f"seed{suite.tuning_seed}"
-                plan.append(PlannedRun(task, name, suite.tuning_seed, point, cfg, run_dir, "tune"))
-    return plan
+    return [plan_point(suite, task, name, point, out, extra=extra, backend=backend)
+            for task in tasks for name in methods for point in suite.method(name).points()]
 
 def plan_reported(suite: Suite, choices: dict[tuple[str, str], tuple[tuple[str, Any], ...]], seeds: list[int],
                   out: Path, *, extra: list[str] = (), backend: str | None = None) -> list[PlannedRun]:
     plan = []
     for (task, name), point in choices.items():
         for s in seeds:
-            sets = [f"{k}={_fmt_value(v)}" for k, v in point] + [f"seed={s}"]
+            sets = suite.method(name).point_sets(point, task) + [f"seed={s}"]
             cfg = compose_config(suite, task, name, sets, extra=extra, backend=backend)
             plan.append(PlannedRun(task, name, s, point, cfg, out / task / "runs" / name / f"seed{s}", "report"))
     return plan
