@@ -6,7 +6,7 @@ Sources (``data.name``):
     digits          scikit-learn's bundled 8x8 digits: 1,797 images in [0, 1], (1, 8, 8), 10 classes;
                     seeded stratified test split of ``test_fraction``
     mnist1d         MNIST-1D (Greydanus 2020): 20,000 length-40 signals generated offline from the 10 digit
-                    templates of the optional ``mnist1d`` package (canonical generation seed 42), (40,),
+                    templates of the ``mnist1d`` package (an fl-sim dependency) (canonical generation seed 42), (40,),
                     10 classes; seeded stratified test split of ``test_fraction``
     mnist, fashion_mnist, cifar10
                     torchvision's on-disk files under ``data.root`` (files.py)
@@ -108,7 +108,7 @@ def _mnist1d(cfg: DataConfig, num_clients: int, seed: int) -> Source:
     try:
         from mnist1d.data import get_dataset_args, make_dataset
     except ImportError:
-        raise DataError("data.name mnist1d needs the optional package mnist1d (pip install mnist1d; it generates "
+        raise DataError("data.name mnist1d needs the package mnist1d, a dependency of fl-sim that is missing here (pip install mnist1d; it generates "
                         "the data offline from its templates, nothing is downloaded)") from None
     from sklearn.model_selection import train_test_split
 
