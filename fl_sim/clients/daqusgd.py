@@ -47,7 +47,8 @@ from fl_sim.compression.dataq import (
 )
 from fl_sim.rng import torch_generator
 from fl_sim.wire import keys
-from fl_sim.wire.daqusgd import pack_samples, wire_bits
+from fl_sim.compression.packing import wire_bits
+from fl_sim.wire.daqusgd import pack_samples
 
 __all__ = ["DaQuSelection", "select_and_quantize", "daqusgd_reply", "per_sample_grad_diff", "gradcorrq_index",
            "THRESHOLD", "BITS_PER_FEATURE", "GRADCORRQ"]
@@ -218,7 +219,7 @@ def daqusgd_reply(rt, message: Message, context: Context, cid: int) -> Message:
         {
             keys.NUM_EXAMPLES: int(len(sel.labels)),
             keys.M_CID: cid,
-            keys.UPLINK_BITS: wire_bits(wire),
+            keys.UPLINK_BITS: wire_bits(wire.values()),
             keys.DAQU_LOSS_SUM: sel.loss_sum,
             keys.DAQU_SENT: int(len(sel.labels)),
             keys.DAQU_CONSIDERED: sel.candidates,

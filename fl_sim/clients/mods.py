@@ -64,13 +64,18 @@ def make_error_feedback(kind: str, beta: float = 1.0):
     raise ValueError(f"error feedback {kind!r} unknown; use none, classic or weighted")
 
 
-def _find_config(message: Message):
-    """The ConfigRecord that names a codec (the strategy's configrecord_key may be any name)."""
+def _config_with(message: Message, key: str):
+    """The ConfigRecord holding ``key`` (the strategy's configrecord_key may be any name), or None."""
     # direct lookups: RecordDict.config_records builds (and type-checks) a new dict on every access
     config = message.content.get(keys.CONFIG)
-    if isinstance(config, ConfigRecord) and keys.CODEC in config:
+    if isinstance(config, ConfigRecord) and key in config:
         return config
-    return next((c for c in _records(message.content, ConfigRecord).values() if keys.CODEC in c), None)
+    return next((c for c in _records(message.content, ConfigRecord).values() if key in c), None)
+
+
+def _find_config(message: Message):
+    """The ConfigRecord that names a codec."""
+    return _config_with(message, keys.CODEC)
 
 
 def _records(content, kind) -> dict:
@@ -150,10 +155,7 @@ def _encode_reply(config, context: Context, cid: int, received, local):
 
 def _round_config(message: Message):
     """The ConfigRecord an fl-sim strategy sent (it names the arrayrecord_key and the round), or None."""
-    config = message.content.get(keys.CONFIG)
-    if isinstance(config, ConfigRecord) and keys.ARRAYRECORD_KEY in config:
-        return config
-    return next((c for c in _records(message.content, ConfigRecord).values() if keys.ARRAYRECORD_KEY in c), None)
+    return _config_with(message, keys.ARRAYRECORD_KEY)
 
 
 def _answer_round(reply: Message, sent) -> Message:

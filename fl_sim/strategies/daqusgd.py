@@ -72,7 +72,8 @@ from fl_sim.compression.dataq import (
     per_feature_levels,
 )
 from fl_sim.compression.errors import PayloadError
-from fl_sim.wire.daqusgd import unpack_samples, wire_bits
+from fl_sim.compression.packing import wire_bits
+from fl_sim.wire.daqusgd import unpack_samples
 from fl_sim.wire.records import read_array
 from fl_sim.rng import torch_generator
 from fl_sim.strategies import guards
@@ -275,7 +276,7 @@ class DaQuSGD(UpdateStrategy):
         # bits counted by the server: 8 x the bytes that arrived, packed as fl_sim.wire.daqusgd says (the DataQ
         # batch at b bits per feature or the per-feature (a, b) code, ceil(log2 C) per label, GradCorrQ's bit per
         # sample, the float scales and the small header); the node's uplink-bits is only compared
-        bits = wire_bits(received)
+        bits = wire_bits(received.values())
         return {"x": x, "y": labels, "cid": cid, "considered": considered, "correction": correction,
                 "clipped": clipped, "loss_sum": loss_sum}, int(bits)
 

@@ -16,26 +16,32 @@ padding and code ranges (PayloadError naming the array).
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
 from fl_sim.compression.dataq import per_feature_levels
-from fl_sim.compression.errors import PayloadError, bits_for_index
-from fl_sim.compression.packing import pack_uint, unpack_uint
+from fl_sim.compression.errors import PayloadError
+from fl_sim.compression.packing import Field, Levels, Plain
 
-__all__ = ["pack_samples", "unpack_samples", "wire_bits"]
+__all__ = ["pack_samples", "unpack_samples"]
 
 _MAX_SAMPLES = 2**31 - 1
 
 
-def _alphabet(quantizer: str, bits_per_feature: int, levels: int) -> tuple[int, int]:
-    """(lowest value, number of values) of one feature's code."""
+def _fields(quantizer: str, bits_per_feature: int, levels: int, n: int, shape: tuple[int, ...], classes: int,
+            gradcorrq: bool) -> dict[str, Field]:
+    """How each array of a reply of ``n`` samples of ``shape`` travels (the module docstring's table)."""
     if quantizer == "per_feature":
         m = per_feature_levels(bits_per_feature)
-        return -(m - 1), 2 * m - 1
-    return 0, int(levels)
+        fields: dict[str, Field] = {"levels": Levels((n, *shape), torch.int64, -(m - 1), m - 1),
+                                    "scale": Plain((1,), torch.float32)}
+    else:
+        fields = {name: Levels((n, *shape), torch.int64, 0, int(levels) - 1) for name in ("a", "b")}
+        fields["norms"] = Plain((n,), torch.float32)
+    fields["labels"] = Levels((n,), torch.int64, 0, int(classes) - 1)
+    if gradcorrq and n:
+        fields["gc_bits"] = Levels((n,), torch.int64, 0, 1)
+    return fields
 
 
 def pack_samples(arrays: dict[str, torch.Tensor], labels: torch.Tensor, *, quantizer: str, bits_per_feature: int,
@@ -43,62 +49,24 @@ def pack_samples(arrays: dict[str, torch.Tensor], labels: torch.Tensor, *, quant
     """The arrays a node sends for its selection (``arrays``: select_and_quantize's levels/scale or a/b/norms,
     and gc_bits), packed as the module docstring says."""
     n = int(labels.numel())
-    feats = "levels" if quantizer == "per_feature" else "a"
-    shape = tuple(int(s) for s in arrays[feats].shape[1:])
-    lo, count = _alphabet(quantizer, bits_per_feature, levels)
-    width = bits_for_index(count)
-    out = {"header": np.array([n, int(num_classes), *shape], dtype=np.int32)}
-    names = ("levels",) if quantizer == "per_feature" else ("a", "b")
-    for name in names:
-        out[name] = pack_uint(arrays[name].reshape(-1).numpy().astype(np.int64) - lo, width)
-    for name in ("scale", "norms"):
-        if name in arrays:
-            out[name] = np.ascontiguousarray(arrays[name].reshape(-1).numpy(), dtype=np.float32)
-    out["labels"] = pack_uint(labels.reshape(-1).numpy().astype(np.int64), bits_for_index(int(num_classes)))
-    if "gc_bits" in arrays:
-        out["gc_bits"] = pack_uint(arrays["gc_bits"].reshape(-1).numpy().astype(np.int64), 1)
-    return out
+    shape = tuple(int(s) for s in arrays["levels" if quantizer == "per_feature" else "a"].shape[1:])
+    fields = _fields(quantizer, bits_per_feature, levels, n, shape, num_classes, "gc_bits" in arrays)
+    values = {**arrays, "labels": labels}
+    return {"header": np.array([n, int(num_classes), *shape], dtype=np.int32),
+            **{name: f.pack(values[name].reshape(f.shape).to(f.dtype)) for name, f in fields.items()}}
 
 
 def unpack_samples(received: dict[str, np.ndarray], *, quantizer: str, bits_per_feature: int, levels: int,
                    gradcorrq: bool) -> dict[str, torch.Tensor]:
     """The node's tensors back (levels or a/b int64 of shape [n, *shape], scale or norms float32, labels
-    int64, gc_bits int64) from :func:`pack_samples`'s arrays, checked strictly (PayloadError)."""
+    int64, gc_bits int64, and ``classes``) from :func:`pack_samples`'s arrays, checked strictly (PayloadError)."""
     header = received.get("header")
     if header is None or header.dtype != np.int32 or header.ndim != 1 or header.size < 2:
         raise PayloadError("DaQuSGD reply: array 'header' must be int32 [n, classes, *sample shape]")
     n, classes, shape = int(header[0]), int(header[1]), tuple(int(s) for s in header[2:])
     if not 0 <= n <= _MAX_SAMPLES or classes < 1 or any(s < 1 for s in shape):
         raise PayloadError(f"DaQuSGD reply: header {header.tolist()} is not [n >= 0, classes >= 1, shape >= 1]")
-    d = math.prod(shape)
-    per_feature = quantizer == "per_feature"
-    names = {"header", "labels"} | ({"levels", "scale"} if per_feature else {"a", "b", "norms"})
-    names |= {"gc_bits"} if gradcorrq and n else set()
-    if set(received) != names:
-        raise PayloadError(f"DaQuSGD reply carries {sorted(received)}; expected {sorted(names)}")
-    lo, count = _alphabet(quantizer, bits_per_feature, levels)
-    width = bits_for_index(count)
-    out: dict[str, torch.Tensor] = {}
-    for name in ("levels",) if per_feature else ("a", "b"):
-        codes = unpack_uint(received[name], width, n * d, name)
-        if codes.size and int(codes.max()) >= count:
-            raise PayloadError(f"array {name!r}: code {int(codes.max())} outside 0..{count - 1}")
-        out[name] = torch.from_numpy(codes + lo).reshape(n, *shape)
-    for name, size in (("scale", 1),) if per_feature else (("norms", n),):
-        a = received[name]
-        if a.dtype != np.float32 or a.shape != (size,):
-            raise PayloadError(f"array {name!r} must be float32 of shape ({size},), got {a.dtype} {a.shape}")
-        out[name] = torch.from_numpy(a.copy())
-    labels = unpack_uint(received["labels"], bits_for_index(classes), n, "labels")
-    if labels.size and int(labels.max()) >= classes:
-        raise PayloadError(f"array 'labels': label {int(labels.max())} outside 0..{classes - 1}")
-    out["labels"] = torch.from_numpy(labels)
-    out["classes"] = torch.tensor(classes)
-    if "gc_bits" in names:
-        out["gc_bits"] = torch.from_numpy(unpack_uint(received["gc_bits"], 1, n, "gc_bits"))
-    return out
-
-
-def wire_bits(received: dict[str, np.ndarray]) -> int:
-    """What the server counts: 8 x the data bytes of the arrays received."""
-    return 8 * sum(int(a.nbytes) for a in received.values())
+    fields = _fields(quantizer, bits_per_feature, levels, n, shape, classes, gradcorrq)
+    if set(received) != {"header", *fields}:
+        raise PayloadError(f"DaQuSGD reply carries {sorted(received)}; expected {sorted({'header', *fields})}")
+    return {**{name: f.unpack(received[name], name) for name, f in fields.items()}, "classes": torch.tensor(classes)}
