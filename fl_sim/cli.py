@@ -347,7 +347,7 @@ def bench_secagg(
     dim: int = typer.Option(10_000, "--dim", help="Float32 payload entries per client."),
     full_up_to: int = typer.Option(30, "--full-up-to", help="Also the complete graph up to this many clients."),
     drop: float = typer.Option(0.0, "--drop", help="Fraction of clients dropping after sharing keys."),
-    smoke: bool = typer.Option(False, "--smoke", help="Tiny sizes: checks the benchmark end to end."),
+    smoke: bool = typer.Option(False, "--smoke", help=SMOKE_HELP),
     out_path: Path = typer.Option(Path("bench_out/secagg.json"), "--out"),
 ) -> None:
     """SecAgg+ protocol bits and wall time per round at growing numbers of clients (log n neighbours)."""

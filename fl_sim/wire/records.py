@@ -28,6 +28,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from fl_sim.wire import keys
 from fl_sim.compression import Codec, Payload, PayloadError
+from fl_sim.compression.packing import wire_bits
 
 __all__ = [
     "read_array",
@@ -275,15 +276,22 @@ def payload_to_records(payload: Payload, codec: Codec) -> tuple[ArrayRecord, Con
     """(ArrayRecord of the payload's packed arrays (``codec.wire_arrays``), ConfigRecord with codec, dim,
     the codec's exact bit count and meta)."""
     arrays = array_record((k, ndarray_to_array(np.ascontiguousarray(a))) for k, a in codec.wire_arrays(payload).items())
-    meta = ConfigRecord(
-        {
-            keys.P_CODEC: payload.codec,
-            keys.P_DIM: int(payload.dim),
-            keys.P_BITS: int(payload.bits),
-            keys.P_META: json.dumps(payload.meta),
-        }
-    )
-    return arrays, meta
+    return arrays, _meta_record(payload, payload.meta)
+
+
+def _meta_record(payload: Payload, extra: dict) -> ConfigRecord:
+    """The payload's ConfigRecord: codec, dim, the codec's exact bit count (the sender's claim) and meta."""
+    return ConfigRecord({keys.P_CODEC: payload.codec, keys.P_DIM: int(payload.dim), keys.P_BITS: int(payload.bits),
+                         keys.P_META: json.dumps(extra)})
+
+
+def _read_meta(meta: ConfigRecord) -> tuple[str, int, int, dict]:
+    """(codec, dim, claimed bits, meta) of a payload's ConfigRecord; PayloadError when malformed."""
+    try:
+        return (str(meta[keys.P_CODEC]), int(meta[keys.P_DIM]), int(meta[keys.P_BITS]),
+                json.loads(str(meta.get(keys.P_META, "{}"))))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PayloadError(f"payload meta record is malformed ({exc})") from None
 
 
 def summed_payload_to_records(payload: Payload) -> tuple[ArrayRecord, ConfigRecord]:
@@ -292,18 +300,12 @@ def summed_payload_to_records(payload: Payload) -> tuple[ArrayRecord, ConfigReco
     the codec's packed codes. The meta says ``summed``; :func:`summed_payload_from_records` reads it."""
     arrays = array_record((k, ndarray_to_array(np.ascontiguousarray(t.detach().cpu().numpy())))
                           for k, t in payload.tensors.items())
-    meta = ConfigRecord({keys.P_CODEC: payload.codec, keys.P_DIM: int(payload.dim), keys.P_BITS: int(payload.bits),
-                         keys.P_META: json.dumps({**payload.meta, "summed": True})})
-    return arrays, meta
+    return arrays, _meta_record(payload, {**payload.meta, "summed": True})
 
 
 def summed_payload_from_records(arrays: ArrayRecord, meta: ConfigRecord) -> Payload:
     """The Payload of :func:`summed_payload_to_records` (finite float tensors; PayloadError otherwise)."""
-    try:
-        extra = json.loads(str(meta.get(keys.P_META, "{}")))
-        name, dim, bits = str(meta[keys.P_CODEC]), int(meta[keys.P_DIM]), int(meta[keys.P_BITS])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise PayloadError(f"payload meta record is malformed ({exc})") from None
+    name, dim, bits, extra = _read_meta(meta)
     tensors = {}
     for k, a in arrays.items():
         x = read_array(a, k)
@@ -328,16 +330,9 @@ def read_payload(arrays: ArrayRecord, meta: ConfigRecord, codec: Codec) -> tuple
     ``bits`` is the sender's claim of the codec's exact count, kept on the Payload for the codec's
     own consistency check, never counted.
     """
-    try:
-        name = str(meta[keys.P_CODEC])
-        dim = int(meta[keys.P_DIM])
-        bits = int(meta[keys.P_BITS])
-        extra = json.loads(str(meta.get(keys.P_META, "{}")))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise PayloadError(f"payload meta record is malformed ({exc})") from None
+    name, dim, bits, extra = _read_meta(meta)
     received = {k: read_array(a, k) for k, a in arrays.items()}
     if name != codec.name or dim != codec.dim:
         raise PayloadError(f"payload of codec {name!r} dim {dim}; the server expects {codec.name!r} dim {codec.dim}")
     tensors = codec.from_wire(received)
-    wire = 8 * sum(int(a.nbytes) for a in received.values())
-    return Payload(codec=name, dim=dim, tensors=tensors, bits=bits, meta=extra), wire
+    return Payload(codec=name, dim=dim, tensors=tensors, bits=bits, meta=extra), wire_bits(received.values())
