@@ -269,14 +269,14 @@ def _run_experiment(cfg: RunConfig, run_dir: Path, progress: ProgressFn | None, 
 
     config = config_to_dict(cfg)
     ckpt = _checkpoint_to_resume(run_dir, config, cfg) if resume else None
-    check_sampling_options(cfg, cfg.num_supernodes())  # before the data are built: a wait for missing nodes never ends
+    nodes = cfg.num_supernodes()  # the engine choice below changes only simulation.backend, not this
+    check_sampling_options(cfg, nodes)  # before the data are built: a wait for missing nodes never ends
     exp = build_experiment(cfg)
     asked = cfg.simulation.backend
     cfg, why = resolve_backend(cfg, exp.model)  # simulation.backend=auto: the fastest engine that applies
     exp.cfg = cfg
     if asked == "auto":
         log.info("simulation.backend=auto: %s (%s)", cfg.simulation.backend, why)
-    nodes = cfg.num_supernodes()
     strategy = build_strategy(exp, min_available_nodes=nodes)
     recorder = RunRecorder(run_dir, config)
     store = residual_store(cfg, exp, strategy, run_dir)
